@@ -1,0 +1,136 @@
+"""Where arrays live and which code path a layer takes.
+
+minirnng runs the same layers on three backends:
+
+``numpy``
+    Arrays are :class:`numpy.ndarray`; every layer runs its vectorized NumPy path
+    (``forward_cpu`` / ``backward_cpu``). Always available.
+``cupy``
+    Arrays are :class:`cupy.ndarray` on a CUDA GPU; every layer runs its raw CUDA
+    kernels (``forward_gpu`` / ``backward_gpu``). Needs CuPy, a usable GPU and NVRTC.
+``cuda-emulator``
+    Arrays are NumPy arrays, but every layer runs its *GPU* code path: the same Python
+    launch code and the same kernel sources, compiled for the CPU by the system C++
+    compiler (see :mod:`minirnng.cuda.emulator`). For testing kernels without a GPU.
+
+The choice is made once and cached: ``MINIRNNG_BACKEND=numpy|cupy|cuda-emulator`` forces it,
+otherwise CuPy is used when it is usable and NumPy when it is not. :func:`use` switches
+temporarily (tests and notebooks compare the paths inside one process).
+
+Importing this module never imports CuPy; CuPy is imported only when it is asked about.
+"""
+
+import contextlib
+import functools
+import os
+
+import numpy
+
+BACKENDS = ("numpy", "cupy", "cuda-emulator")
+ENVIRONMENT_VARIABLE = "MINIRNNG_BACKEND"
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why and how to fix it."""
+
+
+@functools.lru_cache(maxsize=None)
+def cupy_status():
+    """Return ``(usable, reason)``: whether CuPy can run kernels here and, if not, why.
+
+    Usable means: ``import cupy`` works, ``cupy.is_available()`` sees a GPU, and the NVRTC
+    runtime compiler can be loaded (our kernels are compiled at run time). Cached.
+    """
+    try:
+        import cupy
+    except Exception as error:  # ImportError, or a broken CUDA install raising anything
+        return False, (f"CuPy cannot be imported ({type(error).__name__}: {error}); "
+                       "install the GPU extra: pip install 'minirnng[gpu]'")
+    try:
+        if not cupy.is_available():
+            return False, "CuPy is installed but sees no usable CUDA GPU (cupy.is_available() is False)"
+    except Exception as error:
+        return False, f"CuPy could not query the GPU ({type(error).__name__}: {error})"
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception as error:
+        return False, (f"the NVRTC runtime compiler cannot be loaded ({type(error).__name__}: {error}); "
+                       "install it: pip install nvidia-cuda-nvrtc-cu12")
+    return True, "CuPy, a GPU and NVRTC are usable"
+
+
+@functools.lru_cache(maxsize=None)
+def default_backend():
+    """The backend chosen for this process: ``$MINIRNNG_BACKEND`` if set, else cupy if usable, else numpy."""
+    requested = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    if requested:
+        return _validated(requested, source=f"{ENVIRONMENT_VARIABLE}={requested!r}")
+    usable, _ = cupy_status()
+    return "cupy" if usable else "numpy"
+
+
+def _validated(name, source):
+    if name not in BACKENDS:
+        raise BackendError(f"{source}: unknown backend; expected one of {', '.join(BACKENDS)}")
+    if name == "cupy":
+        usable, reason = cupy_status()
+        if not usable:
+            raise BackendError(f"{source} asks for the GPU, but {reason}. "
+                               f"Use {ENVIRONMENT_VARIABLE}=numpy (or cuda-emulator to test kernels on the CPU).")
+    return name
+
+
+_override_stack = []
+
+
+def current():
+    """Name of the backend in force: the innermost :func:`use`, else :func:`default_backend`."""
+    return _override_stack[-1] if _override_stack else default_backend()
+
+
+@contextlib.contextmanager
+def use(name):
+    """Run a block on another backend, e.g. ``with backend.use("cuda-emulator"): layer.forward(x)``."""
+    _override_stack.append(_validated(name, source=f"backend.use({name!r})"))
+    try:
+        yield name
+    finally:
+        _override_stack.pop()
+
+
+def is_cupy_array(array):
+    """True for a :class:`cupy.ndarray`, decided without importing CuPy."""
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """The array module of the arguments: ``cupy`` if any is a CuPy array, else ``numpy`` (the ``xp`` idiom)."""
+    for array in arrays:
+        if is_cupy_array(array):
+            import cupy
+            return cupy
+    return numpy
+
+
+def to_numpy(array):
+    """A NumPy copy (from the GPU) or view (already on the host) of ``array``."""
+    if is_cupy_array(array):
+        return array.get()
+    return numpy.asarray(array)
+
+
+def to_device(array, dtype=None):
+    """``array`` on the current backend's device (a CuPy array on ``cupy``, NumPy otherwise)."""
+    if current() == "cupy":
+        import cupy
+        return cupy.asarray(array, dtype=dtype)
+    return numpy.asarray(to_numpy(array), dtype=dtype)
+
+
+def uses_kernels(array):
+    """Whether a layer given ``array`` takes the kernel (GPU) path rather than the NumPy path.
+
+    CuPy arrays always do. NumPy arrays do when the current backend is ``cuda-emulator``.
+    """
+    return is_cupy_array(array) or current() == "cuda-emulator"

@@ -1,0 +1,207 @@
+"""Gradient checking by centred finite differences: the oracle every backward is tested against.
+
+For a function ``y = f(u, v, ...)`` with a hand-written backward, pick a random upstream gradient
+``r`` (the same shape as ``y``; random so that errors cannot cancel out as they can with all ones)
+and the scalar ``L = sum(r * y)``. The backward, given ``r``, must return ``dL/du``. Centred
+differences estimate each entry independently:
+
+    dL/du[i]  ~  (L(u + eps e_i) - L(u - eps e_i)) / (2 eps),      error O(eps^2)
+
+and the two are compared by the relative error
+
+    max_i |a_i - n_i|  /  max(max_i (|a_i| + |n_i|), tiny)
+
+which is near 1e-10 for a correct float64 backward, near 1 for a wrong one, and needs no
+tolerance per array. Checks run in float64: in float32 the rounding error of ``L`` divided by
+``eps`` swamps the truncation error (see notebook 01).
+
+A check perturbs each entry twice, so large arrays are checked in *sparse mode*: ``max_entries``
+entries drawn at random per array.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy
+
+from . import backend
+
+TINY = 1e-30
+DEFAULT_TOLERANCE = 1e-6
+
+
+def relative_error(analytic, numeric):
+    """``max|a - n| / max(max(|a| + |n|), tiny)`` of two arrays of the same shape (a float)."""
+    analytic = numpy.asarray(backend.to_numpy(analytic), dtype=numpy.float64)
+    numeric = numpy.asarray(backend.to_numpy(numeric), dtype=numpy.float64)
+    if analytic.shape != numeric.shape:
+        raise ValueError(f"relative_error: shapes differ, {analytic.shape} and {numeric.shape}")
+    if analytic.size == 0:
+        return 0.0
+    scale = float(numpy.max(numpy.abs(analytic) + numpy.abs(numeric)))
+    return float(numpy.max(numpy.abs(analytic - numeric))) / max(scale, TINY)
+
+
+@dataclass
+class GradcheckRow:
+    """One compared array: its name, relative error, and how many of its entries were perturbed."""
+    name: str
+    error: float
+    checked: int
+    total: int
+
+
+@dataclass
+class GradcheckReport:
+    """The table of one check: a row per input and parameter."""
+    title: str
+    rows: list = field(default_factory=list)
+
+    @property
+    def max_error(self):
+        return max((row.error for row in self.rows), default=0.0)
+
+    def passed(self, tolerance=DEFAULT_TOLERANCE):
+        return self.max_error <= tolerance
+
+    def format(self, tolerance=DEFAULT_TOLERANCE):
+        lines = [self.title]
+        for row in self.rows:
+            verdict = "ok" if row.error <= tolerance else "FAIL"
+            lines.append(f"  {row.name:<28} rel. error {row.error:9.2e}   "
+                         f"{row.checked:>6}/{row.total:<7} entries  {verdict}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.format()
+
+
+def sample_indices(size, max_entries, rng):
+    """Flat indices to perturb: all of them, or ``max_entries`` drawn without replacement."""
+    if max_entries is None or size <= max_entries:
+        return numpy.arange(size)
+    return numpy.sort(rng.choice(size, size=max_entries, replace=False))
+
+
+def numerical_gradient(objective, array, indices, eps=1e-6):
+    """Centred differences of the scalar ``objective()`` with respect to ``array.flat[indices]``.
+
+    ``array`` is perturbed in place and restored; it must be a float64 array that ``objective``
+    reads (NumPy, or CuPy for checks on the GPU). Returns a float64 vector of ``len(indices)`` values.
+    """
+    if not array.flags.c_contiguous:
+        raise ValueError("numerical_gradient: the array must be C-contiguous so it can be perturbed in place")
+    flat = array.reshape(-1)
+    estimates = numpy.empty(len(indices), dtype=numpy.float64)
+    for position, index in enumerate(indices):
+        index = int(index)
+        original = float(flat[index])
+        flat[index] = original + eps
+        plus = objective()
+        flat[index] = original - eps
+        minus = objective()
+        flat[index] = original
+        estimates[position] = (plus - minus) / (2 * eps)
+    return estimates
+
+
+def _as_outputs(output):
+    """A dict view of a layer's or model's output: arrays by name."""
+    if isinstance(output, dict):
+        return output
+    if isinstance(output, tuple):
+        return {f"output{k}": value for k, value in enumerate(output)}
+    return {"output": output}
+
+
+def _restore_structure(output, upstream):
+    if isinstance(output, dict):
+        return upstream
+    if isinstance(output, tuple):
+        return tuple(upstream[f"output{k}"] for k in range(len(output)))
+    return upstream["output"]
+
+
+def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=1e-6,
+          max_entries=None, zero_grad=None):
+    """Compare a hand-written backward with centred finite differences.
+
+    Parameters
+    ----------
+    forward : callable ``forward(*inputs) -> array | tuple | dict | float``.
+    backward : callable ``backward(upstream) -> grad | tuple of grads``; ``upstream`` has the
+        structure of the output (a float for a scalar output).
+    inputs : dict name -> float64 array, in the order ``forward`` takes them. Arrays named in
+        ``params`` are perturbed in place too.
+    params, grads : dicts name -> live float64 arrays, as a layer's ``params`` / ``grads``.
+    rng : seed or Generator for the upstream gradient and the sampled entries.
+    max_entries : check at most this many entries of each array (sparse mode); None checks all.
+    zero_grad : called before ``backward`` so that accumulated gradients start from zero.
+    """
+    rng = numpy.random.default_rng(rng)
+    params = params or {}
+    grads = grads or {}
+    arrays = list(inputs.values())
+    for name, array in list(inputs.items()) + list(params.items()):
+        if array.dtype != numpy.float64:
+            raise TypeError(f"gradcheck: {name} has dtype {array.dtype}; finite differences need float64")
+
+    output = forward(*arrays)
+    xp = backend.get_array_module(*arrays)
+    if numpy.isscalar(output) or getattr(output, "ndim", None) == 0:
+        upstream = float(rng.uniform(0.5, 1.5)) * rng.choice([-1.0, 1.0])
+
+        def objective():
+            return float(forward(*arrays)) * upstream
+    else:
+        outputs = _as_outputs(output)
+        upstream_by_name = {name: xp.asarray(rng.standard_normal(value.shape)) for name, value in outputs.items()}
+        upstream = _restore_structure(output, upstream_by_name)
+
+        def objective():
+            current = _as_outputs(forward(*arrays))
+            return sum(float((current[name] * upstream_by_name[name]).sum()) for name in upstream_by_name)
+
+    forward(*arrays)  # refresh the cache for backward
+    if zero_grad is not None:
+        zero_grad()
+    input_grads = backward(upstream)
+    if not isinstance(input_grads, tuple):
+        input_grads = (input_grads,)
+    analytic = {}
+    for name, grad in zip(inputs, input_grads):
+        if grad is not None:
+            analytic[name] = backend.to_numpy(grad).copy()
+    for name in params:
+        analytic[name] = backend.to_numpy(grads[name]).copy()
+
+    report = GradcheckReport(title)
+    targets = dict(inputs)
+    targets.update(params)
+    for name, array in targets.items():
+        if name not in analytic:
+            continue
+        indices = sample_indices(array.size, max_entries, rng)
+        numeric = numerical_gradient(objective, array, indices, eps)
+        picked = analytic[name].reshape(-1)[indices]
+        report.rows.append(GradcheckRow(name, relative_error(picked, numeric), len(indices), array.size))
+    return report
+
+
+def check_layer(layer, *inputs, rng=0, eps=1e-6, max_entries=None, title=None):
+    """Finite-difference check of a layer's ``backward`` for every input and parameter.
+
+    ``inputs`` are float64 arrays; the layer must have been built with ``dtype=numpy.float64``.
+    Returns a :class:`GradcheckReport`.
+    """
+    names = ["x"] if len(inputs) == 1 else [f"input{k}" for k in range(len(inputs))]
+    if hasattr(layer, "input_names") and len(layer.input_names) == len(inputs):
+        names = list(layer.input_names)
+    return check(title or repr(layer), layer.forward, layer.backward, dict(zip(names, inputs)),
+                 params=layer.params, grads=layer.grads, rng=rng, eps=eps,
+                 max_entries=max_entries, zero_grad=layer.zero_grad)
+
+
+def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=None, title=None):
+    """Finite-difference check of a loss: ``dloss/dlogits`` times a random scalar upstream."""
+    return check(title or repr(loss), lambda z: loss.forward(z, target, mask), loss.backward,
+                 {"logits": logits}, rng=rng, eps=eps, max_entries=max_entries)

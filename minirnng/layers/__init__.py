@@ -1,0 +1,12 @@
+"""Layers with explicit forward and backward, on NumPy and on raw CUDA kernels.
+
+Every layer follows the protocol of :mod:`minirnng.layers.base`. The naive twins, written as
+loops that read like the equations, are in :mod:`minirnng.layers.naive`.
+"""
+
+from .activations import ReLU, Sigmoid, Tanh
+from .base import Layer
+from .conv import Conv2d, ConvTranspose2d
+from .pool import MaxPool2d
+
+__all__ = ["Layer", "Conv2d", "ConvTranspose2d", "MaxPool2d", "ReLU", "Sigmoid", "Tanh"]

@@ -1,0 +1,157 @@
+"""The layer protocol every minirnng layer follows, and the input checks they share.
+
+A layer is an object with
+
+``forward(*inputs) -> output``
+    Computes the output and keeps in ``self.cache`` only what ``backward`` needs.
+``backward(grad_output) -> grad_input`` (a tuple when the layer has several inputs)
+    Uses the cache of the last ``forward``; *adds* the parameter gradients into ``grads``
+    (as PyTorch accumulates into ``.grad``; call :meth:`Layer.zero_grad` between steps).
+    It never modifies ``grad_output``.
+``params`` and ``grads``
+    Dicts from parameter names to the live arrays: ``layer.params["weight"][...] = w``
+    changes the layer, and an optimizer updates them in place.
+
+Each concrete layer implements ``forward_cpu`` / ``backward_cpu`` (vectorized NumPy) and,
+where the GPU path exists, ``forward_gpu`` / ``backward_gpu`` (raw CUDA kernels launched on
+CuPy or on the CUDA emulator). ``forward`` and ``backward`` validate and dispatch, Chainer-style,
+with :func:`minirnng.backend.uses_kernels`.
+"""
+
+import numpy
+
+from .. import backend
+
+SUPPORTED_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def check_dtype(dtype, owner):
+    """Return ``dtype`` as a :class:`numpy.dtype` if it is float32 or float64, else raise ``TypeError``."""
+    try:
+        dtype = numpy.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{owner}: dtype {dtype!r} is not a NumPy dtype; use numpy.float32 or numpy.float64") from None
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{owner}: unsupported dtype {dtype}; use numpy.float32 or numpy.float64")
+    return dtype
+
+
+def check_positive_int(value, owner, what, minimum=1):
+    """``value`` as an int if it is an integer >= minimum, else a clear ``ValueError``/``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+        raise TypeError(f"{owner}: {what} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {what} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def uniform_fan_in(rng, shape, fan_in):
+    """PyTorch's default initialisation: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, as float64 on the host."""
+    bound = 1.0 / numpy.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def check_array(array, owner, what="input", ndim=None, dtype=None, channels=None, like=None):
+    """Validate one array argument and raise a clear error naming ``owner`` if it is wrong.
+
+    ``ndim``: the rank expected; ``dtype``: the dtype expected (float32/float64 are accepted if
+    None); ``channels``: the size expected on axis 1; ``like``: an array that must live on the
+    same device (NumPy versus CuPy).
+    """
+    if not (isinstance(array, numpy.ndarray) or backend.is_cupy_array(array)):
+        raise TypeError(f"{owner}: {what} must be a NumPy or CuPy array, got {type(array).__name__}")
+    if like is not None and backend.is_cupy_array(array) != backend.is_cupy_array(like):
+        where = "the GPU (CuPy)" if backend.is_cupy_array(like) else "the host (NumPy)"
+        raise ValueError(f"{owner}: {what} is on the wrong device; the layer's parameters are on {where}. "
+                         "Move it with minirnng.backend.to_device / to_numpy.")
+    if ndim is not None and array.ndim != ndim:
+        raise ValueError(f"{owner}: {what} must have {ndim} dimensions, got shape {tuple(array.shape)}")
+    if dtype is not None:
+        if array.dtype != dtype:
+            raise TypeError(f"{owner}: {what} has dtype {array.dtype}, but the layer works in {numpy.dtype(dtype)}; "
+                            f"cast the input or build the layer with dtype=numpy.{array.dtype}")
+    elif array.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{owner}: {what} has unsupported dtype {array.dtype}; use float32 or float64")
+    if channels is not None and array.shape[1] != channels:
+        raise ValueError(f"{owner}: {what} must have {channels} channels on axis 1, "
+                         f"got shape {tuple(array.shape)}")
+    return array
+
+
+def check_same_shape(array, reference, owner, what, reference_name):
+    if tuple(array.shape) != tuple(reference.shape):
+        raise ValueError(f"{owner}: {what} must have the shape of {reference_name} {tuple(reference.shape)}, "
+                         f"got {tuple(array.shape)}")
+
+
+class Layer:
+    """Base class: parameter bookkeeping, the backward guard, and the CPU/GPU dispatch."""
+
+    def __init__(self, dtype=numpy.float32):
+        self.dtype = check_dtype(dtype, type(self).__name__)
+        self.params = {}
+        self.grads = {}
+        self.cache = None
+
+    # -- parameters -------------------------------------------------------------------------
+    def add_param(self, name, value):
+        """Register a parameter (moved to the current backend's device) and its zero gradient."""
+        array = backend.to_device(value, dtype=self.dtype)
+        self.params[name] = array
+        self.grads[name] = backend.get_array_module(array).zeros_like(array)
+        return array
+
+    def zero_grad(self):
+        for grad in self.grads.values():
+            grad[...] = 0
+
+    def accumulate_grad(self, name, value):
+        self.grads[name] += value
+
+    # -- calling ----------------------------------------------------------------------------
+    def __call__(self, *inputs):
+        return self.forward(*inputs)
+
+    def forward(self, *inputs):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    def dispatch(self, stage, *arrays):
+        """Call ``<stage>_gpu`` when ``arrays[0]`` takes the kernel path, else ``<stage>_cpu``.
+
+        ``stage`` is ``"forward"`` or ``"backward"``. The kernel path is taken for CuPy arrays
+        and, on the ``cuda-emulator`` backend, for NumPy arrays too.
+        """
+        suffix = "gpu" if backend.uses_kernels(arrays[0]) else "cpu"
+        implementation = getattr(self, f"{stage}_{suffix}", None)
+        if implementation is None:
+            raise NotImplementedError(f"{type(self).__name__} has no {stage}_{suffix} implementation")
+        return implementation(*arrays)
+
+    def run_forward(self, *arrays):
+        """Dispatch the forward pass, keep its cache, remember the output's shape, return the output."""
+        output, self.cache = self.dispatch("forward", *arrays)
+        self.output_shape_seen = tuple(output.shape)
+        self.output_dtype_seen = output.dtype
+        return output
+
+    def run_backward(self, grad_output):
+        """Check ``grad_output`` against the last forward's output, then dispatch the backward pass."""
+        owner = type(self).__name__
+        if self.cache is None:
+            raise RuntimeError(f"{owner}.backward called before forward")
+        check_array(grad_output, owner, "grad_output", dtype=self.output_dtype_seen, like=self.reference_array())
+        if tuple(grad_output.shape) != self.output_shape_seen:
+            raise ValueError(f"{owner}: grad_output must have the output's shape {self.output_shape_seen}, "
+                             f"got {tuple(grad_output.shape)}")
+        return self.dispatch("backward", grad_output)
+
+    def reference_array(self):
+        """An array that tells where this layer's parameters live (None for parameterless layers)."""
+        return next(iter(self.params.values()), None)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{name}={tuple(value.shape)}" for name, value in self.params.items())
+        return f"{type(self).__name__}({shapes})"

@@ -1,0 +1,77 @@
+"""Max pooling, ``torch.nn.MaxPool2d`` semantics (no padding, floor mode).
+
+    y[n, c, oy, ox] = max_{0 <= i, j < k} x[n, c, oy*s + i, ox*s + j]
+    x (N, C, H, W) -> y (N, C, Ho, Wo),    Ho = (H - k) // s + 1
+
+The maximum is a router: its gradient goes, whole, to the one input that won, and zero goes to
+the others. On a tie the first maximum in row-major window order wins (as ``argmax`` and
+PyTorch's CPU kernel choose), so the gradient is deterministic. Forward records the winner as an
+index ``i*k + j`` into the window (a small integer array); backward only needs that and the shape.
+"""
+
+import numpy
+
+from .base import Layer, check_array, check_positive_int
+from .im2col import conv_output_size, patch_view
+
+
+def smallest_index_dtype(count):
+    """The narrowest unsigned integer type that can hold indices ``0 .. count-1``."""
+    for dtype in (numpy.uint8, numpy.uint16, numpy.uint32):
+        if count <= numpy.iinfo(dtype).max + 1:
+            return dtype
+    return numpy.int64
+
+
+class MaxPool2d(Layer):
+    """Max pooling over k x k windows with stride s (default s = k).
+
+    forward: x (N, C, H, W) -> y (N, C, Ho, Wo), Ho = (H - k) // s + 1; needs H, W >= k.
+    backward: dy (N, C, Ho, Wo) -> dx (N, C, H, W), dy routed to each window's first maximum.
+    """
+
+    input_names = ("x",)
+
+    def __init__(self, kernel_size=2, stride=None):
+        super().__init__()
+        self.kernel_size = check_positive_int(kernel_size, "MaxPool2d", "kernel_size")
+        self.stride = self.kernel_size if stride is None else check_positive_int(stride, "MaxPool2d", "stride")
+
+    def __repr__(self):
+        return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
+
+    def output_shape(self, input_shape):
+        n, c, height, width = input_shape
+        return (n, c, conv_output_size(height, self.kernel_size, self.stride, 0),
+                conv_output_size(width, self.kernel_size, self.stride, 0))
+
+    def forward(self, x):
+        check_array(x, "MaxPool2d", "input x", ndim=4)
+        if min(x.shape[2:]) < self.kernel_size:
+            raise ValueError(f"{self!r}: input of spatial size {x.shape[2]}x{x.shape[3]} is smaller "
+                             f"than the {self.kernel_size}x{self.kernel_size} window")
+        return self.run_forward(x)
+
+    def forward_cpu(self, x):
+        n, c, out_height, out_width = self.output_shape(x.shape)
+        k = self.kernel_size
+        windows = patch_view(numpy.ascontiguousarray(x), k, self.stride, out_height, out_width)
+        # (N, C, k, k, Ho, Wo) -> (N, C, k*k, Ho, Wo): one candidate per window offset.
+        candidates = windows.reshape(n, c, k * k, out_height, out_width)
+        winner = candidates.argmax(axis=2).astype(smallest_index_dtype(k * k))
+        y = numpy.take_along_axis(candidates, winner[:, :, None].astype(numpy.intp), axis=2)[:, :, 0]
+        return y, (winner, x.shape)
+
+    def backward(self, grad_output):
+        return self.run_backward(grad_output)
+
+    def backward_cpu(self, grad_output):
+        winner, x_shape = self.cache
+        k, s = self.kernel_size, self.stride
+        out_height, out_width = winner.shape[2:]
+        dx = numpy.zeros(x_shape, dtype=grad_output.dtype)
+        for i in range(k):
+            for j in range(k):
+                routed = numpy.where(winner == i * k + j, grad_output, 0)
+                dx[:, :, i:i + s * (out_height - 1) + 1:s, j:j + s * (out_width - 1) + 1:s] += routed
+        return dx

@@ -1,0 +1,54 @@
+"""Backend choice: NumPy always, CuPy only when usable, MINIRNNG_BACKEND forcing, the xp helpers."""
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from minirnng import backend
+
+
+def run_python(code, **environment):
+    import os
+    env = dict(os.environ, **environment)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_numpy_is_always_available():
+    assert backend.get_array_module(numpy.zeros(2)) is numpy
+    assert backend.to_numpy([1, 2]).tolist() == [1, 2]
+    with backend.use("numpy"):
+        assert isinstance(backend.to_device([1.0]), numpy.ndarray)
+        assert not backend.uses_kernels(numpy.zeros(1))
+
+
+def test_emulator_backend_takes_the_kernel_path_on_numpy_arrays():
+    with backend.use("cuda-emulator"):
+        assert backend.current() == "cuda-emulator"
+        assert backend.uses_kernels(numpy.zeros(1))
+    assert backend.current() == backend.default_backend()
+
+
+def test_environment_variable_forces_the_choice():
+    result = run_python("from minirnng import backend; print(backend.current())", MINIRNNG_BACKEND="numpy")
+    assert result.stdout.strip() == "numpy"
+    result = run_python("from minirnng import backend; backend.current()", MINIRNNG_BACKEND="tpu")
+    assert result.returncode != 0 and "unknown backend" in result.stderr and "cuda-emulator" in result.stderr
+
+
+def test_asking_for_cupy_where_it_is_unusable_is_a_clear_error():
+    if backend.cupy_status()[0]:
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(backend.BackendError, match="asks for the GPU, but"):
+        with backend.use("cupy"):
+            pass
+    result = run_python("from minirnng import backend; backend.current()", MINIRNNG_BACKEND="cupy")
+    assert result.returncode != 0 and "MINIRNNG_BACKEND='cupy' asks for the GPU" in result.stderr
+
+
+def test_importing_minirnng_does_not_import_cupy():
+    result = run_python("import sys, minirnng, minirnng.layers, minirnng.losses, minirnng.gradcheck; "
+                        "print('cupy' in sys.modules)", MINIRNNG_BACKEND="numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

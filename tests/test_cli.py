@@ -1,0 +1,38 @@
+"""The command line: --help everywhere, and gradcheck's verdict."""
+
+import subprocess
+import sys
+
+import pytest
+
+from minirnng import cli
+
+
+def subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_every_subcommand_has_help(capsys):
+    for name in [None] + subcommands():
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--help"] if name is None else [name, "--help"])
+        assert stop.value.code == 0
+        assert "usage: minirnng" in capsys.readouterr().out
+
+
+def test_gradcheck_passes_and_prints_a_table(capsys):
+    assert cli.main(["gradcheck", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Conv2d" in out and "SoftmaxCrossEntropy" in out and "all gradients agree" in out
+
+
+def test_gradcheck_fails_with_an_impossible_tolerance(capsys):
+    assert cli.main(["gradcheck", "--tolerance", "0"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_console_entry_point_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "minirnng", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "minirnng" in result.stdout

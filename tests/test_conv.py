@@ -1,0 +1,121 @@
+"""Conv2d and ConvTranspose2d: finite differences, naive against fast, bad input."""
+
+import numpy
+import pytest
+
+from minirnng.gradcheck import check_layer
+from minirnng.layers import Conv2d, ConvTranspose2d, naive
+
+# (in, out, kernel, stride, padding, height, width): odd sizes, strides that leave a remainder.
+CONFIGS = [
+    (1, 1, 1, 1, 0, 3, 4),
+    (3, 4, 3, 1, 1, 7, 6),
+    (2, 3, 5, 2, 2, 9, 8),
+    (4, 2, 4, 2, 1, 6, 7),
+    (3, 5, 3, 3, 0, 10, 11),
+    (2, 2, 2, 1, 3, 3, 5),
+]
+
+
+@pytest.mark.parametrize("layer_class", [Conv2d, ConvTranspose2d])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_finite_differences(layer_class, config, rng):
+    c_in, c_out, k, s, p, height, width = config
+    if layer_class is ConvTranspose2d and (height - 1) * s - 2 * p + k < 1:
+        pytest.skip("empty output")
+    layer = layer_class(c_in, c_out, k, stride=s, padding=p, rng=rng, dtype=numpy.float64)
+    x = rng.standard_normal((2, c_in, height, width))
+    report = check_layer(layer, x, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+    assert {row.name for row in report.rows} == {"x", "weight", "bias"}
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(numpy.float32, 1e-5), (numpy.float64, 1e-12)])
+@pytest.mark.parametrize("layer_name", ["Conv2d", "ConvTranspose2d"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fast_matches_naive(layer_name, config, dtype, tolerance, rng):
+    c_in, c_out, k, s, p, height, width = config
+    fast = getattr(__import__("minirnng.layers", fromlist=[layer_name]), layer_name)(
+        c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    slow = getattr(naive, layer_name)(c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    if layer_name == "ConvTranspose2d" and (height - 1) * s - 2 * p + k < 1:
+        pytest.skip("empty output")
+    # a non-contiguous input: every other column of a wider array
+    x = rng.standard_normal((3, c_in, height, 2 * width)).astype(dtype)[:, :, :, ::2]
+    assert not x.flags.c_contiguous
+    y_fast, y_slow = fast.forward(x), slow.forward(x)
+    assert y_fast.dtype == dtype and y_fast.shape == y_slow.shape
+    scale = numpy.abs(y_slow).max()
+    numpy.testing.assert_allclose(y_fast, y_slow, atol=tolerance * scale, rtol=0)
+    dy = rng.standard_normal(y_fast.shape).astype(dtype)
+    dy_before = dy.copy()
+    dx_fast, dx_slow = fast.backward(dy), slow.backward(dy)
+    numpy.testing.assert_array_equal(dy, dy_before)  # backward never modifies its input gradient
+    assert dx_fast.dtype == dtype and dx_fast.shape == x.shape
+    for got, want in [(dx_fast, dx_slow), (fast.grads["weight"], slow.grads["weight"]),
+                      (fast.grads["bias"], slow.grads["bias"])]:
+        numpy.testing.assert_allclose(got, want, atol=tolerance * numpy.abs(want).max(), rtol=0)
+
+
+def test_output_size_formulas():
+    x = numpy.zeros((1, 2, 13, 10), dtype=numpy.float32)
+    assert Conv2d(2, 3, 3, stride=2, padding=1).forward(x).shape == (1, 3, 7, 5)
+    assert ConvTranspose2d(2, 3, 4, stride=2, padding=1).forward(x).shape == (1, 3, 26, 20)
+
+
+def test_params_are_live_and_grads_accumulate(rng):
+    layer = Conv2d(2, 3, 3, padding=1, rng=0, dtype=numpy.float64)
+    x = rng.standard_normal((1, 2, 5, 5))
+    layer.params["weight"][...] = 0
+    layer.params["bias"][...] = 2.0
+    numpy.testing.assert_array_equal(layer.forward(x), 2.0)
+    dy = rng.standard_normal((1, 3, 5, 5))
+    layer.backward(dy)
+    once = layer.grads["weight"].copy()
+    layer.backward(dy)
+    numpy.testing.assert_allclose(layer.grads["weight"], 2 * once)
+    layer.zero_grad()
+    assert not layer.grads["weight"].any() and not layer.grads["bias"].any()
+
+
+def test_rng_seed_and_generator_agree():
+    a = Conv2d(3, 4, 3, rng=7).params["weight"]
+    b = Conv2d(3, 4, 3, rng=numpy.random.default_rng(7)).params["weight"]
+    numpy.testing.assert_array_equal(a, b)
+    assert a.dtype == numpy.float32
+
+
+@pytest.mark.parametrize("layer_class", [Conv2d, ConvTranspose2d])
+def test_bad_input_names_the_layer(layer_class):
+    layer = layer_class(3, 4, 3)
+    with pytest.raises(ValueError, match=rf"{layer_class.__name__}.*4 dimensions.*\(3, 8, 8\)"):
+        layer.forward(numpy.zeros((3, 8, 8), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=rf"{layer_class.__name__}.*3 channels.*\(1, 2, 8, 8\)"):
+        layer.forward(numpy.zeros((1, 2, 8, 8), dtype=numpy.float32))
+    with pytest.raises(TypeError, match=rf"{layer_class.__name__}.*float64.*float32"):
+        layer.forward(numpy.zeros((1, 3, 8, 8)))
+    with pytest.raises(TypeError, match=rf"{layer_class.__name__}.*int64"):
+        layer.forward(numpy.zeros((1, 3, 8, 8), dtype=numpy.int64))
+    with pytest.raises(TypeError, match=rf"{layer_class.__name__}.*list"):
+        layer.forward([[1.0]])
+    layer.forward(numpy.zeros((1, 3, 8, 8), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=rf"{layer_class.__name__}.*grad_output.*shape"):
+        layer.backward(numpy.zeros((1, 4, 3, 3), dtype=numpy.float32))
+
+
+def test_too_small_input_and_bad_hyperparameters():
+    with pytest.raises(ValueError, match=r"Conv2d.*2x2.*too small.*5x5"):
+        Conv2d(1, 1, 5).forward(numpy.zeros((1, 1, 2, 2), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"ConvTranspose2d.*empty output"):
+        ConvTranspose2d(1, 1, 1, padding=2).forward(numpy.zeros((1, 1, 2, 2), dtype=numpy.float32))
+    with pytest.raises(ValueError, match="kernel_size must be >= 1"):
+        Conv2d(1, 1, 0)
+    with pytest.raises(TypeError, match="stride must be an integer"):
+        Conv2d(1, 1, 3, stride=1.5)
+    with pytest.raises(TypeError, match="unsupported dtype int32"):
+        Conv2d(1, 1, 3, dtype=numpy.int32)
+
+
+def test_backward_before_forward():
+    with pytest.raises(RuntimeError, match="before forward"):
+        Conv2d(1, 1, 3).backward(numpy.zeros((1, 1, 1, 1), dtype=numpy.float32))

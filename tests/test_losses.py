@@ -1,0 +1,155 @@
+"""Softmax and sigmoid cross-entropy, and the boundary target and sampling of the gate's loss."""
+
+import numpy
+import pytest
+
+from minirnng.gradcheck import check_loss
+from minirnng.layers import naive
+from minirnng.losses import (SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask,
+                             boundary_target)
+
+CE_SETTINGS = [
+    dict(),
+    dict(class_weights=[0.5, 2.0, 1.0, 3.0]),
+    dict(ignore_index=255),
+    dict(class_weights=[1.0, 0.0, 2.0, 1.0], ignore_index=-1),
+]
+
+
+def _targets(rng, shape, k, ignore_index):
+    target = rng.integers(0, k, size=shape)
+    if ignore_index is not None:
+        target[rng.random(shape) < 0.2] = ignore_index
+    return target
+
+
+@pytest.mark.parametrize("settings", CE_SETTINGS)
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_softmax_ce_finite_differences(settings, use_mask, rng):
+    logits = rng.standard_normal((2, 4, 3, 5)) * 3
+    target = _targets(rng, (2, 3, 5), 4, settings.get("ignore_index"))
+    mask = rng.random((2, 3, 5)) < 0.6 if use_mask else None
+    report = check_loss(SoftmaxCrossEntropy(**settings), logits, target, mask, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("settings", CE_SETTINGS)
+def test_softmax_ce_fast_matches_naive(settings, dtype, rng):
+    logits = (rng.standard_normal((2, 4, 6, 3)) * 3).astype(dtype)
+    target = _targets(rng, (2, 6, 3), 4, settings.get("ignore_index"))
+    mask = rng.random((2, 6, 3)) < 0.7
+    fast, slow = SoftmaxCrossEntropy(**settings), naive.SoftmaxCrossEntropy(**settings)
+    tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
+    assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
+    want = slow.backward(0.7)
+    numpy.testing.assert_allclose(fast.backward(0.7), want, rtol=0, atol=tolerance * numpy.abs(want).max())
+    assert fast.backward().dtype == dtype
+
+
+def test_softmax_ce_matches_a_hand_computed_value():
+    logits = numpy.zeros((1, 2, 1, 1))
+    logits[0, :, 0, 0] = [numpy.log(3.0), 0.0]  # softmax = (3/4, 1/4)
+    assert SoftmaxCrossEntropy().forward(logits, numpy.array([[[1]]])) == pytest.approx(numpy.log(4.0))
+
+
+def test_softmax_ce_is_stable_for_huge_logits():
+    logits = numpy.array([1e4, -1e4, 0.0], dtype=numpy.float32).reshape(1, 3, 1, 1)
+    loss = SoftmaxCrossEntropy()
+    assert loss.forward(logits, numpy.array([[[0]]])) == 0.0
+    assert loss.forward(logits, numpy.array([[[1]]])) == pytest.approx(2e4, rel=1e-6)
+    assert numpy.all(numpy.isfinite(loss.backward()))
+
+
+def test_softmax_ce_with_no_pixel_used_is_zero_not_nan():
+    loss = SoftmaxCrossEntropy()
+    logits = numpy.ones((1, 3, 2, 2))
+    assert loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.zeros((1, 2, 2), bool)) == 0.0
+    assert not loss.backward().any()
+
+
+def test_softmax_ce_bad_input():
+    loss = SoftmaxCrossEntropy(ignore_index=255)
+    logits = numpy.zeros((1, 3, 2, 2), dtype=numpy.float32)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\).*\[3, 7\]"):
+        loss.forward(logits, numpy.array([[[0, 3], [7, 255]]]))
+    with pytest.raises(ValueError, match=r"target must have shape \(1, 2, 2\)"):
+        loss.forward(logits, numpy.zeros((1, 2, 3), dtype=int))
+    with pytest.raises(TypeError, match="integer class indices.*float"):
+        loss.forward(logits, numpy.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="logits must have 4 dimensions"):
+        loss.forward(logits[0], numpy.zeros((1, 2, 2), dtype=int))
+    with pytest.raises(ValueError, match="2 class weights given for logits with 3 classes"):
+        SoftmaxCrossEntropy(class_weights=[1, 2]).forward(logits, numpy.zeros((1, 2, 2), dtype=int))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.ones((2, 2), bool))
+    with pytest.raises(RuntimeError, match="before forward"):
+        SoftmaxCrossEntropy().backward()
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_sigmoid_bce_finite_differences(use_mask, rng):
+    logits = rng.standard_normal((2, 1, 4, 3)) * 3
+    target = (rng.random((2, 1, 4, 3)) < 0.5).astype(numpy.float64)
+    mask = rng.random((2, 1, 4, 3)) < 0.6 if use_mask else None
+    report = check_loss(SigmoidBinaryCrossEntropy(), logits, target, mask, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_sigmoid_bce_fast_matches_naive(dtype, rng):
+    logits = (rng.standard_normal((3, 1, 5, 4)) * 5).astype(dtype)
+    target = (rng.random((3, 1, 5, 4)) < 0.5).astype(dtype)
+    mask = rng.random((3, 1, 5, 4)) < 0.5
+    fast, slow = SigmoidBinaryCrossEntropy(), naive.SigmoidBinaryCrossEntropy()
+    tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
+    assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
+    want = slow.backward(1.3)
+    numpy.testing.assert_allclose(fast.backward(1.3), want, rtol=0, atol=tolerance * numpy.abs(want).max())
+
+
+def test_sigmoid_bce_is_stable_for_large_logits_of_either_sign():
+    loss = SigmoidBinaryCrossEntropy()
+    logits = numpy.array([-1e4, 1e4, -1e4, 1e4]).reshape(1, 1, 2, 2)
+    target = numpy.array([0.0, 1.0, 1.0, 0.0]).reshape(1, 1, 2, 2)
+    assert loss.forward(logits, target) == pytest.approx(1e4 / 2)
+    numpy.testing.assert_allclose(loss.backward().ravel(), [0, 0, -0.25, 0.25])
+
+
+def test_sigmoid_bce_bad_input():
+    loss = SigmoidBinaryCrossEntropy()
+    with pytest.raises(ValueError, match="1 channels"):
+        loss.forward(numpy.zeros((1, 2, 2, 2)), numpy.zeros((1, 2, 2, 2)))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.full((1, 1, 2, 2), 0.5))
+    with pytest.raises(ValueError, match="target must have the logits' shape"):
+        loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.zeros((1, 1, 2, 3)))
+
+
+def test_boundary_target_marks_pixels_with_a_different_4_neighbour():
+    labels = numpy.array([[[0, 0, 0, 1],
+                           [0, 0, 0, 1],
+                           [2, 2, 0, 0]]])
+    expected = numpy.array([[[1, 1, 0, 0],
+                             [0, 0, 0, 0],
+                             [0, 0, 0, 0]]], dtype=numpy.float32)
+    target = boundary_target(labels)
+    assert target.shape == (1, 1, 3, 4) and target.dtype == numpy.float32
+    numpy.testing.assert_array_equal(target[:, 0], expected)
+    assert boundary_target(numpy.zeros((2, 5, 5), dtype=int)).all()  # one label: no boundary anywhere
+
+
+def test_boundary_sample_mask_keeps_all_boundaries_and_five_times_as_many_others(rng):
+    labels = numpy.zeros((2, 32, 32), dtype=int)
+    labels[0, 10:20, 10:20] = 1
+    target = boundary_target(labels)
+    mask = boundary_sample_mask(target, ratio=5, rng=0)
+    assert mask.shape == target.shape and mask.dtype == bool
+    boundary = target[0] == 0
+    assert mask[0][boundary].all()
+    assert (mask[0] & ~boundary).sum() == 5 * boundary.sum()
+    assert not mask[1].any()  # no boundary in the second image: nothing sampled
+    numpy.testing.assert_array_equal(mask, boundary_sample_mask(target, ratio=5, rng=0))  # seeded
+    small = numpy.zeros((1, 6, 6), dtype=int)
+    small[0, :, 3:] = 1  # 12 boundary pixels, 24 others: all of them are taken
+    assert boundary_sample_mask(boundary_target(small), rng=0).all()

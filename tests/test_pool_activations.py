@@ -1,0 +1,83 @@
+"""MaxPool2d, ReLU, Sigmoid, Tanh: finite differences on tie-free inputs, naive against fast, ties, bad input."""
+
+import numpy
+import pytest
+from conftest import tie_free
+
+from minirnng.gradcheck import check_layer
+from minirnng.layers import MaxPool2d, ReLU, Sigmoid, Tanh, naive
+
+POOL_CONFIGS = [(2, None, 8, 6), (2, 2, 7, 9), (3, 2, 9, 8), (3, 1, 5, 6), (2, 3, 8, 11)]
+
+
+@pytest.mark.parametrize("kernel, stride, height, width", POOL_CONFIGS)
+def test_maxpool_finite_differences(kernel, stride, height, width, rng):
+    x = tie_free(rng, (2, 3, height, width))
+    report = check_layer(MaxPool2d(kernel, stride), x, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("kernel, stride, height, width", POOL_CONFIGS)
+def test_maxpool_fast_matches_naive(kernel, stride, height, width, dtype, rng):
+    # rounded values make ties common: both paths must send the gradient to the same (first) maximum
+    x = numpy.round(rng.standard_normal((2, 3, height, 2 * width)) * 2).astype(dtype)[:, :, :, ::2]
+    fast, slow = MaxPool2d(kernel, stride), naive.MaxPool2d(kernel, stride)
+    numpy.testing.assert_array_equal(fast.forward(x), slow.forward(x))
+    dy = rng.standard_normal(fast.output_shape_seen).astype(dtype)
+    numpy.testing.assert_allclose(fast.backward(dy), slow.backward(dy), rtol=1e-6)
+
+
+def test_maxpool_ties_go_to_the_first_maximum():
+    x = numpy.ones((1, 1, 2, 2))
+    pool = MaxPool2d(2)
+    pool.forward(x)
+    numpy.testing.assert_array_equal(pool.backward(numpy.full((1, 1, 1, 1), 3.0))[0, 0], [[3, 0], [0, 0]])
+
+
+def test_maxpool_shape_and_errors():
+    pool = MaxPool2d()
+    assert pool.forward(numpy.zeros((2, 3, 7, 9), dtype=numpy.float32)).shape == (2, 3, 3, 4)
+    with pytest.raises(ValueError, match=r"MaxPool2d.*1x4.*smaller than the 2x2 window"):
+        pool.forward(numpy.zeros((1, 1, 1, 4), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"MaxPool2d.*4 dimensions"):
+        pool.forward(numpy.zeros((4, 4), dtype=numpy.float32))
+    with pytest.raises(TypeError, match=r"MaxPool2d.*uint8"):
+        pool.forward(numpy.zeros((1, 1, 4, 4), dtype=numpy.uint8))
+
+
+@pytest.mark.parametrize("layer_class", [ReLU, Sigmoid, Tanh])
+def test_activation_finite_differences(layer_class, rng):
+    x = tie_free(rng, (2, 3, 5, 4), spacing=0.05, avoid_zero=True)
+    report = check_layer(layer_class(), x, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("name", ["ReLU", "Sigmoid", "Tanh"])
+def test_activation_fast_matches_naive(name, dtype, rng):
+    x = (rng.standard_normal((2, 3, 4, 10)) * 4).astype(dtype)[..., ::2]
+    x[0, 0, 0, 0] = 0.0  # the kink: both give slope 0
+    fast, slow = getattr(__import__("minirnng.layers", fromlist=[name]), name)(), getattr(naive, name)()
+    y = fast.forward(x)
+    assert y.dtype == dtype
+    numpy.testing.assert_allclose(y, slow.forward(x), rtol=1e-6 if dtype == numpy.float32 else 1e-14, atol=1e-30)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    numpy.testing.assert_allclose(fast.backward(dy), slow.backward(dy), rtol=1e-5 if dtype == numpy.float32 else 1e-13)
+
+
+def test_sigmoid_is_stable_for_large_inputs():
+    y = Sigmoid().forward(numpy.array([-1e4, -50.0, 0.0, 50.0, 1e4]))
+    assert numpy.all(numpy.isfinite(y))
+    numpy.testing.assert_allclose(y, [0.0, 1.9287498479639178e-22, 0.5, 1.0, 1.0], rtol=1e-12)
+
+
+def test_activation_errors():
+    relu = ReLU()
+    with pytest.raises(TypeError, match=r"ReLU.*int64"):
+        relu.forward(numpy.arange(4))
+    relu.forward(numpy.zeros(4))
+    with pytest.raises(ValueError, match=r"ReLU.*grad_output.*\(4,\).*\(5,\)"):
+        relu.backward(numpy.zeros(5))
+    with pytest.raises(TypeError, match=r"ReLU.*grad_output.*float32"):
+        relu.backward(numpy.zeros(4, dtype=numpy.float32))
