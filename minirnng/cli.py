@@ -20,7 +20,7 @@ def gradcheck_problems(rng):
     Inputs are tie-free for max pooling and kept away from ReLU's kink, so that a step of
     ``eps`` never changes which branch is taken.
     """
-    from . import gradcheck, layers, losses
+    from . import gradcheck, layers, losses, models
 
     f64 = numpy.float64
 
@@ -31,6 +31,13 @@ def gradcheck_problems(rng):
 
     def normal(*shape):
         return rng.standard_normal(shape)
+
+    def randomized(layer):
+        # distinct, non-symmetric recurrent weights: identical ones tie the four directions exactly
+        for name, value in layer.params.items():
+            value[...] = (layers.constrain_recurrent_weight(rng.standard_normal(value.shape)) if name.endswith("W")
+                          else rng.standard_normal(value.shape))
+        return layer
 
     yield "Conv2d(3, 4, 3, stride=1, padding=1)", lambda: gradcheck.check_layer(
         layers.Conv2d(3, 4, 3, padding=1, rng=rng, dtype=f64), normal(2, 3, 7, 6), rng=rng)
@@ -43,6 +50,17 @@ def gradcheck_problems(rng):
     for activation in (layers.ReLU, layers.Sigmoid, layers.Tanh):
         yield f"{activation.__name__}()", lambda activation=activation: gradcheck.check_layer(
             activation(), spaced((2, 3, 4, 5), spacing=0.05), rng=rng)
+    for direction in layers.DIRECTIONS:
+        yield f"GatedSpatialRNN(3, {direction!r})", lambda direction=direction: gradcheck.check_layer(
+            randomized(layers.GatedSpatialRNN(3, direction, dtype=f64)), normal(2, 3, 4, 5),
+            rng.uniform(0.05, 0.95, (2, 3, 4, 5)), rng=rng)
+    yield "FourWayGatedRNN(3)", lambda: gradcheck.check_layer(
+        randomized(layers.FourWayGatedRNN(3, dtype=f64)), normal(2, 3, 5, 4), rng.uniform(0.05, 0.95, (2, 3, 5, 4)),
+        rng=rng)
+    yield "SpatialRNN(3, 'left_to_right', tanh)", lambda: gradcheck.check_layer(
+        randomized(layers.SpatialRNN(3, "left_to_right", dtype=f64)), normal(2, 3, 4, 5), rng=rng)
+    yield "FourWaySpatialRNN(3)", lambda: gradcheck.check_layer(
+        randomized(layers.FourWaySpatialRNN(3, dtype=f64)), normal(2, 3, 4, 5), rng=rng)
     target = rng.integers(0, 4, size=(2, 5, 6))
     target[0, 0, :3] = 255
     yield "SoftmaxCrossEntropy(class weights, ignore 255, mask)", lambda: gradcheck.check_loss(
@@ -51,6 +69,13 @@ def gradcheck_problems(rng):
     binary = (rng.random((2, 1, 5, 6)) < 0.5).astype(f64)
     yield "SigmoidBinaryCrossEntropy(mask)", lambda: gradcheck.check_loss(
         losses.SigmoidBinaryCrossEntropy(), normal(2, 1, 5, 6) * 3, binary, rng.random((2, 1, 5, 6)) < 0.8, rng=rng)
+    for architecture in ("rnng", "cnn-s", "cnn-deep", "rnn"):
+        def check_architecture(architecture=architecture):
+            model = models.ARCHITECTURES[architecture](3, rng=rng, dtype=f64)
+            model.randomize_recurrence(rng)
+            return gradcheck.check_model(model, normal(2, 3, 12, 8), rng=rng)
+
+        yield f"model {architecture} (3 classes, 12x8 images, 12 sampled entries per array)", check_architecture
 
 
 def command_gradcheck(arguments):
@@ -74,6 +99,78 @@ def command_gradcheck(arguments):
     return 0
 
 
+# -- train and eval -------------------------------------------------------------------------------
+
+def add_data_arguments(parser, default_split=None):
+    from .data.catalog import DATASETS
+
+    parser.add_argument("--data", choices=DATASETS, default="synthetic",
+                        help="dataset (default synthetic: generated in code, nothing to download)")
+    parser.add_argument("--root", help="folder of the dataset in its official layout (not for synthetic)")
+    parser.add_argument("--classes", type=int, choices=(3, 11), default=None,
+                        help="3 (background, skin, hair) or 11 (HELEN); default: the dataset's own")
+    parser.add_argument("--input-size", type=int, default=128, help="model input height and width (default 128)")
+    if default_split:
+        parser.add_argument("--split", choices=("train", "validation", "test"), default=default_split,
+                            help=f"split to use (default {default_split})")
+
+
+def resolve_classes(arguments):
+    if arguments.classes is not None:
+        return arguments.classes
+    return 3 if arguments.data == "lfw-pl" else 11 if arguments.data in ("helen", "celebamask") else 3
+
+
+def command_train(arguments):
+    from .data.catalog import load_split
+    from .train import TrainConfig, Trainer
+
+    n_classes = resolve_classes(arguments)
+    print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
+    train_set = load_split(arguments.data, "train", arguments.root, n_classes, arguments.input_size,
+                           size=arguments.train_size)
+    validation_set = load_split(arguments.data, "validation", arguments.root, n_classes, arguments.input_size,
+                                size=arguments.validation_size)
+    print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}")
+    config = TrainConfig(model=arguments.model, n_classes=n_classes, epochs=arguments.epochs,
+                         batch_size=arguments.batch_size, optimizer=arguments.optimizer, lr=arguments.lr,
+                         momentum=arguments.momentum, weight_decay=arguments.weight_decay,
+                         schedule=arguments.schedule, warmup=arguments.warmup,
+                         loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
+                         class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
+                         augment=not arguments.no_augment, seed=arguments.seed)
+    trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
+    trainer.run(resume=arguments.resume)
+    print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
+    print(f"log: {arguments.out}/log.csv, curves: {arguments.out}/curves.png")
+    return 0
+
+
+def command_eval(arguments):
+    import json
+
+    from .data.catalog import load_split
+    from .models import load_model
+    from .train import evaluate
+
+    model = load_model(arguments.checkpoint)
+    dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, arguments.input_size,
+                         size=arguments.size)
+    result = evaluate(model, dataset)
+    print(f"{arguments.checkpoint} on {arguments.data} {arguments.split} ({len(dataset)} images): "
+          f"accuracy {100 * result['accuracy']:.2f}%, {result['ms_per_image']:.2f} ms per image")
+    for name in dataset.classes:
+        f = result["f_measure"][name]
+        print(f"  F-{name:<12} {'n/a' if f is None else f'{100 * f:.2f}'}")
+    if arguments.json:
+        record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
+                  "architecture": model.architecture, **result}
+        with open(arguments.json, "w") as stream:
+            json.dump(record, stream, indent=1)
+        print(f"wrote {arguments.json}")
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------
 
 def build_parser():
@@ -92,6 +189,50 @@ def build_parser():
     gradcheck.add_argument("--tolerance", type=float, default=1e-6,
                            help="largest relative error that passes (default 1e-6)")
     gradcheck.set_defaults(handler=command_gradcheck)
+
+    from .models import ARCHITECTURES
+    from .optim import OPTIMIZERS, SCHEDULES
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    train = commands.add_parser(
+        "train", help="train a stage-1 model (RNN-G or a baseline)",
+        description="Train a stage-1 model with the three-term loss, validating and checkpointing every epoch.")
+    train.add_argument("--model", choices=sorted(ARCHITECTURES), default="rnng", help="architecture (default rnng)")
+    add_data_arguments(train)
+    train.add_argument("--out", default="runs/train", help="output folder for checkpoints, log and curves")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=defaults.optimizer)
+    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    train.add_argument("--warmup", type=float, default=defaults.warmup, help="warm-up, fraction of the run")
+    train.add_argument("--loss-weights", type=float, nargs=3, default=defaults.loss_weights,
+                       metavar=("LOGITS", "COARSE", "EDGE"), help="weights of the three loss terms")
+    train.add_argument("--boundary-ratio", type=float, default=defaults.boundary_ratio,
+                       help="non-boundary pixels sampled per boundary pixel in the edge loss (paper: 5)")
+    train.add_argument("--class-balance", type=float, default=defaults.class_balance,
+                       help="class weights (mean frequency / frequency) ** this power; 0 = none")
+    train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,
+                       help="initial bias of the gate half of deconv6")
+    train.add_argument("--no-augment", action="store_true", help="no random affine / mirroring")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")
+    train.add_argument("--validation-size", type=int, default=None, help="synthetic: number of validation images")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint: accuracy, per-class F-measure, speed",
+        description="Evaluate a checkpoint on a dataset split; print the scores, optionally write them as JSON.")
+    evaluate.add_argument("--checkpoint", required=True, help="a .npz written by train or save")
+    add_data_arguments(evaluate, default_split="test")
+    evaluate.add_argument("--size", type=int, default=None, help="synthetic: number of images")
+    evaluate.add_argument("--json", help="write the scores to this JSON file")
+    evaluate.set_defaults(handler=command_eval)
     return parser
 
 

@@ -205,3 +205,11 @@ def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=Non
     """Finite-difference check of a loss: ``dloss/dlogits`` times a random scalar upstream."""
     return check(title or repr(loss), lambda z: loss.forward(z, target, mask), loss.backward,
                  {"logits": logits}, rng=rng, eps=eps, max_entries=max_entries)
+
+
+def check_model(model, images, rng=0, eps=1e-6, max_entries=12, title=None):
+    """Finite-difference check of a whole model (the model interface: a dict of outputs) in sparse
+    mode: the images and every named parameter, ``max_entries`` entries each."""
+    return check(title or type(model).__name__, model.forward, model.backward, {"images": images},
+                 params=model.params(), grads=model.grads(), rng=rng, eps=eps, max_entries=max_entries,
+                 zero_grad=model.zero_grad)

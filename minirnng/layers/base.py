@@ -87,6 +87,10 @@ def check_same_shape(array, reference, owner, what, reference_name):
 class Layer:
     """Base class: parameter bookkeeping, the backward guard, and the CPU/GPU dispatch."""
 
+    #: Set to False where nothing upstream needs the input gradient (a network's first layer while
+    #: training): layers that can skip computing it then return None from ``backward``.
+    needs_input_grad = True
+
     def __init__(self, dtype=numpy.float32):
         self.dtype = check_dtype(dtype, type(self).__name__)
         self.params = {}

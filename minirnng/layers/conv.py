@@ -146,6 +146,8 @@ class Conv2d(_ConvolutionBase):
         upstream = grad_output.reshape(n, self.out_channels, -1)
         self.accumulate_grad("weight", weight_gradient(upstream, cols).reshape(weight.shape))
         self.accumulate_bias_grad(grad_output)
+        if not self.needs_input_grad:
+            return None
         return correlate_transpose(grad_output, weight, self.stride, self.padding, x_shape)
 
 

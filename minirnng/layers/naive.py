@@ -206,3 +206,217 @@ class SigmoidBinaryCrossEntropy(losses.SigmoidBinaryCrossEntropy):
     def backward_cpu(self, grad_output):
         grad, count = self.cache
         return grad * (grad_output / count) if count else numpy.zeros_like(grad)
+
+
+# -- spatial recurrent layers (paper eq. 1 and 3) ----------------------------------------------------
+from . import recurrent  # noqa: E402  (kept with the section it serves)
+
+# The pixel that comes before (y, j) in each direction is (y - dy, j - dj).
+SCAN_STEP = {"left_to_right": (0, 1), "right_to_left": (0, -1), "top_to_bottom": (1, 0), "bottom_to_top": (-1, 0)}
+
+
+def scan_order(height, width, direction):
+    """Every pixel ``(y, j)`` of a ``height x width`` plane with its predecessor, predecessors first.
+
+    Yields ``((y, j), previous)``; ``previous`` is the pixel just before ``(y, j)`` along the scan
+    (the left neighbour for ``left_to_right``, the one below for ``bottom_to_top``, ...), or None
+    where the scan starts.
+    """
+    dy, dj = SCAN_STEP[direction]
+    rows = list(range(height)) if dy >= 0 else list(reversed(range(height)))
+    columns = list(range(width)) if dj >= 0 else list(reversed(range(width)))
+    for y in rows:
+        for j in columns:
+            py, pj = y - dy, j - dj
+            inside = 0 <= py < height and 0 <= pj < width
+            yield (y, j), ((py, pj) if inside else None)
+
+
+def gated_recurrence(x, g, W, b, direction):
+    """Eq. 3: ``h[:, p] = x[:, p] + g[:, p] * (W @ h[:, previous] + b)``, ``h[:, previous] = 0`` at the start.
+
+    x, g : (N, C, H, W). W : (C, C). b : (C,). Returns h : (N, C, H, W).
+    """
+    images, channels, height, width = x.shape
+    h = numpy.zeros_like(x)
+    for n in range(images):
+        for (y, j), previous in scan_order(height, width, direction):
+            for c in range(channels):
+                recurrent_term = b[c]
+                if previous is not None:
+                    py, pj = previous
+                    for d in range(channels):
+                        recurrent_term += W[c, d] * h[n, d, py, pj]
+                h[n, c, y, j] = x[n, c, y, j] + g[n, c, y, j] * recurrent_term
+    return h
+
+
+def gated_recurrence_backward(dh, h, g, W, b, direction):
+    """Back-propagation through :func:`gated_recurrence`, visiting the pixels in reverse scan order.
+
+    Returns ``(dx, dg, dW, db)``. ``delta`` holds dL/dh; it is complete at a pixel once every later
+    pixel has sent back its share ``W[c, d] * u`` (``u`` being the gradient that reaches the
+    recurrent term ``W @ h[:, previous] + b``), so it is final when the reverse scan arrives there.
+    """
+    images, channels, height, width = dh.shape
+    delta = dh.copy()
+    dg = numpy.zeros_like(g)
+    dW = numpy.zeros_like(W)
+    db = numpy.zeros_like(b)
+    for n in range(images):
+        for (y, j), previous in reversed(list(scan_order(height, width, direction))):
+            for c in range(channels):
+                recurrent_term = b[c]
+                if previous is not None:
+                    py, pj = previous
+                    for d in range(channels):
+                        recurrent_term += W[c, d] * h[n, d, py, pj]
+                dg[n, c, y, j] = delta[n, c, y, j] * recurrent_term
+                u = g[n, c, y, j] * delta[n, c, y, j]
+                db[c] += u
+                if previous is not None:
+                    for d in range(channels):
+                        dW[c, d] += u * h[n, d, py, pj]
+                        delta[n, d, py, pj] += W[c, d] * u
+    return delta, dg, dW, db
+
+
+def plain_recurrence(x, W, b, direction, activation):
+    """Eq. 1: ``h[:, p] = theta(x[:, p] + W @ h[:, previous] + b)``, theta = tanh or the identity."""
+    images, channels, height, width = x.shape
+    h = numpy.zeros_like(x)
+    for n in range(images):
+        for (y, j), previous in scan_order(height, width, direction):
+            for c in range(channels):
+                a = x[n, c, y, j] + b[c]
+                if previous is not None:
+                    py, pj = previous
+                    for d in range(channels):
+                        a += W[c, d] * h[n, d, py, pj]
+                h[n, c, y, j] = numpy.tanh(a) if activation == "tanh" else a
+    return h
+
+
+def plain_recurrence_backward(dh, h, W, direction, activation):
+    """Back-propagation through :func:`plain_recurrence` (eq. 2 with ``W`` transposed): ``(dx, dW, db)``.
+
+    ``grad_h`` collects dL/dh; at each pixel, in reverse scan order, ``delta = theta'(a) * grad_h``
+    (``tanh'(a) = 1 - h**2``) is dL/da = dL/dx, and sends ``W[c, d] * delta`` back to the predecessor.
+    """
+    images, channels, height, width = dh.shape
+    grad_h = dh.copy()
+    dx = numpy.zeros_like(dh)
+    dW = numpy.zeros_like(W)
+    db = numpy.zeros(channels, dtype=dh.dtype)
+    for n in range(images):
+        for (y, j), previous in reversed(list(scan_order(height, width, direction))):
+            for c in range(channels):
+                slope = 1 - h[n, c, y, j] ** 2 if activation == "tanh" else 1
+                delta = slope * grad_h[n, c, y, j]
+                dx[n, c, y, j] = delta
+                db[c] += delta
+                if previous is not None:
+                    py, pj = previous
+                    for d in range(channels):
+                        dW[c, d] += delta * h[n, d, py, pj]
+                        grad_h[n, d, py, pj] += W[c, d] * delta
+    return dx, dW, db
+
+
+class GatedSpatialRNN(recurrent.GatedSpatialRNN):
+    """Eq. 3 one pixel and one channel at a time; see :func:`gated_recurrence`."""
+
+    def forward_cpu(self, x, g):
+        h = gated_recurrence(x, g, self.params["W"], self.params["b"], self.direction)
+        return h, (h, g)
+
+    def backward_cpu(self, dh):
+        h, g = self.cache
+        dx, dg, dW, db = gated_recurrence_backward(dh, h, g, self.params["W"], self.params["b"], self.direction)
+        self.accumulate_grad("W", dW)
+        self.accumulate_grad("b", db)
+        return dx, dg
+
+
+def max_merge(outputs):
+    """Pixel by pixel, the largest of the four directions' outputs (the first on a tie) and its index."""
+    merged = numpy.zeros_like(outputs[0])
+    winner = numpy.zeros(merged.shape, dtype=numpy.int64)
+    for index in numpy.ndindex(*merged.shape):
+        best = 0
+        for k in range(1, len(outputs)):
+            if outputs[k][index] > outputs[best][index]:  # strictly larger: a tie stays with the first
+                best = k
+        winner[index] = best
+        merged[index] = outputs[best][index]
+    return merged, winner
+
+
+def route_to_winner(dh, winner, k):
+    """``dh`` where direction ``k`` won the maximum, 0 elsewhere."""
+    routed = numpy.zeros_like(dh)
+    for index in numpy.ndindex(*dh.shape):
+        if winner[index] == k:
+            routed[index] = dh[index]
+    return routed
+
+
+class FourWayGatedRNN(recurrent.FourWayGatedRNN):
+    """The four directions of eq. 3, then, pixel by pixel, the largest output (the first on a tie)."""
+
+    def forward_cpu(self, x, g):
+        outputs = [gated_recurrence(x, g, self.params[f"{direction}.W"], self.params[f"{direction}.b"], direction)
+                   for direction in recurrent.DIRECTIONS]
+        merged, winner = max_merge(outputs)
+        return merged, (outputs, winner, g)
+
+    def backward_cpu(self, dh):
+        outputs, winner, g = self.cache
+        dx = numpy.zeros_like(dh)
+        dg = numpy.zeros_like(dh)
+        for k, direction in enumerate(recurrent.DIRECTIONS):
+            W, b = self.params[f"{direction}.W"], self.params[f"{direction}.b"]
+            dx_k, dg_k, dW, db = gated_recurrence_backward(route_to_winner(dh, winner, k), outputs[k], g, W, b,
+                                                           direction)
+            self.accumulate_grad(f"{direction}.W", dW)
+            self.accumulate_grad(f"{direction}.b", db)
+            dx += dx_k
+            dg += dg_k
+        return dx, dg
+
+
+class SpatialRNN(recurrent.SpatialRNN):
+    """Eq. 1 one pixel and one channel at a time; see :func:`plain_recurrence`."""
+
+    def forward_cpu(self, x):
+        h = plain_recurrence(x, self.params["W"], self.params["b"], self.direction, self.activation)
+        return h, h
+
+    def backward_cpu(self, dh):
+        dx, dW, db = plain_recurrence_backward(dh, self.cache, self.params["W"], self.direction, self.activation)
+        self.accumulate_grad("W", dW)
+        self.accumulate_grad("b", db)
+        return dx
+
+
+class FourWaySpatialRNN(recurrent.FourWaySpatialRNN):
+    """The four directions of eq. 1, then, pixel by pixel, the largest output (the first on a tie)."""
+
+    def forward_cpu(self, x):
+        activation = self.direction_layers[recurrent.DIRECTIONS[0]].activation
+        outputs = [plain_recurrence(x, self.params[f"{direction}.W"], self.params[f"{direction}.b"], direction,
+                                    activation) for direction in recurrent.DIRECTIONS]
+        merged, winner = max_merge(outputs)
+        return merged, (outputs, winner)
+
+    def backward_cpu(self, dh):
+        outputs, winner = self.cache
+        activation = self.direction_layers[recurrent.DIRECTIONS[0]].activation
+        dx = numpy.zeros_like(dh)
+        for k, direction in enumerate(recurrent.DIRECTIONS):
+            dx_k, dW, db = plain_recurrence_backward(route_to_winner(dh, winner, k), outputs[k],
+                                                     self.params[f"{direction}.W"], direction, activation)
+            self.accumulate_grad(f"{direction}.W", dW)
+            self.accumulate_grad(f"{direction}.b", db)
+            dx += dx_k
+        return dx

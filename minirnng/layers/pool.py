@@ -12,7 +12,7 @@ index ``i*k + j`` into the window (a small integer array); backward only needs t
 import numpy
 
 from .base import Layer, check_array, check_positive_int
-from .im2col import conv_output_size, patch_view
+from .im2col import conv_output_size
 
 
 def smallest_index_dtype(count):
@@ -52,14 +52,29 @@ class MaxPool2d(Layer):
                              f"than the {self.kernel_size}x{self.kernel_size} window")
         return self.run_forward(x)
 
+    def window_offsets(self, out_height, out_width):
+        """Yield ``(index, rows, cols)``: for each window offset (i, j) in row-major order, its
+        index ``i*k + j`` and the slices that pick that offset's element of every window."""
+        k, s = self.kernel_size, self.stride
+        for i in range(k):
+            for j in range(k):
+                yield i * k + j, slice(i, i + s * (out_height - 1) + 1, s), slice(j, j + s * (out_width - 1) + 1, s)
+
     def forward_cpu(self, x):
         n, c, out_height, out_width = self.output_shape(x.shape)
-        k = self.kernel_size
-        windows = patch_view(numpy.ascontiguousarray(x), k, self.stride, out_height, out_width)
-        # (N, C, k, k, Ho, Wo) -> (N, C, k*k, Ho, Wo): one candidate per window offset.
-        candidates = windows.reshape(n, c, k * k, out_height, out_width)
-        winner = candidates.argmax(axis=2).astype(smallest_index_dtype(k * k))
-        y = numpy.take_along_axis(candidates, winner[:, :, None].astype(numpy.intp), axis=2)[:, :, 0]
+        index_dtype = smallest_index_dtype(self.kernel_size ** 2)
+        y = winner = None
+        for index, rows, cols in self.window_offsets(out_height, out_width):
+            candidate = x[:, :, rows, cols]
+            if y is None:
+                y = candidate.copy()
+                winner = numpy.zeros(y.shape, dtype=index_dtype)
+                continue
+            # strictly larger only, so that on a tie the earlier offset keeps the window; and since
+            # index grows, max(winner, larger * index) sets winner = index exactly where larger holds
+            larger = candidate > y
+            numpy.maximum(winner, larger * index_dtype(index), out=winner)
+            numpy.maximum(y, candidate, out=y)
         return y, (winner, x.shape)
 
     def backward(self, grad_output):
@@ -67,11 +82,12 @@ class MaxPool2d(Layer):
 
     def backward_cpu(self, grad_output):
         winner, x_shape = self.cache
-        k, s = self.kernel_size, self.stride
         out_height, out_width = winner.shape[2:]
         dx = numpy.zeros(x_shape, dtype=grad_output.dtype)
-        for i in range(k):
-            for j in range(k):
-                routed = numpy.where(winner == i * k + j, grad_output, 0)
-                dx[:, :, i:i + s * (out_height - 1) + 1:s, j:j + s * (out_width - 1) + 1:s] += routed
+        overlapping = self.kernel_size > self.stride
+        for index, rows, cols in self.window_offsets(out_height, out_width):
+            if overlapping:  # an input may win several windows: add up what it receives
+                dx[:, :, rows, cols] += numpy.where(winner == index, grad_output, 0)
+            else:  # each input belongs to one window at most: write in place, no temporary
+                numpy.multiply(grad_output, winner == index, out=dx[:, :, rows, cols])
         return dx

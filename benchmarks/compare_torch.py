@@ -1,0 +1,242 @@
+"""minirnng's RNN-G against the same network in PyTorch eager mode, on the CPU, in one run.
+
+    python benchmarks/compare_torch.py [--threads 2] [--repeats 10]
+
+1. Builds RNN-G (3 classes) in minirnng and the same network as a ``torch.nn.Module`` whose
+   parameter names are minirnng's, copies our weights into it with
+   ``module.load_state_dict({k: torch.from_numpy(v) ...})``, and checks that the two agree on the
+   three outputs and on the parameter gradients of the same loss.
+2. Times, at batch 16, 128 x 128, float32: inference (forward and arg-max) and a training step
+   (forward, the three-term loss, backward, an Adam step), medians of ``--repeats`` runs, and
+   prints images per second and the ratios. The PyTorch recurrence is written the straightforward
+   way (a Python loop over columns, autograd for the backward; see ``benchmarks/rnn.py``).
+3. Measures the peak resident memory of a process that runs only minirnng's training steps.
+
+Targets (issue: face parsing end to end): our training step >= 2x PyTorch eager's images/s, our
+inference >= 1.5x, and the peak memory of our training <= 1 GB. PyTorch is never a dependency of
+minirnng; without it only minirnng's side is measured.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BATCH, SIZE, CLASSES = 16, 128, 3
+
+
+def parse_arguments():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def batch(numpy, seed=0):
+    """Random images in [-0.5, 0.5] and labels made of three blobs, so all losses are non-trivial."""
+    rng = numpy.random.default_rng(seed)
+    images = rng.uniform(-0.5, 0.5, (BATCH, 3, SIZE, SIZE)).astype(numpy.float32)
+    rows, cols = numpy.mgrid[0:SIZE, 0:SIZE]
+    labels = numpy.zeros((BATCH, SIZE, SIZE), dtype=numpy.int64)
+    for n in range(BATCH):
+        cy, cx = rng.uniform(40, 88, 2)
+        labels[n][(rows - cy) ** 2 + (cols - cx) ** 2 < 35 ** 2] = 2
+        labels[n][(rows - cy - 8) ** 2 + (cols - cx) ** 2 < 25 ** 2] = 1
+    return images, labels
+
+
+class OurStep:
+    """One minirnng training step and one inference, on a fixed batch."""
+
+    def __init__(self, numpy):
+        from minirnng.models import RNNG
+        from minirnng.objective import StageOneObjective
+        from minirnng.optim import Adam
+
+        self.numpy = numpy
+        self.model = RNNG(CLASSES, rng=0)
+        self.model.randomize_recurrence(1)
+        self.objective = StageOneObjective()
+        self.optimizer = Adam(self.model.params(), self.model.grads(), lr=1e-4)
+        self.images, self.labels = batch(numpy)
+        self.rng = numpy.random.default_rng(0)
+
+    def train_step(self):
+        model = self.model
+        model.zero_grad()
+        outputs = model.forward(self.images)
+        _, _, grads = self.objective(outputs, self.labels, self.rng)
+        model.backward(grads, input_gradient=False)
+        self.optimizer.step()
+        model.constrain()
+
+    def inference(self):
+        return self.model.predict(self.images)
+
+
+def torch_model(torch, hidden=8):
+    """RNN-G as a torch.nn.Module with minirnng's parameter names (and PyTorch's layouts)."""
+    from rnn import torch_four_way
+
+    nn = torch.nn
+
+    class Directions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for direction in ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top"):
+                module = nn.Module()
+                module.W = nn.Parameter(torch.eye(hidden))
+                module.b = nn.Parameter(torch.zeros(hidden))
+                self.add_module(direction, module)
+
+        def forward(self, x, g):
+            params = {f"{name}.{p}": getattr(module, p) for name, module in self.named_children() for p in "Wb"}
+            return torch_four_way(torch, x, g, params, [name for name, _ in self.named_children()])
+
+    class TorchRNNG(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 5, padding=2)
+            self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
+            self.conv5 = nn.Conv2d(32, 32, 3, padding=1)
+            self.deconv6 = nn.ConvTranspose2d(32, 2 * hidden, 4, stride=2, padding=1)
+            self.rnn = Directions()
+            self.conv8 = nn.Conv2d(hidden, CLASSES, 1)
+            self.deconv9 = nn.ConvTranspose2d(CLASSES, CLASSES, 4, stride=2, padding=1)
+            self.coarse = nn.Conv2d(hidden, CLASSES, 1)
+            self.edge = nn.Conv2d(hidden, 1, 1)
+
+        def forward(self, images):
+            relu, pool = torch.relu, nn.functional.max_pool2d
+            a = pool(relu(self.conv1(images)), 2)
+            a = pool(relu(self.conv3(a)), 2)
+            a = self.deconv6(relu(self.conv5(a)))
+            x, g = a[:, :hidden], torch.sigmoid(a[:, hidden:])
+            logits = self.deconv9(self.conv8(self.rnn(x, g)))
+            return {"logits": logits, "coarse": self.coarse(x), "edge": self.edge(g)}
+
+    return TorchRNNG()
+
+
+class TorchStep:
+    """The same step in PyTorch eager, with the same batch and the same edge-loss sample mask."""
+
+    def __init__(self, torch, numpy, ours):
+        from minirnng.losses import boundary_sample_mask, boundary_target
+
+        self.torch = torch
+        self.module = torch_model(torch)
+        self.module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.model.params().items()})
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=1e-4)
+        images, labels = batch(numpy)
+        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        sub = labels[:, ::2, ::2]
+        target = boundary_target(sub)
+        self.edge_target = torch.from_numpy(target)
+        self.edge_mask = torch.from_numpy(boundary_sample_mask(target, rng=0))
+        self.subsampled = torch.from_numpy(numpy.ascontiguousarray(sub))
+
+    def loss(self):
+        functional = self.torch.nn.functional
+        outputs = self.module(self.images)
+        edge = functional.binary_cross_entropy_with_logits(outputs["edge"][self.edge_mask],
+                                                           self.edge_target[self.edge_mask])
+        return (functional.cross_entropy(outputs["logits"], self.labels)
+                + functional.cross_entropy(outputs["coarse"], self.subsampled) + edge)
+
+    def train_step(self):
+        self.optimizer.zero_grad()
+        self.loss().backward()
+        self.optimizer.step()
+
+    def inference(self):
+        with self.torch.no_grad():
+            return self.module(self.images)["logits"].argmax(1)
+
+
+def check_agreement(torch, numpy, ours, theirs):
+    """Largest relative differences of the outputs and of the parameter gradients (same loss, same mask)."""
+    from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+
+    model = ours.model
+    outputs = model.forward(ours.images)
+    with torch.no_grad():
+        reference = theirs.module(theirs.images)
+    worst_output = max(float(numpy.abs(outputs[k] - reference[k].numpy()).max() / numpy.abs(outputs[k]).max())
+                       for k in outputs)
+    fine, coarse, edge = SoftmaxCrossEntropy(), SoftmaxCrossEntropy(), SigmoidBinaryCrossEntropy()
+    fine.forward(outputs["logits"], theirs.labels.numpy())
+    coarse.forward(outputs["coarse"], theirs.subsampled.numpy())
+    edge.forward(outputs["edge"], theirs.edge_target.numpy(), theirs.edge_mask.numpy())
+    model.zero_grad()
+    model.backward({"logits": fine.backward(), "coarse": coarse.backward(), "edge": edge.backward()})
+    theirs.module.zero_grad()
+    theirs.loss().backward()
+    named = dict(theirs.module.named_parameters())
+    worst_grad = max(float(numpy.abs(g - named[k].grad.numpy()).max() / max(numpy.abs(g).max(), 1e-12))
+                     for k, g in model.grads().items())
+    return worst_output, worst_grad
+
+
+def peak_memory_of_our_training(threads):
+    """Peak resident memory (MB) of a fresh process running minirnng training steps only."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads)],
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe():
+    import resource
+
+    import numpy
+    step = OurStep(numpy)
+    for _ in range(5):
+        step.train_step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kilobytes on Linux
+
+
+def main():
+    arguments = parse_arguments()
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(arguments.threads)
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.path.insert(0, HERE)
+    if arguments.memory_probe:
+        return memory_probe()
+    import numpy
+    from timing import median_seconds, print_table
+
+    ours = OurStep(numpy)
+    rows = []
+    our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)
+    our_infer = median_seconds(ours.inference, repeats=arguments.repeats, warmup=2)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s), "
+          f"medians of {arguments.repeats} runs")
+    if torch is not None:
+        torch.set_num_threads(arguments.threads)
+        theirs = TorchStep(torch, numpy, ours)
+        worst_output, worst_grad = check_agreement(torch, numpy, ours, theirs)
+        print(f"agreement with PyTorch {torch.__version__}: outputs {worst_output:.1e}, "
+              f"parameter gradients {worst_grad:.1e} (largest relative difference)")
+        their_train = median_seconds(theirs.train_step, repeats=arguments.repeats, warmup=2)
+        their_infer = median_seconds(theirs.inference, repeats=arguments.repeats, warmup=2)
+        rows.append(["training step", f"{BATCH / our_train:.0f}", f"{BATCH / their_train:.0f}",
+                     f"{their_train / our_train:.2f}x", "2x"])
+        rows.append(["inference", f"{BATCH / our_infer:.0f}", f"{BATCH / their_infer:.0f}",
+                     f"{their_infer / our_infer:.2f}x", "1.5x"])
+        print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
+    else:
+        print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
+        print(f"training step: {BATCH / our_train:.0f} images/s; inference: {BATCH / our_infer:.0f} images/s")
+    peak = peak_memory_of_our_training(arguments.threads)
+    print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
+
+
+if __name__ == "__main__":
+    main()

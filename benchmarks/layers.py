@@ -1,0 +1,83 @@
+"""Forward+backward time of each layer's fast path against its naive twin, and the conv target.
+
+Run: ``python benchmarks/layers.py``. Prints medians and ratios measured in this one run.
+
+Target (issue: foundation): the fast Conv2d 16->32, 3x3, pad 1 on a (16, 16, 64, 64) float32 batch
+does forward+backward in at most 2x the time of plain matrix products of the same FLOP count.
+"""
+
+import os
+import sys
+
+import numpy
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import median_seconds, print_table  # noqa: E402
+
+from minirnng import layers  # noqa: E402
+from minirnng.layers import naive  # noqa: E402
+
+
+def forward_backward(layer, x):
+    y = layer.forward(x)
+    layer.backward(numpy.ones_like(y))
+
+
+def compare_fast_and_naive(rng):
+    """Each layer on an input small enough for the naive loops; the naive one is timed once."""
+    x = rng.standard_normal((2, 8, 16, 16)).astype(numpy.float32)
+    cases = [
+        ("Conv2d 8->16 3x3 pad 1", lambda m: m.Conv2d(8, 16, 3, padding=1, rng=0)),
+        ("ConvTranspose2d 8->4 4x4 s2 p1", lambda m: m.ConvTranspose2d(8, 4, 4, stride=2, padding=1, rng=0)),
+        ("MaxPool2d 2", lambda m: m.MaxPool2d(2)),
+        ("ReLU", lambda m: m.ReLU()),
+        ("Sigmoid", lambda m: m.Sigmoid()),
+        ("Tanh", lambda m: m.Tanh()),
+    ]
+    rows = []
+    for name, build in cases:
+        fast = median_seconds(lambda: forward_backward(build(layers), x), repeats=9)
+        slow = median_seconds(lambda: forward_backward(build(naive), x), repeats=1, warmup=0)
+        rows.append([name, f"{fast * 1e3:.3f}", f"{slow * 1e3:.1f}", f"{slow / fast:.0f}x"])
+    print(f"fast against naive, input {x.shape} float32, forward+backward, median ms:")
+    print_table(["layer", "fast ms", "naive ms", "naive / fast"], rows)
+
+
+def conv_against_matmul(rng):
+    n, c_in, c_out, k, size = 16, 16, 32, 3, 64
+    x = rng.standard_normal((n, c_in, size, size)).astype(numpy.float32)
+    conv = layers.Conv2d(c_in, c_out, k, padding=1, rng=0)
+    dy = rng.standard_normal((n, c_out, size, size)).astype(numpy.float32)
+
+    def conv_step():
+        conv.forward(x)
+        conv.backward(dy)
+
+    # The same three products on ready-made operands: forward, weight gradient, input columns.
+    cols = rng.standard_normal((n, c_in * k * k, size * size)).astype(numpy.float32)
+    weight = rng.standard_normal((c_out, c_in * k * k)).astype(numpy.float32)
+    upstream = dy.reshape(n, c_out, -1)
+
+    def matmul_step():
+        numpy.matmul(weight, cols)
+        numpy.matmul(upstream, cols.transpose(0, 2, 1))
+        numpy.matmul(weight.T, upstream)
+
+    conv_time = median_seconds(conv_step, repeats=15, warmup=2)
+    matmul_time = median_seconds(matmul_step, repeats=15, warmup=2)
+    gflop = 3 * 2 * n * size * size * c_in * k * k * c_out / 1e9
+    print(f"\nConv2d {c_in}->{c_out}, {k}x{k}, pad 1 on {x.shape} float32, forward+backward "
+          f"({gflop:.2f} GFLOP of products):")
+    print_table(["what", "median ms", "GFLOP/s"], [
+        ["Conv2d forward+backward", f"{conv_time * 1e3:.1f}", f"{gflop / conv_time:.1f}"],
+        ["the matrix products alone", f"{matmul_time * 1e3:.1f}", f"{gflop / matmul_time:.1f}"],
+    ])
+    ratio = conv_time / matmul_time
+    print(f"ratio conv / products = {ratio:.2f} (target <= 2): {'met' if ratio <= 2 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    print(f"numpy {numpy.__version__}, {os.cpu_count()} CPUs")
+    generator = numpy.random.default_rng(0)
+    compare_fast_and_naive(generator)
+    conv_against_matmul(generator)

@@ -1,0 +1,132 @@
+"""Checkpoints: a model's named parameters and a JSON header in one ``.npz`` file.
+
+Layout of the file (a NumPy ``.npz``, read with ``allow_pickle=False``):
+
+``__header__``
+    uint8 bytes of a JSON object: ``format``, ``format_version``, ``architecture`` (e.g. ``"rnng"``),
+    ``config`` (the constructor arguments), ``classes`` (names), ``input_size`` ([H, W]),
+    ``minirnng_version``, and whatever metadata the writer adds (training state, scores).
+``<layer>.<parameter>``
+    One array per parameter, named and shaped as PyTorch's ``state_dict`` of the same network
+    (``conv1.weight`` (16, 3, 5, 5), ``deconv6.weight`` (32, 16, 4, 4), ``rnn.left_to_right.W``, ...).
+``extra/<name>``
+    Optional arrays the writer adds, e.g. the optimizer's moments for ``--resume``.
+
+So the parameters load into an equivalent PyTorch module with
+``module.load_state_dict({k: torch.from_numpy(v) for k, v in load_arrays(path).items()})``.
+
+Files are written atomically: to a temporary file in the same folder, flushed to disk, then
+renamed over the target, so a crash never leaves a half-written checkpoint where a good one was.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy
+
+from .. import __version__, backend
+
+FORMAT = "minirnng-checkpoint"
+FORMAT_VERSION = 1
+HEADER_KEY = "__header__"
+EXTRA_PREFIX = "extra/"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: the message names the file and the problem."""
+
+
+def write_npz_atomically(path, arrays):
+    """Write ``arrays`` (name -> array) to ``path`` as .npz via a temporary file and a rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            numpy.savez(stream, **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata):
+    """Save ``model`` to ``path``: parameters, a JSON header with ``metadata``, and ``extra_arrays``."""
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": model.architecture,
+        "config": model.config(),
+        "classes": list(model.classes) if model.classes is not None else None,
+        "input_size": [int(s) for s in input_size],
+        "minirnng_version": __version__,
+    }
+    header.update(metadata)
+    arrays = {name: backend.to_numpy(value) for name, value in model.params().items()}
+    for name, value in (extra_arrays or {}).items():
+        arrays[EXTRA_PREFIX + name] = backend.to_numpy(value)
+    arrays[HEADER_KEY] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
+    return write_npz_atomically(path, arrays)
+
+
+def read_checkpoint(path):
+    """Read ``path`` -> ``(header dict, parameter arrays dict, extra arrays dict)``, all checked."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with numpy.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from None
+    if HEADER_KEY not in arrays:
+        raise CheckpointError(f"checkpoint {path!r} has no {HEADER_KEY} entry: not a minirnng checkpoint")
+    try:
+        header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path!r} has an unreadable header ({error})") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not a minirnng checkpoint (format {header.get('format')!r})")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {header['format_version']}, newer than "
+                              f"this minirnng ({__version__}) reads ({FORMAT_VERSION}); upgrade minirnng")
+    extra = {name[len(EXTRA_PREFIX):]: value for name, value in arrays.items() if name.startswith(EXTRA_PREFIX)}
+    params = {name: value for name, value in arrays.items() if not name.startswith(EXTRA_PREFIX)}
+    return header, params, extra
+
+
+def load_arrays(path):
+    """Only the named parameter arrays of a checkpoint (e.g. for PyTorch's ``load_state_dict``)."""
+    return read_checkpoint(path)[1]
+
+
+def load_model(path, dtype=numpy.float32, expect=None):
+    """Rebuild the model a checkpoint describes and load its parameters.
+
+    expect : optional architecture name the caller needs (``"rnng"``, ...); a different one is an error.
+    Returns the model; its header is in ``model.checkpoint_header``.
+    """
+    from . import ARCHITECTURES
+
+    header, params, _ = read_checkpoint(path)
+    architecture = header.get("architecture")
+    if expect is not None and architecture != expect:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds a {architecture!r} model, not {expect!r}")
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: unknown architecture {architecture!r}; "
+                              f"known: {', '.join(sorted(ARCHITECTURES))}")
+    model = ARCHITECTURES[architecture](**header.get("config", {}), dtype=dtype)
+    try:
+        model.load_params(params, source=f"checkpoint {os.fspath(path)!r}")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    model.classes = header.get("classes")
+    model.checkpoint_header = header
+    return model

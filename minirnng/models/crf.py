@@ -1,0 +1,127 @@
+"""Dense CRF mean-field inference (Krähenbühl and Koltun 2011), the post-processing of CNN-CRF.
+
+A fully connected CRF over the pixels with the Potts compatibility and two Gaussian kernels,
+a *spatial* one on positions and a *bilateral* one on positions and colours:
+
+    k(i, j) = w_b exp(-|p_i - p_j|^2 / 2 s_xy^2 - |c_i - c_j|^2 / 2 s_rgb^2)
+            + w_s exp(-|p_i - p_j|^2 / 2 s_sp^2)
+
+Mean-field inference starts from the network's softmax ``Q = softmax(z)`` and repeats
+
+    m_l(i) = sum_{j != i} k~(i, j) Q_l(j)          (message passing, k~ normalised)
+    Q(i)   = softmax(z(i) + m(i))                  (Potts: agreeing with neighbours lowers the energy)
+
+For the Potts model the compatibility transform ``sum_{l' != l} m_{l'} = sum_{l'} m_{l'} - m_l``
+differs from ``-m_l`` by a constant over ``l``, which the softmax cancels; hence the ``+ m``.
+
+Kernels are normalised symmetrically, ``D^-1/2 K D^-1/2`` (as common dense-CRF implementations do
+by default), so a message is an average of neighbours' beliefs rather than a sum that grows with
+the image size. The spatial kernel is separable and applied exactly with Gaussian filtering. The
+bilateral kernel is computed exactly, as a dense matrix, on a grid subsampled so that it has at most
+``max_grid_points`` points (the image is 2x2- or more box-averaged; 128 x 128 becomes 64 x 64),
+and its messages are upsampled back: the approximation the permutohedral lattice also makes, in a
+form a student can read in ten lines. Host (NumPy) arrays only.
+"""
+
+import math
+
+import numpy
+from scipy import ndimage
+
+from .. import backend
+
+
+def softmax(z, axis=1):
+    shifted = z - z.max(axis=axis, keepdims=True)
+    e = numpy.exp(shifted)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def box_downsample(array, stride):
+    """Average ``stride x stride`` blocks of a (C, H, W) array (H and W cropped to multiples of stride)."""
+    c, height, width = array.shape
+    h, w = height // stride, width // stride
+    return array[:, :h * stride, :w * stride].reshape(c, h, stride, w, stride).mean(axis=(2, 4))
+
+
+def upsample_nearest(array, stride, height, width):
+    """Repeat each cell of a (C, h, w) array into a ``stride x stride`` block, padded to (C, H, W) by the edge."""
+    up = array.repeat(stride, axis=1).repeat(stride, axis=2)
+    pad_h, pad_w = height - up.shape[1], width - up.shape[2]
+    return numpy.pad(up, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+
+
+class DenseCRF:
+    """Mean-field inference of a fully connected Potts CRF with Gaussian spatial and bilateral kernels.
+
+    iterations : mean-field steps (5 is customary).
+    bilateral_weight, bilateral_xy, bilateral_rgb : w_b, s_xy (pixels), s_rgb (units of the image
+        as given, e.g. 0.05 for images scaled to [-0.5, 0.5], about 13 grey levels).
+    spatial_weight, spatial_xy : w_s, s_sp (pixels).
+    max_grid_points : size cap of the dense bilateral matrix (its memory is 4 * points^2 bytes).
+    """
+
+    def __init__(self, iterations=5, bilateral_weight=4.0, bilateral_xy=12.0, bilateral_rgb=0.06,
+                 spatial_weight=2.0, spatial_xy=2.0, max_grid_points=4096):
+        self.iterations = int(iterations)
+        self.bilateral_weight = float(bilateral_weight)
+        self.bilateral_xy = float(bilateral_xy)
+        self.bilateral_rgb = float(bilateral_rgb)
+        self.spatial_weight = float(spatial_weight)
+        self.spatial_xy = float(spatial_xy)
+        self.max_grid_points = int(max_grid_points)
+
+    def __repr__(self):
+        return (f"DenseCRF(iterations={self.iterations}, bilateral_weight={self.bilateral_weight}, "
+                f"bilateral_xy={self.bilateral_xy}, bilateral_rgb={self.bilateral_rgb}, "
+                f"spatial_weight={self.spatial_weight}, spatial_xy={self.spatial_xy})")
+
+    def bilateral_kernel(self, image, stride):
+        """The normalised dense bilateral kernel on the subsampled grid: (P, P) float32, zero diagonal."""
+        guide = box_downsample(image, stride)  # (3, h, w)
+        _, h, w = guide.shape
+        rows, cols = numpy.mgrid[0:h, 0:w]
+        features = numpy.concatenate([
+            numpy.stack([rows.ravel(), cols.ravel()], axis=1) * (stride / self.bilateral_xy),
+            guide.reshape(3, -1).T / self.bilateral_rgb,
+        ], axis=1).astype(numpy.float32)  # (P, 5)
+        squared = (features ** 2).sum(axis=1)
+        kernel = features @ features.T
+        kernel *= 2
+        kernel -= squared[:, None]
+        kernel -= squared[None, :]
+        numpy.minimum(kernel, 0, out=kernel)  # -|f_i - f_j|^2, rounding kept non-positive
+        numpy.exp(kernel * 0.5, out=kernel)
+        numpy.fill_diagonal(kernel, 0)  # a pixel sends no message to itself
+        scale = 1 / numpy.sqrt(kernel.sum(axis=1) + 1e-12)
+        kernel *= scale[:, None]
+        kernel *= scale[None, :]
+        return kernel
+
+    def refine_one(self, logits, image):
+        """logits (K, H, W), image (3, H, W) -> Q (K, H, W), the mean-field marginals (float32)."""
+        k, height, width = logits.shape
+        logits = logits.astype(numpy.float32)
+        stride = max(1, math.ceil(math.sqrt(height * width / self.max_grid_points)))
+        bilateral = self.bilateral_kernel(image.astype(numpy.float32), stride)
+        q = softmax(logits, axis=0)
+        for _ in range(self.iterations):
+            q_grid = box_downsample(q, stride).reshape(k, -1)  # (K, P)
+            message = (q_grid @ bilateral).reshape(k, height // stride, width // stride)
+            message = self.bilateral_weight * upsample_nearest(message, stride, height, width)
+            # the spatial kernel without its centre tap: blur, then remove the pixel's own share
+            centre = 1 / (2 * math.pi * self.spatial_xy ** 2)
+            blurred = ndimage.gaussian_filter(q, sigma=(0, self.spatial_xy, self.spatial_xy), mode="nearest")
+            message += self.spatial_weight * (blurred - centre * q) / (1 - centre)
+            q = softmax(logits + message, axis=0)
+        return q
+
+    def refine(self, logits, images):
+        """logits (N, K, H, W) and images (N, 3, H, W) -> marginals Q (N, K, H, W), on the logits' device."""
+        host_logits, host_images = backend.to_numpy(logits), backend.to_numpy(images)
+        if host_logits.ndim != 4 or host_images.ndim != 4 or host_logits.shape[0] != host_images.shape[0] \
+                or host_logits.shape[2:] != host_images.shape[2:]:
+            raise ValueError(f"DenseCRF: logits (N, K, H, W) and images (N, 3, H, W) must agree, got "
+                             f"{host_logits.shape} and {host_images.shape}")
+        q = numpy.stack([self.refine_one(z, image) for z, image in zip(host_logits, host_images)])
+        return backend.to_device(q) if backend.is_cupy_array(logits) else q

@@ -1,0 +1,156 @@
+"""RNN-G, the paper's stage-1 network: a shallow CNN, a gated four-way spatial RNN, three heads.
+
+The exact network (the architecture spec), for a 3 x 128 x 128 input::
+
+    conv1    Conv2d 3->16, 5x5, pad 2, ReLU               16 x 128 x 128
+    pool2    MaxPool 2x2                                  16 x 64 x 64
+    conv3    Conv2d 16->32, 3x3, pad 1, ReLU              32 x 64 x 64
+    pool4    MaxPool 2x2                                  32 x 32 x 32
+    conv5    Conv2d 32->32, 3x3, pad 1, ReLU              32 x 32 x 32
+    deconv6  ConvTranspose2d 32->16, 4x4, s2, p1          16 x 64 x 64
+    split    X = deconv6[:, :8],  G = sigmoid(deconv6[:, 8:])
+    rnn      FourWayGatedRNN(8) on (X, G)                 8 x 64 x 64
+    conv8    Conv2d 8->K, 1x1                             K x 64 x 64
+    deconv9  ConvTranspose2d K->K, 4x4, s2, p1            logits K x 128 x 128
+    coarse   Conv2d 8->K, 1x1 on X                        coarse K x 64 x 64
+    edge     Conv2d 8->1, 1x1 on G                        edge   1 x 64 x 64
+
+:class:`RNNG` implements the shared trunk (conv1 .. deconv6), the split, and the three heads;
+the part between the split and conv8 is :meth:`RNNG.propagate` / :meth:`RNNG.propagate_backward`,
+which the baselines of :mod:`minirnng.models.baselines` replace.
+"""
+
+import numpy
+
+from .. import backend
+from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
+from ..layers.recurrent import FourWayGatedRNN, constrain_recurrent_weight
+from .base import Model
+
+
+class RNNG(Model):
+    """The paper's RNN-G (Figure 1): parameters and outputs as in the module docstring.
+
+    n_classes : K, 3 for LFW-PL (background, skin, hair), 11 for HELEN.
+    hidden : channels of X and of G (8 in the paper); deconv6 has 2 * hidden outputs.
+    gate_bias : initial bias of deconv6's gate half, so that g = sigmoid(.) starts near
+        sigmoid(gate_bias): propagation is open from the first step and the edge loss learns
+        where to close it.
+    rng : seed or numpy.random.Generator for the initial weights; dtype : float32 or float64.
+    """
+
+    architecture = "rnng"
+    output_names = ("logits", "coarse", "edge")
+
+    def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0):
+        super().__init__(n_classes, dtype)
+        self.hidden = int(hidden)
+        self.gate_bias = float(gate_bias)
+        rng = numpy.random.default_rng(rng)
+        k, h, dt = self.n_classes, self.hidden, self.dtype
+        self.layers = {
+            "conv1": Conv2d(3, 16, 5, padding=2, rng=rng, dtype=dt),
+            "relu1": ReLU(),
+            "pool2": MaxPool2d(2),
+            "conv3": Conv2d(16, 32, 3, padding=1, rng=rng, dtype=dt),
+            "relu3": ReLU(),
+            "pool4": MaxPool2d(2),
+            "conv5": Conv2d(32, 32, 3, padding=1, rng=rng, dtype=dt),
+            "relu5": ReLU(),
+            "deconv6": ConvTranspose2d(32, 2 * h, 4, stride=2, padding=1, rng=rng, dtype=dt),
+            "gate": Sigmoid(),
+        }
+        self.layers.update(self.build_propagation(rng))
+        self.layers.update({
+            "conv8": Conv2d(h, k, 1, rng=rng, dtype=dt),
+            "deconv9": ConvTranspose2d(k, k, 4, stride=2, padding=1, rng=rng, dtype=dt),
+            "coarse": Conv2d(h, k, 1, rng=rng, dtype=dt),
+            "edge": Conv2d(h, 1, 1, rng=rng, dtype=dt),
+        })
+        self.layers["deconv6"].params["bias"][h:] = self.gate_bias
+
+    def config(self):
+        return {"n_classes": self.n_classes, "hidden": self.hidden, "gate_bias": self.gate_bias}
+
+    # -- the part the baselines replace -----------------------------------------------------
+    def build_propagation(self, rng):
+        """The layers between the split and conv8, by name."""
+        return {"rnn": FourWayGatedRNN(self.hidden, rng=rng, dtype=self.dtype)}
+
+    def propagate(self, x, g):
+        """X (N, hidden, H/2, W/2) and G (same) -> the features conv8 reads (N, hidden, H/2, W/2)."""
+        return self.layers["rnn"].forward(x, g)
+
+    def propagate_backward(self, grad):
+        """Gradient of propagate's output -> (dX, dG); dG is None when propagation ignores G."""
+        return self.layers["rnn"].backward(grad)
+
+    def constrain(self):
+        """The stability rule of section 3.2, after every optimizer step: each recurrent W has
+        largest absolute row sum at most 1 (models without a recurrent layer have nothing to do)."""
+        recurrent = self.layers.get("rnn")
+        if recurrent is not None:
+            for name, value in recurrent.params.items():
+                if name.endswith("W"):
+                    constrain_recurrent_weight(value)
+
+    def randomize_recurrence(self, rng=None):
+        """Give each direction's recurrent W and b distinct random values (W constrained).
+
+        For gradient checks: with the identical initial weights the four directions tie exactly
+        at the image corners, where the maximum has a kink that finite differences straddle.
+        """
+        rng = numpy.random.default_rng(rng)
+        recurrent = self.layers.get("rnn")
+        for name, value in (recurrent.params.items() if recurrent is not None else ()):
+            if name.endswith("W"):
+                value[...] = constrain_recurrent_weight(rng.standard_normal(value.shape))
+            else:
+                value[...] = 0.5 * rng.standard_normal(value.shape)
+
+    # -- forward and backward ---------------------------------------------------------------
+    def forward(self, images):
+        """images (N, 3, H, W), H and W multiples of 4 -> {"logits", "coarse", "edge"} (see module doc)."""
+        L = self.layers
+        a = self.check_images(images)
+        for name in ("conv1", "relu1", "pool2", "conv3", "relu3", "pool4", "conv5", "relu5", "deconv6"):
+            a = L[name].forward(a)
+        xp = backend.get_array_module(a)
+        x = xp.ascontiguousarray(a[:, :self.hidden])
+        g = L["gate"].forward(xp.ascontiguousarray(a[:, self.hidden:]))
+        features = self.propagate(x, g)
+        logits = L["deconv9"].forward(L["conv8"].forward(features))
+        self.feature_shape = x.shape
+        return {"logits": logits, "coarse": L["coarse"].forward(x), "edge": L["edge"].forward(g)}
+
+    def backward(self, grads, input_gradient=True):
+        """grads: dict with any of "logits", "coarse", "edge" -> dimages (N, 3, H, W).
+
+        With ``input_gradient=False`` (training, where nothing needs it) the image gradient is not
+        computed and None is returned; the parameter gradients are the same.
+        """
+        L = self.layers
+        xp = backend.get_array_module(next(iter(self.params().values())))
+        dx = xp.zeros(self.feature_shape, dtype=self.dtype)
+        dg = xp.zeros(self.feature_shape, dtype=self.dtype)
+        dlogits = self.upstream(grads, "logits", L["deconv9"].output_shape_seen)
+        if dlogits is not None:
+            dfeatures = L["conv8"].backward(L["deconv9"].backward(dlogits))
+            dx_rnn, dg_rnn = self.propagate_backward(dfeatures)
+            dx += dx_rnn
+            if dg_rnn is not None:
+                dg += dg_rnn
+        dcoarse = self.upstream(grads, "coarse", L["coarse"].output_shape_seen)
+        if dcoarse is not None:
+            dx += L["coarse"].backward(dcoarse)
+        dedge = self.upstream(grads, "edge", L["edge"].output_shape_seen)
+        if dedge is not None:
+            dg += L["edge"].backward(dedge)
+        d = xp.concatenate([dx, L["gate"].backward(dg)], axis=1)
+        for name in ("deconv6", "relu5", "conv5", "pool4", "relu3", "conv3", "pool2", "relu1"):
+            d = L[name].backward(d)
+        L["conv1"].needs_input_grad = input_gradient
+        try:
+            return L["conv1"].backward(d)
+        finally:
+            L["conv1"].needs_input_grad = True

@@ -1,0 +1,69 @@
+"""The training objective of stage 1: three losses on RNN-G's three outputs (the architecture spec).
+
+For labels ``y`` (N, H, W) and the model's outputs:
+
+    L = w_logits * CE(logits, y)
+      + w_coarse * CE(coarse, y[:, ::2, ::2])
+      + w_edge   * BCE(edge, boundary_target(y[:, ::2, ::2]), mask = boundary_sample_mask(1:5))
+
+CE is softmax cross-entropy (optionally class-weighted), BCE sigmoid binary cross-entropy, each a
+mean over the pixels it uses. The edge term samples every boundary pixel and five times as many
+others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a
+seeded run is reproducible. The gradient of ``L`` for each output is ``w * dloss/doutput``.
+"""
+
+import numpy
+
+from . import backend
+from .losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask, boundary_target
+
+
+class StageOneObjective:
+    """The three-term loss: ``objective(outputs, labels, rng) -> (total, parts, grads)``.
+
+    outputs : the model's dict (``logits`` (N, K, H, W), ``coarse`` (N, K, H/2, W/2), ``edge``
+        (N, 1, H/2, W/2)); labels : (N, H, W) integers; rng : numpy Generator for the sampling.
+    Returns the total (float), the terms by name (floats) and the gradients by output name, ready
+    for ``model.backward``.
+    """
+
+    def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None):
+        self.weights = dict(zip(("logits", "coarse", "edge"), (float(w) for w in weights)))
+        self.boundary_ratio = boundary_ratio
+        self.fine = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
+        self.coarse = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
+        self.edge = SigmoidBinaryCrossEntropy()
+
+    def __call__(self, outputs, labels, rng):
+        subsampled = labels[:, ::2, ::2]
+        parts, grads = {}, {}
+        weights = self.weights
+        if weights["logits"]:
+            parts["logits"] = self.fine.forward(outputs["logits"], labels)
+            grads["logits"] = self.fine.backward(weights["logits"])
+        if weights["coarse"] and "coarse" in outputs:
+            parts["coarse"] = self.coarse.forward(outputs["coarse"], subsampled)
+            grads["coarse"] = self.coarse.backward(weights["coarse"])
+        if weights["edge"] and "edge" in outputs:
+            target = boundary_target(subsampled)
+            mask = boundary_sample_mask(target, ratio=self.boundary_ratio, rng=rng)
+            edge = outputs["edge"]
+            target = backend.get_array_module(edge).asarray(target, dtype=edge.dtype)
+            parts["edge"] = self.edge.forward(edge, target, mask)
+            grads["edge"] = self.edge.backward(weights["edge"])
+        total = float(sum(weights[name] * value for name, value in parts.items()))
+        return total, parts, grads
+
+
+def class_balance_weights(labels, n_classes, power=0.5):
+    """Class weights ``(mean frequency / frequency_k) ** power`` from label arrays, normalised to mean 1.
+
+    power = 0 gives equal weights, 1 full inverse-frequency balancing; 0.5 is a common middle way
+    for a rare class such as hair. Classes that never occur get weight 1.
+    """
+    counts = numpy.bincount(numpy.asarray(backend.to_numpy(labels)).ravel(), minlength=n_classes)[:n_classes]
+    frequency = counts / max(counts.sum(), 1)
+    weights = numpy.ones(n_classes)
+    present = frequency > 0
+    weights[present] = (frequency[present].mean() / frequency[present]) ** power
+    return weights / weights.mean()

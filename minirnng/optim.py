@@ -1,0 +1,145 @@
+"""Optimizers and learning-rate schedules, on a model's ``params()`` / ``grads()`` dicts.
+
+Both optimizers update the live parameter arrays in place, so the model sees the new values
+without any copying:
+
+SGD with momentum (PyTorch's form)::
+
+    g = grad + weight_decay * p          (weight decay as an L2 term, weights only)
+    v = momentum * v + g
+    p = p - lr * (g + momentum * v  if nesterov else  v)
+
+Adam (Kingma and Ba 2015, PyTorch's form)::
+
+    g = grad + weight_decay * p
+    m = b1 m + (1 - b1) g,    v = b2 v + (1 - b2) g^2
+    p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+Weight decay applies to weights only: biases (``*.bias``, ``*.b``) are left alone, as usual.
+Optimizer state round-trips through ``state_arrays()`` / ``load_state_arrays()`` so training can
+resume exactly where it stopped.
+"""
+
+import math
+
+import numpy
+
+from . import backend
+
+
+def decays(name):
+    """Whether weight decay applies to the parameter called ``name`` (weights yes, biases no)."""
+    return not (name.endswith(".bias") or name.endswith(".b"))
+
+
+class Optimizer:
+    """Common bookkeeping: the parameter and gradient dicts, the learning rate, the step count."""
+
+    def __init__(self, params, grads, lr, weight_decay=0.0):
+        if set(params) != set(grads):
+            raise ValueError("optimizer: params and grads must have the same names")
+        if lr <= 0:
+            raise ValueError(f"optimizer: learning rate must be positive, got {lr}")
+        self.params, self.grads = params, grads
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.steps = 0
+        self.state = {}  # name of a buffer -> array, e.g. "m/conv1.weight"
+
+    def buffer(self, kind, name):
+        key = f"{kind}/{name}"
+        if key not in self.state:
+            self.state[key] = backend.get_array_module(self.params[name]).zeros_like(self.params[name])
+        return self.state[key]
+
+    def decayed_gradient(self, name):
+        grad = self.grads[name]
+        if self.weight_decay and decays(name):
+            return grad + self.weight_decay * self.params[name]
+        return grad
+
+    def step(self):
+        self.steps += 1
+        for name in self.params:
+            self.update(name)
+
+    def state_arrays(self):
+        """The optimizer's state as name -> array (plus the step count), for a checkpoint."""
+        arrays = dict(self.state)
+        arrays["steps"] = numpy.array(self.steps, dtype=numpy.int64)
+        return arrays
+
+    def load_state_arrays(self, arrays):
+        arrays = dict(arrays)
+        self.steps = int(arrays.pop("steps"))
+        for key, value in arrays.items():
+            kind, _, name = key.partition("/")
+            if name not in self.params or tuple(value.shape) != tuple(self.params[name].shape):
+                raise ValueError(f"optimizer state {key!r} does not fit the model's parameters")
+            self.buffer(kind, name)[...] = backend.get_array_module(self.params[name]).asarray(value)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum (and optional Nesterov momentum)."""
+
+    def __init__(self, params, grads, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
+        super().__init__(params, grads, lr, weight_decay)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+
+    def update(self, name):
+        grad = self.decayed_gradient(name)
+        if not self.momentum:
+            self.params[name] -= self.lr * grad
+            return
+        velocity = self.buffer("v", name)
+        velocity *= self.momentum
+        velocity += grad
+        direction = grad + self.momentum * velocity if self.nesterov else velocity
+        self.params[name] -= self.lr * direction
+
+
+class Adam(Optimizer):
+    """Adam with bias correction."""
+
+    def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, grads, lr, weight_decay)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.eps = float(eps)
+
+    def update(self, name):
+        grad = self.decayed_gradient(name)
+        m, v = self.buffer("m", name), self.buffer("v", name)
+        m *= self.beta1
+        m += (1 - self.beta1) * grad
+        v *= self.beta2
+        v += (1 - self.beta2) * grad * grad
+        step_size = self.lr * math.sqrt(1 - self.beta2 ** self.steps) / (1 - self.beta1 ** self.steps)
+        # eps scaled as in PyTorch: added to sqrt(v / (1 - b2^t)), not to sqrt(v)
+        self.params[name] -= step_size * m / (backend.get_array_module(v).sqrt(v) +
+                                              self.eps * math.sqrt(1 - self.beta2 ** self.steps))
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
+    """The learning rate at ``progress`` in [0, 1] of the run.
+
+    constant : ``base_lr``.
+    cosine   : from ``base_lr`` down to ``final_fraction * base_lr`` along half a cosine.
+    step     : ``base_lr``, divided by 10 at 60% and again at 85% of the run.
+    A linear warm-up over the first ``warmup`` fraction of the run applies to all three.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        rate = base_lr
+    elif schedule == "cosine":
+        rate = base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    else:
+        rate = base_lr * (0.1 ** ((progress >= 0.6) + (progress >= 0.85)))
+    if warmup > 0 and progress < warmup:
+        rate *= (progress + 1e-3) / warmup
+    return rate

@@ -1,0 +1,279 @@
+"""Training and evaluation of the stage-1 models: the loop, checkpoints on disk, logs and curves.
+
+One epoch: shuffle the preloaded training set, augment each batch (random affine and mirroring),
+run forward, the three-term objective (:mod:`minirnng.objective`), backward, an optimizer step,
+and the stability rule (``model.constrain()``); then evaluate on the validation set.
+
+What lands in the output folder after every epoch (each file written atomically, so a run
+killed at any moment loses at most the epoch in progress):
+
+``last.npz``    the model, the optimizer's state, the epoch, the generator's state and the history:
+                ``--resume`` continues from it exactly as if the run had never stopped;
+``best.npz``    the model with the best validation accuracy so far (a plain checkpoint);
+``log.csv``     one row per epoch: learning rate, losses, validation accuracy and F-measures, time;
+``curves.png``  training loss and validation scores against the epoch.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+import time
+
+import numpy
+
+from . import backend
+from .data.pipeline import Augmentation, batches
+from .metrics import ConfusionAccumulator
+from .models import ARCHITECTURES
+from .models.checkpoint import read_checkpoint, save_model
+from .objective import StageOneObjective, class_balance_weights
+from .optim import OPTIMIZERS, SCHEDULES, learning_rate
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in its checkpoints)."""
+
+    model: str = "rnng"
+    n_classes: int = 3
+    hidden: int = 8
+    gate_bias: float = 0.0
+    epochs: int = 30
+    batch_size: int = 16
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.02
+    loss_weights: tuple = (1.0, 1.0, 1.0)
+    boundary_ratio: float = 5.0
+    class_balance: float = 0.0
+    augment: bool = True
+    seed: int = 0
+
+    def check(self):
+        if self.model not in ARCHITECTURES:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
+        return self
+
+
+def build_model(config, rng):
+    return ARCHITECTURES[config.model](n_classes=config.n_classes, hidden=config.hidden, rng=rng,
+                                      gate_bias=config.gate_bias)
+
+
+def build_optimizer(config, model):
+    options = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        options["momentum"] = config.momentum
+    return OPTIMIZERS[config.optimizer](model.params(), model.grads(), **options)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def evaluate(model, dataset, batch_size=32, predict=None):
+    """Score ``model`` on a preloaded dataset: the metrics summary plus ``ms_per_image``.
+
+    ``predict`` (images -> labels) defaults to ``model.predict``. Labels are compared at the
+    dataset's resolution.
+    """
+    predict = predict or model.predict
+    accumulator = ConfusionAccumulator(dataset.classes)
+    elapsed = 0.0
+    for images, labels in batches(dataset, batch_size, shuffle=False):
+        start = time.perf_counter()
+        predicted = backend.to_numpy(predict(backend.to_device(images)))
+        elapsed += time.perf_counter() - start
+        accumulator.add(predicted, labels)
+    summary = accumulator.summary()
+    summary["ms_per_image"] = 1000 * elapsed / max(len(dataset), 1)
+    summary["confusion"] = accumulator.matrix.tolist()
+    return summary
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+class Trainer:
+    """Train one model on preloaded datasets; see the module docstring for what it writes.
+
+    config : :class:`TrainConfig`; train_set, validation_set : ``PreloadedDataset`` at the model's
+    input size; out_dir : folder for checkpoints and logs; progress : show a tqdm bar.
+    """
+
+    def __init__(self, config, train_set, validation_set, out_dir, progress=True, log=print):
+        self.config = config.check()
+        self.train_set, self.validation_set = train_set, validation_set
+        self.out_dir = os.fspath(out_dir)
+        self.progress = progress
+        self.log = log
+        self.rng = numpy.random.default_rng(config.seed)
+        self.model = build_model(config, self.rng)
+        self.model.classes = list(train_set.classes)
+        self.optimizer = build_optimizer(config, self.model)
+        class_weights = None
+        if config.class_balance:
+            class_weights = class_balance_weights(train_set.labels, config.n_classes, config.class_balance)
+        self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights)
+        self.augmentation = Augmentation() if config.augment else None
+        self.epoch = 0
+        self.history = []
+        self.best_accuracy = -1.0
+        self.input_size = tuple(train_set.images.shape[1:3])
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def last_path(self):
+        return os.path.join(self.out_dir, "last.npz")
+
+    @property
+    def best_path(self):
+        return os.path.join(self.out_dir, "best.npz")
+
+    def save_state(self):
+        save_model(self.model, self.last_path, input_size=self.input_size,
+                   extra_arrays=self.optimizer.state_arrays(),
+                   training={"config": dataclasses.asdict(self.config), "epoch": self.epoch,
+                             "rng_state": self.rng.bit_generator.state, "history": self.history,
+                             "best_accuracy": self.best_accuracy})
+
+    def resume(self):
+        """Continue from ``last.npz`` in ``out_dir``: weights, optimizer, epoch, generator, history."""
+        header, params, extra = read_checkpoint(self.last_path)
+        training = header.get("training")
+        if training is None:
+            raise ValueError(f"{self.last_path} is not a training checkpoint (no training state)")
+        saved = TrainConfig(**{**training["config"], "loss_weights": tuple(training["config"]["loss_weights"])})
+        if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
+            changed = {k: (v, getattr(self.config, k)) for k, v in dataclasses.asdict(saved).items()
+                       if getattr(self.config, k) != v and k != "epochs"}
+            if changed:
+                raise ValueError(f"cannot resume {self.last_path}: the configuration differs "
+                                 f"(saved, now): {changed}; only --epochs may change")
+        self.model.load_params(params, source=self.last_path)
+        self.optimizer.load_state_arrays(extra)
+        self.rng.bit_generator.state = training["rng_state"]
+        self.epoch = int(training["epoch"])
+        self.history = list(training["history"])
+        self.best_accuracy = float(training["best_accuracy"])
+        self.log(f"resumed {self.last_path} after epoch {self.epoch}")
+
+    # -- one epoch --------------------------------------------------------------------------
+    def train_epoch(self):
+        from tqdm import tqdm
+
+        config, model = self.config, self.model
+        steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
+        totals = {"loss": 0.0, "logits": 0.0, "coarse": 0.0, "edge": 0.0}
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(total=len(self.train_set), desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="img",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for step, (images, labels) in enumerate(batches(self.train_set, config.batch_size, rng=self.rng,
+                                                        augmentation=self.augmentation)):
+            progress = (self.epoch + step / steps_per_epoch) / config.epochs
+            self.optimizer.lr = learning_rate(config.schedule, config.lr, progress, config.warmup)
+            images, labels = backend.to_device(images), backend.to_device(labels)
+            model.zero_grad()
+            outputs = model.forward(images)
+            total, parts, grads = self.objective(outputs, labels, self.rng)
+            model.backward(grads, input_gradient=False)
+            self.optimizer.step()
+            model.constrain()
+            batch = len(labels)
+            seen += batch
+            totals["loss"] += total * batch
+            for name, value in parts.items():
+                totals[name] += value * batch
+            bar.update(batch)
+            bar.set_postfix(loss=f"{total:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        if not all(numpy.isfinite(v) for v in totals.values()):
+            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: losses {totals}")
+        row = {f"train_{name}": value / max(seen, 1) for name, value in totals.items()}
+        row["images_per_second"] = seen / (time.perf_counter() - start)
+        row["lr"] = self.optimizer.lr
+        return row
+
+    def run(self, resume=False):
+        """Train until ``config.epochs``; returns the history (one dict per epoch)."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        if resume:
+            self.resume()
+        elif os.path.exists(self.last_path):
+            raise FileExistsError(f"{self.last_path} exists: pass resume=True (--resume) to continue that run, "
+                                  "or choose another output folder; nothing was overwritten")
+        while self.epoch < self.config.epochs:
+            epoch_start = time.perf_counter()
+            row = {"epoch": self.epoch + 1}
+            row.update(self.train_epoch())
+            validation = evaluate(self.model, self.validation_set)
+            row["val_accuracy"] = validation["accuracy"]
+            for name, value in validation["f_measure"].items():
+                row[f"val_F_{name}"] = value
+            row["seconds"] = time.perf_counter() - epoch_start
+            self.epoch += 1
+            self.history.append(row)
+            if validation["accuracy"] > self.best_accuracy:
+                self.best_accuracy = validation["accuracy"]
+                save_model(self.model, self.best_path, input_size=self.input_size, epoch=self.epoch,
+                           validation=validation, train_config=dataclasses.asdict(self.config))
+            self.save_state()
+            write_log(self.history, os.path.join(self.out_dir, "log.csv"))
+            plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+            scores = ", ".join(f"F-{name} {100 * value:.2f}" for name, value in validation["f_measure"].items()
+                               if value is not None)
+            self.log(f"epoch {self.epoch}/{self.config.epochs}: loss {row['train_loss']:.4f}, "
+                     f"val accuracy {100 * row['val_accuracy']:.2f}%, {scores} "
+                     f"({row['images_per_second']:.0f} img/s, {row['seconds']:.0f} s)")
+        return self.history
+
+
+def write_log(history, path):
+    """Write the history as CSV (atomically: the log of a killed run stays readable)."""
+    columns = []
+    for row in history:
+        columns += [key for key in row if key not in columns]
+    temporary = path + ".tmp"
+    with open(temporary, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(temporary, path)
+
+
+def plot_curves(history, path):
+    """Training loss and validation scores against the epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("train_loss", "total"), ("train_logits", "logits CE"),
+                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE")):
+        left.plot(epochs, [row[key] for row in history], label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    left.set_yscale("log")
+    left.legend()
+    right.plot(epochs, [100 * row["val_accuracy"] for row in history], label="pixel accuracy", color="black")
+    for key in history[0]:
+        if key.startswith("val_F_"):
+            right.plot(epochs, [100 * (row[key] if row[key] is not None else numpy.nan) for row in history],
+                       label=f"F {key[6:]}")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation (%)")
+    right.legend()
+    figure.tight_layout()
+    temporary = path + ".tmp.png"
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)

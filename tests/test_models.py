@@ -1,0 +1,168 @@
+"""Stage-1 models: shapes, whole-model finite differences, predict, input checks, checkpoints, the CRF."""
+
+import os
+
+import numpy
+import pytest
+
+from minirnng.gradcheck import check_model
+from minirnng.models import (ARCHITECTURES, CNNCRF, CNNS, RNNG, CheckpointError, CNNDeep, DenseCRF, PlainRNN,
+                             load_arrays, load_model)
+
+MODELS = [RNNG, CNNS, CNNDeep, PlainRNN, CNNCRF]
+
+
+@pytest.mark.parametrize("model_class", MODELS)
+def test_output_shapes_and_parameter_names(model_class, rng):
+    model = model_class(n_classes=4, rng=0)
+    outputs = model.forward(rng.standard_normal((2, 3, 24, 16)).astype(numpy.float32))
+    assert outputs["logits"].shape == (2, 4, 24, 16)
+    assert outputs["coarse"].shape == (2, 4, 12, 8)
+    assert outputs["edge"].shape == (2, 1, 12, 8)
+    assert all(value.dtype == numpy.float32 for value in outputs.values())
+    names = set(model.params())
+    assert {"conv1.weight", "deconv6.bias", "conv8.weight", "deconv9.weight", "coarse.bias", "edge.weight"} <= names
+    assert model.params()["deconv6.weight"].shape == (32, 16, 4, 4)
+    if model_class is RNNG:
+        assert {f"rnn.{d}.{p}" for d in ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
+                for p in "Wb"} <= names
+    assert set(model.grads()) == names
+
+
+@pytest.mark.parametrize("model_class", [RNNG, CNNS, CNNDeep, PlainRNN])
+def test_whole_model_finite_differences(model_class, rng):
+    model = model_class(n_classes=3, rng=1, dtype=numpy.float64)
+    model.randomize_recurrence(rng)
+    report = check_model(model, rng.standard_normal((2, 3, 12, 8)), rng=rng, max_entries=12)
+    assert len(report.rows) == 1 + len(model.params())
+    assert report.max_error < 1e-6, str(report)
+
+
+def test_backward_with_missing_outputs_and_without_the_image_gradient(rng):
+    model = RNNG(rng=0, dtype=numpy.float64)
+    images = rng.standard_normal((1, 3, 8, 8))
+    outputs = model.forward(images)
+    dedge = rng.standard_normal(outputs["edge"].shape)
+    model.zero_grad()
+    dimages = model.backward({"edge": dedge})
+    assert dimages.shape == images.shape
+    assert not model.grads()["conv8.weight"].any()  # the logits head got no gradient
+    assert model.grads()["edge.weight"].any() and model.grads()["conv1.weight"].any()
+    before = model.grads()["conv1.weight"].copy()
+    model.zero_grad()
+    assert model.backward({"edge": dedge}, input_gradient=False) is None
+    numpy.testing.assert_allclose(model.grads()["conv1.weight"], before)
+    with pytest.raises(ValueError, match="unknown output names"):
+        model.backward({"segmentation": dedge})
+    with pytest.raises(ValueError, match="gradient of 'edge' must have shape"):
+        model.backward({"edge": dedge[:, :, :2]})
+
+
+def test_predict_returns_labels(rng):
+    model = RNNG(n_classes=3, rng=0)
+    labels = model.predict(rng.standard_normal((3, 3, 16, 16)).astype(numpy.float32))
+    assert labels.shape == (3, 16, 16) and labels.dtype.kind == "i"
+    assert labels.min() >= 0 and labels.max() < 3
+
+
+def test_constrain_applies_the_stability_rule():
+    model = RNNG(rng=0)
+    model.params()["rnn.top_to_bottom.W"][...] = 3.0
+    model.constrain()
+    assert numpy.abs(model.params()["rnn.top_to_bottom.W"]).sum(axis=1).max() == pytest.approx(1.0)
+
+
+def test_gate_bias_opens_the_gate_at_the_start():
+    model = RNNG(rng=0, gate_bias=3.0)
+    assert (model.params()["deconv6.bias"][8:] == 3.0).all()
+
+
+def test_bad_images_are_clear_errors():
+    model = RNNG(rng=0)
+    with pytest.raises(ValueError, match=r"multiples of 4, got 10x12"):
+        model.forward(numpy.zeros((1, 3, 10, 12), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got \(1, 1, 8, 8\)"):
+        model.forward(numpy.zeros((1, 1, 8, 8), dtype=numpy.float32))
+    with pytest.raises(TypeError, match="floating point.*uint8.*normalize"):
+        model.forward(numpy.zeros((1, 3, 8, 8), dtype=numpy.uint8))
+    assert model.forward(numpy.zeros((1, 3, 8, 8)))["logits"].dtype == numpy.float32  # float64 is cast
+
+
+@pytest.mark.parametrize("model_class", MODELS)
+def test_checkpoint_round_trip(model_class, tmp_path, rng):
+    model = model_class(n_classes=3, rng=3, gate_bias=1.5)
+    model.classes = ["background", "skin", "hair"]
+    path = tmp_path / "model.npz"
+    model.save(path, note="test")
+    assert os.listdir(tmp_path) == ["model.npz"]  # no temporary file left behind
+    loaded = model_class.load(path)
+    assert type(loaded) is model_class and loaded.classes == model.classes and loaded.gate_bias == 1.5
+    assert loaded.checkpoint_header["note"] == "test"
+    images = rng.standard_normal((1, 3, 16, 16)).astype(numpy.float32)
+    numpy.testing.assert_array_equal(loaded.forward(images)["logits"], model.forward(images)["logits"])
+    arrays = load_arrays(path)
+    assert set(arrays) == set(model.params())  # exactly a state_dict: loads into a PyTorch twin by name
+
+
+def test_checkpoint_errors(tmp_path):
+    path = tmp_path / "model.npz"
+    RNNG(rng=0).save(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "missing.npz")
+    with pytest.raises(CheckpointError, match="holds a 'rnng' model, not 'cnn-s'"):
+        CNNS.load(path)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(truncated)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(garbage)
+    plain = tmp_path / "plain.npz"
+    numpy.savez(plain, weights=numpy.zeros(3))
+    with pytest.raises(CheckpointError, match="not a minirnng checkpoint"):
+        load_model(plain)
+    model = RNNG(rng=0)
+    with pytest.raises(ValueError, match=r"conv1.weight has shape \(2, 2\)"):
+        model.load_params({**{k: v for k, v in model.params().items()}, "conv1.weight": numpy.zeros((2, 2))})
+    with pytest.raises(ValueError, match=r"missing \['edge.bias'\]"):
+        model.load_params({k: v for k, v in model.params().items() if k != "edge.bias"})
+
+
+def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.npz"
+    RNNG(rng=0).save(path)
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(numpy, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RNNG(rng=1).save(path)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_architectures_registry():
+    assert set(ARCHITECTURES) == {"rnng", "cnn-s", "cnn-deep", "rnn", "cnn-crf"}
+
+
+def test_dense_crf_cleans_noisy_predictions_along_image_edges():
+    rng = numpy.random.default_rng(0)
+    truth = numpy.zeros((32, 32), dtype=int)
+    truth[:, 16:] = 1
+    image = numpy.where(truth == 1, 0.4, -0.4)[None].repeat(3, axis=0)
+    logits = numpy.stack([truth == 0, truth == 1]).astype(float) * 1.0 + rng.normal(0, 1.2, (2, 32, 32))
+    q = DenseCRF().refine(logits[None], image[None])[0]
+    numpy.testing.assert_allclose(q.sum(axis=0), 1, rtol=1e-5)
+    before = (logits.argmax(axis=0) == truth).mean()
+    after = (q.argmax(axis=0) == truth).mean()
+    assert after > before + 0.1 and after > 0.97, (before, after)
+
+
+def test_cnn_crf_predict_uses_the_crf(rng):
+    model = CNNCRF(rng=0)
+    images = rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)
+    labels = model.predict(images)
+    assert labels.shape == (2, 16, 16)
