@@ -171,6 +171,131 @@ def command_eval(arguments):
     return 0
 
 
+# -- demo -----------------------------------------------------------------------------------------
+
+def command_demo(arguments):
+    import os
+    import tempfile
+
+    import matplotlib.cbook
+
+    from .data.catalog import load_split
+    from .data.pipeline import normalize
+    from .parser import FaceParser, read_image
+    from .train import TrainConfig, Trainer, evaluate
+    from .viz import parse_figure, pipeline_figure, save_figure
+
+    os.makedirs(arguments.out, exist_ok=True)
+    written = []
+
+    print("1. A real portrait (grace_hopper.jpg, shipped with matplotlib) parsed by the pretrained RNN-G")
+    image = read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    parser = FaceParser.pretrained()
+    labels = parser.parse(image)
+    shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
+    print(f"   {image.shape[1]}x{image.shape[0]} pixels: {shares}")
+    written.append(save_figure(parse_figure(image, labels, parser.classes, title="pretrained RNN-G (LFW-PL)"),
+                               os.path.join(arguments.out, "grace_hopper_parsed.png")))
+
+    print(f"\n2. Training a small RNN-G on {arguments.train_size} synthetic faces for {arguments.epochs} epochs")
+    train_set = load_split("synthetic", "train", n_classes=3, size=arguments.train_size)
+    validation_set = load_split("synthetic", "validation", n_classes=3, size=100)
+    test_set = load_split("synthetic", "test", n_classes=3, size=arguments.test_size)
+    config = TrainConfig(epochs=arguments.epochs, lr=arguments.lr, seed=arguments.seed)
+    with tempfile.TemporaryDirectory(prefix="minirnng-demo-") as run_folder:
+        trainer = Trainer(config, train_set, validation_set, run_folder, progress=not arguments.quiet,
+                          log=lambda line: print("   " + line))
+        trainer.run()
+    model = trainer.model
+    written.append(model.save(os.path.join(arguments.out, "rnng_synthetic.npz")))
+
+    print(f"\n3. The pipeline on {arguments.figure_images} test images: input, truth, coarse map, gate map, result")
+    images, truth = test_set.images[:arguments.figure_images], test_set.labels[:arguments.figure_images]
+    outputs = model.forward(normalize(images))
+    figure = pipeline_figure(images, truth, outputs["coarse"].argmax(axis=1),
+                             model.intermediates["gate"].mean(axis=1), outputs["logits"].argmax(axis=1),
+                             test_set.classes, title="RNN-G trained for a minute on synthetic faces")
+    written.append(save_figure(figure, os.path.join(arguments.out, "synthetic_pipeline.png")))
+
+    print(f"\n4. Results on {len(test_set)} synthetic test faces")
+    result = evaluate(model, test_set)
+    print(f"   {'pixel accuracy':<16} {100 * result['accuracy']:6.2f}%")
+    for name in test_set.classes:
+        print(f"   {'F-' + name:<16} {100 * result['f_measure'][name]:6.2f}%")
+    print(f"   {'time per image':<16} {result['ms_per_image']:6.2f} ms (CPU, batches of 32)")
+    print("\nwritten:")
+    for path in written:
+        print(f"   {path}")
+    return 0
+
+
+# -- parse ----------------------------------------------------------------------------------------
+
+def command_parse(arguments):
+    import os
+
+    from .detect import detector_available
+    from .parser import FaceParser, read_image
+    from .viz import overlay, parse_figure, save_figure
+
+    if arguments.classes == 11:
+        from .train_stage2 import load_two_stage_parser
+        parser = load_two_stage_parser(arguments.checkpoint)
+    else:
+        parser = FaceParser.load(arguments.checkpoint) if arguments.checkpoint else FaceParser.pretrained()
+    os.makedirs(arguments.out, exist_ok=True)
+    detect = not arguments.no_detect and detector_available()
+    if not arguments.no_detect and not detector_available():
+        print("note: OpenCV is not installed, so each image is parsed as one face "
+              "(pip install 'minirnng[detect]' to detect several faces)")
+    for path in arguments.images:
+        image = read_image(path)
+        if detect and hasattr(parser, "parse_faces"):
+            labels, boxes = parser.parse_faces(image)
+            faces = f"{len(boxes)} face(s) detected" if len(boxes) else "no face detected: parsed as one face"
+        else:
+            labels, faces = parser.parse(image), "parsed as one face"
+        stem = os.path.splitext(os.path.basename(path))[0]
+        label_path = os.path.join(arguments.out, f"{stem}_labels.png")
+        overlay_path = os.path.join(arguments.out, f"{stem}_overlay.png")
+        write_png(label_path, labels)
+        write_png(overlay_path, overlay(image, labels, parser.classes))
+        if arguments.figure:
+            print(save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)),
+                              os.path.join(arguments.out, f"{stem}_figure.png")))
+        shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
+        print(f"{path}: {image.shape[1]}x{image.shape[0]}, {faces}; {shares}")
+        print(f"  labels:  {label_path} (pixel value = class index: {', '.join(parser.classes)})")
+        print(f"  overlay: {overlay_path}")
+    return 0
+
+
+def write_png(path, array):
+    """Write a uint8 array as PNG through a temporary file (an interrupted run leaves no half file)."""
+    import os
+
+    from PIL import Image
+
+    temporary = path + ".tmp.png"
+    Image.fromarray(array).save(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+# -- reproduce ------------------------------------------------------------------------------------
+
+def command_reproduce(arguments):
+    if arguments.table == "table3":
+        from .train_stage2 import reproduce_table3
+        reproduce_table3(data=arguments.data, budget=arguments.budget, json_path=arguments.json,
+                         out_dir=arguments.out, progress=not arguments.quiet)
+    else:
+        from .reproduce import reproduce
+        reproduce(arguments.table, data=arguments.data, budget=arguments.budget, json_path=arguments.json,
+                  out_dir=arguments.out, progress=not arguments.quiet)
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------------
 
 def build_parser():
@@ -233,6 +358,48 @@ def build_parser():
     evaluate.add_argument("--size", type=int, default=None, help="synthetic: number of images")
     evaluate.add_argument("--json", help="write the scores to this JSON file")
     evaluate.set_defaults(handler=command_eval)
+
+    demo = commands.add_parser(
+        "demo", help="the main job: parse a portrait, train a small RNN-G on synthetic faces, show and score it",
+        description="Parse matplotlib's grace_hopper.jpg with the pretrained parser, train a small RNN-G on "
+                    "synthetic faces for a minute or two, write figures and print a results table.")
+    demo.add_argument("--out", default="minirnng-demo", help="folder for the figures and the checkpoint")
+    demo.add_argument("--train-size", type=int, default=800, help="synthetic training images (default 800)")
+    demo.add_argument("--test-size", type=int, default=200, help="synthetic test images (default 200)")
+    demo.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    demo.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default 4e-3)")
+    demo.add_argument("--figure-images", type=int, default=4, help="test images in the pipeline figure")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=command_demo)
+
+    parse = commands.add_parser(
+        "parse", help="parse face images of any size",
+        description="Parse images with a checkpoint (default: the pretrained 3-class RNN-G). With OpenCV "
+                    "installed (extra 'detect') faces are detected and parsed one by one in LFW framing; "
+                    "without it the whole image is one face. Writes a label PNG and an overlay per image.")
+    parse.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parse.add_argument("--checkpoint", help="a checkpoint (default: the pretrained parser)")
+    parse.add_argument("--classes", type=int, choices=(3, 11), default=3,
+                       help="3 (stage 1 alone) or 11 (the two-stage parser; needs --checkpoint)")
+    parse.add_argument("--out", default="minirnng-parsed", help="output folder (default minirnng-parsed)")
+    parse.add_argument("--no-detect", action="store_true", help="parse each whole image as one face")
+    parse.add_argument("--figure", action="store_true", help="also write a figure: image, labels, overlay")
+    parse.set_defaults(handler=command_parse)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="train and evaluate the models of the paper's Table 1, 2 or 3",
+        description="Train every model of a table of the paper at one budget, evaluate them, and print our "
+                    "numbers beside the paper's. table1: LFW-PL (or synthetic); table2: synthetic multi-face; "
+                    "table3: 1-stage against 2-stage on HELEN (or synthetic).")
+    reproduce.add_argument("table", choices=("table1", "table2", "table3"))
+    reproduce.add_argument("--data", default="synthetic",
+                           help="'synthetic' or the folder of the dataset (LFW-PL for table1, HELEN for table3)")
+    reproduce.add_argument("--budget", choices=("small", "paper"), default="small")
+    reproduce.add_argument("--json", help="write the results to this JSON file")
+    reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.set_defaults(handler=command_reproduce)
     return parser
 
 

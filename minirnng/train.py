@@ -250,30 +250,6 @@ def write_log(history, path):
 
 
 def plot_curves(history, path):
-    """Training loss and validation scores against the epoch, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("train_loss", "total"), ("train_logits", "logits CE"),
-                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE")):
-        left.plot(epochs, [row[key] for row in history], label=label)
-    left.set_xlabel("epoch")
-    left.set_ylabel("training loss")
-    left.set_yscale("log")
-    left.legend()
-    right.plot(epochs, [100 * row["val_accuracy"] for row in history], label="pixel accuracy", color="black")
-    for key in history[0]:
-        if key.startswith("val_F_"):
-            right.plot(epochs, [100 * (row[key] if row[key] is not None else numpy.nan) for row in history],
-                       label=f"F {key[6:]}")
-    right.set_xlabel("epoch")
-    right.set_ylabel("validation (%)")
-    right.legend()
-    figure.tight_layout()
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    """Training loss and validation scores against the epoch, as a PNG (see minirnng.viz)."""
+    from .viz import save_figure, training_curves_figure
+    save_figure(training_curves_figure(history), path)

@@ -142,3 +142,108 @@ def _save_atomically(figure, path):
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def save_figure(figure, path):
+    """Write a Matplotlib figure to ``path`` (format from the extension) through a temporary file."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(folder, exist_ok=True)
+    _save_atomically(figure, os.fspath(path))
+    return os.fspath(path)
+
+
+def _legend(figure, classes):
+    handles = [Patch(facecolor=colour / 255.0, edgecolor="grey", label=name)
+               for name, colour in zip(classes, palette(classes))]
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+
+
+def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
+    """One row per image: input, ground truth, coarse map, gate map, result (the paper's Figure 1).
+
+    images : uint8 (N, H, W, 3); truth, result : integer (N, H, W) (truth may be None);
+    coarse : integer (N, h, w), the coarse head's arg-max; gates : float (N, h, w) in [0, 1], the
+    gate map averaged over channels (dark = propagation stopped). Returns a Figure.
+    """
+    columns = [("input", None), ("ground truth", truth), ("coarse map", coarse), ("gate map", gates),
+               ("result", result)]
+    columns = [(name, value) for name, value in columns if name == "input" or value is not None]
+    rows = len(images)
+    figure = Figure(figsize=(2.0 * len(columns), 2.0 * rows + 0.7), layout="constrained")
+    axes = figure.subplots(rows, len(columns), squeeze=False)
+    for row in range(rows):
+        for column, (name, value) in enumerate(columns):
+            axis = axes[row, column]
+            axis.set_axis_off()
+            if name == "input":
+                axis.imshow(images[row])
+            elif name == "gate map":
+                axis.imshow(value[row], cmap="gray", vmin=0, vmax=1)
+            else:
+                axis.imshow(colorize(value[row], classes), interpolation="nearest")
+            if row == 0:
+                axis.set_title(name, fontsize=8)
+    _legend(figure, classes)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def parse_figure(image, labels, classes, title=None):
+    """The image, its labels and their overlay side by side. Returns a Figure."""
+    figure = Figure(figsize=(9, 3.4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for axis, picture, name in zip(axes, (image, colorize(labels, classes), overlay(image, labels, classes)),
+                                   ("image", "labels", "overlay")):
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_title(name, fontsize=8)
+        axis.set_axis_off()
+    _legend(figure, classes)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def training_curves_figure(history):
+    """Training losses (log scale) and validation scores against the epoch, from a Trainer's history."""
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for key, label in (("train_loss", "total"), ("train_logits", "logits CE"),
+                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE")):
+        if key in history[0]:
+            left.plot(epochs, [row[key] for row in history], label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    right.plot(epochs, [100 * row["val_accuracy"] for row in history], label="pixel accuracy", color="black")
+    for key in history[0]:
+        if key.startswith("val_F_"):
+            right.plot(epochs, [100 * (row[key] if row[key] is not None else numpy.nan) for row in history],
+                       label=f"F {key[6:]}")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation (%)")
+    right.legend(fontsize=8)
+    return figure
+
+
+def confusion_figure(confusion, classes, title=None):
+    """A confusion matrix (rows: truth, columns: prediction) normalised per row, with the counts' shares."""
+    confusion = numpy.asarray(confusion, dtype=numpy.float64)
+    shares = confusion / numpy.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = 1.0 + 0.55 * len(classes)
+    figure = Figure(figsize=(size + 1.5, size), layout="constrained")
+    axis = figure.subplots()
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
+    axis.set_yticks(range(len(classes)), classes, fontsize=7)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    for (row, column), share in numpy.ndenumerate(shares):
+        axis.text(column, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=6,
+                  color="white" if share > 0.5 else "black")
+    figure.colorbar(image, ax=axis, label="share of the true class")
+    if title:
+        axis.set_title(title, fontsize=9)
+    return figure

@@ -67,7 +67,33 @@ class RNNG(Model):
             "coarse": Conv2d(h, k, 1, rng=rng, dtype=dt),
             "edge": Conv2d(h, 1, 1, rng=rng, dtype=dt),
         })
+        self.initialize(rng)
         self.layers["deconv6"].params["bias"][h:] = self.gate_bias
+
+    def initialize(self, rng):
+        """He initialisation (He et al. 2015) for every convolution, zero biases.
+
+        Weights are drawn from N(0, gain^2 / fan_in) with gain sqrt(2) where a ReLU follows (it
+        halves the second moment) and 1 elsewhere, so that the scale of the signal is kept from
+        layer to layer at the start. PyTorch's default for a single layer, U(+-1/sqrt(fan_in)), has
+        a sixth of that variance: through five layers the signal shrinks ~90-fold and training
+        starts far slower (docs/training.md). The recurrent layers keep their own initialisation.
+        """
+        rectified = {"conv1", "conv3", "conv5", "deep1", "deep2"}
+        for name, layer in self.layers.items():
+            if "weight" not in layer.params:
+                continue
+            weight = layer.params["weight"]
+            # Conv2d weights are (out, in, k, k), ConvTranspose2d (in, out, k, k): fan-in is what
+            # sums into one output, in * k * k for a convolution, and in * k * k / stride^2 for a
+            # transposed convolution (each output reads only every stride-th kernel tap).
+            if isinstance(layer, ConvTranspose2d):
+                fan_in = weight.shape[0] * weight.shape[2] * weight.shape[3] / layer.stride ** 2
+            else:
+                fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+            gain = numpy.sqrt(2.0) if name in rectified else 1.0
+            weight[...] = backend.to_device(rng.normal(0.0, gain / numpy.sqrt(fan_in), weight.shape))
+            layer.params["bias"][...] = 0
 
     def config(self):
         return {"n_classes": self.n_classes, "hidden": self.hidden, "gate_bias": self.gate_bias}
@@ -121,6 +147,8 @@ class RNNG(Model):
         features = self.propagate(x, g)
         logits = L["deconv9"].forward(L["conv8"].forward(features))
         self.feature_shape = x.shape
+        # for figures and notebooks: the label features X, the gate map G and the propagated H
+        self.intermediates = {"x": x, "gate": g, "propagated": features}
         return {"logits": logits, "coarse": L["coarse"].forward(x), "edge": L["edge"].forward(g)}
 
     def backward(self, grads, input_gradient=True):

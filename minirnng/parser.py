@@ -1,0 +1,128 @@
+"""Parse face images of any size: a trained stage-1 model behind a three-line interface.
+
+    from minirnng.parser import FaceParser
+    parser = FaceParser.pretrained()          # RNN-G trained on LFW-PL, shipped in the package
+    labels = parser.parse(image)              # uint8 (H, W, 3) RGB -> uint8 (H, W) class indices
+
+The image is resized to the model's input (128 x 128), parsed, and the class scores are resized
+back to the image's own size (bilinear) before the arg-max, so the labels have the image's
+resolution and smooth boundaries. ``parser.classes`` names the labels.
+"""
+
+import os
+
+import numpy
+from PIL import Image
+
+from . import backend
+from .data.pipeline import normalize, resize_image
+from .models import load_model
+
+WEIGHTS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+#: The shipped RNN-G: 3 classes (background, skin, hair), trained on the LFW-PL train split.
+PRETRAINED_WEIGHTS = os.path.join(WEIGHTS_FOLDER, "rnng_lfw.npz")
+
+
+def check_image(image, owner="FaceParser"):
+    image = numpy.asarray(image)
+    if image.ndim == 2:
+        image = numpy.repeat(image[:, :, None], 3, axis=2)  # greyscale: the same value in R, G and B
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != numpy.uint8:
+        raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    return numpy.ascontiguousarray(image[:, :, :3])
+
+
+def read_image(path):
+    """An image file as uint8 (H, W, 3) RGB, with a clear error for a missing or unreadable file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as picture:
+            return numpy.asarray(picture.convert("RGB"))
+    except OSError as error:
+        raise ValueError(f"image {path!r} cannot be read ({error})") from None
+
+
+def resize_scores(scores, height, width):
+    """Class scores (K, h, w) float -> (K, height, width), bilinear per class."""
+    return numpy.stack([numpy.asarray(Image.fromarray(channel.astype(numpy.float32)).resize(
+        (width, height), Image.BILINEAR)) for channel in scores])
+
+
+class FaceParser:
+    """A stage-1 model with its input size; ``parse`` works on images of any size.
+
+    model : a trained stage-1 model (``RNNG`` or a baseline) with ``classes`` set.
+    input_size : (height, width) the model was trained at.
+    """
+
+    def __init__(self, model, input_size=(128, 128)):
+        self.model = model
+        self.input_size = tuple(int(s) for s in input_size)
+        self.classes = tuple(model.classes) if model.classes else tuple(f"class {k}" for k in range(model.n_classes))
+
+    @classmethod
+    def load(cls, path):
+        """A parser from a checkpoint written by ``minirnng train`` or ``model.save``."""
+        model = load_model(path)
+        return cls(model, model.checkpoint_header.get("input_size", (128, 128)))
+
+    @classmethod
+    def pretrained(cls):
+        """The RNN-G that ships with minirnng (3 classes, LFW-PL); see docs/training.md."""
+        if not os.path.exists(PRETRAINED_WEIGHTS):
+            raise FileNotFoundError(f"the pretrained weights {PRETRAINED_WEIGHTS} are missing from this "
+                                    "installation; reinstall minirnng")
+        return cls.load(PRETRAINED_WEIGHTS)
+
+    def __repr__(self):
+        return f"FaceParser({self.model!r}, input_size={self.input_size}, classes={self.classes})"
+
+    def run(self, images):
+        """The model's outputs (host arrays) for a list of uint8 images, each resized to the input size."""
+        batch = numpy.stack([resize_image(check_image(image), self.input_size) for image in images])
+        outputs = self.model.forward(backend.to_device(normalize(batch)))
+        return {name: backend.to_numpy(value) for name, value in outputs.items()}
+
+    def scores(self, image):
+        """Class probabilities (K, H, W) float32 at the image's own size."""
+        image = check_image(image)
+        logits = self.run([image])["logits"][0]
+        logits = resize_scores(logits, *image.shape[:2])
+        shifted = numpy.exp(logits - logits.max(axis=0, keepdims=True))
+        return shifted / shifted.sum(axis=0, keepdims=True)
+
+    def parse(self, image):
+        """uint8 (H, W, 3) RGB -> uint8 (H, W) labels (indices into ``self.classes``): the whole
+        image is one face."""
+        return self.scores(image).argmax(axis=0).astype(numpy.uint8)
+
+    def parse_faces(self, image):
+        """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``.
+
+        labels : uint8 (H, W); boxes : int (F, 4) face detections ``(x, y, width, height)``.
+        Where crops overlap, a pixel takes the labels of the face whose parse is most certain
+        that the pixel is not background. Without OpenCV, or when no face is found, the whole
+        image is parsed as one face (and ``boxes`` is empty).
+        """
+        from .detect import crop_square, detect_faces, detector_available, lfw_frame
+
+        image = check_image(image)
+        boxes = detect_faces(image) if detector_available() else numpy.zeros((0, 4), dtype=int)
+        if len(boxes) == 0:
+            return self.parse(image), boxes
+        height, width = image.shape[:2]
+        background = self.classes.index("background") if "background" in self.classes else 0
+        labels = numpy.full((height, width), background, dtype=numpy.uint8)
+        certainty = numpy.zeros((height, width), dtype=numpy.float32)  # 1 - P(background) of the owner
+        for box in boxes:
+            x0, y0, side = lfw_frame(box)
+            probabilities = self.scores(crop_square(image, x0, y0, side))
+            top, left = max(y0, 0), max(x0, 0)
+            bottom, right = min(y0 + side, height), min(x0 + side, width)
+            window = probabilities[:, top - y0:bottom - y0, left - x0:right - x0]
+            face = 1 - window[background]
+            better = face > certainty[top:bottom, left:right]
+            labels[top:bottom, left:right][better] = window.argmax(axis=0)[better]
+            certainty[top:bottom, left:right][better] = face[better]
+        return labels, boxes
