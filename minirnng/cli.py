@@ -5,9 +5,16 @@ Each subcommand is a small function that parses its arguments and calls the libr
 """
 
 import argparse
+import os
 import sys
 
-import numpy
+# One BLAS thread unless the user asks for more: minirnng's matrix products are small (a few
+# hundred rows per image), a second OpenBLAS thread gains nothing on them, and OpenBLAS threads
+# busy-wait, so on a loaded machine they can slow a training step down a hundredfold. This must
+# run before NumPy is first imported, which for the command line is here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy  # noqa: E402
 
 from . import __version__
 
@@ -165,8 +172,10 @@ def command_eval(arguments):
     if arguments.json:
         record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
                   "architecture": model.architecture, **result}
-        with open(arguments.json, "w") as stream:
-            json.dump(record, stream, indent=1)
+        from .atomic import replacing
+        with replacing(arguments.json) as temporary:
+            with open(temporary, "w") as stream:
+                json.dump(record, stream, indent=1)
         print(f"wrote {arguments.json}")
     return 0
 
@@ -174,7 +183,6 @@ def command_eval(arguments):
 # -- demo -----------------------------------------------------------------------------------------
 
 def command_demo(arguments):
-    import os
     import tempfile
 
     import matplotlib.cbook
@@ -232,8 +240,6 @@ def command_demo(arguments):
 # -- parse ----------------------------------------------------------------------------------------
 
 def command_parse(arguments):
-    import os
-
     from .detect import detector_available
     from .parser import FaceParser, read_image
     from .viz import overlay, parse_figure, save_figure
@@ -272,13 +278,12 @@ def command_parse(arguments):
 
 def write_png(path, array):
     """Write a uint8 array as PNG through a temporary file (an interrupted run leaves no half file)."""
-    import os
-
     from PIL import Image
 
-    temporary = path + ".tmp.png"
-    Image.fromarray(array).save(temporary)
-    os.replace(temporary, path)
+    from .atomic import replacing
+
+    with replacing(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
     return path
 
 

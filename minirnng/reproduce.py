@@ -20,6 +20,7 @@ import os
 import time
 
 from . import backend
+from .atomic import replacing
 from .data.catalog import load_split
 from .data.datasets import MissingDataError
 from .models import CNNCRF, load_model
@@ -151,10 +152,9 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
     log(format_table({k: v["row"] for k, v in results.items() if not k.startswith("_") and "row" in v}, paper,
                      f"{table} on {data} ({split} split), budget {budget}: ours beside the paper"))
     if json_path:
-        temporary = json_path + ".tmp"
-        with open(temporary, "w") as stream:
-            json.dump(results, stream, indent=1)
-        os.replace(temporary, json_path)
+        with replacing(json_path) as temporary:
+            with open(temporary, "w") as stream:
+                json.dump(results, stream, indent=1)
         log(f"wrote {json_path}")
     return results
 

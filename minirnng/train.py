@@ -23,6 +23,7 @@ import time
 import numpy
 
 from . import backend
+from .atomic import replacing
 from .data.pipeline import Augmentation, batches
 from .metrics import ConfusionAccumulator
 from .models import ARCHITECTURES
@@ -241,12 +242,11 @@ def write_log(history, path):
     columns = []
     for row in history:
         columns += [key for key in row if key not in columns]
-    temporary = path + ".tmp"
-    with open(temporary, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
 
 
 def plot_curves(history, path):

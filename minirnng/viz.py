@@ -9,12 +9,12 @@ list of :mod:`minirnng.data.classes`.
 """
 
 import os
-import tempfile
 
 import numpy
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from minirnng.atomic import replacing
 from minirnng.data.classes import HELEN_CLASSES, LFW_CLASSES
 
 #: One RGB colour per class of ``HELEN_CLASSES``, uint8 ``(11, 3)``: left parts dark, right parts light.
@@ -132,22 +132,13 @@ def _short(name, limit=24):
 
 
 def _save_atomically(figure, path):
-    folder, base = os.path.split(os.path.abspath(path))
-    extension = os.path.splitext(base)[1] or ".png"
-    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=extension, dir=folder)
-    os.close(handle)
-    try:
+    extension = os.path.splitext(path)[1] or ".png"
+    with replacing(path, suffix=extension) as temporary:
         figure.savefig(temporary, dpi=110, format=extension.lstrip("."))
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def save_figure(figure, path):
     """Write a Matplotlib figure to ``path`` (format from the extension) through a temporary file."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(folder, exist_ok=True)
     _save_atomically(figure, os.fspath(path))
     return os.fspath(path)
 

@@ -21,12 +21,12 @@ renamed over the target, so a crash never leaves a half-written checkpoint where
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy
 
 from .. import __version__, backend
+from ..atomic import replacing
 
 FORMAT = "minirnng-checkpoint"
 FORMAT_VERSION = 1
@@ -39,22 +39,11 @@ class CheckpointError(ValueError):
 
 
 def write_npz_atomically(path, arrays):
-    """Write ``arrays`` (name -> array) to ``path`` as .npz via a temporary file and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    """Write ``arrays`` (name -> array) to ``path`` as .npz, atomically (:mod:`minirnng.atomic`)."""
+    with replacing(path) as temporary:
+        with open(temporary, "wb") as stream:  # a file object: numpy.savez would append ".npz" to a name
             numpy.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+    return os.fspath(path)
 
 
 def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata):

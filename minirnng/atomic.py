@@ -1,0 +1,42 @@
+"""Atomic file writing: a file is either the old one or the complete new one, never half written.
+
+Everything minirnng writes (checkpoints, logs, figures, label maps, JSON results) goes through
+:func:`replacing`: the content is written to a temporary file in the target's folder, flushed to
+disk, given the usual permissions, and renamed over the target in one step. A crash or Ctrl-C
+at any moment leaves the previous file untouched.
+"""
+
+import contextlib
+import os
+import tempfile
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def replacing(path, suffix=None):
+    """Yield a temporary path to write; on success it replaces ``path``, on failure it is removed.
+
+    suffix : the temporary file's extension (some writers choose the format from it); by default
+    the extension of ``path``. The folder of ``path`` is created if needed.
+    """
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(base)[1] if suffix is None else suffix
+    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(handle)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private (0600)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

@@ -1,0 +1,75 @@
+"""The parser behind `minirnng parse` and `minirnng demo`: any image size, errors, files written."""
+
+import os
+
+import numpy
+import pytest
+from PIL import Image
+
+from minirnng import cli
+from minirnng.detect import crop_square, detector_available, lfw_frame
+from minirnng.parser import FaceParser, read_image
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return FaceParser.pretrained()
+
+
+def test_pretrained_parser_parses_any_size(parser, rng):
+    assert parser.classes == ("background", "skin", "hair")
+    for shape in [(37, 53, 3), (128, 128, 3), (300, 200, 3)]:
+        labels = parser.parse(rng.integers(0, 256, shape, dtype=numpy.uint8))
+        assert labels.shape == shape[:2] and labels.dtype == numpy.uint8 and labels.max() < 3
+    scores = parser.scores(rng.integers(0, 256, (40, 60, 3), dtype=numpy.uint8))
+    numpy.testing.assert_allclose(scores.sum(axis=0), 1, rtol=1e-5)
+    grey = parser.parse(rng.integers(0, 256, (50, 50), dtype=numpy.uint8))  # greyscale is accepted
+    assert grey.shape == (50, 50)
+
+
+def test_bad_images_are_clear_errors(parser, tmp_path):
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) RGB, got float64"):
+        parser.parse(numpy.zeros((8, 8, 3)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_image(tmp_path / "missing.jpg")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_image(broken)
+
+
+def test_lfw_frame_and_crop():
+    x0, y0, side = lfw_frame((100, 50, 40, 40))
+    assert side == 88 and (x0 + side / 2, y0 + side / 2) == (120, 70)
+    image = numpy.arange(5 * 5 * 3, dtype=numpy.uint8).reshape(5, 5, 3)
+    crop = crop_square(image, -1, -1, 3)
+    assert crop.shape == (3, 3, 3) and not crop[0].any() and (crop[1, 1] == image[0, 0]).all()
+
+
+def test_parse_faces_falls_back_to_the_whole_image(parser, rng):
+    image = rng.integers(0, 256, (64, 48, 3), dtype=numpy.uint8)
+    labels, boxes = parser.parse_faces(image)
+    assert labels.shape == (64, 48)
+    if not detector_available():
+        assert len(boxes) == 0
+        numpy.testing.assert_array_equal(labels, parser.parse(image))
+
+
+def test_parse_command_writes_labels_and_overlay(tmp_path, capsys, rng):
+    path = tmp_path / "face.png"
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=numpy.uint8)).save(path)
+    assert cli.main(["parse", str(path), "--out", str(tmp_path / "out"), "--no-detect"]) == 0
+    labels = numpy.asarray(Image.open(tmp_path / "out" / "face_labels.png"))
+    assert labels.shape == (60, 80) and labels.max() < 3
+    assert numpy.asarray(Image.open(tmp_path / "out" / "face_overlay.png")).shape == (60, 80, 3)
+    assert "face_overlay.png" in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--train-size", "16", "--test-size", "8", "--epochs", "1",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("grace_hopper_parsed.png", "synthetic_pipeline.png", "rnng_synthetic.npz"):
+        assert os.path.exists(out / name) and str(out / name) in printed
+    assert "pixel accuracy" in printed and "F-hair" in printed

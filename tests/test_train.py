@@ -1,0 +1,150 @@
+"""Training: optimizers, schedules, the objective, and runs that resume exactly where they stopped."""
+
+import csv
+import os
+
+import numpy
+import pytest
+
+from minirnng.data.catalog import load_split
+from minirnng.objective import StageOneObjective, class_balance_weights
+from minirnng.optim import SGD, Adam, learning_rate
+from minirnng.train import TrainConfig, Trainer, evaluate
+
+
+def quadratic(rng):
+    params = {"layer.weight": rng.standard_normal(5), "layer.bias": rng.standard_normal(5)}
+    grads = {name: numpy.zeros_like(value) for name, value in params.items()}
+    return params, grads
+
+
+def test_sgd_with_momentum_matches_the_formula(rng):
+    params, grads = quadratic(rng)
+    start = {k: v.copy() for k, v in params.items()}
+    optimizer = SGD(params, grads, lr=0.1, momentum=0.9, weight_decay=0.01)
+    velocity = {k: numpy.zeros(5) for k in params}
+    expected = {k: v.copy() for k, v in start.items()}
+    for _ in range(3):
+        for name in params:
+            grads[name][...] = 2 * params[name]  # gradient of |p|^2
+        optimizer.step()
+        for name in expected:
+            g = 2 * expected[name] + (0.01 * expected[name] if name.endswith("weight") else 0)
+            velocity[name] = 0.9 * velocity[name] + g
+            expected[name] = expected[name] - 0.1 * velocity[name]
+    for name in params:
+        numpy.testing.assert_allclose(params[name], expected[name], rtol=1e-12)
+
+
+def test_adam_matches_the_formula_and_its_state_round_trips(rng):
+    params, grads = quadratic(rng)
+    optimizer = Adam(params, grads, lr=0.01)
+    p = params["layer.weight"].copy()
+    m = v = numpy.zeros(5)
+    for t in range(1, 4):
+        for name in params:
+            grads[name][...] = 2 * params[name]
+        optimizer.step()
+        g = 2 * p
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        p = p - 0.01 * (m / (1 - 0.9 ** t)) / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    numpy.testing.assert_allclose(params["layer.weight"], p, rtol=1e-10)
+    copy_params = {k: v.copy() for k, v in params.items()}
+    twin = Adam(copy_params, {k: numpy.zeros_like(v) for k, v in params.items()}, lr=0.01)
+    twin.load_state_arrays(optimizer.state_arrays())
+    assert twin.steps == 3
+    numpy.testing.assert_array_equal(twin.state["m/layer.weight"], optimizer.state["m/layer.weight"])
+    with pytest.raises(ValueError, match="does not fit"):
+        twin.load_state_arrays({"steps": numpy.array(1), "m/other.weight": numpy.zeros(5)})
+
+
+def test_learning_rate_schedules():
+    assert learning_rate("constant", 0.1, 0.7) == 0.1
+    assert learning_rate("cosine", 0.1, 0.0) == pytest.approx(0.1)
+    assert learning_rate("cosine", 0.1, 1.0) == pytest.approx(0.001)
+    assert learning_rate("step", 0.1, 0.7) == pytest.approx(0.01)
+    assert learning_rate("constant", 0.1, 0.01, warmup=0.1) < 0.02
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        learning_rate("exponential", 0.1, 0.5)
+
+
+def test_objective_weights_its_three_terms(rng):
+    outputs = {"logits": rng.standard_normal((2, 3, 8, 8)), "coarse": rng.standard_normal((2, 3, 4, 4)),
+               "edge": rng.standard_normal((2, 1, 4, 4))}
+    labels = rng.integers(0, 3, (2, 8, 8))
+    total, parts, grads = StageOneObjective(weights=(1.0, 0.5, 2.0))(outputs, labels, numpy.random.default_rng(0))
+    assert total == pytest.approx(parts["logits"] + 0.5 * parts["coarse"] + 2.0 * parts["edge"])
+    _, _, unit = StageOneObjective()(outputs, labels, numpy.random.default_rng(0))
+    numpy.testing.assert_allclose(grads["coarse"], 0.5 * unit["coarse"])
+    numpy.testing.assert_allclose(grads["edge"], 2.0 * unit["edge"])
+    assert set(StageOneObjective(weights=(1.0, 0.0, 0.0))(outputs, labels, rng)[2]) == {"logits"}
+
+
+def test_class_balance_weights():
+    labels = numpy.array([0] * 80 + [1] * 15 + [2] * 5)
+    weights = class_balance_weights(labels, 3, power=1.0)
+    assert weights.mean() == pytest.approx(1.0)
+    assert weights[2] / weights[0] == pytest.approx(16.0)
+    numpy.testing.assert_allclose(class_balance_weights(labels, 3, power=0.0), 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
+    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
+    return train, validation
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
+    config = TrainConfig(epochs=3, batch_size=4, seed=7)
+    straight = Trainer(config, *tiny_data, tmp_path / "straight", progress=False, log=lambda line: None)
+    straight.run()
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Interrupt  # killed right after the epoch's checkpoint was written
+
+    interrupted = Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=lambda line: None)
+    resumed.run(resume=True)
+    for name, value in straight.model.params().items():
+        numpy.testing.assert_array_equal(resumed.model.params()[name], value, err_msg=name)
+    assert [row["train_loss"] for row in resumed.history] == [row["train_loss"] for row in straight.history]
+    with open(tmp_path / "resumed" / "log.csv") as stream:
+        assert len(list(csv.DictReader(stream))) == 3
+    assert os.path.exists(tmp_path / "resumed" / "curves.png") and os.path.exists(tmp_path / "resumed" / "best.npz")
+
+
+def test_a_finished_run_is_never_overwritten(tiny_data, tmp_path):
+    config = TrainConfig(epochs=1, batch_size=4)
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    before = (tmp_path / "last.npz").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    assert (tmp_path / "last.npz").read_bytes() == before
+    changed = TrainConfig(epochs=2, batch_size=4, lr=1.0)
+    with pytest.raises(ValueError, match="configuration differs.*lr"):
+        Trainer(changed, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)
+
+
+def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_path):
+    trainer = Trainer(TrainConfig(epochs=4, batch_size=4, lr=5e-3), *tiny_data, tmp_path, progress=False,
+                      log=lambda line: None)
+    history = trainer.run()
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    result = evaluate(trainer.model, tiny_data[1])
+    assert 0 <= result["accuracy"] <= 1 and set(result["f_measure"]) == {"background", "skin", "hair"}
+    assert result["ms_per_image"] > 0 and numpy.sum(result["confusion"]) == 6 * 32 * 32
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        TrainConfig(model="unet").check()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="rmsprop").check()
