@@ -99,9 +99,16 @@ def use(name):
         _override_stack.pop()
 
 
+_IS_CUPY_TYPE = {}  # type -> whether it comes from the cupy package (asked for every array of every layer call)
+
+
 def is_cupy_array(array):
     """True for a :class:`cupy.ndarray`, decided without importing CuPy."""
-    return type(array).__module__.split(".")[0] == "cupy"
+    kind = type(array)
+    known = _IS_CUPY_TYPE.get(kind)
+    if known is None:
+        known = _IS_CUPY_TYPE[kind] = kind.__module__.split(".")[0] == "cupy"
+    return known
 
 
 def get_array_module(*arrays):

@@ -8,13 +8,19 @@ mask, target not the ignore index)::
     dL/dz_i = w_i * (p_i - onehot(t_i)) / sum_{i in U} w_i     (0 outside U)
 
 (PyTorch's weighted mean). ``-log p[t] = logsumexp(z) - z[t]`` is computed after subtracting the
-maximum logit, so logits of 1e4 neither overflow nor lose the answer.
+maximum logit, so logits of 1e4 neither overflow nor lose the answer. The target class's
+``p[t] - 1`` is computed as ``-(sum of the other classes' probabilities)``: when a pixel is
+classified confidently, ``p[t]`` is within a few float32 steps (6e-8) of 1 and ``p[t] - 1`` keeps
+only the rounding (logits (12, 0, 0): -1.2398e-5 instead of -1.2288e-5; logits (20, 0, 0): 0
+instead of -4.1e-9), while the sum of the small probabilities keeps all its digits.
 
 Sigmoid binary cross-entropy, per pixel with target ``t`` in {0, 1}, mean over the pixels used::
 
     L_i = max(z, 0) - z t + log(1 + e^{-|z|}),      dL/dz_i = (sigmoid(z) - t) / |U|
 
-which is the textbook ``-t log s - (1 - t) log(1 - s)`` rewritten so no exponent is positive.
+which is the textbook ``-t log s - (1 - t) log(1 - s)`` rewritten so no exponent is positive;
+``sigmoid(z) - t`` is likewise written from ``e = e^{-|z|}`` without cancellation:
+``(1 - t) - e / (1 + e)`` for ``z >= 0`` and ``e / (1 + e) - t`` for ``z < 0``.
 
 If no pixel is used, a loss is 0 and its gradient is 0 (not NaN): a batch whose boundary mask
 happens to be empty must not poison training.
@@ -22,12 +28,25 @@ happens to be empty must not poison training.
 Both losses return the loss as a Python float from ``forward`` and the gradient with respect to
 the logits from ``backward(grad_output=1.0)``, scaled by ``grad_output`` (the chain rule when the
 loss is one term of a weighted sum).
+
+Like the layers, each loss has a NumPy path (``forward_cpu`` / ``backward_cpu``) and a kernel
+path (``forward_gpu`` / ``backward_gpu``: ``kernels/softmax_cross_entropy.cu`` and
+``kernels/sigmoid_bce.cu``), chosen by :func:`minirnng.backend.uses_kernels` of the logits. The
+two compute the same formulas, including the cancellation-free gradients above, so they agree to
+rounding. On the kernel path the forward is three launches (the per-pixel terms, then their sums
+in the two passes of ``channel_sum``) and one copy of the two totals to the host for the float it
+returns (the argument checks, shared by both paths, read back one more boolean: whether every
+label is valid); the backward is one launch, which reads the totals on the device.
 """
 
 import numpy
 
 from . import backend
+from .cuda.launch import channel_sum, contiguous, launch
 from .layers.base import check_array
+
+#: The ignore index the kernel is given when nothing is ignored (no label is negative, so none matches).
+NO_IGNORE_INDEX = -100
 
 
 def _check_int_target(target, owner, expected_shape):
@@ -50,7 +69,43 @@ def _check_mask(mask, owner, expected_shape):
     return mask.astype(bool, copy=False)
 
 
-class SoftmaxCrossEntropy:
+def _check_same_device(array, logits, owner, what):
+    if array is not None and backend.is_cupy_array(array) != backend.is_cupy_array(logits):
+        where = "the GPU (CuPy)" if backend.is_cupy_array(logits) else "the host (NumPy)"
+        raise ValueError(f"{owner}: {what} is on the wrong device; the logits are on {where}. "
+                         "Move it with minirnng.backend.to_device / to_numpy.")
+
+
+class Loss:
+    """The dispatch both losses share: ``forward(logits, target, mask=None) -> float`` checks its
+    arguments, then runs ``forward_gpu`` when the logits take the kernel path, ``forward_cpu``
+    otherwise; ``backward(grad_output=1.0) -> dlogits`` runs the backward of the same path."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, logits, target, mask=None):
+        mask = self.check(logits, target, mask)
+        on_kernels = backend.uses_kernels(logits)
+        loss, cache = (self.forward_gpu if on_kernels else self.forward_cpu)(logits, target, mask)
+        self.cache, self.cache_on_kernels = cache, on_kernels
+        return loss
+
+    def backward(self, grad_output=1.0):
+        if self.cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        # The path of the forward, whatever the backend is now: the cache is that path's.
+        return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
+
+    @staticmethod
+    def mean_of_totals(totals):
+        """``totals[0] / totals[1]`` as a Python float (0.0 when nothing was counted): the one copy to
+        the host of a kernel-path forward, both numbers at once."""
+        loss_sum, count = (float(value) for value in backend.to_numpy(totals))
+        return loss_sum / count if count > 0 else 0.0
+
+
+class SoftmaxCrossEntropy(Loss):
     """Softmax cross-entropy of logits (N, K, H, W) against integer targets (N, H, W).
 
     class_weights : optional (K,) non-negative weights (PyTorch's ``weight=``).
@@ -61,6 +116,7 @@ class SoftmaxCrossEntropy:
     """
 
     def __init__(self, class_weights=None, ignore_index=None):
+        super().__init__()
         if class_weights is not None:
             class_weights = numpy.asarray(backend.to_numpy(class_weights), dtype=numpy.float64)
             if class_weights.ndim != 1 or numpy.any(class_weights < 0) or not numpy.all(numpy.isfinite(class_weights)):
@@ -68,7 +124,7 @@ class SoftmaxCrossEntropy:
                                  f"non-negative numbers, got {class_weights!r}")
         self.class_weights = class_weights
         self.ignore_index = None if ignore_index is None else int(ignore_index)
-        self.cache = None
+        self._class_weights_on_device = {}  # (dtype, device) -> class_weights there, for the kernels
 
     def __repr__(self):
         return f"SoftmaxCrossEntropy(class_weights={self.class_weights}, ignore_index={self.ignore_index})"
@@ -78,6 +134,8 @@ class SoftmaxCrossEntropy:
         check_array(logits, owner, "logits", ndim=4)
         n, k, height, width = logits.shape
         _check_int_target(target, owner, (n, height, width))
+        _check_same_device(target, logits, owner, "target")
+        _check_same_device(mask, logits, owner, "mask")
         if self.class_weights is not None and len(self.class_weights) != k:
             raise ValueError(f"{owner}: {len(self.class_weights)} class weights given for logits with {k} classes")
         mask = _check_mask(mask, owner, (n, height, width))
@@ -89,11 +147,6 @@ class SoftmaxCrossEntropy:
             raise ValueError(f"{owner}: target holds labels outside [0, {k}) that are not the ignore index "
                              f"({self.ignore_index}): {sorted(set(bad.tolist()))[:10]} in {bad.size} pixels")
         return mask
-
-    def forward(self, logits, target, mask=None):
-        mask = self.check(logits, target, mask)
-        loss, self.cache = self.forward_cpu(logits, target, mask)
-        return loss
 
     def forward_cpu(self, logits, target, mask):
         used = numpy.ones(target.shape, dtype=bool) if mask is None else mask.copy()
@@ -113,32 +166,81 @@ class SoftmaxCrossEntropy:
         loss = float((weights * nll).sum()) / weight_sum if weight_sum > 0 else 0.0
         return loss, (probabilities, safe_target, weights, weight_sum)
 
-    def backward(self, grad_output=1.0):
-        if self.cache is None:
-            raise RuntimeError("SoftmaxCrossEntropy.backward called before forward")
-        return self.backward_cpu(grad_output)
-
     def backward_cpu(self, grad_output):
         probabilities, safe_target, weights, weight_sum = self.cache
         if weight_sum == 0:
             return numpy.zeros_like(probabilities)
+        # softmax - onehot, the target's entry as minus the sum of the others (see the module doc)
         grad = probabilities.copy()
-        numpy.put_along_axis(grad, safe_target[:, None],
-                             numpy.take_along_axis(grad, safe_target[:, None], axis=1) - 1, axis=1)
+        numpy.put_along_axis(grad, safe_target[:, None], 0, axis=1)
+        others = grad.sum(axis=1, keepdims=True)
+        numpy.put_along_axis(grad, safe_target[:, None], -others, axis=1)
         grad *= (weights * (grad_output / weight_sum))[:, None]
         return grad
 
+    def forward_gpu(self, logits, target, mask):
+        """logits (N, K, H, W), target (N, H, W) integers, mask (N, H, W) bool or None.
 
-class SigmoidBinaryCrossEntropy:
+        One thread per pixel writes its weighted loss and weight (``terms`` (2, N*H*W)), and
+        ``channel_sum`` adds them up on the device; the cache keeps the logits (the model's own
+        output: nothing is copied), the targets as int64, the mask and the two totals.
+        """
+        xp = backend.get_array_module(logits)
+        target = xp.ascontiguousarray(target, dtype=numpy.int64)
+        logits, mask = contiguous(logits), None if mask is None else contiguous(mask)
+        n, k, height, width = logits.shape
+        pixels = n * height * width
+        class_weights = self.class_weights_like(logits)
+        ignore_index = self.kernel_ignore_index()
+        terms = xp.empty((2, pixels), dtype=logits.dtype)
+        i32 = numpy.int32
+        launch("softmax_cross_entropy", "softmax_cross_entropy_forward", logits.dtype, pixels,
+               (logits, target, mask, class_weights, terms, i32(n), i32(k), i32(height * width), ignore_index))
+        totals = channel_sum(terms.reshape(1, 2, pixels))
+        return self.mean_of_totals(totals), (logits, target, mask, class_weights, totals)
+
+    def backward_gpu(self, grad_output):
+        """dlogits (N, K, H, W) = grad_output * w * (softmax - onehot) / sum of w, one launch."""
+        logits, target, mask, class_weights, totals = self.cache
+        n, k, height, width = logits.shape
+        dlogits = backend.get_array_module(logits).empty_like(logits)
+        i32 = numpy.int32
+        launch("softmax_cross_entropy", "softmax_cross_entropy_backward", logits.dtype, n * height * width,
+               (logits, target, mask, class_weights, totals, logits.dtype.type(grad_output), dlogits,
+                i32(n), i32(k), i32(height * width), self.kernel_ignore_index()))
+        return dlogits
+
+    def class_weights_like(self, logits):
+        """The class weights (K,) as an array of the logits' dtype on their device, or None.
+
+        Copied there once per dtype and device, then reused: a copy at every call would be a
+        synchronous transfer.
+        """
+        if self.class_weights is None:
+            return None
+        device = logits.device.id if backend.is_cupy_array(logits) else None
+        key = (logits.dtype, device)
+        if key not in self._class_weights_on_device:
+            xp = backend.get_array_module(logits)
+            self._class_weights_on_device[key] = xp.asarray(self.class_weights.astype(logits.dtype))
+        return self._class_weights_on_device[key]
+
+    def kernel_ignore_index(self):
+        """The ignore index as the kernels' int parameter (:data:`NO_IGNORE_INDEX` when there is none)."""
+        value = NO_IGNORE_INDEX if self.ignore_index is None else self.ignore_index
+        if not numpy.iinfo(numpy.int32).min <= value <= numpy.iinfo(numpy.int32).max:
+            raise ValueError(f"SoftmaxCrossEntropy: ignore_index {value} does not fit the kernels' int32 "
+                             "parameter; use a value between -2**31 and 2**31 - 1 (255 or -100 are usual)")
+        return numpy.int32(value)
+
+
+class SigmoidBinaryCrossEntropy(Loss):
     """Sigmoid binary cross-entropy of logits (N, 1, H, W) against targets (N, 1, H, W) in {0, 1}.
 
     forward(logits, target, mask=None) -> float, the mean over the pixels used;
     mask : optional bool array of the logits' shape, True where a pixel is used.
     backward(grad_output=1.0) -> dlogits of the logits' shape and dtype.
     """
-
-    def __init__(self):
-        self.cache = None
 
     def __repr__(self):
         return "SigmoidBinaryCrossEntropy()"
@@ -151,14 +253,11 @@ class SigmoidBinaryCrossEntropy:
         if tuple(target.shape) != tuple(logits.shape):
             raise ValueError(f"{owner}: target must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(target.shape)}")
+        _check_same_device(target, logits, owner, "target")
+        _check_same_device(mask, logits, owner, "mask")
         if not bool(((target == 0) | (target == 1)).all()):
             raise ValueError(f"{owner}: target must hold only 0 and 1")
         return _check_mask(mask, owner, logits.shape)
-
-    def forward(self, logits, target, mask=None):
-        mask = self.check(logits, target, mask)
-        loss, self.cache = self.forward_cpu(logits, target, mask)
-        return loss
 
     def forward_cpu(self, logits, target, mask):
         target = target.astype(logits.dtype)
@@ -168,18 +267,37 @@ class SigmoidBinaryCrossEntropy:
         loss = float((per_pixel * used).sum()) / count if count > 0 else 0.0
         return loss, (logits, target, used, count)
 
-    def backward(self, grad_output=1.0):
-        if self.cache is None:
-            raise RuntimeError("SigmoidBinaryCrossEntropy.backward called before forward")
-        return self.backward_cpu(grad_output)
-
     def backward_cpu(self, grad_output):
         logits, target, used, count = self.cache
         if count == 0:
             return numpy.zeros_like(logits)
+        # sigmoid(z) - t without cancellation (see the module doc): small = sigmoid(-|z|) = e / (1 + e)
         decay = numpy.exp(-numpy.abs(logits))
-        probability = numpy.where(logits >= 0, 1 / (1 + decay), decay / (1 + decay))
-        return ((probability - target) * used * (grad_output / count)).astype(logits.dtype, copy=False)
+        small = decay / (1 + decay)
+        difference = numpy.where(logits >= 0, (1 - target) - small, small - target)
+        return (difference * used * (grad_output / count)).astype(logits.dtype, copy=False)
+
+    def forward_gpu(self, logits, target, mask):
+        """logits and target (N, 1, H, W), mask (N, 1, H, W) bool or None: one thread per pixel
+        writes its loss and weight, ``channel_sum`` adds them up. The cache keeps the logits, the
+        target in the logits' dtype, the mask and the two totals."""
+        xp = backend.get_array_module(logits)
+        target = xp.ascontiguousarray(target, dtype=logits.dtype)
+        logits, mask = contiguous(logits), None if mask is None else contiguous(mask)
+        pixels = logits.size
+        terms = xp.empty((2, pixels), dtype=logits.dtype)
+        launch("sigmoid_bce", "sigmoid_bce_forward", logits.dtype, pixels,
+               (logits, target, mask, terms, numpy.int32(pixels)))
+        totals = channel_sum(terms.reshape(1, 2, pixels))
+        return self.mean_of_totals(totals), (logits, target, mask, totals)
+
+    def backward_gpu(self, grad_output):
+        """dlogits (N, 1, H, W) = grad_output * (sigmoid(z) - t) / count where counted, else 0; one launch."""
+        logits, target, mask, totals = self.cache
+        dlogits = backend.get_array_module(logits).empty_like(logits)
+        launch("sigmoid_bce", "sigmoid_bce_backward", logits.dtype, logits.size,
+               (logits, target, mask, totals, logits.dtype.type(grad_output), dlogits, numpy.int32(logits.size)))
+        return dlogits
 
 
 def boundary_target(labels):
@@ -226,4 +344,4 @@ def boundary_sample_mask(target, ratio=5, rng=None):
         if wanted:
             mask[image, rng.choice(others, size=wanted, replace=False)] = True
     mask = mask.reshape(host.shape)
-    return backend.to_device(mask) if backend.is_cupy_array(target) else mask
+    return backend.get_array_module(target).asarray(mask)  # back on the target's device

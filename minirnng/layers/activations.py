@@ -5,16 +5,27 @@
     Tanh     y = tanh(x)              dx = dy * (1 - y^2)
 
 Sigmoid and tanh express their derivative through the output, so the cache holds ``y``; ReLU
-needs only the sign pattern, so it holds a boolean mask (a quarter of float32's memory).
+needs only the sign pattern, so on the NumPy path it holds a boolean mask (a quarter of float32's
+memory).
+
+On the kernel path (``kernels/activation.cu``) each pass is one launch, a thread per element, and
+all three keep ``y``: the backward kernels read it (ReLU's as ``y > 0``). In a network ``y`` is
+the next layer's input and is kept alive anyway, so this cache costs no memory of its own.
 """
 
 import numpy
 
+from .. import backend
+from ..cuda.launch import launch
 from .base import Layer, check_array
 
 
 class _Elementwise(Layer):
+    """What the three share: checks, and the kernel path, which differs only in the kernels' names."""
+
     input_names = ("x",)
+    #: the prefix of this activation's kernels in activation.cu: <kernel>_forward, <kernel>_backward
+    kernel = None
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -26,9 +37,24 @@ class _Elementwise(Layer):
     def backward(self, grad_output):
         return self.run_backward(grad_output)
 
+    def forward_gpu(self, x):
+        """x C-contiguous, any shape -> y of x's shape; the cache is y."""
+        y = backend.get_array_module(x).empty_like(x)
+        launch("activation", f"{self.kernel}_forward", x.dtype, x.size, (x, y, numpy.int32(x.size)))
+        return y, y
+
+    def backward_gpu(self, grad_output):
+        """dy C-contiguous -> dx, a new array (dy is not overwritten)."""
+        dx = backend.get_array_module(grad_output).empty_like(grad_output)
+        launch("activation", f"{self.kernel}_backward", grad_output.dtype, grad_output.size,
+               (grad_output, self.cache, dx, numpy.int32(grad_output.size)))
+        return dx
+
 
 class ReLU(_Elementwise):
-    """``y = max(x, 0)``; x and y of any shape. The cache is the mask ``x > 0``."""
+    """``y = max(x, 0)``; x and y of any shape. The cache is the mask ``x > 0`` (NumPy path) or y (kernels)."""
+
+    kernel = "relu"
 
     def forward_cpu(self, x):
         positive = x > 0
@@ -40,6 +66,8 @@ class ReLU(_Elementwise):
 
 class Sigmoid(_Elementwise):
     """``y = 1 / (1 + exp(-x))``, computed without overflow for large ``|x|``; the cache is ``y``."""
+
+    kernel = "sigmoid"
 
     def forward_cpu(self, x):
         # exp of a non-positive number never overflows: use e^-|x| on both branches.
@@ -54,6 +82,8 @@ class Sigmoid(_Elementwise):
 
 class Tanh(_Elementwise):
     """``y = tanh(x)``; the cache is ``y``."""
+
+    kernel = "tanh"
 
     def forward_cpu(self, x):
         y = numpy.tanh(x)

@@ -21,6 +21,7 @@ with :func:`minirnng.backend.uses_kernels`.
 import numpy
 
 from .. import backend
+from ..cuda.launch import contiguous
 
 SUPPORTED_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
@@ -78,6 +79,24 @@ def check_array(array, owner, what="input", ndim=None, dtype=None, channels=None
     return array
 
 
+def check_same_path(forward_on_kernels, grad_output, owner):
+    """Refuse a backward pass on another code path than its forward pass.
+
+    The two paths keep different caches (the NumPy path's ReLU keeps a mask, the kernels' keep
+    the output), so mixing them would not fail but silently compute nonsense; this happens when a
+    forward runs inside ``backend.use("cuda-emulator")`` and its backward outside, or when
+    ``grad_output`` is a NumPy array for a forward that ran on CuPy arrays.
+    """
+    if backend.uses_kernels(grad_output) != forward_on_kernels:
+        ran, asked = ("the kernel (GPU) path", "the NumPy path") if forward_on_kernels else \
+                     ("the NumPy path", "the kernel (GPU) path")
+        raise ValueError(f"{owner}: the forward pass ran on {ran} but this backward pass would run on {asked} "
+                         f"(backend {backend.current()!r}, grad_output a "
+                         f"{'CuPy' if backend.is_cupy_array(grad_output) else 'NumPy'} array); run both passes "
+                         "under the same backend, with grad_output on the forward's device "
+                         "(minirnng.backend.to_device / to_numpy)")
+
+
 def check_same_shape(array, reference, owner, what, reference_name):
     if tuple(array.shape) != tuple(reference.shape):
         raise ValueError(f"{owner}: {what} must have the shape of {reference_name} {tuple(reference.shape)}, "
@@ -126,19 +145,28 @@ class Layer:
         """Call ``<stage>_gpu`` when ``arrays[0]`` takes the kernel path, else ``<stage>_cpu``.
 
         ``stage`` is ``"forward"`` or ``"backward"``. The kernel path is taken for CuPy arrays
-        and, on the ``cuda-emulator`` backend, for NumPy arrays too.
+        and, on the ``cuda-emulator`` backend, for NumPy arrays too. The kernels index raw
+        buffers, so on that path every array is first made C-contiguous (a copy only where it
+        is not): ``*_gpu`` methods may rely on it.
         """
-        suffix = "gpu" if backend.uses_kernels(arrays[0]) else "cpu"
-        implementation = getattr(self, f"{stage}_{suffix}", None)
+        return self._dispatch(stage, backend.uses_kernels(arrays[0]), arrays)
+
+    def _dispatch(self, stage, on_kernels, arrays):
+        if on_kernels:
+            arrays = tuple(contiguous(array) for array in arrays)
+        implementation = getattr(self, f"{stage}_gpu" if on_kernels else f"{stage}_cpu", None)
         if implementation is None:
-            raise NotImplementedError(f"{type(self).__name__} has no {stage}_{suffix} implementation")
+            raise NotImplementedError(f"{type(self).__name__} has no {stage}_{'gpu' if on_kernels else 'cpu'} "
+                                      "implementation")
         return implementation(*arrays)
 
     def run_forward(self, *arrays):
         """Dispatch the forward pass, keep its cache, remember the output's shape, return the output."""
-        output, self.cache = self.dispatch("forward", *arrays)
+        on_kernels = backend.uses_kernels(arrays[0])
+        output, self.cache = self._dispatch("forward", on_kernels, arrays)
         self.output_shape_seen = tuple(output.shape)
         self.output_dtype_seen = output.dtype
+        self.cache_on_kernels = on_kernels  # the path whose cache this is: backward must take it too
         return output
 
     def run_backward(self, grad_output):
@@ -150,7 +178,8 @@ class Layer:
         if tuple(grad_output.shape) != self.output_shape_seen:
             raise ValueError(f"{owner}: grad_output must have the output's shape {self.output_shape_seen}, "
                              f"got {tuple(grad_output.shape)}")
-        return self.dispatch("backward", grad_output)
+        check_same_path(self.cache_on_kernels, grad_output, owner)
+        return self._dispatch("backward", self.cache_on_kernels, (grad_output,))
 
     def reference_array(self):
         """An array that tells where this layer's parameters live (None for parameterless layers)."""

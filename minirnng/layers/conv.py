@@ -22,13 +22,29 @@ maps C input channels to O output channels, and
 So the whole module rests on two functions, :func:`correlate` (im2col, then a product) and
 :func:`correlate_transpose` (a product, then col2im): each layer's forward is one of them and its
 input gradient is the other.
+
+Both layers run on either path with the same code: the NumPy path passes the NumPy
+``im2col``/``col2im`` to those two functions, the kernel path passes the kernels' launchers
+(``im2col_gpu``/``col2im_gpu``), and the products are ``xp.matmul`` either way (cuBLAS on a GPU).
+Only the bias differs: on the kernel path the ``bias_add`` kernel adds it in place after
+Conv2d's product, the ``col2im`` launch of ConvTranspose2d adds it as it writes each pixel, and
+the bias gradient is ``reduce.cu``'s ``channel_sum``. Kernel launches per pass (batch of any size)::
+
+    Conv2d            forward   im2col, matmul, bias_add          (1x1, stride 1, no padding: no im2col)
+                      backward  matmul (+ sum over the batch), channel_sum x 2, matmul, col2im
+                                                                  (1x1: no col2im)
+    ConvTranspose2d   forward   matmul, col2im with the bias
+                      backward  im2col, matmul, matmul (+ sum over the batch), channel_sum x 2
 """
+
+import functools
 
 import numpy
 
 from .. import backend
+from ..cuda.launch import channel_sum, contiguous, launch
 from .base import Layer, check_array, check_positive_int, uniform_fan_in
-from .im2col import col2im, conv_output_size, im2col, transposed_output_size
+from .im2col import col2im, col2im_gpu, conv_output_size, im2col, im2col_gpu, transposed_output_size
 
 
 def correlate(x, weight, stride, padding, unfold=im2col):
@@ -66,6 +82,17 @@ def weight_gradient(upstream, cols):
     return xp.matmul(upstream, cols.transpose(0, 2, 1)).sum(axis=0)
 
 
+def bias_gradient_cpu(grad_output):
+    """``db[o] = sum over n, y, x of dy[n, o, y, x]``: grad_output (N, O, H, W) -> (O,)."""
+    return grad_output.sum(axis=(0, 2, 3))
+
+
+def bias_gradient_gpu(grad_output):
+    """:func:`bias_gradient_cpu` by the ``channel_sum`` kernels (two launches, summed in double)."""
+    n, channels = grad_output.shape[:2]
+    return channel_sum(grad_output.reshape(n, channels, -1))
+
+
 class _ConvolutionBase(Layer):
     """What Conv2d and ConvTranspose2d share: hyper-parameters, initialisation and input checks."""
 
@@ -94,13 +121,24 @@ class _ConvolutionBase(Layer):
                     channels=self.in_channels, like=self.params["weight"])
 
     def add_bias(self, y):
+        """y (N, O, Ho, Wo) += bias, in place (NumPy path)."""
         if self.has_bias:
             y += self.params["bias"].reshape(1, -1, 1, 1)
         return y
 
-    def accumulate_bias_grad(self, grad_output):
+    def add_bias_gpu(self, y):
+        """y (N, O, Ho, Wo), the product, += bias in place by the ``bias_add`` kernel."""
         if self.has_bias:
-            self.accumulate_grad("bias", grad_output.sum(axis=(0, 2, 3)))
+            y = contiguous(y)
+            n, channels, height, width = y.shape
+            i32 = numpy.int32
+            launch("bias", "bias_add", y.dtype, y.size,
+                   (y, self.params["bias"], i32(n), i32(channels), i32(height * width)))
+        return y
+
+    def accumulate_bias_grad(self, grad_output, bias_gradient=bias_gradient_cpu):
+        if self.has_bias:
+            self.accumulate_grad("bias", bias_gradient(grad_output))
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -136,19 +174,37 @@ class Conv2d(_ConvolutionBase):
         y, cols = correlate(x, self.params["weight"], self.stride, self.padding)
         return self.add_bias(y), (cols, x.shape)
 
+    def forward_gpu(self, x):
+        """x (N, C, H, W) C-contiguous: the im2col kernel, cuBLAS, the bias_add kernel.
+
+        The cache is (cols (N, C*k*k, Ho*Wo), x's shape); for a 1x1 convolution cols is a view of x.
+        """
+        y, cols = correlate(x, self.params["weight"], self.stride, self.padding, unfold=im2col_gpu)
+        return self.add_bias_gpu(y), (cols, x.shape)
+
     def backward(self, grad_output):
         return self.run_backward(grad_output)
 
     def backward_cpu(self, grad_output):
+        return self.backward_with(grad_output, fold=col2im, bias_gradient=bias_gradient_cpu)
+
+    def backward_gpu(self, grad_output):
+        return self.backward_with(grad_output, fold=col2im_gpu, bias_gradient=bias_gradient_gpu)
+
+    def backward_with(self, grad_output, fold, bias_gradient):
+        """The backward pass of either path, given that path's col2im and bias gradient.
+
+        grad_output (N, O, Ho, Wo) -> dx (N, C, H, W), or None when ``needs_input_grad`` is False.
+        """
         cols, x_shape = self.cache
         weight = self.params["weight"]
         n = grad_output.shape[0]
         upstream = grad_output.reshape(n, self.out_channels, -1)
         self.accumulate_grad("weight", weight_gradient(upstream, cols).reshape(weight.shape))
-        self.accumulate_bias_grad(grad_output)
+        self.accumulate_bias_grad(grad_output, bias_gradient)
         if not self.needs_input_grad:
             return None
-        return correlate_transpose(grad_output, weight, self.stride, self.padding, x_shape)
+        return correlate_transpose(grad_output, weight, self.stride, self.padding, x_shape, fold=fold)
 
 
 class ConvTranspose2d(_ConvolutionBase):
@@ -180,15 +236,33 @@ class ConvTranspose2d(_ConvolutionBase):
         y = correlate_transpose(x, self.params["weight"], self.stride, self.padding, self.output_shape(x.shape))
         return self.add_bias(y), x
 
+    def forward_gpu(self, x):
+        """x (N, C, H, W) C-contiguous: cuBLAS, then the col2im kernel, which adds the bias as it
+        writes each output pixel. The cache is x."""
+        fold = functools.partial(col2im_gpu, bias=self.params.get("bias"))
+        y = correlate_transpose(x, self.params["weight"], self.stride, self.padding, self.output_shape(x.shape),
+                                fold=fold)
+        return y, x
+
     def backward(self, grad_output):
         return self.run_backward(grad_output)
 
     def backward_cpu(self, grad_output):
+        return self.backward_with(grad_output, unfold=im2col, bias_gradient=bias_gradient_cpu)
+
+    def backward_gpu(self, grad_output):
+        return self.backward_with(grad_output, unfold=im2col_gpu, bias_gradient=bias_gradient_gpu)
+
+    def backward_with(self, grad_output, unfold, bias_gradient):
+        """The backward pass of either path, given that path's im2col and bias gradient.
+
+        grad_output (N, O, Ho, Wo) -> dx (N, C, H, W).
+        """
         x = self.cache
         weight = self.params["weight"]
         n = x.shape[0]
-        dx, cols = correlate(grad_output, weight, self.stride, self.padding)
+        dx, cols = correlate(grad_output, weight, self.stride, self.padding, unfold=unfold)
         inputs = x.reshape(n, self.in_channels, -1)
         self.accumulate_grad("weight", weight_gradient(inputs, cols).reshape(weight.shape))
-        self.accumulate_bias_grad(grad_output)
+        self.accumulate_bias_grad(grad_output, bias_gradient)
         return dx

@@ -7,12 +7,22 @@ The maximum is a router: its gradient goes, whole, to the one input that won, an
 the others. On a tie the first maximum in row-major window order wins (as ``argmax`` and
 PyTorch's CPU kernel choose), so the gradient is deterministic. Forward records the winner as an
 index ``i*k + j`` into the window (a small integer array); backward only needs that and the shape.
+
+On the kernel path (``kernels/maxpool.cu``) the forward is one launch, a thread per output
+element, and the backward one launch, a thread per input element that gathers the gradient of the
+windows it won. The kernels store the winner as int8, so there a window has at most 127 elements
+(``kernel_size <= 11``); larger windows are refused with an error saying so.
 """
 
 import numpy
 
+from .. import backend
+from ..cuda.launch import launch
 from .base import Layer, check_array, check_positive_int
 from .im2col import conv_output_size
+
+#: The largest window the GPU kernels can pool: they record the winner's offset as an int8.
+MAX_KERNEL_WINDOW = 127
 
 
 def smallest_index_dtype(count):
@@ -77,8 +87,37 @@ class MaxPool2d(Layer):
             numpy.maximum(y, candidate, out=y)
         return y, (winner, x.shape)
 
+    def forward_gpu(self, x):
+        """x (N, C, H, W) C-contiguous -> y (N, C, Ho, Wo); the cache is (argmax int8 (N, C, Ho, Wo), x's shape)."""
+        k, s = self.kernel_size, self.stride
+        if k * k > MAX_KERNEL_WINDOW:
+            raise ValueError(f"{self!r}: the GPU kernel records each window's winner as an int8 offset, so a window "
+                             f"may have at most {MAX_KERNEL_WINDOW} elements, and {k}x{k} has {k * k}; use "
+                             "kernel_size <= 11, or run this layer on the NumPy backend")
+        n, c, out_height, out_width = self.output_shape(x.shape)
+        xp = backend.get_array_module(x)
+        y = xp.empty((n, c, out_height, out_width), dtype=x.dtype)
+        argmax = xp.empty(y.shape, dtype=numpy.int8)
+        i32 = numpy.int32
+        launch("maxpool", "maxpool_forward", x.dtype, y.size,
+               (x, y, argmax, i32(n), i32(c), i32(x.shape[2]), i32(x.shape[3]), i32(k), i32(s),
+                i32(out_height), i32(out_width)))
+        return y, (argmax, x.shape)
+
     def backward(self, grad_output):
         return self.run_backward(grad_output)
+
+    def backward_gpu(self, grad_output):
+        """dy (N, C, Ho, Wo) C-contiguous -> dx (N, C, H, W): each input gathers dy of the windows it won."""
+        argmax, x_shape = self.cache
+        n, c, height, width = x_shape
+        out_height, out_width = argmax.shape[2:]
+        dx = backend.get_array_module(grad_output).empty(x_shape, dtype=grad_output.dtype)
+        i32 = numpy.int32
+        launch("maxpool", "maxpool_backward", grad_output.dtype, dx.size,
+               (grad_output, argmax, dx, i32(n), i32(c), i32(height), i32(width), i32(self.kernel_size),
+                i32(self.stride), i32(out_height), i32(out_width)))
+        return dx
 
     def backward_cpu(self, grad_output):
         winner, x_shape = self.cache

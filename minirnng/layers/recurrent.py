@@ -13,15 +13,29 @@ and one backward scan (:func:`gated_scan_forward`, :func:`gated_scan_backward`, 
 counterparts), and :func:`to_scan_layout` / :func:`from_scan_layout` are the only places that know
 about directions. The derivations are in ``docs/derivations/gated-rnn.md``.
 
+**The kernel path** (``kernels/gated_scan.cu``, described in ``docs/kernels.md``) works on NCHW
+arrays directly: a direction is five integers (:func:`minirnng.cuda.scan_geometry`), one thread
+scans one line, and one launch runs all the directions a layer has. :func:`scan_forward_gpu` and
+:func:`scan_backward_gpu` are the only code that launches the scans; a single-direction layer
+calls them with ``D = 1``, the four-way layer with ``D = 4`` and adds the max merge. Launches
+per pass: a single direction, forward 1, backward 4 (the scan, a matmul for ``dW``, two for
+``db``); the four-way layer, forward 2 (scans, merge), backward 7 (merge, scans, ``dW``, ``db``
+twice, two sums over the directions for ``dx`` and ``dg``), plus one addition per parameter
+gradient.
+
 **Stability** (paper section 3.2). The gate is kept in (0, 1) by the sigmoid that produces it and
 :func:`constrain_recurrent_weight` keeps every row of ``W`` within absolute sum 1 after each
 optimizer step; together they make one step a contraction in the max norm, so long scans cannot
 blow up.
 """
 
+import functools
+
 import numpy
 
 from .. import backend
+from ..cuda.directions import scan_geometry
+from ..cuda.launch import channel_sum, launch, sum_first_axis
 from .base import Layer, check_array, check_positive_int, check_same_shape
 
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
@@ -179,6 +193,90 @@ def plain_scan_backward(delta, h, W, activation):
     return dW, db
 
 
+# -- the kernel path: D directions in one launch -------------------------------------------------
+#: The scans the kernels implement: eq. 3 ("gated"), eq. 1 with tanh ("tanh") and eq. 1 without an
+#: activation ("identity", which is the gated kernel with every gate 1: g = None).
+SCAN_KINDS = ("gated", "tanh", "identity")
+
+
+def scan_geometry_on(directions, height, width, like):
+    """:func:`minirnng.cuda.scan_geometry` ``(D, 5)`` int32 on the device of ``like`` (an array).
+
+    It depends only on the directions and the image size, so it is built and copied to the GPU
+    once per device and size, and reused: a copy from the host at every call would cost a
+    synchronous transfer (and would break the capture of a forward pass into a CUDA graph).
+    """
+    device = like.device.id if backend.is_cupy_array(like) else None
+    return _scan_geometry_cached(tuple(directions), int(height), int(width), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _scan_geometry_cached(directions, height, width, device):
+    geometry = scan_geometry(directions, height, width)
+    if device is None:
+        geometry.flags.writeable = False  # shared by every call from now on
+        return geometry
+    import cupy
+    with cupy.cuda.Device(device):
+        return cupy.asarray(geometry)
+
+
+def scan_forward_gpu(kind, x, g, weight, bias, geometry):
+    """D directions of a scan (one of :data:`SCAN_KINDS`) in one launch of ``kernels/gated_scan.cu``.
+
+    x : (N, C, H, W) and g : (N, C, H, W) (None for "tanh" and "identity"), C-contiguous, shared
+    by all directions; weight : (D, C, C) and bias : (D, C), one slice per direction; geometry :
+    (D, 5) from :func:`scan_geometry_on`. Returns h : (D, N, C, H, W), direction d in ``h[d]``.
+    """
+    xp = backend.get_array_module(x)
+    n, channels, height, width = x.shape
+    directions = weight.shape[0]
+    h = xp.empty((directions, n, channels, height, width), dtype=x.dtype)
+    i32 = numpy.int32
+    sizes = (i32(directions), i32(n), i32(channels), i32(height * width))
+    lines = n * max(height, width)  # threads per direction; the kernel skips those past its own line count
+    if kind == "tanh":
+        launch("gated_scan", "tanh_scan_forward", x.dtype, lines, (x, weight, bias, geometry, h, *sizes),
+               grid_y=directions)
+    else:
+        launch("gated_scan", "gated_scan_forward", x.dtype, lines, (x, g, weight, bias, geometry, h, *sizes),
+               grid_y=directions)
+    return h
+
+
+def scan_backward_gpu(kind, dh, g, h, weight, bias, geometry):
+    """Back-propagation through :func:`scan_forward_gpu`, the recipe of ``docs/kernels.md``.
+
+    dh : (D, N, C, H, W) upstream gradient of each direction's output, C-contiguous; g, h, weight,
+    bias, geometry : as in and from the forward. Returns ``(dx, dg, dW, db)``: dx (D, N, C, H, W)
+    and dg (D, N, C, H, W) per direction (dg None unless kind is "gated"), dW (D, C, C), db (D, C).
+
+    The scan kernel writes, besides dx and dg, the gradient ``e`` of each step's ``W h + b`` and
+    the state ``h_prev`` it multiplied, channel-major (D, C, N*H*W); then ``dW[d] = e[d] @ h_prev[d].T``
+    is one batched product for all directions and ``db`` one ``channel_sum``.
+    """
+    xp = backend.get_array_module(dh)
+    directions, n, channels, height, width = dh.shape
+    dx = xp.empty_like(dh)
+    dg = xp.empty_like(dh) if kind == "gated" else None
+    e = xp.empty((directions, channels, n, height, width), dtype=dh.dtype)
+    h_prev = xp.empty_like(e)
+    i32 = numpy.int32
+    sizes = (i32(directions), i32(n), i32(channels), i32(height * width))
+    lines = n * max(height, width)
+    if kind == "tanh":
+        launch("gated_scan", "tanh_scan_backward", dh.dtype, lines, (dh, h, weight, geometry, dx, e, h_prev, *sizes),
+               grid_y=directions)
+    else:
+        launch("gated_scan", "gated_scan_backward", dh.dtype, lines,
+               (dh, g, h, weight, bias, geometry, dx, dg, e, h_prev, *sizes), grid_y=directions)
+    pixels = n * height * width
+    e = e.reshape(directions, channels, pixels)
+    dW = xp.matmul(e, h_prev.reshape(directions, channels, pixels).transpose(0, 2, 1))
+    db = channel_sum(e.reshape(1, directions * channels, pixels)).reshape(directions, channels)
+    return dx, dg, dW, db
+
+
 # -- the stability rule --------------------------------------------------------------------------
 def constrain_recurrent_weight(W):
     """Rescale ``W`` in place so that its largest absolute row sum is at most 1; return ``W``.
@@ -229,7 +327,42 @@ def identity_recurrent_weight(channels):
     return numpy.eye(channels)
 
 
-class GatedSpatialRNN(RecurrentLayer):
+class DirectionalRNN(RecurrentLayer):
+    """One recurrent scan along one direction: the parameters and the kernel path that
+    :class:`GatedSpatialRNN` and :class:`SpatialRNN` share (subclasses set :attr:`scan_kind`).
+
+    Parameters ``W`` (C, C) and ``b`` (C,), initialised by :func:`identity_recurrent_weight` and 0.
+    """
+
+    #: which scan of :data:`SCAN_KINDS` the kernel path runs
+    scan_kind = None
+
+    def __init__(self, channels, direction, dtype=numpy.float32):
+        super().__init__(channels, dtype=dtype)
+        self.direction = check_direction(direction, type(self).__name__)
+        self.add_param("W", identity_recurrent_weight(self.channels))
+        self.add_param("b", numpy.zeros(self.channels))
+
+    def forward_gpu(self, x, g=None):
+        """x (and g), (N, C, H, W) C-contiguous -> h (N, C, H, W), one launch with D = 1.
+
+        The cache is (g, h (1, N, C, H, W), geometry); ``h[0]`` is the output itself.
+        """
+        geometry = scan_geometry_on((self.direction,), x.shape[2], x.shape[3], like=x)
+        h = scan_forward_gpu(self.scan_kind, x, g, self.params["W"][None], self.params["b"][None], geometry)
+        return h[0], (g, h, geometry)
+
+    def backward_gpu(self, grad_output):
+        """dh (N, C, H, W) -> dx, or (dx, dg) for the gated scan; adds dW and db into ``grads``."""
+        g, h, geometry = self.cache
+        dx, dg, dW, db = scan_backward_gpu(self.scan_kind, grad_output[None], g, h, self.params["W"][None],
+                                           self.params["b"][None], geometry)
+        self.accumulate_grad("W", dW[0])
+        self.accumulate_grad("b", db[0])
+        return dx[0] if dg is None else (dx[0], dg[0])
+
+
+class GatedSpatialRNN(DirectionalRNN):
     """The spatially variant recurrent layer of the paper (eq. 3), along one direction.
 
     For ``direction="left_to_right"``, every image ``n`` and row ``y``, along the columns
@@ -249,12 +382,10 @@ class GatedSpatialRNN(RecurrentLayer):
     """
 
     input_names = ("x", "g")
+    scan_kind = "gated"
 
     def __init__(self, channels, direction, rng=None, dtype=numpy.float32):
-        super().__init__(channels, dtype=dtype)
-        self.direction = check_direction(direction, type(self).__name__)
-        self.add_param("W", identity_recurrent_weight(self.channels))
-        self.add_param("b", numpy.zeros(self.channels))
+        super().__init__(channels, direction, dtype=dtype)
 
     def forward(self, x, g):
         self.check_inputs(x, g)
@@ -290,6 +421,12 @@ class FourWayMaxMerge(RecurrentLayer):
     directions' gradients. ``params`` / ``grads`` are named ``left_to_right.W``,
     ``left_to_right.b``, ... and are the live arrays of the four layers in ``self.direction_layers``
     (a dict in ``DIRECTIONS`` order). Subclasses name the layer kind in ``direction_class``.
+
+    Those arrays are views into two stacked arrays, ``stacked_params["W"]`` (4, C, C) and
+    ``stacked_params["b"]`` (4, C) (and likewise ``stacked_grads``), in ``DIRECTIONS`` order. The
+    kernel path runs the four scans in one launch, which reads all four ``W`` as one array; with
+    views, an update of any direction's ``W`` (by an optimizer, the stability rule or a checkpoint,
+    all of which write in place) is already an update of the stack, and no copy is made per call.
     """
 
     direction_class = None
@@ -300,6 +437,15 @@ class FourWayMaxMerge(RecurrentLayer):
         self.direction_layers = {
             direction: self.direction_class(self.channels, direction, rng=rng, dtype=dtype, **direction_options)
             for direction in DIRECTIONS}
+        layers = list(self.direction_layers.values())
+        xp = backend.get_array_module(layers[0].params["W"])
+        self.stacked_params, self.stacked_grads = {}, {}
+        for name in layers[0].params:
+            stacked = xp.stack([layer.params[name] for layer in layers])
+            stacked_grad = xp.zeros_like(stacked)
+            for index, layer in enumerate(layers):
+                layer.params[name], layer.grads[name] = stacked[index], stacked_grad[index]
+            self.stacked_params[name], self.stacked_grads[name] = stacked, stacked_grad
         for direction, layer in self.direction_layers.items():
             for name in layer.params:
                 self.params[f"{direction}.{name}"] = layer.params[name]
@@ -343,6 +489,59 @@ class FourWayMaxMerge(RecurrentLayer):
                     total += grad
         return totals if len(totals) > 1 else totals[0]
 
+    @property
+    def scan_kind(self):
+        """The scan of the four direction layers (one of :data:`SCAN_KINDS`)."""
+        return next(iter(self.direction_layers.values())).scan_kind
+
+    def check_stacks(self):
+        """Refuse to run the kernels if a direction's parameter or gradient is no longer a view of
+        the stacks they read: they would use stale weights or lose gradients, silently."""
+        for stacks, kind in ((self.stacked_params, "params"), (self.stacked_grads, "grads")):
+            for name, stacked in stacks.items():
+                for direction, layer in self.direction_layers.items():
+                    if getattr(layer, kind)[name].base is not stacked:
+                        raise RuntimeError(
+                            f"{type(self).__name__}: {kind}['{direction}.{name}'] is no longer a view of the stacked "
+                            "array the GPU kernels read (was a parameter array replaced, or the layer deep-copied, "
+                            "which copies views as separate arrays?); build a new layer and copy the values in, "
+                            "e.g. with Model.load_params")
+
+    def forward_gpu(self, x, g=None):
+        """x (and g), (N, C, H, W) C-contiguous -> the merged h (N, C, H, W).
+
+        Two launches: the four scans (D = 4), then ``max_merge_forward``, which writes the maximum
+        and the index of the first direction attaining it. The cache is (g, h (4, N, C, H, W),
+        winner int8 (N, C, H, W), geometry).
+        """
+        self.check_stacks()
+        xp = backend.get_array_module(x)
+        geometry = scan_geometry_on(DIRECTIONS, x.shape[2], x.shape[3], like=x)
+        h = scan_forward_gpu(self.scan_kind, x, g, self.stacked_params["W"], self.stacked_params["b"], geometry)
+        merged = xp.empty_like(x)
+        winner = xp.empty(x.shape, dtype=numpy.int8)
+        launch("gated_scan", "max_merge_forward", x.dtype, x.size,
+               (h, merged, winner, numpy.int32(len(DIRECTIONS)), numpy.int32(x.size)))
+        return merged, (g, h, winner, geometry)
+
+    def backward_gpu(self, grad_output):
+        """dh (N, C, H, W) -> dx, or (dx, dg) for the gated layer; adds into the four directions' grads.
+
+        ``max_merge_backward`` routes dh to the winners as (4, N, C, H, W), the scans run backward
+        in one launch, and ``sum_first_axis`` adds the four directions' dx (and dg).
+        """
+        g, h, winner, geometry = self.cache
+        xp = backend.get_array_module(grad_output)
+        routed = xp.empty_like(h)
+        launch("gated_scan", "max_merge_backward", grad_output.dtype, grad_output.size,
+               (grad_output, winner, routed, numpy.int32(h.shape[0]), numpy.int32(grad_output.size)))
+        dx, dg, dW, db = scan_backward_gpu(self.scan_kind, routed, g, h, self.stacked_params["W"],
+                                           self.stacked_params["b"], geometry)
+        self.stacked_grads["W"] += dW  # the four directions' gradients at once (they are views)
+        self.stacked_grads["b"] += db
+        dx = sum_first_axis(dx)
+        return dx if dg is None else (dx, sum_first_axis(dg))
+
     def __repr__(self):
         return f"{type(self).__name__}(channels={self.channels})"
 
@@ -362,7 +561,7 @@ class FourWayGatedRNN(FourWayMaxMerge):
         return self.run_forward(x, g)
 
 
-class SpatialRNN(RecurrentLayer):
+class SpatialRNN(DirectionalRNN):
     """The spatially invariant recurrent layer of eq. 1 (the paper's "RNN" baseline), one direction.
 
     For ``direction="left_to_right"``, every image ``n`` and row ``y``, along ``j = 0 .. W-1``:
@@ -378,14 +577,17 @@ class SpatialRNN(RecurrentLayer):
     """
 
     def __init__(self, channels, direction, activation="tanh", rng=None, dtype=numpy.float32):
-        super().__init__(channels, dtype=dtype)
-        self.direction = check_direction(direction, type(self).__name__)
         if activation not in ACTIVATIONS:
             raise ValueError(f"{type(self).__name__}: unknown activation {activation!r}; "
                              f"expected one of {', '.join(ACTIVATIONS)}")
+        super().__init__(channels, direction, dtype=dtype)
         self.activation = activation
-        self.add_param("W", identity_recurrent_weight(self.channels))
-        self.add_param("b", numpy.zeros(self.channels))
+
+    @property
+    def scan_kind(self):
+        """The scan the kernels run: "tanh", or "identity" (eq. 1 without activation is the gated
+        scan with every gate 1)."""
+        return "tanh" if self.activation == "tanh" else "identity"
 
     def forward(self, x):
         self.check_inputs(x)

@@ -1,0 +1,115 @@
+"""The kernel sources in ``minirnng/kernels/*.cu`` and the signatures of their kernels.
+
+Both ways of running a kernel need to know its parameters: the launcher checks every argument
+against them before a launch (so that a Python ``int`` or a ``float64`` array never reaches a
+kernel that expects an ``int`` or a ``float*``), and the emulator writes a C++ launch loop and a
+ctypes prototype from them. Rather than repeating each signature in Python, they are read from the
+source itself: every kernel is declared as::
+
+    extern "C" __global__ void name(const scalar_t* __restrict__ x, scalar_t* y, int n)
+
+with one C type per parameter, drawn from :data:`C_TYPES`, or ``scalar_t``: the floating type
+of the variant being compiled (``-Dscalar_t=float`` or ``-Dscalar_t=double``). Comments inside a
+parameter list are allowed. A pointer parameter may be passed ``None`` (a null pointer) only when
+the source compares a pointer of that name with ``nullptr`` (in the kernel, or in a helper that
+receives it under the same name), i.e. when the kernel is written to handle it.
+"""
+
+import functools
+import pathlib
+import re
+from typing import NamedTuple
+
+import numpy
+
+KERNEL_DIRECTORY = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+
+#: The C types a parameter may have (besides ``scalar_t``) and the NumPy dtype each one matches.
+C_TYPES = {
+    "float": numpy.dtype(numpy.float32),
+    "double": numpy.dtype(numpy.float64),
+    "int": numpy.dtype(numpy.int32),
+    "long long": numpy.dtype(numpy.int64),
+    "signed char": numpy.dtype(numpy.int8),
+    "unsigned char": numpy.dtype(numpy.uint8),
+}
+#: Scalars (passed by value) are limited to these, as CuPy's examples recommend: 4-byte ints and floats.
+SCALAR_TYPES = ("int", "float", "double", "scalar_t")
+#: The value of ``scalar_t`` for each supported dtype: the ``-D`` define both compilers get.
+SCALAR_T = {numpy.dtype(numpy.float32): "float", numpy.dtype(numpy.float64): "double"}
+
+
+class Parameter(NamedTuple):
+    """One kernel parameter: ``const scalar_t* __restrict__ x`` is
+    ``Parameter(name="x", ctype="scalar_t", pointer=True, const=True, nullable=False)``."""
+    name: str
+    ctype: str
+    pointer: bool
+    const: bool
+    nullable: bool
+    declaration: str  # the text as written in the source, reused by the emulator's launcher
+
+    def dtype(self, scalar_dtype):
+        """The NumPy dtype this parameter holds when ``scalar_t`` is ``scalar_dtype``."""
+        return numpy.dtype(scalar_dtype) if self.ctype == "scalar_t" else C_TYPES[self.ctype]
+
+
+class Kernel(NamedTuple):
+    name: str
+    parameters: tuple
+
+
+_KERNEL_DECLARATION = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{')
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+
+
+def source_path(source_name):
+    """Path of ``minirnng/kernels/<source_name>.cu``; a clear error listing the sources if it is absent."""
+    path = KERNEL_DIRECTORY / f"{source_name}.cu"
+    if not path.is_file():
+        raise ValueError(f"there is no kernel source {source_name!r} in {KERNEL_DIRECTORY}; "
+                         f"the sources are: {', '.join(source_names())}")
+    return path
+
+
+def source_names():
+    """The names of all kernel sources, e.g. ``['activation', 'bias', ...]``."""
+    return sorted(path.stem for path in KERNEL_DIRECTORY.glob("*.cu"))
+
+
+@functools.lru_cache(maxsize=None)
+def read_source(source_name):
+    """The text of a kernel source (read once per process)."""
+    return source_path(source_name).read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(source_name):
+    """``{kernel name: Kernel}`` for every ``extern "C" __global__`` kernel of a source."""
+    code = _COMMENT.sub(lambda match: " " * len(match.group(0)), read_source(source_name))
+    found = {}
+    for match in _KERNEL_DECLARATION.finditer(code):
+        name, parameter_list = match.groups()
+        parameters = tuple(_parse_parameter(text, name, source_name, code)
+                           for text in parameter_list.split(","))
+        found[name] = Kernel(name, parameters)
+    return found
+
+
+def _parse_parameter(text, kernel_name, source_name, code):
+    declaration = " ".join(text.split())
+    match = re.fullmatch(r"(.*?)(\w+)", declaration)
+    if not match or not match.group(1).strip():
+        raise ValueError(f"{source_name}.cu, kernel {kernel_name}: cannot read the parameter {declaration!r}")
+    type_text, name = match.group(1), match.group(2)
+    pointer = "*" in type_text
+    words = type_text.replace("*", " ").split()
+    const = "const" in words
+    ctype = " ".join(word for word in words if word not in ("const", "__restrict__"))
+    allowed = ("scalar_t", *C_TYPES) if pointer else SCALAR_TYPES
+    if ctype not in allowed:
+        raise ValueError(f"{source_name}.cu, kernel {kernel_name}: parameter {name!r} has type "
+                         f"{type_text.strip()!r}; use one of {', '.join(allowed)}"
+                         f"{' (pointers)' if pointer else ' (scalars)'}")
+    nullable = pointer and re.search(rf"\b{name}\s*[!=]=\s*nullptr\b", code) is not None
+    return Parameter(name, ctype, pointer, const, nullable, declaration)

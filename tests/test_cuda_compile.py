@@ -1,0 +1,44 @@
+"""Every kernel source compiles with NVRTC, for Turing (compute_75) and Hopper (compute_90), in both
+variants. Runs without a GPU: NVRTC is a library (the nvidia-cuda-nvrtc-cu12 wheel), driven here
+through cupy.cuda.nvrtc directly, because CuPy's own compile helpers ask the driver which GPU there is.
+"""
+
+import numpy
+import pytest
+
+from minirnng.cuda import sources
+
+try:
+    from cupy.cuda import nvrtc
+    nvrtc.getVersion()
+except Exception as error:  # ImportError, or the NVRTC library failing to load
+    pytest.skip(f"CuPy's NVRTC bindings cannot be loaded ({type(error).__name__}: {error}); "
+                "install cupy-cuda12x and nvidia-cuda-nvrtc-cu12", allow_module_level=True)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("architecture", ["compute_75", "compute_90"])
+@pytest.mark.parametrize("source_name", sources.source_names())
+def test_source_compiles_without_warnings(source_name, architecture, dtype):
+    options = [f"--gpu-architecture={architecture}", f"-Dscalar_t={sources.SCALAR_T[numpy.dtype(dtype)]}"]
+    program = nvrtc.createProgram(sources.read_source(source_name), f"{source_name}.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as error:
+            pytest.fail(f"{source_name}.cu does not compile ({' '.join(options)}): {error}\n"
+                        f"{nvrtc.getProgramLog(program)}")
+        log = nvrtc.getProgramLog(program).strip()
+        assert not log, f"{source_name}.cu compiles with warnings ({' '.join(options)}):\n{log}"
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+@pytest.mark.parametrize("source_name", sources.source_names())
+def test_every_source_declares_readable_kernels(source_name):
+    """The launcher and the emulator read each kernel's parameters from the source (see sources.py)."""
+    kernels = sources.kernels(source_name)
+    assert kernels, f"{source_name}.cu declares no extern \"C\" __global__ kernel"
+    for kernel in kernels.values():
+        assert kernel.parameters, kernel.name
+        assert any(p.pointer and not p.const for p in kernel.parameters), f"{kernel.name} writes nothing"

@@ -1,0 +1,443 @@
+"""Every kernel, run on the CPU by the CUDA emulator, against a plain NumPy reference.
+
+The launch code is the GPU path's (tests/cuda_cases.py): same grids, blocks and argument types.
+Tolerance: 1e-6 (float32) and 1e-12 (float64) of the reference's largest magnitude; integer
+outputs (argmax, winners) exactly. The backward passes of the scans and the losses are also
+checked against finite differences in float64, so they do not rest on a hand-derived reference.
+"""
+
+import uuid
+
+import numpy
+import pytest
+
+import cuda_cases as cases
+from cuda_cases import assert_close, directional_derivative, loss_inputs, normal, scan_inputs
+from minirnng import backend
+from minirnng.cuda import DIRECTIONS, emulator, get_kernel, sources
+
+DTYPES = [pytest.param(numpy.float32, id="float32"), pytest.param(numpy.float64, id="float64")]
+
+
+@pytest.fixture(autouse=True)
+def on_the_emulator():
+    with backend.use("cuda-emulator"):
+        yield
+
+
+# ---- im2col / col2im / bias / reductions --------------------------------------------------------
+
+WINDOWS = [(1, 1, 0), (3, 1, 1), (5, 1, 2), (4, 2, 1), (3, 2, 0), (2, 2, 0), (3, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k, s, p", WINDOWS)
+def test_im2col_and_col2im_match_slicing(k, s, p, dtype):
+    rng = numpy.random.default_rng(0)
+    x = normal(rng, (2, 3, 7, 6), dtype)
+    assert_close(cases.im2col(x, k, s, p), cases.reference_im2col(x, k, s, p))
+    cols = normal(rng, cases.reference_im2col(x, k, s, p).shape, dtype)
+    assert_close(cases.col2im(cols, x.shape, k, s, p), cases.reference_col2im(cols, x.shape, k, s, p))
+
+
+@pytest.mark.parametrize("k, s, p", WINDOWS)
+def test_col2im_is_the_adjoint_of_im2col(k, s, p):
+    """<im2col(x), c> = <x, col2im(c)>: what makes col2im the input gradient of a convolution."""
+    rng = numpy.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 7, 6))
+    cols = rng.standard_normal(cases.im2col(x, k, s, p).shape)
+    left = numpy.vdot(cases.im2col(x, k, s, p), cols)
+    right = numpy.vdot(x, cases.col2im(cols, x.shape, k, s, p))
+    assert abs(left - right) <= 1e-12 * abs(left)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_transpose_output_grid(dtype):
+    """ConvTranspose2d 4x4, stride 2, pad 1 doubles the size: col2im onto (H-1)*2 - 2 + 4 = 2H."""
+    rng = numpy.random.default_rng(2)
+    H, W = 5, 3
+    cols = normal(rng, (2, 4 * 16, H * W), dtype)
+    image_shape = (2, 4, 2 * H, 2 * W)
+    assert cases.output_size(2 * H, 4, 2, 1) == H
+    assert_close(cases.col2im(cols, image_shape, 4, 2, 1), cases.reference_col2im(cols, image_shape, 4, 2, 1))
+    bias = normal(rng, (4,), dtype)  # ConvTranspose2d's bias, fused into the fold
+    assert_close(cases.col2im(cols, image_shape, 4, 2, 1, bias),
+                 cases.reference_col2im(cols, image_shape, 4, 2, 1) + bias.astype(numpy.float64)[:, None, None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_add(dtype):
+    rng = numpy.random.default_rng(3)
+    y, b = normal(rng, (3, 5, 11), dtype), normal(rng, (5,), dtype)
+    assert_close(cases.bias_add(y, b), y.astype(numpy.float64) + b.astype(numpy.float64)[:, None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunks", [1, 7, None, 5000], ids=["1", "7", "default", "more-than-elements"])
+def test_channel_sum_is_the_bias_gradient(chunks, dtype):
+    rng = numpy.random.default_rng(4)
+    dy = normal(rng, (3, 5, 11), dtype)
+    assert_close(cases.channel_sum(dy, chunks), dy.astype(numpy.float64).sum(axis=(0, 2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_first_axis(dtype):
+    rng = numpy.random.default_rng(5)
+    x = normal(rng, (4, 2, 3, 5), dtype)
+    assert_close(cases.sum_first_axis(x), x.astype(numpy.float64).sum(axis=0))
+
+
+# ---- max pooling ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k, s", [(2, 2), (3, 2), (3, 1), (2, 3), (3, 3)])
+def test_maxpool_with_ties(k, s, dtype):
+    """Values from {0, 1, 2, 3} tie in most windows: the first maximum must win, forward and backward."""
+    rng = numpy.random.default_rng(6)
+    x = rng.integers(0, 4, (2, 3, 9, 8)).astype(dtype)
+    y, argmax = cases.maxpool(x, k, s)
+    expected_y, expected_argmax = cases.reference_maxpool(x, k, s)
+    assert_close(y, expected_y)
+    numpy.testing.assert_array_equal(argmax, expected_argmax)
+    dy = normal(rng, y.shape, dtype)
+    assert_close(cases.maxpool_backward(dy, argmax, x.shape, k, s),
+                 cases.reference_maxpool_backward(dy, expected_argmax, x.shape, k, s))
+
+
+def test_maxpool_propagates_nan():
+    x = numpy.arange(2 * 1 * 4 * 4, dtype=numpy.float32).reshape(2, 1, 4, 4)
+    x[0, 0, 1, 0] = numpy.nan
+    x[0, 0, 1, 1] = numpy.nan
+    y, argmax = cases.maxpool(x, 2, 2)
+    expected_y, expected_argmax = cases.reference_maxpool(x, 2, 2)
+    assert numpy.isnan(y[0, 0, 0, 0]) and argmax[0, 0, 0, 0] == 2  # the first NaN in the window
+    numpy.testing.assert_array_equal(argmax, expected_argmax)
+    assert_close(y, expected_y)
+
+
+# ---- activations ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["relu", "sigmoid", "tanh"])
+def test_activation_forward_and_backward(name, dtype):
+    rng = numpy.random.default_rng(7)
+    x = normal(rng, (3, 4, 5, 7), dtype, scale=3.0)
+    x.flat[:6] = [0.0, -0.0, 60.0, -60.0, 200.0, -200.0]  # the kink, and beyond exp's range in float32
+    y = cases.activation(name, x)
+    assert_close(y, cases.reference_activation(name, x))
+    dy = normal(rng, x.shape, dtype)
+    assert_close(cases.activation_backward(name, dy, y), cases.reference_activation_backward(name, dy, y))
+
+
+def test_relu_passes_nan_and_its_backward_accepts_the_input():
+    x = numpy.array([numpy.nan, -1.0, 2.0, 0.0], dtype=numpy.float32)
+    y = cases.activation("relu", x)
+    assert numpy.isnan(y[0]) and list(y[1:]) == [0.0, 2.0, 0.0]
+    dy = numpy.ones(3, numpy.float32)
+    numpy.testing.assert_array_equal(cases.activation_backward("relu", dy, x[1:].copy()), [0.0, 1.0, 0.0])
+
+
+# ---- recurrent scans ------------------------------------------------------------------------------------
+
+SCAN_DIRECTIONS = [pytest.param([d], id=d) for d in DIRECTIONS] + [pytest.param(list(DIRECTIONS), id="all-four")]
+SCAN_SHAPES = [(2, 3, 5, 7), (1, 1, 1, 4), (3, 2, 6, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=["2x3x5x7", "1x1x1x4", "3x2x6x1"])
+@pytest.mark.parametrize("directions", SCAN_DIRECTIONS)
+@pytest.mark.parametrize("kind", ["gated", "tanh"])
+def test_scan_forward_and_backward_match_the_step_by_step_reference(kind, directions, shape, dtype):
+    rng = numpy.random.default_rng(8)
+    x, g, weight, bias = scan_inputs(rng, shape, directions, dtype)
+    h = cases.scan(kind, x, g, weight, bias, directions)
+    dh = normal(rng, h.shape, dtype)
+    gradients = cases.scan_backward(kind, dh, g, h, weight, bias, directions)
+    cases.check_scan_against_reference(kind, x, g, weight, bias, directions, h, dh, gradients)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_scan_without_gates_is_the_identity_plain_scan(dtype):
+    """g = None means g = 1: h_t = x_t + W h_{t-1} + b, SpatialRNN(activation="identity")."""
+    rng = numpy.random.default_rng(17)
+    directions = list(DIRECTIONS)
+    x, _, weight, bias = scan_inputs(rng, (2, 3, 5, 7), directions, dtype)
+    h = cases.scan("gated", x, None, weight, bias, directions)
+    dh = normal(rng, h.shape, dtype)
+    gradients = cases.scan_backward("gated", dh, None, h, weight, bias, directions)
+    assert "dg" not in gradients
+    cases.check_scan_against_reference("gated", x, None, weight, bias, directions, h, dh, gradients)
+
+
+@pytest.mark.parametrize("kind", ["gated", "tanh"])
+def test_scan_backward_matches_finite_differences(kind):
+    cases.check_scan_gradients_by_finite_differences(kind, run=lambda function, *args: function(*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_merge_with_ties_goes_to_the_first_direction(dtype):
+    rng = numpy.random.default_rng(10)
+    h = rng.integers(0, 3, (4, 2, 3, 5, 7)).astype(dtype)  # most pixels tie between directions
+    h[2, 0, 0, 0, 0] = numpy.nan
+    out, winner = cases.max_merge(h)
+    expected_winner = h.argmax(axis=0)  # first maximum, first NaN: the kernel's rule
+    numpy.testing.assert_array_equal(winner, expected_winner)
+    assert_close(out, numpy.take_along_axis(h, expected_winner[None], axis=0)[0])
+    dout = normal(rng, out.shape, dtype)
+    dh = cases.max_merge_backward(dout, winner, 4)
+    expected = numpy.where(numpy.arange(4).reshape(4, 1, 1, 1, 1) == expected_winner[None], dout[None], 0)
+    assert_close(dh, expected)
+
+
+# ---- losses ---------------------------------------------------------------------------------------------
+
+LOSS_OPTIONS = {
+    "plain": {},
+    "mask": {"mask": True},
+    "class-weights": {"class_weights": True},
+    "ignore-255": {"ignore_index": 255},
+    "everything": {"mask": True, "class_weights": True, "ignore_index": 255},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", LOSS_OPTIONS.values(), ids=LOSS_OPTIONS.keys())
+@pytest.mark.parametrize("logit_scale", [3.0, 60.0], ids=["moderate", "large-logits"])
+def test_softmax_cross_entropy(options, logit_scale, dtype):
+    rng = numpy.random.default_rng(11)
+    logits, targets, kwargs = loss_inputs(rng, options, dtype, logit_scale=logit_scale)
+    totals = cases.softmax_cross_entropy(logits, targets, **kwargs)
+    loss_sum, weight_sum, dlogits = cases.reference_softmax_cross_entropy(logits, targets, scale=0.7, **kwargs)
+    assert_close(totals, [loss_sum, weight_sum])
+    assert_close(cases.softmax_cross_entropy_backward(logits, targets, totals, 0.7, **kwargs), dlogits)
+
+
+def test_softmax_cross_entropy_accepts_a_bool_mask():
+    rng = numpy.random.default_rng(12)
+    logits, targets, kwargs = loss_inputs(rng, {"mask": True}, numpy.float64)
+    as_bool = cases.softmax_cross_entropy(logits, targets, mask=kwargs["mask"].astype(bool))
+    numpy.testing.assert_array_equal(as_bool, cases.softmax_cross_entropy(logits, targets, **kwargs))
+
+
+def test_softmax_cross_entropy_gradient_matches_finite_differences():
+    rng = numpy.random.default_rng(13)
+    logits, targets, kwargs = loss_inputs(rng, LOSS_OPTIONS["everything"], numpy.float64)
+
+    def mean_loss(z):
+        totals = cases.softmax_cross_entropy(z, targets, **kwargs)
+        return totals[0] / totals[1]
+
+    totals = cases.softmax_cross_entropy(logits, targets, **kwargs)
+    dlogits = cases.softmax_cross_entropy_backward(logits, targets, totals, 1.0, **kwargs)
+    direction = rng.standard_normal(logits.shape)
+    numeric = directional_derivative(mean_loss, logits, direction)
+    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+
+
+def test_softmax_cross_entropy_edge_cases():
+    rng = numpy.random.default_rng(14)
+    logits, targets, _ = loss_inputs(rng, {}, numpy.float32)
+    # Nothing counts: both totals are 0 and the gradient is exactly 0 (no 0/0).
+    ignored = numpy.full_like(targets, -100)
+    totals = cases.softmax_cross_entropy(logits, ignored)
+    numpy.testing.assert_array_equal(totals, [0, 0])
+    assert not cases.softmax_cross_entropy_backward(logits, ignored, totals, 1.0).any()
+    # A label that is not a class (and not ignored) shows as NaN instead of reading out of bounds.
+    wrong = targets.copy()
+    wrong[0, 0, 0] = 5
+    assert numpy.isnan(cases.softmax_cross_entropy(logits, wrong)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["all-pixels", "mask"])
+def test_sigmoid_bce(masked, dtype):
+    rng = numpy.random.default_rng(15)
+    logits = normal(rng, (2, 1, 5, 7), dtype, scale=3.0)
+    logits.flat[:4] = [100.0, -100.0, 1000.0, -1000.0]  # far beyond exp's range in float32
+    targets = (rng.random(logits.shape) < 0.5).astype(dtype)
+    targets.flat[:4] = [0.0, 1.0, 1.0, 0.0]
+    mask = (rng.random((2, 5, 7)) < 0.6).astype(numpy.uint8) if masked else None
+    if masked:
+        mask.flat[:4] = 1
+    totals = cases.sigmoid_bce(logits, targets, mask)
+    loss_sum, weight_sum, dlogits = cases.reference_sigmoid_bce(logits, targets, mask, scale=0.7)
+    assert numpy.isfinite(totals).all()
+    assert_close(totals, [loss_sum, weight_sum])
+    assert_close(cases.sigmoid_bce_backward(logits, targets, totals, 0.7, mask), dlogits)
+
+
+def test_sigmoid_bce_gradient_matches_finite_differences():
+    rng = numpy.random.default_rng(16)
+    logits = rng.standard_normal((2, 1, 4, 5)) * 3
+    targets = (rng.random(logits.shape) < 0.5).astype(numpy.float64)
+    mask = (rng.random((2, 4, 5)) < 0.6).astype(numpy.uint8)
+
+    def mean_loss(z):
+        totals = cases.sigmoid_bce(z, targets, mask)
+        return totals[0] / totals[1]
+
+    totals = cases.sigmoid_bce(logits, targets, mask)
+    dlogits = cases.sigmoid_bce_backward(logits, targets, totals, 1.0, mask)
+    direction = rng.standard_normal(logits.shape)
+    numeric = directional_derivative(mean_loss, logits, direction)
+    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+
+
+# ---- the launcher's argument checks ---------------------------------------------------------------------
+
+def relu_args(n=10, dtype=numpy.float32):
+    return numpy.zeros(n, dtype), numpy.zeros(n, dtype), numpy.int32(n)
+
+
+def launch_relu(args):
+    get_kernel("activation", "relu_forward", numpy.float32)((1,), (256,), args)
+
+
+def test_launch_rejects_a_non_contiguous_array():
+    x, y, n = relu_args(20)
+    with pytest.raises(ValueError, match="'x'.*not C-contiguous.*ascontiguousarray"):
+        launch_relu((x[::2], y[:10], numpy.int32(10)))
+    square = numpy.zeros((4, 4), numpy.float32)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        launch_relu((square.T, numpy.zeros((4, 4), numpy.float32), numpy.int32(16)))
+
+
+@pytest.mark.parametrize("scalar", [10, 10.0, numpy.int64(10), numpy.uint32(10)],
+                         ids=["int", "float", "int64", "uint32"])
+def test_launch_rejects_a_scalar_of_the_wrong_type(scalar):
+    x, y, _ = relu_args()
+    with pytest.raises(TypeError, match=r"'n' \(int n\) must be numpy.int32"):
+        launch_relu((x, y, scalar))
+
+
+def test_launch_rejects_a_float_scalar_of_the_other_precision():
+    logits = numpy.zeros((1, 1, 2, 2), numpy.float32)
+    kernel = get_kernel("sigmoid_bce", "sigmoid_bce_backward", numpy.float32)
+    args = (logits, logits, None, numpy.ones(2, numpy.float32), numpy.float64(1.0), numpy.empty_like(logits),
+            numpy.int32(4))
+    with pytest.raises(TypeError, match=r"'scale' \(scalar_t scale\) must be numpy.float32, got numpy.float64"):
+        kernel((1,), (256,), args)
+
+
+def test_launch_rejects_the_wrong_dtype():
+    x, y, n = relu_args(dtype=numpy.float64)
+    with pytest.raises(TypeError, match="'x'.*must have dtype float32, got float64"):
+        launch_relu((x, y, n))
+    logits = numpy.zeros((1, 2, 2, 2), numpy.float32)
+    targets = numpy.zeros((1, 2, 2), numpy.int32)  # the kernel reads int64 labels
+    kernel = get_kernel("softmax_cross_entropy", "softmax_cross_entropy_forward", numpy.float32)
+    with pytest.raises(TypeError, match="'targets'.*must have dtype int64, got int32"):
+        kernel((1,), (256,), (logits, targets, None, None, numpy.empty((2, 4), numpy.float32),
+                              numpy.int32(1), numpy.int32(2), numpy.int32(4), numpy.int32(-100)))
+
+
+def test_launch_rejects_none_where_the_kernel_does_not_handle_it():
+    _, y, n = relu_args()
+    with pytest.raises(TypeError, match="'x'.*None.*nullptr"):
+        launch_relu((None, y, n))
+
+
+def test_launch_rejects_a_wrong_argument_count_and_bad_geometry():
+    x, y, n = relu_args()
+    with pytest.raises(TypeError, match=r"takes 3 arguments \(const scalar_t\* x, scalar_t\* y, int n\), got 2"):
+        launch_relu((x, y))
+    kernel = get_kernel("activation", "relu_forward", numpy.float32)
+    with pytest.raises(ValueError, match="more than 1024 threads"):
+        kernel((1,), (64, 32), (x, y, n))
+    with pytest.raises(ValueError, match="out of range"):
+        kernel((0,), (256,), (x, y, n))
+
+
+def test_launch_rejects_a_read_only_output():
+    x, y, n = relu_args()
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="'y'.*read-only"):
+        launch_relu((x, y, n))
+    x.flags.writeable = False  # a read-only *input* is fine
+    launch_relu((x, numpy.zeros(10, numpy.float32), n))
+
+
+def test_get_kernel_rejects_unknown_names_and_dtypes():
+    with pytest.raises(ValueError, match="no kernel 'relu'.*relu_forward"):
+        get_kernel("activation", "relu", numpy.float32)
+    with pytest.raises(ValueError, match="no kernel source 'convolution'.*im2col"):
+        get_kernel("convolution", "im2col", numpy.float32)
+    with pytest.raises(TypeError, match="unsupported dtype float16"):
+        get_kernel("activation", "relu_forward", numpy.float16)
+
+
+def test_an_nvrtc_error_names_the_kernel_and_shows_the_log(monkeypatch):
+    """The GPU branch without a GPU: CuPy's compile error is replaced by one naming the kernel."""
+    compiler = pytest.importorskip("cupy.cuda.compiler")
+    from minirnng.cuda import KernelCompileError, launch
+
+    def failing_compile(*args):
+        raise compiler.CompileException("error: identifier \"undefined_name\" is undefined", "", "k", ())
+    monkeypatch.setattr(launch, "_gpu_function", failing_compile)
+    monkeypatch.setattr(launch.Kernel, "_check_arguments", lambda self, args: True)  # as if on the GPU
+    with pytest.raises(KernelCompileError, match=r"kernel relu_forward in .*activation.cu does not compile "
+                                                 r"for float32(.|\n)*undefined_name"):
+        launch_relu(relu_args())
+
+
+# ---- the emulator itself ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def scratch_kernels(tmp_path, monkeypatch):
+    """A kernel directory and an emulator cache of this test's own; returns a function that writes a
+    source (under a fresh name, since sources are cached by name) and returns that name."""
+    monkeypatch.setattr(sources, "KERNEL_DIRECTORY", tmp_path)
+    monkeypatch.setenv("MINIRNNG_CACHE_DIR", str(tmp_path / "cache"))
+
+    def write(text):
+        name = f"scratch_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.cu").write_text(text)
+        return name
+    return write
+
+
+def test_printf_in_a_kernel_prints_in_thread_order(scratch_kernels, capfd):
+    name = scratch_kernels(r'''
+extern "C" __global__ void hello(const int* __restrict__ values, int* __restrict__ out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    printf("block %d thread %d value %d\n", (int)blockIdx.x, (int)threadIdx.x, values[i]);
+    out[i] = 2 * values[i];
+}
+''')
+    values, out = numpy.arange(5, dtype=numpy.int32), numpy.zeros(5, numpy.int32)
+    get_kernel(name, "hello", numpy.float32)((3,), (2,), (values, out, numpy.int32(5)))
+    printed = capfd.readouterr().out.splitlines()
+    assert printed == [f"block {i // 2} thread {i % 2} value {i}" for i in range(5)]
+    numpy.testing.assert_array_equal(out, 2 * values)
+
+
+def test_a_compile_error_shows_the_compiler_log(scratch_kernels):
+    name = scratch_kernels('extern "C" __global__ void broken(scalar_t* y, int n) { y[0] = undefined_name; }\n')
+    with pytest.raises(emulator.EmulatorError, match=rf"could not compile {name}.cu(.|\n)*undefined_name"):
+        get_kernel(name, "broken", numpy.float32)((1,), (1,), (numpy.zeros(1, numpy.float32), numpy.int32(1)))
+
+
+def test_shared_memory_is_a_clear_compile_error(scratch_kernels):
+    name = scratch_kernels('extern "C" __global__ void tiled(scalar_t* y, int n) {\n'
+                           '    __shared__ scalar_t tile[32];\n    tile[0] = 0; y[0] = tile[0];\n}\n')
+    with pytest.raises(emulator.EmulatorError, match="no __shared__ memory"):
+        get_kernel(name, "tiled", numpy.float64)((1,), (1,), (numpy.zeros(1), numpy.int32(1)))
+
+
+def test_a_missing_compiler_names_the_fix(scratch_kernels, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-anywhere")
+    name = scratch_kernels('extern "C" __global__ void noop(scalar_t* y, int n) { }\n')
+    with pytest.raises(emulator.EmulatorError, match="needs a C\\+\\+ compiler.*apt-get install g\\+\\+"):
+        get_kernel(name, "noop", numpy.float32)((1,), (1,), (numpy.zeros(1, numpy.float32), numpy.int32(1)))
+
+
+def test_the_compiled_library_is_cached_on_disk(scratch_kernels, monkeypatch):
+    name = scratch_kernels('extern "C" __global__ void noop(scalar_t* y, int n) { }\n')
+    first = emulator._library_path(name, numpy.dtype(numpy.float32))
+    assert first.exists() and first.parent == emulator.cache_directory()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("the compiler ran again although the cache has the library")
+    monkeypatch.setattr(emulator.subprocess, "run", no_compiling)
+    assert emulator._library_path(name, numpy.dtype(numpy.float32)) == first
