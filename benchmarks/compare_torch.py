@@ -8,8 +8,11 @@
    three outputs and on the parameter gradients of the same loss.
 2. Times, at batch 16, 128 x 128, float32: inference (forward and arg-max) and a training step
    (forward, the three-term loss, backward, an Adam step), medians of ``--repeats`` runs, and
-   prints images per second and the ratios. The PyTorch recurrence is written the straightforward
-   way (a Python loop over columns, autograd for the backward; see ``benchmarks/rnn.py``).
+   prints images per second and the ratios. Ours and PyTorch's run in turns (A, B, A, B, ...), so
+   that both see the same load on a shared machine; with ``--threads 1`` the medians of the CPU
+   time of each are printed too (the work itself, whatever the load). The PyTorch recurrence is
+   written the straightforward way (a Python loop over columns, autograd for the backward; see
+   ``benchmarks/rnn.py``).
 3. Measures the peak resident memory of a process that runs only minirnng's training steps.
 
 Targets (issue: face parsing end to end): our training step >= 2x PyTorch eager's images/s, our
@@ -21,6 +24,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH, SIZE, CLASSES = 16, 128, 3
@@ -187,14 +191,30 @@ def peak_memory_of_our_training(threads):
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def memory_probe():
-    import resource
+def peak_resident_megabytes():
+    """This process's peak resident memory in MB: ``VmHWM`` of /proc/self/status on Linux.
 
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries it over from the parent across fork and exec,
+    so a probe started by this script (with PyTorch and both models loaded) would report the
+    parent's peak (600 MB) instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def memory_probe():
     import numpy
     step = OurStep(numpy)
     for _ in range(5):
         step.train_step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kilobytes on Linux
+    print(peak_resident_megabytes())
 
 
 def main():
@@ -206,34 +226,44 @@ def main():
     if arguments.memory_probe:
         return memory_probe()
     import numpy
-    from timing import median_seconds, print_table
+    from timing import interleaved_medians, median_seconds, print_table
 
     ours = OurStep(numpy)
-    rows = []
-    our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)
-    our_infer = median_seconds(ours.inference, repeats=arguments.repeats, warmup=2)
     try:
         import torch
     except ImportError:
         torch = None
+    load = "load average %.1f %.1f %.1f" % os.getloadavg()
     print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s), "
-          f"medians of {arguments.repeats} runs")
-    if torch is not None:
+          f"medians of {arguments.repeats} runs; numpy {numpy.__version__}; {os.cpu_count()} CPUs, {load} at the start")
+    if torch is None:
+        print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
+        our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)
+        our_infer = median_seconds(ours.inference, repeats=arguments.repeats, warmup=2)
+        print(f"training step: {BATCH / our_train:.0f} images/s; inference: {BATCH / our_infer:.0f} images/s")
+    else:
         torch.set_num_threads(arguments.threads)
         theirs = TorchStep(torch, numpy, ours)
         worst_output, worst_grad = check_agreement(torch, numpy, ours, theirs)
         print(f"agreement with PyTorch {torch.__version__}: outputs {worst_output:.1e}, "
               f"parameter gradients {worst_grad:.1e} (largest relative difference)")
-        their_train = median_seconds(theirs.train_step, repeats=arguments.repeats, warmup=2)
-        their_infer = median_seconds(theirs.inference, repeats=arguments.repeats, warmup=2)
-        rows.append(["training step", f"{BATCH / our_train:.0f}", f"{BATCH / their_train:.0f}",
-                     f"{their_train / our_train:.2f}x", "2x"])
-        rows.append(["inference", f"{BATCH / our_infer:.0f}", f"{BATCH / their_infer:.0f}",
-                     f"{their_infer / our_infer:.2f}x", "1.5x"])
+        # ours and theirs in turns, so that both see the same load (see timing.py)
+        our_train, their_train = interleaved_medians([ours.train_step, theirs.train_step], arguments.repeats, warmup=2)
+        our_infer, their_infer = interleaved_medians([ours.inference, theirs.inference], arguments.repeats, warmup=2)
+        rows = [["training step", f"{BATCH / our_train:.0f}", f"{BATCH / their_train:.0f}",
+                 f"{their_train / our_train:.2f}x", "2x"],
+                ["inference", f"{BATCH / our_infer:.0f}", f"{BATCH / their_infer:.0f}",
+                 f"{their_infer / our_infer:.2f}x", "1.5x"]]
+        if arguments.threads == 1:
+            # With one thread each, the CPU time of the process is the work itself, whatever the load.
+            cpu = interleaved_medians([ours.train_step, theirs.train_step, ours.inference, theirs.inference],
+                                      arguments.repeats, warmup=0, clock=time.process_time)
+            rows += [["training step (CPU time)", f"{BATCH / cpu[0]:.0f}", f"{BATCH / cpu[1]:.0f}",
+                      f"{cpu[1] / cpu[0]:.2f}x", ""],
+                     ["inference (CPU time)", f"{BATCH / cpu[2]:.0f}", f"{BATCH / cpu[3]:.0f}",
+                      f"{cpu[3] / cpu[2]:.2f}x", ""]]
         print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
-    else:
-        print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
-        print(f"training step: {BATCH / our_train:.0f} images/s; inference: {BATCH / our_infer:.0f} images/s")
+    print("load average %.1f %.1f %.1f at the end" % os.getloadavg())
     peak = peak_memory_of_our_training(arguments.threads)
     print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
 

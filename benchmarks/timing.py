@@ -1,4 +1,9 @@
-"""Timing helpers shared by the benchmarks: medians of repeated runs, and a table printer."""
+"""Timing helpers shared by the benchmarks: medians of repeated runs, and a table printer.
+
+On a shared machine the load changes from one second to the next, so two functions timed one
+after the other can see different machines. :func:`interleaved_medians` times them in turns (A, B,
+A, B, ...), so that each sees the same mix of load, and returns the median of each.
+"""
 
 import statistics
 import time
@@ -14,6 +19,24 @@ def median_seconds(function, repeats=7, warmup=1):
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(functions, repeats=7, warmup=1, clock=time.perf_counter):
+    """Medians of the seconds of each function of ``functions``, called in turns ``repeats`` times.
+
+    ``clock`` is ``time.perf_counter`` (wall clock) or ``time.process_time`` (the CPU time of this
+    process, all its threads: less sensitive to other processes, meaningful for one thread only).
+    """
+    for function in functions:
+        for _ in range(warmup):
+            function()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, recorded in zip(functions, times):
+            start = clock()
+            function()
+            recorded.append(clock() - start)
+    return [statistics.median(recorded) for recorded in times]
 
 
 def print_table(header, rows):

@@ -149,16 +149,36 @@ class SoftmaxCrossEntropy(Loss):
         return mask
 
     def forward_cpu(self, logits, target, mask):
+        """The NumPy path. K is small (3 for LFW-PL, 11 for HELEN) and the class axis is not the
+        innermost one, so every step loops over the classes and works on contiguous (N, H, W)
+        slabs: about twice as fast as reductions along axis 1 and ``take_along_axis``. Where a pixel's
+        class decides, the masks ``target == c`` multiply (no ``numpy.where`` or masked copies, which
+        crawl on masks that change from pixel to pixel). The cache is (probabilities (N, K, H, W),
+        the targets as small integers, weights (N, H, W), their sum)."""
+        k = logits.shape[1]
         used = numpy.ones(target.shape, dtype=bool) if mask is None else mask.copy()
         if self.ignore_index is not None:
             used &= target != self.ignore_index
-        safe_target = numpy.where(used, target, 0)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = numpy.exp(shifted)
-        total = exp.sum(axis=1, keepdims=True)
-        probabilities = exp / total
-        picked = numpy.take_along_axis(shifted, safe_target[:, None], axis=1)[:, 0]
-        nll = numpy.log(total[:, 0]) - picked
+        # the targets of the pixels used, 0 elsewhere, in the narrowest integer type (faster compares)
+        safe_target = numpy.where(used, target, 0).astype(numpy.uint8 if k <= 256 else numpy.int64)
+        largest = logits[:, 0].copy()
+        for c in range(1, k):
+            numpy.maximum(largest, logits[:, c], out=largest)
+        # picked = z[t] (the other classes add exact zeros), probabilities = exp(z - max z) / total
+        picked = numpy.zeros_like(largest)
+        probabilities = numpy.empty_like(logits)
+        total = numpy.zeros_like(largest)
+        is_class = numpy.empty(target.shape, dtype=bool)
+        for c in range(k):
+            numpy.equal(safe_target, c, out=is_class)
+            picked += logits[:, c] * is_class
+            numpy.subtract(logits[:, c], largest, out=probabilities[:, c])
+            numpy.exp(probabilities[:, c], out=probabilities[:, c])
+            total += probabilities[:, c]
+        picked -= largest
+        probabilities /= total[:, None]
+        nll = numpy.log(total, out=total)
+        nll -= picked
         weights = used.astype(logits.dtype)
         if self.class_weights is not None:
             weights *= self.class_weights.astype(logits.dtype)[safe_target]
@@ -170,12 +190,25 @@ class SoftmaxCrossEntropy(Loss):
         probabilities, safe_target, weights, weight_sum = self.cache
         if weight_sum == 0:
             return numpy.zeros_like(probabilities)
-        # softmax - onehot, the target's entry as minus the sum of the others (see the module doc)
-        grad = probabilities.copy()
-        numpy.put_along_axis(grad, safe_target[:, None], 0, axis=1)
-        others = grad.sum(axis=1, keepdims=True)
-        numpy.put_along_axis(grad, safe_target[:, None], -others, axis=1)
-        grad *= (weights * (grad_output / weight_sum))[:, None]
+        k = probabilities.shape[1]
+        scale = weights * (grad_output / weight_sum)
+        # softmax - onehot, the target's entry as minus the sum of the others (see the module doc);
+        # each entry is one of two values times a 0/1 mask plus the other times the opposite mask,
+        # which is exact (the unused value adds a zero)
+        is_class = numpy.empty(safe_target.shape, dtype=bool)
+        others = numpy.zeros_like(scale)
+        for c in range(k):
+            numpy.not_equal(safe_target, c, out=is_class)
+            others += probabilities[:, c] * is_class
+        target_entry = numpy.multiply(others, scale, out=others)
+        numpy.negative(target_entry, out=target_entry)
+        grad = numpy.empty_like(probabilities)
+        for c in range(k):
+            numpy.not_equal(safe_target, c, out=is_class)
+            numpy.multiply(probabilities[:, c], scale, out=grad[:, c])
+            grad[:, c] *= is_class
+            numpy.logical_not(is_class, out=is_class)
+            grad[:, c] += target_entry * is_class
         return grad
 
     def forward_gpu(self, logits, target, mask):

@@ -26,6 +26,21 @@ from ..cuda.launch import contiguous
 SUPPORTED_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
+#: Where a NumPy pass sweeps an array several times (pooling: once per window offset), it runs on
+#: chunks of the batch of about this many bytes, so that every sweep after the first reads from
+#: the cache instead of main memory (1 MB: the L2 cache of one core of the benchmark machine).
+#: Measured on RNN-G's pool2 (16 x 16 x 128 x 128 float32): forward 8 -> 4 ms, backward 5 -> 3.3 ms.
+CHUNK_BYTES = 1 << 20
+
+
+def batch_chunks(batch_size, bytes_per_image, chunk_bytes=None):
+    """Slices that cut a batch of ``batch_size`` images into chunks of about ``chunk_bytes``
+    (:data:`CHUNK_BYTES` by default), at least one image each; one chunk if ``bytes_per_image`` is 0."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    step = max(1, chunk_bytes // bytes_per_image if bytes_per_image else batch_size)
+    return [slice(start, min(start + step, batch_size)) for start in range(0, max(batch_size, 1), step)]
+
+
 def check_dtype(dtype, owner):
     """Return ``dtype`` as a :class:`numpy.dtype` if it is float32 or float64, else raise ``TypeError``."""
     try:

@@ -15,6 +15,16 @@ transposed convolution, which is why the input gradient of a convolution is one.
 Both are written with a strided view of the padded image, (N, C, k, k, Ho, Wo), so that the
 only Python loop is over the k*k kernel offsets.
 
+The layers' NumPy path does not call them on a whole batch: it convolves **one image at a time**
+(a few when an image's columns are small: :class:`ImageColumns` and :func:`col2im_into`, used by
+``conv.py``). The columns of a batch are
+large (conv1 of RNN-G at batch 16: 16 x 75 x 16384 floats, 79 MB), so a batched im2col writes them
+to main memory, page-faults them in fresh every call, and the matrix product reads them back
+from memory at about a third of its in-cache speed (on the 2-core machine of
+``docs/benchmarks.md``: 40 against 110 GFLOP/s). One image's columns (at most 4.9 MB in RNN-G,
+2.4 MB for conv3) are written into a buffer allocated once per pass and read back by the product
+while they are still in cache.
+
 :func:`im2col_gpu` and :func:`col2im_gpu` are the same two functions on the kernel path
 (``kernels/im2col.cu``, one thread per output element; CuPy arrays or, on the CUDA emulator, NumPy
 arrays). For a 1x1 kernel with stride 1 and no padding both are the identity on the data, and
@@ -70,19 +80,198 @@ def col2im(cols, image_shape, kernel_size, stride=1, padding=0):
     ``Ho, Wo`` follow from ``image_shape`` by the correlation formula; any rows or columns of the
     image that no patch reaches (when ``(H + 2p - k) % s != 0``) receive zero.
     """
-    n, c, height, width = image_shape
-    out_height = conv_output_size(height, kernel_size, stride, padding)
-    out_width = conv_output_size(width, kernel_size, stride, padding)
+    return col2im_into(cols, numpy.empty(image_shape, dtype=cols.dtype), kernel_size, stride, padding)
+
+
+def phase_size(phase, size, stride):
+    """How many of the pixels ``0 .. size-1`` are ``phase`` modulo ``stride``."""
+    return len(range(phase, size, stride))
+
+
+def shifted_span(shift, out_size, size):
+    """The outputs ``o`` in ``0 .. out_size-1`` with ``o + shift`` in ``0 .. size-1``, and those
+    ``o + shift``: a pair of slices, or None when there is no such output."""
+    first, stop = max(0, -shift), min(out_size, size - shift)
+    if first >= stop:
+        return None
+    return slice(first, stop), slice(first + shift, stop + shift)
+
+
+def col2im_into(cols, image, kernel_size, stride=1, padding=0):
+    """:func:`col2im` written into ``image`` (N, C, H, W), which it overwrites; returns ``image``.
+
+    cols : (N, C*k*k, Ho*Wo). Kernel tap (i, j) of output pixel (o, u) came from image pixel
+    ``(o*s + i - p, u*s + j - p)``. Split the image into its s x s *phases*, the planes of pixels
+    ``(a + s*r, b + s*q)``: that pixel is pixel ``(o + di, u + dj)`` of phase
+    ``(a, b) = ((i - p) % s, (j - p) % s)``, with ``di = (i - p) // s`` and ``dj = (j - p) // s``.
+    So each tap adds its (C, Ho, Wo) slab of ``cols``, shifted, onto one phase plane: k*k additions
+    of contiguous rows, without the zero padding (the parts of a slab outside the plane are skipped),
+    then one strided copy per phase into ``image``. With stride 1 the only phase is the image
+    itself. (Adding each slab straight into the strided pixels of the image, the textbook way,
+    measures 1.6x slower for RNN-G's stride-2 transposed convolutions.)
+    """
+    n, c, height, width = image.shape
+    s = stride
+    out_height = conv_output_size(height, kernel_size, s, padding)
+    out_width = conv_output_size(width, kernel_size, s, padding)
     patches = cols.reshape(n, c, kernel_size, kernel_size, out_height, out_width)
-    padded = numpy.zeros((n, c, height + 2 * padding, width + 2 * padding), dtype=cols.dtype)
-    row_span = stride * (out_height - 1) + 1
-    col_span = stride * (out_width - 1) + 1
+    if s == 1:
+        planes = image[None, None]
+    else:
+        planes = numpy.empty((s, s, n, c, -(-height // s), -(-width // s)), dtype=image.dtype)
+    planes[...] = 0
     for i in range(kernel_size):
+        a, di = (i - padding) % s, (i - padding) // s
+        rows = shifted_span(di, out_height, phase_size(a, height, s))
+        if rows is None:
+            continue
         for j in range(kernel_size):
-            padded[:, :, i:i + row_span:stride, j:j + col_span:stride] += patches[:, :, i, j]
-    if padding:
-        return numpy.ascontiguousarray(padded[:, :, padding:padding + height, padding:padding + width])
-    return padded
+            b, dj = (j - padding) % s, (j - padding) // s
+            columns = shifted_span(dj, out_width, phase_size(b, width, s))
+            if columns is not None:
+                planes[a, b, :, :, rows[1], columns[1]] += patches[:, :, i, j, rows[0], columns[0]]
+    if s > 1:
+        for a in range(s):
+            for b in range(s):
+                image[:, :, a::s, b::s] = planes[a, b, :, :, :phase_size(a, height, s), :phase_size(b, width, s)]
+    return image
+
+
+#: The widest output rows for which :class:`ImageColumns` lays stride-1 columns on the flat grid.
+FLAT_GRID_MAX_WIDTH = 64
+
+
+class ImageColumns:
+    """im2col and col2im of a few images at a time, in buffers allocated once: the NumPy path's convolutions.
+
+    Built for images of shape (C, H, W), a k x k kernel with stride s and padding p, and chunks of
+    at most ``images`` images (see the module docstring for why the layers convolve a few images at
+    a time). Calling it on a chunk ``x`` (m, C, H, W), m <= images, returns the columns
+    (m, C*k*k, Ho * grid_width), a view of a buffer that the next call overwrites; :meth:`fold` is
+    the adjoint, the col2im of such columns.
+
+    The columns are laid out on a *grid* of Ho rows of ``grid_width`` output pixels:
+
+    * **stride 1, short rows** (``Wo <= FLAT_GRID_MAX_WIDTH``, any padding): the grid is as wide
+      as the padded image, ``Wp = W + 2p``, and column ``q = oy*Wp + ox`` of the row for (c, i, j)
+      is pixel ``q + i*Wp + j`` of the flattened padded plane c. So that row is *one contiguous
+      slice* of the plane, and im2col is C*k*k long copies, and col2im C*k*k long additions,
+      instead of C*k*k*Ho short rows each: numpy pays a fixed cost per row, which dominates rows
+      of 32 or 64 pixels (RNN-G's conv3 and conv5 backward: 11% and 9% faster). The price: the
+      last ``Wp - Wo = k - 1`` columns of every grid row are padding, which the products compute
+      for nothing (3-6% more work) and :meth:`crop` drops; for conv1's rows of 128 pixels that
+      costs more than it saves. :meth:`extend` puts an upstream gradient (m, O, Ho, Wo) on the grid
+      with zeros there, so that those columns contribute nothing to the weight gradient or col2im.
+    * **pointwise** (1x1, stride 1, no padding): the columns are the images themselves, reshaped.
+    * **otherwise** the grid is the output, ``grid_width = Wo``: one strided copy from
+      :func:`patch_view` of the padded images, and :func:`col2im_into` to fold.
+
+    The zero padding lives in a padded buffer whose border is zeroed once: each call copies only
+    the interior.
+    """
+
+    def __init__(self, image_shape, kernel_size, stride, padding, dtype, images=1):
+        channels, height, width = image_shape
+        self.image_shape = image_shape
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.out_height = conv_output_size(height, kernel_size, stride, padding)
+        self.out_width = conv_output_size(width, kernel_size, stride, padding)
+        self.pointwise = is_pointwise(kernel_size, stride, padding)
+        self.flat = stride == 1 and not self.pointwise and self.out_width <= FLAT_GRID_MAX_WIDTH
+        self.grid_width = width + 2 * padding if self.flat else self.out_width
+        if self.pointwise:
+            return
+        rows = channels * kernel_size * kernel_size
+        self.columns = numpy.empty((images, rows, self.out_height * self.grid_width), dtype=dtype)
+        padded_shape = (images, channels, height + 2 * padding, width + 2 * padding)
+        if self.flat:
+            # each padded plane flattened, plus k - 1 zeros: the taps of the last grid row's
+            # padding columns read up to k - 1 elements past the plane (only into the padding
+            # columns; never read by the valid outputs)
+            plane = padded_shape[2] * padded_shape[3]
+            self.planes = numpy.zeros((images, channels, plane + kernel_size - 1), dtype=dtype)
+            self.padded = self.planes[:, :, :plane].reshape(padded_shape)
+            self.sums = self.grid = None  # the buffers of :meth:`fold` and :meth:`extend`, made at first use
+        elif padding:
+            self.padded = numpy.zeros(padded_shape, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_image(image_shape, kernel_size, stride, padding, dtype):
+        """About the size of one image's columns, to choose the chunk size (:func:`~.base.batch_chunks`);
+        0 for a pointwise kernel, whose columns are the images themselves (nothing is copied)."""
+        if is_pointwise(kernel_size, stride, padding):
+            return 0
+        channels, height, width = image_shape
+        pixels = conv_output_size(height, kernel_size, stride, padding) * (width + 2 * padding)
+        return channels * kernel_size * kernel_size * pixels * numpy.dtype(dtype).itemsize
+
+    def __call__(self, images):
+        """images (m, C, H, W) -> columns (m, C*k*k, Ho * grid_width)."""
+        m, channels, height, width = images.shape
+        if self.pointwise:
+            return images.reshape(m, channels, height * width)
+        p, k = self.padding, self.kernel_size
+        if p or self.flat:
+            self.padded[:m, :, p:p + height, p:p + width] = images
+        columns = self.columns[:m]
+        if self.flat:
+            planes = self.planes[:m]
+            item = planes.itemsize
+            # (m, C, k, k, Ho*Wp): row (c, i, j) starts at element i*Wp + j of plane c
+            taps = numpy.lib.stride_tricks.as_strided(
+                planes, shape=(m, channels, k, k, self.out_height * self.grid_width),
+                strides=(planes.strides[0], planes.strides[1], self.grid_width * item, item, item), writeable=False)
+        else:
+            source = self.padded[:m] if p else images
+            taps = patch_view(source, k, self.stride, self.out_height, self.out_width)
+        numpy.copyto(columns.reshape(taps.shape), taps)
+        return columns
+
+    def crop(self, grid):
+        """(m, O, Ho * grid_width) on the grid -> the view (m, O, Ho, Wo) of its valid pixels."""
+        m, channels = grid.shape[:2]
+        return grid.reshape(m, channels, self.out_height, self.grid_width)[:, :, :, :self.out_width]
+
+    def extend(self, outputs):
+        """(m, O, Ho, Wo) -> (m, O, Ho * grid_width) on the grid, zero in the padding columns.
+
+        A reshape when the grid is the output; else a copy into a buffer reused by the next call.
+        """
+        m, channels = outputs.shape[:2]
+        if not self.flat:
+            return outputs.reshape(m, channels, -1)
+        if self.grid is None or self.grid.shape[1] != channels or len(self.grid) < m:
+            self.grid = numpy.zeros((len(self.columns), channels, self.out_height, self.grid_width),
+                                    dtype=outputs.dtype)
+        self.grid[:m, :, :, :self.out_width] = outputs
+        return self.grid[:m].reshape(m, channels, -1)
+
+    def fold(self, columns, images):
+        """col2im: columns (m, C*k*k, Ho * grid_width) -> ``images`` (m, C, H, W), overwritten; returns it.
+
+        On the flat grid, every tap's row is added onto its plane as one contiguous slice, then
+        the interior is copied out; otherwise :func:`col2im_into`. The padding columns of
+        ``columns`` must be zero (as :meth:`extend` makes the upstream gradient).
+        """
+        m, channels, height, width = images.shape
+        if self.pointwise:
+            images[...] = columns.reshape(images.shape)
+            return images
+        if not self.flat:
+            return col2im_into(columns, images, self.kernel_size, self.stride, self.padding)
+        k, p, length = self.kernel_size, self.padding, self.out_height * self.grid_width
+        if self.sums is None:
+            self.sums = numpy.empty_like(self.planes)
+        sums = self.sums[:m]
+        sums[...] = 0
+        taps = columns.reshape(m, channels, k, k, length)
+        for i in range(k):
+            for j in range(k):
+                start = i * self.grid_width + j
+                sums[:, :, start:start + length] += taps[:, :, i, j]
+        padded = sums[:, :, :self.padded[0, 0].size].reshape(self.padded[:m].shape)
+        images[...] = padded[:, :, p:p + height, p:p + width]
+        return images
 
 
 def is_pointwise(kernel_size, stride, padding):

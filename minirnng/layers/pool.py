@@ -18,7 +18,7 @@ import numpy
 
 from .. import backend
 from ..cuda.launch import launch
-from .base import Layer, check_array, check_positive_int
+from .base import Layer, batch_chunks, check_array, check_positive_int
 from .im2col import conv_output_size
 
 #: The largest window the GPU kernels can pool: they record the winner's offset as an int8.
@@ -71,20 +71,33 @@ class MaxPool2d(Layer):
                 yield i * k + j, slice(i, i + s * (out_height - 1) + 1, s), slice(j, j + s * (out_width - 1) + 1, s)
 
     def forward_cpu(self, x):
+        """x (N, C, H, W) -> y (N, C, Ho, Wo); the cache is (winner (N, C, Ho, Wo), x's shape).
+
+        A sweep per window offset, each on a chunk of the batch (:func:`~.base.batch_chunks`) so
+        that the sweeps after the first read the chunk from cache, with preallocated temporaries.
+        """
         n, c, out_height, out_width = self.output_shape(x.shape)
         index_dtype = smallest_index_dtype(self.kernel_size ** 2)
-        y = winner = None
-        for index, rows, cols in self.window_offsets(out_height, out_width):
-            candidate = x[:, :, rows, cols]
-            if y is None:
-                y = candidate.copy()
-                winner = numpy.zeros(y.shape, dtype=index_dtype)
-                continue
-            # strictly larger only, so that on a tie the earlier offset keeps the window; and since
-            # index grows, max(winner, larger * index) sets winner = index exactly where larger holds
-            larger = candidate > y
-            numpy.maximum(winner, larger * index_dtype(index), out=winner)
-            numpy.maximum(y, candidate, out=y)
+        y = numpy.empty((n, c, out_height, out_width), dtype=x.dtype)
+        winner = numpy.zeros(y.shape, dtype=index_dtype)
+        chunks = batch_chunks(n, x[0].nbytes)
+        larger = numpy.empty((chunks[0].stop, c, out_height, out_width), dtype=bool)
+        claim = numpy.empty(larger.shape, dtype=index_dtype)
+        offsets = list(self.window_offsets(out_height, out_width))
+        for chunk in chunks:
+            images, pooled, won = x[chunk], y[chunk], winner[chunk]
+            larger_here, claim_here = larger[:len(pooled)], claim[:len(pooled)]
+            for index, rows, cols in offsets:
+                candidate = images[:, :, rows, cols]
+                if index == 0:
+                    pooled[...] = candidate
+                    continue
+                # strictly larger only, so that on a tie the earlier offset keeps the window; and since
+                # index grows, max(winner, larger * index) sets winner = index exactly where larger holds
+                numpy.greater(candidate, pooled, out=larger_here)
+                numpy.multiply(larger_here, index_dtype(index), out=claim_here)
+                numpy.maximum(won, claim_here, out=won)
+                numpy.maximum(pooled, candidate, out=pooled)
         return y, (winner, x.shape)
 
     def forward_gpu(self, x):
@@ -120,13 +133,20 @@ class MaxPool2d(Layer):
         return dx
 
     def backward_cpu(self, grad_output):
+        """dy (N, C, Ho, Wo) -> dx (N, C, H, W), a sweep per window offset on chunks of the batch."""
         winner, x_shape = self.cache
         out_height, out_width = winner.shape[2:]
         dx = numpy.zeros(x_shape, dtype=grad_output.dtype)
         overlapping = self.kernel_size > self.stride
-        for index, rows, cols in self.window_offsets(out_height, out_width):
-            if overlapping:  # an input may win several windows: add up what it receives
-                dx[:, :, rows, cols] += numpy.where(winner == index, grad_output, 0)
-            else:  # each input belongs to one window at most: write in place, no temporary
-                numpy.multiply(grad_output, winner == index, out=dx[:, :, rows, cols])
+        chunks = batch_chunks(len(dx), dx[0].nbytes)
+        won = numpy.empty((chunks[0].stop,) + winner.shape[1:], dtype=bool)
+        offsets = list(self.window_offsets(out_height, out_width))
+        for chunk in chunks:
+            upstream, won_here = grad_output[chunk], won[:chunk.stop - chunk.start]
+            for index, rows, cols in offsets:
+                numpy.equal(winner[chunk], index, out=won_here)
+                if overlapping:  # an input may win several windows: add up what it receives
+                    dx[chunk, :, rows, cols] += upstream * won_here
+                else:  # each input belongs to one window at most: write in place, no temporary
+                    numpy.multiply(upstream, won_here, out=dx[chunk, :, rows, cols])
         return dx

@@ -6,6 +6,10 @@ The exact network (the architecture spec), for a 3 x 128 x 128 input::
     pool2    MaxPool 2x2                                  16 x 64 x 64
     conv3    Conv2d 16->32, 3x3, pad 1, ReLU              32 x 64 x 64
     pool4    MaxPool 2x2                                  32 x 32 x 32
+
+(relu1 and relu3 run *after* the pooling that follows them: max pooling commutes with the ReLU,
+``max(relu(a), relu(b)) = relu(max(a, b))``, and the gradients agree too, so the outputs and
+gradients are the same bits; the ReLU then touches a quarter of the pixels.)
     conv5    Conv2d 32->32, 3x3, pad 1, ReLU              32 x 32 x 32
     deconv6  ConvTranspose2d 32->16, 4x4, s2, p1          16 x 64 x 64
     split    X = deconv6[:, :8],  G = sigmoid(deconv6[:, 8:])
@@ -41,6 +45,9 @@ class RNNG(Model):
 
     architecture = "rnng"
     output_names = ("logits", "coarse", "edge")
+    #: the layers before the split, in the order they run: each ReLU after the pooling that follows
+    #: it, which gives the same result on a quarter of the pixels (see the module docstring)
+    trunk = ("conv1", "pool2", "relu1", "conv3", "pool4", "relu3", "conv5", "relu5", "deconv6")
 
     def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0):
         super().__init__(n_classes, dtype)
@@ -139,7 +146,7 @@ class RNNG(Model):
         """images (N, 3, H, W), H and W multiples of 4 -> {"logits", "coarse", "edge"} (see module doc)."""
         L = self.layers
         a = self.check_images(images)
-        for name in ("conv1", "relu1", "pool2", "conv3", "relu3", "pool4", "conv5", "relu5", "deconv6"):
+        for name in self.trunk:
             a = L[name].forward(a)
         xp = backend.get_array_module(a)
         x = xp.ascontiguousarray(a[:, :self.hidden])
@@ -175,7 +182,7 @@ class RNNG(Model):
         if dedge is not None:
             dg += L["edge"].backward(dedge)
         d = xp.concatenate([dx, L["gate"].backward(dg)], axis=1)
-        for name in ("deconv6", "relu5", "conv5", "pool4", "relu3", "conv3", "pool2", "relu1"):
+        for name in reversed(self.trunk[1:]):
             d = L[name].backward(d)
         L["conv1"].needs_input_grad = input_gradient
         try:

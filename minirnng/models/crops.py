@@ -1,0 +1,430 @@
+"""Stage-2 crops: where each facial component is cut out, and the exact way back.
+
+A crop is an affine map ``M`` (2 x 3) from the pixel grid of a network input (``h x w``) to image
+coordinates: crop pixel ``(row i, column j)`` (centre ``(x, y) = (j, i)``) looks at the image point
+
+    (x, y) = M @ (j, i, 1)
+
+Cutting samples the image there (bilinear for pictures, nearest for labels); pasting walks the
+other way: each image pixel ``p`` inside the crop's footprint reads the crop pixel nearest to
+``M^-1 p``. Nearest both ways makes crop-then-paste the identity on the crop's pixels whenever the
+crop is finer than the image (every stage-2 crop): crop pixel ``c = round(M^-1 p)`` sits within
+half a crop pixel of ``M^-1 p``, which ``M`` shrinks to less than half an image pixel, so
+``round(M c) = p`` again (a rotation scaled by ``1/s`` moves a point by at most ``sqrt(2)/(2 s)``
+per axis: exact for ``s > sqrt(2)``; exact for any integer translation at ``s = 1``).
+
+Where crops go (the paper, section 4: crops placed by five key points, keeping the aspect ratio,
+with at least 20% of the part's size added as margin). Each crop lives in a *frame* built from the
+key points (:func:`component_frames`):
+
+===========  ========================  ==========================
+crop         origin                    x axis
+===========  ========================  ==========================
+left eye     left eye centre           along the eyes, rightwards
+right eye    right eye centre          along the eyes, *leftwards*
+nose         nose tip                  along the eyes, rightwards
+mouth        midpoint of the corners   along the eyes, rightwards
+===========  ========================  ==========================
+
+The unit of length is the distance between the eye centres for all four: of the five points the
+eyes are the ones a stage-1 prediction places best (measured: about a pixel at 128 x 128, against
+about three for the mouth corners and the nose tip), so sizes and angles follow the eyes, and the
+other points only say where the nose and mouth crops are centred. The y axis is always the face's "down" (the x axis turned by +90 degrees in image coordinates),
+so the right eye's frame is a mirror image of the left eye's: one eye network serves both sides,
+the right crop is mirrored on the way in and, by the same matrix, on the way out.
+
+In its frame each crop is a fixed box (:class:`CropGeometry`), calibrated on training label maps
+(:meth:`CropGeometry.fit`): the box that holds, for all but the most extreme 2% of faces on each
+side, the part's extent plus 20% of its width and height on each side, widened to the network's
+aspect ratio (so pixels stay square, never stretched).
+"""
+
+import dataclasses
+
+import numpy
+
+from ..data.classes import HELEN_CLASSES
+
+#: Stage-2 crops in paste order: name -> (network, input size (h, w), mirrored,
+#: HELEN class names of the network's classes 1.. (class 0 is "other")).
+CROPS = {
+    "left eye": ("eyes", (64, 64), False, ("left brow", "left eye")),
+    "right eye": ("eyes", (64, 64), True, ("right brow", "right eye")),
+    "nose": ("nose", (64, 64), False, ("nose",)),
+    "mouth": ("mouth", (32, 64), False, ("upper lip", "inner mouth", "lower lip")),
+}
+#: The margin added on each side of a part's extent, as a fraction of that extent (paper: >= 20%).
+MARGIN = 0.2
+#: The share of faces, on each side of each axis, allowed to stick out of a calibrated box.
+OUTLIER_FRACTION = 0.02
+#: Units of length are never shorter than this many pixels (degenerate key points).
+MINIMUM_UNIT = 2.0
+
+
+def crop_size(crop):
+    """The network input size (h, w) of ``crop`` (a name in :data:`CROPS`)."""
+    return CROPS[_check_crop(crop)][1]
+
+
+def crop_to_helen(crop):
+    """int64 ``(K,)``: HELEN class index of each network class of ``crop`` (-1 for "other")."""
+    return numpy.array([-1] + [HELEN_CLASSES.index(name) for name in CROPS[_check_crop(crop)][3]])
+
+
+def helen_to_crop(crop):
+    """uint8 ``(11,)``: the network class of each HELEN class inside ``crop`` (0, "other", for the
+    classes the crop does not own, e.g. the right eye seen in the left eye's crop)."""
+    table = numpy.zeros(len(HELEN_CLASSES), dtype=numpy.uint8)
+    for index, name in enumerate(CROPS[_check_crop(crop)][3], start=1):
+        table[HELEN_CLASSES.index(name)] = index
+    return table
+
+
+def _check_crop(crop):
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; expected one of {', '.join(CROPS)}")
+    return crop
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames from key points
+
+
+def component_frames(keypoints):
+    """The frame of every crop for key points float ``(N, 5, 2)`` (see ``minirnng.data.classes.KEYPOINT_NAMES``).
+
+    Returns ``{crop: (origin (N, 2), axes (N, 2, 2), unit (N,))}``, float64, where ``axes[:, :, 0]``
+    is the x axis and ``axes[:, :, 1]`` the y axis (unit vectors, as columns), so a frame point
+    ``f`` is the image point ``origin + unit * axes @ f``.
+    """
+    points = numpy.asarray(keypoints, dtype=numpy.float64)
+    if points.ndim != 3 or points.shape[1:] != (5, 2):
+        raise ValueError(f"component_frames: key points must be (N, 5, 2), got {points.shape}")
+    if not numpy.isfinite(points).all():
+        raise ValueError("component_frames: key points must be finite (fill missing ones first, "
+                         "see minirnng.models.keypoints.complete_keypoints)")
+    left_eye, right_eye, nose_tip, left_corner, right_corner = (points[:, k] for k in range(5))
+    across = right_eye - left_eye
+    eye_distance = numpy.linalg.norm(across, axis=1)
+    # Eyes on top of each other give no direction: assume an upright face.
+    degenerate = eye_distance < 1e-6
+    across = numpy.where(degenerate[:, None], [1.0, 0.0], across / numpy.maximum(eye_distance, 1e-12)[:, None])
+    down = numpy.stack([-across[:, 1], across[:, 0]], axis=1)
+    upright = numpy.stack([across, down], axis=2)              # columns: x axis, y axis
+    mirrored = numpy.stack([-across, down], axis=2)
+    unit = numpy.maximum(eye_distance, MINIMUM_UNIT)
+    return {
+        "left eye": (left_eye, upright, unit),
+        "right eye": (right_eye, mirrored, unit),
+        "nose": (nose_tip, upright, unit),
+        "mouth": ((left_corner + right_corner) / 2, upright, unit),
+    }
+
+
+def to_frame(points, origin, axes, unit):
+    """Image points float ``(P, 2)`` -> frame coordinates ``(P, 2)`` of one frame (one face)."""
+    # The axes are orthonormal, so the inverse of ``axes`` is its transpose.
+    return (numpy.asarray(points, dtype=numpy.float64) - origin) @ axes / unit
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes in the frames
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A crop's box in its frame: centre ``(cx, cy)`` and half sizes ``(hx, hy)`` in frame units."""
+
+    cx: float
+    cy: float
+    hx: float
+    hy: float
+
+
+#: Boxes that fit the synthetic faces (:meth:`CropGeometry.fit` on the 1200 training faces of the
+#: small Table 3 budget, rounded); a parser uses them until a geometry is fitted to its data.
+DEFAULT_BOXES = {
+    "left eye": Box(-0.04, -0.21, 0.47, 0.47),
+    "right eye": Box(-0.04, -0.20, 0.47, 0.47),
+    "nose": Box(0.0, -0.34, 0.61, 0.61),
+    "mouth": Box(0.0, 0.09, 0.66, 0.33),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CropGeometry:
+    """The four boxes, one per crop, and the affine maps they give for a batch of key points.
+
+    boxes : ``{crop: Box}`` for every crop of :data:`CROPS`.
+    """
+
+    boxes: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_BOXES))
+
+    def __post_init__(self):
+        missing = sorted(set(CROPS) - set(self.boxes))
+        if missing:
+            raise ValueError(f"CropGeometry: no box for {missing}")
+
+    def matrices(self, keypoints):
+        """float64 ``{crop: (N, 2, 3)}``: the crop-to-image maps for key points ``(N, 5, 2)``."""
+        frames = component_frames(keypoints)
+        return {crop: box_matrices(*frames[crop], self.boxes[crop], crop_size(crop)) for crop in CROPS}
+
+    @classmethod
+    def fit(cls, labels, keypoints, margin=MARGIN, outlier_fraction=OUTLIER_FRACTION):
+        """Calibrate the boxes on label maps uint8 ``(N, H, W)`` (HELEN classes) and their key points.
+
+        For each face and crop, the pixels of the crop's own classes (e.g. left brow and left eye)
+        are taken to the frame; their extent plus ``margin`` of it on each side is what the box
+        must hold. The box spans the ``outlier_fraction`` and ``1 - outlier_fraction`` quantiles
+        of those needs on each side, then grows along one axis to the network's aspect ratio.
+        Faces whose part is missing (occluded, cut by the border) are left out.
+        """
+        labels = numpy.asarray(labels)
+        frames = component_frames(keypoints)
+        if labels.ndim != 3 or len(labels) != len(frames["nose"][0]):
+            raise ValueError(f"CropGeometry.fit: labels must be (N, H, W) with one map per key point set, "
+                             f"got {labels.shape} for {len(frames['nose'][0])} faces")
+        boxes = {}
+        for crop in CROPS:
+            owned = numpy.flatnonzero(helen_to_crop(crop))
+            origin, axes, unit = frames[crop]
+            needs = []
+            for n in range(len(labels)):
+                rows, columns = numpy.nonzero(numpy.isin(labels[n], owned))
+                if len(rows) < 4:
+                    continue
+                inside = to_frame(numpy.stack([columns, rows], axis=1), origin[n], axes[n], unit[n])
+                low, high = inside.min(axis=0), inside.max(axis=0)
+                extra = margin * (high - low)
+                needs.append(numpy.concatenate([low - extra, high + extra]))
+            if not needs:
+                raise ValueError(f"CropGeometry.fit: no face shows the classes of the {crop!r} crop")
+            needs = numpy.array(needs)
+            low = numpy.quantile(needs[:, :2], outlier_fraction, axis=0)
+            high = numpy.quantile(needs[:, 2:], 1 - outlier_fraction, axis=0)
+            boxes[crop] = _aspect_box(low, high, crop_size(crop))
+        return cls(boxes)
+
+    def to_dict(self):
+        """JSON-ready ``{crop: [cx, cy, hx, hy]}`` (for checkpoints)."""
+        return {crop: [box.cx, box.cy, box.hx, box.hy] for crop, box in self.boxes.items()}
+
+    @classmethod
+    def from_dict(cls, values):
+        try:
+            return cls({crop: Box(*(float(v) for v in values[crop])) for crop in values})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"CropGeometry: a box must be [cx, cy, hx, hy], got {values!r} ({error})") from None
+
+
+def _aspect_box(low, high, size):
+    """The box of frame bounds ``low`` (x, y) .. ``high`` (x, y) grown to the aspect ``size`` (h, w)."""
+    centre = (low + high) / 2
+    half = (high - low) / 2
+    height, width = size
+    half_x = max(half[0], half[1] * width / height)
+    return Box(float(centre[0]), float(centre[1]), float(half_x), float(half_x * height / width))
+
+
+def box_matrices(origin, axes, unit, box, size):
+    """float64 ``(N, 2, 3)``: crop pixel ``(x, y, 1)`` -> image ``(x, y)`` for one crop of N faces.
+
+    origin (N, 2), axes (N, 2, 2), unit (N,): the frames (:func:`component_frames`); box: the
+    :class:`Box` in frame units; size: the crop (h, w). Crop pixel centre ``(j, i)`` sits at frame
+    point ``(cx - hx + (j + 0.5) * 2 hx / w,  cy - hy + (i + 0.5) * 2 hy / h)``.
+    """
+    height, width = size
+    step = numpy.array([2 * box.hx / width, 2 * box.hy / height])
+    first = numpy.array([box.cx - box.hx, box.cy - box.hy]) + 0.5 * step   # frame point of pixel (0, 0)
+    linear = unit[:, None, None] * axes * step[None, None, :]              # (N, 2, 2): columns d/dj, d/di
+    translation = origin + unit[:, None] * (axes @ first)
+    return numpy.concatenate([linear, translation[:, :, None]], axis=2)
+
+
+def invert(matrices):
+    """The inverse maps (image -> crop) of affine maps float ``(N, 2, 3)``."""
+    matrices = numpy.asarray(matrices, dtype=numpy.float64)
+    full = numpy.zeros(matrices.shape[:-2] + (3, 3))
+    full[..., :2, :] = matrices
+    full[..., 2, 2] = 1.0
+    return numpy.linalg.inv(full)[..., :2, :]
+
+
+def apply(matrices, points):
+    """Points float ``(N, P, 2)`` through affine maps ``(N, 2, 3)`` -> ``(N, P, 2)``."""
+    return points @ numpy.swapaxes(matrices[..., :2], -1, -2) + matrices[..., None, :, 2]
+
+
+def resize_matrices(n, source_size, target_size):
+    """float64 ``(n, 2, 3)``: the maps that *resize* a ``source_size`` (h, w) image to ``target_size``
+    when used as crops (pixel-centre aligned, as :func:`minirnng.data.pipeline.resize`)."""
+    (source_h, source_w), (target_h, target_w) = source_size, target_size
+    scale = numpy.array([source_w / target_w, source_h / target_h])
+    matrix = numpy.array([[scale[0], 0.0, 0.5 * scale[0] - 0.5], [0.0, scale[1], 0.5 * scale[1] - 0.5]])
+    return numpy.repeat(matrix[None], n, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutting and pasting
+
+
+def _crop_grid(size):
+    """float64 ``(h * w, 2)``: the ``(x, y)`` centres of a ``size`` (h, w) pixel grid, row by row."""
+    height, width = size
+    y, x = numpy.mgrid[0:height, 0:width]
+    return numpy.stack([x.ravel(), y.ravel()], axis=1).astype(numpy.float64)
+
+
+def _check_matrices(matrices, n, owner):
+    matrices = numpy.asarray(matrices, dtype=numpy.float64)
+    if matrices.shape != (n, 2, 3):
+        raise ValueError(f"{owner}: matrices must be ({n}, 2, 3), one per image, got {matrices.shape}")
+    return matrices
+
+
+def _grid_points(matrices, size):
+    """Image ``(x, y)`` of every crop pixel centre: two float64 ``(N * h * w,)`` arrays, crop by crop,
+    row by row (one multiply-add per coordinate, cheaper than a matrix product per point)."""
+    grid = _crop_grid(size)
+    x = matrices[:, 0, 0, None] * grid[:, 0] + matrices[:, 0, 1, None] * grid[:, 1] + matrices[:, 0, 2, None]
+    y = matrices[:, 1, 0, None] * grid[:, 0] + matrices[:, 1, 1, None] * grid[:, 1] + matrices[:, 1, 2, None]
+    return x.ravel(), y.ravel()
+
+
+def crop_bilinear(images, matrices, size, fill=0.0):
+    """Cut crops out of float images ``(N, C, H, W)``: ``(N, C, h, w)`` of the images' dtype.
+
+    matrices : ``(N, 2, 3)`` crop-to-image maps, one crop per image, or ``(K, N, 2, 3)`` for K
+    crops per image, giving ``(K, N, C, h, w)`` (one pass over the images for all of them);
+    size : crop (h, w). Bilinear interpolation; a tap outside the image reads ``fill`` (0.0:
+    mid-grey in minirnng's normalised range), or with ``fill=None`` the nearest pixel of the
+    image's border (for resizing a whole image).
+    """
+    images = numpy.asarray(images)
+    if images.ndim != 4 or images.dtype.kind != "f":
+        raise ValueError(f"crop_bilinear: images must be float (N, C, H, W), got {images.dtype} {images.shape}")
+    n, channels, height, width = images.shape
+    matrices = numpy.asarray(matrices, dtype=numpy.float64)
+    several = matrices.ndim == 4
+    if matrices.shape[-3:] != (n, 2, 3) or matrices.ndim not in (3, 4):
+        raise ValueError(f"crop_bilinear: matrices must be ({n}, 2, 3) or (K, {n}, 2, 3), one per image "
+                         f"and crop, got {matrices.shape}")
+    crops_per_image = matrices.shape[0] if several else 1
+    matrices = matrices.reshape(-1, 2, 3)
+    # The images framed by one pixel of ``fill`` above and left and two below and right: with the
+    # points clipped to [-1, W] x [-1, H], every tap lands in the frame, and a tap off the image
+    # reads ``fill`` with no test. One plane per channel holds the whole batch.
+    framed = numpy.full((channels, n, height + 3, width + 3), fill or 0, dtype=images.dtype)
+    framed[:, :, 1:height + 1, 1:width + 1] = images.transpose(1, 0, 2, 3)
+    planes = framed.reshape(channels, -1)
+    x, y = _grid_points(matrices, size)
+    if fill is None:  # points stay on the image: the border pixels repeat outwards
+        x, y = numpy.clip(x, 0.0, width - 1.0), numpy.clip(y, 0.0, height - 1.0)
+    else:
+        x, y = numpy.clip(x, -1.0, width), numpy.clip(y, -1.0, height)
+    x0, y0 = numpy.floor(x), numpy.floor(y)
+    fx, fy = (x - x0).astype(images.dtype), (y - y0).astype(images.dtype)
+    stride = width + 3
+    image_of_crop = numpy.tile(numpy.arange(n), crops_per_image)
+    top_left = (numpy.repeat(image_of_crop * ((height + 3) * stride), size[0] * size[1])
+                + (y0.astype(numpy.int64) + 1) * stride + x0.astype(numpy.int64) + 1)
+    result = numpy.take(planes, top_left, axis=1) * ((1 - fx) * (1 - fy))
+    for offset, weight in ((1, fx * (1 - fy)), (stride, (1 - fx) * fy), (stride + 1, fx * fy)):
+        taps = numpy.take(planes, top_left + offset, axis=1)
+        taps *= weight
+        result += taps
+    crops = numpy.ascontiguousarray(result.reshape(channels, len(matrices), size[0], size[1]).transpose(1, 0, 2, 3))
+    return crops.reshape((crops_per_image, n) + crops.shape[1:]) if several else crops
+
+
+def crop_nearest(labels, matrices, size, fill=0):
+    """Cut crops out of label maps ``(N, H, W)`` (any dtype): ``(N, h, w)``, nearest neighbour;
+    crop pixels that fall outside the image get ``fill``."""
+    labels = numpy.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"crop_nearest: labels must be (N, H, W), got {labels.shape}")
+    n, height, width = labels.shape
+    matrices = _check_matrices(matrices, n, "crop_nearest")
+    x, y = _grid_points(matrices, size)
+    x = numpy.floor(x + 0.5).astype(numpy.int64)
+    y = numpy.floor(y + 0.5).astype(numpy.int64)
+    inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    base = numpy.repeat(numpy.arange(n) * (height * width), size[0] * size[1])
+    index = base + numpy.clip(y, 0, height - 1) * width + numpy.clip(x, 0, width - 1)
+    values = numpy.where(inside, numpy.take(labels.reshape(-1), index), numpy.asarray(fill, dtype=labels.dtype))
+    return values.reshape(n, *size)
+
+
+@dataclasses.dataclass
+class Footprints:
+    """The image pixels a batch of crops covers (one crop per image), and the crop pixel each reads.
+
+    Each crop's footprint is searched in a window of the same size for every image (the largest
+    bounding box of the batch's crop outlines), placed at that crop's box:
+
+    image_index : int64 ``(N, P)``, flat indices into the batch of images ``(N * H * W)``;
+    crop_index : int64 ``(N, P)``, flat indices into one crop ``(h * w)``, the nearest crop pixel;
+    inside : bool ``(N, P)``, True where that window pixel lies in the image and its nearest crop
+        pixel in the crop (elsewhere both indices are clipped and meaningless).
+    """
+
+    image_index: numpy.ndarray
+    crop_index: numpy.ndarray
+    inside: numpy.ndarray
+
+    def read(self, crops):
+        """The crops' values at the footprints: crops ``(N, h, w)`` -> ``(N, P)``, or
+        ``(N, K, h, w)`` -> ``(N, K, P)``; meaningful where ``inside``."""
+        flat = crops.reshape(crops.shape[:-2] + (-1,))
+        if crops.ndim == 4:
+            return numpy.take_along_axis(flat, self.crop_index[:, None, :], axis=2)
+        return numpy.take_along_axis(flat, self.crop_index, axis=1)
+
+
+def footprints(matrices, size, image_shape):
+    """The :class:`Footprints` of crops of ``size`` (h, w) placed by ``matrices`` (N, 2, 3) on
+    images of ``image_shape`` (H, W): image pixel ``p`` reads crop pixel ``round(M^-1 p)``."""
+    height, width = size
+    image_height, image_width = image_shape
+    matrices = numpy.asarray(matrices, dtype=numpy.float64)
+    corners = numpy.array([[-0.5, -0.5], [width - 0.5, -0.5], [-0.5, height - 0.5], [width - 0.5, height - 0.5]])
+    outline = apply(matrices, corners[None])                                   # (N, 4, 2)
+    low = numpy.floor(outline.min(axis=1)).astype(numpy.int64)                  # (N, 2) x, y
+    high = numpy.ceil(outline.max(axis=1)).astype(numpy.int64)
+    low = numpy.clip(low, 0, [image_width - 1, image_height - 1])
+    window_x = int(numpy.clip(high[:, 0] - low[:, 0] + 1, 1, image_width).max())
+    window_y = int(numpy.clip(high[:, 1] - low[:, 1] + 1, 1, image_height).max())
+    x = low[:, 0, None, None] + numpy.arange(window_x)[None, None, :]           # (N, 1, wx)
+    y = low[:, 1, None, None] + numpy.arange(window_y)[None, :, None]           # (N, wy, 1)
+    # Image pixel (x, y) -> crop point inverse @ ((x, y) - translation), by broadcasting.
+    inverse = numpy.linalg.inv(matrices[:, :, :2])                             # (N, 2, 2)
+    dx, dy = x - matrices[:, 0, 2, None, None], y - matrices[:, 1, 2, None, None]
+    crop_x = numpy.floor(inverse[:, 0, 0, None, None] * dx + inverse[:, 0, 1, None, None] * dy + 0.5).astype(numpy.int64)
+    crop_y = numpy.floor(inverse[:, 1, 0, None, None] * dx + inverse[:, 1, 1, None, None] * dy + 0.5).astype(numpy.int64)
+    inside = ((crop_x >= 0) & (crop_x < width) & (crop_y >= 0) & (crop_y < height)
+              & (x < image_width) & (y < image_height))
+    n = len(matrices)
+    image_index = (numpy.arange(n)[:, None, None] * (image_height * image_width)
+                   + numpy.minimum(y, image_height - 1) * image_width + numpy.minimum(x, image_width - 1))
+    crop_index = numpy.clip(crop_y, 0, height - 1) * width + numpy.clip(crop_x, 0, width - 1)
+    return Footprints(image_index.reshape(n, -1), crop_index.reshape(n, -1), inside.reshape(n, -1))
+
+
+def paste_nearest(crops, matrices, image_shape, fill=0):
+    """Paste crops ``(N, h, w)`` back onto ``(N,) + image_shape`` canvases: ``(pasted, covered)``.
+
+    Each image pixel inside a crop's footprint takes the value of the crop pixel nearest to where it
+    lands in the crop (the inverse of :func:`crop_nearest`); the rest is ``fill``. ``covered`` is
+    bool ``(N, H, W)``, True where a crop pixel was read.
+    """
+    crops = numpy.asarray(crops)
+    if crops.ndim != 3:
+        raise ValueError(f"paste_nearest: crops must be (N, h, w), got {crops.shape}")
+    matrices = _check_matrices(matrices, len(crops), "paste_nearest")
+    pasted = numpy.full((len(crops),) + tuple(image_shape), fill, dtype=crops.dtype)
+    covered = numpy.zeros((len(crops),) + tuple(image_shape), dtype=bool)
+    place = footprints(matrices, crops.shape[1:], image_shape)
+    pasted.reshape(-1)[place.image_index[place.inside]] = place.read(crops)[place.inside]
+    covered.reshape(-1)[place.image_index[place.inside]] = True
+    return pasted, covered

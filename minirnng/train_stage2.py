@@ -1,0 +1,401 @@
+"""Training and evaluation of stage 2, and the reproduction of the paper's Table 3.
+
+The two stages are trained one after the other, as in the paper:
+
+1. stage 1, an 11-class RNN-G on whole faces, by the stage-1 loop (:class:`minirnng.train.Trainer`,
+   its three-term objective, class-balanced because the parts are small);
+2. the crop geometry and the mean face shape, fitted on the training label maps and key points
+   (:meth:`CropGeometry.fit`, :meth:`FaceShape.fit`);
+3. the three component networks, together, on crops cut around the training faces' key points
+   (the dataset's landmarks if it has them, else read off the label maps), jittered every step
+   as augmentation (:func:`jitter_keypoints`): one epoch is one pass over the faces, each face
+   giving two eye crops (the right one mirrored), a nose crop and a mouth crop. Each network has
+   its own Adam optimizer and a softmax cross-entropy weighted by inverse class frequency to the
+   power ``class_balance`` (the inner mouth is rare even in a mouth crop).
+
+Evaluation follows the paper's Table 3: every pixel of the test images, one confusion matrix over
+the set, F-measures of the components and of their union ("overall") from
+:func:`minirnng.metrics.table3_scores`. "1-stage" is the stage-1 network alone (its arg-max over
+11 classes); "2-stage" is the :class:`TwoStageParser` built on that same network, so the two rows
+differ only by stage 2.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy
+
+from . import backend
+from .data.catalog import load_split, open_dataset
+from .data.classes import HELEN_CLASSES
+from .data.datasets import MissingDataError
+from .data.pipeline import normalize, preload
+from .losses import SoftmaxCrossEntropy
+from .metrics import confusion_matrix, precision_recall_f, table3_scores
+from .models import load_model
+from .models.crops import CROPS, CropGeometry, crop_bilinear, crop_nearest, helen_to_crop
+from .models.keypoints import FaceShape, complete_keypoints, jitter_keypoints, keypoints_from_labels
+from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStageParser
+from .objective import class_balance_weights
+from .optim import SCHEDULES, Adam, learning_rate
+from .train import TrainConfig, Trainer, evaluate, write_log
+
+#: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
+PAPER_TABLE3 = {
+    "1-stage": {"eyes": 63.3, "brows": 53.7, "nose": 87.5, "in mouth": 65.7, "U-lip": 54.0, "L-lip": 72.6,
+                "mouth": 80.6, "skin": 91.1, "overall": 78.8},
+    "2-stage": {"eyes": 86.8, "brows": 77.0, "nose": 93.0, "in mouth": 79.2, "U-lip": 74.3, "L-lip": 81.7,
+                "mouth": 89.1, "skin": 92.1, "overall": 88.6},
+}
+TABLE3_COLUMNS = tuple(PAPER_TABLE3["1-stage"])
+#: The columns on which two stages must beat one on synthetic faces (the issue's acceptance rule).
+MUST_IMPROVE = ("eyes", "brows", "U-lip", "L-lip", "overall")
+
+#: Training budgets: images per split (synthetic data) and epochs of each stage.
+BUDGETS = {
+    "small": {"synthetic": (1200, 150, 300), "stage1_epochs": 12, "component_epochs": 12},
+    "paper": {"synthetic": (4000, 300, 500), "stage1_epochs": 40, "component_epochs": 40},
+}
+_NETWORK_CLASSES = {"eyes": EyeBrowNet, "nose": NoseNet, "mouth": MouthNet}
+
+
+@dataclasses.dataclass
+class ComponentTrainConfig:
+    """How the three component networks are trained (stored in the parser's checkpoint)."""
+
+    epochs: int = 12
+    batch_size: int = 16          # faces per step: 32 eye crops, 16 nose and 16 mouth crops
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup: float = 0.02
+    class_balance: float = 0.5
+    jitter: float = 0.08          # key point jitter, standard deviation in eye distances
+    width: int = 8
+    seed: int = 0
+
+    def check(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.width < 1:
+            raise ValueError(f"epochs, batch_size and width must be positive, got {self.epochs}, "
+                             f"{self.batch_size} and {self.width}")
+        if self.jitter < 0 or self.class_balance < 0:
+            raise ValueError(f"jitter and class_balance must be non-negative, got {self.jitter} and {self.class_balance}")
+        return self
+
+
+# -- crops of a whole data set ----------------------------------------------------------------------
+
+def training_keypoints(dataset, landmarks=None, shape=None):
+    """Key points float64 (N, 5, 2) for a preloaded dataset: its ``landmarks`` if given, else read
+    off its label maps, missing ones filled in from ``shape`` (a :class:`FaceShape`; default mean)."""
+    if landmarks is not None:
+        landmarks = numpy.asarray(landmarks, dtype=numpy.float64)
+        if landmarks.shape != (len(dataset), 5, 2):
+            raise ValueError(f"landmarks must be ({len(dataset)}, 5, 2), got {landmarks.shape}")
+        return landmarks
+    points, found = keypoints_from_labels(dataset.labels)
+    return complete_keypoints(points, found, shape or FaceShape(), dataset.labels)
+
+
+def cut_crops(images, labels, matrices):
+    """The four crops of a batch: ``{crop: (images float32 (N, 3, h, w), labels uint8 (N, h, w))}``.
+
+    images float32 (N, 3, H, W) normalised; labels (N, H, W) HELEN classes; matrices from
+    :meth:`CropGeometry.matrices`. Crop labels are in the crop's network classes; pixels outside
+    the image are "other".
+    """
+    crops = {}
+    for crop, (_, size, _, _) in CROPS.items():
+        crop_labels = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], size)]
+        crops[crop] = (crop_bilinear(images, matrices[crop], size), crop_labels)
+    return crops
+
+
+def _network_batches(crops, rng=None):
+    """Group crops by network: ``{network: (images, labels)}``; with ``rng``, nose and mouth crops
+    are mirrored at random (their classes have no side; eye crops are already side-normalised)."""
+    grouped = {}
+    for crop, (images, labels) in crops.items():
+        grouped.setdefault(CROP_NETWORK[crop], []).append((images, labels))
+    batches = {}
+    for network, parts in grouped.items():
+        images = numpy.concatenate([p[0] for p in parts])
+        labels = numpy.concatenate([p[1] for p in parts])
+        if rng is not None and network != "eyes":
+            flip = rng.random(len(images)) < 0.5
+            images[flip] = images[flip][..., ::-1]
+            labels[flip] = labels[flip][..., ::-1]
+        batches[network] = (images, labels)
+    return batches
+
+
+def crop_class_weights(dataset, keypoints, geometry, power, limit=400):
+    """Per network, class weights (K,) from the crop labels of up to ``limit`` training faces."""
+    count = min(len(dataset), limit)
+    matrices = geometry.matrices(keypoints[:count])
+    crops = {crop: (None, helen_to_crop(crop)[crop_nearest(dataset.labels[:count], matrices[crop], size)])
+             for crop, (_, size, _, _) in CROPS.items()}
+    weights = {}
+    for network, cls in _NETWORK_CLASSES.items():
+        labels = numpy.concatenate([labels for crop, (_, labels) in crops.items() if CROP_NETWORK[crop] == network])
+        weights[network] = class_balance_weights(labels, len(cls.component_classes), power)
+    return weights
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def train_components(train_set, keypoints, geometry, config=None, validation_set=None, validation_keypoints=None,
+                     progress=True, log=print):
+    """Train the three component networks; returns ``(networks {"eyes", "nose", "mouth"}, history)``.
+
+    train_set : a preloaded HELEN-class dataset (uint8 images (N, H, W, 3), labels (N, H, W));
+    keypoints : float (N, 5, 2) in its pixels; geometry : a :class:`CropGeometry`; config : a
+    :class:`ComponentTrainConfig`. With a validation set (and its key points), each epoch ends
+    with the networks' F-measures on its crops (:func:`evaluate_components`).
+    """
+    from tqdm import tqdm
+
+    config = (config or ComponentTrainConfig()).check()
+    rng = numpy.random.default_rng(config.seed)
+    networks = {name: cls(width=config.width, rng=rng) for name, cls in _NETWORK_CLASSES.items()}
+    for network in networks.values():
+        network.classes = list(network.component_classes)
+    optimizers = {name: Adam(net.params(), net.grads(), lr=config.lr) for name, net in networks.items()}
+    weights = crop_class_weights(train_set, keypoints, geometry, config.class_balance)
+    losses = {name: SoftmaxCrossEntropy(class_weights=weights[name]) for name in networks}
+    log("component class weights: " + "; ".join(
+        f"{name} " + ", ".join(f"{cls} {w:.2f}" for cls, w in zip(networks[name].component_classes, weights[name]))
+        for name in networks))
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    history = []
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        totals = {name: 0.0 for name in networks}
+        order = rng.permutation(len(train_set))
+        bar = tqdm(total=len(order), desc=f"components {epoch + 1}/{config.epochs}", unit="face",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        for step, first in enumerate(range(0, len(order), config.batch_size)):
+            chosen = order[first:first + config.batch_size]
+            points = jitter_keypoints(keypoints[chosen], config.jitter, rng)
+            crops = cut_crops(normalize(train_set.images[chosen]), train_set.labels[chosen],
+                              geometry.matrices(points))
+            rate = learning_rate(config.schedule, config.lr, (epoch + step / steps_per_epoch) / config.epochs,
+                                 config.warmup)
+            for name, (images, labels) in _network_batches(crops, rng).items():
+                network, optimizer = networks[name], optimizers[name]
+                network.zero_grad()
+                logits = network.forward(backend.to_device(images))["logits"]
+                totals[name] += losses[name].forward(logits, backend.to_device(labels.astype(numpy.int64))) * len(chosen)
+                network.backward({"logits": losses[name].backward()}, input_gradient=False)
+                optimizer.lr = rate
+                optimizer.step()
+            bar.update(len(chosen))
+        bar.close()
+        row = {"epoch": epoch + 1, "lr": rate}
+        row.update({f"train_loss_{name}": total / len(order) for name, total in totals.items()})
+        if not all(numpy.isfinite(v) for v in totals.values()):
+            raise FloatingPointError(f"component training diverged in epoch {epoch + 1}: {totals}")
+        if validation_set is not None:
+            scores = evaluate_components(networks, validation_set, validation_keypoints, geometry)
+            row.update({f"val_F_{name}": value for name, value in scores.items()})
+        row["seconds"] = time.perf_counter() - start
+        history.append(row)
+        losses_text = ", ".join(f"{name} {row[f'train_loss_{name}']:.3f}" for name in networks)
+        scores_text = ", ".join(f"{key[6:]} {value:.1f}" for key, value in row.items() if key.startswith("val_F_"))
+        log(f"components epoch {epoch + 1}/{config.epochs}: loss {losses_text}"
+            + (f"; validation F (%) {scores_text}" if scores_text else "") + f" ({row['seconds']:.0f} s)")
+    return networks, history
+
+
+def evaluate_components(networks, dataset, keypoints, geometry, batch_size=32):
+    """F-measure (%) of each part class on the crops of ``dataset`` cut at ``keypoints`` (no jitter):
+    ``{"<network> <class>": F}`` over all crop pixels of the set, e.g. ``"eyes brow"``."""
+    confusions = {name: 0 for name in networks}
+    for first in range(0, len(dataset), batch_size):
+        chosen = slice(first, first + batch_size)
+        crops = cut_crops(normalize(dataset.images[chosen]), dataset.labels[chosen],
+                          geometry.matrices(keypoints[chosen]))
+        for name, (images, labels) in _network_batches(crops).items():
+            predicted = backend.to_numpy(networks[name].predict(backend.to_device(images)))
+            confusions[name] = confusions[name] + confusion_matrix(predicted, labels, networks[name].n_classes)
+    scores = {}
+    for name, confusion in confusions.items():
+        f_measure = precision_recall_f(confusion)[2]
+        for cls, value in zip(networks[name].component_classes[1:], f_measure[1:]):
+            scores[f"{name} {cls}"] = 100 * float(value)
+    return scores
+
+
+def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, component_config=None,
+                    landmarks=None, progress=True, log=print):
+    """Train both stages (module docstring) and save the parser to ``out_dir/two_stage.npz``.
+
+    train_set, validation_set : preloaded 11-class (HELEN) datasets at stage 1's input size;
+    stage1_config : a :class:`TrainConfig` (default: RNN-G, 11 classes, class balance 0.5);
+    component_config : a :class:`ComponentTrainConfig`; landmarks : optional ``(train, validation)``
+    key point arrays (N, 5, 2) from the dataset; without them key points are read off the labels.
+    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there.
+    Returns the :class:`TwoStageParser`.
+    """
+    if tuple(train_set.classes) != HELEN_CLASSES:
+        raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes {train_set.classes}")
+    os.makedirs(out_dir, exist_ok=True)
+    stage1_config = stage1_config or TrainConfig(model="rnng", n_classes=11, class_balance=0.5)
+    component_config = (component_config or ComponentTrainConfig()).check()
+    input_size = tuple(train_set.images.shape[1:3])
+
+    started = time.perf_counter()
+    folder = os.path.join(out_dir, "stage1")
+    log(f"stage 1: {stage1_config.model}, {stage1_config.n_classes} classes, {stage1_config.epochs} epochs -> {folder}")
+    trainer = Trainer(stage1_config, train_set, validation_set, folder, progress=progress, log=log)
+    trainer.run(resume=os.path.exists(trainer.last_path))
+    stage1 = load_model(trainer.best_path)
+    stage1_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    train_landmarks, validation_landmarks = landmarks if landmarks is not None else (None, None)
+    train_points = training_keypoints(train_set, train_landmarks)
+    validation_points = training_keypoints(validation_set, validation_landmarks)
+    shape = FaceShape.fit(train_points, train_set.labels)
+    geometry = CropGeometry.fit(train_set.labels, train_points)
+    log("crop boxes (frame units: centre x, y, half width, half height): " + "; ".join(
+        f"{crop} " + ", ".join(f"{v:.2f}" for v in values) for crop, values in geometry.to_dict().items()))
+    networks, history = train_components(train_set, train_points, geometry, component_config, validation_set,
+                                         validation_points, progress=progress, log=log)
+    write_log(history, os.path.join(out_dir, "components_log.csv"))
+    parser = TwoStageParser(stage1, networks["eyes"], networks["nose"], networks["mouth"], geometry=geometry,
+                            shape=shape, stage1_size=input_size)
+    path = os.path.join(out_dir, "two_stage.npz")
+    parser.save(path, training={"stage1": dataclasses.asdict(stage1_config),
+                                "components": dataclasses.asdict(component_config),
+                                "stage1_seconds": stage1_seconds,
+                                "component_seconds": time.perf_counter() - started,
+                                "component_history": history})
+    log(f"saved the two-stage parser to {path}")
+    return parser
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def evaluate_table3(predict, dataset, batch_size=16):
+    """Table 3's columns (F-measure, %) of ``predict`` (float images (N, 3, H, W) -> labels (N, H, W))
+    on a preloaded 11-class dataset, plus ``ms_per_image`` and the ``confusion`` matrix (a list)."""
+    summary = evaluate(None, dataset, batch_size=batch_size, predict=predict)
+    scores = table3_scores(numpy.asarray(summary["confusion"]))
+    scores["ms_per_image"] = summary["ms_per_image"]
+    scores["accuracy"] = 100 * summary["accuracy"]
+    scores["confusion"] = summary["confusion"]
+    return scores
+
+
+def format_table3(ours, title):
+    """Our "1-stage" and "2-stage" rows beside the paper's (F-measure, %)."""
+    width = 9
+    lines = [title, f"{'':<20}" + "".join(f"{column:>{width}}" for column in TABLE3_COLUMNS)]
+    for row in ("1-stage", "2-stage"):
+        for source, values in ((f"ours {row}", ours.get(row, {})), (f"paper {row}", PAPER_TABLE3[row])):
+            cells = "".join(f"{values[c]:>{width}.1f}" if values.get(c) is not None else f"{'n/a':>{width}}"
+                            for c in TABLE3_COLUMNS)
+            lines.append(f"{source:<20}{cells}")
+    if "1-stage" in ours and "2-stage" in ours:
+        gains = "".join(f"{ours['2-stage'][c] - ours['1-stage'][c]:>+{width}.1f}"
+                        if ours["2-stage"].get(c) is not None and ours["1-stage"].get(c) is not None
+                        else f"{'n/a':>{width}}" for c in TABLE3_COLUMNS)
+        lines.append(f"{'ours 2 - 1':<20}{gains}")
+    return "\n".join(lines)
+
+
+# -- Table 3 ------------------------------------------------------------------------------------
+
+def _synthetic_splits(sizes, input_size):
+    """Preloaded synthetic train, validation and test splits with the generator's key points."""
+    splits, landmarks = {}, {}
+    for split, count in zip(("train", "validation", "test"), sizes):
+        faces = open_dataset("synthetic", split, n_classes=11, size=count)
+        splits[split] = preload(faces, size=(input_size, input_size))
+        scale = input_size / faces.size  # the generator's pixels -> the preloaded pixels (centres aligned)
+        landmarks[split] = numpy.stack([(faces.keypoints(i) + 0.5) * scale - 0.5 for i in range(len(faces))])
+    return splits, landmarks
+
+
+def _helen_splits(root, input_size, log):
+    splits = {split: load_split("helen", split, root, n_classes=11, input_size=input_size)
+              for split in ("train", "validation")}
+    try:
+        splits["test"] = load_split("helen", "test", root, n_classes=11, input_size=input_size)
+    except MissingDataError as error:
+        log(f"no HELEN test split ({str(error).splitlines()[0]}); scoring on validation")
+        splits["test"] = splits["validation"]
+    return splits
+
+
+def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="runs/table3", progress=True,
+                     log=print, input_size=128):
+    """Train stage 1 and stage 2 at ``budget`` and score "1-stage" against "2-stage" as Table 3.
+
+    data : ``"synthetic"`` or the folder of HELEN (the ``Helen`` loader's layout); budget :
+    ``"small"`` (minutes on a laptop CPU) or ``"paper"``; json_path : where to write the results
+    (atomically); out_dir : checkpoints and logs (``stage1/``, ``two_stage.npz``).
+    Returns ``{"1-stage": {column: F %}, "2-stage": {...}, "_meta": {...}}``; the columns are
+    :data:`TABLE3_COLUMNS`.
+    """
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; expected one of {', '.join(BUDGETS)}")
+    if data != "synthetic" and not os.path.isdir(data):
+        raise MissingDataError(f"reproduce_table3: data must be 'synthetic' or the HELEN folder; {data!r} is not a folder")
+    setting = BUDGETS[budget]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if data == "synthetic":
+        splits, landmarks = _synthetic_splits(setting["synthetic"], input_size)
+        landmarks = (landmarks["train"], landmarks["validation"])
+    else:
+        splits, landmarks = _helen_splits(data, input_size, log), None
+    test_name = "test" if splits["test"] is not splits["validation"] else "validation"
+    log(f"table3 on {data}: {len(splits['train'])} training, {len(splits['validation'])} validation, "
+        f"{len(splits['test'])} {test_name} images at {input_size}x{input_size}; budget {budget}: "
+        f"{setting['stage1_epochs']} stage-1 epochs, {setting['component_epochs']} component epochs")
+    stage1_config = TrainConfig(model="rnng", n_classes=11, epochs=setting["stage1_epochs"], class_balance=0.5)
+    component_config = ComponentTrainConfig(epochs=setting["component_epochs"])
+    parser = train_two_stage(splits["train"], splits["validation"], out_dir, stage1_config, component_config,
+                             landmarks=landmarks, progress=progress, log=log)
+    training_minutes = (time.perf_counter() - started) / 60
+
+    results = {}
+    for row, predict in (("1-stage", parser.stage1.predict), ("2-stage", parser.predict)):
+        scores = evaluate_table3(predict, splits["test"])
+        # A class group absent from both truth and prediction has no F-measure: null in the JSON.
+        results[row] = {column: None if math.isnan(scores[column]) else scores[column] for column in TABLE3_COLUMNS}
+        results.setdefault("_details", {})[row] = {key: scores[key] for key in ("accuracy", "ms_per_image", "confusion")}
+    improved = {column: (results["2-stage"][column] or 0.0) > (results["1-stage"][column] or 0.0)
+                for column in MUST_IMPROVE}
+    results["_meta"] = {
+        "table": "table3", "data": data, "budget": budget, "evaluated_on": test_name, "input_size": input_size,
+        "images": {split: len(dataset) for split, dataset in splits.items()},
+        "stage1_epochs": setting["stage1_epochs"], "component_epochs": setting["component_epochs"],
+        "training_minutes": training_minutes, "minutes": (time.perf_counter() - started) / 60,
+        "cpu_minutes": (time.process_time() - cpu_started) / 60,
+        "two_stage_beats_one_stage": improved, "checkpoint": os.path.join(out_dir, "two_stage.npz"),
+        "backend": backend.current(), "paper": PAPER_TABLE3,
+    }
+    log(format_table3(results, f"Table 3 on {data} ({test_name} split), budget {budget}: F-measure (%), ours "
+                               f"beside the paper's HELEN numbers"))
+    log(f"{results['_meta']['minutes']:.1f} minutes ({results['_meta']['cpu_minutes']:.1f} of CPU time); "
+        "two stages beat one on "
+        + ", ".join(f"{column} {'yes' if better else 'NO'}" for column, better in improved.items()))
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        os.makedirs(folder, exist_ok=True)
+        temporary = json_path + ".tmp"
+        with open(temporary, "w") as stream:
+            json.dump(results, stream, indent=1)
+        os.replace(temporary, json_path)
+        log(f"wrote {json_path}")
+    return results
+
+
+__all__ = ["ComponentTrainConfig", "train_components", "evaluate_components", "train_two_stage", "evaluate_table3",
+           "reproduce_table3", "format_table3", "PAPER_TABLE3", "BUDGETS"]

@@ -1,0 +1,398 @@
+"""Stage 2: crops and their inverse, key points, the component networks, the two-stage parser, checkpoints."""
+
+import json
+
+import numpy
+import pytest
+from scipy import ndimage
+
+from minirnng.data.classes import HELEN_CLASSES
+from minirnng.data.pipeline import normalize, preload
+from minirnng.data.synthetic import SyntheticFaces
+from minirnng.gradcheck import check_model
+from minirnng.models import RNNG, CheckpointError
+from minirnng.models.crops import (CROPS, Box, CropGeometry, apply, component_frames, crop_bilinear, crop_nearest,
+                                   helen_to_crop, invert, paste_nearest, resize_matrices)
+from minirnng.models.keypoints import FaceShape, complete_keypoints, jitter_keypoints, keypoints_from_labels
+from minirnng.models.stage2 import (COMPONENT_NETWORKS, MAIN_CLASSES, EyeBrowNet, MouthNet, NoseNet,
+                                    TwoStageParser, load_stage2_model)
+
+LEFT_EYE, RIGHT_EYE = HELEN_CLASSES.index("left eye"), HELEN_CLASSES.index("right eye")
+LEFT_BROW, RIGHT_BROW = HELEN_CLASSES.index("left brow"), HELEN_CLASSES.index("right brow")
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """40 synthetic 128 x 128 faces: the generator, images uint8 (N, H, W, 3), labels, its key points."""
+    generator = SyntheticFaces(40, size=128, n_classes=11, seed=3)
+    images, labels = zip(*(generator[i] for i in range(len(generator))))
+    keypoints = numpy.stack([generator.keypoints(i) for i in range(len(generator))])
+    return generator, numpy.stack(images), numpy.stack(labels), keypoints
+
+
+def similarity(angle, scale, shift, mirrored=False):
+    """A crop-to-image map (1, 2, 3): rotate by ``angle``, shrink by ``scale`` (crop pixels per image
+    pixel), mirror the crop's x axis if asked, then shift."""
+    cos, sin = numpy.cos(angle) / scale, numpy.sin(angle) / scale
+    linear = numpy.array([[cos, -sin], [sin, cos]])
+    if mirrored:
+        linear[:, 0] *= -1
+    return numpy.concatenate([linear, numpy.array(shift, dtype=float)[:, None]], axis=1)[None]
+
+
+# -- crop and paste ----------------------------------------------------------------------------------
+
+def test_an_integer_crop_is_a_window_and_pasting_puts_it_back(rng):
+    images = rng.standard_normal((1, 3, 40, 50))
+    labels = rng.integers(0, 11, (1, 40, 50))
+    matrix = similarity(0.0, 1.0, (7, 5))                # crop pixel (j, i) -> image (j + 7, i + 5)
+    numpy.testing.assert_array_equal(crop_bilinear(images, matrix, (16, 24)), images[:, :, 5:21, 7:31])
+    crop = crop_nearest(labels, matrix, (16, 24))
+    numpy.testing.assert_array_equal(crop, labels[:, 5:21, 7:31])
+    pasted, covered = paste_nearest(crop, matrix, (40, 50), fill=-1)
+    expected = numpy.zeros((1, 40, 50), dtype=bool)
+    expected[:, 5:21, 7:31] = True
+    numpy.testing.assert_array_equal(covered, expected)
+    numpy.testing.assert_array_equal(pasted[covered], labels[covered])
+    assert (pasted[~covered] == -1).all()
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_crop_then_paste_is_the_identity_on_the_crops_pixels(rng, mirrored):
+    """A rotated (and mirrored) crop 2.4 times finer than the image, as stage 2 cuts them: every
+    image pixel it covers comes back with its own label (the module docstring's argument)."""
+    labels = rng.integers(0, 11, (1, 60, 60))
+    matrix = similarity(0.5, 2.4, (30.3, 28.7), mirrored)
+    crop = crop_nearest(labels, matrix, (64, 64))
+    pasted, covered = paste_nearest(crop, matrix, (60, 60), fill=-1)
+    assert covered.sum() > 0.8 * (64 / 2.4) ** 2         # the crop's area in image pixels, less the rim
+    numpy.testing.assert_array_equal(pasted[covered], labels[covered])
+
+
+def test_crop_then_paste_is_the_identity_for_every_stage2_crop(faces):
+    _, _, labels, keypoints = faces
+    matrices = CropGeometry().matrices(keypoints[:8])
+    for crop, (_, size, _, _) in CROPS.items():
+        pasted, covered = paste_nearest(crop_nearest(labels[:8], matrices[crop], size), matrices[crop], (128, 128))
+        assert covered.sum(axis=(1, 2)).min() > 50, crop
+        numpy.testing.assert_array_equal(pasted[covered], labels[:8][covered])
+
+
+def test_bilinear_crops_match_scipy(rng):
+    images = rng.standard_normal((2, 3, 20, 24))
+    matrices = numpy.concatenate([similarity(0.3, 1.7, (-2.0, 4.0)), similarity(-1.0, 0.6, (10.5, 9.0), True)])
+    crops = crop_bilinear(images, matrices, (16, 12), fill=0.3)
+    row, column = numpy.mgrid[0:16, 0:12]
+    for n in range(2):
+        x = matrices[n, 0, 0] * column + matrices[n, 0, 1] * row + matrices[n, 0, 2]
+        y = matrices[n, 1, 0] * column + matrices[n, 1, 1] * row + matrices[n, 1, 2]
+        for channel in range(3):
+            # scipy's "grid-constant": a point off the image interpolates with the fill value
+            expected = ndimage.map_coordinates(images[n, channel], [y, x], order=1, mode="grid-constant", cval=0.3)
+            numpy.testing.assert_allclose(crops[n, channel], expected, atol=1e-12)
+
+
+def test_resize_matrices_resize_with_pixel_centres_aligned(rng):
+    source = numpy.arange(64).reshape(1, 8, 8)
+    doubled = crop_nearest(source, resize_matrices(1, (8, 8), (16, 16)), (16, 16))
+    numpy.testing.assert_array_equal(doubled[0], numpy.repeat(numpy.repeat(source[0], 2, axis=0), 2, axis=1))
+    flat = numpy.full((1, 3, 8, 8), 0.25)
+    numpy.testing.assert_allclose(crop_bilinear(flat, resize_matrices(1, (8, 8), (12, 20)), (12, 20), fill=None), 0.25)
+
+
+def test_bad_crop_arguments_are_clear_errors(rng):
+    with pytest.raises(ValueError, match="matrices must be"):
+        crop_bilinear(rng.standard_normal((2, 3, 8, 8)), numpy.zeros((1, 2, 3)), (4, 4))
+    with pytest.raises(ValueError, match="float"):
+        crop_bilinear(numpy.zeros((1, 3, 8, 8), dtype=numpy.uint8), numpy.zeros((1, 2, 3)), (4, 4))
+    with pytest.raises(ValueError, match="key points must be"):
+        component_frames(numpy.zeros((2, 4, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        component_frames(numpy.full((1, 5, 2), numpy.nan))
+    with pytest.raises(ValueError, match="unknown crop"):
+        helen_to_crop("ear")
+
+
+# -- where the crops go -------------------------------------------------------------------------------
+
+def test_the_fitted_boxes_hold_the_parts_with_their_margin(faces):
+    _, _, labels, keypoints = faces
+    geometry = CropGeometry.fit(labels, keypoints)
+    matrices = geometry.matrices(keypoints)
+    for crop, (_, size, _, _) in CROPS.items():
+        owned = helen_to_crop(crop)[labels] > 0
+        _, covered = paste_nearest(numpy.zeros((len(labels),) + size), matrices[crop], (128, 128))
+        whole = [(owned[n] & ~covered[n]).sum() == 0 for n in range(len(labels)) if owned[n].any()]
+        assert numpy.mean(whole) >= 0.9, f"{crop}: part fully inside for {numpy.mean(whole):.0%} of faces"
+        box = geometry.boxes[crop]
+        assert box.hx / box.hy == pytest.approx(size[1] / size[0])  # aspect kept
+
+
+def test_the_geometry_round_trips_through_a_dict():
+    geometry = CropGeometry({crop: Box(0.1 * k, -0.2, 0.5, 0.5) for k, crop in enumerate(CROPS)})
+    assert CropGeometry.from_dict(json.loads(json.dumps(geometry.to_dict()))) == geometry
+    with pytest.raises(ValueError, match="no box for"):
+        CropGeometry({"nose": Box(0, 0, 1, 1)})
+
+
+def test_the_right_eye_crop_is_mirrored(faces):
+    _, _, _, keypoints = faces
+    matrices = CropGeometry().matrices(keypoints[:4])
+    assert (numpy.linalg.det(matrices["left eye"][:, :, :2]) > 0).all()
+    assert (numpy.linalg.det(matrices["right eye"][:, :, :2]) < 0).all()
+    # A point beside each eye, away from the other eye (its outer corner), is on the crop's left
+    # in both crops: the right crop shows the right eye as a left eye.
+    left, right = keypoints[:4, 0], keypoints[:4, 1]
+    for crop, outer in (("left eye", left + 0.3 * (left - right)), ("right eye", right + 0.3 * (right - left))):
+        in_crop = apply(invert(matrices[crop]), outer[:, None, :])[:, 0]
+        assert (in_crop[:, 0] < 32).all() and (in_crop[:, 0] >= 0).all(), (crop, in_crop)
+
+
+# -- key points ----------------------------------------------------------------------------------------
+
+def test_keypoints_from_labels_land_on_the_generators_own(faces):
+    """Within 2 pixels, except where an occluder hides the part (the generator draws one over 35% of
+    faces, and then the labels no longer show the part's true extent)."""
+    _, _, labels, truth = faces
+    points, found = keypoints_from_labels(labels)
+    assert found.mean() > 0.95
+    error = numpy.linalg.norm(points - truth, axis=2)[found]
+    assert numpy.median(error) < 1.0
+    assert numpy.mean(error <= 2.0) >= 0.9
+    shaped, _ = keypoints_from_labels(labels, FaceShape.fit(truth, labels))
+    close = numpy.linalg.norm(shaped - truth, axis=2)
+    assert numpy.mean(close <= 2.0) >= 0.9
+
+
+def test_missing_keypoints_are_filled_in_from_the_face_shape(faces):
+    _, _, labels, truth = faces
+    shape = FaceShape.fit(truth, labels)
+    found = numpy.ones((len(truth), 5), dtype=bool)
+    found[:, 2:] = False                                    # only the eyes are known
+    filled = complete_keypoints(truth, found, shape, labels)
+    numpy.testing.assert_array_equal(filled[:, :2], truth[:, :2])
+    eye_distance = numpy.linalg.norm(truth[:, 1] - truth[:, 0], axis=1)
+    assert numpy.median(numpy.linalg.norm(filled[:, 2:] - truth[:, 2:], axis=2).max(axis=1) / eye_distance) < 0.3
+    nothing = numpy.zeros_like(found)
+    guessed = complete_keypoints(truth, nothing, shape, labels)  # placed on the face region
+    assert numpy.isfinite(guessed).all()
+    assert numpy.median(numpy.linalg.norm(guessed[:, 0] - truth[:, 0], axis=1) / eye_distance) < 1.0
+    blank = numpy.zeros((1, 32, 32), dtype=numpy.uint8)
+    points, found_blank = keypoints_from_labels(blank, shape)
+    assert not found_blank.any() and numpy.isfinite(points).all()
+
+
+def test_jitter_scales_with_the_face(rng):
+    points = numpy.array([[[10.0, 10], [30, 10], [20, 20], [14, 28], [26, 28]]])
+    moved = jitter_keypoints(numpy.repeat(points, 2000, axis=0), 0.05, rng)
+    assert numpy.std(moved - points) == pytest.approx(0.05 * 20, rel=0.05)
+
+
+# -- the component networks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("network_class", [EyeBrowNet, NoseNet, MouthNet])
+def test_component_networks_shapes_and_names(network_class, rng):
+    network = network_class(rng=0)
+    height, width = network.input_size
+    logits = network.forward(rng.standard_normal((2, 3, height, width)).astype(numpy.float32))["logits"]
+    assert logits.shape == (2, len(network.component_classes), height, width)
+    names = set(network.params())
+    assert {"conv1.weight", "conv3.weight", "conv5.weight", "conv6.weight", "conv8.weight",
+            "deconv7.weight", "deconv9.bias"} <= names
+    assert sum(name.startswith("conv") for name in names) == 10        # five convolutions, weight and bias
+    assert sum(name.startswith("deconv") for name in names) == 4       # two transposed convolutions
+    assert network.params()["deconv7.weight"].shape == (16, 8, 4, 4)   # PyTorch's (in, out, kh, kw)
+    assert network.predict(rng.standard_normal((1, 3, 8, 8)).astype(numpy.float32)).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("network_class, seed", [(EyeBrowNet, 0), (NoseNet, 0), (MouthNet, 0)])
+def test_component_networks_finite_differences(network_class, seed):
+    rng = numpy.random.default_rng(seed)
+    network = network_class(rng=1, dtype=numpy.float64)
+    report = check_model(network, rng.standard_normal((2, 3, 8, 12)), rng=rng, max_entries=8)
+    assert len(report.rows) == 1 + len(network.params())
+    assert report.max_error < 1e-6, str(report)
+
+
+def test_component_network_errors(rng):
+    network = NoseNet(rng=0)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        network.forward(rng.standard_normal((1, 3, 10, 12)).astype(numpy.float32))
+    network.forward(rng.standard_normal((1, 3, 8, 8)).astype(numpy.float32))
+    with pytest.raises(ValueError, match="needs the gradient of 'logits'"):
+        network.backward({})
+    with pytest.raises(ValueError, match="width must be"):
+        NoseNet(width=0)
+
+
+# -- the two-stage parser ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parser():
+    return TwoStageParser(RNNG(n_classes=11, rng=0), rng=0)
+
+
+def oracle_crops(labels, keypoints, geometry):
+    """What perfect component networks would say: logits 10 for the crop's true class, 0 elsewhere."""
+    matrices = geometry.matrices(keypoints)
+    results = {}
+    for crop, (_, size, _, classes) in CROPS.items():
+        truth = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], size)]
+        results[crop] = (matrices[crop], 10.0 * numpy.moveaxis(numpy.eye(len(classes) + 1)[truth], -1, 1))
+    return results
+
+
+def test_perfect_component_networks_give_back_the_parts_left_and_right(parser, faces):
+    """Mirror in, mirror out: the right eye's crop is parsed mirrored, yet its eye comes back where it
+    was, labelled "right eye"; every part pixel the crops cover comes back with its own class."""
+    _, _, labels, keypoints = faces
+    labels, keypoints = labels[:8].astype(numpy.int64), keypoints[:8]
+    main = labels.copy()                                 # stage 1 at its best: the parts are skin
+    main[~numpy.isin(labels, MAIN_CLASSES)] = HELEN_CLASSES.index("skin")
+    composed = parser.compose(main, oracle_crops(labels, keypoints, parser.geometry))
+    for part in (LEFT_EYE, RIGHT_EYE, LEFT_BROW, RIGHT_BROW):
+        truth = labels == part
+        assert (composed[truth] == part).mean() > 0.97, HELEN_CLASSES[part]
+        assert ((composed == part) & ~truth).sum() <= 0.03 * truth.sum(), HELEN_CLASSES[part]
+    right_x = numpy.nonzero(composed[0] == RIGHT_EYE)[1].mean()
+    left_x = numpy.nonzero(composed[0] == LEFT_EYE)[1].mean()
+    assert left_x < right_x
+
+
+def test_overlapping_claims_go_to_the_most_confident_crop(parser):
+    """Two crops over the same pixels: the nose crop's confident claim beats the eye crop's weak one."""
+    keypoints = numpy.array([[[50.0, 50.0], [78.0, 50.0], [64.0, 60.0], [54.0, 80.0], [74.0, 80.0]]])
+    matrices = parser.geometry.matrices(keypoints)
+    results = {}
+    for crop, (_, size, _, classes) in CROPS.items():
+        logits = numpy.zeros((1, len(classes) + 1) + size)
+        logits[:, 0] = 1.0                                   # "other" everywhere ...
+        results[crop] = (matrices[crop], logits)
+    results["left eye"][1][:, 2] = 1.5                       # ... but the left eye crop says "eye", weakly
+    results["nose"][1][:, 1] = 9.0                           # and the nose crop says "nose", strongly
+    composed = parser.compose(numpy.ones((1, 128, 128), dtype=numpy.int64), results)
+    _, in_nose = paste_nearest(numpy.zeros((1, 64, 64)), matrices["nose"], (128, 128))
+    _, in_eye = paste_nearest(numpy.zeros((1, 64, 64)), matrices["left eye"], (128, 128))
+    assert (composed[in_nose] == HELEN_CLASSES.index("nose")).all()
+    assert (composed[in_eye & ~in_nose] == LEFT_EYE).all()
+    assert (composed[~in_eye & ~in_nose] == 1).all()          # untouched: stage 1's main region
+
+
+def test_two_stage_parser_end_to_end_shapes_and_classes(parser, faces):
+    _, images, _, _ = faces
+    inputs = normalize(images[:3])
+    result = parser.explain(inputs)
+    assert result["labels"].shape == (3, 128, 128) and result["labels"].dtype.kind == "i"
+    assert result["labels"].min() >= 0 and result["labels"].max() < 11
+    assert result["keypoints"].shape == (3, 5, 2) and numpy.isfinite(result["keypoints"]).all()
+    assert set(result["crops"]) == set(CROPS)
+    numpy.testing.assert_array_equal(parser.predict(inputs), result["labels"])
+    # A bare image of another size: stage 1 sees it resized, the crops come from the image itself.
+    big = numpy.repeat(numpy.repeat(images[0], 2, axis=0), 2, axis=1)
+    labels = parser.parse(big)
+    assert labels.shape == (256, 256) and labels.dtype == numpy.uint8 and labels.max() < 11
+    with pytest.raises(ValueError, match="uint8"):
+        parser.parse(big.astype(numpy.float32))
+    with pytest.raises(ValueError, match="normalised"):
+        parser.predict(images[:1])
+    with pytest.raises(ValueError, match="11-class"):
+        TwoStageParser(RNNG(n_classes=3, rng=0))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+def test_two_stage_checkpoint_round_trip(parser, faces, tmp_path):
+    _, images, _, _ = faces
+    path = parser.save(tmp_path / "two_stage.npz", note="test")
+    loaded = load_stage2_model(path)
+    assert isinstance(loaded, TwoStageParser)
+    assert loaded.checkpoint_header["note"] == "test"
+    assert set(loaded.params()) == set(parser.params())
+    assert any(name.startswith("stage1.rnn.") for name in loaded.params())
+    assert {"eyes.conv1.weight", "nose.conv1.weight", "mouth.deconv9.bias"} <= set(loaded.params())
+    assert loaded.geometry == parser.geometry and loaded.shape == parser.shape
+    inputs = normalize(images[:2])
+    numpy.testing.assert_array_equal(loaded.predict(inputs), parser.predict(inputs))
+    assert isinstance(TwoStageParser.load(path), TwoStageParser)
+
+
+def test_component_and_stage1_checkpoints_load_through_the_same_door(tmp_path):
+    network = MouthNet(rng=3)
+    network.save(tmp_path / "mouth.npz")
+    loaded = MouthNet.load(tmp_path / "mouth.npz")
+    for name, value in network.params().items():
+        numpy.testing.assert_array_equal(loaded.params()[name], value)
+    RNNG(n_classes=11, rng=0).save(tmp_path / "rnng.npz")
+    assert isinstance(load_stage2_model(tmp_path / "rnng.npz"), RNNG)
+    assert set(COMPONENT_NETWORKS) == {"eye-brow-net", "nose-net", "mouth-net"}
+
+
+def test_checkpoint_errors(parser, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_stage2_model(tmp_path / "missing.npz")
+    path = parser.save(tmp_path / "two_stage.npz")
+    with pytest.raises(CheckpointError, match="not 'nose-net'"):
+        NoseNet.load(path)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_stage2_model(truncated)
+    # A parameter missing, and a network the header does not know.
+    arrays = dict(numpy.load(path))
+    header = json.loads(arrays["__header__"].tobytes())
+    del arrays["mouth.conv5.weight"]
+    numpy.savez(tmp_path / "missing_parameter.npz", **arrays)
+    with pytest.raises(CheckpointError, match="mouth.conv5.weight"):
+        load_stage2_model(tmp_path / "missing_parameter.npz")
+    header["config"]["networks"]["eyes"]["architecture"] = "ear-net"
+    arrays = dict(numpy.load(path))
+    arrays["__header__"] = numpy.frombuffer(json.dumps(header).encode(), dtype=numpy.uint8)
+    numpy.savez(tmp_path / "unknown_network.npz", **arrays)
+    with pytest.raises(CheckpointError, match="'ear-net'"):
+        load_stage2_model(tmp_path / "unknown_network.npz")
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files behind
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+def test_component_training_runs_and_lowers_the_loss(faces):
+    from minirnng.train_stage2 import ComponentTrainConfig, evaluate_components, train_components
+
+    generator, _, _, keypoints = faces
+    dataset = preload(generator, size=(128, 128))
+    geometry = CropGeometry.fit(dataset.labels, keypoints)
+    config = ComponentTrainConfig(epochs=2, batch_size=8, lr=5e-3)
+    networks, history = train_components(dataset, keypoints, geometry, config, progress=False, log=lambda *_: None)
+    assert set(networks) == {"eyes", "nose", "mouth"} and len(history) == 2
+    assert all(history[1][f"train_loss_{name}"] < history[0][f"train_loss_{name}"] for name in networks)
+    scores = evaluate_components(networks, dataset, keypoints, geometry)
+    assert set(scores) == {"eyes brow", "eyes eye", "nose nose", "mouth upper lip", "mouth inner mouth",
+                           "mouth lower lip"}
+
+
+def test_table3_formatting_and_arguments():
+    from minirnng.train_stage2 import PAPER_TABLE3, TABLE3_COLUMNS, format_table3, reproduce_table3
+
+    assert TABLE3_COLUMNS == ("eyes", "brows", "nose", "in mouth", "U-lip", "L-lip", "mouth", "skin", "overall")
+    text = format_table3({"1-stage": PAPER_TABLE3["1-stage"], "2-stage": PAPER_TABLE3["2-stage"]}, "title")
+    assert "ours 2 - 1" in text and "88.6" in text
+    with pytest.raises(ValueError, match="unknown budget"):
+        reproduce_table3(budget="huge")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        reproduce_table3(data="/nonexistent/helen")
+
+
+def test_reproduce_table3_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
+    from minirnng import train_stage2
+
+    monkeypatch.setitem(train_stage2.BUDGETS, "tiny", {"synthetic": (16, 8, 8), "stage1_epochs": 1,
+                                                       "component_epochs": 1})
+    json_path = tmp_path / "table3.json"
+    results = train_stage2.reproduce_table3("synthetic", "tiny", json_path=str(json_path), out_dir=str(tmp_path / "run"),
+                                            progress=False, log=lambda *_: None)
+    written = json.loads(json_path.read_text())
+    for row in ("1-stage", "2-stage"):
+        assert set(written[row]) == set(train_stage2.TABLE3_COLUMNS)
+        assert all(value is None or 0 <= value <= 100 for value in written[row].values())
+    assert written["_meta"]["budget"] == "tiny" and results["_meta"]["images"]["test"] == 8
+    assert isinstance(TwoStageParser.load(tmp_path / "run" / "two_stage.npz"), TwoStageParser)
