@@ -48,7 +48,7 @@ TABLE2_MODELS = {"CNN-Deep": "cnn-deep", "CNN-CRF": "cnn-crf", "RNN": "rnn", "De
 BUDGETS = {
     "table1": {
         "small": {"epochs": 4, "synthetic": (600, 150, 200)},
-        "paper": {"epochs": 60, "synthetic": (3000, 300, 500)},
+        "paper": {"epochs": 40, "synthetic": (3000, 300, 500)},
     },
     "table2": {
         "small": {"epochs": 4, "synthetic": (240, 40, 60)},
@@ -95,14 +95,15 @@ def format_table(ours, paper, title):
         for name in models:
             value = ours.get(name, {}).get(metric)
             reference = paper[name].get(metric, "-")
+            reference = f"{reference:.2f}" if isinstance(reference, float) else reference
             mine = "n/a" if value is None else f"{value:.2f}"
-            cells.append(f"{mine:>13}{str(reference):>13}")
+            cells.append(f"{mine:>13}{reference:>13}")
         lines.append(f"{metric:<10}" + "".join(cells))
     return "\n".join(lines)
 
 
 def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="runs/reproduce",
-              progress=True, log=print, lr=2e-3):
+              progress=True, log=print, lr=3e-3):
     """Train and evaluate every model of ``table`` ("table1" or "table2"); return the results dict.
 
     data : ``synthetic`` or the folder of LFW-PL (table1). budget : ``small`` or ``paper``.
