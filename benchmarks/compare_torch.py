@@ -15,6 +15,9 @@
    ``benchmarks/rnn.py``).
 3. Measures the peak resident memory of a process that runs only minirnng's training steps.
 
+With ``--keep-freed-memory``, glibc's malloc is first told to keep freed memory for reuse
+(:func:`minirnng.layers.base.keep_freed_memory`, for training to call once at its start).
+
 Targets (issue: face parsing end to end): our training step >= 2x PyTorch eager's images/s, our
 inference >= 1.5x, and the peak memory of our training <= 1 GB. PyTorch is never a dependency of
 minirnng; without it only minirnng's side is measured.
@@ -34,6 +37,12 @@ def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads (default 2)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--openblas-core", metavar="NAME",
+                        help="OPENBLAS_CORETYPE for NumPy's OpenBLAS, e.g. SkylakeX (AVX-512) or Haswell (AVX2); "
+                             "default: the environment's (OpenBLAS detects the CPU when it is unset)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call minirnng.layers.base.keep_freed_memory() first (glibc's malloc then reuses freed "
+                             "memory instead of page-faulting it in again; it affects PyTorch, in the same process, too)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -184,10 +193,13 @@ def check_agreement(torch, numpy, ours, theirs):
     return worst_output, worst_grad
 
 
-def peak_memory_of_our_training(threads):
-    """Peak resident memory (MB) of a fresh process running minirnng training steps only."""
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads)],
-                            capture_output=True, text=True, check=True)
+def peak_memory_of_our_training(threads, keep_freed_memory):
+    """Peak resident memory (MB) of a fresh process running minirnng training steps only (it
+    inherits this process's environment, OPENBLAS_CORETYPE included)."""
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads)]
+    if keep_freed_memory:
+        command.append("--keep-freed-memory")
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -221,12 +233,19 @@ def main():
     arguments = parse_arguments()
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(arguments.threads)
+    if arguments.openblas_core:
+        os.environ["OPENBLAS_CORETYPE"] = arguments.openblas_core
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
+    malloc = "default glibc malloc"
+    if arguments.keep_freed_memory:
+        from minirnng.layers.base import keep_freed_memory
+        if keep_freed_memory():
+            malloc = "glibc malloc keeps freed memory (minirnng.layers.base.keep_freed_memory)"
     if arguments.memory_probe:
         return memory_probe()
     import numpy
-    from timing import interleaved_medians, median_seconds, print_table
+    from timing import blas_description, interleaved_medians, median_seconds, print_table
 
     ours = OurStep(numpy)
     try:
@@ -235,7 +254,8 @@ def main():
         torch = None
     load = "load average %.1f %.1f %.1f" % os.getloadavg()
     print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s), "
-          f"medians of {arguments.repeats} runs; numpy {numpy.__version__}; {os.cpu_count()} CPUs, {load} at the start")
+          f"medians of {arguments.repeats} runs; numpy {numpy.__version__}, {blas_description()}; {malloc}; "
+          f"{os.cpu_count()} CPUs, {load} at the start")
     if torch is None:
         print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
         our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)
@@ -264,7 +284,7 @@ def main():
                       f"{cpu[3] / cpu[2]:.2f}x", ""]]
         print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
     print("load average %.1f %.1f %.1f at the end" % os.getloadavg())
-    peak = peak_memory_of_our_training(arguments.threads)
+    peak = peak_memory_of_our_training(arguments.threads, arguments.keep_freed_memory)
     print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
 
 

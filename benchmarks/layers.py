@@ -3,7 +3,9 @@
 Run: ``python benchmarks/layers.py``. Prints medians and ratios measured in this one run.
 
 Target (issue: foundation): the fast Conv2d 16->32, 3x3, pad 1 on a (16, 16, 64, 64) float32 batch
-does forward+backward in at most 2x the time of plain matrix products of the same FLOP count.
+does forward+backward in at most 2x the time of plain matrix products of the same FLOP count. The
+products are timed on the whole batch and image by image (faster, since one image's operands stay
+in cache, which is how the layers run them); the ratio is against the faster of the two.
 """
 
 import os
@@ -12,7 +14,7 @@ import sys
 import numpy
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import median_seconds, print_table  # noqa: E402
+from timing import blas_description, interleaved_medians, median_seconds, print_table  # noqa: E402
 
 from minirnng import layers  # noqa: E402
 from minirnng.layers import naive  # noqa: E402
@@ -53,7 +55,9 @@ def conv_against_matmul(rng):
         conv.forward(x)
         conv.backward(dy)
 
-    # The same three products on ready-made operands: forward, weight gradient, input columns.
+    # The same three products on ready-made operands (forward, weight gradient, input columns), two
+    # ways: on the whole batch (operands of 38 MB, read from main memory), and image by image on one
+    # image's operands (2.4 MB, in cache), which is faster. The faster is the reference.
     cols = rng.standard_normal((n, c_in * k * k, size * size)).astype(numpy.float32)
     weight = rng.standard_normal((c_out, c_in * k * k)).astype(numpy.float32)
     upstream = dy.reshape(n, c_out, -1)
@@ -63,21 +67,31 @@ def conv_against_matmul(rng):
         numpy.matmul(upstream, cols.transpose(0, 2, 1))
         numpy.matmul(weight.T, upstream)
 
-    conv_time = median_seconds(conv_step, repeats=15, warmup=2)
-    matmul_time = median_seconds(matmul_step, repeats=15, warmup=2)
+    def matmul_step_in_cache():
+        for _ in range(n):
+            numpy.matmul(weight, cols[0])
+            numpy.matmul(upstream[0], cols[0].T)
+            numpy.matmul(weight.T, upstream[0])
+
+    conv_time, batch_time, cache_time = interleaved_medians([conv_step, matmul_step, matmul_step_in_cache],
+                                                            repeats=15, warmup=2)
+    matmul_time = min(batch_time, cache_time)
     gflop = 3 * 2 * n * size * size * c_in * k * k * c_out / 1e9
     print(f"\nConv2d {c_in}->{c_out}, {k}x{k}, pad 1 on {x.shape} float32, forward+backward "
-          f"({gflop:.2f} GFLOP of products):")
+          f"({gflop:.2f} GFLOP of products), medians of 15 interleaved runs:")
     print_table(["what", "median ms", "GFLOP/s"], [
         ["Conv2d forward+backward", f"{conv_time * 1e3:.1f}", f"{gflop / conv_time:.1f}"],
-        ["the matrix products alone", f"{matmul_time * 1e3:.1f}", f"{gflop / matmul_time:.1f}"],
+        ["the products on the whole batch", f"{batch_time * 1e3:.1f}", f"{gflop / batch_time:.1f}"],
+        ["the products image by image (in cache)", f"{cache_time * 1e3:.1f}", f"{gflop / cache_time:.1f}"],
     ])
     ratio = conv_time / matmul_time
-    print(f"ratio conv / products = {ratio:.2f} (target <= 2): {'met' if ratio <= 2 else 'NOT met'}")
+    print(f"ratio conv / the faster products = {ratio:.2f} (target <= 2): {'met' if ratio <= 2 else 'NOT met'}")
 
 
 if __name__ == "__main__":
-    print(f"numpy {numpy.__version__}, {os.cpu_count()} CPUs")
+    print(f"numpy {numpy.__version__}, {blas_description()}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+          "load average %.1f %.1f %.1f" % os.getloadavg())
     generator = numpy.random.default_rng(0)
     compare_fast_and_naive(generator)
     conv_against_matmul(generator)

@@ -5,6 +5,9 @@ after the other can see different machines. :func:`interleaved_medians` times th
 A, B, ...), so that each sees the same mix of load, and returns the median of each.
 """
 
+import ctypes
+import glob
+import os
 import statistics
 import time
 
@@ -47,3 +50,27 @@ def print_table(header, rows):
     print("-" * len(line))
     for row in rows:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+def blas_description():
+    """NumPy's BLAS as OpenBLAS reports it, e.g. ``OpenBLAS 0.3.31 (Haswell kernels)``, or '' if unknown.
+
+    The kernels matter: OpenBLAS picks them from the CPU unless ``OPENBLAS_CORETYPE`` names them,
+    and AVX2 (Haswell) kernels run the convolutions' products at about 60-70% of the speed of the
+    AVX-512 (SkylakeX) ones on the benchmark machine (docs/benchmarks.md).
+    """
+    import numpy
+    for path in glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "*openblas*")):
+        try:
+            library = ctypes.CDLL(path)
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    config = getattr(library, f"{prefix}_get_config{suffix}", None)
+                    core = getattr(library, f"{prefix}_get_corename{suffix}", None)
+                    if config is not None and core is not None:
+                        config.restype = core.restype = ctypes.c_char_p
+                        version = " ".join(config().decode().split()[:2])
+                        return f"{version} ({core().decode()} kernels)"
+        except OSError:
+            continue
+    return ""

@@ -245,8 +245,13 @@ def command_parse(arguments):
     from .viz import overlay, parse_figure, save_figure
 
     if arguments.classes == 11:
-        from .train_stage2 import load_two_stage_parser
-        parser = load_two_stage_parser(arguments.checkpoint)
+        from .models.stage2 import TwoStageParser
+        if not arguments.checkpoint:
+            print("minirnng parse --classes 11 needs --checkpoint: a two-stage parser, e.g. the "
+                  "runs/table3/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN` writes "
+                  "(minirnng ships only the 3-class parser)", file=sys.stderr)
+            return 2
+        parser = TwoStageParser.load(arguments.checkpoint)
     else:
         parser = FaceParser.load(arguments.checkpoint) if arguments.checkpoint else FaceParser.pretrained()
     os.makedirs(arguments.out, exist_ok=True)
@@ -386,7 +391,8 @@ def build_parser():
     parse.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parse.add_argument("--checkpoint", help="a checkpoint (default: the pretrained parser)")
     parse.add_argument("--classes", type=int, choices=(3, 11), default=3,
-                       help="3 (stage 1 alone) or 11 (the two-stage parser; needs --checkpoint)")
+                       help="3 (stage 1 alone, default) or 11 (a two-stage parser of the HELEN classes, "
+                            "given with --checkpoint)")
     parse.add_argument("--out", default="minirnng-parsed", help="output folder (default minirnng-parsed)")
     parse.add_argument("--no-detect", action="store_true", help="parse each whole image as one face")
     parse.add_argument("--figure", action="store_true", help="also write a figure: image, labels, overlay")

@@ -109,9 +109,9 @@ def cut_crops(images, labels, matrices):
     the image are "other".
     """
     crops = {}
-    for crop, (_, size, _, _) in CROPS.items():
-        crop_labels = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], size)]
-        crops[crop] = (crop_bilinear(images, matrices[crop], size), crop_labels)
+    for crop, spec in CROPS.items():
+        crop_labels = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], spec.size)]
+        crops[crop] = (crop_bilinear(images, matrices[crop], spec.size), crop_labels)
     return crops
 
 
@@ -137,11 +137,11 @@ def crop_class_weights(dataset, keypoints, geometry, power, limit=400):
     """Per network, class weights (K,) from the crop labels of up to ``limit`` training faces."""
     count = min(len(dataset), limit)
     matrices = geometry.matrices(keypoints[:count])
-    crops = {crop: (None, helen_to_crop(crop)[crop_nearest(dataset.labels[:count], matrices[crop], size)])
-             for crop, (_, size, _, _) in CROPS.items()}
+    crop_labels = {crop: helen_to_crop(crop)[crop_nearest(dataset.labels[:count], matrices[crop], spec.size)]
+                   for crop, spec in CROPS.items()}
     weights = {}
     for network, cls in _NETWORK_CLASSES.items():
-        labels = numpy.concatenate([labels for crop, (_, labels) in crops.items() if CROP_NETWORK[crop] == network])
+        labels = numpy.concatenate([labels for crop, labels in crop_labels.items() if CROP_NETWORK[crop] == network])
         weights[network] = class_balance_weights(labels, len(cls.component_classes), power)
     return weights
 
@@ -339,7 +339,8 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
 
     data : ``"synthetic"`` or the folder of HELEN (the ``Helen`` loader's layout); budget :
     ``"small"`` (minutes on a laptop CPU) or ``"paper"``; json_path : where to write the results
-    (atomically); out_dir : checkpoints and logs (``stage1/``, ``two_stage.npz``).
+    (atomically); out_dir : checkpoints and logs (``stage1/``, ``components_log.csv``,
+    ``two_stage.npz``); a finished or interrupted stage 1 there is resumed, not retrained.
     Returns ``{"1-stage": {column: F %}, "2-stage": {...}, "_meta": {...}}``; the columns are
     :data:`TABLE3_COLUMNS`.
     """

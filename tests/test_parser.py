@@ -73,3 +73,19 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     for name in ("grace_hopper_parsed.png", "synthetic_pipeline.png", "rnng_synthetic.npz"):
         assert os.path.exists(out / name) and str(out / name) in printed
     assert "pixel accuracy" in printed and "F-hair" in printed
+
+
+def test_parse_with_11_classes_uses_a_two_stage_checkpoint(tmp_path, capsys, rng):
+    from minirnng.models import RNNG
+    from minirnng.models.stage2 import EyeBrowNet, MouthNet, NoseNet, TwoStageParser
+
+    path = tmp_path / "face.png"
+    Image.fromarray(rng.integers(0, 256, (70, 60, 3), dtype=numpy.uint8)).save(path)
+    assert cli.main(["parse", str(path), "--classes", "11", "--out", str(tmp_path)]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+    TwoStageParser(RNNG(n_classes=11, rng=0), EyeBrowNet(rng=1), NoseNet(rng=2), MouthNet(rng=3)).save(
+        tmp_path / "two_stage.npz")
+    assert cli.main(["parse", str(path), "--classes", "11", "--checkpoint", str(tmp_path / "two_stage.npz"),
+                     "--out", str(tmp_path / "out"), "--no-detect"]) == 0
+    labels = numpy.asarray(Image.open(tmp_path / "out" / "face_labels.png"))
+    assert labels.shape == (70, 60) and labels.max() < 11

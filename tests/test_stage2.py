@@ -72,8 +72,8 @@ def test_crop_then_paste_is_the_identity_on_the_crops_pixels(rng, mirrored):
 def test_crop_then_paste_is_the_identity_for_every_stage2_crop(faces):
     _, _, labels, keypoints = faces
     matrices = CropGeometry().matrices(keypoints[:8])
-    for crop, (_, size, _, _) in CROPS.items():
-        pasted, covered = paste_nearest(crop_nearest(labels[:8], matrices[crop], size), matrices[crop], (128, 128))
+    for crop, spec in CROPS.items():
+        pasted, covered = paste_nearest(crop_nearest(labels[:8], matrices[crop], spec.size), matrices[crop], (128, 128))
         assert covered.sum(axis=(1, 2)).min() > 50, crop
         numpy.testing.assert_array_equal(pasted[covered], labels[:8][covered])
 
@@ -119,13 +119,13 @@ def test_the_fitted_boxes_hold_the_parts_with_their_margin(faces):
     _, _, labels, keypoints = faces
     geometry = CropGeometry.fit(labels, keypoints)
     matrices = geometry.matrices(keypoints)
-    for crop, (_, size, _, _) in CROPS.items():
+    for crop, spec in CROPS.items():
         owned = helen_to_crop(crop)[labels] > 0
-        _, covered = paste_nearest(numpy.zeros((len(labels),) + size), matrices[crop], (128, 128))
+        _, covered = paste_nearest(numpy.zeros((len(labels),) + spec.size), matrices[crop], (128, 128))
         whole = [(owned[n] & ~covered[n]).sum() == 0 for n in range(len(labels)) if owned[n].any()]
         assert numpy.mean(whole) >= 0.9, f"{crop}: part fully inside for {numpy.mean(whole):.0%} of faces"
         box = geometry.boxes[crop]
-        assert box.hx / box.hy == pytest.approx(size[1] / size[0])  # aspect kept
+        assert box.hx / box.hy == pytest.approx(spec.size[1] / spec.size[0])  # aspect kept
 
 
 def test_the_geometry_round_trips_through_a_dict():
@@ -236,9 +236,9 @@ def oracle_crops(labels, keypoints, geometry):
     """What perfect component networks would say: logits 10 for the crop's true class, 0 elsewhere."""
     matrices = geometry.matrices(keypoints)
     results = {}
-    for crop, (_, size, _, classes) in CROPS.items():
-        truth = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], size)]
-        results[crop] = (matrices[crop], 10.0 * numpy.moveaxis(numpy.eye(len(classes) + 1)[truth], -1, 1))
+    for crop, spec in CROPS.items():
+        truth = helen_to_crop(crop)[crop_nearest(labels, matrices[crop], spec.size)]
+        results[crop] = (matrices[crop], 10.0 * numpy.moveaxis(numpy.eye(len(spec.classes) + 1)[truth], -1, 1))
     return results
 
 
@@ -264,8 +264,8 @@ def test_overlapping_claims_go_to_the_most_confident_crop(parser):
     keypoints = numpy.array([[[50.0, 50.0], [78.0, 50.0], [64.0, 60.0], [54.0, 80.0], [74.0, 80.0]]])
     matrices = parser.geometry.matrices(keypoints)
     results = {}
-    for crop, (_, size, _, classes) in CROPS.items():
-        logits = numpy.zeros((1, len(classes) + 1) + size)
+    for crop, spec in CROPS.items():
+        logits = numpy.zeros((1, len(spec.classes) + 1) + spec.size)
         logits[:, 0] = 1.0                                   # "other" everywhere ...
         results[crop] = (matrices[crop], logits)
     results["left eye"][1][:, 2] = 1.5                       # ... but the left eye crop says "eye", weakly

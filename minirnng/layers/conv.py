@@ -23,14 +23,16 @@ So the whole module rests on two functions, :func:`correlate` (im2col, then a pr
 :func:`correlate_transpose` (a product, then col2im): each layer's forward is one of them and its
 input gradient is the other.
 
-**The NumPy path** runs the same formulas one image at a time (:func:`correlate_cpu`,
-:func:`correlate_transpose_cpu` and the two ``backward_cpu``): im2col into a buffer allocated once
-per pass (:class:`~minirnng.layers.im2col.ImageColumns`), the product written straight into the
-output, and, in the backward pass, the weight gradient and col2im of the same image while its
+**The NumPy path** runs the same formulas image by image, or a few images at a time when their
+columns are small (:func:`correlate_cpu`, :func:`correlate_transpose_cpu` and the two
+``backward_cpu``): im2col into buffers allocated once per pass
+(:class:`~minirnng.layers.im2col.ImageColumns`, which also explains the columns' layout), the
+product, and, in the backward pass, the weight gradient and col2im of the same images while their
 columns are still in cache. That is 1.5-2.5x faster than im2col over the whole batch (see
 ``im2col.py``) and keeps no columns between the passes: Conv2d's cache is its input ``x``, and its
 backward pass unfolds ``x`` again (a copy that costs a tenth of the products), instead of holding
 the columns of the whole batch (79 MB for RNN-G's conv1 at batch 16) from forward to backward.
+Conv2d's bias and its gradient ride along in the products (a row of ones in the columns).
 
 **The kernel path** passes the kernels' launchers (``im2col_gpu``/``col2im_gpu``) to
 :func:`correlate` and :func:`correlate_transpose`, which run the whole batch at once, and the
@@ -97,12 +99,12 @@ def weight_gradient(upstream, cols):
 COLUMN_CHUNK_BYTES = 4 << 20
 
 
-def column_chunks(image_shape, kernel_size, stride, padding, dtype, batch_size):
+def column_chunks(image_shape, kernel_size, stride, padding, dtype, batch_size, ones_row=False):
     """The chunks of the batch that the NumPy path convolves at once (see :data:`COLUMN_CHUNK_BYTES`),
     and an :class:`ImageColumns` with buffers for the largest."""
     chunks = batch_chunks(batch_size, ImageColumns.bytes_per_image(image_shape, kernel_size, stride, padding, dtype),
                           COLUMN_CHUNK_BYTES)
-    unfold = ImageColumns(image_shape, kernel_size, stride, padding, dtype, images=chunks[0].stop)
+    unfold = ImageColumns(image_shape, kernel_size, stride, padding, dtype, images=chunks[0].stop, ones_row=ones_row)
     return chunks, unfold
 
 
@@ -111,23 +113,27 @@ def correlate_cpu(x, weight, stride, padding, bias=None):
 
     For each chunk of images: their columns (m, C*k*k, Ho * grid_width) into a reused buffer, then
     ``w2 @ cols`` (on the columns' grid, then cropped to (Ho, Wo), see :class:`ImageColumns`) into
-    the chunk's slice of ``y``, and ``bias`` (O,) added while that slice is in cache.
+    the chunk's slice of ``y``. ``bias`` (O,) is added by the product, as a last column of ``w2``
+    against a row of ones in the columns (or, for a pointwise kernel, while the slice is in cache).
     """
     n, channels, height, width = x.shape
     out_channels, _, kernel_size, _ = weight.shape
-    chunks, unfold = column_chunks((channels, height, width), kernel_size, stride, padding, x.dtype, n)
+    chunks, unfold = column_chunks((channels, height, width), kernel_size, stride, padding, x.dtype, n,
+                                   ones_row=bias is not None)
     y = numpy.empty((n, out_channels, unfold.out_height, unfold.out_width), dtype=x.dtype)
     on_grid = None  # the products on the columns' grid, where it is wider than the output
     if unfold.grid_width != unfold.out_width:
         on_grid = numpy.empty((chunks[0].stop, out_channels, unfold.out_height * unfold.grid_width), dtype=x.dtype)
     w2 = weight.reshape(out_channels, -1)
+    if unfold.ones_row:
+        w2 = numpy.concatenate([w2, bias[:, None]], axis=1)  # [w2 | b] (O, C*k*k + 1)
     for chunk in chunks:
         m = chunk.stop - chunk.start
         if on_grid is None:
             numpy.matmul(w2, unfold(x[chunk]), out=y[chunk].reshape(m, out_channels, -1))
         else:
             y[chunk] = unfold.crop(numpy.matmul(w2, unfold(x[chunk]), out=on_grid[:m]))
-        if bias is not None:
+        if bias is not None and not unfold.ones_row:
             y[chunk] += bias[:, None, None]
     return y
 
@@ -259,31 +265,36 @@ class Conv2d(_ConvolutionBase):
     def backward_cpu(self, grad_output):
         """dy (N, O, Ho, Wo) -> dx (N, C, H, W) (None without ``needs_input_grad``), image by image.
 
-        For each chunk of images: unfold x[chunk] again, ``dW += dy[n] @ cols[n].T`` and
-        ``db += dy[n]`` summed over pixels, then ``dx[n] = col2im(w2.T @ dy[n])``.
+        For each chunk of images: unfold x[chunk] again, ``dW += dy[n] @ cols[n].T`` (and
+        ``db += dy[n]`` summed over pixels, as the last row of that product when the columns have
+        a row of ones), then ``dx[n] = col2im(w2.T @ dy[n])``.
         """
         x = self.cache
         weight = self.params["weight"]
         n, channels, height, width = x.shape
         w2 = weight.reshape(self.out_channels, -1)
         chunks, unfold = column_chunks((channels, height, width), self.kernel_size, self.stride, self.padding,
-                                       x.dtype, n)
-        # dW2.T (C*k*k, O) += cols @ dy[n].T: this orientation of the product runs 10-15% faster
+                                       x.dtype, n, ones_row=self.has_bias)
+        # dW2.T (C*k*k [+ 1], O) += cols @ dy[n].T: this orientation of the product runs 10-15% faster
         # than dy[n] @ cols.T with OpenBLAS for these shapes (O is only 16 or 32)
-        weight_grad_t = numpy.zeros(w2.T.shape, dtype=w2.dtype)
+        weight_grad_t = numpy.zeros((w2.shape[1] + unfold.ones_row, self.out_channels), dtype=w2.dtype)
         bias_grad = numpy.zeros(self.out_channels, dtype=w2.dtype)
         products = numpy.empty((chunks[0].stop,) + weight_grad_t.shape, dtype=w2.dtype)
         dx = dcols = None
         if self.needs_input_grad:
             dx = numpy.empty(x.shape, dtype=x.dtype)
-            dcols = numpy.empty(unfold.columns.shape if not unfold.pointwise else x.shape, dtype=x.dtype)
+            columns_shape = x.shape if unfold.pointwise else (len(unfold.columns), unfold.rows, unfold.columns.shape[2])
+            dcols = numpy.empty(columns_shape, dtype=x.dtype)
         for chunk in chunks:
             m = chunk.stop - chunk.start
             dy = unfold.extend(grad_output[chunk])  # (m, O, Ho * grid_width)
             weight_grad_t += numpy.matmul(unfold(x[chunk]), dy.transpose(0, 2, 1), out=products[:m]).sum(axis=0)
-            bias_grad += grad_output[chunk].sum(axis=(0, 2, 3))
+            if not unfold.ones_row:
+                bias_grad += grad_output[chunk].sum(axis=(0, 2, 3))
             if dx is not None:
                 unfold.fold(numpy.matmul(w2.T, dy, out=dcols[:m].reshape(m, w2.shape[1], -1)), dx[chunk])
+        if unfold.ones_row:
+            weight_grad_t, bias_grad = weight_grad_t[:-1], weight_grad_t[-1]
         self.accumulate_grad("weight", weight_grad_t.T.reshape(weight.shape))
         if self.has_bias:
             self.accumulate_grad("bias", bias_grad)
@@ -329,7 +340,7 @@ class ConvTranspose2d(_ConvolutionBase):
         return self.run_forward(x)
 
     def forward_cpu(self, x):
-        """x (N, C, H, W) -> y (N, O, Ho, Wo), one image at a time; the cache is x."""
+        """x (N, C, H, W) -> y (N, O, Ho, Wo), image by image; the cache is x."""
         return correlate_transpose_cpu(x, self.params["weight"], self.stride, self.padding, self.output_shape(x.shape),
                                        self.params.get("bias")), x
 
@@ -357,14 +368,20 @@ class ConvTranspose2d(_ConvolutionBase):
         chunks, unfold = column_chunks((out_channels, out_height, out_width), self.kernel_size, self.stride,
                                        self.padding, x.dtype, n)
         dx = numpy.empty(x.shape, dtype=x.dtype)
-        on_grid = numpy.empty((chunks[0].stop, self.in_channels, unfold.out_height * unfold.grid_width), dtype=x.dtype)
+        on_grid = None  # dx on the columns' grid, where it is wider than x
+        if unfold.grid_width != unfold.out_width:
+            on_grid = numpy.empty((chunks[0].stop, self.in_channels, unfold.out_height * unfold.grid_width),
+                                  dtype=x.dtype)
         weight_grad = numpy.zeros(w2.shape, dtype=w2.dtype)
         bias_grad = numpy.zeros(out_channels, dtype=w2.dtype)
         products = numpy.empty((chunks[0].stop,) + weight_grad.shape, dtype=w2.dtype)
         for chunk in chunks:
             m = chunk.stop - chunk.start
             cols = unfold(grad_output[chunk])  # (m, O*k*k, H * grid_width): on the grid of x's pixels
-            dx[chunk] = unfold.crop(numpy.matmul(w2, cols, out=on_grid[:m]))
+            if on_grid is None:
+                numpy.matmul(w2, cols, out=dx[chunk].reshape(m, self.in_channels, -1))
+            else:
+                dx[chunk] = unfold.crop(numpy.matmul(w2, cols, out=on_grid[:m]))
             inputs = unfold.extend(x[chunk])
             weight_grad += numpy.matmul(inputs, cols.transpose(0, 2, 1), out=products[:m]).sum(axis=0)
             bias_grad += grad_output[chunk].sum(axis=(0, 2, 3))

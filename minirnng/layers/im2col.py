@@ -15,12 +15,11 @@ transposed convolution, which is why the input gradient of a convolution is one.
 Both are written with a strided view of the padded image, (N, C, k, k, Ho, Wo), so that the
 only Python loop is over the k*k kernel offsets.
 
-The layers' NumPy path does not call them on a whole batch: it convolves **one image at a time**
-(a few when an image's columns are small: :class:`ImageColumns` and :func:`col2im_into`, used by
-``conv.py``). The columns of a batch are
-large (conv1 of RNN-G at batch 16: 16 x 75 x 16384 floats, 79 MB), so a batched im2col writes them
-to main memory, page-faults them in fresh every call, and the matrix product reads them back
-from memory at about a third of its in-cache speed (on the 2-core machine of
+The layers' NumPy path does not call them on a whole batch: it convolves **image by image** (a few
+images at a time when their columns are small), with :class:`ImageColumns`. The columns of a
+batch are large (conv1 of RNN-G at batch 16: 16 x 75 x 16384 floats, 79 MB), so a batched im2col
+writes them to main memory, page-faults them in fresh every call, and the matrix product reads
+them back from memory at about a third of its in-cache speed (on the 2-core machine of
 ``docs/benchmarks.md``: 40 against 110 GFLOP/s). One image's columns (at most 4.9 MB in RNN-G,
 2.4 MB for conv3) are written into a buffer allocated once per pass and read back by the product
 while they are still in cache.
@@ -148,7 +147,10 @@ class ImageColumns:
     at most ``images`` images (see the module docstring for why the layers convolve a few images at
     a time). Calling it on a chunk ``x`` (m, C, H, W), m <= images, returns the columns
     (m, C*k*k, Ho * grid_width), a view of a buffer that the next call overwrites; :meth:`fold` is
-    the adjoint, the col2im of such columns.
+    the adjoint, the col2im of such columns. With ``ones_row`` the columns have one more row, of
+    ones (not for a pointwise kernel): a product with ``[w2 | b]`` then adds the bias, and the
+    weight gradient's product ``cols @ dy.T`` gives the bias gradient ``sum dy`` as its last row,
+    so neither takes a pass of its own.
 
     The columns are laid out on a *grid* of Ho rows of ``grid_width`` output pixels:
 
@@ -157,7 +159,7 @@ class ImageColumns:
       is pixel ``q + i*Wp + j`` of the flattened padded plane c. So that row is *one contiguous
       slice* of the plane, and im2col is C*k*k long copies, and col2im C*k*k long additions,
       instead of C*k*k*Ho short rows each: numpy pays a fixed cost per row, which dominates rows
-      of 32 or 64 pixels (RNN-G's conv3 and conv5 backward: 11% and 9% faster). The price: the
+      of 32 or 64 pixels (RNN-G's conv3 and conv5 backward: 10% and 8% faster). The price: the
       last ``Wp - Wo = k - 1`` columns of every grid row are padding, which the products compute
       for nothing (3-6% more work) and :meth:`crop` drops; for conv1's rows of 128 pixels that
       costs more than it saves. :meth:`extend` puts an upstream gradient (m, O, Ho, Wo) on the grid
@@ -170,27 +172,29 @@ class ImageColumns:
     the interior.
     """
 
-    def __init__(self, image_shape, kernel_size, stride, padding, dtype, images=1):
+    def __init__(self, image_shape, kernel_size, stride, padding, dtype, images=1, ones_row=False):
         channels, height, width = image_shape
-        self.image_shape = image_shape
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.out_height = conv_output_size(height, kernel_size, stride, padding)
         self.out_width = conv_output_size(width, kernel_size, stride, padding)
         self.pointwise = is_pointwise(kernel_size, stride, padding)
         self.flat = stride == 1 and not self.pointwise and self.out_width <= FLAT_GRID_MAX_WIDTH
         self.grid_width = width + 2 * padding if self.flat else self.out_width
+        self.ones_row = ones_row and not self.pointwise
         if self.pointwise:
             return
-        rows = channels * kernel_size * kernel_size
-        self.columns = numpy.empty((images, rows, self.out_height * self.grid_width), dtype=dtype)
+        self.rows = channels * kernel_size * kernel_size
+        self.columns = numpy.empty((images, self.rows + self.ones_row, self.out_height * self.grid_width), dtype=dtype)
+        if self.ones_row:
+            self.columns[:, self.rows] = 1
         padded_shape = (images, channels, height + 2 * padding, width + 2 * padding)
         if self.flat:
             # each padded plane flattened, plus k - 1 zeros: the taps of the last grid row's
             # padding columns read up to k - 1 elements past the plane (only into the padding
             # columns; never read by the valid outputs)
-            plane = padded_shape[2] * padded_shape[3]
-            self.planes = numpy.zeros((images, channels, plane + kernel_size - 1), dtype=dtype)
-            self.padded = self.planes[:, :, :plane].reshape(padded_shape)
+            self.plane_size = padded_shape[2] * padded_shape[3]
+            self.planes = numpy.zeros((images, channels, self.plane_size + kernel_size - 1), dtype=dtype)
+            self.padded = self.planes[:, :, :self.plane_size].reshape(padded_shape)
             self.sums = self.grid = None  # the buffers of :meth:`fold` and :meth:`extend`, made at first use
         elif padding:
             self.padded = numpy.zeros(padded_shape, dtype=dtype)
@@ -224,7 +228,7 @@ class ImageColumns:
         else:
             source = self.padded[:m] if p else images
             taps = patch_view(source, k, self.stride, self.out_height, self.out_width)
-        numpy.copyto(columns.reshape(taps.shape), taps)
+        numpy.copyto(columns[:, :self.rows].reshape(taps.shape, copy=False), taps)
         return columns
 
     def crop(self, grid):
@@ -240,7 +244,7 @@ class ImageColumns:
         m, channels = outputs.shape[:2]
         if not self.flat:
             return outputs.reshape(m, channels, -1)
-        if self.grid is None or self.grid.shape[1] != channels or len(self.grid) < m:
+        if self.grid is None or self.grid.shape[1] != channels:
             self.grid = numpy.zeros((len(self.columns), channels, self.out_height, self.grid_width),
                                     dtype=outputs.dtype)
         self.grid[:m, :, :, :self.out_width] = outputs
@@ -269,7 +273,7 @@ class ImageColumns:
             for j in range(k):
                 start = i * self.grid_width + j
                 sums[:, :, start:start + length] += taps[:, :, i, j]
-        padded = sums[:, :, :self.padded[0, 0].size].reshape(self.padded[:m].shape)
+        padded = sums[:, :, :self.plane_size].reshape(self.padded[:m].shape)
         images[...] = padded[:, :, p:p + height, p:p + width]
         return images
 

@@ -40,18 +40,29 @@ aspect ratio (so pixels stay square, never stretched).
 """
 
 import dataclasses
+import typing
 
 import numpy
 
 from ..data.classes import HELEN_CLASSES
 
-#: Stage-2 crops in paste order: name -> (network, input size (h, w), mirrored,
-#: HELEN class names of the network's classes 1.. (class 0 is "other")).
+
+class CropSpec(typing.NamedTuple):
+    """One stage-2 crop: the network that parses it, its input size, whether it is mirrored, and the
+    HELEN class of each of the network's classes after "other" (class 0)."""
+
+    network: str
+    size: tuple
+    mirrored: bool
+    classes: tuple
+
+
+#: The stage-2 crops by name, in paste order.
 CROPS = {
-    "left eye": ("eyes", (64, 64), False, ("left brow", "left eye")),
-    "right eye": ("eyes", (64, 64), True, ("right brow", "right eye")),
-    "nose": ("nose", (64, 64), False, ("nose",)),
-    "mouth": ("mouth", (32, 64), False, ("upper lip", "inner mouth", "lower lip")),
+    "left eye": CropSpec("eyes", (64, 64), False, ("left brow", "left eye")),
+    "right eye": CropSpec("eyes", (64, 64), True, ("right brow", "right eye")),
+    "nose": CropSpec("nose", (64, 64), False, ("nose",)),
+    "mouth": CropSpec("mouth", (32, 64), False, ("upper lip", "inner mouth", "lower lip")),
 }
 #: The margin added on each side of a part's extent, as a fraction of that extent (paper: >= 20%).
 MARGIN = 0.2
@@ -63,19 +74,19 @@ MINIMUM_UNIT = 2.0
 
 def crop_size(crop):
     """The network input size (h, w) of ``crop`` (a name in :data:`CROPS`)."""
-    return CROPS[_check_crop(crop)][1]
+    return CROPS[_check_crop(crop)].size
 
 
 def crop_to_helen(crop):
     """int64 ``(K,)``: HELEN class index of each network class of ``crop`` (-1 for "other")."""
-    return numpy.array([-1] + [HELEN_CLASSES.index(name) for name in CROPS[_check_crop(crop)][3]])
+    return numpy.array([-1] + [HELEN_CLASSES.index(name) for name in CROPS[_check_crop(crop)].classes])
 
 
 def helen_to_crop(crop):
     """uint8 ``(11,)``: the network class of each HELEN class inside ``crop`` (0, "other", for the
     classes the crop does not own, e.g. the right eye seen in the left eye's crop)."""
     table = numpy.zeros(len(HELEN_CLASSES), dtype=numpy.uint8)
-    for index, name in enumerate(CROPS[_check_crop(crop)][3], start=1):
+    for index, name in enumerate(CROPS[_check_crop(crop)].classes, start=1):
         table[HELEN_CLASSES.index(name)] = index
     return table
 
@@ -113,12 +124,9 @@ def component_frames(keypoints):
     upright = numpy.stack([across, down], axis=2)              # columns: x axis, y axis
     mirrored = numpy.stack([-across, down], axis=2)
     unit = numpy.maximum(eye_distance, MINIMUM_UNIT)
-    return {
-        "left eye": (left_eye, upright, unit),
-        "right eye": (right_eye, mirrored, unit),
-        "nose": (nose_tip, upright, unit),
-        "mouth": ((left_corner + right_corner) / 2, upright, unit),
-    }
+    origins = {"left eye": left_eye, "right eye": right_eye, "nose": nose_tip,
+               "mouth": (left_corner + right_corner) / 2}
+    return {crop: (origins[crop], mirrored if spec.mirrored else upright, unit) for crop, spec in CROPS.items()}
 
 
 def to_frame(points, origin, axes, unit):

@@ -6,10 +6,6 @@ The exact network (the architecture spec), for a 3 x 128 x 128 input::
     pool2    MaxPool 2x2                                  16 x 64 x 64
     conv3    Conv2d 16->32, 3x3, pad 1, ReLU              32 x 64 x 64
     pool4    MaxPool 2x2                                  32 x 32 x 32
-
-(relu1 and relu3 run *after* the pooling that follows them: max pooling commutes with the ReLU,
-``max(relu(a), relu(b)) = relu(max(a, b))``, and the gradients agree too, so the outputs and
-gradients are the same bits; the ReLU then touches a quarter of the pixels.)
     conv5    Conv2d 32->32, 3x3, pad 1, ReLU              32 x 32 x 32
     deconv6  ConvTranspose2d 32->16, 4x4, s2, p1          16 x 64 x 64
     split    X = deconv6[:, :8],  G = sigmoid(deconv6[:, 8:])
@@ -18,6 +14,10 @@ gradients are the same bits; the ReLU then touches a quarter of the pixels.)
     deconv9  ConvTranspose2d K->K, 4x4, s2, p1            logits K x 128 x 128
     coarse   Conv2d 8->K, 1x1 on X                        coarse K x 64 x 64
     edge     Conv2d 8->1, 1x1 on G                        edge   1 x 64 x 64
+
+relu1 and relu3 run *after* the pooling that follows them (:attr:`RNNG.trunk`): max pooling
+commutes with the ReLU, ``max(relu(a), relu(b)) = relu(max(a, b))``, and so do the gradients, so
+the outputs and gradients are the same bits, and the ReLU touches a quarter of the pixels.
 
 :class:`RNNG` implements the shared trunk (conv1 .. deconv6), the split, and the three heads;
 the part between the split and conv8 is :meth:`RNNG.propagate` / :meth:`RNNG.propagate_backward`,

@@ -25,9 +25,11 @@ class              crop (h x w) classes                                        K
 ``MouthNet``       32 x 64      other, upper lip, inner mouth, lower lip         4
 =================  ===========  =============================================  =======
 
-The width is the paper's free choice (its figure is not reproduced): 8 keeps the whole of stage 2
-within half of stage 1's time on a CPU (``benchmarks/stage2.py``); crops are easier than whole
-faces (section 4: "the segmentation task in the second stage is easier").
+The width is ours (the paper's figure is not reproduced): with 8, the three networks on the four
+crops of a face do 22% of stage 1's multiply-adds (``benchmarks/stage2.py`` times them); narrower
+ones lost F-measure (``docs/stage2.md``). Crops are easier than whole faces (section 4: "the
+segmentation task in the second stage is easier"), hence no recurrence. The weights start from
+He's initialisation (:meth:`ComponentNet.initialize`).
 
 The two-stage parser
 --------------------
@@ -198,7 +200,7 @@ class MouthNet(ComponentNet):
 #: architecture name -> component network class
 COMPONENT_NETWORKS = {cls.architecture: cls for cls in (EyeBrowNet, NoseNet, MouthNet)}
 #: the network each crop goes through, by its name in a TwoStageParser
-CROP_NETWORK = {crop: spec[0] for crop, spec in CROPS.items()}
+CROP_NETWORK = {crop: spec.network for crop, spec in CROPS.items()}
 
 
 class TwoStageParser:
@@ -302,20 +304,20 @@ class TwoStageParser:
         classes (``K`` of them, "other" first).
         """
         matrices = self.geometry.matrices(keypoints)
-        by_network = {}
-        for size in {spec[1] for spec in CROPS.values()}:  # one pass over the images per crop size
-            same_size = [crop for crop, spec in CROPS.items() if spec[1] == size]  # a network's crops are adjacent
-            cut = crop_bilinear(images, numpy.stack([matrices[crop] for crop in same_size]), size)
-            for network_name in dict.fromkeys(CROP_NETWORK[crop] for crop in same_size):
-                mine = [k for k, crop in enumerate(same_size) if CROP_NETWORK[crop] == network_name]
-                # (crops, N, 3, h, w) -> (crops * N, 3, h, w): both eye crops in one batch, no copy
-                by_network[network_name] = ([same_size[k] for k in mine],
-                                            cut[mine[0]:mine[-1] + 1].reshape((-1,) + cut.shape[2:]))
+        n = len(images)
         results = {}
-        for network_name, (names, batch) in by_network.items():
-            logits = backend.to_numpy(self.networks[network_name].forward(backend.to_device(batch))["logits"])
-            for k, crop in enumerate(names):
-                results[crop] = (matrices[crop], logits[k * len(images):(k + 1) * len(images)])
+        for size in dict.fromkeys(spec.size for spec in CROPS.values()):
+            # All crops of one size in one pass over the images: (crops * N, 3, h, w), crop by crop.
+            names = [crop for crop, spec in CROPS.items() if spec.size == size]
+            cut = crop_bilinear(images, numpy.stack([matrices[crop] for crop in names]), size)
+            cut = cut.reshape((-1,) + cut.shape[2:])
+            for network_name in dict.fromkeys(CROP_NETWORK[crop] for crop in names):
+                # A network's crops are adjacent in CROPS, so its batch is a slice (both eyes at once).
+                mine = [k for k, crop in enumerate(names) if CROP_NETWORK[crop] == network_name]
+                batch = cut[mine[0] * n:(mine[-1] + 1) * n]
+                logits = backend.to_numpy(self.networks[network_name].forward(backend.to_device(batch))["logits"])
+                for k, index in enumerate(mine):
+                    results[names[index]] = (matrices[names[index]], logits[k * n:(k + 1) * n])
         return results
 
     def compose(self, main, crop_results):
