@@ -16,7 +16,7 @@
 3. Measures the peak resident memory of a process that runs only minirnng's training steps.
 
 With ``--keep-freed-memory``, glibc's malloc is first told to keep freed memory for reuse
-(:func:`minirnng.layers.base.keep_freed_memory`, for training to call once at its start).
+(:func:`minirnng.train.keep_freed_memory`, for training to call once at its start).
 
 Targets (issue: face parsing end to end): our training step >= 2x PyTorch eager's images/s, our
 inference >= 1.5x, and the peak memory of our training <= 1 GB. PyTorch is never a dependency of
@@ -41,8 +41,9 @@ def parse_arguments():
                         help="OPENBLAS_CORETYPE for NumPy's OpenBLAS, e.g. SkylakeX (AVX-512) or Haswell (AVX2); "
                              "default: the environment's (OpenBLAS detects the CPU when it is unset)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="call minirnng.layers.base.keep_freed_memory() first (glibc's malloc then reuses freed "
-                             "memory instead of page-faulting it in again; it affects PyTorch, in the same process, too)")
+                        help="call minirnng.train.keep_freed_memory() first (glibc's malloc then reuses "
+                             "freed memory instead of page-faulting it in again; it affects PyTorch, in the same "
+                             "process, too)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -239,9 +240,9 @@ def main():
     sys.path.insert(0, HERE)
     malloc = "default glibc malloc"
     if arguments.keep_freed_memory:
-        from minirnng.layers.base import keep_freed_memory
+        from minirnng.train import keep_freed_memory
         if keep_freed_memory():
-            malloc = "glibc malloc keeps freed memory (minirnng.layers.base.keep_freed_memory)"
+            malloc = "glibc malloc keeps freed memory (minirnng.train.keep_freed_memory)"
     if arguments.memory_probe:
         return memory_probe()
     import numpy

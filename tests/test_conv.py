@@ -119,3 +119,19 @@ def test_too_small_input_and_bad_hyperparameters():
 def test_backward_before_forward():
     with pytest.raises(RuntimeError, match="before forward"):
         Conv2d(1, 1, 3).backward(numpy.zeros((1, 1, 1, 1), dtype=numpy.float32))
+
+
+@pytest.mark.parametrize("layer_name", ["Conv2d", "ConvTranspose2d"])
+def test_wide_rows_take_the_same_path_as_the_naive_loops(layer_name, rng):
+    """Rows wider than the column layout's flat-grid limit (64 pixels) use the classic unfolding."""
+    from minirnng.layers.im2col import FLAT_GRID_MAX_WIDTH
+
+    width = FLAT_GRID_MAX_WIDTH + 7
+    fast = getattr(__import__("minirnng.layers", fromlist=[layer_name]), layer_name)(
+        2, 3, 3, padding=1, rng=1, dtype=numpy.float64)
+    slow = getattr(naive, layer_name)(2, 3, 3, padding=1, rng=1, dtype=numpy.float64)
+    x = rng.standard_normal((1, 2, 3, width))
+    numpy.testing.assert_allclose(fast.forward(x), slow.forward(x), rtol=0, atol=1e-12)
+    dy = rng.standard_normal(fast.output_shape_seen)
+    numpy.testing.assert_allclose(fast.backward(dy), slow.backward(dy), rtol=0, atol=1e-12)
+    numpy.testing.assert_allclose(fast.grads["weight"], slow.grads["weight"], rtol=0, atol=1e-11)

@@ -41,33 +41,6 @@ def batch_chunks(batch_size, bytes_per_image, chunk_bytes=None):
     return [slice(start, min(start + step, batch_size)) for start in range(0, max(batch_size, 1), step)]
 
 
-def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of giving it back to the kernel.
-
-    A training step of the NumPy path allocates and frees the same few dozen arrays of 0.1-16 MB
-    every time. By default glibc serves the largest from fresh ``mmap`` calls and returns freed
-    memory at the top of its heap to the kernel, so every step page-faults them in again, zeroed by
-    the kernel: on the benchmark machine 3,000 page faults and 7 ms of system time per RNN-G
-    training step (batch 16), about 6% of it. This serves allocations up to 32 MB (glibc's largest
-    setting) from the heap and never trims it, so the memory of one step is reused by the next.
-
-    Process-wide, so call it once when training starts (it is never called on import); returns
-    whether it took effect (False where the C library is not glibc). The price: the peak memory
-    of the process stays reserved until it exits.
-    """
-    import ctypes
-    import ctypes.util
-
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 def check_dtype(dtype, owner):
     """Return ``dtype`` as a :class:`numpy.dtype` if it is float32 or float64, else raise ``TypeError``."""
     try:
