@@ -169,6 +169,10 @@ def command_eval(arguments):
     for name in dataset.classes:
         f = result["f_measure"][name]
         print(f"  F-{name:<12} {'n/a' if f is None else f'{100 * f:.2f}'}")
+    if arguments.confusion:
+        from .viz import confusion_figure, save_figure
+        title = f"{model.architecture} on {arguments.data} {arguments.split}"
+        print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
     if arguments.json:
         record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
                   "architecture": model.architecture, **result}
@@ -367,6 +371,7 @@ def build_parser():
     add_data_arguments(evaluate, default_split="test")
     evaluate.add_argument("--size", type=int, default=None, help="synthetic: number of images")
     evaluate.add_argument("--json", help="write the scores to this JSON file")
+    evaluate.add_argument("--confusion", help="write the confusion matrix as a PNG to this file")
     evaluate.set_defaults(handler=command_eval)
 
     demo = commands.add_parser(

@@ -36,3 +36,19 @@ def test_gradcheck_fails_with_an_impossible_tolerance(capsys):
 def test_console_entry_point_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "minirnng", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "minirnng" in result.stdout
+
+
+def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
+    import json
+
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
+                     "--json", str(tmp_path / "scores.json"), "--confusion", str(tmp_path / "confusion.png")]) == 0
+    record = json.loads((tmp_path / "scores.json").read_text())
+    assert set(record["f_measure"]) == {"background", "skin", "hair"} and record["ms_per_image"] > 0
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert "accuracy" in capsys.readouterr().out
