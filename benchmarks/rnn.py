@@ -28,9 +28,10 @@ it). The numbers printed are without such tuning.
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
 
 SHAPE = (16, 8, 64, 64)
 NAIVE_SHAPE = (1, 8, 16, 16)
@@ -42,17 +43,6 @@ def parse_arguments():
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default 20)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
     return parser.parse_args()
-
-
-def median_seconds(function, repeats, warmup=2):
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_inputs(numpy, shape, seed=0):
