@@ -52,7 +52,7 @@ BUDGETS = {
     },
     "table2": {
         "small": {"epochs": 4, "synthetic": (240, 40, 60)},
-        "paper": {"epochs": 40, "synthetic": (2000, 200, 200)},
+        "paper": {"epochs": 15, "synthetic": (800, 100, 100)},
     },
 }
 
