@@ -277,13 +277,6 @@ def resize_matrices(n, source_size, target_size):
 # Cutting and pasting
 
 
-def _crop_grid(size):
-    """float64 ``(h * w, 2)``: the ``(x, y)`` centres of a ``size`` (h, w) pixel grid, row by row."""
-    height, width = size
-    y, x = numpy.mgrid[0:height, 0:width]
-    return numpy.stack([x.ravel(), y.ravel()], axis=1).astype(numpy.float64)
-
-
 def _check_matrices(matrices, n, owner):
     matrices = numpy.asarray(matrices, dtype=numpy.float64)
     if matrices.shape != (n, 2, 3):
@@ -292,27 +285,65 @@ def _check_matrices(matrices, n, owner):
 
 
 def _grid_points(matrices, size):
-    """Image ``(x, y)`` of every crop pixel centre: two float64 ``(N * h * w,)`` arrays, crop by crop,
-    row by row (one multiply-add per coordinate, cheaper than a matrix product per point)."""
-    grid = _crop_grid(size)
-    x = matrices[:, 0, 0, None] * grid[:, 0] + matrices[:, 0, 1, None] * grid[:, 1] + matrices[:, 0, 2, None]
-    y = matrices[:, 1, 0, None] * grid[:, 0] + matrices[:, 1, 1, None] * grid[:, 1] + matrices[:, 1, 2, None]
-    return x.ravel(), y.ravel()
+    """Image ``(x, y)`` of every crop pixel centre ``(j, i)``: two float64 ``(N * h * w,)`` arrays,
+    crop by crop, row by row, ``x = (M[0, 0] j + M[0, 1] i) + M[0, 2]`` (and y likewise).
+
+    The products are taken on a row ``(N, 1, w)`` and a column ``(N, h, 1)`` and summed by
+    broadcasting: two passes over the ``N * h * w`` points instead of five, the same numbers.
+    """
+    height, width = size
+    j = numpy.arange(width, dtype=numpy.float64)
+    i = numpy.arange(height, dtype=numpy.float64)[:, None]
+    coordinates = []
+    for row in (0, 1):
+        along_j, along_i, shift = (matrices[:, row, k, None, None] for k in range(3))
+        points = along_j * j + along_i * i
+        points += shift
+        coordinates.append(points.reshape(-1))
+    return tuple(coordinates)
+
+
+class FramedImages(typing.NamedTuple):
+    """Images made ready for :func:`crop_bilinear` (:func:`frame_images`), to cut crops of several
+    sizes with one framing: ``planes`` ``(C, N * (H + 3) * (W + 3))``, the images framed by one
+    pixel of ``fill`` above and left and two below and right, one plane per channel for the whole
+    batch; ``shape`` the images' ``(N, C, H, W)``; ``fill`` as given."""
+
+    planes: numpy.ndarray
+    shape: tuple
+    fill: object
+
+
+def frame_images(images, fill=0.0):
+    """Float images ``(N, C, H, W)`` framed for :func:`crop_bilinear`: a :class:`FramedImages`.
+
+    With the sample points clipped to [-1, W] x [-1, H], every bilinear tap lands in the frame,
+    and a tap off the image reads ``fill`` with no test (``fill=None``: 0, unread, the points
+    being clipped to the image).
+    """
+    images = numpy.asarray(images)
+    if images.ndim != 4 or images.dtype.kind != "f":
+        raise ValueError(f"crop_bilinear: images must be float (N, C, H, W), got {images.dtype} {images.shape}")
+    n, channels, height, width = images.shape
+    framed = numpy.empty((channels, n, height + 3, width + 3), dtype=images.dtype)
+    for frame in (framed[:, :, :1], framed[:, :, height + 1:], framed[:, :, :, :1], framed[:, :, :, width + 1:]):
+        frame[...] = fill or 0
+    framed[:, :, 1:height + 1, 1:width + 1] = images.transpose(1, 0, 2, 3)
+    return FramedImages(framed.reshape(channels, -1), images.shape, fill)
 
 
 def crop_bilinear(images, matrices, size, fill=0.0):
     """Cut crops out of float images ``(N, C, H, W)``: ``(N, C, h, w)`` of the images' dtype.
 
+    images : the images, or :func:`frame_images` of them (then ``fill`` is the framing's);
     matrices : ``(N, 2, 3)`` crop-to-image maps, one crop per image, or ``(K, N, 2, 3)`` for K
     crops per image, giving ``(K, N, C, h, w)`` (one pass over the images for all of them);
     size : crop (h, w). Bilinear interpolation; a tap outside the image reads ``fill`` (0.0:
     mid-grey in minirnng's normalised range), or with ``fill=None`` the nearest pixel of the
     image's border (for resizing a whole image).
     """
-    images = numpy.asarray(images)
-    if images.ndim != 4 or images.dtype.kind != "f":
-        raise ValueError(f"crop_bilinear: images must be float (N, C, H, W), got {images.dtype} {images.shape}")
-    n, channels, height, width = images.shape
+    framed = images if isinstance(images, FramedImages) else frame_images(images, fill)
+    planes, (n, channels, height, width), fill = framed
     matrices = numpy.asarray(matrices, dtype=numpy.float64)
     several = matrices.ndim == 4
     if matrices.shape[-3:] != (n, 2, 3) or matrices.ndim not in (3, 4):
@@ -320,30 +351,55 @@ def crop_bilinear(images, matrices, size, fill=0.0):
                          f"and crop, got {matrices.shape}")
     crops_per_image = matrices.shape[0] if several else 1
     matrices = matrices.reshape(-1, 2, 3)
-    # The images framed by one pixel of ``fill`` above and left and two below and right: with the
-    # points clipped to [-1, W] x [-1, H], every tap lands in the frame, and a tap off the image
-    # reads ``fill`` with no test. One plane per channel holds the whole batch.
-    framed = numpy.full((channels, n, height + 3, width + 3), fill or 0, dtype=images.dtype)
-    framed[:, :, 1:height + 1, 1:width + 1] = images.transpose(1, 0, 2, 3)
-    planes = framed.reshape(channels, -1)
+    image_start = numpy.tile(numpy.arange(n), crops_per_image) * ((height + 3) * (width + 3))  # in a plane
+    crops = numpy.empty((len(matrices), channels) + tuple(size), dtype=planes.dtype)
+    # A few crops at a time: each pass makes a dozen temporaries of 4 or 8 bytes per point, which
+    # then stay in the cache (measured: 10% faster than all crops at once on the 48 crops of 16 faces).
+    for first in range(0, len(matrices), CROPS_PER_PASS):
+        chunk = slice(first, first + CROPS_PER_PASS)
+        crops[chunk] = _bilinear(planes, image_start[chunk], (height, width), matrices[chunk], size,
+                                 clamp=fill is None)
+    return crops.reshape((crops_per_image, n) + crops.shape[1:]) if several else crops
+
+
+#: How many crops :func:`crop_bilinear` samples per pass.
+CROPS_PER_PASS = 8
+
+
+def _bilinear(planes, image_start, image_size, matrices, size, clamp):
+    """The bilinear samples of crops ``(M, C, h, w)`` from images framed as in :func:`crop_bilinear`.
+
+    planes : ``(C, N * (H + 3) * (W + 3))``, the framed images; image_start : ``(M,)``, where each
+    crop's image starts in a plane; image_size : (H, W); matrices : ``(M, 2, 3)``; size : (h, w);
+    clamp : keep the points on the image (the border pixels repeat outwards) instead of in the frame.
+    """
+    height, width = image_size
     x, y = _grid_points(matrices, size)
-    if fill is None:  # points stay on the image: the border pixels repeat outwards
-        x, y = numpy.clip(x, 0.0, width - 1.0), numpy.clip(y, 0.0, height - 1.0)
+    if clamp:
+        numpy.clip(x, 0.0, width - 1.0, out=x)
+        numpy.clip(y, 0.0, height - 1.0, out=y)
     else:
-        x, y = numpy.clip(x, -1.0, width), numpy.clip(y, -1.0, height)
+        numpy.clip(x, -1.0, width, out=x)
+        numpy.clip(y, -1.0, height, out=y)
     x0, y0 = numpy.floor(x), numpy.floor(y)
-    fx, fy = (x - x0).astype(images.dtype), (y - y0).astype(images.dtype)
+    fx, fy = numpy.subtract(x, x0, out=x).astype(planes.dtype), numpy.subtract(y, y0, out=y).astype(planes.dtype)
+    # The flat index of each point's top-left tap in ``planes``: pixel (x0 + 1, y0 + 1) of its framed image.
     stride = width + 3
-    image_of_crop = numpy.tile(numpy.arange(n), crops_per_image)
-    top_left = (numpy.repeat(image_of_crop * ((height + 3) * stride), size[0] * size[1])
-                + (y0.astype(numpy.int64) + 1) * stride + x0.astype(numpy.int64) + 1)
-    result = numpy.take(planes, top_left, axis=1) * ((1 - fx) * (1 - fy))
+    top_left = y0.astype(numpy.int64)
+    top_left += 1
+    top_left *= stride
+    top_left += x0.astype(numpy.int64)
+    top_left += 1
+    top_left.reshape(len(matrices), -1)[...] += image_start[:, None]
+    # The indices are in range by construction; numpy's take runs 25% faster with mode="wrap" than
+    # with its default, which checks each index.
+    result = numpy.take(planes, top_left, axis=1, mode="wrap")
+    result *= (1 - fx) * (1 - fy)
     for offset, weight in ((1, fx * (1 - fy)), (stride, (1 - fx) * fy), (stride + 1, fx * fy)):
-        taps = numpy.take(planes, top_left + offset, axis=1)
+        taps = numpy.take(planes, top_left + offset, axis=1, mode="wrap")
         taps *= weight
         result += taps
-    crops = numpy.ascontiguousarray(result.reshape(channels, len(matrices), size[0], size[1]).transpose(1, 0, 2, 3))
-    return crops.reshape((crops_per_image, n) + crops.shape[1:]) if several else crops
+    return result.reshape(len(planes), len(matrices), size[0], size[1]).transpose(1, 0, 2, 3)
 
 
 def crop_nearest(labels, matrices, size, fill=0):
@@ -388,6 +444,19 @@ class Footprints:
         if crops.ndim == 4:
             return numpy.take_along_axis(flat, self.crop_index[:, None, :], axis=2)
         return numpy.take_along_axis(flat, self.crop_index, axis=1)
+
+    def read_inside(self, crops):
+        """Only where ``inside``: ``(image_index (P,), values (K, P))`` for crops ``(N, K, h, w)``,
+        the P covered image pixels (flat in the batch) and the crops' K values at each.
+
+        One gather for all K channels, of the covered pixels only (a third of the windows'
+        pixels are outside the crop).
+        """
+        n, channels, height, width = crops.shape
+        faces, spots = numpy.nonzero(self.inside)
+        first = faces * (channels * height * width) + self.crop_index[faces, spots]  # channel 0's element
+        values = numpy.take(crops, first + (numpy.arange(channels) * (height * width))[:, None], mode="wrap")
+        return self.image_index[faces, spots], values
 
 
 def footprints(matrices, size, image_shape):
