@@ -144,6 +144,7 @@ def command_train(arguments):
                          momentum=arguments.momentum, weight_decay=arguments.weight_decay,
                          schedule=arguments.schedule, warmup=arguments.warmup,
                          loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
+                         background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
                          augment=not arguments.no_augment, seed=arguments.seed)
     trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
@@ -353,6 +354,9 @@ def build_parser():
                        metavar=("LOGITS", "COARSE", "EDGE"), help="weights of the three loss terms")
     train.add_argument("--boundary-ratio", type=float, default=defaults.boundary_ratio,
                        help="non-boundary pixels sampled per boundary pixel in the edge loss (paper: 5)")
+    train.add_argument("--background-ratio", type=float, default=defaults.background_ratio,
+                       help="label losses on all face/hair pixels and this many times as many background "
+                            "pixels (paper, Multi-Face: 5); 0 = every pixel")
     train.add_argument("--class-balance", type=float, default=defaults.class_balance,
                        help="class weights (mean frequency / frequency) ** this power; 0 = none")
     train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,

@@ -355,26 +355,35 @@ def boundary_target(labels):
     return (~boundary).astype(numpy.float32)[:, None]
 
 
+def balanced_sample_mask(keep, ratio=5, rng=None):
+    """Every pixel where ``keep`` is True and, per image, ``ratio`` times as many of the others at random.
+
+    keep : bool (N, ...) (NumPy or CuPy). Returns a bool mask of the same shape and device: per
+    image, all ``keep`` pixels plus ``min(ratio * n_keep, n_other)`` other pixels drawn uniformly
+    without replacement. An image without a ``keep`` pixel contributes nothing. ``rng``: seed or
+    Generator. The paper balances two losses this way: the gate's boundary loss (keep the boundary
+    pixels, ratio 5) and, on Multi-Face images, the label losses (keep face and hair, ratio 5).
+    """
+    if ratio < 0:
+        raise ValueError(f"balanced_sample_mask: ratio must be >= 0, got {ratio}")
+    rng = numpy.random.default_rng(rng)
+    host = numpy.asarray(backend.to_numpy(keep), dtype=bool)
+    flat = host.reshape(host.shape[0], -1)
+    mask = flat.copy()
+    for image, kept in enumerate(flat):
+        others = numpy.flatnonzero(~kept)
+        wanted = min(int(ratio * kept.sum()), others.size)
+        if wanted:
+            mask[image, rng.choice(others, size=wanted, replace=False)] = True
+    return backend.get_array_module(keep).asarray(mask.reshape(host.shape))  # back on keep's device
+
+
 def boundary_sample_mask(target, ratio=5, rng=None):
     """The paper's 1:5 sampling of the boundary loss: every boundary pixel, and ``ratio`` times as many others.
 
     target : (N, 1, H, W) from :func:`boundary_target` (0 = boundary). Returns a bool mask of the
-    same shape: per image, all boundary pixels plus ``min(ratio * n_boundary, n_other)``
-    non-boundary pixels drawn uniformly without replacement. An image without a boundary
-    contributes no pixel. ``rng``: seed or Generator.
+    same shape (see :func:`balanced_sample_mask`); an image without a boundary contributes no pixel.
     """
-    if ratio < 0:
-        raise ValueError(f"boundary_sample_mask: ratio must be >= 0, got {ratio}")
-    rng = numpy.random.default_rng(rng)
-    host = backend.to_numpy(target)
-    if host.ndim != 4 or host.shape[1] != 1:
-        raise ValueError(f"boundary_sample_mask: target must have shape (N, 1, H, W), got {host.shape}")
-    is_boundary = host.reshape(host.shape[0], -1) == 0
-    mask = is_boundary.copy()
-    for image, boundary in enumerate(is_boundary):
-        others = numpy.flatnonzero(~boundary)
-        wanted = min(int(ratio * boundary.sum()), others.size)
-        if wanted:
-            mask[image, rng.choice(others, size=wanted, replace=False)] = True
-    mask = mask.reshape(host.shape)
-    return backend.get_array_module(target).asarray(mask)  # back on the target's device
+    if target.ndim != 4 or target.shape[1] != 1:
+        raise ValueError(f"boundary_sample_mask: target must have shape (N, 1, H, W), got {tuple(target.shape)}")
+    return balanced_sample_mask(target == 0, ratio, rng)

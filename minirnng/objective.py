@@ -7,7 +7,9 @@ For labels ``y`` (N, H, W) and the model's outputs:
       + w_edge   * BCE(edge, boundary_target(y[:, ::2, ::2]), mask = boundary_sample_mask(1:5))
 
 CE is softmax cross-entropy (optionally class-weighted), BCE sigmoid binary cross-entropy, each a
-mean over the pixels it uses. The edge term samples every boundary pixel and five times as many
+mean over the pixels it uses. With ``background_ratio`` the two CE terms use every face and hair
+pixel and that many times as many background pixels drawn at random (the paper's sampling for
+Multi-Face images, where background covers most of the picture). The edge term samples every boundary pixel and five times as many
 others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a
 seeded run is reproducible. The gradient of ``L`` for each output is ``w * dloss/doutput``.
 """
@@ -15,7 +17,9 @@ seeded run is reproducible. The gradient of ``L`` for each output is ``w * dloss
 import numpy
 
 from . import backend
-from .losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask, boundary_target
+from .data.classes import BACKGROUND
+from .losses import (SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, balanced_sample_mask, boundary_sample_mask,
+                     boundary_target)
 
 
 class StageOneObjective:
@@ -27,9 +31,11 @@ class StageOneObjective:
     for ``model.backward``.
     """
 
-    def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None):
+    def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None,
+                 background_ratio=0):
         self.weights = dict(zip(("logits", "coarse", "edge"), (float(w) for w in weights)))
         self.boundary_ratio = boundary_ratio
+        self.background_ratio = background_ratio
         self.fine = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.coarse = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.edge = SigmoidBinaryCrossEntropy()
@@ -39,10 +45,10 @@ class StageOneObjective:
         parts, grads = {}, {}
         weights = self.weights
         if weights["logits"]:
-            parts["logits"] = self.fine.forward(outputs["logits"], labels)
+            parts["logits"] = self.fine.forward(outputs["logits"], labels, self.label_mask(labels, rng))
             grads["logits"] = self.fine.backward(weights["logits"])
         if weights["coarse"] and "coarse" in outputs:
-            parts["coarse"] = self.coarse.forward(outputs["coarse"], subsampled)
+            parts["coarse"] = self.coarse.forward(outputs["coarse"], subsampled, self.label_mask(subsampled, rng))
             grads["coarse"] = self.coarse.backward(weights["coarse"])
         if weights["edge"] and "edge" in outputs:
             target = boundary_target(subsampled)
@@ -53,6 +59,13 @@ class StageOneObjective:
             grads["edge"] = self.edge.backward(weights["edge"])
         total = float(sum(weights[name] * value for name, value in parts.items()))
         return total, parts, grads
+
+    def label_mask(self, labels, rng):
+        """The pixels the label losses use: all of them, or with ``background_ratio`` (the paper's
+        Multi-Face setting) every face and hair pixel and that many times as many background ones."""
+        if not self.background_ratio:
+            return None
+        return balanced_sample_mask(labels != BACKGROUND, self.background_ratio, rng)
 
 
 def class_balance_weights(labels, n_classes, power=0.5):

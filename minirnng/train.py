@@ -50,6 +50,7 @@ class TrainConfig:
     warmup: float = 0.02
     loss_weights: tuple = (1.0, 1.0, 1.0)
     boundary_ratio: float = 5.0
+    background_ratio: float = 0.0
     class_balance: float = 0.0
     augment: bool = True
     seed: int = 0
@@ -149,7 +150,8 @@ class Trainer:
         class_weights = None
         if config.class_balance:
             class_weights = class_balance_weights(train_set.labels, config.n_classes, config.class_balance)
-        self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights)
+        self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights,
+                                           background_ratio=config.background_ratio)
         self.augmentation = Augmentation() if config.augment else None
         self.epoch = 0
         self.history = []

@@ -148,3 +148,17 @@ def test_bad_configuration():
         TrainConfig(model="unet").check()
     with pytest.raises(ValueError, match="unknown optimizer"):
         TrainConfig(optimizer="rmsprop").check()
+
+
+def test_background_sampling_keeps_face_and_hair_and_five_times_as_much_background(rng):
+    labels = numpy.zeros((2, 16, 16), dtype=numpy.int64)
+    labels[0, 4:8, 4:8] = 1  # 16 face pixels in the first image, none in the second
+    objective = StageOneObjective(background_ratio=5)
+    mask = objective.label_mask(labels, numpy.random.default_rng(0))
+    assert mask[0][labels[0] == 1].all() and mask[0].sum() == 16 + 80
+    assert not mask[1].any()
+    outputs = {"logits": rng.standard_normal((2, 3, 16, 16)), "coarse": rng.standard_normal((2, 3, 8, 8)),
+               "edge": rng.standard_normal((2, 1, 8, 8))}
+    _, _, grads = objective(outputs, labels, numpy.random.default_rng(0))
+    assert not grads["logits"][1].any()  # an image without face or hair contributes nothing
+    assert StageOneObjective().label_mask(labels, rng) is None
