@@ -1,6 +1,6 @@
 """Benchmark: what stage 2 adds to stage 1's inference time, on the CPU, at batch 16.
 
-    python benchmarks/stage2.py [--checkpoint runs/table3/two_stage.npz] [--threads 1] [--repeats 15]
+    python benchmarks/stage2.py [--checkpoint runs/table3/two_stage.npz] [--threads 1] [--repeats 25]
 
 Times, on 16 synthetic 128 x 128 faces (float32):
 
@@ -24,6 +24,7 @@ noise. Without one, the parser has random weights and the script says so.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -93,18 +94,15 @@ def main():
         for size in sizes:
             crop_bilinear(framed, numpy.stack([matrices[c] for c, spec in CROPS.items() if spec.size == size]), size)
 
-    network_inputs = {}
-    for crop, spec in CROPS.items():  # each network's batch of crops, as run_crops makes it
+    network_inputs = {}  # each network's batch of crops, as run_crops makes it (both eyes in one)
+    for crop, spec in CROPS.items():
         network_inputs.setdefault(spec.network, []).append(crop_bilinear(images, matrices[crop], spec.size))
-    network_inputs = {name: numpy.concatenate(batch) for name, batch in network_inputs.items()}
-    parts = {
-        "key points": lambda: keypoints_from_labels(labels, parser.shape),
-        "cutting the crops": cut_all,
-        **{f"{name} network ({len(batch)} crops)": (lambda name=name, batch=batch: parser.networks[name].infer(batch))
-           for name, batch in network_inputs.items()},
-        "main regions": lambda: parser.main_regions(scores, labels),
-        "pasting": lambda: parser.compose(main_regions, crops),
-    }
+    parts = {"key points": lambda: keypoints_from_labels(labels, parser.shape), "cutting the crops": cut_all}
+    for name, batch in network_inputs.items():
+        batch = numpy.concatenate(batch)
+        parts[f"{name} network ({len(batch)} crops)"] = functools.partial(parser.networks[name].infer, batch)
+    parts["main regions"] = lambda: parser.main_regions(scores, labels)
+    parts["pasting"] = lambda: parser.compose(main_regions, crops)
     breakdown = {name: medians([timed(part) for _ in range(arguments.repeats)]) for name, part in parts.items()}
 
     print(f"stage 2 on the CPU: batch {arguments.batch} of 128 x 128 faces, {arguments.threads} BLAS thread(s), "

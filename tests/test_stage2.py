@@ -396,3 +396,34 @@ def test_reproduce_table3_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         assert all(value is None or 0 <= value <= 100 for value in written[row].values())
     assert written["_meta"]["budget"] == "tiny" and results["_meta"]["images"]["test"] == 8
     assert isinstance(TwoStageParser.load(tmp_path / "run" / "two_stage.npz"), TwoStageParser)
+
+
+# -- the inference-only fast paths give exactly the training paths' numbers ------------------------
+
+@pytest.mark.parametrize("network_class", [EyeBrowNet, NoseNet, MouthNet])
+def test_infer_equals_forward(network_class):
+    rng = numpy.random.default_rng(5)
+    network = network_class(rng=3)
+    height, width = network.input_size
+    crops = rng.standard_normal((5, 3, height, width)).astype(numpy.float32)
+    numpy.testing.assert_array_equal(network.infer(crops), network.forward(crops)["logits"])
+
+
+def test_pooled_equals_forward():
+    from minirnng.layers import MaxPool2d
+
+    rng = numpy.random.default_rng(6)
+    x = numpy.round(rng.standard_normal((3, 4, 9, 10)) * 3).astype(numpy.float32)  # with ties
+    for kernel, stride in [(2, 2), (3, 2), (2, 1)]:
+        pool = MaxPool2d(kernel, stride)
+        numpy.testing.assert_array_equal(pool.pooled(x), pool.forward(x))
+
+
+def test_crops_from_framed_images_equal_crops_from_the_images():
+    from minirnng.models.crops import frame_images
+
+    rng = numpy.random.default_rng(7)
+    images = rng.standard_normal((2, 3, 40, 30)).astype(numpy.float32)
+    matrices = numpy.array([[[0.5, 0.1, 3.0], [-0.1, 0.6, 2.0]], [[0.7, 0.0, -4.0], [0.0, 0.7, 5.0]]])
+    numpy.testing.assert_array_equal(crop_bilinear(frame_images(images), matrices, (16, 24)),
+                                     crop_bilinear(images, matrices, (16, 24)))
