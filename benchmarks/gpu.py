@@ -51,6 +51,8 @@ def parse_arguments():
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test of the script)")
     parser.add_argument("--test-timeout", type=int, default=240, help="seconds allowed for the GPU tests")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the CPU time of a batch-1 predict goes (cProfile, top functions)")
     return parser.parse_args()
 
 
@@ -133,8 +135,9 @@ def build_rnng():
     from minirnng import backend
     from minirnng.models import RNNG
 
-    host = RNNG(CLASSES, hidden=HIDDEN, rng=0)
-    host.randomize_recurrence(1)
+    with backend.use("numpy"):
+        host = RNNG(CLASSES, hidden=HIDDEN, rng=0)
+        host.randomize_recurrence(1)
     with backend.use("cupy"):
         model = RNNG(CLASSES, hidden=HIDDEN, rng=0)
         model.load_params({name: value for name, value in host.params().items()})
@@ -208,6 +211,51 @@ def layer_rows(timer, repeats):
     return rows
 
 
+def conv_algorithm_rows(timer, repeats, batches=(1, 2, 4, 8, 16, 64)):
+    """Forward of each RNN-G convolution shape, by the direct kernel and by im2col + cuBLAS, at
+    several batches: where they cross sets ``conv.DIRECT_MAX_MULTIPLY_ADDS``.
+    Rows: (layer, batch, multiply-adds, direct ms, im2col ms, the algorithm "auto" picks)."""
+    import cupy
+    import numpy
+
+    from minirnng import backend
+    from minirnng.layers import Conv2d, ConvTranspose2d
+
+    s, half, quarter, h, k = SIZE, SIZE // 2, SIZE // 4, HIDDEN, CLASSES
+    shapes = [("conv1 3->16 5x5", lambda: Conv2d(3, 16, 5, padding=2, rng=0), (3, s, s)),
+              ("conv3 16->32 3x3", lambda: Conv2d(16, 32, 3, padding=1, rng=0), (16, half, half)),
+              ("conv5 32->32 3x3", lambda: Conv2d(32, 32, 3, padding=1, rng=0), (32, quarter, quarter)),
+              ("deconv6 32->16 4x4 s2", lambda: ConvTranspose2d(32, 2 * h, 4, stride=2, padding=1, rng=0),
+               (32, quarter, quarter)),
+              ("conv8 8->3 1x1", lambda: Conv2d(h, k, 1, rng=0), (h, half, half)),
+              ("deconv9 3->3 4x4 s2", lambda: ConvTranspose2d(k, k, 4, stride=2, padding=1, rng=0), (k, half, half))]
+    rng = numpy.random.default_rng(1)
+    rows = []
+    with backend.use("cupy"):
+        for name, build, shape in shapes:
+            layer = build()
+            for batch in batches:
+                x = cupy.asarray(rng.standard_normal((batch,) + shape).astype(numpy.float32))
+                times = {}
+                for algorithm in ("direct", "im2col"):
+                    layer.gpu_algorithm = algorithm
+                    times[algorithm] = timer.throughput(lambda: layer.forward(x), calls=20, blocks=repeats // 3 or 1)
+                layer.gpu_algorithm = "auto"
+                output_shape = layer.output_shape(x.shape)
+                picked = "direct" if layer.uses_direct_kernel(output_shape) else "im2col"
+                rows.append((name, batch, layer.multiply_adds(output_shape), times["direct"], times["im2col"], picked))
+    return rows
+
+
+def conv_algorithm_table(rows):
+    lines = ["| layer | batch | multiply-adds | direct ms | im2col + cuBLAS ms | faster | auto picks |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for name, batch, multiply_adds, direct, im2col, picked in rows:
+        lines.append(f"| {name} | {batch} | {multiply_adds:,} | {direct:.4f} | {im2col:.4f} | "
+                     f"{'direct' if direct < im2col else 'im2col'} | {picked} |")
+    return lines
+
+
 # -- 3. RNN-G ---------------------------------------------------------------------------------------
 
 def count_launches(model, images):
@@ -241,8 +289,8 @@ def rnng_rows(timer, quick):
     with backend.use("cupy"):
         model = build_rnng()
         one = cupy.asarray(random_images(numpy, 1))
-        notes.append(f"our kernel launches per RNN-G forward: {count_launches(model, one)} "
-                     "(plus 8 cuBLAS products, 2 copies for the split and 1 arg-max in predict)")
+        notes.append(f"our kernel launches per RNN-G forward at batch 1: {count_launches(model, one)} "
+                     "(plus 2 copies for the split and 1 arg-max in predict; no cuBLAS product at this size)")
         blocks = 5 if quick else 15
         per_call = timer.throughput(lambda: model.predict(one), calls=50, blocks=blocks, warmup=10)
         latency = timer.latency(lambda: model.predict(one), repeats=20 if quick else 100, warmup=5)
@@ -271,7 +319,30 @@ def rnng_rows(timer, quick):
 
 
 def graph_rows(timer, quick):
-    """Batch-1 predict captured once into a CUDA graph and replayed: the GPU time without Python."""
+    """Batch-1 predict recorded once into a CUDA graph (``minirnng.cuda.graph.CapturedPredict``)
+    and replayed: the GPU time without Python. Checked against the eager labels first."""
+    import cupy
+    import numpy
+
+    from minirnng import backend
+    from minirnng.cuda.graph import CapturedPredict
+
+    with backend.use("cupy"):
+        model = build_rnng()
+        images = cupy.asarray(random_images(numpy, 1, seed=5))
+        captured = CapturedPredict(model, images.shape)
+        if not bool((captured(images) == model.predict(images)).all()):
+            raise RuntimeError("the replayed graph's labels differ from the eager predict's")
+        per_call = timer.throughput(lambda: captured(images), calls=50, blocks=5 if quick else 15)
+    return [("RNN-G predict, CUDA graph replay (CapturedPredict)", 1, per_call)]
+
+
+def profile_batch_one(calls=300, top=25):
+    """Print cProfile's top functions by own time over ``calls`` batch-1 predicts: at batch 1 the GPU
+    waits for Python, so this is where launch overhead can be cut."""
+    import cProfile
+    import pstats
+
     import cupy
     import numpy
 
@@ -279,27 +350,18 @@ def graph_rows(timer, quick):
 
     with backend.use("cupy"):
         model = build_rnng()
-        images = cupy.asarray(random_images(numpy, 1, seed=5))
-        stream = cupy.cuda.Stream(non_blocking=True)
-        with stream:
-            eager = model.predict(images)  # compiles nothing new; fills the memory pool for this stream
-            stream.synchronize()
-            stream.begin_capture()
-            try:
-                labels = model.predict(images)  # labels: the graph's output buffer
-            except BaseException:
-                try:
-                    stream.end_capture()
-                except Exception:
-                    pass
-                raise
-            graph = stream.end_capture()
-            graph.launch(stream)
-            stream.synchronize()
-            if not bool((labels == eager).all()):
-                raise RuntimeError("the replayed graph's labels differ from the eager predict's")
-            per_call = timer.throughput(lambda: graph.launch(stream), calls=50, blocks=5 if quick else 15)
-    return [("RNN-G predict, CUDA graph replay", 1, per_call)]
+        one = cupy.asarray(random_images(numpy, 1))
+        for _ in range(10):
+            model.predict(one)
+        cupy.cuda.Device().synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            model.predict(one)
+        cupy.cuda.Device().synchronize()
+        profiler.disable()
+    print(f"\ncProfile of {calls} batch-1 predicts (own time, top {top}):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 # -- 5. PyTorch eager -------------------------------------------------------------------------------
@@ -413,6 +475,19 @@ def main():
             rows += new_rows
             notes += new_notes
             print(f"{title}: done ({time.perf_counter() - began:.0f} s so far)", flush=True)
+        if arguments.profile:
+            try:
+                profile_batch_one()
+            except Exception as error:
+                print(f"profile failed ({type(error).__name__}: {error})", flush=True)
+        algorithm_lines = []
+        try:
+            algorithm_lines = conv_algorithm_table(conv_algorithm_rows(timer, repeats))
+            print("\nconvolution forward, back-to-back calls, median ms per call:\n" + "\n".join(algorithm_lines),
+                  flush=True)
+        except Exception as error:
+            notes.append(f"convolution algorithms: failed ({type(error).__name__}: {error})")
+            print(notes[-1], flush=True)
         torch_by_batch = {}
         try:
             compared, note = torch_rows(GpuTimer, arguments.quick)
@@ -425,6 +500,9 @@ def main():
                    "", "Layers: forward+backward, one synchronised call, median. Predict at batch 1: back-to-back "
                    "calls, median per call over blocks of 50; at batch 256 and the training step: one "
                    "synchronised call, median. float32 throughout."]
+        if algorithm_lines:
+            report += ["", "Convolution forward by algorithm (back-to-back calls, median ms per call):", "",
+                       *algorithm_lines]
         print("\n" + "\n".join(lines))
         print("\n".join(f"- {note}" for note in notes))
     print(f"\ntotal {time.perf_counter() - began:.0f} s")

@@ -122,6 +122,38 @@ def reference_col2im(cols, image_shape, k, s, p):
     return padded[:, :, p:p + H, p:p + W]
 
 
+def conv_direct(x, weight, bias, s, p, transposed=False):
+    """conv_direct.cu: a convolution (weight (O, C, k, k)) or transposed convolution (weight
+    (C, O, k, k)) of x (N, C, H, W), plus ``bias`` (O,) when given, in one launch."""
+    xp = backend.get_array_module(x)
+    N, C, H, W = x.shape
+    k = weight.shape[2]
+    O = weight.shape[0 if not transposed else 1]
+    Ho, Wo = ((H - 1) * s - 2 * p + k, (W - 1) * s - 2 * p + k) if transposed else (output_size(H, k, s, p),
+                                                                                    output_size(W, k, s, p))
+    y = xp.empty((N, O, Ho, Wo), dtype=x.dtype)
+    _launch("conv_direct", "conv_transpose2d_direct" if transposed else "conv2d_direct", x.dtype, y.size,
+            (x, weight, bias, y, i32(N), i32(C), i32(H), i32(W), i32(O), i32(k), i32(s), i32(p), i32(Ho), i32(Wo)))
+    return y
+
+
+def reference_conv_direct(x, weight, bias, s, p, transposed=False):
+    """The same through the slicing references: ``w2 @ im2col(x)``, or ``col2im(w2.T @ x)`` onto
+    the transposed convolution's (H-1)*s - 2p + k grid; in float64."""
+    N, C, H, W = x.shape
+    k = weight.shape[2]
+    w = weight.astype(numpy.float64)
+    if transposed:
+        O = w.shape[1]
+        shape = (N, O, (H - 1) * s - 2 * p + k, (W - 1) * s - 2 * p + k)
+        y = reference_col2im(numpy.matmul(w.reshape(C, -1).T, x.astype(numpy.float64).reshape(N, C, -1)), shape, k, s, p)
+    else:
+        O = w.shape[0]
+        y = numpy.matmul(w.reshape(O, -1), reference_im2col(x, k, s, p))
+        y = y.reshape(N, O, output_size(H, k, s, p), output_size(W, k, s, p))
+    return y if bias is None else y + bias.astype(numpy.float64)[:, None, None]
+
+
 # ---- max pooling ---------------------------------------------------------------------------------
 
 def maxpool(x, k, s):

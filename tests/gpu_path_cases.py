@@ -45,25 +45,39 @@ def gates(rng, shape, dtype, closed=0.0):
     return g.astype(dtype)
 
 
+def with_gpu_algorithm(build, algorithm):
+    """``build`` with the layer's kernel-path forward forced to ``algorithm`` ("direct" or "im2col")."""
+    def built(dtype):
+        layer = build(dtype)
+        layer.gpu_algorithm = algorithm
+        return layer
+    return built
+
+
 def _conv_cases():
     # (in, out, kernel, stride, padding, bias): odd kernels, strides above 1, padding wider than
-    # the kernel's half, 1x1 (no im2col/col2im on the kernel path), and no bias.
+    # the kernel's half, 1x1 (no im2col/col2im on the kernel path), and no bias. Each runs its
+    # forward both ways on the kernel path: by the direct kernels and by im2col and a product.
+    layers = []
     for cin, cout, k, s, p, bias in [(3, 5, 3, 1, 1, True), (3, 4, 5, 1, 2, True), (2, 3, 4, 2, 1, True),
                                      (3, 2, 3, 2, 0, False), (4, 3, 1, 1, 0, True), (3, 2, 1, 2, 0, True),
                                      (2, 3, 3, 3, 2, True)]:
         suffix = "" if bias else "-nobias"
-        yield (f"Conv2d-{cin}to{cout}-k{k}s{s}p{p}{suffix}",
-               lambda dtype, a=(cin, cout, k, s, p, bias): Conv2d(a[0], a[1], a[2], stride=a[3], padding=a[4],
-                                                                   bias=a[5], rng=0, dtype=dtype),
-               lambda rng, dtype, c=cin: (normal(rng, (2, c, 7, 5), dtype),), None)
+        layers.append((f"Conv2d-{cin}to{cout}-k{k}s{s}p{p}{suffix}",
+                       lambda dtype, a=(cin, cout, k, s, p, bias): Conv2d(a[0], a[1], a[2], stride=a[3], padding=a[4],
+                                                                           bias=a[5], rng=0, dtype=dtype),
+                       lambda rng, dtype, c=cin: (normal(rng, (2, c, 7, 5), dtype),)))
     for cin, cout, k, s, p, bias in [(4, 2, 4, 2, 1, True), (3, 5, 3, 1, 1, True), (2, 3, 1, 1, 0, True),
-                                     (3, 2, 3, 2, 0, False), (2, 2, 1, 1, 0, False)]:
+                                     (3, 2, 3, 2, 0, False), (2, 2, 1, 1, 0, False), (2, 3, 5, 3, 2, True)]:
         suffix = "" if bias else "-nobias"
-        yield (f"ConvTranspose2d-{cin}to{cout}-k{k}s{s}p{p}{suffix}",
-               lambda dtype, a=(cin, cout, k, s, p, bias): ConvTranspose2d(a[0], a[1], a[2], stride=a[3],
-                                                                            padding=a[4], bias=a[5], rng=0,
-                                                                            dtype=dtype),
-               lambda rng, dtype, c=cin: (normal(rng, (2, c, 5, 3), dtype),), None)
+        layers.append((f"ConvTranspose2d-{cin}to{cout}-k{k}s{s}p{p}{suffix}",
+                       lambda dtype, a=(cin, cout, k, s, p, bias): ConvTranspose2d(a[0], a[1], a[2], stride=a[3],
+                                                                                    padding=a[4], bias=a[5], rng=0,
+                                                                                    dtype=dtype),
+                       lambda rng, dtype, c=cin: (normal(rng, (2, c, 5, 3), dtype),)))
+    for name, build, inputs in layers:
+        for algorithm in ("direct", "im2col"):
+            yield f"{name}-{algorithm}", with_gpu_algorithm(build, algorithm), inputs, None
 
 
 def _pool_and_activation_cases():
@@ -324,9 +338,14 @@ def _tie_free(rng, shape, avoid_zero=False):
 GRADIENT_CASES = [
     ("Conv2d", lambda dtype: Conv2d(2, 3, 3, stride=2, padding=1, rng=0, dtype=dtype),
      lambda rng: (rng.standard_normal((2, 2, 5, 4)),), None),
+    ("Conv2d-im2col", with_gpu_algorithm(lambda dtype: Conv2d(2, 3, 3, stride=2, padding=1, rng=0, dtype=dtype),
+                                         "im2col"), lambda rng: (rng.standard_normal((2, 2, 5, 4)),), None),
     ("Conv2d-1x1", lambda dtype: Conv2d(3, 2, 1, rng=0, dtype=dtype), lambda rng: (rng.standard_normal((2, 3, 3, 4)),),
      None),
     ("ConvTranspose2d", lambda dtype: ConvTranspose2d(2, 3, 4, stride=2, padding=1, rng=0, dtype=dtype),
+     lambda rng: (rng.standard_normal((2, 2, 3, 3)),), None),
+    ("ConvTranspose2d-im2col", with_gpu_algorithm(lambda dtype: ConvTranspose2d(2, 3, 4, stride=2, padding=1, rng=0,
+                                                                                dtype=dtype), "im2col"),
      lambda rng: (rng.standard_normal((2, 2, 3, 3)),), None),
     ("MaxPool2d", lambda dtype: MaxPool2d(2), lambda rng: (_tie_free(rng, (2, 2, 4, 6)),), None),
     ("ReLU", lambda dtype: ReLU(), lambda rng: (_tie_free(rng, (2, 3, 4), avoid_zero=True),), None),

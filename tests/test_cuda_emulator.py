@@ -66,6 +66,19 @@ def test_conv_transpose_output_grid(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+@pytest.mark.parametrize("k, s, p", WINDOWS)
+def test_direct_convolutions_match_the_im2col_references(k, s, p, transposed, dtype):
+    """conv_direct.cu, with and without a bias, against ``w2 @ im2col(x)`` and ``col2im(w2.T @ x)``."""
+    rng = numpy.random.default_rng(4)
+    x = normal(rng, (2, 3, 7, 6), dtype)
+    weight = normal(rng, (3, 4, k, k) if transposed else (4, 3, k, k), dtype)
+    for bias in (None, normal(rng, (4,), dtype)):
+        assert_close(cases.conv_direct(x, weight, bias, s, p, transposed),
+                     cases.reference_conv_direct(x, weight, bias, s, p, transposed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_add(dtype):
     rng = numpy.random.default_rng(3)
     y, b = normal(rng, (3, 5, 11), dtype), normal(rng, (5,), dtype)
@@ -140,11 +153,13 @@ def test_relu_passes_nan_and_its_backward_accepts_the_input():
 # ---- recurrent scans ------------------------------------------------------------------------------------
 
 SCAN_DIRECTIONS = [pytest.param([d], id=d) for d in DIRECTIONS] + [pytest.param(list(DIRECTIONS), id="all-four")]
-SCAN_SHAPES = [(2, 3, 5, 7), (1, 1, 1, 4), (3, 2, 6, 1)]
+# Channel counts on both sides of the gated forward kernel's REGISTER_CHANNELS (16): C = 17 takes the
+# path that reads h_{t-1} back from memory.
+SCAN_SHAPES = [(2, 3, 5, 7), (1, 1, 1, 4), (3, 2, 6, 1), (1, 16, 3, 4), (2, 17, 4, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=["2x3x5x7", "1x1x1x4", "3x2x6x1"])
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=["x".join(map(str, shape)) for shape in SCAN_SHAPES])
 @pytest.mark.parametrize("directions", SCAN_DIRECTIONS)
 @pytest.mark.parametrize("kind", ["gated", "tanh"])
 def test_scan_forward_and_backward_match_the_step_by_step_reference(kind, directions, shape, dtype):

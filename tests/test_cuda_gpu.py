@@ -21,6 +21,7 @@ from minirnng.layers import Conv2d, ReLU
 from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
+from minirnng.models.stage2 import EyeBrowNet, MouthNet, NoseNet
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not backend.cupy_status()[0], reason=f"no usable GPU: {backend.cupy_status()[1]}")]
@@ -87,6 +88,8 @@ def kernel_cases(rng, dtype):
     yield "col2im", cases.col2im, (normal(rng, (2, 3 * 16, 4 * 3), dtype), (2, 3, 7, 6), 4, 2, 1), {}
     yield "col2im_bias", cases.col2im, (normal(rng, (2, 3 * 16, 4 * 3), dtype), (2, 3, 7, 6), 4, 2, 1,
                                         normal(rng, (3,), dtype)), {}
+    yield "conv2d_direct", cases.conv_direct, (x, normal(rng, (4, 3, 3, 3), dtype), normal(rng, (4,), dtype), 2, 1), {}
+    yield "conv_transpose2d_direct", cases.conv_direct, (x, normal(rng, (3, 4, 4, 4), dtype), None, 2, 1, True), {}
     yield "bias_add", cases.bias_add, (normal(rng, (3, 5, 11), dtype), normal(rng, (5,), dtype)), {}
     yield "channel_sum", cases.channel_sum, (normal(rng, (3, 5, 1001), dtype),), {}
     yield "sum_first_axis", cases.sum_first_axis, (normal(rng, (4, 2, 3, 5), dtype),), {}
@@ -102,6 +105,8 @@ def kernel_cases(rng, dtype):
     yield "tanh_scan", cases.scan, ("tanh", scan_x, g, weight, bias, directions), {}
     yield "tanh_scan_backward", cases.scan_backward, ("tanh", normal(rng, h.shape, dtype), g, tanh_h, weight, bias,
                                                      directions), {}
+    wide = scan_inputs(rng, (1, 17, 4, 3), directions, dtype)  # C > 16: the forward without registers
+    yield "gated_scan_17_channels", cases.scan, ("gated", *wide, directions), {}
     yield "max_merge", cases.max_merge, (merge,), {}
     yield "max_merge_backward", cases.max_merge_backward, (normal(rng, merge.shape[1:], dtype),
                                                            merge.argmax(axis=0).astype(numpy.int8), 4), {}
@@ -167,7 +172,7 @@ def test_numpy_arrays_are_refused_on_the_cupy_backend():
 def test_arrays_on_two_devices_are_refused():
     import cupy
     kernel = get_kernel("activation", "relu_forward", numpy.float32)
-    with backend.use("cupy"), pytest.raises(ValueError, match="two devices.*'x'.*GPU.*'y'.*host"):
+    with backend.use("cupy"), pytest.raises(ValueError, match="two devices, x on the GPU.*y on the host"):
         kernel((1,), (256,), (cupy.zeros(4, cupy.float32), numpy.zeros(4, numpy.float32), numpy.int32(4)))
 
 
@@ -264,3 +269,35 @@ def test_layers_and_losses_refuse_arrays_on_the_wrong_device():
             relu.backward(numpy.ones(3, numpy.float32))
         with pytest.raises(ValueError, match="target is on the wrong device"):
             SoftmaxCrossEntropy().forward(cupy.zeros((1, 3, 2, 2), cupy.float32), numpy.zeros((1, 2, 2), numpy.int64))
+
+
+@pytest.mark.parametrize("model_class", MODELS + [EyeBrowNet, NoseNet, MouthNet],
+                         ids=[m.__name__ for m in MODELS + [EyeBrowNet, NoseNet, MouthNet]])
+def test_a_model_built_on_the_gpu_has_the_weights_built_on_the_host(model_class):
+    """Initialisation draws on the host and copies to the device: same seed, same weights anywhere
+    (and no host array is assigned into a CuPy array, which CuPy refuses)."""
+    def build():
+        if model_class in (EyeBrowNet, NoseNet, MouthNet):
+            return model_class(rng=4)
+        model = model_class(n_classes=3, rng=4)
+        model.randomize_recurrence(5)  # a no-op for models without recurrence
+        return model
+    with backend.use("numpy"):
+        expected = build().params()
+    with backend.use("cupy"):
+        built = build().params()
+    assert set(built) == set(expected)
+    for name, value in built.items():
+        numpy.testing.assert_array_equal(backend.to_numpy(value), expected[name], err_msg=name)
+
+
+def test_the_shipped_parser_on_the_gpu_agrees_with_the_host():
+    from minirnng.data.synthetic import SyntheticFaces
+    from minirnng.parser import FaceParser
+    image, _ = SyntheticFaces(1, size=128, seed=2)[0]
+    with backend.use("numpy"):
+        expected = FaceParser.pretrained().parse(image)
+    with backend.use("cupy"):
+        labels = FaceParser.pretrained().parse(image)
+    assert isinstance(labels, numpy.ndarray) and labels.shape == expected.shape
+    assert (labels != expected).mean() < 1e-3  # float32 sums in another order may flip a near-tie

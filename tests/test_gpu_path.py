@@ -176,19 +176,26 @@ def count_launches(monkeypatch):
     return launched
 
 
-def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch):
+@pytest.mark.parametrize("algorithm", ["im2col", "direct"])
+def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch, algorithm):
     """The launch counts docs/kernels.md quotes (our kernels only; cuBLAS products and CuPy's own
     copies and additions come on top): they decide the latency at batch 1, where every launch
     costs more than the work it does.
 
-    Forward, 19: conv1, conv3, conv5 im2col + bias_add (6), three ReLUs, two poolings, deconv6 and
-    deconv9 col2im with their bias (2), the gate's sigmoid, the four scans and the merge (2), and
-    bias_add alone for the three 1x1 convolutions (3). Backward without the image gradient, 32:
-    channel_sum (2 launches) for each of the 8 biases and for the recurrent db (18), im2col for the
-    two transposed convolutions (2), col2im for conv3 and conv5 (2), the merge, the scans and two
-    sums over the directions (4), three ReLUs, the sigmoid and two poolings (6).
+    Forward through im2col, 19: conv1, conv3, conv5 im2col + bias_add (6), three ReLUs, two
+    poolings, deconv6 and deconv9 col2im with their bias (2), the gate's sigmoid, the four scans and
+    the merge (2), and bias_add alone for the three 1x1 convolutions (3). Forward by the direct
+    kernels (small batches), 16: one launch for each of the 8 convolutions and no cuBLAS product.
+    Backward without the image gradient, 32 either way: channel_sum (2 launches) for each of the 8
+    biases and for the recurrent db (18), im2col for the two transposed convolutions (2), col2im for
+    conv3 and conv5 (2), the merge, the scans and two sums over the directions (4), three ReLUs, the
+    sigmoid and two poolings (6); after a direct forward, conv1, conv3 and conv5 unfold their input
+    again (3 more im2col, 35).
     """
     model = RNNG(n_classes=3, rng=0)
+    for layer in model.layers.values():
+        if hasattr(layer, "gpu_algorithm"):
+            layer.gpu_algorithm = algorithm
     images = numpy.zeros((1, 3, 16, 16), numpy.float32)
     with backend.use(DEVICE):
         launched = count_launches(monkeypatch)
@@ -197,9 +204,31 @@ def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch):
         launched.clear()
         model.backward({name: numpy.ones_like(value) for name, value in outputs.items()}, input_gradient=False)
         backward = list(launched)
-    assert len(forward) == 19, forward
-    assert forward.count("im2col") == 3 and "channel_sum_partial" not in forward
-    assert len(backward) == 32, backward
+    if algorithm == "im2col":
+        assert len(forward) == 19, forward
+        assert forward.count("im2col") == 3 and "channel_sum_partial" not in forward
+        assert len(backward) == 32, backward
+    else:
+        assert len(forward) == 16, forward
+        assert forward.count("conv2d_direct") == 6 and forward.count("conv_transpose2d_direct") == 2
+        assert len(backward) == 35, backward
+
+
+def test_a_small_batch_takes_the_direct_kernels_and_a_large_one_im2col(monkeypatch):
+    from minirnng.layers import conv
+    layer = Conv2d(3, 4, 3, padding=1, rng=0)
+    small = numpy.zeros((1, 3, 8, 8), numpy.float32)
+    with backend.use(DEVICE):
+        launched = count_launches(monkeypatch)
+        monkeypatch.setattr(conv, "DIRECT_MAX_MULTIPLY_ADDS", 2 * 64 * 4 * 27)
+        layer.forward(small)  # 64 pixels x 4 channels x 27 multiply-adds
+        assert launched == ["conv2d_direct"]
+        launched.clear()
+        layer.forward(numpy.zeros((3, 3, 8, 8), numpy.float32))  # three images: above the bound
+        assert launched == ["im2col", "bias_add"]
+        layer.gpu_algorithm = "fastest"
+        with pytest.raises(ValueError, match="gpu_algorithm must be one of auto, direct, im2col"):
+            layer.forward(small)
 
 
 # ---- finite differences on the kernel path --------------------------------------------------------------

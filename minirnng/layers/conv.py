@@ -34,20 +34,26 @@ backward pass unfolds ``x`` again (a copy that costs a tenth of the products), i
 the columns of the whole batch (79 MB for RNN-G's conv1 at batch 16) from forward to backward.
 Conv2d's bias and its gradient ride along in the products (a row of ones in the columns).
 
-**The kernel path** passes the kernels' launchers (``im2col_gpu``/``col2im_gpu``) to
+**The kernel path** has two ways to run a forward pass. For small work (at most
+:data:`DIRECT_MAX_MULTIPLY_ADDS` over the batch, e.g. all of RNN-G at batch 1) the ``conv_direct.cu``
+kernels compute each output pixel by its defining sum, bias included: one launch, and no cuBLAS
+call, so that a whole network can be captured in a CUDA graph. Otherwise it passes the kernels' launchers (``im2col_gpu``/``col2im_gpu``) to
 :func:`correlate` and :func:`correlate_transpose`, which run the whole batch at once, and the
 products are ``xp.matmul`` (cuBLAS). The bias: the ``bias_add`` kernel adds it in place after
 Conv2d's product, the ``col2im`` launch of ConvTranspose2d adds it as it writes each pixel, and
 the bias gradient is ``reduce.cu``'s ``channel_sum``. Kernel launches per pass (batch of any size)::
 
     Conv2d            forward   im2col, matmul, bias_add          (1x1, stride 1, no padding: no im2col)
+                                or conv2d_direct                  (small outputs)
                       backward  matmul (+ sum over the batch), channel_sum x 2, matmul, col2im
                                                                   (1x1: no col2im)
     ConvTranspose2d   forward   matmul, col2im with the bias
+                                or conv_transpose2d_direct        (small outputs)
                       backward  im2col, matmul, matmul (+ sum over the batch), channel_sum x 2
 """
 
 import functools
+import math
 
 import numpy
 
@@ -55,6 +61,32 @@ from .. import backend
 from ..cuda.launch import channel_sum, contiguous, launch
 from .base import Layer, batch_chunks, check_array, check_positive_int, uniform_fan_in
 from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, im2col_gpu, transposed_output_size
+
+
+#: The kernel path computes a forward pass by the ``conv_direct.cu`` kernels when it takes at most
+#: this many multiply-adds over the batch (:meth:`_ConvolutionBase.multiply_adds`), and through
+#: im2col and cuBLAS above it: three steps with a fixed cost of some microseconds each, against one
+#: launch whose time grows with the work, since a thread reads each weight and input value itself
+#: where cuBLAS reuses them from fast memory. 2**22 is where the two cross for RNN-G's layers on an
+#: H200, within a factor of two either way (docs/benchmarks.md). A layer's ``gpu_algorithm``
+#: ("direct" or "im2col", default "auto") overrides the rule, for tests and benchmarks.
+DIRECT_MAX_MULTIPLY_ADDS = 2 ** 26
+
+GPU_ALGORITHMS = ("auto", "direct", "im2col")
+
+
+def direct_convolution(x, weight, bias, stride, padding, out_shape, transposed=False):
+    """A convolution (``weight`` (O, C, k, k)) or transposed convolution (``weight`` (C, O, k, k)) of
+    x (N, C, H, W) C-contiguous into a new (N, O, Ho, Wo) array ``out_shape``, by one launch of
+    ``conv_direct.cu`` with the bias added in the same sum (``bias`` (O,) or None)."""
+    n, channels, height, width = x.shape
+    _, out_channels, out_height, out_width = out_shape
+    y = backend.get_array_module(x).empty(out_shape, dtype=x.dtype)
+    i32 = numpy.int32
+    launch("conv_direct", "conv_transpose2d_direct" if transposed else "conv2d_direct", x.dtype, y.size,
+           (x, weight, bias, y, i32(n), i32(channels), i32(height), i32(width), i32(out_channels),
+            i32(weight.shape[2]), i32(stride), i32(padding), i32(out_height), i32(out_width)))
+    return y
 
 
 def correlate(x, weight, stride, padding, unfold=im2col):
@@ -198,6 +230,8 @@ class _ConvolutionBase(Layer):
         self.in_channels = check_positive_int(in_channels, owner, "in_channels")
         self.out_channels = check_positive_int(out_channels, owner, "out_channels")
         self.kernel_size = check_positive_int(kernel_size, owner, "kernel_size")
+        #: How the kernel path runs forward: "auto" (by DIRECT_MAX_MULTIPLY_ADDS), "direct" or "im2col".
+        self.gpu_algorithm = "auto"
         self.stride = check_positive_int(stride, owner, "stride")
         self.padding = check_positive_int(padding, owner, "padding", minimum=0)
         self.has_bias = bool(bias)
@@ -212,6 +246,22 @@ class _ConvolutionBase(Layer):
     def check_input(self, x):
         check_array(x, type(self).__name__, "input x", ndim=4, dtype=self.dtype,
                     channels=self.in_channels, like=self.params["weight"])
+
+    def multiply_adds(self, output_shape):
+        """Multiply-adds of a forward pass to ``output_shape`` (N, O, Ho, Wo): each output value sums
+        in_channels * k * k products for a convolution; for a transposed convolution, only every
+        stride-th tap meets an input, about in_channels * ceil(k / s)^2."""
+        taps = -(-self.kernel_size // self.stride) if isinstance(self, ConvTranspose2d) else self.kernel_size
+        return math.prod(output_shape) * self.in_channels * taps * taps
+
+    def uses_direct_kernel(self, output_shape):
+        """Whether the kernel path's forward runs ``conv_direct.cu`` for this output shape."""
+        if self.gpu_algorithm not in GPU_ALGORITHMS:
+            raise ValueError(f"{self!r}: gpu_algorithm must be one of {', '.join(GPU_ALGORITHMS)}, "
+                             f"got {self.gpu_algorithm!r}")
+        if self.gpu_algorithm == "auto":
+            return self.multiply_adds(output_shape) <= DIRECT_MAX_MULTIPLY_ADDS
+        return self.gpu_algorithm == "direct"
 
     def add_bias(self, y):
         """y (N, O, Ho, Wo) += bias, in place (NumPy path)."""
@@ -276,12 +326,20 @@ class Conv2d(_ConvolutionBase):
                              view=not relu, relu=relu)
 
     def forward_gpu(self, x):
-        """x (N, C, H, W) C-contiguous: the im2col kernel, cuBLAS, the bias_add kernel.
+        """x (N, C, H, W) C-contiguous: the ``conv2d_direct`` kernel for a small output, else the
+        im2col kernel, cuBLAS, the bias_add kernel.
 
-        The cache is (cols (N, C*k*k, Ho*Wo), x's shape); for a 1x1 convolution cols is a view of x.
+        The cache is (cols (N, C*k*k, Ho*Wo), x's shape, None) after im2col (for a 1x1 convolution
+        cols is a view of x), and (None, x's shape, x) after the direct kernel: backward then
+        unfolds x itself.
         """
+        output_shape = self.output_shape(x.shape)
+        if self.uses_direct_kernel(output_shape):
+            y = direct_convolution(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding,
+                                   output_shape)
+            return y, (None, x.shape, x)
         y, cols = correlate(x, self.params["weight"], self.stride, self.padding, unfold=im2col_gpu)
-        return self.add_bias_gpu(y), (cols, x.shape)
+        return self.add_bias_gpu(y), (cols, x.shape, None)
 
     def backward(self, grad_output):
         return self.run_backward(grad_output)
@@ -326,8 +384,10 @@ class Conv2d(_ConvolutionBase):
 
     def backward_gpu(self, grad_output):
         """The whole batch at once: matmul (+ sum over the batch) for dW, ``channel_sum`` for db,
-        matmul and the ``col2im`` kernel for dx. The cache is (cols, x's shape)."""
-        cols, x_shape = self.cache
+        matmul and the ``col2im`` kernel for dx. The cache is (cols, x's shape, x), see forward_gpu."""
+        cols, x_shape, x = self.cache
+        if cols is None:  # the forward pass ran the direct kernel
+            cols = im2col_gpu(x, self.kernel_size, self.stride, self.padding)
         weight = self.params["weight"]
         n = grad_output.shape[0]
         upstream = grad_output.reshape(n, self.out_channels, -1)
@@ -369,8 +429,14 @@ class ConvTranspose2d(_ConvolutionBase):
                                        self.params.get("bias")), x
 
     def forward_gpu(self, x):
-        """x (N, C, H, W) C-contiguous: cuBLAS, then the col2im kernel, which adds the bias as it
-        writes each output pixel. The cache is x."""
+        """x (N, C, H, W) C-contiguous: the ``conv_transpose2d_direct`` kernel for a small output,
+        else cuBLAS, then the col2im kernel, which adds the bias as it writes each output pixel.
+        The cache is x."""
+        output_shape = self.output_shape(x.shape)
+        if self.uses_direct_kernel(output_shape):
+            y = direct_convolution(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding,
+                                   output_shape, transposed=True)
+            return y, x
         fold = functools.partial(col2im_gpu, bias=self.params.get("bias"))
         y = correlate_transpose(x, self.params["weight"], self.stride, self.padding, self.output_shape(x.shape),
                                 fold=fold)

@@ -99,7 +99,7 @@ class RNNG(Model):
             else:
                 fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
             gain = numpy.sqrt(2.0) if name in rectified else 1.0
-            weight[...] = backend.to_device(rng.normal(0.0, gain / numpy.sqrt(fan_in), weight.shape))
+            weight[...] = backend.get_array_module(weight).asarray(rng.normal(0.0, gain / numpy.sqrt(fan_in), weight.shape))
             layer.params["bias"][...] = 0
 
     def config(self):
@@ -136,10 +136,12 @@ class RNNG(Model):
         rng = numpy.random.default_rng(rng)
         recurrent = self.layers.get("rnn")
         for name, value in (recurrent.params.items() if recurrent is not None else ()):
+            # Drawn on the host (the same values on every backend), then copied to where W lives.
             if name.endswith("W"):
-                value[...] = constrain_recurrent_weight(rng.standard_normal(value.shape))
+                drawn = constrain_recurrent_weight(rng.standard_normal(value.shape))
             else:
-                value[...] = 0.5 * rng.standard_normal(value.shape)
+                drawn = 0.5 * rng.standard_normal(value.shape)
+            value[...] = backend.get_array_module(value).asarray(drawn)
 
     # -- forward and backward ---------------------------------------------------------------
     def forward(self, images):

@@ -143,7 +143,8 @@ class ComponentNet(Model):
             else:
                 fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
             gain = 1.0 if name == last else 2.0
-            weight[...] = rng.normal(0.0, numpy.sqrt(gain / fan_in), size=weight.shape)
+            weight[...] = backend.get_array_module(weight).asarray(
+                rng.normal(0.0, numpy.sqrt(gain / fan_in), size=weight.shape))
             layer.params["bias"][...] = 0.0
 
     def config(self):

@@ -1,0 +1,96 @@
+// Direct convolutions: each thread computes one output pixel of one channel by the defining sum,
+// with no columns and no matrix product.
+//
+// Why, beside im2col + cuBLAS (im2col.cu): for a small batch the arithmetic of RNN-G's layers takes
+// a few microseconds, and what costs is the number of steps around it. The im2col path is three
+// (im2col, the cuBLAS product with its setup, the bias), the direct path one launch with the bias
+// added in the same sum. A direct kernel also calls no library, so a stream of them can be captured
+// into a CUDA graph (CuPy cannot capture cuBLAS calls). For large batches cuBLAS's tiled products
+// reuse each loaded value many times and win; Conv2d and ConvTranspose2d choose between the two by
+// the number of multiply-adds (minirnng/layers/conv.py, DIRECT_MAX_MULTIPLY_ADDS).
+//
+// Layouts (C-contiguous, scalar_t is float or double):
+//   conv2d_direct            x (N, C, H, W), weight (O, C, k, k), bias (O,) or null, y (N, O, Ho, Wo)
+//                            Ho = (H + 2p - k) / s + 1
+//       y[n, o, oy, ox] = bias[o] + sum_{c, i, j} weight[o, c, i, j] * x[n, c, oy*s - p + i, ox*s - p + j]
+//                                                   (terms outside the image are zero padding)
+//   conv_transpose2d_direct  x (N, C, H, W), weight (C, O, k, k), bias (O,) or null, y (N, O, Ho, Wo)
+//                            Ho = (H - 1) * s - 2p + k
+//       y[n, o, oy, ox] = bias[o] + sum over (c, i, j, iy, ix) with oy = iy*s - p + i, ox = ix*s - p + j
+//                                   of weight[c, o, i, j] * x[n, c, iy, ix]
+//       written as a gather, the loop of col2im: for the output pixel, i runs over (oy + p) mod s in
+//       steps of s and iy = (oy + p - i) / s; at most ceil(k/s)^2 taps per input channel.
+//
+// Threads run over y in memory order: neighbours in a warp share (n, o) and read the same weights
+// (one broadcast load) and neighbouring pixels of x.
+
+extern "C" __global__ void conv2d_direct(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                         const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+                                         int N, int C, int H, int W, int O, int k, int s, int p, int Ho, int Wo) {
+    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)N * O * Ho * Wo;
+    if (thread >= total) return;
+    const int index = (int)thread;
+
+    const int ox = index % Wo;
+    const int oy = (index / Wo) % Ho;
+    const int o = (index / (Wo * Ho)) % O;
+    const int n = index / (Wo * Ho * O);
+
+    // The window's rows and columns that fall inside the image: the rest is zero padding.
+    const int top = oy * s - p;
+    const int left = ox * s - p;
+    const int i_begin = top < 0 ? -top : 0;
+    const int i_end = top + k > H ? H - top : k;
+    const int j_begin = left < 0 ? -left : 0;
+    const int j_end = left + k > W ? W - left : k;
+
+    scalar_t sum = bias == nullptr ? (scalar_t)0 : bias[o];
+    for (int c = 0; c < C; ++c) {
+        const scalar_t* image = x + ((long long)n * C + c) * H * W;
+        const scalar_t* taps = weight + ((long long)o * C + c) * k * k;
+        for (int i = i_begin; i < i_end; ++i) {
+            for (int j = j_begin; j < j_end; ++j) {
+                sum += taps[i * k + j] * image[(top + i) * W + left + j];
+            }
+        }
+    }
+    y[index] = sum;
+}
+
+extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ x,
+                                                   const scalar_t* __restrict__ weight,
+                                                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+                                                   int N, int C, int H, int W, int O, int k, int s, int p,
+                                                   int Ho, int Wo) {
+    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)N * O * Ho * Wo;
+    if (thread >= total) return;
+    const int index = (int)thread;
+
+    const int ox = index % Wo;
+    const int oy = (index / Wo) % Ho;
+    const int o = (index / (Wo * Ho)) % O;
+    const int n = index / (Wo * Ho * O);
+
+    const int yp = oy + p;
+    const int xp = ox + p;
+    scalar_t sum = bias == nullptr ? (scalar_t)0 : bias[o];
+    for (int c = 0; c < C; ++c) {
+        const scalar_t* image = x + ((long long)n * C + c) * H * W;
+        const scalar_t* taps = weight + ((long long)c * O + o) * k * k;
+        // As in col2im: as i grows the input row iy shrinks, so once iy < 0 no later i can match.
+        for (int i = yp % s; i < k; i += s) {
+            const int iy = (yp - i) / s;
+            if (iy < 0) break;
+            if (iy >= H) continue;
+            for (int j = xp % s; j < k; j += s) {
+                const int ix = (xp - j) / s;
+                if (ix < 0) break;
+                if (ix >= W) continue;
+                sum += taps[i * k + j] * image[iy * W + ix];
+            }
+        }
+    }
+    y[index] = sum;
+}
