@@ -1,22 +1,24 @@
 """minirnng on a CUDA GPU: the GPU tests, then layer and RNN-G timings, and PyTorch eager on the same card.
 
-    python benchmarks/gpu.py [--out docs/gpu-run.md] [--skip-tests] [--quick]
+    python benchmarks/gpu.py [--out gpu-run.md] [--skip-tests] [--quick] [--profile]
 
-One prepared run for a machine with a CUDA GPU (a few minutes at most; on an H100 well under two):
+One prepared run for a machine with a CUDA GPU (about a minute on an H200):
 
 1. ``pytest -m gpu -q tests/``: every kernel, layer, loss and model on the GPU against the NumPy
    path and finite differences; its summary is printed (the timings run even if a test fails, and
    the script then exits with pytest's status).
 2. Each layer's forward+backward (and each loss's) at the sizes RNN-G uses at batch 16, 128 x 128
    float32: median of many runs, timed with CUDA events around each synchronised call.
-3. RNN-G inference (``model.predict``: forward and arg-max) at 128 x 128 for batch 1 and batch 256:
+3. Each RNN-G convolution's forward by the direct kernel and by im2col + cuBLAS at batches 1 to
+   64, and which one ``gpu_algorithm = "auto"`` picks.
+4. RNN-G inference (``model.predict``: forward and arg-max) at 128 x 128 for batch 1 and batch 256:
    images per second from back-to-back calls (the steady state of an inference loop), and the
    latency of one synchronised call. Also a training step at batch 16 (forward, the three-term
    loss, backward, Adam, the stability rule).
-4. The same batch-1 inference replayed as a CUDA graph (captured once from ``predict``): what is
-   left when the Python launch overhead goes. Reported separately; a failure to capture is printed
-   and does not stop the script.
-5. If PyTorch with CUDA is importable: the same network in PyTorch eager mode
+5. The same batch-1 inference recorded once into a CUDA graph by
+   ``minirnng.cuda.graph.CapturedPredict`` and replayed: what is left when the Python launch
+   overhead goes. Reported separately; a failure to record is printed and does not stop the script.
+6. If PyTorch with CUDA is importable: the same network in PyTorch eager mode
    (``benchmarks/compare_torch.py``'s ``torch_model``, with our weights loaded and its outputs
    compared with ours), timed the same way, and the ratio.
 

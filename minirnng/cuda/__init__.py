@@ -7,6 +7,8 @@
 * :mod:`.emulator`: the same sources compiled for the CPU with the system C++ compiler, so the GPU
   code path runs, and is tested, on machines without a GPU (``MINIRNNG_BACKEND=cuda-emulator``).
 * :mod:`.directions`: the four scan directions as the strides the recurrent kernels take.
+* :mod:`.graph`: :class:`~.graph.CapturedPredict`, a model's ``predict`` recorded into a CUDA
+  graph and replayed (batch-1 inference without Python between the kernels).
 * :mod:`.sources`: where the sources are and the kernels' signatures, read from them.
 
 Importing this package imports neither CuPy nor a compiler: both are needed only at a launch.
