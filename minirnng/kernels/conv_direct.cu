@@ -24,18 +24,27 @@
 // Threads run over y in memory order: neighbours in a warp share (n, o) and read the same weights
 // (one broadcast load) and neighbouring pixels of x.
 
+// Where the thread of element `index` of y (N, O, Ho, Wo) writes: y[n, o, oy, ox].
+struct OutputPixel {
+    int n, o, oy, ox;
+};
+
+__device__ __forceinline__ OutputPixel output_pixel(int index, int O, int Ho, int Wo) {
+    OutputPixel pixel;
+    pixel.ox = index % Wo;
+    pixel.oy = (index / Wo) % Ho;
+    pixel.o = (index / (Wo * Ho)) % O;
+    pixel.n = index / (Wo * Ho * O);
+    return pixel;
+}
+
 extern "C" __global__ void conv2d_direct(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                          int N, int C, int H, int W, int O, int k, int s, int p, int Ho, int Wo) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)N * O * Ho * Wo;
-    if (thread >= total) return;
-    const int index = (int)thread;
-
-    const int ox = index % Wo;
-    const int oy = (index / Wo) % Ho;
-    const int o = (index / (Wo * Ho)) % O;
-    const int n = index / (Wo * Ho * O);
+    if (thread >= (long long)N * O * Ho * Wo) return;
+    const OutputPixel out = output_pixel((int)thread, O, Ho, Wo);
+    const int n = out.n, o = out.o, oy = out.oy, ox = out.ox;
 
     // The window's rows and columns that fall inside the image: the rest is zero padding.
     const int top = oy * s - p;
@@ -55,7 +64,7 @@ extern "C" __global__ void conv2d_direct(const scalar_t* __restrict__ x, const s
             }
         }
     }
-    y[index] = sum;
+    y[thread] = sum;
 }
 
 extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ x,
@@ -64,14 +73,9 @@ extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ 
                                                    int N, int C, int H, int W, int O, int k, int s, int p,
                                                    int Ho, int Wo) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)N * O * Ho * Wo;
-    if (thread >= total) return;
-    const int index = (int)thread;
-
-    const int ox = index % Wo;
-    const int oy = (index / Wo) % Ho;
-    const int o = (index / (Wo * Ho)) % O;
-    const int n = index / (Wo * Ho * O);
+    if (thread >= (long long)N * O * Ho * Wo) return;
+    const OutputPixel out = output_pixel((int)thread, O, Ho, Wo);
+    const int n = out.n, o = out.o, oy = out.oy, ox = out.ox;
 
     const int yp = oy + p;
     const int xp = ox + p;
@@ -92,5 +96,5 @@ extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ 
             }
         }
     }
-    y[index] = sum;
+    y[thread] = sum;
 }
