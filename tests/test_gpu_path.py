@@ -214,6 +214,13 @@ def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch, algorithm)
         assert len(backward) == 35, backward
 
 
+def test_multiply_adds_count_the_taps_that_meet_an_input():
+    """The work the direct-or-im2col rule weighs (the figures of docs/benchmarks.md)."""
+    assert Conv2d(3, 16, 5, padding=2).multiply_adds((1, 16, 128, 128)) == 128 * 128 * 16 * 3 * 25
+    # a 4x4 transposed convolution of stride 2: each output value meets 2 x 2 taps per channel
+    assert ConvTranspose2d(32, 16, 4, stride=2, padding=1).multiply_adds((1, 16, 64, 64)) == 64 * 64 * 16 * 32 * 4
+
+
 def test_a_small_batch_takes_the_direct_kernels_and_a_large_one_im2col(monkeypatch):
     from minirnng.layers import conv
     layer = Conv2d(3, 4, 3, padding=1, rng=0)

@@ -249,10 +249,8 @@ class _ConvolutionBase(Layer):
 
     def multiply_adds(self, output_shape):
         """Multiply-adds of a forward pass to ``output_shape`` (N, O, Ho, Wo): each output value sums
-        in_channels * k * k products for a convolution; for a transposed convolution, only every
-        stride-th tap meets an input, about in_channels * ceil(k / s)^2."""
-        taps = -(-self.kernel_size // self.stride) if isinstance(self, ConvTranspose2d) else self.kernel_size
-        return math.prod(output_shape) * self.in_channels * taps * taps
+        ``in_channels * taps_per_channel()`` products."""
+        return math.prod(output_shape) * self.in_channels * self.taps_per_channel()
 
     def uses_direct_kernel(self, output_shape):
         """Whether the kernel path's forward runs ``conv_direct.cu`` for this output shape."""
@@ -298,6 +296,10 @@ class Conv2d(_ConvolutionBase):
 
     def weight_shape(self):
         return (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+
+    def taps_per_channel(self):
+        """Products per output value and input channel: the k * k taps of the window."""
+        return self.kernel_size * self.kernel_size
 
     def output_shape(self, input_shape):
         n, _, height, width = input_shape
@@ -408,6 +410,11 @@ class ConvTranspose2d(_ConvolutionBase):
 
     def weight_shape(self):
         return (self.in_channels, self.out_channels, self.kernel_size, self.kernel_size)
+
+    def taps_per_channel(self):
+        """Products per output value and input channel: only every stride-th tap of a row or column
+        meets an input, about ceil(k / s)^2 of the k * k."""
+        return (-(-self.kernel_size // self.stride)) ** 2
 
     def output_shape(self, input_shape):
         n, _, height, width = input_shape
