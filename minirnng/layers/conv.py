@@ -44,11 +44,11 @@ Conv2d's product, the ``col2im`` launch of ConvTranspose2d adds it as it writes 
 the bias gradient is ``reduce.cu``'s ``channel_sum``. Kernel launches per pass (batch of any size)::
 
     Conv2d            forward   im2col, matmul, bias_add          (1x1, stride 1, no padding: no im2col)
-                                or conv2d_direct                  (small outputs)
+                                or conv2d_direct                  (small work)
                       backward  matmul (+ sum over the batch), channel_sum x 2, matmul, col2im
                                                                   (1x1: no col2im)
     ConvTranspose2d   forward   matmul, col2im with the bias
-                                or conv_transpose2d_direct        (small outputs)
+                                or conv_transpose2d_direct        (small work)
                       backward  im2col, matmul, matmul (+ sum over the batch), channel_sum x 2
 """
 
@@ -67,8 +67,10 @@ from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, 
 #: this many multiply-adds over the batch (:meth:`_ConvolutionBase.multiply_adds`), and through
 #: im2col and cuBLAS above it: three steps with a fixed cost of some microseconds each, against one
 #: launch whose time grows with the work, since a thread reads each weight and input value itself
-#: where cuBLAS reuses them from fast memory. 2**22 is where the two cross for RNN-G's layers on an
-#: H200, within a factor of two either way (docs/benchmarks.md). A layer's ``gpu_algorithm``
+#: where cuBLAS reuses them from fast memory. Measured on an H200 (docs/benchmarks.md), the direct
+#: kernel won for every RNN-G layer up to about 5e7 multiply-adds, and the two crossed between 6.7e7
+#: (transposed convolution) and beyond 1.3e9 (conv1); 2**26 (6.7e7) keeps batches 1 and 2 of
+#: RNN-G direct, so that they can be recorded in a CUDA graph. A layer's ``gpu_algorithm``
 #: ("direct" or "im2col", default "auto") overrides the rule, for tests and benchmarks.
 DIRECT_MAX_MULTIPLY_ADDS = 2 ** 26
 
@@ -328,7 +330,7 @@ class Conv2d(_ConvolutionBase):
                              view=not relu, relu=relu)
 
     def forward_gpu(self, x):
-        """x (N, C, H, W) C-contiguous: the ``conv2d_direct`` kernel for a small output, else the
+        """x (N, C, H, W) C-contiguous: the ``conv2d_direct`` kernel for small work, else the
         im2col kernel, cuBLAS, the bias_add kernel.
 
         The cache is (cols (N, C*k*k, Ho*Wo), x's shape, None) after im2col (for a 1x1 convolution
@@ -436,7 +438,7 @@ class ConvTranspose2d(_ConvolutionBase):
                                        self.params.get("bias")), x
 
     def forward_gpu(self, x):
-        """x (N, C, H, W) C-contiguous: the ``conv_transpose2d_direct`` kernel for a small output,
+        """x (N, C, H, W) C-contiguous: the ``conv_transpose2d_direct`` kernel for small work,
         else cuBLAS, then the col2im kernel, which adds the bias as it writes each output pixel.
         The cache is x."""
         output_shape = self.output_shape(x.shape)
