@@ -72,6 +72,28 @@
 
 #define REGISTER_CHANNELS 16
 
+// The line a thread scans: direction d = blockIdx.y, image n, and the line's first pixel, length
+// and step (one row of `geometry`, see "Directions as strides"). False for a thread past the last
+// line of its direction (the grid is rounded up to whole blocks) or past the last direction.
+struct ScanLine {
+    int d, n, index, length, step, first;   // index: the line's number within its direction
+};
+
+__device__ __forceinline__ bool find_scan_line(const int* geometry, int D, int N, ScanLine* line) {
+    const int d = blockIdx.y;
+    if (d >= D) return false;
+    const int lines = geometry[5 * d];
+    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (thread >= (long long)N * lines) return false;
+    line->d = d;
+    line->n = (int)(thread / lines);
+    line->index = (int)(thread % lines);
+    line->length = geometry[5 * d + 1];
+    line->step = geometry[5 * d + 3];
+    line->first = geometry[5 * d + 4] + line->index * geometry[5 * d + 2];
+    return true;
+}
+
 extern "C" __global__ void gated_scan_forward(const scalar_t* __restrict__ x,
                                               const scalar_t* __restrict__ g,
                                               const scalar_t* __restrict__ weight,
@@ -79,21 +101,16 @@ extern "C" __global__ void gated_scan_forward(const scalar_t* __restrict__ x,
                                               const int* __restrict__ geometry,
                                               scalar_t* __restrict__ h,
                                               int D, int N, int C, int HW) {
-    const int d = blockIdx.y;
-    if (d >= D) return;
-    const int lines = geometry[5 * d], length = geometry[5 * d + 1];
-    const int line_stride = geometry[5 * d + 2], step = geometry[5 * d + 3];
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (thread >= (long long)N * lines) return;
-    const int n = (int)(thread / lines);
-    const int l = (int)(thread % lines);
+    ScanLine line;
+    if (!find_scan_line(geometry, D, N, &line)) return;
+    const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
     const scalar_t* b = bias + (long long)d * C;
     const scalar_t* x_image = x + (long long)n * C * HW;                      // x[n]
     const scalar_t* g_image = g == nullptr ? nullptr : g + (long long)n * C * HW;   // g[n]
     scalar_t* h_image = h + ((long long)d * N + n) * C * HW;                   // h[d, n]
-    int q = geometry[5 * d + 4] + l * line_stride;
+    int q = line.first;
 
     if (C > REGISTER_CHANNELS) {
         for (int t = 0; t < length; ++t, q += step) {
@@ -161,14 +178,9 @@ extern "C" __global__ void gated_scan_backward(const scalar_t* __restrict__ dh,
                                                scalar_t* __restrict__ e,
                                                scalar_t* __restrict__ h_prev,
                                                int D, int N, int C, int HW) {
-    const int d = blockIdx.y;
-    if (d >= D) return;
-    const int lines = geometry[5 * d], length = geometry[5 * d + 1];
-    const int line_stride = geometry[5 * d + 2], step = geometry[5 * d + 3];
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (thread >= (long long)N * lines) return;
-    const int n = (int)(thread / lines);
-    const int l = (int)(thread % lines);
+    ScanLine line;
+    if (!find_scan_line(geometry, D, N, &line)) return;
+    const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
     const scalar_t* b = bias + (long long)d * C;
@@ -178,7 +190,7 @@ extern "C" __global__ void gated_scan_backward(const scalar_t* __restrict__ dh,
     const long long plane = (long long)N * HW;   // distance between channels in e and h_prev
 
     // Start at the last step of the line and walk back to the first.
-    int q = geometry[5 * d + 4] + l * line_stride + (length - 1) * step;
+    int q = line.first + (length - 1) * step;
     for (int t = length - 1; t >= 0; --t, q -= step) {
         for (int c = 0; c < C; ++c) {
             scalar_t delta = dh[stacked + c * HW + q];
@@ -207,21 +219,16 @@ extern "C" __global__ void tanh_scan_forward(const scalar_t* __restrict__ x,
                                              const int* __restrict__ geometry,
                                              scalar_t* __restrict__ h,
                                              int D, int N, int C, int HW) {
-    const int d = blockIdx.y;
-    if (d >= D) return;
-    const int lines = geometry[5 * d], length = geometry[5 * d + 1];
-    const int line_stride = geometry[5 * d + 2], step = geometry[5 * d + 3];
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (thread >= (long long)N * lines) return;
-    const int n = (int)(thread / lines);
-    const int l = (int)(thread % lines);
+    ScanLine line;
+    if (!find_scan_line(geometry, D, N, &line)) return;
+    const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
     const scalar_t* b = bias + (long long)d * C;
     const long long image = (long long)n * C * HW;
     scalar_t* h_image = h + ((long long)d * N + n) * C * HW;
 
-    int q = geometry[5 * d + 4] + l * line_stride;
+    int q = line.first;
     for (int t = 0; t < length; ++t, q += step) {
         for (int c = 0; c < C; ++c) {
             scalar_t a = x[image + c * HW + q] + b[c];
@@ -241,21 +248,16 @@ extern "C" __global__ void tanh_scan_backward(const scalar_t* __restrict__ dh,
                                               scalar_t* __restrict__ e,
                                               scalar_t* __restrict__ h_prev,
                                               int D, int N, int C, int HW) {
-    const int d = blockIdx.y;
-    if (d >= D) return;
-    const int lines = geometry[5 * d], length = geometry[5 * d + 1];
-    const int line_stride = geometry[5 * d + 2], step = geometry[5 * d + 3];
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (thread >= (long long)N * lines) return;
-    const int n = (int)(thread / lines);
-    const int l = (int)(thread % lines);
+    ScanLine line;
+    if (!find_scan_line(geometry, D, N, &line)) return;
+    const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
     const long long stacked = ((long long)d * N + n) * C * HW;
     const long long channel_major = ((long long)d * C * N + n) * HW;
     const long long plane = (long long)N * HW;
 
-    int q = geometry[5 * d + 4] + l * line_stride + (length - 1) * step;
+    int q = line.first + (length - 1) * step;
     for (int t = length - 1; t >= 0; --t, q -= step) {
         for (int c = 0; c < C; ++c) {
             scalar_t delta = dh[stacked + c * HW + q];

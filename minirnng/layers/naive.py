@@ -232,6 +232,17 @@ def scan_order(height, width, direction):
             yield (y, j), ((py, pj) if inside else None)
 
 
+def gated_recurrent_term(h, W, b, n, c, previous):
+    """``b[c] + sum_d W[c, d] * h[n, d, previous]``: channel c of what eq. 3 gates at a pixel, from
+    the hidden state at the pixel ``previous`` before it in the scan (``b[c]`` alone at a line's start)."""
+    term = b[c]
+    if previous is not None:
+        py, pj = previous
+        for d in range(W.shape[1]):
+            term += W[c, d] * h[n, d, py, pj]
+    return term
+
+
 def gated_recurrence(x, g, W, b, direction):
     """Eq. 3: ``h[:, p] = x[:, p] + g[:, p] * (W @ h[:, previous] + b)``, ``h[:, previous] = 0`` at the start.
 
@@ -242,11 +253,7 @@ def gated_recurrence(x, g, W, b, direction):
     for n in range(images):
         for (y, j), previous in scan_order(height, width, direction):
             for c in range(channels):
-                recurrent_term = b[c]
-                if previous is not None:
-                    py, pj = previous
-                    for d in range(channels):
-                        recurrent_term += W[c, d] * h[n, d, py, pj]
+                recurrent_term = gated_recurrent_term(h, W, b, n, c, previous)
                 h[n, c, y, j] = x[n, c, y, j] + g[n, c, y, j] * recurrent_term
     return h
 
@@ -266,15 +273,12 @@ def gated_recurrence_backward(dh, h, g, W, b, direction):
     for n in range(images):
         for (y, j), previous in reversed(list(scan_order(height, width, direction))):
             for c in range(channels):
-                recurrent_term = b[c]
-                if previous is not None:
-                    py, pj = previous
-                    for d in range(channels):
-                        recurrent_term += W[c, d] * h[n, d, py, pj]
+                recurrent_term = gated_recurrent_term(h, W, b, n, c, previous)
                 dg[n, c, y, j] = delta[n, c, y, j] * recurrent_term
                 u = g[n, c, y, j] * delta[n, c, y, j]
                 db[c] += u
                 if previous is not None:
+                    py, pj = previous
                     for d in range(channels):
                         dW[c, d] += u * h[n, d, py, pj]
                         delta[n, d, py, pj] += W[c, d] * u

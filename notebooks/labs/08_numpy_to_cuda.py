@@ -74,11 +74,14 @@ rng = np.random.default_rng(0)
 
 # %%
 source = read_source("gated_scan")
+line_helper = re.search(r'struct ScanLine \{.*?\n}\n\n__device__.*?\n}\n', source, re.S).group(0)
 forward_kernel = re.search(r'extern "C" __global__ void gated_scan_forward\(.*?\n}\n', source, re.S).group(0)
+print(line_helper)
 print(forward_kernel)
 
 # %% [markdown]
-# Reading it from the top:
+# First a helper that all four scan kernels (forward and backward, eq. 3 and eq. 1) share: which
+# line this thread scans. Then the forward kernel. Reading them from the top:
 #
 # - **The signature.** `x`, `g`: the inputs $(N, C, H, W)$, shared by all directions; `weight`
 #   $(D, C, C)$ and `bias` $(D, C)$: one $W_d$, $b_d$ per direction; `geometry`: an int32 array
@@ -86,18 +89,18 @@ print(forward_kernel)
 #   per direction. `scalar_t` is `float` or `double`: every source is compiled twice, with
 #   `-Dscalar_t=float` and `-Dscalar_t=double`. `__restrict__` promises the compiler that the
 #   arrays do not overlap.
-# - **`d = blockIdx.y`**: the grid's second dimension picks the direction, so one launch runs all
-#   $D$ directions.
-# - **The five geometry numbers** of direction `d`: how many lines, how long each is, and the strides
-#   that walk them.
-# - **`thread = blockIdx.x * blockDim.x + threadIdx.x`** (in 64 bits), then the bounds check: the
-#   grid is rounded up to whole blocks of 256 threads, so the last threads of the last block have
-#   no line and must return before touching memory. Thread number `thread` takes image
-#   `n = thread / lines` and line `l = thread % lines`: neighbouring threads take neighbouring lines.
+# - **`find_scan_line`** (the helper, a `__device__` function the kernels call):
+#   `d = blockIdx.y`, the grid's second dimension, picks the direction, so one launch runs all $D$
+#   directions. Then `thread = blockIdx.x * blockDim.x + threadIdx.x` (in 64 bits) and the bounds
+#   check: the grid is rounded up to whole blocks of 256 threads, so the last threads of the last
+#   block have no line, and the kernel returns before touching memory when the helper says
+#   `false`. Thread number `thread` takes image `n = thread / lines` and line `thread % lines`
+#   (neighbouring threads take neighbouring lines), and the five geometry numbers of direction `d`
+#   give the line's length, its step and its first pixel.
 # - **Pointers to this direction's slices**: `W`, `b` of direction `d`; `x_image` and `g_image`
 #   point at `x[n]` and `g[n]`, `h_image` at `h[d, n]`.
 # - **The walk.** `q` is the pixel's index in a channel plane ($q = y W + x$); it starts at the
-#   line's first pixel and advances by `step` each iteration.
+#   line's first pixel (`line.first`) and advances by `step` each iteration.
 # - **One step**: for each output channel `c`, the message $a = b_c + \sum_k W_{ck}\, h_{t-1,k}$
 #   (only for $t > 0$: $h_{-1} = 0$), then $h_{t,c} = x_{t,c} + g_{t,c}\, a$. A null `g` means
 #   $g = 1$, which turns the same kernel into eq. 1 with the identity activation.
