@@ -74,7 +74,7 @@ rng = np.random.default_rng(0)
 
 # %%
 source = read_source("gated_scan")
-line_helper = re.search(r'struct ScanLine \{.*?\n}\n\n__device__.*?\n}\n', source, re.S).group(0)
+line_helper = re.search(r'struct ScanLine \{.*?\n};\n\n__device__.*?\n}\n', source, re.S).group(0)
 forward_kernel = re.search(r'extern "C" __global__ void gated_scan_forward\(.*?\n}\n', source, re.S).group(0)
 print(line_helper)
 print(forward_kernel)
