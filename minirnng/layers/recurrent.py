@@ -8,10 +8,13 @@ and the hidden state of a pixel is computed from the state of the pixel before i
 contiguous *scan-layout* array ``(T, C, M)``: ``T`` is the scan length (``W`` or ``H``), ``M = N * S``
 collects the images and the other spatial axis (``S = H`` or ``W``), so that one step of the scan
 reads one contiguous ``(C, M)`` slab and mixes channels with a single ``(C, C) @ (C, M)`` product.
-The reverse directions are the same scan run over the flipped sequence. So there is one forward
-and one backward scan (:func:`gated_scan_forward`, :func:`gated_scan_backward`, and their eq. 1
-counterparts), and :func:`to_scan_layout` / :func:`from_scan_layout` are the only places that know
-about directions. The derivations are in ``docs/derivations/gated-rnn.md``.
+The reverse directions are the same scan run over the reversed view ``sequence[::-1]``, whose
+every step is still a contiguous slab. So there is one forward and one backward scan
+(:func:`gated_scan_forward`, :func:`gated_scan_backward`, and their eq. 1 counterparts), and the
+layout functions (:func:`to_axis_layout`, :func:`in_scan_order` and what is built on them) are the
+only places that know about directions. The four-way layers lay each axis out once for its two
+directions and merge those two in the layout (:meth:`FourWayMaxMerge.forward_cpu`). The
+derivations are in ``docs/derivations/gated-rnn.md``.
 
 **The kernel path** (``kernels/gated_scan.cu``, described in ``docs/kernels.md``) works on NCHW
 arrays directly: a direction is five integers (:func:`minirnng.cuda.scan_geometry`), one thread
@@ -49,6 +52,9 @@ SCAN = {
     "top_to_bottom": (False, False),
     "bottom_to_top": (False, True),
 }
+#: The two axes, each with whether it is horizontal and its forward and reverse direction, in
+#: ``DIRECTIONS`` order (so direction ``2 * axis + offset`` is ``AXES[axis][1][offset]``).
+AXES = ((True, ("left_to_right", "right_to_left")), (False, ("top_to_bottom", "bottom_to_top")))
 
 
 def check_direction(direction, owner):
@@ -58,40 +64,58 @@ def check_direction(direction, owner):
 
 
 # -- layout: the only code that knows about directions -------------------------------------------
-def to_scan_layout(array, direction):
-    """A fresh C-contiguous ``(T, C, M)`` copy of an ``(N, C, H, W)`` array, in scan order.
+def to_axis_layout(array, horizontal):
+    """A fresh C-contiguous ``(T, C, M)`` copy of an ``(N, C, H, W)`` array, in forward scan order.
 
-    ``T`` is the scan length (``W`` for the horizontal directions, ``H`` for the vertical ones) and
-    ``M = N * S`` with ``S`` the other spatial size. Step ``t`` of the scan reads ``result[t]``, a
-    contiguous ``(C, M)`` slab; for a reverse direction ``result[0]`` is the last column or row.
-    Always a copy, so the scans may overwrite it (the forward turns ``x`` into ``h`` in place,
-    the backward ``dh`` into ``dx``).
+    ``T`` is the scan length (``W`` for the horizontal axis, ``H`` for the vertical one) and
+    ``M = N * S`` with ``S`` the other spatial size, so that step ``t`` of a scan along the axis
+    reads ``result[t]``, one contiguous ``(C, M)`` slab. Works for any dtype (the max merge moves
+    its int8 winners with it).
     """
-    horizontal, reverse = SCAN[direction]
     if horizontal:
         # Swap the spatial axes so that every scan runs down the rows. Two copies (a transpose
         # within each 2-D image plane, then a move of whole rows) measure 2-4x faster than one
         # 4-D transpose, whose innermost loop would stride across rows and planes.
         array = array.swapaxes(2, 3).copy()  # (N, C, W, H)
-    rows_first = array.transpose(2, 1, 0, 3)  # (T, C, N, S), a view
-    if reverse:
-        rows_first = rows_first[::-1]
-    steps, channels, images, across = rows_first.shape
-    return rows_first.copy().reshape(steps, channels, images * across)
+    steps, channels, images, across = array.transpose(2, 1, 0, 3).shape
+    return array.transpose(2, 1, 0, 3).copy().reshape(steps, channels, images * across)
 
 
-def from_scan_layout(sequence, direction, shape):
-    """The inverse of :func:`to_scan_layout`: a ``(T, C, M)`` array back to a new NCHW array of ``shape``."""
-    horizontal, reverse = SCAN[direction]
+def from_axis_layout(sequence, horizontal, shape):
+    """The inverse of :func:`to_axis_layout`: a ``(T, C, M)`` array in forward scan order back to a
+    new NCHW array of ``shape``."""
     images, channels, height, width = shape
     steps, across = (width, height) if horizontal else (height, width)
-    rows_first = sequence.reshape(steps, channels, images, across)
-    if reverse:
-        rows_first = rows_first[::-1]
-    planes = rows_first.transpose(2, 1, 0, 3).copy()  # (N, C, T, S)
+    planes = sequence.reshape(steps, channels, images, across).transpose(2, 1, 0, 3).copy()  # (N, C, T, S)
     if horizontal:
         planes = planes.swapaxes(2, 3).copy()  # (N, C, H, W)
     return planes
+
+
+def in_scan_order(sequence, reverse):
+    """A forward-order ``(T, C, M)`` array seen in the order a scan visits it: itself, or for a
+    reverse direction the view ``sequence[::-1]``, whose step ``t`` is still a contiguous slab.
+    The view costs nothing, and applied twice gives the forward order back."""
+    return sequence[::-1] if reverse else sequence
+
+
+def to_scan_layout(array, direction):
+    """An ``(N, C, H, W)`` array as a fresh ``(T, C, M)`` copy in ``direction``'s scan order.
+
+    Step ``t`` of the scan reads ``result[t]``, a contiguous ``(C, M)`` slab; for a reverse
+    direction the result is the reversed view of a forward-order copy (:func:`in_scan_order`), so
+    ``result[0]`` is the last column or row. Always a copy, so the scans may overwrite it (the
+    forward turns ``x`` into ``h`` in place, the backward ``dh`` into ``dx``).
+    """
+    horizontal, reverse = SCAN[direction]
+    return in_scan_order(to_axis_layout(array, horizontal), reverse)
+
+
+def from_scan_layout(sequence, direction, shape):
+    """The inverse of :func:`to_scan_layout`: a ``(T, C, M)`` array in scan order back to a new NCHW
+    array of ``shape``."""
+    horizontal, reverse = SCAN[direction]
+    return from_axis_layout(in_scan_order(sequence, reverse), horizontal, shape)
 
 
 # -- the gated scan (eq. 3) ----------------------------------------------------------------------
@@ -392,19 +416,32 @@ class GatedSpatialRNN(DirectionalRNN):
         return self.run_forward(x, g)
 
     def forward_cpu(self, x, g):
-        h = to_scan_layout(x, self.direction)  # becomes h in place
-        g = to_scan_layout(g, self.direction)
+        h, cache = self.scan_cpu(to_scan_layout(x, self.direction), to_scan_layout(g, self.direction))
+        return from_scan_layout(h, self.direction, x.shape), cache
+
+    def scan_cpu(self, h, g):
+        """Eq. 3 on scan-layout arrays in this direction's order (:func:`to_scan_layout`).
+
+        h : (T, C, M), holds x on entry and h on exit (overwritten). g : (T, C, M), only read
+        (:class:`FourWayGatedRNN` shares one between the two directions of an axis).
+        Returns ``(h, cache)`` with the cache ``(h, g)``.
+        """
         gated_scan_forward(h, g, self.params["W"], self.params["b"])
-        return from_scan_layout(h, self.direction, x.shape), (h, g)
+        return h, (h, g)
 
     def backward_cpu(self, grad_output):
-        h, g = self.cache  # scan layout (T, C, M)
-        delta = to_scan_layout(grad_output, self.direction)  # a copy: becomes dx in place
+        shape = grad_output.shape
+        dx, dg = self.scan_backward_cpu(to_scan_layout(grad_output, self.direction))
+        return from_scan_layout(dx, self.direction, shape), from_scan_layout(dg, self.direction, shape)
+
+    def scan_backward_cpu(self, delta):
+        """delta (T, C, M) = dL/dh in scan order, overwritten -> ``(dx, dg)`` in scan order;
+        adds dL/dW and dL/db into ``grads``."""
+        h, g = self.cache
         dW, db, dg = gated_scan_backward(delta, g, h, self.params["W"], self.params["b"])
         self.accumulate_grad("W", dW)
         self.accumulate_grad("b", db)
-        shape = grad_output.shape
-        return from_scan_layout(delta, self.direction, shape), from_scan_layout(dg, self.direction, shape)
+        return delta, dg
 
     def __repr__(self):
         return f"{type(self).__name__}(channels={self.channels}, direction={self.direction!r})"
@@ -452,42 +489,71 @@ class FourWayMaxMerge(RecurrentLayer):
                 self.grads[f"{direction}.{name}"] = layer.grads[name]
 
     def forward_cpu(self, *inputs):
+        """The four scans, an axis at a time, in the scan layout: the axis's inputs are laid out
+        once (x copied for the first direction, whose scan overwrites it; g shared), its two
+        directions merged there, and only their maximum and winner go back to NCHW, to be merged
+        with the other axis's. Half the layout copies of four independent layers.
+
+        The cache is ``winner`` int8 (N, C, H, W): the index in ``DIRECTIONS`` of the direction whose
+        output is merged there. A direction takes a pixel only where it is strictly larger than
+        every direction before it, so a tie stays with the first.
+        """
         shape = inputs[0].shape
-        # winner[i]: the index in DIRECTIONS of the direction whose output is merged[i]. A later
-        # direction takes a pixel only where it is strictly larger, so ties stay with the first.
-        winner = numpy.zeros(shape, dtype=numpy.int8)
-        larger = numpy.empty(shape, dtype=bool)
-        claim = numpy.empty(shape, dtype=numpy.int8)
-        merged = None
-        for index, layer in enumerate(self.direction_layers.values()):
-            h, layer.cache = layer.forward_cpu(*inputs)  # each direction keeps its own cache
+        merged = winner = None
+        for axis, (horizontal, pair) in enumerate(AXES):
+            layouts = [to_axis_layout(array, horizontal) for array in inputs]  # forward order
+            outputs = []
+            for direction in pair:
+                reverse = SCAN[direction][1]
+                x = layouts[0] if reverse else layouts[0].copy()  # the reverse scan, last, may overwrite it
+                others = (in_scan_order(array, reverse) for array in layouts[1:])
+                layer = self.direction_layers[direction]
+                h, layer.cache = layer.scan_cpu(in_scan_order(x, reverse), *others)
+                outputs.append(in_scan_order(h, reverse))  # forward order again
+            forward, backward = outputs
+            backward_won = numpy.greater(backward, forward)
+            axis_maximum = from_axis_layout(numpy.maximum(forward, backward), horizontal, shape)
+            axis_winner = from_axis_layout(backward_won.view(numpy.int8), horizontal, shape)  # 0 or 1
+            axis_winner += numpy.int8(2 * axis)  # the indices in DIRECTIONS
             if merged is None:
-                merged = h
+                merged, winner = axis_maximum, axis_winner
                 continue
-            numpy.greater(h, merged, out=larger)
-            # index exceeds every earlier winner, so max(winner, larger * index) sets winner = index
-            # exactly where larger holds (and is much faster than a masked assignment).
-            numpy.multiply(larger, numpy.int8(index), out=claim)
-            numpy.maximum(winner, claim, out=winner)
-            numpy.maximum(merged, h, out=merged)
+            # This axis's indices exceed every earlier one, so max(winner, larger * axis_winner)
+            # takes them exactly where larger holds (a masked copy of int8 is 50x slower).
+            larger = numpy.greater(axis_maximum, merged)
+            numpy.maximum(winner, numpy.multiply(larger, axis_winner, out=axis_winner), out=winner)
+            numpy.maximum(merged, axis_maximum, out=merged)
         return merged, winner
 
     def backward_cpu(self, grad_output):
+        """Each direction's scan backward on dh where it won (0 elsewhere), in the scan layout; an
+        axis's two directions sum their input gradients there, and the two axes' sums in NCHW."""
         winner = self.cache
-        won = numpy.empty(winner.shape, dtype=bool)
-        routed = numpy.empty_like(grad_output)  # dh where a direction won, 0 elsewhere; reused
+        shape = grad_output.shape
         totals = None
-        for index, layer in enumerate(self.direction_layers.values()):
-            numpy.equal(winner, index, out=won)
-            numpy.multiply(grad_output, won, out=routed)
-            grads = layer.backward_cpu(routed)
-            grads = grads if isinstance(grads, tuple) else (grads,)
+        for axis, (horizontal, pair) in enumerate(AXES):
+            upstream = to_axis_layout(grad_output, horizontal)
+            won_by = to_axis_layout(winner, horizontal)
+            sums = None
+            for offset, direction in enumerate(pair):
+                reverse = SCAN[direction][1]
+                won = numpy.equal(won_by, 2 * axis + offset)
+                # the second direction routes in place: nothing reads upstream after it
+                routed = numpy.multiply(upstream, won, out=upstream if offset else None)
+                layer = self.direction_layers[direction]
+                grads = [in_scan_order(grad, reverse) for grad in layer.scan_backward_cpu(in_scan_order(routed, reverse))]
+                if sums is None:
+                    sums = grads
+                else:
+                    for total, grad in zip(sums, grads):
+                        total += grad
+            in_planes = [from_axis_layout(total, horizontal, shape) for total in sums]
             if totals is None:
-                totals = grads
+                totals = in_planes
             else:
-                for total, grad in zip(totals, grads):
+                for total, grad in zip(totals, in_planes):
                     total += grad
-        return totals if len(totals) > 1 else totals[0]
+        return tuple(totals) if len(totals) > 1 else totals[0]
 
     @property
     def scan_kind(self):
@@ -594,17 +660,27 @@ class SpatialRNN(DirectionalRNN):
         return self.run_forward(x)
 
     def forward_cpu(self, x):
-        h = to_scan_layout(x, self.direction)
+        h, cache = self.scan_cpu(to_scan_layout(x, self.direction))
+        return from_scan_layout(h, self.direction, x.shape), cache
+
+    def scan_cpu(self, h):
+        """Eq. 1 on a scan-layout array (T, C, M) in this direction's order, in place (h holds x on
+        entry). Returns ``(h, cache)``, the cache being h."""
         plain_scan_forward(h, self.params["W"], self.params["b"], self.activation)
-        return from_scan_layout(h, self.direction, x.shape), h
+        return h, h
 
     def backward_cpu(self, grad_output):
-        h = self.cache  # scan layout (T, C, M)
-        delta = to_scan_layout(grad_output, self.direction)  # a copy: becomes dx in place
+        dx, = self.scan_backward_cpu(to_scan_layout(grad_output, self.direction))
+        return from_scan_layout(dx, self.direction, grad_output.shape)
+
+    def scan_backward_cpu(self, delta):
+        """delta (T, C, M) = dL/dh in scan order, overwritten -> ``(dx,)`` in scan order; adds
+        dL/dW and dL/db into ``grads``."""
+        h = self.cache
         dW, db = plain_scan_backward(delta, h, self.params["W"], self.activation)
         self.accumulate_grad("W", dW)
         self.accumulate_grad("b", db)
-        return from_scan_layout(delta, self.direction, grad_output.shape)
+        return (delta,)
 
     def __repr__(self):
         return (f"{type(self).__name__}(channels={self.channels}, direction={self.direction!r}, "
