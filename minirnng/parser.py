@@ -80,14 +80,19 @@ class FaceParser:
 
     def run(self, images):
         """The model's outputs (host arrays) for a list of uint8 images, each resized to the input size."""
-        batch = numpy.stack([resize_image(check_image(image), self.input_size) for image in images])
-        outputs = self.model.forward(backend.to_device(normalize(batch)))
+        outputs = self.model.forward(self.model_input(images))
         return {name: backend.to_numpy(value) for name, value in outputs.items()}
+
+    def model_input(self, images):
+        """A list of uint8 images -> the model's input batch (N, 3, h, w), resized, normalised, on
+        the model's device."""
+        batch = numpy.stack([resize_image(check_image(image), self.input_size) for image in images])
+        return backend.to_device(normalize(batch))
 
     def scores(self, image):
         """Class probabilities (K, H, W) float32 at the image's own size."""
         image = check_image(image)
-        logits = self.run([image])["logits"][0]
+        logits = backend.to_numpy(self.model.infer(self.model_input([image])))[0]
         logits = resize_scores(logits, *image.shape[:2])
         shifted = numpy.exp(logits - logits.max(axis=0, keepdims=True))
         return shifted / shifted.sum(axis=0, keepdims=True)

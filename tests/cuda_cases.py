@@ -122,9 +122,10 @@ def reference_col2im(cols, image_shape, k, s, p):
     return padded[:, :, p:p + H, p:p + W]
 
 
-def conv_direct(x, weight, bias, s, p, transposed=False):
+def conv_direct(x, weight, bias, s, p, transposed=False, relu=False):
     """conv_direct.cu: a convolution (weight (O, C, k, k)) or transposed convolution (weight
-    (C, O, k, k)) of x (N, C, H, W), plus ``bias`` (O,) when given, in one launch."""
+    (C, O, k, k)) of x (N, C, H, W), plus ``bias`` (O,) when given, then with ``relu`` a ReLU,
+    in one launch."""
     xp = backend.get_array_module(x)
     N, C, H, W = x.shape
     k = weight.shape[2]
@@ -133,7 +134,8 @@ def conv_direct(x, weight, bias, s, p, transposed=False):
                                                                                     output_size(W, k, s, p))
     y = xp.empty((N, O, Ho, Wo), dtype=x.dtype)
     _launch("conv_direct", "conv_transpose2d_direct" if transposed else "conv2d_direct", x.dtype, y.size,
-            (x, weight, bias, y, i32(N), i32(C), i32(H), i32(W), i32(O), i32(k), i32(s), i32(p), i32(Ho), i32(Wo)))
+            (x, weight, bias, y, i32(N), i32(C), i32(H), i32(W), i32(O), i32(k), i32(s), i32(p), i32(Ho), i32(Wo),
+             i32(relu)))
     return y
 
 

@@ -69,13 +69,16 @@ def test_conv_transpose_output_grid(dtype):
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
 @pytest.mark.parametrize("k, s, p", WINDOWS)
 def test_direct_convolutions_match_the_im2col_references(k, s, p, transposed, dtype):
-    """conv_direct.cu, with and without a bias, against ``w2 @ im2col(x)`` and ``col2im(w2.T @ x)``."""
+    """conv_direct.cu, with and without a bias, against ``w2 @ im2col(x)`` and ``col2im(w2.T @ x)``,
+    and with the fused ReLU against the maximum of that and 0."""
     rng = numpy.random.default_rng(4)
     x = normal(rng, (2, 3, 7, 6), dtype)
     weight = normal(rng, (3, 4, k, k) if transposed else (4, 3, k, k), dtype)
     for bias in (None, normal(rng, (4,), dtype)):
-        assert_close(cases.conv_direct(x, weight, bias, s, p, transposed),
-                     cases.reference_conv_direct(x, weight, bias, s, p, transposed))
+        expected = cases.reference_conv_direct(x, weight, bias, s, p, transposed)
+        assert_close(cases.conv_direct(x, weight, bias, s, p, transposed), expected)
+        assert_close(cases.conv_direct(x, weight, bias, s, p, transposed, relu=True), numpy.maximum(expected, 0))
+        assert (expected < 0).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

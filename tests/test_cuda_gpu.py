@@ -89,6 +89,8 @@ def kernel_cases(rng, dtype):
     yield "col2im_bias", cases.col2im, (normal(rng, (2, 3 * 16, 4 * 3), dtype), (2, 3, 7, 6), 4, 2, 1,
                                         normal(rng, (3,), dtype)), {}
     yield "conv2d_direct", cases.conv_direct, (x, normal(rng, (4, 3, 3, 3), dtype), normal(rng, (4,), dtype), 2, 1), {}
+    yield ("conv2d_direct_relu", cases.conv_direct, (x, normal(rng, (4, 3, 3, 3), dtype), normal(rng, (4,), dtype), 1, 1),
+           {"relu": True})
     yield "conv_transpose2d_direct", cases.conv_direct, (x, normal(rng, (3, 4, 4, 4), dtype), None, 2, 1, True), {}
     yield "bias_add", cases.bias_add, (normal(rng, (3, 5, 11), dtype), normal(rng, (5,), dtype)), {}
     yield "channel_sum", cases.channel_sum, (normal(rng, (3, 5, 1001), dtype),), {}
@@ -289,6 +291,22 @@ def test_a_model_built_on_the_gpu_has_the_weights_built_on_the_host(model_class)
     assert set(built) == set(expected)
     for name, value in built.items():
         numpy.testing.assert_array_equal(backend.to_numpy(value), expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "im2col"])
+def test_rnng_infer_on_the_gpu_gives_the_logits_of_forward(algorithm):
+    """predict's path (ReLUs fused into the direct kernels, no coarse and edge heads) against forward's."""
+    import cupy
+    model = path_cases.build_model_on("cupy", RNNG, numpy.float32, seed=3)
+    for layer in model.layers.values():
+        if hasattr(layer, "gpu_algorithm"):
+            layer.gpu_algorithm = algorithm
+    images = cupy.asarray(numpy.random.default_rng(26).uniform(-0.5, 0.5, (2, 3, 128, 128)).astype(numpy.float32))
+    with backend.use("cupy"):
+        logits = model.forward(images)["logits"]
+        inferred = model.infer(images)
+    assert isinstance(inferred, cupy.ndarray)
+    cupy.testing.assert_array_equal(inferred, logits)
 
 
 def test_the_shipped_parser_on_the_gpu_agrees_with_the_host():

@@ -164,6 +164,41 @@ def test_training_step_on_the_emulator_matches_the_numpy_path(dtype):
     cases.compare_training_step(DEVICE, RNNG, dtype)
 
 
+@pytest.mark.parametrize("model_class", [RNNG, CNNS, CNNDeep, PlainRNN], ids=lambda m: m.__name__)
+def test_infer_on_the_emulator_gives_the_logits_of_forward(model_class):
+    model = model_class(n_classes=3, rng=0)
+    model.randomize_recurrence(1)
+    images = numpy.random.default_rng(2).standard_normal((2, 3, 16, 12)).astype(numpy.float32)
+    with backend.use(DEVICE):
+        logits = model.forward(images)["logits"]
+        numpy.testing.assert_array_equal(model.infer(images), logits)
+        numpy.testing.assert_array_equal(model.predict(images), logits.argmax(axis=1))
+
+
+@pytest.mark.parametrize("algorithm", ["im2col", "direct"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_infer_with_a_fused_relu_on_the_emulator(algorithm, dtype):
+    rng = numpy.random.default_rng(4)
+    conv = Conv2d(3, 5, 3, padding=1, rng=1, dtype=dtype)
+    conv.gpu_algorithm = algorithm
+    x = rng.standard_normal((2, 3, 7, 6)).astype(dtype)
+    with backend.use(DEVICE):
+        y = conv.forward(x)
+        numpy.testing.assert_array_equal(conv.infer(x), y)
+        relu = conv.infer(x, relu=True)
+    numpy.testing.assert_array_equal(relu, numpy.maximum(y, 0))
+    assert (y < 0).any() and (relu == 0).any()
+
+
+def test_stage2_infer_on_the_emulator_gives_the_logits_of_forward():
+    from minirnng.models.stage2 import EyeBrowNet
+
+    network = EyeBrowNet(rng=3)
+    crops = numpy.random.default_rng(5).standard_normal((2, 3) + network.input_size).astype(numpy.float32)
+    with backend.use(DEVICE):
+        numpy.testing.assert_array_equal(network.infer(crops), network.forward(crops)["logits"])
+
+
 def count_launches(monkeypatch):
     """Record the name of every kernel launched from now on."""
     launched = []
@@ -190,7 +225,8 @@ def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch, algorithm)
     biases and for the recurrent db (18), im2col for the two transposed convolutions (2), col2im for
     conv3 and conv5 (2), the merge, the scans and two sums over the directions (4), three ReLUs, the
     sigmoid and two poolings (6); after a direct forward, conv1, conv3 and conv5 unfold their input
-    again (3 more im2col, 35).
+    again (3 more im2col, 35). ``infer`` (and so ``predict``) skips the coarse and edge heads, and with the direct kernels
+    fuses the three ReLUs into the convolutions: 17 and 11.
     """
     model = RNNG(n_classes=3, rng=0)
     for layer in model.layers.values():
@@ -204,6 +240,14 @@ def test_kernel_launches_of_an_rnng_forward_and_backward(monkeypatch, algorithm)
         launched.clear()
         model.backward({name: numpy.ones_like(value) for name, value in outputs.items()}, input_gradient=False)
         backward = list(launched)
+        launched.clear()
+        model.infer(images)
+        inference = list(launched)
+    # inference skips the coarse and edge heads (the last two launches), and the direct kernels
+    # apply the three ReLUs as they write
+    fused = [name for name in forward[:-2] if algorithm == "im2col" or name != "relu_forward"]
+    assert sorted(inference) == sorted(fused), (inference, forward)
+    assert len(inference) == (17 if algorithm == "im2col" else 11)
     if algorithm == "im2col":
         assert len(forward) == 19, forward
         assert forward.count("im2col") == 3 and "channel_sum_partial" not in forward

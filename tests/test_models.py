@@ -65,6 +65,20 @@ def test_predict_returns_labels(rng):
     assert labels.min() >= 0 and labels.max() < 3
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 24, 16), (2, 3, 128, 128)])
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("model_class", [RNNG, CNNS, CNNDeep, PlainRNN])
+def test_infer_gives_exactly_the_logits_of_forward(model_class, dtype, shape, rng):
+    # infer fuses ReLUs into the convolutions, pools without recording winners and skips the
+    # coarse and edge heads: the same numbers, bit for bit, on the grid of small and of wide rows
+    model = model_class(n_classes=4, rng=2, dtype=dtype)
+    model.randomize_recurrence(3)
+    images = rng.standard_normal(shape).astype(dtype)
+    logits = model.forward(images)["logits"]
+    numpy.testing.assert_array_equal(model.infer(images), logits)
+    numpy.testing.assert_array_equal(model.predict(images), logits.argmax(axis=1))
+
+
 def test_constrain_applies_the_stability_rule():
     model = RNNG(rng=0)
     model.params()["rnn.top_to_bottom.W"][...] = 3.0

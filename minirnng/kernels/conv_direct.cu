@@ -9,6 +9,10 @@
 // reuse each loaded value many times and win; Conv2d and ConvTranspose2d choose between the two by
 // the number of multiply-adds (minirnng/layers/conv.py, DIRECT_MAX_MULTIPLY_ADDS).
 //
+// Both take an int `relu`: when it is non-zero the thread writes max(sum, 0), the ReLU that follows
+// the convolution (inference fuses it here and saves the ReLU's launch; training keeps it a layer,
+// whose backward needs its own cache).
+//
 // Layouts (C-contiguous, scalar_t is float or double):
 //   conv2d_direct            x (N, C, H, W), weight (O, C, k, k), bias (O,) or null, y (N, O, Ho, Wo)
 //                            Ho = (H + 2p - k) / s + 1
@@ -40,7 +44,8 @@ __device__ __forceinline__ OutputPixel output_pixel(int index, int O, int Ho, in
 
 extern "C" __global__ void conv2d_direct(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
-                                         int N, int C, int H, int W, int O, int k, int s, int p, int Ho, int Wo) {
+                                         int N, int C, int H, int W, int O, int k, int s, int p, int Ho, int Wo,
+                                         int relu) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (thread >= (long long)N * O * Ho * Wo) return;
     const OutputPixel out = output_pixel((int)thread, O, Ho, Wo);
@@ -64,14 +69,14 @@ extern "C" __global__ void conv2d_direct(const scalar_t* __restrict__ x, const s
             }
         }
     }
-    y[thread] = sum;
+    y[thread] = relu && sum < (scalar_t)0 ? (scalar_t)0 : sum;
 }
 
 extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ x,
                                                    const scalar_t* __restrict__ weight,
                                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
                                                    int N, int C, int H, int W, int O, int k, int s, int p,
-                                                   int Ho, int Wo) {
+                                                   int Ho, int Wo, int relu) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (thread >= (long long)N * O * Ho * Wo) return;
     const OutputPixel out = output_pixel((int)thread, O, Ho, Wo);
@@ -96,5 +101,5 @@ extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ 
             }
         }
     }
-    y[thread] = sum;
+    y[thread] = relu && sum < (scalar_t)0 ? (scalar_t)0 : sum;
 }

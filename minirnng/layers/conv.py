@@ -59,6 +59,7 @@ import numpy
 
 from .. import backend
 from ..cuda.launch import channel_sum, contiguous, launch
+from .activations import ReLU
 from .base import Layer, batch_chunks, check_array, check_positive_int, uniform_fan_in
 from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, im2col_gpu, transposed_output_size
 
@@ -77,17 +78,18 @@ DIRECT_MAX_MULTIPLY_ADDS = 2 ** 26
 GPU_ALGORITHMS = ("auto", "direct", "im2col")
 
 
-def direct_convolution(x, weight, bias, stride, padding, out_shape, transposed=False):
+def direct_convolution(x, weight, bias, stride, padding, out_shape, transposed=False, relu=False):
     """A convolution (``weight`` (O, C, k, k)) or transposed convolution (``weight`` (C, O, k, k)) of
     x (N, C, H, W) C-contiguous into a new (N, O, Ho, Wo) array ``out_shape``, by one launch of
-    ``conv_direct.cu`` with the bias added in the same sum (``bias`` (O,) or None)."""
+    ``conv_direct.cu`` with the bias added in the same sum (``bias`` (O,) or None), and with
+    ``relu`` a ReLU applied as each output is written."""
     n, channels, height, width = x.shape
     _, out_channels, out_height, out_width = out_shape
     y = backend.get_array_module(x).empty(out_shape, dtype=x.dtype)
     i32 = numpy.int32
     launch("conv_direct", "conv_transpose2d_direct" if transposed else "conv2d_direct", x.dtype, y.size,
            (x, weight, bias, y, i32(n), i32(channels), i32(height), i32(width), i32(out_channels),
-            i32(weight.shape[2]), i32(stride), i32(padding), i32(out_height), i32(out_width)))
+            i32(weight.shape[2]), i32(stride), i32(padding), i32(out_height), i32(out_width), i32(relu)))
     return y
 
 
@@ -322,12 +324,24 @@ class Conv2d(_ConvolutionBase):
         return correlate_cpu(x, self.params["weight"], self.stride, self.padding, self.params.get("bias")), x
 
     def infer(self, x, relu=False):
-        """``forward(x)`` for inference, on NumPy arrays, the same numbers; with ``relu``, followed
-        by a ReLU. No cache is kept (``backward`` cannot follow), and without ``relu`` the result
-        may be a strided view (N, O, Ho, Wo) (see ``correlate_cpu``'s ``view`` and ``relu``)."""
+        """``forward(x)`` for inference, the same numbers; with ``relu``, followed by a ReLU. No
+        cache is kept (``backward`` cannot follow).
+
+        On the NumPy path, without ``relu`` the result may be a strided view (N, O, Ho, Wo) (see
+        ``correlate_cpu``'s ``view`` and ``relu``). On the kernel path the direct kernel applies
+        the ReLU as it writes (one launch, not two); after im2col the ReLU is its own launch.
+        """
         self.check_input(x)
-        return correlate_cpu(x, self.params["weight"], self.stride, self.padding, self.params.get("bias"),
-                             view=not relu, relu=relu)
+        if not backend.uses_kernels(x):
+            return correlate_cpu(x, self.params["weight"], self.stride, self.padding, self.params.get("bias"),
+                                 view=not relu, relu=relu)
+        x = contiguous(x)
+        output_shape = self.output_shape(x.shape)
+        if self.uses_direct_kernel(output_shape):
+            return direct_convolution(x, self.params["weight"], self.params.get("bias"), self.stride, self.padding,
+                                      output_shape, relu=relu)
+        y = self.forward_gpu(x)[0]
+        return ReLU().forward(y) if relu else y
 
     def forward_gpu(self, x):
         """x (N, C, H, W) C-contiguous: the ``conv2d_direct`` kernel for small work, else the

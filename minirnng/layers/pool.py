@@ -101,15 +101,18 @@ class MaxPool2d(Layer):
         return y, (winner, x.shape)
 
     def pooled(self, x):
-        """The forward pass's output alone, for inference: x (N, C, H, W) NumPy -> y (N, C, Ho, Wo).
+        """The forward pass's output alone, for inference: x (N, C, H, W) -> y (N, C, Ho, Wo).
 
-        Records no winners and keeps no cache (``backward`` cannot follow), which is most of
-        :meth:`forward_cpu`'s work: 0.28 against 0.67 ms on a stage-2 eye batch (32 x 8 x 64 x 64).
-        The maximum over a window is the maximum over its k rows, then over its k columns: the
-        first sweeps read whole contiguous rows, the second the k-times smaller result (for 2x2
-        windows three ``numpy.maximum`` calls in all). Maxima are exact, so y is the same.
+        Keeps no cache (``backward`` cannot follow). On the NumPy path it records no winners,
+        which is most of :meth:`forward_cpu`'s work: 0.28 against 0.67 ms on a stage-2 eye batch
+        (32 x 8 x 64 x 64). The maximum over a window is the maximum over its k rows, then over
+        its k columns: the first sweeps read whole contiguous rows, the second the k-times smaller
+        result (for 2x2 windows three ``numpy.maximum`` calls in all). Maxima are exact, so y is
+        the same. On the kernel path it is the forward kernel (whose winners cost one byte a pixel).
         """
         check_array(x, "MaxPool2d", "input x", ndim=4)
+        if backend.uses_kernels(x):
+            return self.forward(x)
         n, c, out_height, out_width = self.output_shape(x.shape)
         k, s = self.kernel_size, self.stride
         row_window = [x[:, :, i:i + s * (out_height - 1) + 1:s] for i in range(k)]  # (N, C, Ho, W) each

@@ -11,14 +11,54 @@ A model is a set of named layers wired by its own ``forward`` and ``backward``:
 ``backward(grads) -> dimages``
     ``grads`` has the keys of ``forward``'s dict (a missing key is a zero gradient); fills
     ``grads()`` (accumulating, like the layers) and returns the gradient of the images.
+``infer(images) -> logits``
+    ``forward(images)["logits"]`` for inference only (nothing kept for ``backward``); models
+    override it where they can skip work, with the same numbers.
 ``predict(images) -> labels``
-    Integer labels (N, H, W), the arg-max of the logits.
+    Integer labels (N, H, W), the arg-max of ``infer``'s logits.
 """
 
 import numpy
 
 from .. import backend
+from ..layers import Conv2d, MaxPool2d, ReLU
 from ..layers.base import check_dtype
+
+
+def infer_chain(layers, order, a):
+    """Run the named ``layers`` in ``order`` on activations ``a`` for inference only: the same
+    numbers as their ``forward`` calls, with work, copies and launches saved where the layers
+    around allow. Nothing is kept for a backward pass.
+
+    A convolution followed by a ReLU applies it as it writes its output (:meth:`Conv2d.infer`):
+    on the NumPy path while copying the output out of its columns' grid, on the kernel path in
+    the direct kernel, saving the ReLU's launch. On the kernel path a ReLU that comes after a max
+    pooling is fused the same way into the convolution before the pooling (pooling commutes with
+    the ReLU: ``max(relu(a), relu(b)) = relu(max(a, b))``); on the NumPy path it stays after
+    the pooling, in place on a quarter of the pixels, and the convolution may hand the pooling a
+    strided view of its grid instead of a copy. Poolings skip recording each window's winner on
+    the NumPy path (:meth:`MaxPool2d.pooled`, 2.4x faster).
+    """
+    on_kernels = backend.uses_kernels(a)
+    relu_done = False  # the next ReLU was applied by the convolution before it
+    for position, name in enumerate(order):
+        layer = layers[name]
+        if isinstance(layer, Conv2d):
+            following = position + 1
+            while on_kernels and following < len(order) and isinstance(layers[order[following]], MaxPool2d):
+                following += 1
+            relu_done = following < len(order) and isinstance(layers[order[following]], ReLU)
+            a = layer.infer(a, relu=relu_done)
+        elif isinstance(layer, MaxPool2d):
+            a = layer.pooled(a)
+        elif isinstance(layer, ReLU):
+            if not relu_done:
+                # on the NumPy path, in place: a is the fresh output of the layer before
+                a = layer.forward(a) if on_kernels else numpy.maximum(a, 0, out=a)
+            relu_done = False
+        else:
+            a = layer.forward(a)
+    return a
 
 
 class Model:
@@ -96,9 +136,13 @@ class Model:
         return grad.astype(self.dtype, copy=False)
 
     # -- inference ----------------------------------------------------------------------------
+    def infer(self, images):
+        """The logits (N, K, H, W) for inference only; no ``backward`` may follow."""
+        return self.forward(images)["logits"]
+
     def predict(self, images):
         """Integer labels (N, H, W) (int64): the arg-max over classes of the logits."""
-        return self.forward(images)["logits"].argmax(axis=1)
+        return self.infer(images).argmax(axis=1)
 
     def __call__(self, images):
         return self.forward(images)

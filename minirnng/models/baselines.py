@@ -90,5 +90,4 @@ class CNNCRF(CNNS):
         self.crf = crf or DenseCRF()
 
     def predict(self, images):
-        logits = self.forward(images)["logits"]
-        return self.crf.refine(logits, images).argmax(axis=1)
+        return self.crf.refine(self.infer(images), images).argmax(axis=1)

@@ -29,7 +29,7 @@ import numpy
 from .. import backend
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
 from ..layers.recurrent import FourWayGatedRNN, constrain_recurrent_weight
-from .base import Model
+from .base import Model, infer_chain
 
 
 class RNNG(Model):
@@ -159,6 +159,21 @@ class RNNG(Model):
         # for figures and notebooks: the label features X, the gate map G and the propagated H
         self.intermediates = {"x": x, "gate": g, "propagated": features}
         return {"logits": logits, "coarse": L["coarse"].forward(x), "edge": L["edge"].forward(g)}
+
+    def infer(self, images):
+        """``forward(images)["logits"]`` for inference only (no ``backward`` may follow), cheaper:
+        images (N, 3, H, W) -> logits (N, K, H, W), the same numbers.
+
+        The coarse and edge heads, which only the training loss reads, are skipped, and the trunk
+        runs by :func:`~.base.infer_chain`, which fuses the ReLUs into the convolutions (on the
+        kernel path, five launches fewer than ``forward``).
+        """
+        L = self.layers
+        a = infer_chain(L, self.trunk, self.check_images(images))
+        xp = backend.get_array_module(a)
+        x = xp.ascontiguousarray(a[:, :self.hidden])
+        g = L["gate"].forward(xp.ascontiguousarray(a[:, self.hidden:]))
+        return L["deconv9"].forward(L["conv8"].forward(self.propagate(x, g)))
 
     def backward(self, grads, input_gradient=True):
         """grads: dict with any of "logits", "coarse", "edge" -> dimages (N, 3, H, W).

@@ -66,7 +66,7 @@ from ..data.classes import HELEN_CLASSES
 from ..data.pipeline import normalize, resize_image, resize_labels
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU
 from . import checkpoint
-from .base import Model
+from .base import Model, infer_chain
 from .crops import (CROPS, CropGeometry, crop_bilinear, crop_nearest, crop_to_helen, footprints, frame_images,
                     resize_matrices)
 from .keypoints import FaceShape, keypoints_from_labels
@@ -159,34 +159,10 @@ class ComponentNet(Model):
 
     def infer(self, images):
         """``forward(images)["logits"]`` for inference only (no ``backward`` may follow), cheaper:
-        crops (N, 3, h, w) -> logits (N, K, h, w), the same numbers.
-
-        Nothing is kept for a backward pass, and copies are saved where the next layer allows:
-        a convolution followed by a ReLU applies it while copying its output out of its columns'
-        grid, one followed by a pooling hands over a view of that grid (:meth:`Conv2d.infer`);
-        the poolings skip recording each window's winner (:meth:`MaxPool2d.pooled`, 2.4x faster);
-        the other ReLUs work in place. The two-stage parser runs its networks this way. On the
-        kernel path it is ``forward``.
+        crops (N, 3, h, w) -> logits (N, K, h, w), the same numbers, by :func:`~.base.infer_chain`
+        (the two-stage parser runs its networks this way).
         """
-        a = self.check_images(images)
-        if backend.uses_kernels(a):
-            return self.forward(a)["logits"]
-        relu_done = False  # the ReLU after a convolution was applied by the convolution
-        for position, name in enumerate(self.order):
-            layer = self.layers[name]
-            following = self.layers[self.order[position + 1]] if position + 1 < len(self.order) else None
-            if isinstance(layer, Conv2d):
-                relu_done = isinstance(following, ReLU)
-                a = layer.infer(a, relu=relu_done)
-            elif isinstance(layer, MaxPool2d):
-                a = layer.pooled(a)
-            elif isinstance(layer, ReLU):
-                if not relu_done:
-                    a = numpy.maximum(a, 0, out=a)  # the previous layer's fresh output: no one else holds it
-                relu_done = False
-            else:
-                a = layer.forward(a)
-        return a
+        return infer_chain(self.layers, self.order, self.check_images(images))
 
     def backward(self, grads, input_gradient=True):
         """grads {"logits": (N, K, h, w)} -> dcrops (N, 3, h, w) (None if not ``input_gradient``)."""
