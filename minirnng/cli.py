@@ -158,14 +158,17 @@ def command_eval(arguments):
     import json
 
     from .data.catalog import load_split
+    from .mirroring import mirrored_predict
     from .models import load_model
     from .train import evaluate
 
     model = load_model(arguments.checkpoint)
     dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, arguments.input_size,
                          size=arguments.size)
-    result = evaluate(model, dataset)
-    print(f"{arguments.checkpoint} on {arguments.data} {arguments.split} ({len(dataset)} images): "
+    predict = mirrored_predict(model, dataset.classes) if arguments.mirror else None
+    result = evaluate(model, dataset, predict=predict)
+    mirrored = ", with test-time mirroring" if arguments.mirror else ""
+    print(f"{arguments.checkpoint} on {arguments.data} {arguments.split} ({len(dataset)} images{mirrored}): "
           f"accuracy {100 * result['accuracy']:.2f}%, {result['ms_per_image']:.2f} ms per image")
     for name in dataset.classes:
         f = result["f_measure"][name]
@@ -176,7 +179,7 @@ def command_eval(arguments):
         print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
     if arguments.json:
         record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
-                  "architecture": model.architecture, **result}
+                  "architecture": model.architecture, "mirror": arguments.mirror, **result}
         from .atomic import replacing
         with replacing(arguments.json) as temporary:
             with open(temporary, "w") as stream:
@@ -256,9 +259,14 @@ def command_parse(arguments):
                   "runs/table3/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN` writes "
                   "(minirnng ships only the 3-class parser)", file=sys.stderr)
             return 2
+        if arguments.mirror:
+            print("minirnng parse: --mirror works with the 3-class parser; the two-stage parser (--classes 11) "
+                  "has no test-time mirroring", file=sys.stderr)
+            return 2
         parser = TwoStageParser.load(arguments.checkpoint)
     else:
-        parser = FaceParser.load(arguments.checkpoint) if arguments.checkpoint else FaceParser.pretrained()
+        parser = (FaceParser.load(arguments.checkpoint, mirror=arguments.mirror) if arguments.checkpoint
+                  else FaceParser.pretrained(mirror=arguments.mirror))
     os.makedirs(arguments.out, exist_ok=True)
     detect = not arguments.no_detect and detector_available()
     if not arguments.no_detect and not detector_available():
@@ -376,6 +384,8 @@ def build_parser():
     evaluate.add_argument("--size", type=int, default=None, help="synthetic: number of images")
     evaluate.add_argument("--json", help="write the scores to this JSON file")
     evaluate.add_argument("--confusion", help="write the confusion matrix as a PNG to this file")
+    evaluate.add_argument("--mirror", action="store_true",
+                          help="test-time mirroring: average the logits of each image and of its mirror image")
     evaluate.set_defaults(handler=command_eval)
 
     demo = commands.add_parser(
@@ -405,6 +415,8 @@ def build_parser():
     parse.add_argument("--out", default="minirnng-parsed", help="output folder (default minirnng-parsed)")
     parse.add_argument("--no-detect", action="store_true", help="parse each whole image as one face")
     parse.add_argument("--figure", action="store_true", help="also write a figure: image, labels, overlay")
+    parse.add_argument("--mirror", action="store_true",
+                       help="3 classes: average the scores of each face and of its mirror image (twice the time)")
     parse.set_defaults(handler=command_parse)
 
     reproduce = commands.add_parser(
