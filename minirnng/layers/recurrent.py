@@ -77,8 +77,9 @@ def to_axis_layout(array, horizontal):
         # within each 2-D image plane, then a move of whole rows) measure 2-4x faster than one
         # 4-D transpose, whose innermost loop would stride across rows and planes.
         array = array.swapaxes(2, 3).copy()  # (N, C, W, H)
-    steps, channels, images, across = array.transpose(2, 1, 0, 3).shape
-    return array.transpose(2, 1, 0, 3).copy().reshape(steps, channels, images * across)
+    rows_first = array.transpose(2, 1, 0, 3)  # (T, C, N, S), a view
+    steps, channels, images, across = rows_first.shape
+    return rows_first.copy().reshape(steps, channels, images * across)
 
 
 def from_axis_layout(sequence, horizontal, shape):
@@ -124,7 +125,8 @@ def gated_scan_forward(h, g, W, b):
 
         h[t] = x[t] + g[t] * (W @ h[t-1] + b),      h[-1] = 0
 
-    h : (T, C, M) contiguous; on entry the input ``x``, on exit the hidden states.
+    h : (T, C, M), each step h[t] contiguous (a C-contiguous array or its reversed view, see
+    :func:`in_scan_order`); on entry the input ``x``, on exit the hidden states.
     g : (T, C, M) gates. W : (C, C). b : (C,).
 
     Written as ``h[t] = (x[t] + g[t] * b) + g[t] * (W @ h[t-1])`` so that the part that does not
@@ -182,7 +184,7 @@ def plain_scan_forward(h, W, b, activation):
 
         a[t] = x[t] + W @ h[t-1] + b,    h[t] = theta(a[t]),    h[-1] = 0
 
-    h : (T, C, M) contiguous. W : (C, C). b : (C,). theta is tanh or the identity.
+    h : (T, C, M), each step h[t] contiguous. W : (C, C). b : (C,). theta is tanh or the identity.
     """
     h += b[:, None]
     propagated = numpy.empty_like(h[0])
