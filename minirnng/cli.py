@@ -146,7 +146,7 @@ def command_train(arguments):
                          loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
-                         augment=not arguments.no_augment, seed=arguments.seed)
+                         augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
     trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
     trainer.run(resume=arguments.resume)
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
@@ -373,6 +373,9 @@ def build_parser():
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")
     train.add_argument("--validation-size", type=int, default=None, help="synthetic: number of validation images")
+    train.add_argument("--init", metavar="CHECKPOINT",
+                       help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
+                            "instead of a random initialisation")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=command_train)
 

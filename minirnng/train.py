@@ -27,7 +27,7 @@ from .atomic import replacing
 from .data.pipeline import Augmentation, batches
 from .metrics import ConfusionAccumulator
 from .models import ARCHITECTURES
-from .models.checkpoint import read_checkpoint, save_model
+from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
 
@@ -54,6 +54,8 @@ class TrainConfig:
     class_balance: float = 0.0
     augment: bool = True
     seed: int = 0
+    #: a checkpoint to start from instead of a random initialisation (fine-tuning); "" for none
+    init: str = ""
 
     def check(self):
         if self.model not in ARCHITECTURES:
@@ -195,6 +197,18 @@ class Trainer:
         self.best_accuracy = float(training["best_accuracy"])
         self.log(f"resumed {self.last_path} after epoch {self.epoch}")
 
+    def initialize_from(self, path):
+        """Start from the weights of the checkpoint at ``path`` (fine-tuning) instead of the random
+        ones: the same architecture, sizes and classes, or a clear error. The optimizer, the
+        schedule and the epoch count start afresh. A resumed run takes its weights from
+        ``last.npz`` and never reads ``path`` again."""
+        source = load_model(path, expect=self.config.model)
+        if source.classes and list(source.classes) != list(self.model.classes):
+            raise ValueError(f"cannot start from {os.fspath(path)!r}: it was trained on the classes "
+                             f"{list(source.classes)}, this run has {list(self.model.classes)}")
+        self.model.load_params(source.params(), source=f"checkpoint {os.fspath(path)!r}")
+        self.log(f"starting from the weights of {os.fspath(path)}")
+
     # -- one epoch --------------------------------------------------------------------------
     def train_epoch(self):
         from tqdm import tqdm
@@ -241,6 +255,8 @@ class Trainer:
         elif os.path.exists(self.last_path):
             raise FileExistsError(f"{self.last_path} exists: pass resume=True (--resume) to continue that run, "
                                   "or choose another output folder; nothing was overwritten")
+        elif self.config.init:
+            self.initialize_from(self.config.init)
         while self.epoch < self.config.epochs:
             epoch_start = time.perf_counter()
             row = {"epoch": self.epoch + 1}

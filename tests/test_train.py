@@ -143,6 +143,44 @@ def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_pa
     assert result["ms_per_image"] > 0 and numpy.sum(result["confusion"]) == 6 * 32 * 32
 
 
+def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fit(tiny_data, tmp_path):
+    from minirnng.models import RNNG, CheckpointError
+
+    source = RNNG(n_classes=3, rng=11)
+    source.classes = list(tiny_data[0].classes)
+    source.save(tmp_path / "source.npz")
+    logged = []
+    trainer = Trainer(TrainConfig(epochs=1, batch_size=4, lr=1e-12, warmup=0.0, init=str(tmp_path / "source.npz")),
+                      *tiny_data, tmp_path / "run", progress=False, log=logged.append)
+    trainer.run()  # a vanishing learning rate keeps the weights: what is trained is what was loaded
+    assert any("starting from the weights of" in line for line in logged)
+    for name, value in source.params().items():
+        numpy.testing.assert_allclose(trainer.model.params()[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
+    # resuming takes the weights from last.npz and never reads the init checkpoint again
+    os.remove(tmp_path / "source.npz")
+    resumed = Trainer(TrainConfig(epochs=2, batch_size=4, lr=1e-12, warmup=0.0, init=str(tmp_path / "source.npz")),
+                      *tiny_data, tmp_path / "run", progress=False, log=lambda line: None)
+    resumed.run(resume=True)
+    assert resumed.epoch == 2
+
+    other = RNNG(n_classes=3, rng=1)
+    other.classes = ["background", "face", "hair"]
+    other.save(tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="trained on the classes"):
+        Trainer(TrainConfig(epochs=1, batch_size=4, init=str(tmp_path / "other.npz")), *tiny_data,
+                tmp_path / "run2", progress=False, log=lambda line: None).run()
+    with pytest.raises(CheckpointError, match="not 'cnn-s'"):
+        Trainer(TrainConfig(model="cnn-s", epochs=1, batch_size=4, init=str(tmp_path / "other.npz")), *tiny_data,
+                tmp_path / "run3", progress=False, log=lambda line: None).run()
+    RNNG(n_classes=4, rng=1).save(tmp_path / "four.npz")
+    with pytest.raises(ValueError, match="shape"):
+        Trainer(TrainConfig(epochs=1, batch_size=4, init=str(tmp_path / "four.npz")), *tiny_data,
+                tmp_path / "run4", progress=False, log=lambda line: None).run()
+    with pytest.raises(FileNotFoundError, match="missing.npz' does not exist"):
+        Trainer(TrainConfig(epochs=1, batch_size=4, init=str(tmp_path / "missing.npz")), *tiny_data,
+                tmp_path / "run5", progress=False, log=lambda line: None).run()
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="unknown model 'unet'"):
         TrainConfig(model="unet").check()
