@@ -165,8 +165,8 @@ class RNNG(Model):
         images (N, 3, H, W) -> logits (N, K, H, W), the same numbers.
 
         The coarse and edge heads, which only the training loss reads, are skipped, and the trunk
-        runs by :func:`~.base.infer_chain`, which fuses the ReLUs into the convolutions (on the
-        kernel path, five launches fewer than ``forward``).
+        runs by :func:`~.base.infer_chain`, which fuses the ReLUs into the convolutions: on the
+        kernel path, 11 launches instead of ``forward``'s 16 with the direct convolutions.
         """
         L = self.layers
         a = infer_chain(L, self.trunk, self.check_images(images))
