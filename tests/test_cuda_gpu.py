@@ -309,6 +309,26 @@ def test_rnng_infer_on_the_gpu_gives_the_logits_of_forward(algorithm):
     cupy.testing.assert_array_equal(inferred, logits)
 
 
+def test_mirrored_logits_on_the_gpu_match_the_host():
+    """Test-time mirroring with the HELEN classes, whose permutation indexes a CuPy array."""
+    import cupy
+    from minirnng.data.classes import HELEN_CLASSES
+    from minirnng.mirroring import mirrored_logits
+    reference = RNNG(n_classes=len(HELEN_CLASSES), rng=4, dtype=numpy.float64)
+    reference.randomize_recurrence(5)
+    with backend.use("cupy"):
+        model = RNNG(n_classes=len(HELEN_CLASSES), rng=4, dtype=numpy.float64)
+        model.load_params({name: value for name, value in reference.params().items()})
+    reference.classes = model.classes = list(HELEN_CLASSES)
+    images = numpy.random.default_rng(27).standard_normal((2, 3, 16, 12))
+    with backend.use("numpy"):
+        expected = mirrored_logits(reference, images)
+    with backend.use("cupy"):
+        scores = mirrored_logits(model, cupy.asarray(images))
+    assert isinstance(scores, cupy.ndarray)
+    numpy.testing.assert_allclose(backend.to_numpy(scores), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_the_shipped_parser_on_the_gpu_agrees_with_the_host():
     from minirnng.data.synthetic import SyntheticFaces
     from minirnng.parser import FaceParser
