@@ -110,3 +110,66 @@ class ConfusionAccumulator:
 
     def summary(self):
         return summarize(self.matrix, self.classes)
+
+
+
+def accuracy_range(f_measures, class_fractions):
+    """The pixel accuracies that a table's per-class F-measures allow, given how often each class occurs.
+
+    A table that prints F_k for every class and the pixel accuracy of the same predictions must
+    satisfy an identity. In fractions of all pixels, let G_k be the share of class k in the
+    ground truth, P_k its share in the predictions and T_k the share of pixels that are k in both.
+    Then F_k = 2 T_k / (P_k + G_k) and the accuracy is sum_k T_k, so
+
+        accuracy = sum_k F_k (P_k + G_k) / 2.
+
+    P is unknown, but not free:
+
+    - sum_k P_k = 1;
+    - T_k <= min(P_k, G_k), which puts each P_k in  G_k F_k / (2 - F_k) <= P_k <= G_k (2 - F_k) / F_k;
+    - every mistake is counted twice, as a miss of its true class and a false alarm of its
+      predicted class, so no class takes part in more mistakes than there are:
+      (P_k + G_k)(1 - F_k) <= 1 - accuracy.
+
+    All three are linear in P, and so is the accuracy: its smallest and largest values are two
+    small linear programs (``scipy.optimize.linprog``). These are conditions any confusion matrix
+    meets, so an accuracy outside the returned interval cannot come from these F-measures on data
+    with these class shares.
+
+    f_measures, class_fractions: sequences of K numbers in [0, 1]; the fractions sum to 1.
+    Returns ``(lowest, highest)`` as fractions, or None when no predictions at all have these
+    F-measures on data with these class shares.
+    """
+    from scipy.optimize import linprog
+
+    f = numpy.asarray(f_measures, dtype=numpy.float64)
+    g = numpy.asarray(class_fractions, dtype=numpy.float64)
+    if f.ndim != 1 or f.shape != g.shape or f.size < 2:
+        raise ValueError(f"accuracy_range needs one F-measure per class fraction (two classes or more), "
+                         f"got shapes {f.shape} and {g.shape}")
+    if not (numpy.all((f >= 0) & (f <= 1)) and numpy.all(g >= 0)):
+        raise ValueError("accuracy_range: F-measures must be in [0, 1] and class fractions >= 0 "
+                         "(pass fractions, not percentages)")
+    if not numpy.isclose(g.sum(), 1.0):
+        raise ValueError(f"accuracy_range: the class fractions must sum to 1, they sum to {g.sum():.6g}")
+
+    half_f = f / 2                                   # accuracy = half_f @ P + half_f @ G
+    lowest_share = g * f / (2 - f)
+    highest_share = numpy.ones_like(g)
+    numpy.divide(g * (2 - f), f, out=highest_share, where=f > 0)
+    highest_share = numpy.minimum(highest_share, 1.0)
+    # (P_k + G_k)(1 - F_k) + half_f @ P + half_f @ G <= 1, one row per class k
+    mistakes = numpy.diag(1 - f) + half_f[None, :]
+    mistakes_bound = 1 - half_f @ g - (1 - f) * g
+
+    extremes = []
+    for sign in (1, -1):
+        solution = linprog(sign * half_f, A_ub=mistakes, b_ub=mistakes_bound,
+                           A_eq=numpy.ones((1, f.size)), b_eq=[1.0],
+                           bounds=list(zip(lowest_share, highest_share)), method="highs")
+        if solution.status == 2:                     # infeasible
+            return None
+        if not solution.success:
+            raise RuntimeError(f"accuracy_range: the linear program failed: {solution.message}")
+        extremes.append(float(half_f @ solution.x + half_f @ g))
+    return extremes[0], extremes[1]

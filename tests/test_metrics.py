@@ -4,8 +4,8 @@ import numpy
 import pytest
 
 from minirnng.data.classes import HELEN_CLASSES
-from minirnng.metrics import (ConfusionAccumulator, confusion_matrix, group_f_measure, pixel_accuracy,
-                              precision_recall_f, summarize, table3_scores)
+from minirnng.metrics import (ConfusionAccumulator, accuracy_range, confusion_matrix, group_f_measure,
+                              pixel_accuracy, precision_recall_f, summarize, table3_scores)
 
 
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
@@ -47,3 +47,48 @@ def test_accumulator_adds_batches():
     accumulator.add(numpy.array([[0, 1]]), numpy.array([[0, 1]]))
     accumulator.add(numpy.array([[1]]), numpy.array([[0]]))
     assert accumulator.matrix.tolist() == [[1, 1], [0, 1]]
+
+
+# -- accuracy_range: which accuracies per-class F-measures allow ---------------------------------
+
+def _random_confusion(generator, n_classes):
+    """A confusion matrix of a plausible parser: mostly right, with uneven class sizes and errors."""
+    sizes = generator.dirichlet(numpy.full(n_classes, 0.8)) * 1e6
+    confusion = generator.dirichlet(numpy.full(n_classes, 0.3), size=n_classes) * sizes[:, None]
+    confusion[numpy.diag_indices(n_classes)] += sizes * generator.uniform(0, 8, n_classes)
+    return confusion
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_accuracy_range_contains_the_accuracy_of_every_confusion_matrix(n_classes):
+    generator = numpy.random.default_rng(n_classes)
+    for _ in range(40):
+        confusion = _random_confusion(generator, n_classes)
+        _, _, f_measure = precision_recall_f(confusion)
+        class_fractions = confusion.sum(axis=1) / confusion.sum()
+        lowest, highest = accuracy_range(f_measure, class_fractions)
+        assert lowest - 1e-9 <= pixel_accuracy(confusion) <= highest + 1e-9
+
+
+def test_accuracy_range_of_perfect_and_of_useless_predictions():
+    assert accuracy_range([1.0, 1.0, 1.0], [0.5, 0.3, 0.2]) == pytest.approx((1.0, 1.0))
+    # all pixels called class 0: F_0 = 2 * 0.6 / 1.6, F_1 = 0, accuracy 0.6
+    assert accuracy_range([1.2 / 1.6, 0.0], [0.6, 0.4]) == pytest.approx((0.6, 0.6))
+
+
+def test_the_papers_table_1_rnng_column_needs_its_skin_and_background_swapped():
+    # LFW-PL's class shares (background, skin, hair), measured on the train and validation splits
+    # at 250 x 250 (docs/results.md); the paper's RNN-G F-measures and accuracy from its Table 1.
+    lfw_pl = [0.6833, 0.2136, 0.1031]
+    assert accuracy_range([0.9437, 0.9755, 0.8343], lfw_pl) is None      # as printed: impossible
+    lowest, highest = accuracy_range([0.9755, 0.9437, 0.8343], lfw_pl)  # F-skin and F-bg swapped
+    assert lowest <= 0.9546 <= highest
+
+
+def test_accuracy_range_names_bad_input():
+    with pytest.raises(ValueError, match="one F-measure per class"):
+        accuracy_range([0.9, 0.8], [0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="not percentages"):
+        accuracy_range([94.4, 97.6, 83.4], [0.68, 0.21, 0.11])
+    with pytest.raises(ValueError, match="sum to 1"):
+        accuracy_range([0.9, 0.8, 0.7], [0.5, 0.3, 0.1])
