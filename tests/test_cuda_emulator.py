@@ -6,6 +6,7 @@ outputs (argmax, winners) exactly. The backward passes of the scans and the loss
 checked against finite differences in float64, so they do not rest on a hand-derived reference.
 """
 
+import shutil
 import uuid
 
 import numpy
@@ -16,6 +17,7 @@ from cuda_cases import assert_close, directional_derivative, loss_inputs, normal
 from minirnng import backend
 from minirnng.cuda import DIRECTIONS, emulator, get_kernel, sources
 
+SHIPPED_KERNELS = sources.KERNEL_DIRECTORY
 DTYPES = [pytest.param(numpy.float32, id="float32"), pytest.param(numpy.float64, id="float64")]
 
 
@@ -459,3 +461,43 @@ def test_the_compiled_library_is_cached_on_disk(scratch_kernels, monkeypatch):
         raise AssertionError("the compiler ran again although the cache has the library")
     monkeypatch.setattr(emulator.subprocess, "run", no_compiling)
     assert emulator._library_path(name, numpy.dtype(numpy.float32)) == first
+
+
+def test_strided_taps_lists_exactly_the_taps_that_reach_a_position(scratch_kernels, tmp_path):
+    """strided_taps.cuh (col2im's and the transposed convolution's walk), pasted into a source by
+    ``#include``, against every tap tried one by one, for all small windows, strides and paddings."""
+    shutil.copy(SHIPPED_KERNELS / "strided_taps.cuh", tmp_path)
+    name = scratch_kernels('#include "strided_taps.cuh"\n' + r'''
+extern "C" __global__ void taps_of(const int* __restrict__ cases, int* __restrict__ out, int n) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n) return;
+    const StridedTaps taps = strided_taps(cases[4 * t], cases[4 * t + 1], cases[4 * t + 2], cases[4 * t + 3]);
+    out[3 * t] = taps.first_tap;
+    out[3 * t + 1] = taps.first_window;
+    out[3 * t + 2] = taps.count;
+}
+''')
+    cases_, expected = [], []
+    for k in range(1, 7):
+        for s in range(1, 4):
+            for p in range(0, k):
+                for windows in range(1, 6):
+                    for y in range(0, (windows - 1) * s + k - 2 * p + 1):
+                        reaching = [(i, (y + p - i) // s) for i in range(k)
+                                    if (y + p - i) % s == 0 and 0 <= (y + p - i) // s < windows]
+                        cases_.append((y + p, k, s, windows))
+                        expected.append(reaching)
+    cases_ = numpy.array(cases_, dtype=numpy.int32)
+    out = numpy.zeros((len(cases_), 3), numpy.int32)
+    get_kernel(name, "taps_of", numpy.float32)(((len(cases_) + 127) // 128,), (128,),
+                                               (cases_, out, numpy.int32(len(cases_))))
+    for (first_tap, first_window, count), reaching, case in zip(out, expected, cases_):
+        s = case[2]
+        walked = [(first_tap + a * s, first_window - a) for a in range(count)]
+        assert walked == reaching, f"yp, k, s, windows = {tuple(case)}"
+
+
+def test_a_missing_header_is_a_clear_error(scratch_kernels):
+    name = scratch_kernels('#include "no_such_header.cuh"\nextern "C" __global__ void noop(scalar_t* y, int n) { }\n')
+    with pytest.raises(ValueError, match="includes 'no_such_header.cuh', which is not in"):
+        sources.read_source(name)

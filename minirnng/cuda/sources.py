@@ -77,10 +77,32 @@ def source_names():
     return sorted(path.stem for path in KERNEL_DIRECTORY.glob("*.cu"))
 
 
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([\w.]+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
 @functools.lru_cache(maxsize=None)
 def read_source(source_name):
-    """The text of a kernel source (read once per process)."""
-    return source_path(source_name).read_text()
+    """The text of a kernel source, its headers pasted in (read once per process).
+
+    A line ``#include "name.cuh"`` is replaced by ``minirnng/kernels/name.cuh`` itself, framed by
+    ``#line`` directives so that compiler messages still name the right file and line. Pasting,
+    rather than passing an include path to the compilers, keeps each source one self-contained
+    text: CuPy's and the emulator's caches are keyed by that text, so editing a header recompiles
+    every source that includes it. Headers may not include headers.
+    """
+    path = source_path(source_name)
+    text = path.read_text()
+
+    def paste(match):
+        header = KERNEL_DIRECTORY / match.group(1)
+        if not header.is_file():
+            raise ValueError(f"{path.name} includes {match.group(1)!r}, which is not in {KERNEL_DIRECTORY}")
+        header_text = header.read_text()
+        if _INCLUDE.search(header_text):
+            raise ValueError(f"{header.name} includes another header; minirnng's headers must be self-contained")
+        next_line = text.count("\n", 0, match.end()) + 2
+        return f'#line 1 "{header}"\n{header_text}\n#line {next_line} "{path}"'
+    return _INCLUDE.sub(paste, text)
 
 
 @functools.lru_cache(maxsize=None)

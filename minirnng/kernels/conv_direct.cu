@@ -22,11 +22,14 @@
 //                            Ho = (H - 1) * s - 2p + k
 //       y[n, o, oy, ox] = bias[o] + sum over (c, i, j, iy, ix) with oy = iy*s - p + i, ox = ix*s - p + j
 //                                   of weight[c, o, i, j] * x[n, c, iy, ix]
-//       written as a gather, the loop of col2im: for the output pixel, i runs over (oy + p) mod s in
-//       steps of s and iy = (oy + p - i) / s; at most ceil(k/s)^2 taps per input channel.
+//       written as a gather, the loop of col2im (strided_taps.cuh): for the output pixel, i runs
+//       over (oy + p) mod s in steps of s and iy = (oy + p - i) / s; at most ceil(k/s)^2 taps per
+//       input channel.
 //
 // Threads run over y in memory order: neighbours in a warp share (n, o) and read the same weights
 // (one broadcast load) and neighbouring pixels of x.
+
+#include "strided_taps.cuh"
 
 // Where the thread of element `index` of y (N, O, Ho, Wo) writes: y[n, o, oy, ox].
 struct OutputPixel {
@@ -82,21 +85,17 @@ extern "C" __global__ void conv_transpose2d_direct(const scalar_t* __restrict__ 
     const OutputPixel out = output_pixel((int)thread, O, Ho, Wo);
     const int n = out.n, o = out.o, oy = out.oy, ox = out.ox;
 
-    const int yp = oy + p;
-    const int xp = ox + p;
+    // The input pixels (iy, ix) of x play the part of col2im's windows: the same walk.
+    const StridedTaps rows = strided_taps(oy + p, k, s, H);
+    const StridedTaps columns = strided_taps(ox + p, k, s, W);
     scalar_t sum = bias == nullptr ? (scalar_t)0 : bias[o];
     for (int c = 0; c < C; ++c) {
         const scalar_t* image = x + ((long long)n * C + c) * H * W;
         const scalar_t* taps = weight + ((long long)c * O + o) * k * k;
-        // As in col2im: as i grows the input row iy shrinks, so once iy < 0 no later i can match.
-        for (int i = yp % s; i < k; i += s) {
-            const int iy = (yp - i) / s;
-            if (iy < 0) break;
-            if (iy >= H) continue;
-            for (int j = xp % s; j < k; j += s) {
-                const int ix = (xp - j) / s;
-                if (ix < 0) break;
-                if (ix >= W) continue;
+        for (int a = 0; a < rows.count; ++a) {
+            const int i = rows.first_tap + a * s, iy = rows.first_window - a;
+            for (int b = 0; b < columns.count; ++b) {
+                const int j = columns.first_tap + b * s, ix = columns.first_window - b;
                 sum += taps[i * k + j] * image[iy * W + ix];
             }
         }

@@ -23,6 +23,8 @@
 // entry, atomicAdd into x) would need atomics and would sum in a different order on every run; the
 // gather needs neither and gives the same bits every time.
 
+#include "strided_taps.cuh"
+
 extern "C" __global__ void im2col(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
                                   int N, int C, int H, int W, int k, int s, int p, int Ho, int Wo) {
     // One thread per element of cols, in memory order, so consecutive threads write consecutive
@@ -61,21 +63,16 @@ extern "C" __global__ void col2im(const scalar_t* __restrict__ cols, const scala
     const int c = (index / (W * H)) % C;
     const int n = index / (W * H * C);
 
-    // x[y, xx] was copied to window (oy, ox) at offset (i, j) exactly when y = oy*s - p + i, i.e.
-    // i = (y + p) - oy*s. So i runs over (y + p) mod s, then steps of s, while oy = (y + p - i) / s
-    // stays in range; as i grows oy shrinks, so once oy < 0 no later i can match.
+    // x[y, xx] was copied to window (oy, ox) at offset (i, j) exactly when y = oy*s - p + i and
+    // xx = ox*s - p + j: strided_taps lists those (i, oy) and (j, ox) pairs.
     const scalar_t* column_block = cols + (long long)n * C * k * k * Ho * Wo;
-    const int yp = y + p;
-    const int xp = xx + p;
+    const StridedTaps rows = strided_taps(y + p, k, s, Ho);
+    const StridedTaps columns = strided_taps(xx + p, k, s, Wo);
     scalar_t sum = bias == nullptr ? (scalar_t)0 : bias[c];
-    for (int i = yp % s; i < k; i += s) {
-        const int oy = (yp - i) / s;
-        if (oy < 0) break;
-        if (oy >= Ho) continue;
-        for (int j = xp % s; j < k; j += s) {
-            const int ox = (xp - j) / s;
-            if (ox < 0) break;
-            if (ox >= Wo) continue;
+    for (int a = 0; a < rows.count; ++a) {
+        const int i = rows.first_tap + a * s, oy = rows.first_window - a;
+        for (int b = 0; b < columns.count; ++b) {
+            const int j = columns.first_tap + b * s, ox = columns.first_window - b;
             const int row = (c * k + i) * k + j;
             sum += column_block[row * Ho * Wo + oy * Wo + ox];
         }
