@@ -139,7 +139,7 @@ def command_train(arguments):
     validation_set = load_split(arguments.data, "validation", arguments.root, n_classes, arguments.input_size,
                                 size=arguments.validation_size)
     print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}")
-    config = TrainConfig(model=arguments.model, n_classes=n_classes, epochs=arguments.epochs,
+    config = TrainConfig(model=arguments.model, n_classes=n_classes, hidden=arguments.hidden, epochs=arguments.epochs,
                          batch_size=arguments.batch_size, optimizer=arguments.optimizer, lr=arguments.lr,
                          momentum=arguments.momentum, weight_decay=arguments.weight_decay,
                          schedule=arguments.schedule, warmup=arguments.warmup,
@@ -348,6 +348,8 @@ def build_parser():
         description="Train a stage-1 model with the three-term loss, validating and checkpointing every epoch.")
     train.add_argument("--model", choices=sorted(ARCHITECTURES), default="rnng", help="architecture (default rnng)")
     add_data_arguments(train)
+    train.add_argument("--hidden", type=int, default=defaults.hidden,
+                       help=f"channels of X and of the gate G, each (default {defaults.hidden}, the spec's RNN-G)")
     train.add_argument("--out", default="runs/train", help="output folder for checkpoints, log and curves")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     train.add_argument("--epochs", type=int, default=defaults.epochs)

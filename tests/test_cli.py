@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy
 import pytest
 
 from minirnng import cli
@@ -52,3 +53,14 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert set(record["f_measure"]) == {"background", "skin", "hair"} and record["ms_per_image"] > 0
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
+                     "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet"]) == 0
+    from minirnng.models import load_model
+    model = load_model(out / "best.npz")
+    assert model.params()["rnn.left_to_right.W"].shape == (4, 4)
+    assert model.params()["deconv6.weight"].shape == (32, 8, 4, 4)
+    assert model.predict(numpy.zeros((1, 3, 32, 32), numpy.float32)).shape == (1, 32, 32)
