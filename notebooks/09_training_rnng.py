@@ -259,6 +259,49 @@ print(f"accuracy {100 * plain['accuracy']:.1f}% -> {100 * mirrored['accuracy']:.
 # 1.3 of F-hair (docs/training.md); on this small synthetic run the change may go either way by a
 # few tenths. `minirnng eval --mirror` and `minirnng parse --mirror` use it.
 #
+# ## 6. Reading a results table: what its F-measures allow
+#
+# A table such as the paper's Table 1 prints, per method, one F-measure per class and the pixel
+# accuracy. They come from one confusion matrix, so they cannot be chosen freely. In shares of
+# all pixels, let $G_k$ be class $k$'s share of the ground truth, $P_k$ its share of the
+# predictions and $T_k$ the share that is $k$ in both. Then
+#
+# $$F_k = \frac{2T_k}{P_k + G_k}, \qquad \text{accuracy} = \sum_k T_k = \sum_k F_k\,\frac{P_k + G_k}{2}.$$
+#
+# $P$ is not printed, but it is tied down: $\sum_k P_k = 1$; $T_k \le \min(P_k, G_k)$, so
+# $G_k F_k/(2 - F_k) \le P_k \le G_k (2 - F_k)/F_k$; and every mistake is a miss of its true
+# class and a false alarm of its predicted class, so class $k$ takes part in
+# $(P_k + G_k)(1 - F_k)$ mistakes, at most all of them: $(P_k + G_k)(1 - F_k) \le 1 - \text{accuracy}$.
+# Everything is linear in $P$, so the smallest and largest accuracy are two linear programs:
+# `minirnng.metrics.accuracy_range`. First the check on our own run, whose confusion matrix we have:
+
+# %%
+from minirnng.metrics import accuracy_range
+
+confusion = np.array(plain["confusion"], dtype=float)
+shares = confusion.sum(axis=1) / confusion.sum()
+f_measures = [plain["f_measure"][c] for c in classes]
+lowest, highest = accuracy_range(f_measures, shares)
+print(f"class shares {np.round(shares, 3)}; the F-measures allow {100 * lowest:.2f}% .. {100 * highest:.2f}%, "
+      f"measured {100 * plain['accuracy']:.2f}%")
+
+# %% [markdown]
+# The measured accuracy lies inside, as it must. For a model this weak the interval is wide;
+# the nearer the F-measures are to 1, the narrower it gets (with every F at 1 it is a single
+# point). Now the paper's RNN-G column (background, skin, hair), at LFW-PL's class shares
+# (measured on its train and validation splits, docs/results.md):
+
+# %%
+lfw_pl_shares = [0.6833, 0.2136, 0.1031]
+print("as printed (F-bg 94.37, F-skin 97.55, F-hair 83.43):", accuracy_range([0.9437, 0.9755, 0.8343], lfw_pl_shares))
+print("F-skin and F-bg swapped:", accuracy_range([0.9755, 0.9437, 0.8343], lfw_pl_shares))
+
+# %% [markdown]
+# As printed, no predictions on LFW-PL have those three F-measures (`None`): with the background
+# at 68% of the pixels, an F-bg of 94.37 means more background mistakes than an F-skin of 97.55
+# and an F-hair of 83.43 leave room for. With skin and background swapped the column fits its
+# printed 95.46%. docs/results.md checks every column of Table 1 this way.
+#
 # ## Summary
 #
 # - RNN-G trains on three losses: the result, the coarse map before the recurrence, and the gate's
@@ -269,6 +312,8 @@ print(f"accuracy {100 * plain['accuracy']:.1f}% -> {100 * mirrored['accuracy']:.
 # - In miniature, the recurrent models lead the convolutional baselines, as in Table 1.
 # - Averaging the scores of an image and of its mirror image makes the parser mirror-equivariant,
 #   for a second forward pass.
+# - A table's F-measures and the data's class shares pin its accuracy to a narrow interval; the
+#   paper's RNN-G column fails that check as printed and passes it with F-skin and F-bg swapped.
 #
 # ## Exercises
 #
@@ -282,3 +327,7 @@ print(f"accuracy {100 * plain['accuracy']:.1f}% -> {100 * mirrored['accuracy']:.
 # 5. Prove the equivariance of $z$ above in two lines, then break it: drop the $P$ for a model with
 #    the 11 HELEN classes (`minirnng.data.classes.HELEN_CLASSES`) and show which classes the check
 #    catches.
+# 6. The paper's CNN-CRF column prints F 91.25 (skin), 75.21 (hair), 99.58 (background) and an
+#    accuracy of 92.59. Use `accuracy_range` to show that these do not fit LFW-PL's shares, then
+#    find which single F-measure, changed by one digit, makes the column consistent. Is the answer
+#    unique?
