@@ -112,7 +112,6 @@ class ConfusionAccumulator:
         return summarize(self.matrix, self.classes)
 
 
-
 def accuracy_range(f_measures, class_fractions):
     """The pixel accuracies that a table's per-class F-measures allow, given how often each class occurs.
 
