@@ -130,15 +130,9 @@ def resolve_classes(arguments):
 
 def command_train(arguments):
     from .data.catalog import load_split
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, Trainer, check_output_folder
 
     n_classes = resolve_classes(arguments)
-    print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
-    train_set = load_split(arguments.data, "train", arguments.root, n_classes, arguments.input_size,
-                           size=arguments.train_size)
-    validation_set = load_split(arguments.data, "validation", arguments.root, n_classes, arguments.input_size,
-                                size=arguments.validation_size)
-    print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}")
     config = TrainConfig(model=arguments.model, n_classes=n_classes, hidden=arguments.hidden, epochs=arguments.epochs,
                          batch_size=arguments.batch_size, optimizer=arguments.optimizer, lr=arguments.lr,
                          momentum=arguments.momentum, weight_decay=arguments.weight_decay,
@@ -147,6 +141,15 @@ def command_train(arguments):
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
                          augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
+    # the checks that need no data first: loading it can take minutes
+    config.check()
+    check_output_folder(arguments.out, arguments.resume)
+    print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
+    train_set = load_split(arguments.data, "train", arguments.root, n_classes, arguments.input_size,
+                           size=arguments.train_size)
+    validation_set = load_split(arguments.data, "validation", arguments.root, n_classes, arguments.input_size,
+                                size=arguments.validation_size)
+    print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}")
     trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
     trainer.run(resume=arguments.resume)
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
@@ -441,9 +444,30 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run one subcommand: 0 on success, 1 when a check fails or the input is bad (a missing or
+    unreadable file, a corrupt checkpoint, a dataset not in its layout), 2 for options that do not
+    go together, 130 when interrupted. Bad input is reported in one line naming the problem, not
+    as a traceback; ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
+    from .backend import BackendError
+
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    return arguments.handler(arguments)
+    try:
+        return arguments.handler(arguments)
+    except (OSError, ValueError, BackendError) as error:
+        # the types the library raises for input it cannot use, each with a message that names the
+        # file, the shape or the option; an error of any other type keeps its traceback
+        if os.environ.get("MINIRNNG_TRACEBACK"):
+            raise
+        print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        hint = ""
+        if arguments.command == "train":
+            hint = (f"; every finished epoch is saved in {arguments.out}: continue with the same command "
+                    "and --resume")
+        print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

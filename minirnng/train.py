@@ -132,6 +132,21 @@ def evaluate(model, dataset, batch_size=32, predict=None):
 
 # -- the loop -------------------------------------------------------------------------------------
 
+def last_checkpoint_path(out_dir):
+    return os.path.join(out_dir, "last.npz")
+
+
+def check_output_folder(out_dir, resume):
+    """Refuse a run that would overwrite another run's checkpoints, or a resume with nothing to resume;
+    cheap, so that the command line can call it before loading the data."""
+    last = last_checkpoint_path(out_dir)
+    if resume and not os.path.exists(last):
+        raise FileNotFoundError(f"{last} does not exist: there is no run in {out_dir} to --resume")
+    if not resume and os.path.exists(last):
+        raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, "
+                              "or choose another output folder; nothing was overwritten")
+
+
 class Trainer:
     """Train one model on preloaded datasets; see the module docstring for what it writes.
 
@@ -163,7 +178,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     @property
     def last_path(self):
-        return os.path.join(self.out_dir, "last.npz")
+        return last_checkpoint_path(self.out_dir)
 
     @property
     def best_path(self):
@@ -248,13 +263,11 @@ class Trainer:
 
     def run(self, resume=False):
         """Train until ``config.epochs``; returns the history (one dict per epoch)."""
+        check_output_folder(self.out_dir, resume)
         os.makedirs(self.out_dir, exist_ok=True)
         keep_freed_memory()
         if resume:
             self.resume()
-        elif os.path.exists(self.last_path):
-            raise FileExistsError(f"{self.last_path} exists: pass resume=True (--resume) to continue that run, "
-                                  "or choose another output folder; nothing was overwritten")
         elif self.config.init:
             self.initialize_from(self.config.init)
         while self.epoch < self.config.epochs:

@@ -64,3 +64,53 @@ def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
     assert model.params()["rnn.left_to_right.W"].shape == (4, 4)
     assert model.params()["deconv6.weight"].shape == (32, 8, 4, 4)
     assert model.predict(numpy.zeros((1, 3, 32, 32), numpy.float32)).shape == (1, 32, 32)
+
+
+def test_bad_input_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MINIRNNG_TRACEBACK", raising=False)
+    assert cli.main(["parse", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"minirnng parse: error: image {str(tmp_path / 'missing.jpg')!r} does not exist"
+    (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "garbage.npz"), "--data", "synthetic", "--size", "2"]) == 1
+    assert "minirnng eval: error: checkpoint" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "lfw-pl", "--root", str(tmp_path), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minirnng train: error: LFWPL: folder") and "Traceback" not in err
+
+
+def test_minirnng_traceback_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIRNNG_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["parse", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)])
+
+
+def test_an_interrupted_training_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from minirnng import train
+
+    def interrupt(self, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "run", interrupt)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
+                     "--out", str(out), "--quiet"]) == 130
+    assert f"interrupted; every finished epoch is saved in {out}" in capsys.readouterr().err
+
+
+def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
+    import minirnng.data.catalog as catalog
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was loaded before the checks")
+
+    monkeypatch.setattr(catalog, "load_split", never)
+    assert cli.main(["train", "--data", "synthetic", "--epochs", "0", "--out", str(tmp_path / "a")]) == 1
+    assert "epochs and batch_size must be positive" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "synthetic", "--resume", "--out", str(tmp_path / "b")]) == 1
+    assert "there is no run in" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "last.npz").write_bytes(b"a run's checkpoint")
+    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "c")]) == 1
+    assert "last.npz exists: pass resume=True (--resume)" in capsys.readouterr().err
+    assert (tmp_path / "c" / "last.npz").read_bytes() == b"a run's checkpoint"

@@ -131,8 +131,17 @@ def test_checkpoint_errors(tmp_path):
         load_model(truncated)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="garbage.npz' is not a minirnng checkpoint: the file is not a .npz"):
         load_model(garbage)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        load_model(empty)
+    bare_array = tmp_path / "array.npz"
+    with open(bare_array, "wb") as stream:
+        numpy.save(stream, numpy.zeros(3))
+    with pytest.raises(CheckpointError, match="the file is a single .npy array"):
+        load_model(bare_array)
     plain = tmp_path / "plain.npz"
     numpy.savez(plain, weights=numpy.zeros(3))
     with pytest.raises(CheckpointError, match="not a minirnng checkpoint"):

@@ -70,6 +70,14 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as stream:
+        magic = stream.read(4)
+    # numpy.load decides by the first bytes too: a .npy file would come back as a bare array, and
+    # anything else would be offered to pickle
+    if magic != b"PK\x03\x04":
+        what = "empty" if not magic else "a single .npy array" if magic == b"\x93NUM" else "not a .npz archive"
+        raise CheckpointError(f"checkpoint {path!r} is not a minirnng checkpoint: the file is {what} "
+                              "(a checkpoint is a .npz written by save or train)")
     try:
         with numpy.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
