@@ -275,14 +275,22 @@ def command_parse(arguments):
     if not arguments.no_detect and not detector_available():
         print("note: OpenCV is not installed, so each image is parsed as one face "
               "(pip install 'minirnng[detect]' to detect several faces)")
-    for path in arguments.images:
-        image = read_image(path)
+    failed = 0
+    for path, stem in zip(arguments.images, output_stems(arguments.images)):
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as error:
+            # one unreadable file among many does not stop the others
+            if tracebacks_wanted():
+                raise
+            print(f"minirnng parse: error: {error}; skipped", file=sys.stderr)
+            failed += 1
+            continue
         if detect and hasattr(parser, "parse_faces"):
             labels, boxes = parser.parse_faces(image)
             faces = f"{len(boxes)} face(s) detected" if len(boxes) else "no face detected: parsed as one face"
         else:
             labels, faces = parser.parse(image), "parsed as one face"
-        stem = os.path.splitext(os.path.basename(path))[0]
         label_path = os.path.join(arguments.out, f"{stem}_labels.png")
         overlay_path = os.path.join(arguments.out, f"{stem}_overlay.png")
         write_png(label_path, labels)
@@ -294,7 +302,25 @@ def command_parse(arguments):
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, {faces}; {shares}")
         print(f"  labels:  {label_path} (pixel value = class index: {', '.join(parser.classes)})")
         print(f"  overlay: {overlay_path}")
+    if failed:
+        print(f"minirnng parse: {failed} of {len(arguments.images)} images could not be read", file=sys.stderr)
+        return 1
     return 0
+
+
+def output_stems(paths):
+    """The file-name stem of each image's outputs: its own, and ``stem-2``, ``stem-3``, ... for later
+    images with the same name (``a/face.jpg b/face.png``), so that no image's outputs replace another's."""
+    stems, taken = [], set()
+    for path in paths:
+        base = os.path.splitext(os.path.basename(path))[0]
+        stem, count = base, 1
+        while stem.casefold() in taken:  # casefold: Face.png and face.png are one file on some systems
+            count += 1
+            stem = f"{base}-{count}"
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems
 
 
 def write_png(path, array):
@@ -414,7 +440,9 @@ def build_parser():
         "parse", help="parse face images of any size",
         description="Parse images with a checkpoint (default: the pretrained 3-class RNN-G). With OpenCV "
                     "installed (extra 'detect') faces are detected and parsed one by one in LFW framing; "
-                    "without it the whole image is one face. Writes a label PNG and an overlay per image.")
+                    "without it the whole image is one face. Writes NAME_labels.png and NAME_overlay.png "
+                    "per image (NAME-2_... for a second image called NAME); an unreadable image is "
+                    "reported and skipped, and the exit status is then 1.")
     parse.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parse.add_argument("--checkpoint", help="a checkpoint (default: the pretrained parser)")
     parse.add_argument("--classes", type=int, choices=(3, 11), default=3,
@@ -443,6 +471,10 @@ def build_parser():
     return parser
 
 
+def tracebacks_wanted():
+    return bool(os.environ.get("MINIRNNG_TRACEBACK"))
+
+
 def main(argv=None):
     """Run one subcommand: 0 on success, 1 when a check fails or the input is bad (a missing or
     unreadable file, a corrupt checkpoint, a dataset not in its layout), 2 for options that do not
@@ -457,7 +489,7 @@ def main(argv=None):
     except (OSError, ValueError, BackendError) as error:
         # the types the library raises for input it cannot use, each with a message that names the
         # file, the shape or the option; an error of any other type keeps its traceback
-        if os.environ.get("MINIRNNG_TRACEBACK"):
+        if tracebacks_wanted():
             raise
         print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
         return 1

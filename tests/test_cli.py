@@ -70,7 +70,8 @@ def test_bad_input_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys, monke
     monkeypatch.delenv("MINIRNNG_TRACEBACK", raising=False)
     assert cli.main(["parse", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"minirnng parse: error: image {str(tmp_path / 'missing.jpg')!r} does not exist"
+    assert err.splitlines() == [f"minirnng parse: error: image {str(tmp_path / 'missing.jpg')!r} does not exist; skipped",
+                                "minirnng parse: 1 of 1 images could not be read"]
     (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "garbage.npz"), "--data", "synthetic", "--size", "2"]) == 1
     assert "minirnng eval: error: checkpoint" in capsys.readouterr().err
@@ -114,3 +115,27 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "c")]) == 1
     assert "last.npz exists: pass resume=True (--resume)" in capsys.readouterr().err
     assert (tmp_path / "c" / "last.npz").read_bytes() == b"a run's checkpoint"
+
+
+def test_parse_goes_on_past_a_bad_image_and_never_overwrites_its_own_outputs(tmp_path, capsys, rng):
+    from PIL import Image
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=numpy.uint8)).save(tmp_path / folder / "face.png")
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=numpy.uint8)).save(tmp_path / "a" / "Face.jpg")
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    images = [str(tmp_path / "a" / "face.png"), str(tmp_path / "broken.png"), str(tmp_path / "b" / "face.png"),
+              str(tmp_path / "a" / "Face.jpg")]
+    out = tmp_path / "out"
+    assert cli.main(["parse", *images, "--out", str(out), "--no-detect"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png' cannot be read" in captured.err and "1 of 4 images could not be read" in captured.err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["Face-3_labels.png", "Face-3_overlay.png", "face-2_labels.png", "face-2_overlay.png",
+                       "face_labels.png", "face_overlay.png"]
+    assert Image.open(out / "Face-3_labels.png").size == (50, 20)
+
+
+def test_output_stems():
+    assert cli.output_stems(["a/x.jpg", "b/x.png", "x-2.jpg", "c/X.jpg", "y.jpg"]) == ["x", "x-2", "x-2-2", "X-3", "y"]
