@@ -260,8 +260,8 @@ def conv_algorithm_table(rows):
 
 # -- 3. RNN-G ---------------------------------------------------------------------------------------
 
-def count_launches(model, images):
-    """Our kernel launches in one RNN-G forward (cuBLAS products and CuPy's copies come on top)."""
+def count_launches(call):
+    """Our kernel launches in one ``call()`` (cuBLAS products and CuPy's own kernels come on top)."""
     from minirnng.cuda import launch
 
     launched = []
@@ -272,7 +272,7 @@ def count_launches(model, images):
         return original(self, grid, block, args)
     launch.Kernel.__call__ = counting
     try:
-        model.forward(images)
+        call()
     finally:
         launch.Kernel.__call__ = original
     return len(launched)
@@ -291,8 +291,9 @@ def rnng_rows(timer, quick):
     with backend.use("cupy"):
         model = build_rnng()
         one = cupy.asarray(random_images(numpy, 1))
-        notes.append(f"our kernel launches per RNN-G forward at batch 1: {count_launches(model, one)} "
-                     "(plus 2 copies for the split and 1 arg-max in predict; no cuBLAS product at this size)")
+        notes.append(f"our kernel launches at batch 1: {count_launches(lambda: model.predict(one))} per predict "
+                     f"(model.infer, plus CuPy's arg-max), {count_launches(lambda: model.forward(one))} per "
+                     "training forward; no cuBLAS product at this size")
         blocks = 5 if quick else 15
         per_call = timer.throughput(lambda: model.predict(one), calls=50, blocks=blocks, warmup=10)
         latency = timer.latency(lambda: model.predict(one), repeats=20 if quick else 100, warmup=5)

@@ -1,7 +1,14 @@
 """Shared fixtures and the skipping rule for GPU tests."""
 
+import os
+
 import numpy
 import pytest
+
+# Every test names the backend it tests (GPU tests say ``backend.use("cupy")``); everything else
+# runs on NumPy, so the suite means the same on a machine with a GPU as in CI, where the default
+# backend would otherwise become CuPy. Set before minirnng is imported: the default is read once.
+os.environ["MINIRNNG_BACKEND"] = "numpy"
 
 
 def gpu_usable():

@@ -1,5 +1,6 @@
 """Backend choice: NumPy always, CuPy only when usable, MINIRNNG_BACKEND forcing, the xp helpers."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,6 @@ from minirnng import backend
 
 
 def run_python(code, **environment):
-    import os
     env = dict(os.environ, **environment)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
 
@@ -45,6 +45,15 @@ def test_asking_for_cupy_where_it_is_unusable_is_a_clear_error():
             pass
     result = run_python("from minirnng import backend; backend.current()", MINIRNNG_BACKEND="cupy")
     assert result.returncode != 0 and "MINIRNNG_BACKEND='cupy' asks for the GPU" in result.stderr
+
+
+@pytest.mark.gpu
+def test_the_default_is_cupy_where_a_gpu_is_usable():
+    environment = {key: value for key, value in os.environ.items() if key != "MINIRNNG_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", "from minirnng import backend; print(backend.current())"],
+                            capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "cupy"
 
 
 def test_importing_minirnng_does_not_import_cupy():
