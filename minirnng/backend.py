@@ -14,8 +14,10 @@ minirnng runs the same layers on three backends:
     compiler (see :mod:`minirnng.cuda.emulator`). For testing kernels without a GPU.
 
 The choice is made once and cached: ``MINIRNNG_BACKEND=numpy|cupy|cuda-emulator`` forces it,
-otherwise CuPy is used when it is usable and NumPy when it is not. :func:`use` switches
-temporarily (tests and notebooks compare the paths inside one process).
+otherwise CuPy is used when it is usable and NumPy when it is not. :func:`select` changes it for
+the rest of the process (the notebooks, which compute on NumPy arrays, begin with
+``select("numpy")``); :func:`use` switches inside a block (tests and notebooks compare the paths
+inside one process).
 
 Importing this module never imports CuPy; CuPy is imported only when it is asked about.
 """
@@ -81,12 +83,26 @@ def _validated(name, source):
     return name
 
 
-_override_stack = []
+_override_stack = []  # the blocks of use(), innermost last
+_selected = None  # select()'s choice; None: the default
 
 
 def current():
-    """Name of the backend in force: the innermost :func:`use`, else :func:`default_backend`."""
-    return _override_stack[-1] if _override_stack else default_backend()
+    """Name of the backend in force: the innermost :func:`use`, else :func:`select`'s choice, else
+    :func:`default_backend`."""
+    if _override_stack:
+        return _override_stack[-1]
+    return _selected or default_backend()
+
+
+def select(name):
+    """Make ``name`` the backend for the rest of this process, as ``MINIRNNG_BACKEND`` would have;
+    ``select(None)`` goes back to the default. For a notebook's first cell: a notebook that computes
+    on NumPy arrays says ``select("numpy")`` and runs the same on a machine with a GPU. :func:`use`
+    still switches inside a block. Returns the backend now in force."""
+    global _selected
+    _selected = None if name is None else _validated(name, source=f"backend.select({name!r})")
+    return current()
 
 
 @contextlib.contextmanager
@@ -97,6 +113,23 @@ def use(name):
         yield name
     finally:
         _override_stack.pop()
+
+
+def describe():
+    """Where the current backend computes, in words for a log line: ``"CPU (NumPy)"``,
+    ``"GPU (NVIDIA H200, CuPy 14.2.0)"`` or ``"CPU (the CUDA emulator)"``."""
+    name = current()
+    if name == "numpy":
+        return "CPU (NumPy)"
+    if name == "cuda-emulator":
+        return "CPU (the CUDA emulator)"
+    import cupy
+    try:
+        card = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        card = card.decode() if isinstance(card, bytes) else str(card)
+    except Exception:  # the name is decoration; never fail a run over it
+        card = f"device {cupy.cuda.Device().id}"
+    return f"GPU ({card}, CuPy {cupy.__version__})"
 
 
 _IS_CUPY_TYPE = {}  # type -> whether it comes from the cupy package (asked for every array of every layer call)

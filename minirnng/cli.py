@@ -16,7 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy  # noqa: E402
 
-from . import __version__
+from . import __version__, backend
 
 
 # -- gradcheck ------------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ def command_train(arguments):
                            size=arguments.train_size)
     validation_set = load_split(arguments.data, "validation", arguments.root, n_classes, arguments.input_size,
                                 size=arguments.validation_size)
-    print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}")
+    print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}; "
+          f"training on the {backend.describe()}")
     trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
     trainer.run(resume=arguments.resume)
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
@@ -216,7 +217,8 @@ def command_demo(arguments):
     written.append(save_figure(parse_figure(image, labels, parser.classes, title="pretrained RNN-G (LFW-PL)"),
                                os.path.join(arguments.out, "grace_hopper_parsed.png")))
 
-    print(f"\n2. Training a small RNN-G on {arguments.train_size} synthetic faces for {arguments.epochs} epochs")
+    print(f"\n2. Training a small RNN-G on {arguments.train_size} synthetic faces for {arguments.epochs} "
+          f"epoch{'s' if arguments.epochs != 1 else ''} on the {backend.describe()}")
     train_set = load_split("synthetic", "train", n_classes=3, size=arguments.train_size)
     validation_set = load_split("synthetic", "validation", n_classes=3, size=100)
     test_set = load_split("synthetic", "test", n_classes=3, size=arguments.test_size)
@@ -230,10 +232,10 @@ def command_demo(arguments):
 
     print(f"\n3. The pipeline on {arguments.figure_images} test images: input, truth, coarse map, gate map, result")
     images, truth = test_set.images[:arguments.figure_images], test_set.labels[:arguments.figure_images]
-    outputs = model.forward(normalize(images))
-    figure = pipeline_figure(images, truth, outputs["coarse"].argmax(axis=1),
-                             model.intermediates["gate"].mean(axis=1), outputs["logits"].argmax(axis=1),
-                             test_set.classes, title="RNN-G trained for a minute on synthetic faces")
+    outputs = model.forward(backend.to_device(normalize(images)))
+    coarse, predicted = (backend.to_numpy(outputs[name].argmax(axis=1)) for name in ("coarse", "logits"))
+    figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"].mean(axis=1)),
+                             predicted, test_set.classes, title="RNN-G trained for a minute on synthetic faces")
     written.append(save_figure(figure, os.path.join(arguments.out, "synthetic_pipeline.png")))
 
     print(f"\n4. Results on {len(test_set)} synthetic test faces")
@@ -241,7 +243,7 @@ def command_demo(arguments):
     print(f"   {'pixel accuracy':<16} {100 * result['accuracy']:6.2f}%")
     for name in test_set.classes:
         print(f"   {'F-' + name:<16} {100 * result['f_measure'][name]:6.2f}%")
-    print(f"   {'time per image':<16} {result['ms_per_image']:6.2f} ms (CPU, batches of 32)")
+    print(f"   {'time per image':<16} {result['ms_per_image']:6.2f} ms on the {backend.describe()}, in batches of 32")
     print("\nwritten:")
     for path in written:
         print(f"   {path}")

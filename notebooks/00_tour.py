@@ -40,11 +40,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import cbook
 
+from minirnng import backend
 from minirnng.data.pipeline import normalize, resize_image
 from minirnng.gradcheck import check_model
 from minirnng.models import RNNG
 from minirnng.parser import read_image
 from minirnng.viz import colorize, overlay
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 image = read_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))   # uint8 (H, W, 3)
 print("image:", image.shape, image.dtype)

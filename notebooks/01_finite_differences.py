@@ -28,8 +28,11 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
+from minirnng import backend
 from minirnng.gradcheck import check, check_layer, numerical_gradient, relative_error
 from minirnng.layers import ReLU, Sigmoid
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 

@@ -27,11 +27,14 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
+from minirnng import backend
 from minirnng.data.pipeline import preload
 from minirnng.data.synthetic import SyntheticFaces
 from minirnng.gradcheck import check_layer, relative_error
 from minirnng.layers import Conv2d, ConvTranspose2d
 from minirnng.layers import naive
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 

@@ -29,9 +29,11 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minirnng import labs
+from minirnng import backend, labs
 from minirnng.gradcheck import check_layer, relative_error
 from minirnng.layers import MaxPool2d, ReLU
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 

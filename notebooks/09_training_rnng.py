@@ -38,6 +38,7 @@ import tempfile
 import matplotlib.pyplot as plt
 import numpy as np
 
+from minirnng import backend
 from minirnng.data.pipeline import normalize, preload
 from minirnng.data.synthetic import SyntheticFaces
 from minirnng.gradcheck import check_model
@@ -47,6 +48,8 @@ from minirnng.objective import StageOneObjective
 from minirnng.optim import OPTIMIZERS
 from minirnng.train import TrainConfig, Trainer, evaluate
 from minirnng.viz import colorize
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 train_set = preload(SyntheticFaces(160, size=64, n_classes=3, seed=0), size=(64, 64))

@@ -36,6 +36,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from minirnng import backend
 from minirnng.data.classes import HELEN_CLASSES
 from minirnng.data.pipeline import denormalize, normalize, preload
 from minirnng.data.synthetic import SyntheticFaces
@@ -47,6 +48,8 @@ from minirnng.models.stage2 import MouthNet, TwoStageParser
 from minirnng.models import RNNG
 from minirnng.train_stage2 import PAPER_TABLE3, ComponentTrainConfig, train_components, training_keypoints
 from minirnng.viz import colorize
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 train_set = preload(SyntheticFaces(160, size=128, n_classes=11, seed=0), size=(128, 128))

@@ -47,6 +47,26 @@ def test_asking_for_cupy_where_it_is_unusable_is_a_clear_error():
     assert result.returncode != 0 and "MINIRNNG_BACKEND='cupy' asks for the GPU" in result.stderr
 
 
+def test_select_sets_the_backend_for_the_rest_of_the_process():
+    try:
+        assert backend.select("cuda-emulator") == "cuda-emulator" == backend.current()
+        with backend.use("numpy"):
+            assert backend.current() == "numpy"  # use() still wins inside its block
+        assert backend.current() == "cuda-emulator"
+        with pytest.raises(backend.BackendError, match=r"backend.select\('tpu'\): unknown backend"):
+            backend.select("tpu")
+        assert backend.current() == "cuda-emulator"  # a refused choice changes nothing
+    finally:
+        assert backend.select(None) == backend.default_backend()
+
+
+def test_describe_names_where_the_backend_computes():
+    with backend.use("numpy"):
+        assert backend.describe() == "CPU (NumPy)"
+    with backend.use("cuda-emulator"):
+        assert backend.describe() == "CPU (the CUDA emulator)"
+
+
 @pytest.mark.gpu
 def test_the_default_is_cupy_where_a_gpu_is_usable():
     environment = {key: value for key, value in os.environ.items() if key != "MINIRNNG_BACKEND"}
@@ -54,6 +74,8 @@ def test_the_default_is_cupy_where_a_gpu_is_usable():
                             capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "cupy"
+    with backend.use("cupy"):
+        assert backend.describe().startswith("GPU (") and "CuPy" in backend.describe()
 
 
 def test_importing_minirnng_does_not_import_cupy():

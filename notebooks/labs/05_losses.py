@@ -39,12 +39,14 @@
 import matplotlib.pyplot as plt
 import numpy as np
 
-from minirnng import labs
+from minirnng import backend, labs
 from minirnng.data.pipeline import preload
 from minirnng.data.synthetic import SyntheticFaces
 from minirnng.gradcheck import check_loss, relative_error
 from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask, boundary_target
 from minirnng.objective import class_balance_weights
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 

@@ -41,10 +41,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import display
 
-from minirnng import labs
+from minirnng import backend, labs
 from minirnng.gradcheck import check_layer, numerical_gradient, relative_error
 from minirnng.layers import FourWayGatedRNN, GatedSpatialRNN, constrain_recurrent_weight
 from minirnng.propagation import demonstrate_propagation
+
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
 rng = np.random.default_rng(0)
 

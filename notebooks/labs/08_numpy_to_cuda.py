@@ -50,6 +50,8 @@ from minirnng.cuda.sources import read_source
 from minirnng.gradcheck import relative_error
 from minirnng.layers import GatedSpatialRNN, constrain_recurrent_weight
 
+backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
+
 # The emulator caches compiled kernels on disk; keep this notebook's cache in a temporary folder.
 cache = tempfile.TemporaryDirectory()
 os.environ["MINIRNNG_CACHE_DIR"] = cache.name
@@ -258,13 +260,14 @@ if usable:
     import cupy
 
     direction = "top_to_bottom"
+    dh = np.random.default_rng(8).standard_normal(x.shape)  # a random upstream gradient, not ones
     with backend.use("cuda-emulator"):
         h_cpu, cache_cpu = gated_scan_forward_gpu(x, g, weight[2], bias[2], direction)
-        grads_cpu = gated_scan_backward_gpu(np.ones_like(x), cache_cpu)
+        grads_cpu = gated_scan_backward_gpu(dh, cache_cpu)
     with backend.use("cupy"):
         h_gpu, cache_gpu = gated_scan_forward_gpu(*(cupy.asarray(a) for a in (x, g, weight[2], bias[2])), direction)
-        grads_gpu = gated_scan_backward_gpu(cupy.ones(x.shape), cache_gpu)
-    print("GPU:", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+        grads_gpu = gated_scan_backward_gpu(cupy.asarray(dh), cache_gpu)
+        print("on the", backend.describe())
     print("h, GPU vs emulator:", relative_error(cupy.asnumpy(h_gpu), h_cpu))
     for name, on_gpu, on_cpu in zip(("dx", "dg", "dW", "db"), grads_gpu, grads_cpu):
         print(f"{name}, GPU vs emulator:", relative_error(cupy.asnumpy(on_gpu), on_cpu))

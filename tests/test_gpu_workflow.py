@@ -1,0 +1,170 @@
+"""What a user runs, on the GPU: training and resuming, every stage-1 model, the command line, stage 2.
+
+test_cuda_gpu.py checks each kernel, layer, loss and model against the NumPy path; these tests run
+the workflows around them with CuPy as the backend (the command line in a child process with
+``MINIRNNG_BACKEND=cupy``, as a user with a GPU gets it by default) and check that what comes out
+(checkpoints, scores, label images) is what the host gives.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from minirnng import backend, cli
+from minirnng.data.catalog import load_split
+from minirnng.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.gpu
+
+STAGE1_MODELS = ["rnng", "cnn-s", "cnn-deep", "rnn", "cnn-crf"]
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("[0-9]*.py"))
+
+
+def run_on_the_gpu(*arguments, script=None, cwd=None):
+    """``python -m minirnng ARGUMENTS`` (or ``python SCRIPT ARGUMENTS``) with CuPy as the backend;
+    fails the test with its stderr."""
+    root = str(pathlib.Path(__file__).parent.parent)  # minirnng from this checkout, installed or not
+    search_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    environment = dict(os.environ, MINIRNNG_BACKEND="cupy", MPLBACKEND="Agg", PYTHONPATH=search_path)
+    command = [sys.executable, *([str(script)] if script else ["-m", "minirnng"]), *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=cwd)
+    assert result.returncode == 0, f"{' '.join(command[1:])}:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def run_on_the_host(*arguments):
+    assert cli.main([str(argument) for argument in arguments]) == 0
+
+
+def read_labels(path):
+    from PIL import Image
+    return numpy.asarray(Image.open(path))
+
+
+def quiet(line):
+    pass
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
+    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
+    return train, validation
+
+
+def test_training_on_the_gpu_resumes_exactly_and_follows_the_host(tiny_data, tmp_path):
+    import cupy
+
+    from minirnng.models import load_model
+
+    config = TrainConfig(epochs=3, batch_size=4, seed=7)
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Interrupt  # killed right after the epoch's checkpoint was written
+
+    with backend.use("cupy"):
+        straight = Trainer(config, *tiny_data, tmp_path / "straight", progress=False, log=quiet)
+        straight.run()
+        with pytest.raises(Interrupt):
+            Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=stop_after_first_epoch).run()
+        resumed = Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=quiet)
+        resumed.run(resume=True)
+    with backend.use("numpy"):
+        host = Trainer(config, *tiny_data, tmp_path / "host", progress=False, log=quiet)
+        host.run()
+        saved = load_model(tmp_path / "straight" / "last.npz")
+
+    for name, value in straight.model.params().items():
+        assert isinstance(value, cupy.ndarray), name
+        numpy.testing.assert_allclose(backend.to_numpy(resumed.model.params()[name]), backend.to_numpy(value),
+                                      rtol=1e-5, atol=1e-6, err_msg=f"resumed run, {name}")
+        numpy.testing.assert_array_equal(saved.params()[name], backend.to_numpy(value), err_msg=f"checkpoint, {name}")
+    # Nine Adam steps in float32 on two devices: the losses agree to float32 rounding, amplified a little.
+    numpy.testing.assert_allclose([row["train_loss"] for row in straight.history],
+                                  [row["train_loss"] for row in host.history], rtol=1e-3)
+    assert len(resumed.history) == 3 and (tmp_path / "resumed" / "curves.png").exists()
+
+
+@pytest.mark.parametrize("model", STAGE1_MODELS)
+def test_every_stage1_model_trains_and_evaluates_on_the_gpu(model, tmp_path):
+    out = tmp_path / "run"
+    run_on_the_gpu("train", "--model", model, "--data", "synthetic", "--train-size", 8, "--validation-size", 4,
+                   "--input-size", 32, "--epochs", 1, "--batch-size", 4, "--out", out, "--quiet")
+    checkpoint = out / "best.npz"
+    run_on_the_gpu("eval", "--checkpoint", checkpoint, "--data", "synthetic", "--size", 4,
+                   "--json", tmp_path / "gpu.json")
+    run_on_the_host("eval", "--checkpoint", checkpoint, "--data", "synthetic", "--size", 4,
+                    "--json", tmp_path / "host.json")
+    on_gpu, on_host = (json.loads((tmp_path / name).read_text()) for name in ("gpu.json", "host.json"))
+    # The same weights on both: a pixel may flip only where two scores tie to float32 rounding.
+    assert on_gpu["accuracy"] == pytest.approx(on_host["accuracy"], abs=2e-3)
+
+
+def test_parse_on_the_gpu_gives_the_hosts_labels(tmp_path):
+    from PIL import Image
+
+    from minirnng.data.synthetic import SyntheticFaces
+
+    image, _ = SyntheticFaces(1, size=160, seed=5)[0]
+    Image.fromarray(image).save(tmp_path / "face.png")
+    for options in ([], ["--mirror"]):
+        run_on_the_gpu("parse", tmp_path / "face.png", "--no-detect", "--out", tmp_path / "gpu", *options)
+        run_on_the_host("parse", tmp_path / "face.png", "--no-detect", "--out", tmp_path / "host", *options)
+        on_gpu, on_host = (read_labels(tmp_path / side / "face_labels.png") for side in ("gpu", "host"))
+        assert on_gpu.shape == on_host.shape == image.shape[:2]
+        assert (on_gpu == on_host).mean() > 0.999, options
+
+
+def test_the_demo_runs_on_the_gpu(tmp_path):
+    output = run_on_the_gpu("demo", "--out", tmp_path, "--train-size", 32, "--test-size", 8, "--epochs", 1,
+                            "--quiet")
+    assert "synthetic faces for 1 epoch on the GPU (" in output and "ms on the GPU (" in output
+    written = [path for path in tmp_path.iterdir() if path.suffix in (".png", ".npz")]
+    assert len(written) >= 3, sorted(path.name for path in tmp_path.iterdir())
+
+
+def test_stage2_trains_on_the_gpu_and_its_parser_matches_the_host(tmp_path, monkeypatch):
+    from minirnng import train_stage2
+    from minirnng.data.synthetic import SyntheticFaces
+    from minirnng.models.stage2 import TwoStageParser
+
+    monkeypatch.setitem(train_stage2.BUDGETS, "tiny", {"synthetic": (16, 8, 8), "stage1_epochs": 1,
+                                                       "component_epochs": 1})
+    with backend.use("cupy"):
+        results = train_stage2.reproduce_table3("synthetic", "tiny", out_dir=str(tmp_path / "run"),
+                                                progress=False, log=quiet)
+    assert results["_meta"]["backend"] == "cupy"
+    checkpoint = tmp_path / "run" / "two_stage.npz"
+    image, _ = SyntheticFaces(1, size=128, n_classes=11, seed=3)[0]
+    with backend.use("numpy"):
+        expected = TwoStageParser.load(checkpoint).parse(image)
+    with backend.use("cupy"):
+        labels = TwoStageParser.load(checkpoint).parse(image)
+    assert isinstance(labels, numpy.ndarray) and labels.shape == expected.shape
+    assert (labels == expected).mean() > 0.999
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_each_notebook_runs_top_to_bottom_with_cupy_as_the_default(notebook, tmp_path):
+    """A notebook opened on a GPU machine computes on CuPy unless it says otherwise. Run here as the
+    plain script of its py:percent twin (nbmake runs the notebooks themselves, on NumPy, in CI).
+    ``display`` is IPython's, which need not be installed where the tests run: the runner drops
+    its import and stands in for it."""
+    runner = tmp_path / "run_notebook.py"
+    runner.write_text("import sys\n"
+                      "path = sys.argv[1]\n"
+                      "source = open(path).read().replace('from IPython.display import display\\n', '')\n"
+                      "namespace = {'__name__': '__main__', '__file__': path,\n"
+                      "             'display': lambda *objects, **options: None}\n"
+                      "exec(compile(source, path, 'exec'), namespace)\n")
+    run_on_the_gpu(notebook, script=runner, cwd=notebook.parent)
