@@ -1,4 +1,5 @@
-"""What a user runs, on the GPU: training and resuming, every stage-1 model, the command line, stage 2.
+"""What a user runs, on the GPU: training and resuming, every stage-1 model, the command line,
+the paper's tables, stage 2 and the notebooks.
 
 test_cuda_gpu.py checks each kernel, layer, loss and model against the NumPy path; these tests run
 the workflows around them with CuPy as the backend (the command line in a child process with
@@ -110,6 +111,32 @@ def test_every_stage1_model_trains_and_evaluates_on_the_gpu(model, tmp_path):
     assert on_gpu["accuracy"] == pytest.approx(on_host["accuracy"], abs=2e-3)
 
 
+def test_mirrored_eval_of_the_shipped_parser_on_the_gpu_gives_the_hosts_scores(tmp_path):
+    from minirnng.parser import PRETRAINED_WEIGHTS
+
+    for side, run in (("gpu", run_on_the_gpu), ("host", run_on_the_host)):
+        run("eval", "--checkpoint", PRETRAINED_WEIGHTS, "--data", "synthetic", "--size", 4, "--mirror",
+            "--json", tmp_path / f"{side}.json")
+    on_gpu, on_host = (json.loads((tmp_path / f"{side}.json").read_text()) for side in ("gpu", "host"))
+    assert on_gpu["mirror"] and on_gpu["accuracy"] == pytest.approx(on_host["accuracy"], abs=2e-3)
+
+
+@pytest.mark.parametrize("table", ["table1", "table2"])
+def test_the_papers_tables_run_on_the_gpu(table, tmp_path, monkeypatch):
+    from minirnng import reproduce
+
+    monkeypatch.setitem(reproduce.BUDGETS["table1"], "small", {"epochs": 1, "synthetic": (8, 4, 4)})
+    monkeypatch.setitem(reproduce.BUDGETS["table2"], "small", {"epochs": 1, "synthetic": (4, 2, 2)})
+    with backend.use("cupy"):
+        results = reproduce.reproduce(table, json_path=str(tmp_path / "table.json"), out_dir=str(tmp_path / "runs"),
+                                      progress=False, log=quiet)
+    written = json.loads((tmp_path / "table.json").read_text())
+    for name in (reproduce.PAPER_TABLE1 if table == "table1" else reproduce.PAPER_TABLE2):
+        accuracy = results[name]["accuracy"]
+        assert accuracy is None or 0 <= accuracy <= 1, name
+        assert written[name]["accuracy"] == accuracy
+
+
 def test_parse_on_the_gpu_gives_the_hosts_labels(tmp_path):
     from PIL import Image
 
@@ -152,6 +179,14 @@ def test_stage2_trains_on_the_gpu_and_its_parser_matches_the_host(tmp_path, monk
         labels = TwoStageParser.load(checkpoint).parse(image)
     assert isinstance(labels, numpy.ndarray) and labels.shape == expected.shape
     assert (labels == expected).mean() > 0.999
+
+    from PIL import Image
+    Image.fromarray(image).save(tmp_path / "face.png")
+    arguments = ("parse", tmp_path / "face.png", "--classes", 11, "--checkpoint", checkpoint, "--no-detect")
+    run_on_the_gpu(*arguments, "--out", tmp_path / "gpu")
+    run_on_the_host(*arguments, "--out", tmp_path / "host")
+    on_gpu, on_host = (read_labels(tmp_path / side / "face_labels.png") for side in ("gpu", "host"))
+    assert on_gpu.shape == image.shape[:2] and (on_gpu == on_host).mean() > 0.999
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
