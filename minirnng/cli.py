@@ -173,7 +173,8 @@ def command_eval(arguments):
     result = evaluate(model, dataset, predict=predict)
     mirrored = ", with test-time mirroring" if arguments.mirror else ""
     print(f"{arguments.checkpoint} on {arguments.data} {arguments.split} ({len(dataset)} images{mirrored}): "
-          f"accuracy {100 * result['accuracy']:.2f}%, {result['ms_per_image']:.2f} ms per image")
+          f"accuracy {100 * result['accuracy']:.2f}%, {result['ms_per_image']:.2f} ms per image "
+          f"on the {backend.describe()}")
     for name in dataset.classes:
         f = result["f_measure"][name]
         print(f"  F-{name:<12} {'n/a' if f is None else f'{100 * f:.2f}'}")
@@ -183,7 +184,8 @@ def command_eval(arguments):
         print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
     if arguments.json:
         record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
-                  "architecture": model.architecture, "mirror": arguments.mirror, **result}
+                  "architecture": model.architecture, "mirror": arguments.mirror, "device": backend.describe(),
+                  **result}
         from .atomic import replacing
         with replacing(arguments.json) as temporary:
             with open(temporary, "w") as stream:
@@ -480,7 +482,7 @@ def tracebacks_wanted():
 def main(argv=None):
     """Run one subcommand: 0 on success, 1 when a check fails or the input is bad (a missing or
     unreadable file, a corrupt checkpoint, a dataset not in its layout), 2 for options that do not
-    go together, 130 when interrupted. Bad input is reported in one line naming the problem, not
+    go together, 130 when interrupted, 141 when the reader of its output closed the pipe. Bad input is reported in one line naming the problem, not
     as a traceback; ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
     from .backend import BackendError
 
@@ -488,6 +490,11 @@ def main(argv=None):
     arguments = parser.parse_args(argv)
     try:
         return arguments.handler(arguments)
+    except BrokenPipeError:
+        # the reader of our output went away (`minirnng eval ... | head`): stop quietly, as other
+        # command-line tools do, and keep Python from reporting the pipe again when it exits
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program ended by a closed pipe
     except (OSError, ValueError, BackendError) as error:
         # the types the library raises for input it cannot use, each with a message that names the
         # file, the shape or the option; an error of any other type keeps its traceback

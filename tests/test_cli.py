@@ -139,3 +139,13 @@ def test_parse_goes_on_past_a_bad_image_and_never_overwrites_its_own_outputs(tmp
 
 def test_output_stems():
     assert cli.output_stems(["a/x.jpg", "b/x.png", "x-2.jpg", "c/X.jpg", "y.jpg"]) == ["x", "x-2", "x-2-2", "X-3", "y"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """``minirnng gradcheck | head -1``: no error message and no traceback once the reader has gone."""
+    process = subprocess.Popen([sys.executable, "-m", "minirnng", "gradcheck"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("minirnng")
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait() == 141 and stderr == ""
