@@ -1,4 +1,4 @@
-"""Shared fixtures and the skipping rule for GPU tests."""
+"""Shared fixtures, the skipping rule for GPU tests, and the test session's default backend."""
 
 import os
 
@@ -6,8 +6,9 @@ import numpy
 import pytest
 
 # Every test names the backend it tests (GPU tests say ``backend.use("cupy")``); everything else
-# runs on NumPy, so the suite means the same on a machine with a GPU as in CI, where the default
-# backend would otherwise become CuPy. Set before minirnng is imported: the default is read once.
+# runs on NumPy, so the suite means the same on a machine with a GPU, where the default backend
+# would otherwise be CuPy, as in CI. This overrides a MINIRNNG_BACKEND set by hand too. Set before
+# minirnng is imported: the default is read once.
 os.environ["MINIRNNG_BACKEND"] = "numpy"
 
 
