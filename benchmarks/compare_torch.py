@@ -1,6 +1,6 @@
 """minirnng's RNN-G against the same network in PyTorch eager mode, on the CPU, in one run.
 
-    python benchmarks/compare_torch.py [--threads 2] [--repeats 10]
+    python benchmarks/compare_torch.py [--threads 2] [--parallelism workers|blas] [--repeats 10]
 
 1. Builds RNN-G (3 classes) in minirnng and the same network as a ``torch.nn.Module`` whose
    parameter names are minirnng's, copies our weights into it with
@@ -13,6 +13,14 @@
    time of each are printed too (the work itself, whatever the load). The PyTorch recurrence is
    written the straightforward way (a Python loop over columns, autograd for the backward; see
    ``benchmarks/rnn.py``).
+
+   ``--threads T`` is the number of cores each library may use. PyTorch runs with
+   ``torch.set_num_threads(T)``; minirnng, with ``--parallelism workers`` (the default, what
+   ``minirnng train`` does), shares each batch among T worker threads
+   (:class:`minirnng.parallel.DataParallel`) that run their products on one OpenBLAS thread each,
+   and with ``--parallelism blas`` runs the model alone on T OpenBLAS threads. With T > 1
+   PyTorch is timed with one thread as well, in the same turns, and the ratios are given against
+   both (on the 2-core benchmark machine PyTorch eager is slower with two threads than with one).
 3. Measures the peak resident memory of a process that runs only minirnng's training steps.
 
 With ``--keep-freed-memory``, glibc's malloc is first told to keep freed memory for reuse
@@ -35,7 +43,10 @@ BATCH, SIZE, CLASSES = 16, 128, 3
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="BLAS and PyTorch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="cores each library may use (default 2)")
+    parser.add_argument("--parallelism", choices=("workers", "blas"), default="workers",
+                        help="how minirnng uses --threads cores: worker threads sharing each batch, one BLAS "
+                             "thread each (default, as minirnng train), or one model on that many BLAS threads")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--openblas-core", metavar="NAME",
                         help="OPENBLAS_CORETYPE for NumPy's OpenBLAS, e.g. SkylakeX (AVX-512) or Haswell (AVX2); "
@@ -62,16 +73,19 @@ def batch(numpy, seed=0):
 
 
 class OurStep:
-    """One minirnng training step and one inference, on a fixed batch."""
+    """One minirnng training step and one inference, on a fixed batch, with ``workers`` threads
+    sharing each batch (1: the model alone)."""
 
-    def __init__(self, numpy):
+    def __init__(self, numpy, workers=1):
         from minirnng.models import RNNG
         from minirnng.objective import StageOneObjective
         from minirnng.optim import Adam
+        from minirnng.parallel import DataParallel
 
         self.numpy = numpy
         self.model = RNNG(CLASSES, rng=0)
         self.model.randomize_recurrence(1)
+        self.network = DataParallel(self.model, workers)
         self.objective = StageOneObjective()
         self.optimizer = Adam(self.model.params(), self.model.grads(), lr=1e-4)
         self.images, self.labels = batch(numpy)
@@ -80,14 +94,14 @@ class OurStep:
     def train_step(self):
         model = self.model
         model.zero_grad()
-        outputs = model.forward(self.images)
+        outputs = self.network.forward(self.images)
         _, _, grads = self.objective(outputs, self.labels, self.rng)
-        model.backward(grads, input_gradient=False)
+        self.network.backward(grads, input_gradient=False)
         self.optimizer.step()
         model.constrain()
 
     def inference(self):
-        return self.model.predict(self.images)
+        return self.network.predict(self.images)
 
 
 def torch_model(torch, hidden=8):
@@ -194,10 +208,11 @@ def check_agreement(torch, numpy, ours, theirs):
     return worst_output, worst_grad
 
 
-def peak_memory_of_our_training(threads, keep_freed_memory):
+def peak_memory_of_our_training(threads, parallelism, keep_freed_memory):
     """Peak resident memory (MB) of a fresh process running minirnng training steps only (it
     inherits this process's environment, OPENBLAS_CORETYPE included)."""
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads)]
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", "--threads", str(threads),
+               "--parallelism", parallelism]
     if keep_freed_memory:
         command.append("--keep-freed-memory")
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -222,9 +237,9 @@ def peak_resident_megabytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def memory_probe():
+def memory_probe(workers):
     import numpy
-    step = OurStep(numpy)
+    step = OurStep(numpy, workers)
     for _ in range(5):
         step.train_step()
     print(peak_resident_megabytes())
@@ -232,8 +247,10 @@ def memory_probe():
 
 def main():
     arguments = parse_arguments()
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    workers = arguments.threads if arguments.parallelism == "workers" else 1
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(arguments.threads)
+    os.environ["OPENBLAS_NUM_THREADS"] = str(arguments.threads // workers)
     if arguments.openblas_core:
         os.environ["OPENBLAS_CORETYPE"] = arguments.openblas_core
     sys.path.insert(0, os.path.join(HERE, ".."))
@@ -244,19 +261,21 @@ def main():
         if keep_freed_memory():
             malloc = "glibc malloc keeps freed memory (minirnng.train.keep_freed_memory)"
     if arguments.memory_probe:
-        return memory_probe()
+        return memory_probe(workers)
     import numpy
     from timing import blas_description, interleaved_medians, median_seconds, print_table
 
-    ours = OurStep(numpy)
+    ours = OurStep(numpy, workers)
     try:
         import torch
     except ImportError:
         torch = None
     load = "load average %.1f %.1f %.1f" % os.getloadavg()
-    print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s), "
-          f"medians of {arguments.repeats} runs; numpy {numpy.__version__}, {blas_description()}; {malloc}; "
-          f"{os.cpu_count()} CPUs, {load} at the start")
+    ours_threads = (f"{workers} worker threads sharing each batch, 1 BLAS thread each" if workers > 1
+                    else f"{os.environ['OPENBLAS_NUM_THREADS']} BLAS thread(s)")
+    print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s): "
+          f"minirnng {ours_threads}; medians of {arguments.repeats} runs; numpy {numpy.__version__}, "
+          f"{blas_description()}; {malloc}; {os.cpu_count()} CPUs, {load} at the start")
     if torch is None:
         print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
         our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)
@@ -269,12 +288,24 @@ def main():
         print(f"agreement with PyTorch {torch.__version__}: outputs {worst_output:.1e}, "
               f"parameter gradients {worst_grad:.1e} (largest relative difference)")
         # ours and theirs in turns, so that both see the same load (see timing.py)
-        our_train, their_train = interleaved_medians([ours.train_step, theirs.train_step], arguments.repeats, warmup=2)
-        our_infer, their_infer = interleaved_medians([ours.inference, theirs.inference], arguments.repeats, warmup=2)
-        rows = [["training step", f"{BATCH / our_train:.0f}", f"{BATCH / their_train:.0f}",
-                 f"{their_train / our_train:.2f}x", "2x"],
-                ["inference", f"{BATCH / our_infer:.0f}", f"{BATCH / their_infer:.0f}",
-                 f"{their_infer / our_infer:.2f}x", "1.5x"]]
+        threads = [arguments.threads] + ([1] if arguments.threads > 1 else [])
+
+        def with_threads(count, function):
+            def run():
+                torch.set_num_threads(count)
+                return function()
+            return run
+
+        rows = []
+        for what, target, our_function, their_function in (("training step", "2x", ours.train_step, theirs.train_step),
+                                                            ("inference", "1.5x", ours.inference, theirs.inference)):
+            ours_seconds, *theirs_seconds = interleaved_medians(
+                [our_function] + [with_threads(count, their_function) for count in threads], arguments.repeats,
+                warmup=2)
+            for count, seconds in zip(threads, theirs_seconds):
+                rows.append([what, f"{BATCH / ours_seconds:.0f}", f"{BATCH / seconds:.0f} ({count} thread"
+                             f"{'s' if count > 1 else ''})", f"{seconds / ours_seconds:.2f}x", target])
+        torch.set_num_threads(arguments.threads)
         if arguments.threads == 1:
             # With one thread each, the CPU time of the process is the work itself, whatever the load.
             cpu = interleaved_medians([ours.train_step, theirs.train_step, ours.inference, theirs.inference],
@@ -285,7 +316,7 @@ def main():
                       f"{cpu[3] / cpu[2]:.2f}x", ""]]
         print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
     print("load average %.1f %.1f %.1f at the end" % os.getloadavg())
-    peak = peak_memory_of_our_training(arguments.threads, arguments.keep_freed_memory)
+    peak = peak_memory_of_our_training(arguments.threads, arguments.parallelism, arguments.keep_freed_memory)
     print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
 
 

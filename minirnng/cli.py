@@ -10,8 +10,10 @@ import sys
 
 # One BLAS thread unless the user asks for more: minirnng's matrix products are small (a few
 # hundred rows per image), a second OpenBLAS thread gains nothing on them, and OpenBLAS threads
-# busy-wait, so on a loaded machine they can slow a training step down a hundredfold. This must
-# run before NumPy is first imported, which for the command line is here.
+# busy-wait, so on a loaded machine they can slow a training step down a hundredfold. Training
+# keeps several cores busy with worker threads instead (minirnng.parallel), each running its
+# products on one core. This must run before NumPy is first imported, which for the command
+# line is here.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy  # noqa: E402
@@ -108,6 +110,17 @@ def command_gradcheck(arguments):
 
 # -- train and eval -------------------------------------------------------------------------------
 
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_data_arguments(parser, default_split=None):
     from .data.catalog import DATASETS
 
@@ -151,7 +164,8 @@ def command_train(arguments):
                                 size=arguments.validation_size)
     print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}; "
           f"training on the {backend.describe()}")
-    trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet)
+    trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet,
+                      workers=arguments.workers)
     trainer.run(resume=arguments.resume)
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
     print(f"log: {arguments.out}/log.csv, curves: {arguments.out}/curves.png")
@@ -411,6 +425,9 @@ def build_parser():
     train.add_argument("--init", metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")
+    train.add_argument("--workers", type=positive_int, default=None,
+                       help="threads that share each batch on the CPU (default: a resumed run's number, else "
+                            "every core this process may use; 1 = none)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=command_train)
 

@@ -30,6 +30,7 @@ from .models import ARCHITECTURES
 from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
+from .parallel import DataParallel, available_cores
 
 
 @dataclasses.dataclass
@@ -152,9 +153,13 @@ class Trainer:
 
     config : :class:`TrainConfig`; train_set, validation_set : ``PreloadedDataset`` at the model's
     input size; out_dir : folder for checkpoints and logs; progress : show a tqdm bar.
+    workers : threads that share each batch on the NumPy path (:class:`minirnng.parallel.DataParallel`);
+        None: the number a resumed run was using, and for a new run every core this process may use.
+        It is not part of the configuration: it changes only the rounding of the gradient sums, so a
+        run may move to a machine with other cores. The same seed and workers give the same bits.
     """
 
-    def __init__(self, config, train_set, validation_set, out_dir, progress=True, log=print):
+    def __init__(self, config, train_set, validation_set, out_dir, progress=True, log=print, workers=None):
         self.config = config.check()
         self.train_set, self.validation_set = train_set, validation_set
         self.out_dir = os.fspath(out_dir)
@@ -174,6 +179,17 @@ class Trainer:
         self.history = []
         self.best_accuracy = -1.0
         self.input_size = tuple(train_set.images.shape[1:3])
+        self.workers = workers
+        self._network = None
+
+    @property
+    def network(self):
+        """The model as training runs it: :class:`DataParallel` over ``workers`` threads."""
+        if self._network is None:
+            if self.workers is None:
+                self.workers = available_cores()
+            self._network = DataParallel(self.model, self.workers)
+        return self._network
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -189,7 +205,7 @@ class Trainer:
                    extra_arrays=self.optimizer.state_arrays(),
                    training={"config": dataclasses.asdict(self.config), "epoch": self.epoch,
                              "rng_state": self.rng.bit_generator.state, "history": self.history,
-                             "best_accuracy": self.best_accuracy})
+                             "best_accuracy": self.best_accuracy, "workers": self.network.workers})
 
     def resume(self):
         """Continue from ``last.npz`` in ``out_dir``: weights, optimizer, epoch, generator, history."""
@@ -211,6 +227,13 @@ class Trainer:
         self.history = list(training["history"])
         self.best_accuracy = float(training["best_accuracy"])
         self.log(f"resumed {self.last_path} after epoch {self.epoch}")
+        saved_workers = training.get("workers")  # absent in checkpoints of runs before DataParallel: 1
+        saved_workers = 1 if saved_workers is None else int(saved_workers)
+        if self.workers is None and self._network is None:
+            self.workers = saved_workers
+        elif self.network.workers != saved_workers:
+            self.log(f"note: the run used {saved_workers} worker thread(s) and continues with {self.network.workers}; "
+                     "the gradient sums are rounded differently from here on")
 
     def initialize_from(self, path):
         """Start from the weights of the checkpoint at ``path`` (fine-tuning) instead of the random
@@ -228,7 +251,7 @@ class Trainer:
     def train_epoch(self):
         from tqdm import tqdm
 
-        config, model = self.config, self.model
+        config, model, network = self.config, self.model, self.network
         steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         totals = {"loss": 0.0, "logits": 0.0, "coarse": 0.0, "edge": 0.0}
         seen = 0
@@ -241,9 +264,9 @@ class Trainer:
             self.optimizer.lr = learning_rate(config.schedule, config.lr, progress, config.warmup)
             images, labels = backend.to_device(images), backend.to_device(labels)
             model.zero_grad()
-            outputs = model.forward(images)
+            outputs = network.forward(images)
             total, parts, grads = self.objective(outputs, labels, self.rng)
-            model.backward(grads, input_gradient=False)
+            network.backward(grads, input_gradient=False)
             self.optimizer.step()
             model.constrain()
             batch = len(labels)
@@ -270,11 +293,13 @@ class Trainer:
             self.resume()
         elif self.config.init:
             self.initialize_from(self.config.init)
+        if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
+            self.log(f"{self.network.workers} worker threads share each batch (minirnng.parallel)")
         while self.epoch < self.config.epochs:
             epoch_start = time.perf_counter()
             row = {"epoch": self.epoch + 1}
             row.update(self.train_epoch())
-            validation = evaluate(self.model, self.validation_set)
+            validation = evaluate(self.network, self.validation_set)
             row["val_accuracy"] = validation["accuracy"]
             for name, value in validation["f_measure"].items():
                 row[f"val_F_{name}"] = value

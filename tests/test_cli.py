@@ -1,5 +1,6 @@
 """The command line: --help everywhere, and gradcheck's verdict."""
 
+import os
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
 def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
-                     "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet"]) == 0
+                     "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet",
+                     "--workers", "2"]) == 0
+    assert "2 worker threads share each batch" in capsys.readouterr().out
     from minirnng.models import load_model
     model = load_model(out / "best.npz")
     assert model.params()["rnn.left_to_right.W"].shape == (4, 4)
@@ -97,6 +100,14 @@ def test_an_interrupted_training_run_says_how_to_resume(tmp_path, capsys, monkey
     assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
                      "--out", str(out), "--quiet"]) == 130
     assert f"interrupted; every finished epoch is saved in {out}" in capsys.readouterr().err
+
+
+def test_train_refuses_a_number_of_workers_below_one(tmp_path, capsys):
+    for value in ("0", "two"):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--data", "synthetic", "--workers", value, "--out", str(tmp_path)])
+        assert "--workers" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):

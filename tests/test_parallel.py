@@ -1,0 +1,208 @@
+"""DataParallel: worker threads that share each batch give the serial model's numbers."""
+
+import threading
+
+import numpy
+import pytest
+
+from minirnng import backend
+from minirnng.data.catalog import load_split
+from minirnng.models import ARCHITECTURES, RNNG
+from minirnng.parallel import DataParallel, available_cores, shard_slices
+from minirnng.train import TrainConfig, Trainer, evaluate
+
+
+def twin_models(architecture="rnng", seed=0):
+    """A float64 model with distinct recurrent weights and an independent copy of it."""
+    cls = ARCHITECTURES[architecture]
+    model = cls(3, rng=seed, dtype=numpy.float64)
+    if hasattr(model, "randomize_recurrence"):
+        model.randomize_recurrence(1)
+    reference = cls(3, rng=seed + 1, dtype=numpy.float64)
+    reference.load_params(model.params())
+    return model, reference
+
+
+def random_like(outputs, rng):
+    return {name: rng.standard_normal(value.shape) for name, value in outputs.items()}
+
+
+def test_shard_slices_cover_the_batch_in_order_with_sizes_one_apart():
+    assert shard_slices(5, 2) == [slice(0, 3), slice(3, 5)]
+    assert shard_slices(16, 2) == [slice(0, 8), slice(8, 16)]
+    for batch in range(1, 12):
+        for shards in range(1, batch + 1):
+            slices = shard_slices(batch, shards)
+            sizes = [s.stop - s.start for s in slices]
+            assert slices[0].start == 0 and slices[-1].stop == batch and min(sizes) >= 1
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+    assert available_cores() >= 1
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("batch, workers", [(5, 3), (2, 4), (4, 2)])
+def test_forward_backward_and_predict_equal_the_serial_model(architecture, batch, workers, rng):
+    model, reference = twin_models(architecture)
+    network = DataParallel(model, workers)
+    images = rng.uniform(-0.5, 0.5, (batch, 3, 16, 16))
+    outputs, expected = network.forward(images), reference.forward(images)
+    assert outputs.keys() == expected.keys()
+    for name in expected:
+        numpy.testing.assert_allclose(outputs[name], expected[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    upstream = random_like(expected, rng)  # a random upstream gradient, not ones
+    # gradients accumulate, as the model's own backward does: start both from the same non-zero state
+    for grads in (model.grads(), reference.grads()):
+        for name, grad in grads.items():
+            grad[...] = numpy.arange(grad.size).reshape(grad.shape) * 1e-3
+    dimages, expected_dimages = network.backward(upstream), reference.backward(upstream)
+    numpy.testing.assert_allclose(dimages, expected_dimages, rtol=1e-11, atol=1e-13)
+    for name, grad in reference.grads().items():
+        numpy.testing.assert_allclose(model.grads()[name], grad, rtol=1e-10, atol=1e-12, err_msg=name)
+    numpy.testing.assert_allclose(network.infer(images), reference.infer(images), rtol=1e-12, atol=1e-13)
+    numpy.testing.assert_array_equal(network.predict(images), reference.predict(images))
+
+
+def test_training_without_the_input_gradient_and_after_an_update(rng):
+    model, reference = twin_models()
+    network = DataParallel(model, 2)
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    for step in range(2):
+        upstream = random_like(reference.forward(images), rng)
+        network.forward(images)
+        model.zero_grad(), reference.zero_grad()
+        assert network.backward(upstream, input_gradient=False) is None
+        reference.backward(upstream, input_gradient=False)
+        for name, grad in reference.grads().items():
+            numpy.testing.assert_allclose(model.grads()[name], grad, rtol=1e-10, atol=1e-12, err_msg=name)
+        # an optimizer step on the model's parameters: the next pass's replicas must see it
+        for params in (model.params(), reference.params()):
+            for name, value in params.items():
+                value -= 0.1 * reference.grads()[name]
+        model.constrain(), reference.constrain()
+
+
+def test_the_shards_run_in_worker_threads_and_one_worker_runs_the_model_itself(rng):
+    model, _ = twin_models()
+    network = DataParallel(model, 3)
+    seen = []
+    for replica in network.replicas:
+        original = replica.forward
+
+        def recording(images, original=original):
+            seen.append((threading.current_thread().name, images.shape[0]))
+            return original(images)
+        replica.forward = recording
+    network.forward(rng.uniform(-0.5, 0.5, (7, 3, 16, 16)))
+    assert sorted(size for _, size in seen) == [2, 2, 3]
+    # the first shard in the calling thread, the others in the pool's (a pool thread that is
+    # already free may take the third shard too)
+    assert [name for name, size in seen if size == 3] == [threading.current_thread().name]
+    assert sum(name.startswith("minirnng-shard") for name, _ in seen) == 2
+    network.close()
+
+    single = DataParallel(model, 1)
+    assert single.replicas == [model]
+    images = rng.uniform(-0.5, 0.5, (3, 3, 16, 16))
+    numpy.testing.assert_array_equal(single.forward(images)["logits"], model.forward(images)["logits"])
+
+
+def test_the_kernel_path_runs_unsplit(rng):
+    model, reference = twin_models()
+    network = DataParallel(model, 2)
+    images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16))
+    with backend.use("cuda-emulator"):
+        outputs = network.forward(images)
+        assert network._shards is None
+        expected = reference.forward(images)
+    numpy.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-12, atol=1e-13)
+
+
+def test_bad_arguments_are_clear_errors(rng):
+    model, _ = twin_models()
+    for workers in (0, -2):
+        with pytest.raises(ValueError, match="workers must be >= 1"):
+            DataParallel(model, workers)
+    for workers in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="workers must be an integer"):
+            DataParallel(model, workers)
+    network = DataParallel(model, 2)
+    outputs = network.forward(rng.uniform(-0.5, 0.5, (4, 3, 16, 16)))
+    upstream = random_like(outputs, rng)
+    upstream["coarse"] = upstream["coarse"][:3]
+    with pytest.raises(ValueError, match="gradient of 'coarse' must have the batch's 4 images"):
+        network.backward(upstream)
+    # an error in a worker thread reaches the caller, as the model's own message
+    with pytest.raises(ValueError, match="multiples of 4"):
+        network.forward(rng.uniform(-0.5, 0.5, (4, 3, 18, 16)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
+    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
+    return train, validation
+
+
+def quiet(line):
+    pass
+
+
+def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_workers(tiny_data, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=4, seed=3)
+    serial = Trainer(config, *tiny_data, tmp_path / "serial", progress=False, log=quiet, workers=1)
+    serial.run()
+    shared = Trainer(config, *tiny_data, tmp_path / "shared", progress=False, log=quiet, workers=2)
+    shared.run()
+    assert shared.network.workers == 2 and len(shared.network.replicas) == 2
+    # the same run up to the rounding of the gradient sums (which Adam's normalisation amplifies
+    # where a gradient is near zero, so the weights themselves drift apart faster than the losses)
+    for ours, theirs in zip(shared.history, serial.history):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+    assert evaluate(shared.network, tiny_data[1])["accuracy"] == evaluate(shared.model, tiny_data[1])["accuracy"]
+
+    # killed after its first epoch and resumed without saying how many workers: it continues with
+    # the run's own number, exactly as if it had never stopped
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Interrupt
+
+    interrupted = Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=stop_after_first_epoch,
+                          workers=2)
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=quiet)
+    resumed.run(resume=True)
+    assert resumed.network.workers == 2
+    for name, value in shared.model.params().items():
+        numpy.testing.assert_array_equal(resumed.model.params()[name], value, err_msg=name)
+
+    # resumed with another number: allowed, and said
+    lines = []
+    again = Trainer(TrainConfig(epochs=3, batch_size=4, seed=3), *tiny_data, tmp_path / "shared", progress=False,
+                    log=lines.append, workers=1)
+    again.run(resume=True)
+    assert any("used 2 worker thread(s) and continues with 1" in line for line in lines)
+
+
+def test_a_new_run_uses_every_core_by_default(tiny_data, tmp_path):
+    trainer = Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, progress=False, log=quiet)
+    assert trainer.network.workers == available_cores()
+    assert isinstance(trainer.model, RNNG)
+
+
+@pytest.mark.gpu
+def test_a_model_on_the_gpu_runs_unsplit(rng):
+    with backend.use("cupy"):
+        model = RNNG(3, rng=0)
+        network = DataParallel(model, 4)
+        assert network.replicas == [model]
+        images = backend.to_device(rng.uniform(-0.5, 0.5, (3, 3, 16, 16)).astype(numpy.float32))
+        logits = network.forward(images)["logits"]
+        numpy.testing.assert_array_equal(backend.to_numpy(logits), backend.to_numpy(model.forward(images)["logits"]))
+        upstream = {"logits": backend.to_device(rng.standard_normal(logits.shape).astype(numpy.float32))}
+        model.zero_grad()
+        assert network.backward(upstream).shape == images.shape
