@@ -5,8 +5,9 @@ A model's forward and backward pass treat the images of a batch independently; o
 them together. :class:`DataParallel` uses that, as PyTorch's ``DataParallel`` does on several
 GPUs, to keep several CPU cores busy with one model:
 
-1. **replicate**: ``workers - 1`` copies of the model are built once; before every pass the
-   model's current parameters are copied into them (a few thousand numbers: microseconds);
+1. **replicate**: ``workers - 1`` copies of the model are built once (``model.replica()``);
+   before every pass the model's current parameters are copied into them (RNN-G has about 24,000:
+   microseconds);
 2. **scatter**: the batch of ``N`` images is cut into ``S = min(workers, N)`` consecutive shards;
    shard ``s`` runs through replica ``s`` (replica 0 is the model itself) in a thread of its own;
 3. **gather**: the shards' outputs are concatenated along the batch axis, so the loss is computed
@@ -74,7 +75,7 @@ class DataParallel:
         optimizer.step()                                   # on model.params()
         model.constrain()
 
-    model : a stage-1 model (``forward``/``backward``/``infer``/``predict``, ``config()``);
+    model : a stage-1 model (``forward``/``backward``/``infer``/``predict``, ``replica()``);
         its parameters are the ones trained and its gradients the ones filled.
     workers : threads, at least 1; 1 runs everything on the model itself, unsplit.
 
@@ -91,11 +92,11 @@ class DataParallel:
         self._shards = None  # the slices of the last forward pass, None when it ran unsplit
         on_device = backend.is_cupy_array(next(iter(model.params().values())))
         for _ in range(0 if on_device else self.workers - 1):  # a model on the GPU always runs unsplit
-            replica = type(model)(**model.config(), rng=0, dtype=model.dtype)
-            if replica.params().keys() != model.params().keys():
-                raise TypeError(f"DataParallel: {type(model).__name__}(**config()) does not rebuild the model's "
+            replica = model.replica()
+            if replica.params().keys() != model.params().keys() or any(
+                    value.shape != model.params()[name].shape for name, value in replica.params().items()):
+                raise TypeError(f"DataParallel: {type(model).__name__}.replica() does not rebuild the model's "
                                 "parameters; its config() must give every constructor argument that shapes them")
-            replica.classes = model.classes
             self.replicas.append(replica)
 
     # -- what is the model's ---------------------------------------------------------------

@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def tiny_data():
+    """A training and a validation set of synthetic faces at 32 x 32 (12 and 6 images), for runs
+    that take a second."""
+    from minirnng.data.catalog import load_split
+    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
+    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
+    return train, validation
+
+
 @pytest.fixture
 def rng():
     return numpy.random.default_rng(12345)

@@ -17,7 +17,6 @@ import numpy
 import pytest
 
 from minirnng import backend, cli
-from minirnng.data.catalog import load_split
 from minirnng.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.gpu
@@ -53,13 +52,6 @@ def quiet(line):
 
 class Interrupt(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
-    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
-    return train, validation
 
 
 def test_training_on_the_gpu_resumes_exactly_and_follows_the_host(tiny_data, tmp_path):

@@ -6,7 +6,6 @@ import numpy
 import pytest
 
 from minirnng import backend
-from minirnng.data.catalog import load_split
 from minirnng.models import ARCHITECTURES, RNNG
 from minirnng.parallel import DataParallel, available_cores, shard_slices
 from minirnng.train import TrainConfig, Trainer, evaluate
@@ -137,13 +136,6 @@ def test_bad_arguments_are_clear_errors(rng):
         network.forward(rng.uniform(-0.5, 0.5, (4, 3, 18, 16)))
 
 
-@pytest.fixture(scope="module")
-def tiny_data():
-    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
-    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
-    return train, validation
-
-
 def quiet(line):
     pass
 
@@ -206,3 +198,13 @@ def test_a_model_on_the_gpu_runs_unsplit(rng):
         upstream = {"logits": backend.to_device(rng.standard_normal(logits.shape).astype(numpy.float32))}
         model.zero_grad()
         assert network.backward(upstream).shape == images.shape
+
+
+def test_replicas_keep_what_config_leaves_out(rng):
+    from minirnng.models import CNNCRF, DenseCRF
+    model = CNNCRF(3, rng=0, dtype=numpy.float64, crf=DenseCRF(iterations=2, bilateral_weight=9.0))
+    model.classes = ["background", "skin", "hair"]
+    network = DataParallel(model, 2)
+    assert network.replicas[1].crf is model.crf and network.replicas[1].classes == model.classes
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    numpy.testing.assert_array_equal(network.predict(images), model.predict(images))

@@ -6,7 +6,6 @@ import os
 import numpy
 import pytest
 
-from minirnng.data.catalog import load_split
 from minirnng.objective import StageOneObjective, class_balance_weights
 from minirnng.optim import SGD, Adam, learning_rate
 from minirnng.train import TrainConfig, Trainer, evaluate
@@ -86,13 +85,6 @@ def test_class_balance_weights():
     assert weights.mean() == pytest.approx(1.0)
     assert weights[2] / weights[0] == pytest.approx(16.0)
     numpy.testing.assert_allclose(class_balance_weights(labels, 3, power=0.0), 1.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    train = load_split("synthetic", "train", n_classes=3, input_size=32, size=12)
-    validation = load_split("synthetic", "validation", n_classes=3, input_size=32, size=6)
-    return train, validation
 
 
 class Interrupt(Exception):

@@ -90,6 +90,14 @@ class Model:
         for layer in self.layers.values():
             layer.zero_grad()
 
+    def replica(self):
+        """A new model of the same architecture and settings, with layers (and caches) of its own
+        and parameters to be copied in (:class:`minirnng.parallel.DataParallel` runs one per
+        worker thread). Models with settings that ``config()`` leaves out extend it."""
+        copy = type(self)(**self.config(), rng=0, dtype=self.dtype)
+        copy.classes = self.classes
+        return copy
+
     def parameter_count(self):
         return int(sum(value.size for value in self.params().values()))
 

@@ -89,5 +89,10 @@ class CNNCRF(CNNS):
         super().__init__(n_classes, hidden, rng=rng, dtype=dtype, gate_bias=gate_bias)
         self.crf = crf or DenseCRF()
 
+    def replica(self):
+        copy = super().replica()
+        copy.crf = self.crf  # no state of its own while it runs: one CRF serves every copy
+        return copy
+
     def predict(self, images):
         return self.crf.refine(self.infer(images), images).argmax(axis=1)
