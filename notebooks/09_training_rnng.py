@@ -117,6 +117,46 @@ for step in range(5):
     print(f"step {step}: loss {total:.4f}, largest row sum of the recurrent W {largest_row_sum:.3f}")
 
 # %% [markdown]
+# ### The same step on two cores
+#
+# Every layer treats the images of a batch independently; only the loss joins them, by averaging
+# over the batch. So the gradient of the batch's loss is the sum of what each part of the batch
+# contributes: cut the batch into shards $s$ and
+#
+# $$
+# \frac{\partial L}{\partial w} = \sum_s \sum_{n \in s} \frac{\partial L}{\partial w}\Big|_{\text{image } n},
+# $$
+#
+# where each shard's inner sum is what a backward pass over that shard alone accumulates, given
+# the upstream gradient of the whole batch's loss. `minirnng.parallel.DataParallel` runs each shard
+# through its own copy of the model in a thread of its own (NumPy releases Python's interpreter
+# lock inside its products and sweeps, so the threads really run at once), gathers the outputs so
+# that the loss is computed on the whole batch, and adds the shards' gradients into the model's.
+# `Trainer` does this by default, one worker thread per core (docs/benchmarks.md: a training
+# step at batch 16 takes 102 ms in one thread and 61 ms in two on a 2-core machine).
+# **What to expect:** the gradients of one pass over the whole batch, to rounding (about
+# $10^{-15}$ in float64).
+
+# %%
+from minirnng.parallel import DataParallel
+
+serial = RNNG(n_classes=3, rng=1, dtype=np.float64)
+serial.randomize_recurrence(2)
+shared = RNNG(n_classes=3, rng=5, dtype=np.float64)
+shared.load_params(serial.params())
+network = DataParallel(shared, workers=2)
+
+images64 = images.astype(np.float64)
+upstream = {name: rng.standard_normal(value.shape) for name, value in serial.forward(images64).items()}
+serial.backward(upstream, input_gradient=False)
+network.forward(images64)
+network.backward(upstream, input_gradient=False)
+worst = max(np.abs(shared.grads()[name] - grad).max() / np.abs(grad).max() for name, grad in serial.grads().items())
+print(f"{len(network.replicas)} copies of the model, one per thread; largest relative difference of the "
+      f"parameter gradients: {worst:.1e}")
+assert worst < 1e-10
+
+# %% [markdown]
 # ## 3. Watching the maps learn
 #
 # `minirnng.train.Trainer` runs that step over shuffled batches with a learning-rate schedule
@@ -310,6 +350,8 @@ print("F-skin and F-bg swapped:", accuracy_range([0.9755, 0.9437, 0.8343], lfw_p
 # - RNN-G trains on three losses: the result, the coarse map before the recurrence, and the gate's
 #   boundaries with 1:5 sampling; a step ends with the stability rule.
 # - The whole model's backward pass is checked by finite differences like each layer's.
+# - The images of a batch are independent until the loss, so worker threads can share a batch and
+#   sum their gradients: the same step on several cores.
 # - The coarse map, the gate and the result can be watched as training goes on; the gate learns to
 #   close on boundaries because the edge loss tells it where they are.
 # - In miniature, the recurrent models lead the convolutional baselines, as in Table 1.
@@ -334,3 +376,8 @@ print("F-skin and F-bg swapped:", accuracy_range([0.9755, 0.9437, 0.8343], lfw_p
 #    accuracy of 92.59. Use `accuracy_range` to show that these do not fit LFW-PL's shares, then
 #    find which single F-measure, changed by one digit, makes the column consistent. Is the answer
 #    unique?
+# 7. `DataParallel` computes the loss on the gathered outputs of the whole batch. Write the step
+#    the other way, each worker averaging the loss over its own shard and the gradients then
+#    averaged over the workers, and find the batches for which the two differ: shards of unequal
+#    size (a batch of 5 on two workers), and the edge term, whose 1:5 sample has a different
+#    number of pixels in each shard.
