@@ -41,6 +41,7 @@ from .models.keypoints import FaceShape, complete_keypoints, jitter_keypoints, k
 from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStageParser
 from .objective import class_balance_weights
 from .optim import SCHEDULES, Adam, learning_rate
+from .parallel import DataParallel, available_cores
 from .train import TrainConfig, Trainer, evaluate, write_log
 
 #: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
@@ -149,13 +150,15 @@ def crop_class_weights(dataset, keypoints, geometry, power, limit=400):
 # -- training -----------------------------------------------------------------------------------
 
 def train_components(train_set, keypoints, geometry, config=None, validation_set=None, validation_keypoints=None,
-                     progress=True, log=print):
+                     progress=True, log=print, workers=None):
     """Train the three component networks; returns ``(networks {"eyes", "nose", "mouth"}, history)``.
 
     train_set : a preloaded HELEN-class dataset (uint8 images (N, H, W, 3), labels (N, H, W));
     keypoints : float (N, 5, 2) in its pixels; geometry : a :class:`CropGeometry`; config : a
     :class:`ComponentTrainConfig`. With a validation set (and its key points), each epoch ends
-    with the networks' F-measures on its crops (:func:`evaluate_components`).
+    with the networks' F-measures on its crops (:func:`evaluate_components`). workers : threads
+    that share each network's batch of crops (:class:`minirnng.parallel.DataParallel`; None: every
+    core this process may use).
     """
     from tqdm import tqdm
 
@@ -165,6 +168,8 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     for network in networks.values():
         network.classes = list(network.component_classes)
     optimizers = {name: Adam(net.params(), net.grads(), lr=config.lr) for name, net in networks.items()}
+    workers = available_cores() if workers is None else workers
+    shared = {name: DataParallel(net, workers) for name, net in networks.items()}
     weights = crop_class_weights(train_set, keypoints, geometry, config.class_balance)
     losses = {name: SoftmaxCrossEntropy(class_weights=weights[name]) for name in networks}
     log("component class weights: " + "; ".join(
@@ -186,7 +191,7 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
             rate = learning_rate(config.schedule, config.lr, (epoch + step / steps_per_epoch) / config.epochs,
                                  config.warmup)
             for name, (images, labels) in _network_batches(crops, rng).items():
-                network, optimizer = networks[name], optimizers[name]
+                network, optimizer = shared[name], optimizers[name]
                 network.zero_grad()
                 logits = network.forward(backend.to_device(images))["logits"]
                 totals[name] += losses[name].forward(logits, backend.to_device(labels.astype(numpy.int64))) * len(chosen)

@@ -368,6 +368,13 @@ def test_component_training_runs_and_lowers_the_loss(faces):
     scores = evaluate_components(networks, dataset, keypoints, geometry)
     assert set(scores) == {"eyes brow", "eyes eye", "nose nose", "mouth upper lip", "mouth inner mouth",
                            "mouth lower lip"}
+    # worker threads that share each batch of crops: the same run up to the rounding of the gradient sums
+    for workers in (1, 2):
+        _, shared = train_components(dataset, keypoints, geometry, config, progress=False, log=lambda *_: None,
+                                     workers=workers)
+        for ours, theirs in zip(shared, history):
+            for name in networks:
+                assert ours[f"train_loss_{name}"] == pytest.approx(theirs[f"train_loss_{name}"], rel=1e-4)
 
 
 def test_table3_formatting_and_arguments():
