@@ -21,7 +21,7 @@ threads' products and sweeps proceed on two cores at once; only the Python betwe
 serialised. Each worker should run its products on one core: the command line sets
 ``OPENBLAS_NUM_THREADS=1`` before NumPy loads (an OpenBLAS thread per worker and core would
 oversubscribe the cores). Measured on the 2-core benchmark machine, quiet (docs/benchmarks.md):
-an RNN-G training step at batch 16 takes 102 ms in one thread and 63 ms with two workers.
+an RNN-G training step at batch 16 takes about 100 ms in one thread and 61 ms with two workers.
 
 The result is the serial pass's up to rounding: the shards' gradient sums are added in another
 order (each worker sums over its own images first). A run with the same seed and the same

@@ -133,7 +133,7 @@ for step in range(5):
 # lock inside its products and sweeps, so the threads really run at once), gathers the outputs so
 # that the loss is computed on the whole batch, and adds the shards' gradients into the model's.
 # `Trainer` does this by default, one worker thread per core (docs/benchmarks.md: a training
-# step at batch 16 takes 102 ms in one thread and 61 ms in two on a 2-core machine).
+# step at batch 16 takes about 100 ms in one thread and 61 ms in two on a 2-core machine).
 # **What to expect:** the gradients of one pass over the whole batch, to rounding (about
 # $10^{-15}$ in float64).
 
