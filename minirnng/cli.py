@@ -427,7 +427,7 @@ def build_parser():
                             "instead of a random initialisation")
     train.add_argument("--workers", type=positive_int, default=None,
                        help="threads that share each batch on the CPU (default: a resumed run's number, else "
-                            "every core this process may use; 1: the whole batch in one thread)")
+                            "one per core, at most 4; 1: the whole batch in one thread)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=command_train)
 

@@ -50,6 +50,19 @@ def available_cores():
         return os.cpu_count() or 1
 
 
+#: The most worker threads training uses by default. The Python between NumPy's calls holds the
+#: interpreter lock, and with 2 threads a step already loses a fifth of its time waiting for it
+#: (docs/benchmarks.md); with many threads on a batch of 16 each would run a shard of one or two
+#: images and mostly wait. Measured here on 2 cores only: more workers may pay on larger machines.
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers():
+    """The number of worker threads training uses unless told: one per core, at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    return min(available_cores(), MAX_DEFAULT_WORKERS)
+
+
 def shard_slices(batch_size, shards):
     """``shards`` consecutive slices that cut ``range(batch_size)`` into parts whose sizes differ
     by at most one, larger ones first: ``shard_slices(5, 2) == [slice(0, 3), slice(3, 5)]``."""

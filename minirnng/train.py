@@ -30,7 +30,7 @@ from .models import ARCHITECTURES
 from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
-from .parallel import DataParallel, available_cores
+from .parallel import DataParallel, default_workers
 
 
 @dataclasses.dataclass
@@ -154,7 +154,7 @@ class Trainer:
     config : :class:`TrainConfig`; train_set, validation_set : ``PreloadedDataset`` at the model's
     input size; out_dir : folder for checkpoints and logs; progress : show a tqdm bar.
     workers : threads that share each batch on the NumPy path (:class:`minirnng.parallel.DataParallel`);
-        None: the number a resumed run was using, and for a new run every core this process may use.
+        None: the number a resumed run was using, and for a new run one per core (at most 4).
         It is not part of the configuration: it changes only the rounding of the gradient sums, so a
         run may move to a machine with other cores. The same seed and workers give the same bits.
     """
@@ -187,7 +187,7 @@ class Trainer:
         """The model as training runs it: :class:`DataParallel` over ``workers`` threads."""
         if self._network is None:
             if self.workers is None:
-                self.workers = available_cores()
+                self.workers = default_workers()
             self._network = DataParallel(self.model, self.workers)
         return self._network
 

@@ -41,7 +41,7 @@ from .models.keypoints import FaceShape, complete_keypoints, jitter_keypoints, k
 from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStageParser
 from .objective import class_balance_weights
 from .optim import SCHEDULES, Adam, learning_rate
-from .parallel import DataParallel, available_cores
+from .parallel import DataParallel, default_workers
 from .train import TrainConfig, Trainer, evaluate, write_log
 
 #: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
@@ -157,8 +157,8 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     keypoints : float (N, 5, 2) in its pixels; geometry : a :class:`CropGeometry`; config : a
     :class:`ComponentTrainConfig`. With a validation set (and its key points), each epoch ends
     with the networks' F-measures on its crops (:func:`evaluate_components`). workers : threads
-    that share each network's batch of crops (:class:`minirnng.parallel.DataParallel`; None: every
-    core this process may use).
+    that share each network's batch of crops (:class:`minirnng.parallel.DataParallel`; None: one
+    per core, at most 4).
     """
     from tqdm import tqdm
 
@@ -168,7 +168,7 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     for network in networks.values():
         network.classes = list(network.component_classes)
     optimizers = {name: Adam(net.params(), net.grads(), lr=config.lr) for name, net in networks.items()}
-    workers = available_cores() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     shared = {name: DataParallel(net, workers) for name, net in networks.items()}
     weights = crop_class_weights(train_set, keypoints, geometry, config.class_balance)
     losses = {name: SoftmaxCrossEntropy(class_weights=weights[name]) for name in networks}

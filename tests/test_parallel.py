@@ -7,7 +7,7 @@ import pytest
 
 from minirnng import backend
 from minirnng.models import ARCHITECTURES, RNNG
-from minirnng.parallel import DataParallel, available_cores, shard_slices
+from minirnng.parallel import MAX_DEFAULT_WORKERS, DataParallel, available_cores, default_workers, shard_slices
 from minirnng.train import TrainConfig, Trainer, evaluate
 
 
@@ -36,7 +36,7 @@ def test_shard_slices_cover_the_batch_in_order_with_sizes_one_apart():
             assert slices[0].start == 0 and slices[-1].stop == batch and min(sizes) >= 1
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
             assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
-    assert available_cores() >= 1
+    assert available_cores() >= 1 and default_workers() == min(available_cores(), MAX_DEFAULT_WORKERS)
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
@@ -180,9 +180,9 @@ def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_worke
     assert any("used 2 worker thread(s) and continues with 1" in line for line in lines)
 
 
-def test_a_new_run_uses_every_core_by_default(tiny_data, tmp_path):
+def test_a_new_run_uses_one_worker_per_core_by_default(tiny_data, tmp_path):
     trainer = Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, progress=False, log=quiet)
-    assert trainer.network.workers == available_cores()
+    assert trainer.network.workers == default_workers()
     assert isinstance(trainer.model, RNNG)
 
 
