@@ -51,9 +51,10 @@ def available_cores():
 
 
 #: The most worker threads training uses by default. The Python between NumPy's calls holds the
-#: interpreter lock, and with 2 threads a step already loses a fifth of its time waiting for it
-#: (docs/benchmarks.md); with many threads on a batch of 16 each would run a shard of one or two
-#: images and mostly wait. Measured here on 2 cores only: more workers may pay on larger machines.
+#: interpreter lock: two half-batch passes side by side take 22% longer than one alone, most of it
+#: lost in the recurrence's many small operations (docs/benchmarks.md), and with many threads on a
+#: batch of 16 each would run a shard of one or two images and mostly wait for the lock. Measured
+#: on 2 cores only: more workers may pay on larger machines (``--workers``).
 MAX_DEFAULT_WORKERS = 4
 
 
