@@ -1,6 +1,6 @@
 """minirnng's RNN-G against the same network in PyTorch eager mode, on the CPU, in one run.
 
-    python benchmarks/compare_torch.py [--threads 2] [--parallelism workers|blas] [--repeats 10]
+    python benchmarks/compare_torch.py [--threads 2] [--parallelism processes|threads|blas] [--repeats 10]
 
 1. Builds RNN-G (3 classes) in minirnng and the same network as a ``torch.nn.Module`` whose
    parameter names are minirnng's, copies our weights into it with
@@ -15,13 +15,15 @@
    ``benchmarks/rnn.py``).
 
    ``--threads T`` is the number of cores each library may use. PyTorch runs with
-   ``torch.set_num_threads(T)``; minirnng, with ``--parallelism workers`` (the default, what
-   ``minirnng train`` does), shares each batch among T worker threads
-   (:class:`minirnng.parallel.DataParallel`) that run their products on one OpenBLAS thread each,
-   and with ``--parallelism blas`` runs the model alone on T OpenBLAS threads. With T > 1
+   ``torch.set_num_threads(T)``; minirnng, with ``--parallelism processes`` (the default, what
+   ``minirnng train`` does), shares each batch among T workers, this process and T - 1 worker
+   processes (:class:`minirnng.processes.ProcessParallel`), with ``--parallelism threads`` among
+   T threads (:class:`minirnng.parallel.DataParallel`), each running its products on one OpenBLAS
+   thread, and with ``--parallelism blas`` runs the model alone on T OpenBLAS threads. With T > 1
    PyTorch is timed with one thread as well, in the same turns, and the ratios are given against
    both (on the 2-core benchmark machine PyTorch eager is slower with two threads than with one).
-3. Measures the peak resident memory of a process that runs only minirnng's training steps.
+3. Measures the peak resident memory of a process that runs only minirnng's training steps (with
+   worker processes, the sum of its peak and theirs).
 
 With ``--keep-freed-memory``, glibc's malloc is first told to keep freed memory for reuse
 (:func:`minirnng.train.keep_freed_memory`, for training to call once at its start).
@@ -44,9 +46,10 @@ BATCH, SIZE, CLASSES = 16, 128, 3
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="cores each library may use (default 2)")
-    parser.add_argument("--parallelism", choices=("workers", "blas"), default="workers",
-                        help="how minirnng uses --threads cores: worker threads sharing each batch, one BLAS "
-                             "thread each (default, as minirnng train), or one model on that many BLAS threads")
+    parser.add_argument("--parallelism", choices=("processes", "threads", "blas"), default="processes",
+                        help="how minirnng uses --threads cores: workers sharing each batch, one BLAS thread each, "
+                             "in processes (default, as minirnng train) or threads; or one model on that many "
+                             "BLAS threads")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--openblas-core", metavar="NAME",
                         help="OPENBLAS_CORETYPE for NumPy's OpenBLAS, e.g. SkylakeX (AVX-512) or Haswell (AVX2); "
@@ -73,19 +76,20 @@ def batch(numpy, seed=0):
 
 
 class OurStep:
-    """One minirnng training step and one inference, on a fixed batch, with ``workers`` threads
-    sharing each batch (1: the model alone)."""
+    """One minirnng training step and one inference, on a fixed batch, with ``workers`` threads or
+    processes (``parallel``, as ``minirnng.train.PARALLEL`` names them) sharing each batch (1: the
+    model alone)."""
 
-    def __init__(self, numpy, workers=1):
+    def __init__(self, numpy, workers=1, parallel="processes"):
         from minirnng.models import RNNG
         from minirnng.objective import StageOneObjective
         from minirnng.optim import Adam
-        from minirnng.parallel import DataParallel
+        from minirnng.train import PARALLEL
 
         self.numpy = numpy
         self.model = RNNG(CLASSES, rng=0)
         self.model.randomize_recurrence(1)
-        self.network = DataParallel(self.model, workers)
+        self.network = PARALLEL[parallel](self.model, workers)
         self.objective = StageOneObjective()
         self.optimizer = Adam(self.model.params(), self.model.grads(), lr=1e-4)
         self.images, self.labels = batch(numpy)
@@ -237,17 +241,30 @@ def peak_resident_megabytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def memory_probe(workers):
+def worker_peak_megabytes(network):
+    """The summed peak resident memory (MB) of a network's worker processes (``VmHWM``, Linux)."""
+    total = 0.0
+    for worker in network.replicas[1:]:
+        process = getattr(worker, "process", None)
+        if process is not None:
+            with open(f"/proc/{process.pid}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    return total
+
+
+def memory_probe(workers, parallel):
     import numpy
-    step = OurStep(numpy, workers)
+    step = OurStep(numpy, workers, parallel)
     for _ in range(5):
         step.train_step()
-    print(peak_resident_megabytes())
+    print(peak_resident_megabytes() + worker_peak_megabytes(step.network))
+    step.network.close()
 
 
 def main():
     arguments = parse_arguments()
-    workers = arguments.threads if arguments.parallelism == "workers" else 1
+    workers = 1 if arguments.parallelism == "blas" else arguments.threads
+    parallel = "threads" if arguments.parallelism == "blas" else arguments.parallelism
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(arguments.threads)
     os.environ["OPENBLAS_NUM_THREADS"] = str(arguments.threads // workers)
@@ -261,17 +278,17 @@ def main():
         if keep_freed_memory():
             malloc = "glibc malloc keeps freed memory (minirnng.train.keep_freed_memory)"
     if arguments.memory_probe:
-        return memory_probe(workers)
+        return memory_probe(workers, parallel)
     import numpy
     from timing import blas_description, interleaved_medians, median_seconds, print_table
 
-    ours = OurStep(numpy, workers)
+    ours = OurStep(numpy, workers, parallel)
     try:
         import torch
     except ImportError:
         torch = None
     load = "load average %.1f %.1f %.1f" % os.getloadavg()
-    ours_threads = (f"{workers} worker threads sharing each batch, 1 BLAS thread each" if workers > 1
+    ours_threads = (f"{workers} worker {parallel} sharing each batch, 1 BLAS thread each" if workers > 1
                     else f"{os.environ['OPENBLAS_NUM_THREADS']} BLAS thread(s)")
     print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s): "
           f"minirnng {ours_threads}; medians of {arguments.repeats} runs; numpy {numpy.__version__}, "
@@ -316,6 +333,7 @@ def main():
                       f"{cpu[3] / cpu[2]:.2f}x", ""]]
         print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
     print("load average %.1f %.1f %.1f at the end" % os.getloadavg())
+    ours.network.close()
     peak = peak_memory_of_our_training(arguments.threads, arguments.parallelism, arguments.keep_freed_memory)
     print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
 

@@ -153,7 +153,7 @@ def command_train(arguments):
                          loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
-                         augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
+                         recurrent_lr_scale=arguments.recurrent_lr_scale, augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     config.check()
     check_output_folder(arguments.out, arguments.resume)
@@ -165,7 +165,7 @@ def command_train(arguments):
     print(f"{len(train_set)} training and {len(validation_set)} validation images, classes {', '.join(train_set.classes)}; "
           f"training on the {backend.describe()}")
     trainer = Trainer(config, train_set, validation_set, arguments.out, progress=not arguments.quiet,
-                      workers=arguments.workers)
+                      workers=arguments.workers, parallel=arguments.parallel)
     trainer.run(resume=arguments.resume)
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
     print(f"log: {arguments.out}/log.csv, curves: {arguments.out}/curves.png")
@@ -418,6 +418,8 @@ def build_parser():
                        help="class weights (mean frequency / frequency) ** this power; 0 = none")
     train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,
                        help="initial bias of the gate half of deconv6")
+    train.add_argument("--recurrent-lr-scale", type=float, default=defaults.recurrent_lr_scale,
+                       help="learning rate of the recurrent weights W, as a multiple of --lr (default 1)")
     train.add_argument("--no-augment", action="store_true", help="no random affine / mirroring")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")
@@ -426,8 +428,11 @@ def build_parser():
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")
     train.add_argument("--workers", type=positive_int, default=None,
-                       help="threads that share each batch on the CPU (default: a resumed run's number, else "
+                       help="workers that share each batch on the CPU (default: a resumed run's number, else "
                             "one per core, at most 4; 1: the whole batch in one thread)")
+    train.add_argument("--parallel", choices=("processes", "threads"), default="processes",
+                       help="what the workers are (default: processes, which do not wait for each other's "
+                            "interpreter lock; threads need nothing started; both give the same numbers)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=command_train)
 

@@ -16,6 +16,8 @@ Adam (Kingma and Ba 2015, PyTorch's form)::
     p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
 Weight decay applies to weights only: biases (``*.bias``, ``*.b``) are left alone, as usual.
+``lr_scales`` multiplies the learning rate of named parameters (training uses it for the recurrent
+weights, ``TrainConfig.recurrent_lr_scale``).
 Optimizer state round-trips through ``state_arrays()`` / ``load_state_arrays()`` so training can
 resume exactly where it stopped.
 """
@@ -35,11 +37,17 @@ def decays(name):
 class Optimizer:
     """Common bookkeeping: the parameter and gradient dicts, the learning rate, the step count."""
 
-    def __init__(self, params, grads, lr, weight_decay=0.0):
+    def __init__(self, params, grads, lr, weight_decay=0.0, lr_scales=None):
         if set(params) != set(grads):
             raise ValueError("optimizer: params and grads must have the same names")
         if lr <= 0:
             raise ValueError(f"optimizer: learning rate must be positive, got {lr}")
+        self.lr_scales = {name: float(scale) for name, scale in (lr_scales or {}).items()}
+        for name, scale in self.lr_scales.items():
+            if name not in params:
+                raise ValueError(f"optimizer: lr_scales names {name!r}, which is not a parameter")
+            if not scale > 0:
+                raise ValueError(f"optimizer: the lr scale of {name!r} must be positive, got {scale}")
         self.params, self.grads = params, grads
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
@@ -61,7 +69,7 @@ class Optimizer:
     def step(self):
         self.steps += 1
         for name in self.params:
-            self.update(name)
+            self.update(name, self.lr * self.lr_scales.get(name, 1.0))
 
     def state_arrays(self):
         """The optimizer's state as name -> array (plus the step count), for a checkpoint."""
@@ -82,39 +90,39 @@ class Optimizer:
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum (and optional Nesterov momentum)."""
 
-    def __init__(self, params, grads, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
-        super().__init__(params, grads, lr, weight_decay)
+    def __init__(self, params, grads, lr, momentum=0.9, weight_decay=0.0, nesterov=False, lr_scales=None):
+        super().__init__(params, grads, lr, weight_decay, lr_scales)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
 
-    def update(self, name):
+    def update(self, name, lr):
         grad = self.decayed_gradient(name)
         if not self.momentum:
-            self.params[name] -= self.lr * grad
+            self.params[name] -= lr * grad
             return
         velocity = self.buffer("v", name)
         velocity *= self.momentum
         velocity += grad
         direction = grad + self.momentum * velocity if self.nesterov else velocity
-        self.params[name] -= self.lr * direction
+        self.params[name] -= lr * direction
 
 
 class Adam(Optimizer):
     """Adam with bias correction."""
 
-    def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, grads, lr, weight_decay)
+    def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_scales=None):
+        super().__init__(params, grads, lr, weight_decay, lr_scales)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
 
-    def update(self, name):
+    def update(self, name, lr):
         grad = self.decayed_gradient(name)
         m, v = self.buffer("m", name), self.buffer("v", name)
         m *= self.beta1
         m += (1 - self.beta1) * grad
         v *= self.beta2
         v += (1 - self.beta2) * grad * grad
-        step_size = self.lr * math.sqrt(1 - self.beta2 ** self.steps) / (1 - self.beta1 ** self.steps)
+        step_size = lr * math.sqrt(1 - self.beta2 ** self.steps) / (1 - self.beta1 ** self.steps)
         # eps scaled as in PyTorch: added to sqrt(v / (1 - b2^t)), not to sqrt(v)
         self.params[name] -= step_size * m / (backend.get_array_module(v).sqrt(v) +
                                               self.eps * math.sqrt(1 - self.beta2 ** self.steps))

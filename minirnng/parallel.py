@@ -31,6 +31,11 @@ with another BLAS would.
 
 Only the NumPy path is shared out: on the kernel path (CuPy, or the CUDA emulator) a pass is
 already one stream of launches on one device, and :class:`DataParallel` runs it unsplit.
+
+:class:`minirnng.processes.ProcessParallel` is the same with worker processes, which do not wait
+for each other's interpreter lock: a step of 53 ms instead of 60 on the same two cores, and the
+same numbers. Training uses it by default; this module's threads need nothing started and no
+shared memory, and serve where that matters (stage 2's four small networks, notebooks).
 """
 
 import concurrent.futures
@@ -76,6 +81,25 @@ def shard_slices(batch_size, shards):
     return slices
 
 
+def shard_pass(replica, method, inputs, options, params=None):
+    """One shard's share of a pass on a replica: what a worker thread or process runs.
+
+    params : the model's parameters (a dict), copied into the replica first, or None to keep the
+        ones it has (a backward pass uses those of its forward).
+    method : ``"forward"``, ``"infer"`` or ``"predict"`` with ``inputs = {"images": ...}``, or
+        ``"backward"`` with ``inputs = {"grads": {...}}``, ``options = {"input_gradient": ...}``.
+    Returns ``(result, grads)``: what the model's method returns, and for backward the replica's
+    parameter gradients of this shard alone (its gradients are zeroed first), else None.
+    """
+    if params is not None:
+        for name, value in replica.params().items():
+            value[...] = params[name]
+    if method == "backward":
+        replica.zero_grad()
+        return replica.backward(inputs["grads"], **options), replica.grads()
+    return getattr(replica, method)(inputs["images"]), None
+
+
 class DataParallel:
     """``model`` run on shards of each batch by ``workers`` threads (see the module docstring).
 
@@ -96,22 +120,22 @@ class DataParallel:
     ``forward(images)``, ``backward(grads, input_gradient=True)``, ``infer(images)`` and
     ``predict(images)`` take and return what the model's methods do, for the whole batch.
     ``params()``, ``grads()``, ``zero_grad()`` and ``constrain()`` are the model's.
+    :class:`minirnng.processes.ProcessParallel` is the same with worker processes.
     """
 
     def __init__(self, model, workers=2):
         self.model = model
-        self.workers = check_positive_int(workers, "DataParallel", "workers")
-        self.replicas = [model]
-        self._pool = None
+        self.workers = check_positive_int(workers, type(self).__name__, "workers")
+        self.replicas = [model]  # shard s runs on replicas[s]; replicas[0] is the model itself
         self._shards = None  # the slices of the last forward pass, None when it ran unsplit
+        self._pool = None  # the worker threads, started by the first split pass
         on_device = backend.is_cupy_array(next(iter(model.params().values())))
-        for _ in range(0 if on_device else self.workers - 1):  # a model on the GPU always runs unsplit
-            replica = model.replica()
-            if replica.params().keys() != model.params().keys() or any(
-                    value.shape != model.params()[name].shape for name, value in replica.params().items()):
-                raise TypeError(f"DataParallel: {type(model).__name__}.replica() does not rebuild the model's "
-                                "parameters; its config() must give every constructor argument that shapes them")
-            self.replicas.append(replica)
+        if not on_device and self.workers > 1:  # a model on the GPU always runs unsplit
+            self.replicas += self._start_replicas(self.workers - 1)
+
+    def _start_replicas(self, count):
+        """``count`` replicas of the model for the worker threads."""
+        return [checked_replica(self.model, type(self).__name__) for _ in range(count)]
 
     # -- what is the model's ---------------------------------------------------------------
     def params(self):
@@ -137,8 +161,8 @@ class DataParallel:
         self._shards = shards
         if shards is None:
             return self.model.forward(images)
-        outputs = self._run(shards, lambda replica, part: replica.forward(images[part]))
-        return {name: numpy.concatenate([output[name] for output in outputs]) for name in outputs[0]}
+        outputs = self._run(shards, "forward", [{"images": images[part]} for part in shards])
+        return {name: numpy.concatenate([output[name] for output, _ in outputs]) for name in outputs[0][0]}
 
     def backward(self, grads, input_gradient=True):
         """The model's ``backward`` for the last ``forward``: fills ``model.grads()`` (adding, as
@@ -149,17 +173,15 @@ class DataParallel:
             return self.model.backward(grads, input_gradient=input_gradient)
         for name, grad in grads.items():
             if getattr(grad, "ndim", 0) < 1 or grad.shape[0] != shards[-1].stop:
-                raise ValueError(f"DataParallel.backward: the gradient of {name!r} must have the batch's "
+                raise ValueError(f"{type(self).__name__}.backward: the gradient of {name!r} must have the batch's "
                                  f"{shards[-1].stop} images on axis 0, got shape {tuple(getattr(grad, 'shape', ()))}")
-        for replica in self.replicas[1:len(shards)]:
-            replica.zero_grad()
-        dimages = self._run(shards, lambda replica, part: replica.backward(
-            {name: grad[part] for name, grad in grads.items()}, input_gradient=input_gradient))
-        totals = self.model.grads()
-        for replica in self.replicas[1:len(shards)]:
-            for name, grad in replica.grads().items():
+        results = self._run(shards, "backward", [{"grads": {name: grad[part] for name, grad in grads.items()}}
+                                                 for part in shards], input_gradient=input_gradient)
+        totals = self.model.grads()  # shard 0 ran on the model and added into these already
+        for _, shard_grads in results[1:]:
+            for name, grad in shard_grads.items():
                 totals[name] += grad
-        return numpy.concatenate(dimages) if input_gradient else None
+        return numpy.concatenate([dimages for dimages, _ in results]) if input_gradient else None
 
     def infer(self, images):
         """The model's logits (N, K, H, W) for inference only."""
@@ -177,8 +199,14 @@ class DataParallel:
             self._pool.shutdown()
             self._pool = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.close()
+
     def __repr__(self):
-        return f"DataParallel({self.model!r}, workers={self.workers})"
+        return f"{type(self).__name__}({self.model!r}, workers={self.workers})"
 
     # -- the machinery ---------------------------------------------------------------------
     def _plan(self, images):
@@ -187,29 +215,55 @@ class DataParallel:
             return None
         if images.ndim < 1 or images.shape[0] < 2:
             return None  # the model's own checks report a malformed batch
-        shards = shard_slices(images.shape[0], min(self.workers, images.shape[0]))
-        own = self.model.params()
-        for replica in self.replicas[1:len(shards)]:
-            for name, value in replica.params().items():
-                value[...] = own[name]
-        return shards
+        return shard_slices(images.shape[0], min(self.workers, images.shape[0]))
 
     def _gather(self, images, method):
         shards = self._plan(images)
         if shards is None:
             return getattr(self.model, method)(images)
-        return numpy.concatenate(self._run(shards, lambda replica, part: getattr(replica, method)(images[part])))
+        return numpy.concatenate([result for result, _ in self._run(
+            shards, method, [{"images": images[part]} for part in shards])])
 
-    def _run(self, shards, work):
-        """``work(replica_s, shard_s)`` for every shard, shard 0 in this thread and the others in
-        the pool; the results in shard order. An exception in any of them is raised here, after
-        all have finished (no thread is left running on a replica)."""
+    def _run(self, shards, method, inputs, **options):
+        """:func:`shard_pass` of every shard, shard 0 on the model in this thread and the others
+        on their replicas; ``[(result, grads)]`` in shard order (``grads`` None for shard 0, whose
+        gradients are the model's). Passes that start from images first copy the model's
+        parameters into the replicas. An exception in any shard is raised here, after all have
+        finished (no worker is left running on a replica)."""
+        params = None if method == "backward" else self.model.params()
+        pending = [self._submit(index, method, inputs[index], options, params) for index in range(1, len(shards))]
+        try:
+            if method == "backward":
+                first = (self.model.backward(inputs[0]["grads"], **options), None)
+            else:
+                first = (getattr(self.model, method)(inputs[0]["images"]), None)
+        finally:
+            results = [self._collect(ticket) for ticket in pending]
+        for error in (outcome for outcome in results if isinstance(outcome, BaseException)):
+            raise error
+        return [first] + results
+
+    def _submit(self, index, method, inputs, options, params):
+        """Start shard ``index`` in a worker thread; a ticket for :meth:`_collect`."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(len(self.replicas) - 1,
                                                                thread_name_prefix="minirnng-shard")
-        futures = [self._pool.submit(work, self.replicas[index], shard) for index, shard in enumerate(shards[1:], 1)]
+        return self._pool.submit(shard_pass, self.replicas[index], method, inputs, options, params)
+
+    def _collect(self, ticket):
+        """The ``(result, grads)`` of a submitted shard, or the exception it raised (returned,
+        not raised, so that every shard is waited for)."""
         try:
-            first = work(self.replicas[0], shards[0])
-        finally:
-            concurrent.futures.wait(futures)
-        return [first] + [future.result() for future in futures]
+            return ticket.result()
+        except Exception as error:  # noqa: BLE001 - re-raised by _run once all shards are done
+            return error
+
+
+def checked_replica(model, owner):
+    """``model.replica()``, refused with a clear error where it does not rebuild the parameters."""
+    replica = model.replica()
+    if replica.params().keys() != model.params().keys() or any(
+            value.shape != model.params()[name].shape for name, value in replica.params().items()):
+        raise TypeError(f"{owner}: {type(model).__name__}.replica() does not rebuild the model's "
+                        "parameters; its config() must give every constructor argument that shapes them")
+    return replica

@@ -31,6 +31,7 @@ from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
 from .parallel import DataParallel, default_workers
+from .processes import ProcessParallel
 
 
 @dataclasses.dataclass
@@ -53,6 +54,8 @@ class TrainConfig:
     boundary_ratio: float = 5.0
     background_ratio: float = 0.0
     class_balance: float = 0.0
+    #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
+    recurrent_lr_scale: float = 1.0
     augment: bool = True
     seed: int = 0
     #: a checkpoint to start from instead of a random initialisation (fine-tuning); "" for none
@@ -67,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
+        if not self.recurrent_lr_scale > 0:
+            raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
         return self
 
 
@@ -77,6 +82,8 @@ def build_model(config, rng):
 
 def build_optimizer(config, model):
     options = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.recurrent_lr_scale != 1:
+        options["lr_scales"] = {name: config.recurrent_lr_scale for name in model.recurrent_weight_names()}
     if config.optimizer == "sgd":
         options["momentum"] = config.momentum
     return OPTIMIZERS[config.optimizer](model.params(), model.grads(), **options)
@@ -148,18 +155,29 @@ def check_output_folder(out_dir, resume):
                               "or choose another output folder; nothing was overwritten")
 
 
+#: What the workers that share each batch can be (``Trainer(parallel=...)``, ``--parallel``).
+PARALLEL = {"processes": ProcessParallel, "threads": DataParallel}
+
+
 class Trainer:
     """Train one model on preloaded datasets; see the module docstring for what it writes.
 
     config : :class:`TrainConfig`; train_set, validation_set : ``PreloadedDataset`` at the model's
     input size; out_dir : folder for checkpoints and logs; progress : show a tqdm bar.
-    workers : threads that share each batch on the NumPy path (:class:`minirnng.parallel.DataParallel`);
-        None: the number a resumed run was using, and for a new run one per core (at most 4).
-        It is not part of the configuration: it changes only the rounding of the gradient sums, so a
-        run may move to a machine with other cores. The same seed and workers give the same bits.
+    workers : workers that share each batch on the NumPy path; None: the number a resumed run was
+        using, and for a new run one per core (at most 4). It is not part of the configuration: it
+        changes only the rounding of the gradient sums, so a run may move to a machine with other
+        cores. The same seed and workers give the same bits.
+    parallel : what the workers are: ``"processes"`` (:class:`minirnng.processes.ProcessParallel`,
+        the default: no interpreter lock between them, 10% faster on two cores) or ``"threads"``
+        (:class:`minirnng.parallel.DataParallel`: nothing to start); both give the same bits.
     """
 
-    def __init__(self, config, train_set, validation_set, out_dir, progress=True, log=print, workers=None):
+    def __init__(self, config, train_set, validation_set, out_dir, progress=True, log=print, workers=None,
+                 parallel="processes"):
+        if parallel not in PARALLEL:
+            raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+        self.parallel = parallel
         self.config = config.check()
         self.train_set, self.validation_set = train_set, validation_set
         self.out_dir = os.fspath(out_dir)
@@ -184,12 +202,19 @@ class Trainer:
 
     @property
     def network(self):
-        """The model as training runs it: :class:`DataParallel` over ``workers`` threads."""
+        """The model as training runs it: ``workers`` threads or processes that share each batch
+        (started on first use; :meth:`close` stops them)."""
         if self._network is None:
             if self.workers is None:
                 self.workers = default_workers()
-            self._network = DataParallel(self.model, self.workers)
+            self._network = PARALLEL[self.parallel](self.model, self.workers)
         return self._network
+
+    def close(self):
+        """Stop the worker processes (or threads); the next use of :attr:`network` starts new ones."""
+        if self._network is not None:
+            self._network.close()
+            self._network = None
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
@@ -232,7 +257,7 @@ class Trainer:
         if self.workers is None and self._network is None:
             self.workers = saved_workers
         elif self.network.workers != saved_workers:
-            self.log(f"note: the run used {saved_workers} worker thread(s) and continues with {self.network.workers}; "
+            self.log(f"note: the run used {saved_workers} worker(s) and continues with {self.network.workers}; "
                      "the gradient sums are rounded differently from here on")
 
     def initialize_from(self, path):
@@ -294,7 +319,16 @@ class Trainer:
         elif self.config.init:
             self.initialize_from(self.config.init)
         if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
-            self.log(f"{self.network.workers} worker threads share each batch (minirnng.parallel)")
+            self.log(f"{self.network.workers} worker {self.parallel} share each batch "
+                     f"({type(self.network).__module__}.{type(self.network).__name__})")
+        try:
+            self.train_epochs()
+        finally:
+            self.close()
+        return self.history
+
+    def train_epochs(self):
+        """The epochs from ``self.epoch + 1`` to ``config.epochs``: train, validate, checkpoint, log."""
         while self.epoch < self.config.epochs:
             epoch_start = time.perf_counter()
             row = {"epoch": self.epoch + 1}
@@ -318,7 +352,6 @@ class Trainer:
             self.log(f"epoch {self.epoch}/{self.config.epochs}: loss {row['train_loss']:.4f}, "
                      f"val accuracy {100 * row['val_accuracy']:.2f}%, {scores} "
                      f"({row['images_per_second']:.0f} img/s, {row['seconds']:.0f} s)")
-        return self.history
 
 
 def write_log(history, path):

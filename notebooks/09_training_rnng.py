@@ -132,13 +132,18 @@ for step in range(5):
 # through its own copy of the model in a thread of its own (NumPy releases Python's interpreter
 # lock inside its products and sweeps, so the threads really run at once), gathers the outputs so
 # that the loss is computed on the whole batch, and adds the shards' gradients into the model's.
-# `Trainer` does this by default, one worker thread per core (docs/benchmarks.md: a training
-# step at batch 16 takes about 100 ms in one thread and 61 ms in two on a 2-core machine).
+# Only the Python between NumPy's calls waits for the lock, and the recurrence, a loop of many
+# small operations, has much of it; `minirnng.processes.ProcessParallel` runs the shards in worker
+# processes instead, each with an interpreter of its own, passing the arrays through shared memory.
+# `Trainer` uses processes by default, one worker per core (docs/benchmarks.md: a training step at
+# batch 16 takes about 100 ms in one thread, 60 ms with two threads and 53 ms with a worker
+# process on a 2-core machine).
 # **What to expect:** the gradients of one pass over the whole batch, to rounding (about
-# $10^{-15}$ in float64).
+# $10^{-15}$ in float64) from threads and processes alike.
 
 # %%
 from minirnng.parallel import DataParallel
+from minirnng.processes import ProcessParallel
 
 serial = RNNG(n_classes=3, rng=1, dtype=np.float64)
 serial.randomize_recurrence(2)
@@ -154,6 +159,16 @@ network.backward(upstream, input_gradient=False)
 worst = max(np.abs(shared.grads()[name] - grad).max() / np.abs(grad).max() for name, grad in serial.grads().items())
 print(f"{len(network.replicas)} copies of the model, one per thread; largest relative difference of the "
       f"parameter gradients: {worst:.1e}")
+assert worst < 1e-10
+
+in_processes = RNNG(n_classes=3, rng=7, dtype=np.float64)
+in_processes.load_params(serial.params())
+with ProcessParallel(in_processes, workers=2) as processes:  # the worker process stops at the end
+    processes.forward(images64)
+    processes.backward(upstream, input_gradient=False)
+worst = max(np.abs(in_processes.grads()[name] - grad).max() / np.abs(grad).max()
+            for name, grad in serial.grads().items())
+print(f"with a worker process, largest relative difference of the parameter gradients: {worst:.1e}")
 assert worst < 1e-10
 
 # %% [markdown]
@@ -350,8 +365,8 @@ print("F-skin and F-bg swapped:", accuracy_range([0.9755, 0.9437, 0.8343], lfw_p
 # - RNN-G trains on three losses: the result, the coarse map before the recurrence, and the gate's
 #   boundaries with 1:5 sampling; a step ends with the stability rule.
 # - The whole model's backward pass is checked by finite differences like each layer's.
-# - The images of a batch are independent until the loss, so worker threads can share a batch and
-#   sum their gradients: the same step on several cores.
+# - The images of a batch are independent until the loss, so worker threads or processes can share
+#   a batch and sum their gradients: the same step on several cores.
 # - The coarse map, the gate and the result can be watched as training goes on; the gate learns to
 #   close on boundaries because the edge loss tells it where they are.
 # - In miniature, the recurrent models lead the convolutional baselines, as in Table 1.

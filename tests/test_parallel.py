@@ -1,4 +1,5 @@
-"""DataParallel: worker threads that share each batch give the serial model's numbers."""
+"""DataParallel and ProcessParallel: worker threads or processes that share each batch give the
+serial model's numbers."""
 
 import threading
 
@@ -8,6 +9,7 @@ import pytest
 from minirnng import backend
 from minirnng.models import ARCHITECTURES, RNNG
 from minirnng.parallel import MAX_DEFAULT_WORKERS, DataParallel, available_cores, default_workers, shard_slices
+from minirnng.processes import ProcessParallel, SharedArrays, SharedArraysReader
 from minirnng.train import TrainConfig, Trainer, evaluate
 
 
@@ -140,6 +142,83 @@ def quiet(line):
     pass
 
 
+# -- worker processes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", ["rnng", "rnn", "cnn-crf"])
+def test_processes_give_the_threads_bits(architecture, rng):
+    model, reference = twin_models(architecture)
+    model.classes = reference.classes = ["background", "skin", "hair"]
+    images = rng.uniform(-0.5, 0.5, (5, 3, 16, 16))
+    with ProcessParallel(model, 3) as processes:
+        threads = DataParallel(reference, 3)
+        assert len(processes.replicas) == 3
+        for step in range(2):  # the second pass sees the parameters changed in between
+            outputs, expected = processes.forward(images), threads.forward(images)
+            for name in expected:
+                numpy.testing.assert_array_equal(outputs[name], expected[name], err_msg=name)
+            upstream = random_like(expected, rng)
+            numpy.testing.assert_array_equal(processes.backward(upstream), threads.backward(upstream))
+            assert processes.backward.__self__ is processes
+            for name, grad in reference.grads().items():
+                numpy.testing.assert_array_equal(model.grads()[name], grad, err_msg=name)
+            for net in (model, reference):
+                for name, value in net.params().items():
+                    value -= 0.01 * net.grads()[name]
+        numpy.testing.assert_array_equal(processes.predict(images), threads.predict(images))
+        numpy.testing.assert_array_equal(processes.infer(images), threads.infer(images))
+        assert processes.backward(upstream, input_gradient=False) is None
+
+
+def test_processes_report_errors_and_stop_cleanly(rng):
+    model, _ = twin_models()
+    network = ProcessParallel(model, 2)
+    worker = network.replicas[1]
+    # an error in the worker process reaches the caller, as the model's own message, and the
+    # workers keep serving
+    with pytest.raises(ValueError, match="multiples of 4"):
+        network.forward(rng.uniform(-0.5, 0.5, (4, 3, 18, 16)))
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    network.forward(images)
+    blocks = [worker.outbox.block.name]
+    network.close()
+    assert not worker.process.is_alive() and network.replicas == [model]
+    for name in blocks:  # the shared memory is freed
+        with pytest.raises(FileNotFoundError):
+            SharedArraysReader().read((name, []))
+    # after close, passes run unsplit on the model
+    numpy.testing.assert_array_equal(network.forward(images)["logits"], model.forward(images)["logits"])
+
+    # a worker that dies is a clear error, not a hang
+    network = ProcessParallel(model, 2)
+    network.replicas[1].process.kill()
+    network.replicas[1].process.join()
+    with pytest.raises(RuntimeError, match="worker process minirnng-shard-1 .* stopped unexpectedly"):
+        network.forward(images)
+    network.close()
+
+
+def test_shared_arrays_grow_and_keep_dtypes_and_shapes(rng):
+    writer, reader = SharedArrays(), SharedArraysReader()
+    small = {"a": numpy.arange(6, dtype=numpy.int8).reshape(2, 3), "b": rng.standard_normal((3, 1))}
+    read = reader.read(writer.write(small))
+    for name, value in small.items():
+        assert read[name].dtype == value.dtype
+        numpy.testing.assert_array_equal(read[name], value)
+    first = writer.block.name
+    large = {"c": rng.standard_normal((1 << 19,)).astype(numpy.float32), "d": numpy.zeros(0)}  # 2 MB
+    read = reader.read(writer.write(large))
+    assert writer.block.name != first  # grown into a new block
+    numpy.testing.assert_array_equal(read["c"], large["c"])
+    assert read["d"].shape == (0,)
+    del read
+    reader.close()
+    writer.close()
+
+
+def test_trainer_refuses_an_unknown_kind_of_worker(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="parallel must be one of processes, threads, got 'fibres'"):
+        Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, parallel="fibres")
+
+
 def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_workers(tiny_data, tmp_path):
     config = TrainConfig(epochs=2, batch_size=4, seed=3)
     serial = Trainer(config, *tiny_data, tmp_path / "serial", progress=False, log=quiet, workers=1)
@@ -147,6 +226,15 @@ def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_worke
     shared = Trainer(config, *tiny_data, tmp_path / "shared", progress=False, log=quiet, workers=2)
     shared.run()
     assert shared.network.workers == 2 and len(shared.network.replicas) == 2
+    assert isinstance(shared.network, ProcessParallel)
+    # threads instead of processes: the same run (the same bits where OpenBLAS runs one thread, as
+    # under the command line; here the threads' products may use several, which round differently)
+    threads = Trainer(config, *tiny_data, tmp_path / "threads", progress=False, log=quiet, workers=2,
+                      parallel="threads")
+    threads.run()
+    assert type(threads.network) is DataParallel
+    for ours, theirs in zip(threads.history, shared.history):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)
     # the same run up to the rounding of the gradient sums (which Adam's normalisation amplifies
     # where a gradient is near zero, so the weights themselves drift apart faster than the losses)
     for ours, theirs in zip(shared.history, serial.history):
@@ -177,7 +265,7 @@ def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_worke
     again = Trainer(TrainConfig(epochs=3, batch_size=4, seed=3), *tiny_data, tmp_path / "shared", progress=False,
                     log=lines.append, workers=1)
     again.run(resume=True)
-    assert any("used 2 worker thread(s) and continues with 1" in line for line in lines)
+    assert any("used 2 worker(s) and continues with 1" in line for line in lines)
 
 
 def test_a_new_run_uses_one_worker_per_core_by_default(tiny_data, tmp_path):

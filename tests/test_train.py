@@ -57,6 +57,46 @@ def test_adam_matches_the_formula_and_its_state_round_trips(rng):
         twin.load_state_arrays({"steps": numpy.array(1), "m/other.weight": numpy.zeros(5)})
 
 
+@pytest.mark.parametrize("optimizer_class", [SGD, Adam])
+def test_lr_scales_multiply_the_learning_rate_of_named_parameters(optimizer_class, rng):
+    # a parameter scaled by s moves as it would with the learning rate s * lr, the others as before
+    params, grads = quadratic(rng)
+    scaled_params = {k: v.copy() for k, v in params.items()}
+    scaled_grads = {k: numpy.zeros_like(v) for k, v in params.items()}
+    plain = optimizer_class(params, grads, lr=0.01)
+    scaled = optimizer_class(scaled_params, scaled_grads, lr=0.01, lr_scales={"layer.weight": 0.1})
+    slow = optimizer_class({"layer.weight": params["layer.weight"].copy()},
+                           {"layer.weight": numpy.zeros(5)}, lr=0.001)
+    for _ in range(3):
+        for optimizer in (plain, scaled, slow):
+            for name in optimizer.params:
+                optimizer.grads[name][...] = 2 * optimizer.params[name]
+            optimizer.step()
+    numpy.testing.assert_array_equal(scaled_params["layer.bias"], params["layer.bias"])
+    numpy.testing.assert_allclose(scaled_params["layer.weight"], slow.params["layer.weight"], rtol=1e-12)
+    assert not numpy.allclose(scaled_params["layer.weight"], params["layer.weight"])
+    with pytest.raises(ValueError, match="lr_scales names 'layer.other'"):
+        optimizer_class(params, grads, lr=0.01, lr_scales={"layer.other": 0.1})
+    with pytest.raises(ValueError, match="the lr scale of 'layer.weight' must be positive, got 0.0"):
+        optimizer_class(params, grads, lr=0.01, lr_scales={"layer.weight": 0})
+
+
+def test_the_recurrent_lr_scale_slows_exactly_the_recurrent_weights(tiny_data, tmp_path):
+    from minirnng.train import build_optimizer
+    config = TrainConfig(epochs=1, batch_size=4, recurrent_lr_scale=0.1)
+    trainer = Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None, workers=1)
+    names = trainer.model.recurrent_weight_names()
+    assert sorted(names) == sorted(f"rnn.{d}.W" for d in ("left_to_right", "right_to_left", "top_to_bottom",
+                                                          "bottom_to_top"))
+    assert trainer.optimizer.lr_scales == {name: 0.1 for name in names}
+    assert build_optimizer(TrainConfig(), trainer.model).lr_scales == {}
+    assert build_optimizer(TrainConfig(model="cnn-s"), Trainer(
+        TrainConfig(model="cnn-s"), *tiny_data, tmp_path / "s", progress=False, workers=1).model).lr_scales == {}
+    trainer.run()
+    with pytest.raises(ValueError, match="recurrent_lr_scale must be positive, got -1"):
+        TrainConfig(recurrent_lr_scale=-1).check()
+
+
 def test_learning_rate_schedules():
     assert learning_rate("constant", 0.1, 0.7) == 0.1
     assert learning_rate("cosine", 0.1, 0.0) == pytest.approx(0.1)

@@ -108,6 +108,10 @@ class Model:
     def constrain(self):
         """Re-impose parameter constraints after an optimizer step (the recurrent models override)."""
 
+    def recurrent_weight_names(self):
+        """The names in ``params()`` of the recurrent weights that :meth:`constrain` rescales (none here)."""
+        return []
+
     # -- input checks -------------------------------------------------------------------------
     def check_images(self, images):
         """Validate ``images`` (N, 3, H, W) with H, W multiples of 4; cast floats to the model's dtype."""

@@ -121,11 +121,17 @@ class RNNG(Model):
     def constrain(self):
         """The stability rule of section 3.2, after every optimizer step: each recurrent W has
         largest absolute row sum at most 1 (models without a recurrent layer have nothing to do)."""
+        params = self.params()
+        for name in self.recurrent_weight_names():
+            constrain_recurrent_weight(params[name])
+
+    def recurrent_weight_names(self):
+        """``rnn.<direction>.W`` for the four directions (none for CNN-S and CNN-Deep, which have no
+        recurrent layer)."""
         recurrent = self.layers.get("rnn")
-        if recurrent is not None:
-            for name, value in recurrent.params.items():
-                if name.endswith("W"):
-                    constrain_recurrent_weight(value)
+        if recurrent is None:
+            return []
+        return [f"rnn.{name}" for name in recurrent.params if name.endswith("W")]
 
     def randomize_recurrence(self, rng=None):
         """Give each direction's recurrent W and b distinct random values (W constrained).

@@ -1,0 +1,305 @@
+"""Data parallelism in worker processes: :class:`DataParallel` without the interpreter lock.
+
+:class:`minirnng.parallel.DataParallel` shares each batch among threads; NumPy releases Python's
+interpreter lock inside its products and sweeps, but not in the Python between them, so two
+threads lose time waiting for each other (docs/benchmarks.md: two half-batch passes side by side
+take 22% longer than one alone, most of it in the recurrence's many small operations). Worker
+*processes* have an interpreter each. :class:`ProcessParallel` is :class:`DataParallel` with
+shards 1, 2, ... run in processes instead of threads (shard 0 still runs on the model, in the
+calling thread), and the same results to the last bit: each process holds a replica of the model
+and runs the same :func:`minirnng.parallel.shard_pass`.
+
+What crosses between the processes, and how:
+
+- **Arrays go through shared memory** (:class:`SharedArrays`): the parameters and the shard's
+  images (or its output gradients) one way, the outputs (or the shard's parameter gradients and
+  image gradient) the other. Each direction has a block of shared memory owned by its writer,
+  which grows when a larger batch needs it; a pass copies each array once on each side (a few MB
+  at batch 16: a fraction of a millisecond).
+- **Commands go through a pipe**: a method name and where each array lies in the block, and back
+  ``"ok"`` or the exception that the shard raised, which is raised in the caller.
+- **A worker keeps what the backward pass needs** (the forward's caches) in its own replica, as a
+  worker thread does.
+
+Each worker runs its products on one OpenBLAS thread (``OPENBLAS_NUM_THREADS=1`` is set for the
+workers as they start) and keeps freed memory for reuse (:func:`minirnng.train.keep_freed_memory`).
+They are started with ``spawn`` (a fresh interpreter: safe with threads in the parent, and on
+every OS), which takes about half a second each, once. :meth:`ProcessParallel.close` (or leaving a
+``with`` block, or the end of the program) stops them and frees their shared memory.
+"""
+
+import contextlib
+import multiprocessing
+import os
+import sys
+import traceback
+import weakref
+from multiprocessing import shared_memory
+
+import numpy
+
+from .parallel import DataParallel, checked_replica, shard_pass
+
+#: Every array in a block starts at a multiple of this many bytes (a cache line).
+ALIGNMENT = 64
+#: Environment variables that keep each worker's BLAS to one thread (its core is its own).
+ONE_BLAS_THREAD = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+class SharedArrays:
+    """A block of shared memory that one process writes arrays into and another reads them from.
+
+    ``message = block.write({"name": array, ...})`` copies the arrays in (growing the block if they
+    do not fit) and returns a small picklable description; the reader passes it to
+    :func:`read_shared`. The writer owns the block: :meth:`close` frees it.
+    """
+
+    def __init__(self):
+        self.block = None
+
+    def write(self, arrays):
+        layout, size = [], 0
+        for name, array in arrays.items():
+            array = numpy.asarray(array)
+            layout.append((name, array.shape, array.dtype.str, size))
+            size += -(-array.nbytes // ALIGNMENT) * ALIGNMENT
+        if self.block is None or self.block.size < size:
+            self._grow(size)
+        for (name, shape, dtype, offset), array in zip(layout, arrays.values()):
+            numpy.ndarray(shape, dtype, buffer=self.block.buf, offset=offset)[...] = array
+        return self.block.name, layout
+
+    def _grow(self, size):
+        # A new block with room to spare, so that a few larger batches do not each need one; the
+        # old block is freed once its readers let go of it (unlinking only removes its name).
+        self.close()
+        self.block = shared_memory.SharedMemory(create=True, size=max(2 * size, 1 << 20))
+
+    def close(self):
+        if self.block is not None:
+            self.block.close()
+            try:
+                self.block.unlink()
+            except FileNotFoundError:
+                pass
+            self.block = None
+
+
+class SharedArraysReader:
+    """The reading end of a :class:`SharedArrays`: attaches to the writer's current block."""
+
+    def __init__(self):
+        self.blocks = {}  # name -> SharedMemory; earlier blocks stay attached until close
+
+    def read(self, message):
+        """The arrays of a :meth:`SharedArrays.write`, as views into the block (copy what must
+        outlive the next message: the writer reuses the block)."""
+        name, layout = message
+        if name not in self.blocks:
+            self.blocks[name] = shared_memory.SharedMemory(name=name)
+        buffer = self.blocks[name].buf
+        return {key: numpy.ndarray(shape, dtype, buffer=buffer, offset=offset)
+                for key, shape, dtype, offset in layout}
+
+    def close(self):
+        for block in self.blocks.values():
+            try:
+                block.close()
+            except BufferError:  # a view is still alive somewhere; the OS frees it at exit
+                pass
+        self.blocks = {}
+
+
+def serve(connection, model):
+    """A worker process's loop: receive a command, run the shard on the replica, reply.
+
+    The replica is rebuilt from the received copy (``model.replica()``): unpickling copies the
+    arrays that the four-way layers share as views apart, and a rebuilt model has them shared again.
+    """
+    from .train import keep_freed_memory
+
+    keep_freed_memory()
+    replica = model.replica()
+    inbox, outbox = SharedArraysReader(), SharedArrays()
+    try:
+        while True:
+            command = connection.recv()
+            if command is None:
+                break
+            method, message, options = command
+            try:
+                arrays = inbox.read(message)
+                params = {name[len("param:"):]: value for name, value in arrays.items() if name.startswith("param:")}
+                if method == "backward":
+                    inputs = {"grads": {name[len("grad:"):]: value for name, value in arrays.items()
+                                        if name.startswith("grad:")}}
+                else:
+                    # the forward keeps its input for the backward: a copy, since the block is reused
+                    inputs = {"images": arrays["images"].copy()}
+                result, grads = shard_pass(replica, method, inputs, options, params or None)
+                del arrays, inputs
+                connection.send(("ok", outbox.write(flatten_result(result, grads))))
+            except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
+                connection.send(("error", picklable(error)))
+    except (EOFError, KeyboardInterrupt):
+        pass  # the parent has gone (or is being interrupted): nothing left to serve
+    finally:
+        inbox.close()
+        outbox.close()
+
+
+def flatten_result(result, grads):
+    """A shard's ``(result, grads)`` as one flat dict of arrays for :class:`SharedArrays`."""
+    arrays = {}
+    if isinstance(result, dict):
+        arrays.update((f"output:{name}", value) for name, value in result.items())
+    elif result is not None:
+        arrays["result"] = result
+    if grads is not None:
+        arrays.update((f"grad:{name}", value) for name, value in grads.items())
+    return arrays
+
+
+def unflatten_result(arrays):
+    """The inverse of :func:`flatten_result`, with every array copied out of the shared block."""
+    outputs = {name[len("output:"):]: value.copy() for name, value in arrays.items() if name.startswith("output:")}
+    grads = {name[len("grad:"):]: value.copy() for name, value in arrays.items() if name.startswith("grad:")}
+    result = outputs or (arrays["result"].copy() if "result" in arrays else None)
+    return result, (grads or None)
+
+
+def picklable(error):
+    """``error`` itself if it survives pickling, else a RuntimeError with its traceback."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to pickle
+        return RuntimeError("".join(traceback.format_exception(error)))
+
+
+@contextlib.contextmanager
+def main_script_hidden():
+    """Start processes without the main script: ``spawn`` runs the script of ``__main__`` again in
+    each new process (as ``__mp_main__``) so that functions defined there can be found, and a script
+    that trains at its top level, without an ``if __name__ == "__main__":`` guard, would train again
+    in every worker. A worker needs only minirnng (:func:`serve` and the model's classes), so the
+    main module's ``__file__`` and ``__spec__``, from which ``spawn`` finds the script, are hidden
+    while the process starts."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+class WorkerProcess:
+    """One worker process with its replica, its pipe and the shared block that feeds it."""
+
+    def __init__(self, model, index):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
+        self.process = context.Process(target=serve, args=(child, model), name=f"minirnng-shard-{index}",
+                                       daemon=True)
+        saved = {name: os.environ.get(name) for name in ONE_BLAS_THREAD}
+        os.environ.update(ONE_BLAS_THREAD)  # inherited by the worker as it starts, before NumPy loads
+        try:
+            with main_script_hidden():
+                self.process.start()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        child.close()
+
+    def submit(self, method, inputs, options, params):
+        arrays = {f"param:{name}": value for name, value in (params or {}).items()}
+        if method == "backward":
+            arrays.update((f"grad:{name}", value) for name, value in inputs["grads"].items())
+        else:
+            arrays["images"] = inputs["images"]
+        try:
+            self.connection.send((method, self.outbox.write(arrays), options))
+            self.sent = True
+        except OSError:  # a broken pipe: the worker has gone; collect() says so
+            self.sent = False
+
+    def collect(self):
+        """The shard's ``(result, grads)``, or the exception it raised (returned, not raised)."""
+        try:
+            if not self.sent:
+                raise EOFError
+            status, payload = self.connection.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=1)
+            return RuntimeError(f"ProcessParallel: worker process {self.process.name} (pid {self.process.pid}) "
+                                f"stopped unexpectedly (exit code {self.process.exitcode})")
+        if status == "error":
+            return payload
+        return unflatten_result(self.inbox.read(payload))
+
+    def close(self):
+        try:
+            self.connection.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+        self.connection.close()
+        self.inbox.close()
+        self.outbox.close()
+
+
+class ProcessParallel(DataParallel):
+    """:class:`~minirnng.parallel.DataParallel` with worker processes instead of threads.
+
+    ``ProcessParallel(model, workers)`` starts ``workers - 1`` processes (none for a model on the
+    GPU, or for ``workers=1``), each with a replica of the model; shard 0 runs on the model itself
+    in the calling thread. The interface and the results are :class:`DataParallel`'s, bit for bit.
+    Use it in a ``with`` block, or call :meth:`close`, to stop the processes; the end of the
+    program also stops them.
+    """
+
+    def _start_replicas(self, count):
+        template = checked_replica(self.model, type(self).__name__)
+        workers = []
+        try:
+            for index in range(1, count + 1):
+                workers.append(WorkerProcess(template, index))
+        except BaseException:
+            for worker in workers:
+                worker.close()
+            raise
+        self._finalizer = weakref.finalize(self, close_workers, list(workers))
+        return workers
+
+    def _submit(self, index, method, inputs, options, params):
+        worker = self.replicas[index]
+        worker.submit(method, inputs, options, params)
+        return worker
+
+    def _collect(self, worker):
+        return worker.collect()
+
+    def close(self):
+        """Stop the worker processes and free their shared memory; the instance cannot run split
+        passes afterwards (it runs them unsplit on the model)."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+        self.replicas = [self.model]
+
+
+def close_workers(workers):
+    for worker in workers:
+        worker.close()
