@@ -265,7 +265,8 @@ class ProcessParallel(DataParallel):
 
     ``ProcessParallel(model, workers)`` starts ``workers - 1`` processes (none for a model on the
     GPU, or for ``workers=1``), each with a replica of the model; shard 0 runs on the model itself
-    in the calling thread. The interface and the results are :class:`DataParallel`'s, bit for bit.
+    in the calling thread. The interface and the results are :class:`DataParallel`'s, bit for bit
+    where the threads' products run on one OpenBLAS thread each (as under the command line).
     Use it in a ``with`` block, or call :meth:`close`, to stop the processes; the end of the
     program also stops them.
     """
