@@ -275,10 +275,11 @@ def test_a_new_run_uses_one_worker_per_core_by_default(tiny_data, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_model_on_the_gpu_runs_unsplit(rng):
+@pytest.mark.parametrize("kind", [DataParallel, ProcessParallel])
+def test_a_model_on_the_gpu_runs_unsplit(kind, rng):
     with backend.use("cupy"):
         model = RNNG(3, rng=0)
-        network = DataParallel(model, 4)
+        network = kind(model, 4)  # no thread or process is started for it
         assert network.replicas == [model]
         images = backend.to_device(rng.uniform(-0.5, 0.5, (3, 3, 16, 16)).astype(numpy.float32))
         logits = network.forward(images)["logits"]
