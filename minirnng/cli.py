@@ -153,7 +153,8 @@ def command_train(arguments):
                          loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
-                         recurrent_lr_scale=arguments.recurrent_lr_scale, augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
+                         recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
+                         augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     config.check()
     check_output_folder(arguments.out, arguments.resume)
@@ -420,6 +421,9 @@ def build_parser():
                        help="initial bias of the gate half of deconv6")
     train.add_argument("--recurrent-lr-scale", type=float, default=defaults.recurrent_lr_scale,
                        help="learning rate of the recurrent weights W, as a multiple of --lr (default 1)")
+    train.add_argument("--stability-rule", choices=("rescale", "project"), default=defaults.stability_rule,
+                       help="how each recurrent W is kept within absolute row sums of 1 after every step: "
+                            "rescale the whole W (default, the spec's rule) or project each row onto the L1 ball")
     train.add_argument("--no-augment", action="store_true", help="no random affine / mirroring")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")

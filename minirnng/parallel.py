@@ -147,8 +147,8 @@ class DataParallel:
     def zero_grad(self):
         self.model.zero_grad()
 
-    def constrain(self):
-        self.model.constrain()
+    def constrain(self, rule="rescale"):
+        self.model.constrain(rule)
 
     @property
     def classes(self):

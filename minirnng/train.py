@@ -30,6 +30,7 @@ from .models import ARCHITECTURES
 from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
+from .layers.recurrent import STABILITY_RULES
 from .parallel import DataParallel, default_workers
 from .processes import ProcessParallel
 
@@ -56,6 +57,9 @@ class TrainConfig:
     class_balance: float = 0.0
     #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
     recurrent_lr_scale: float = 1.0
+    #: how the recurrent W are kept within row sums of 1 after each step: "rescale" (the spec's)
+    #: or "project" (docs/training.md, run AL)
+    stability_rule: str = "rescale"
     augment: bool = True
     seed: int = 0
     #: a checkpoint to start from instead of a random initialisation (fine-tuning); "" for none
@@ -70,6 +74,9 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
+        if self.stability_rule not in STABILITY_RULES:
+            raise ValueError(f"unknown stability rule {self.stability_rule!r}; expected one of "
+                             f"{', '.join(STABILITY_RULES)}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
         return self
@@ -293,7 +300,7 @@ class Trainer:
             total, parts, grads = self.objective(outputs, labels, self.rng)
             network.backward(grads, input_gradient=False)
             self.optimizer.step()
-            model.constrain()
+            model.constrain(config.stability_rule)
             batch = len(labels)
             seen += batch
             totals["loss"] += total * batch

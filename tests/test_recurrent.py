@@ -7,7 +7,7 @@ import pytest
 from minirnng.gradcheck import check_layer
 from minirnng.layers import naive
 from minirnng.layers.recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN,
-                                       SpatialRNN, constrain_recurrent_weight)
+                                       SpatialRNN, constrain_recurrent_weight, project_recurrent_weight)
 from minirnng.propagation import demonstrate_propagation, edge_gates, propagate_labels, random_seeds, synthetic_image
 
 
@@ -221,6 +221,54 @@ def test_constrain_recurrent_weight():
     before = inside.copy()
     constrain_recurrent_weight(inside)
     numpy.testing.assert_array_equal(inside, before)  # already within the rule: untouched
+
+
+def test_project_recurrent_weight_is_the_nearest_matrix_within_the_bound(rng):
+    W = numpy.array([[1.0, 0.02, -0.03], [0.5, -0.6, 0.1], [0.1, 0.1, 0.1]])
+    same = project_recurrent_weight(W)
+    assert same is W  # in place
+    # every entry of a row over the bound loses the same amount (here the excess over 1, shared by three)
+    numpy.testing.assert_allclose(W[0], [1 - 0.05 / 3, 0.02 - 0.05 / 3, -(0.03 - 0.05 / 3)], atol=1e-15)
+    numpy.testing.assert_allclose(W[1], [0.5 - 0.2 / 3, -0.6 + 0.2 / 3, 0.1 - 0.2 / 3], atol=1e-15)
+    numpy.testing.assert_array_equal(W[2], [0.1, 0.1, 0.1])  # within the bound: untouched
+    # against a brute-force search for the nearest point of the L1 ball, for random rows
+    for dtype in (numpy.float32, numpy.float64):
+        for _ in range(20):
+            row = rng.standard_normal(6) * rng.uniform(0.2, 2)
+            projected = project_recurrent_weight(row[None].astype(dtype).copy())[0]
+            assert projected.dtype == dtype and numpy.abs(projected).sum() <= 1 + 1e-6
+            if numpy.abs(row).sum() <= 1:
+                continue
+            thresholds = numpy.linspace(0, numpy.abs(row).max(), 200001)
+            sums = numpy.maximum(numpy.abs(row)[None] - thresholds[:, None], 0).sum(axis=1)
+            theta = thresholds[numpy.argmin(numpy.abs(sums - 1))]
+            nearest = numpy.sign(row) * numpy.maximum(numpy.abs(row) - theta, 0)
+            numpy.testing.assert_allclose(projected, nearest, atol=2e-5)
+            # and no other point of the ball is nearer: a few random ones
+            others = rng.standard_normal((200, 6))
+            others /= numpy.maximum(numpy.abs(others).sum(axis=1, keepdims=True), 1)
+            assert (numpy.linalg.norm(others - row, axis=1) >= numpy.linalg.norm(projected - row) - 1e-6).all()
+
+
+def test_the_stability_rule_is_chosen_by_name():
+    from minirnng.models import RNNG
+    model = RNNG(3, rng=0, dtype=numpy.float64)
+    model.randomize_recurrence(1)
+    for name in model.recurrent_weight_names():
+        model.params()[name][...] *= 3  # every row sum far over 1
+    rescaled, projected = RNNG(3, rng=0, dtype=numpy.float64), RNNG(3, rng=0, dtype=numpy.float64)
+    for copy, rule in ((rescaled, "rescale"), (projected, "project")):
+        copy.load_params(model.params())
+        copy.constrain(rule)
+    for name in model.recurrent_weight_names():
+        expected = constrain_recurrent_weight(model.params()[name].copy())
+        numpy.testing.assert_array_equal(rescaled.params()[name], expected)
+        over = numpy.abs(model.params()[name]).sum(axis=1) > 1
+        assert over.any()
+        numpy.testing.assert_allclose(numpy.abs(projected.params()[name][over]).sum(axis=1), 1, rtol=1e-12)
+        numpy.testing.assert_array_equal(projected.params()[name][~over], model.params()[name][~over])
+    with pytest.raises(ValueError, match="unknown stability rule 'clip'; expected one of rescale, project"):
+        model.constrain("clip")
 
 
 def test_initialisation_is_the_identity_and_propagates():

@@ -218,6 +218,8 @@ def test_bad_configuration():
         TrainConfig(model="unet").check()
     with pytest.raises(ValueError, match="unknown optimizer"):
         TrainConfig(optimizer="rmsprop").check()
+    with pytest.raises(ValueError, match="unknown stability rule 'clip'"):
+        TrainConfig(stability_rule="clip").check()
 
 
 def test_background_sampling_keeps_face_and_hair_and_five_times_as_much_background(rng):

@@ -320,6 +320,42 @@ def constrain_recurrent_weight(W):
     return W
 
 
+def project_recurrent_weight(W):
+    """Project each row of ``W`` (in place) onto the L1 ball ``sum_j |W[i, j]| <= 1``; return ``W``.
+
+    W : (C, C), NumPy or CuPy. The same bound as :func:`constrain_recurrent_weight`, kept another
+    way: a row over the bound becomes its nearest point on the ball (Euclidean projection, Duchi et
+    al. 2008), ``W[i, j] = sign(W[i, j]) * max(|W[i, j]| - theta_i, 0)`` with ``theta_i`` chosen so
+    that the row's absolute sum is 1. Every entry of the row loses the same ``theta_i``, so small
+    entries go to 0 and large ones lose little; a rescale instead divides every entry, the largest
+    too, by the row sum. Rows within the bound are left untouched.
+
+    Why it exists: with Adam, which moves every entry by about the learning rate whatever its
+    gradient, the rescale shrinks the identity ``W`` starts from step after step, and the trained
+    recurrence reaches only a few pixels (docs/training.md, runs AK and AL). It is not the spec's
+    rule, which rescales; ``TrainConfig.stability_rule`` (``--stability-rule``) chooses.
+    """
+    xp = backend.get_array_module(W)
+    magnitude = xp.abs(W)
+    over = magnitude.sum(axis=1) > 1
+    if not bool(over.any()):
+        return W
+    descending = -xp.sort(-magnitude, axis=1)
+    cumulative = xp.cumsum(descending, axis=1)
+    counts = xp.arange(1, W.shape[1] + 1)
+    # the last position where an entry still exceeds the threshold that would make the row sum 1
+    kept = descending > (cumulative - 1) / counts
+    last = kept.shape[1] - 1 - xp.argmax(kept[:, ::-1], axis=1)
+    theta = (cumulative[xp.arange(W.shape[0]), last] - 1) / (last + 1)
+    projected = xp.sign(W) * xp.maximum(magnitude - theta[:, None], 0)
+    W[over] = projected[over]
+    return W
+
+
+#: The stability rules training can apply after each optimizer step (``TrainConfig.stability_rule``).
+STABILITY_RULES = {"rescale": constrain_recurrent_weight, "project": project_recurrent_weight}
+
+
 # -- the layers ----------------------------------------------------------------------------------
 class RecurrentLayer(Layer):
     """What the spatial recurrent layers share: the channel count and the check of their inputs."""

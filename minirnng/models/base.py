@@ -105,8 +105,9 @@ class Model:
         """The constructor arguments that rebuild this architecture (stored in checkpoints)."""
         return {"n_classes": self.n_classes}
 
-    def constrain(self):
-        """Re-impose parameter constraints after an optimizer step (the recurrent models override)."""
+    def constrain(self, rule="rescale"):
+        """Re-impose parameter constraints after an optimizer step (the recurrent models override;
+        ``rule`` names one of ``minirnng.layers.recurrent.STABILITY_RULES``)."""
 
     def recurrent_weight_names(self):
         """The names in ``params()`` of the recurrent weights that :meth:`constrain` rescales (none here)."""

@@ -28,7 +28,7 @@ import numpy
 
 from .. import backend
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
-from ..layers.recurrent import FourWayGatedRNN, constrain_recurrent_weight
+from ..layers.recurrent import STABILITY_RULES, FourWayGatedRNN, constrain_recurrent_weight
 from .base import Model, infer_chain
 
 
@@ -118,12 +118,17 @@ class RNNG(Model):
         """Gradient of propagate's output -> (dX, dG); dG is None when propagation ignores G."""
         return self.layers["rnn"].backward(grad)
 
-    def constrain(self):
+    def constrain(self, rule="rescale"):
         """The stability rule of section 3.2, after every optimizer step: each recurrent W has
-        largest absolute row sum at most 1 (models without a recurrent layer have nothing to do)."""
+        largest absolute row sum at most 1 (models without a recurrent layer have nothing to do).
+        ``rule``: ``"rescale"`` (the spec's: the whole W divided by its largest row sum) or
+        ``"project"`` (each row projected onto the L1 ball, :func:`~minirnng.layers.recurrent.project_recurrent_weight`)."""
+        if rule not in STABILITY_RULES:
+            raise ValueError(f"{type(self).__name__}.constrain: unknown stability rule {rule!r}; "
+                             f"expected one of {', '.join(STABILITY_RULES)}")
         params = self.params()
         for name in self.recurrent_weight_names():
-            constrain_recurrent_weight(params[name])
+            STABILITY_RULES[rule](params[name])
 
     def recurrent_weight_names(self):
         """``rnn.<direction>.W`` for the four directions (none for CNN-S and CNN-Deep, which have no
