@@ -25,12 +25,12 @@ import numpy
 from . import backend
 from .atomic import replacing
 from .data.pipeline import Augmentation, batches
+from .layers.recurrent import STABILITY_RULES
 from .metrics import ConfusionAccumulator
 from .models import ARCHITECTURES
 from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
-from .layers.recurrent import STABILITY_RULES
 from .parallel import DataParallel, default_workers
 from .processes import ProcessParallel
 

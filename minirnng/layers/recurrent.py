@@ -29,7 +29,9 @@ gradient.
 **Stability** (paper section 3.2). The gate is kept in (0, 1) by the sigmoid that produces it and
 :func:`constrain_recurrent_weight` keeps every row of ``W`` within absolute sum 1 after each
 optimizer step; together they make one step a contraction in the max norm, so long scans cannot
-blow up.
+blow up. :func:`project_recurrent_weight` keeps the same bound by projecting each row instead of
+rescaling the whole matrix, which preserves the recurrence's reach in training (not the spec's
+rule; ``STABILITY_RULES`` names both).
 """
 
 import functools

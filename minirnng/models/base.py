@@ -110,7 +110,7 @@ class Model:
         ``rule`` names one of ``minirnng.layers.recurrent.STABILITY_RULES``)."""
 
     def recurrent_weight_names(self):
-        """The names in ``params()`` of the recurrent weights that :meth:`constrain` rescales (none here)."""
+        """The names in ``params()`` of the recurrent weights that :meth:`constrain` keeps in bounds (none here)."""
         return []
 
     # -- input checks -------------------------------------------------------------------------
