@@ -307,3 +307,10 @@ display(demonstrate_propagation())
 # 4. `demonstrate_propagation(edge_scale=...)`: how small can the gate's edge contrast be before
 #    labels leak into the neighbouring region? Relate it to $\prod_m g_m$ along a path that crosses
 #    an edge.
+# 5. Start from $W = I$ ($C = 8$) and apply 2,000 steps that add Gaussian noise of standard
+#    deviation 0.003 to every entry (a stand-in for Adam's steps, which move every entry by about
+#    the learning rate), each followed by the stability rule: once with
+#    `constrain_recurrent_weight`, once with `project_recurrent_weight`. Plot the mean of the
+#    diagonal and the spectral radius against the step. Why does the rescale wear the diagonal
+#    down when the projection does not? docs/training.md (runs AK and AL) shows what it did to
+#    RNN-G.
