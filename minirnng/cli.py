@@ -154,7 +154,7 @@ def command_train(arguments):
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
                          recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
-                         augment=not arguments.no_augment, seed=arguments.seed, init=arguments.init or "")
+                         augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed, init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     config.check()
     check_output_folder(arguments.out, arguments.resume)
@@ -388,7 +388,7 @@ def build_parser():
 
     from .models import ARCHITECTURES
     from .optim import OPTIMIZERS, SCHEDULES
-    from .train import TrainConfig
+    from .train import AUGMENTATIONS, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser(
@@ -424,7 +424,10 @@ def build_parser():
     train.add_argument("--stability-rule", choices=("rescale", "project"), default=defaults.stability_rule,
                        help="how each recurrent W is kept within absolute row sums of 1 after every step: "
                             "rescale the whole W (default, the spec's rule) or project each row onto the L1 ball")
-    train.add_argument("--no-augment", action="store_true", help="no random affine / mirroring")
+    train.add_argument("--augment", choices=tuple(AUGMENTATIONS), default=defaults.augment,
+                       help="augmentation of each training batch: the paper's random affine warp and mirroring "
+                            "(default), mirroring alone, or none")
+    train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")
     train.add_argument("--validation-size", type=int, default=None, help="synthetic: number of validation images")

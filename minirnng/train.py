@@ -1,6 +1,7 @@
 """Training and evaluation of the stage-1 models: the loop, checkpoints on disk, logs and curves.
 
-One epoch: shuffle the preloaded training set, augment each batch (random affine and mirroring),
+One epoch: shuffle the preloaded training set, augment each batch (random affine and mirroring,
+mirroring alone, or nothing),
 run forward, the three-term objective (:mod:`minirnng.objective`), backward, an optimizer step,
 and the stability rule (``model.constrain()``); then evaluate on the validation set.
 
@@ -35,6 +36,15 @@ from .parallel import DataParallel, default_workers
 from .processes import ProcessParallel
 
 
+#: What ``TrainConfig.augment`` (``--augment``) names: the paper's random affine warp and mirroring,
+#: mirroring alone (an exact flip: the warp's identity part resamples nothing), or nothing.
+AUGMENTATIONS = {
+    "paper": Augmentation(),
+    "mirror": Augmentation(max_rotation=0.0, scale_range=(1.0, 1.0), max_shift=0.0),
+    "none": None,
+}
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in its checkpoints)."""
@@ -60,10 +70,17 @@ class TrainConfig:
     #: how the recurrent W are kept within row sums of 1 after each step: "rescale" (the spec's)
     #: or "project" (docs/training.md, run AL)
     stability_rule: str = "rescale"
-    augment: bool = True
+    #: the augmentation of each training batch, a name in :data:`AUGMENTATIONS`: "paper" (random
+    #: affine warp and mirroring), "mirror" (mirroring alone) or "none"
+    augment: str = "paper"
     seed: int = 0
     #: a checkpoint to start from instead of a random initialisation (fine-tuning); "" for none
     init: str = ""
+
+    def __post_init__(self):
+        # checkpoints written before the augmentation had a name stored True or False
+        if isinstance(self.augment, bool):
+            self.augment = "paper" if self.augment else "none"
 
     def check(self):
         if self.model not in ARCHITECTURES:
@@ -77,6 +94,8 @@ class TrainConfig:
         if self.stability_rule not in STABILITY_RULES:
             raise ValueError(f"unknown stability rule {self.stability_rule!r}; expected one of "
                              f"{', '.join(STABILITY_RULES)}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; expected one of {', '.join(AUGMENTATIONS)}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
         return self
@@ -199,7 +218,7 @@ class Trainer:
             class_weights = class_balance_weights(train_set.labels, config.n_classes, config.class_balance)
         self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights,
                                            background_ratio=config.background_ratio)
-        self.augmentation = Augmentation() if config.augment else None
+        self.augmentation = AUGMENTATIONS[config.augment]
         self.epoch = 0
         self.history = []
         self.best_accuracy = -1.0

@@ -193,7 +193,7 @@ def snapshot(model, image):
 
 def train(architecture, epochs=10, watch=None):
     """Train one model on train_set; return it, the history, and watch(model) after each epoch."""
-    config = TrainConfig(model=architecture, epochs=epochs, batch_size=16, lr=3e-3, augment=False, seed=0)
+    config = TrainConfig(model=architecture, epochs=epochs, batch_size=16, lr=3e-3, augment="none", seed=0)
     watched, history = {}, []
     with tempfile.TemporaryDirectory() as folder:          # the Trainer wants an output folder
         trainer = Trainer(config, train_set, validation_set, folder, progress=False, log=lambda message: None)

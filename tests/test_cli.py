@@ -60,12 +60,14 @@ def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
                      "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet",
-                     "--workers", "2", "--recurrent-lr-scale", "0.5", "--stability-rule", "project"]) == 0
+                     "--workers", "2", "--recurrent-lr-scale", "0.5", "--stability-rule", "project",
+                     "--augment", "mirror"]) == 0
     assert "2 worker processes share each batch" in capsys.readouterr().out
     from minirnng.models.checkpoint import read_checkpoint
     header, params, _ = read_checkpoint(out / "last.npz")
     assert header["training"]["config"]["recurrent_lr_scale"] == 0.5
     assert header["training"]["config"]["stability_rule"] == "project"
+    assert header["training"]["config"]["augment"] == "mirror"
     assert all(numpy.abs(value).sum(axis=1).max() <= 1 + 1e-6 for name, value in params.items() if name.endswith(".W"))
     from minirnng.models import load_model
     model = load_model(out / "best.npz")

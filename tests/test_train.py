@@ -6,9 +6,10 @@ import os
 import numpy
 import pytest
 
+from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
 from minirnng.objective import StageOneObjective, class_balance_weights
 from minirnng.optim import SGD, Adam, learning_rate
-from minirnng.train import TrainConfig, Trainer, evaluate
+from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate
 
 
 def quadratic(rng):
@@ -220,6 +221,26 @@ def test_bad_configuration():
         TrainConfig(optimizer="rmsprop").check()
     with pytest.raises(ValueError, match="unknown stability rule 'clip'"):
         TrainConfig(stability_rule="clip").check()
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+        TrainConfig(augment="rotate").check()
+
+
+def test_augmentations_by_name_and_the_booleans_of_older_checkpoints():
+    assert TrainConfig(augment=True).augment == "paper" and TrainConfig(augment=False).augment == "none"
+    assert AUGMENTATIONS["none"] is None
+    images = numpy.random.default_rng(0).integers(0, 256, (6, 12, 10, 3), dtype=numpy.uint8)
+    labels = numpy.random.default_rng(1).integers(0, 11, (6, 12, 10)).astype(numpy.uint8)
+    mirrored_images, mirrored_labels = AUGMENTATIONS["mirror"](images, labels, HELEN_CLASSES, 3)
+    permutation = numpy.asarray(mirror_permutation(HELEN_CLASSES))
+    flipped = 0
+    for k in range(len(images)):  # each sample exactly as it was, or exactly mirrored: nothing resampled
+        if (mirrored_images[k] == images[k]).all():
+            assert (mirrored_labels[k] == labels[k]).all()
+        else:
+            assert (mirrored_images[k] == images[k][:, ::-1]).all()
+            assert (mirrored_labels[k] == permutation[labels[k][:, ::-1]]).all()
+            flipped += 1
+    assert 0 < flipped < len(images)
 
 
 def test_background_sampling_keeps_face_and_hair_and_five_times_as_much_background(rng):
