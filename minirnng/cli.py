@@ -154,7 +154,8 @@ def command_train(arguments):
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, gate_bias=arguments.gate_bias,
                          recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
-                         augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed, init=arguments.init or "")
+                         augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed,
+                         init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     config.check()
     check_output_folder(arguments.out, arguments.resume)
