@@ -139,6 +139,8 @@ class SoftmaxCrossEntropy(Loss):
         if self.class_weights is not None and len(self.class_weights) != k:
             raise ValueError(f"{owner}: {len(self.class_weights)} class weights given for logits with {k} classes")
         mask = _check_mask(mask, owner, (n, height, width))
+        if isinstance(target, numpy.ndarray) and (target.size == 0 or (target.min() >= 0 and target.max() < k)):
+            return mask  # two reductions tell that every label is a class, a third of the sweeps below
         valid = (target >= 0) & (target < k)
         if self.ignore_index is not None:
             valid |= target == self.ignore_index
@@ -153,14 +155,18 @@ class SoftmaxCrossEntropy(Loss):
         innermost one, so every step loops over the classes and works on contiguous (N, H, W)
         slabs: about twice as fast as reductions along axis 1 and ``take_along_axis``. Where a pixel's
         class decides, the masks ``target == c`` multiply (no ``numpy.where`` or masked copies, which
-        crawl on masks that change from pixel to pixel). The cache is (probabilities (N, K, H, W),
-        the targets as small integers, weights (N, H, W), their sum)."""
+        crawl on masks that change from pixel to pixel). Without a mask, an ignore index or class
+        weights (training on LFW-PL) every pixel has weight 1, and no per-pixel weight is made or
+        multiplied. The cache is (probabilities (N, K, H, W), the targets as small integers, the
+        weights (N, H, W) or None for all ones, their sum)."""
         k = logits.shape[1]
-        used = numpy.ones(target.shape, dtype=bool) if mask is None else mask.copy()
+        used = None if mask is None else mask.copy()
         if self.ignore_index is not None:
-            used &= target != self.ignore_index
+            counted = target != self.ignore_index
+            used = counted if used is None else numpy.logical_and(used, counted, out=used)
         # the targets of the pixels used, 0 elsewhere, in the narrowest integer type (faster compares)
-        safe_target = numpy.where(used, target, 0).astype(numpy.uint8 if k <= 256 else numpy.int64)
+        index_dtype = numpy.uint8 if k <= 256 else numpy.int64
+        safe_target = (target if used is None else numpy.where(used, target, 0)).astype(index_dtype)
         largest = logits[:, 0].copy()
         for c in range(1, k):
             numpy.maximum(largest, logits[:, c], out=largest)
@@ -179,11 +185,16 @@ class SoftmaxCrossEntropy(Loss):
         probabilities /= total[:, None]
         nll = numpy.log(total, out=total)
         nll -= picked
-        weights = used.astype(logits.dtype)
+        weights = None if used is None else used.astype(logits.dtype)
         if self.class_weights is not None:
-            weights *= self.class_weights.astype(logits.dtype)[safe_target]
-        weight_sum = float(weights.sum())
-        loss = float((weights * nll).sum()) / weight_sum if weight_sum > 0 else 0.0
+            class_weight = self.class_weights.astype(logits.dtype)[safe_target]
+            weights = class_weight if weights is None else numpy.multiply(weights, class_weight, out=weights)
+        if weights is None:
+            weight_sum = float(nll.size)
+            loss = float(nll.sum()) / weight_sum
+        else:
+            weight_sum = float(weights.sum())
+            loss = float((weights * nll).sum()) / weight_sum if weight_sum > 0 else 0.0
         return loss, (probabilities, safe_target, weights, weight_sum)
 
     def backward_cpu(self, grad_output):
@@ -191,12 +202,15 @@ class SoftmaxCrossEntropy(Loss):
         if weight_sum == 0:
             return numpy.zeros_like(probabilities)
         k = probabilities.shape[1]
-        scale = weights * (grad_output / weight_sum)
+        # one scale for every pixel when all weights are 1, else each pixel's own (N, H, W)
+        scale = probabilities.dtype.type(grad_output / weight_sum)
+        if weights is not None:
+            scale = weights * scale
         # softmax - onehot, the target's entry as minus the sum of the others (see the module doc);
         # each entry is one of two values times a 0/1 mask plus the other times the opposite mask,
         # which is exact (the unused value adds a zero)
         is_class = numpy.empty(safe_target.shape, dtype=bool)
-        others = numpy.zeros_like(scale)
+        others = numpy.zeros(safe_target.shape, dtype=probabilities.dtype)
         for c in range(k):
             numpy.not_equal(safe_target, c, out=is_class)
             others += probabilities[:, c] * is_class

@@ -35,10 +35,11 @@ def test_softmax_ce_finite_differences(settings, use_mask, rng):
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
 @pytest.mark.parametrize("settings", CE_SETTINGS)
-def test_softmax_ce_fast_matches_naive(settings, dtype, rng):
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_softmax_ce_fast_matches_naive(settings, dtype, use_mask, rng):
     logits = (rng.standard_normal((2, 4, 6, 3)) * 3).astype(dtype)
     target = _targets(rng, (2, 6, 3), 4, settings.get("ignore_index"))
-    mask = rng.random((2, 6, 3)) < 0.7
+    mask = rng.random((2, 6, 3)) < 0.7 if use_mask else None  # without: every pixel weighs 1, a path of its own
     fast, slow = SoftmaxCrossEntropy(**settings), naive.SoftmaxCrossEntropy(**settings)
     tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
     assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
@@ -73,6 +74,8 @@ def test_softmax_ce_bad_input():
     logits = numpy.zeros((1, 3, 2, 2), dtype=numpy.float32)
     with pytest.raises(ValueError, match=r"outside \[0, 3\).*\[3, 7\]"):
         loss.forward(logits, numpy.array([[[0, 3], [7, 255]]]))
+    with pytest.raises(ValueError, match=r"outside \[0, 3\).*\[-1\] in 1 pixels"):
+        SoftmaxCrossEntropy().forward(logits, numpy.array([[[0, 2], [-1, 1]]]))
     with pytest.raises(ValueError, match=r"target must have shape \(1, 2, 2\)"):
         loss.forward(logits, numpy.zeros((1, 2, 3), dtype=int))
     with pytest.raises(TypeError, match="integer class indices.*float"):
