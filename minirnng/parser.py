@@ -8,7 +8,10 @@ The image is resized to the model's input (128 x 128), parsed, and the class sco
 back to the image's own size (bilinear) before the arg-max, so the labels have the image's
 resolution and smooth boundaries. ``parser.classes`` names the labels. ``FaceParser.pretrained(
 mirror=True)`` averages the scores of the image and of its mirror image (:mod:`minirnng.mirroring`):
-a little more accurate, twice the time.
+a little more accurate, twice the time. ``crf=True`` refines the scores with dense-CRF mean-field
+inference (:class:`minirnng.models.DenseCRF`, its defaults) on the model's input grid before they
+are resized: smoother labels that follow the image's edges, at about 0.1 s a face on one CPU core
+(docs/training.md: +0.6 points of pixel accuracy on the LFW-PL validation split).
 """
 
 import os
@@ -19,7 +22,7 @@ from PIL import Image
 from . import backend
 from .data.pipeline import normalize, resize_image
 from .mirroring import mirrored_logits
-from .models import load_model
+from .models import DenseCRF, load_model
 
 WEIGHTS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 #: The shipped RNN-G: 3 classes (background, skin, hair), trained on the LFW-PL train split.
@@ -57,32 +60,43 @@ class FaceParser:
 
     model : a trained stage-1 model (``RNNG`` or a baseline) with ``classes`` set.
     input_size : (height, width) the model was trained at.
+    mirror : test-time mirroring (:mod:`minirnng.mirroring`).
+    crf : dense-CRF refinement of the scores: False (none), True (a :class:`DenseCRF` with its
+        defaults) or a :class:`DenseCRF`. A CNN-CRF model always uses its own.
     """
 
-    def __init__(self, model, input_size=(128, 128), mirror=False):
+    def __init__(self, model, input_size=(128, 128), mirror=False, crf=False):
         self.model = model
         self.input_size = tuple(int(s) for s in input_size)
         self.classes = tuple(model.classes) if model.classes else tuple(f"class {k}" for k in range(model.n_classes))
         self.mirror = bool(mirror)
+        if getattr(model, "crf", None) is not None:
+            crf = model.crf  # CNN-CRF: its CRF is part of the model, as in its predict
+        elif crf is True:
+            crf = DenseCRF()
+        if crf is not False and crf is not None and not isinstance(crf, DenseCRF):
+            raise TypeError(f"FaceParser: crf must be True, False or a DenseCRF, got {type(crf).__name__}")
+        self.crf = crf or None
 
     @classmethod
-    def load(cls, path, mirror=False):
+    def load(cls, path, mirror=False, crf=False):
         """A parser from a checkpoint written by ``minirnng train`` or ``model.save``; with
-        ``mirror``, test-time mirroring (:mod:`minirnng.mirroring`: better, twice the time)."""
+        ``mirror``, test-time mirroring (:mod:`minirnng.mirroring`: better, twice the time); with
+        ``crf``, dense-CRF refinement of the scores."""
         model = load_model(path)
-        return cls(model, model.checkpoint_header.get("input_size", (128, 128)), mirror=mirror)
+        return cls(model, model.checkpoint_header.get("input_size", (128, 128)), mirror=mirror, crf=crf)
 
     @classmethod
-    def pretrained(cls, mirror=False):
+    def pretrained(cls, mirror=False, crf=False):
         """The RNN-G that ships with minirnng (3 classes, LFW-PL); see docs/training.md."""
         if not os.path.exists(PRETRAINED_WEIGHTS):
             raise FileNotFoundError(f"the pretrained weights {PRETRAINED_WEIGHTS} are missing from this "
                                     "installation; reinstall minirnng")
-        return cls.load(PRETRAINED_WEIGHTS, mirror=mirror)
+        return cls.load(PRETRAINED_WEIGHTS, mirror=mirror, crf=crf)
 
     def __repr__(self):
         return (f"FaceParser({self.model!r}, input_size={self.input_size}, classes={self.classes}"
-                f"{', mirror=True' if self.mirror else ''})")
+                f"{', mirror=True' if self.mirror else ''}{f', crf={self.crf!r}' if self.crf else ''})")
 
     def run(self, images):
         """The model's outputs (host arrays) for a list of uint8 images, each resized to the input size."""
@@ -100,8 +114,12 @@ class FaceParser:
         image = check_image(image)
         batch = self.model_input([image])
         logits = mirrored_logits(self.model, batch) if self.mirror else self.model.infer(batch)
-        logits = backend.to_numpy(logits)[0]
-        logits = resize_scores(logits, *image.shape[:2])
+        if self.crf is not None:
+            # the CRF's marginals on the input grid; bilinear resizing keeps each pixel's sum at 1
+            # up to rounding, which the division restores
+            probabilities = resize_scores(backend.to_numpy(self.crf.refine(logits, batch))[0], *image.shape[:2])
+            return probabilities / probabilities.sum(axis=0, keepdims=True)
+        logits = resize_scores(backend.to_numpy(logits)[0], *image.shape[:2])
         shifted = numpy.exp(logits - logits.max(axis=0, keepdims=True))
         return shifted / shifted.sum(axis=0, keepdims=True)
 

@@ -54,6 +54,30 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert set(record["f_measure"]) == {"background", "skin", "hair"} and record["ms_per_image"] > 0
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
+    assert not record["mirror"] and not record["crf"]
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
+                     "--json", str(tmp_path / "refined.json"), "--mirror", "--crf"]) == 0
+    assert "with test-time mirroring and the dense CRF" in capsys.readouterr().out
+    refined = json.loads((tmp_path / "refined.json").read_text())
+    assert refined["mirror"] and refined["crf"] and refined["pixels"] == record["pixels"]
+
+
+def test_test_time_predict_is_the_crf_on_the_mirrored_logits(rng):
+    from minirnng.mirroring import mirrored_logits
+    from minirnng.models import CNNCRF, RNNG, DenseCRF
+
+    model = RNNG(n_classes=3, rng=0)
+    images = rng.uniform(-0.5, 0.5, (2, 3, 32, 32)).astype(numpy.float32)
+    assert cli.test_time_predict(model, None) is None
+    labels = cli.test_time_predict(model, None, mirror=True, crf=True)(images)
+    expected = DenseCRF().refine(mirrored_logits(model, images), images).argmax(axis=1)
+    numpy.testing.assert_array_equal(labels, expected)
+    numpy.testing.assert_array_equal(cli.test_time_predict(model, None, mirror=True)(images),
+                                     mirrored_logits(model, images).argmax(axis=1))
+    # a CNN-CRF keeps its own CRF under mirroring, as its predict does without
+    cnn_crf = CNNCRF(rng=0, crf=DenseCRF(iterations=1, bilateral_weight=20.0))
+    numpy.testing.assert_array_equal(cli.test_time_predict(cnn_crf, None, mirror=True)(images),
+                                     cnn_crf.crf.refine(mirrored_logits(cnn_crf, images), images).argmax(axis=1))
 
 
 def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):

@@ -184,6 +184,58 @@ def test_dense_crf_cleans_noisy_predictions_along_image_edges():
     assert after > before + 0.1 and after > 0.97, (before, after)
 
 
+def naive_dense_crf(crf, logits, image):
+    """Mean-field inference written out from the formulas of :mod:`minirnng.models.crf`, in
+    float64: every pair of grid points' bilateral weight, the normalised kernel as a matrix, and
+    the spatial Gaussian (SciPy's: sampled, normalised, radius round(4 sigma), edges repeated) as
+    a sum over window offsets."""
+    k, height, width = logits.shape
+    stride = int(numpy.ceil(numpy.sqrt(height * width / crf.max_grid_points)))
+    h, w = height // stride, width // stride
+
+    def grid_means(array):  # (C, H, W) -> (C, h * w), the stride x stride block means
+        return numpy.array([[array[c, r * stride:(r + 1) * stride, q * stride:(q + 1) * stride].mean()
+                             for r in range(h) for q in range(w)] for c in range(len(array))])
+
+    colours = grid_means(image).T
+    features = numpy.array([[r * stride / crf.bilateral_xy, q * stride / crf.bilateral_xy]
+                            for r in range(h) for q in range(w)])
+    features = numpy.concatenate([features, colours / crf.bilateral_rgb], axis=1)
+    kernel = numpy.exp(-0.5 * ((features[:, None] - features[None]) ** 2).sum(axis=2))
+    numpy.fill_diagonal(kernel, 0)
+    degree = kernel.sum(axis=1)
+    normalised = kernel / numpy.sqrt(degree[:, None] * degree[None, :])
+    sigma = crf.spatial_xy
+    radius = int(4 * sigma + 0.5)
+    taps = numpy.exp(-numpy.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    taps /= taps.sum()
+    centre = 1 / (2 * numpy.pi * sigma ** 2)
+    rows, cols = numpy.arange(height), numpy.arange(width)
+    z = logits.astype(numpy.float64)
+    q = numpy.exp(z - z.max(axis=0)) / numpy.exp(z - z.max(axis=0)).sum(axis=0)
+    for _ in range(crf.iterations):
+        on_grid = (grid_means(q) @ normalised).reshape(k, h, w)
+        bilateral = on_grid[:, numpy.minimum(rows // stride, h - 1)][:, :, numpy.minimum(cols // stride, w - 1)]
+        blurred = numpy.zeros_like(q)
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                shifted = q[:, numpy.clip(rows + dy, 0, height - 1)][:, :, numpy.clip(cols + dx, 0, width - 1)]
+                blurred += taps[dy + radius] * taps[dx + radius] * shifted
+        message = crf.bilateral_weight * bilateral + crf.spatial_weight * (blurred - centre * q) / (1 - centre)
+        e = numpy.exp(z + message - (z + message).max(axis=0))
+        q = e / e.sum(axis=0)
+    return q
+
+
+@pytest.mark.parametrize("max_grid_points", [4096, 30])  # the grid of every pixel, and of 2 x 2 blocks
+def test_dense_crf_matches_the_formulas_written_out(max_grid_points, rng):
+    crf = DenseCRF(iterations=3, bilateral_xy=3.0, bilateral_rgb=0.2, max_grid_points=max_grid_points)
+    logits = rng.normal(0, 2, (3, 11, 12))
+    image = rng.uniform(-0.5, 0.5, (3, 11, 12))
+    q = crf.refine(logits[None], image[None])[0]
+    numpy.testing.assert_allclose(q, naive_dense_crf(crf, logits, image), rtol=0, atol=2e-5)
+
+
 def test_cnn_crf_predict_uses_the_crf(rng):
     model = CNNCRF(rng=0)
     images = rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)

@@ -27,6 +27,27 @@ def test_pretrained_parser_parses_any_size(parser, rng):
     assert grey.shape == (50, 50)
 
 
+def test_the_crf_option_refines_the_scores_on_the_input_grid(parser, rng):
+    from minirnng.models import CNNCRF, DenseCRF
+
+    image = rng.integers(0, 256, (90, 70, 3), dtype=numpy.uint8)
+    refined = FaceParser(parser.model, crf=True)
+    assert isinstance(refined.crf, DenseCRF) and "crf=DenseCRF(" in repr(refined)
+    scores = refined.scores(image)
+    numpy.testing.assert_allclose(scores.sum(axis=0), 1, rtol=1e-5)
+    # what the option means: the CRF's marginals at 128 x 128, then resized to the image
+    batch = refined.model_input([image])
+    from minirnng.parser import resize_scores
+    expected = resize_scores(DenseCRF().refine(parser.model.infer(batch), batch)[0], 90, 70)
+    numpy.testing.assert_allclose(scores, expected / expected.sum(axis=0), rtol=1e-5, atol=1e-6)
+    assert not numpy.allclose(scores, parser.scores(image), atol=1e-3)
+    with pytest.raises(TypeError, match="crf must be True, False or a DenseCRF"):
+        FaceParser(parser.model, crf="yes")
+    # a CNN-CRF's parser runs its own CRF, as its predict does
+    cnn_crf = CNNCRF(rng=0, crf=DenseCRF(iterations=2))
+    assert FaceParser(cnn_crf).crf is cnn_crf.crf
+
+
 def test_bad_images_are_clear_errors(parser, tmp_path):
     with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) RGB, got float64"):
         parser.parse(numpy.zeros((8, 8, 3)))
@@ -63,6 +84,8 @@ def test_parse_command_writes_labels_and_overlay(tmp_path, capsys, rng):
     assert labels.shape == (60, 80) and labels.max() < 3
     assert numpy.asarray(Image.open(tmp_path / "out" / "face_overlay.png")).shape == (60, 80, 3)
     assert "face_overlay.png" in capsys.readouterr().out
+    assert cli.main(["parse", str(path), "--out", str(tmp_path / "refined"), "--no-detect", "--crf", "--mirror"]) == 0
+    assert numpy.asarray(Image.open(tmp_path / "refined" / "face_labels.png")).shape == (60, 80)
 
 
 def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):

@@ -77,7 +77,15 @@ class DenseCRF:
                 f"spatial_weight={self.spatial_weight}, spatial_xy={self.spatial_xy})")
 
     def bilateral_kernel(self, image, stride):
-        """The normalised dense bilateral kernel on the subsampled grid: (P, P) float32, zero diagonal."""
+        """The dense bilateral kernel on the subsampled grid and its normalisation.
+
+        Returns ``(kernel, scale)``: ``kernel`` (P, P) float32, ``exp(-|f_i - f_j|^2 / 2)`` off the
+        diagonal and 0 on it, for the features ``f = (row, col) * stride / s_xy, colour / s_rgb``
+        of the P grid points; ``scale`` (P,) = ``1 / sqrt(row sums)``, so that the normalised kernel
+        is ``scale_i kernel_ij scale_j`` (applied to the beliefs, not stored: two sweeps of the
+        P x P matrix fewer). The exponent comes from one product of the features with two extra
+        columns, ``[f_i, -|f_i|^2/2, 1] . [f_j, 1, -|f_j|^2/2] = -|f_i - f_j|^2 / 2``.
+        """
         guide = box_downsample(image, stride)  # (3, h, w)
         _, h, w = guide.shape
         rows, cols = numpy.mgrid[0:h, 0:w]
@@ -85,29 +93,25 @@ class DenseCRF:
             numpy.stack([rows.ravel(), cols.ravel()], axis=1) * (stride / self.bilateral_xy),
             guide.reshape(3, -1).T / self.bilateral_rgb,
         ], axis=1).astype(numpy.float32)  # (P, 5)
-        squared = (features ** 2).sum(axis=1)
-        kernel = features @ features.T
-        kernel *= 2
-        kernel -= squared[:, None]
-        kernel -= squared[None, :]
-        numpy.minimum(kernel, 0, out=kernel)  # -|f_i - f_j|^2, rounding kept non-positive
-        numpy.exp(kernel * 0.5, out=kernel)
+        half_squared = 0.5 * (features ** 2).sum(axis=1, keepdims=True)
+        ones = numpy.ones_like(half_squared)
+        kernel = numpy.concatenate([features, -half_squared, ones], axis=1) @ \
+            numpy.concatenate([features, ones, -half_squared], axis=1).T
+        numpy.minimum(kernel, 0, out=kernel)  # -|f_i - f_j|^2 / 2, rounding kept non-positive
+        numpy.exp(kernel, out=kernel)
         numpy.fill_diagonal(kernel, 0)  # a pixel sends no message to itself
-        scale = 1 / numpy.sqrt(kernel.sum(axis=1) + 1e-12)
-        kernel *= scale[:, None]
-        kernel *= scale[None, :]
-        return kernel
+        return kernel, 1 / numpy.sqrt(kernel.sum(axis=1) + 1e-12)
 
     def refine_one(self, logits, image):
         """logits (K, H, W), image (3, H, W) -> Q (K, H, W), the mean-field marginals (float32)."""
         k, height, width = logits.shape
         logits = logits.astype(numpy.float32)
         stride = max(1, math.ceil(math.sqrt(height * width / self.max_grid_points)))
-        bilateral = self.bilateral_kernel(image.astype(numpy.float32), stride)
+        bilateral, scale = self.bilateral_kernel(image.astype(numpy.float32), stride)
         q = softmax(logits, axis=0)
         for _ in range(self.iterations):
             q_grid = box_downsample(q, stride).reshape(k, -1)  # (K, P)
-            message = (q_grid @ bilateral).reshape(k, height // stride, width // stride)
+            message = (((q_grid * scale) @ bilateral) * scale).reshape(k, height // stride, width // stride)
             message = self.bilateral_weight * upsample_nearest(message, stride, height, width)
             # the spatial kernel without its centre tap: blur, then remove the pixel's own share
             centre = 1 / (2 * math.pi * self.spatial_xy ** 2)
