@@ -184,8 +184,8 @@ def command_eval(arguments):
     model = load_model(arguments.checkpoint)
     dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, arguments.input_size,
                          size=arguments.size)
-    result = evaluate(model, dataset, predict=test_time_predict(model, dataset.classes, arguments.mirror,
-                                                                 arguments.crf))
+    predict = predict_with_options(model, dataset.classes, arguments.mirror, arguments.crf)
+    result = evaluate(model, dataset, predict=predict)
     options = [name for name, wanted in (("test-time mirroring", arguments.mirror), ("the dense CRF", arguments.crf))
                if wanted]
     options = f", with {' and '.join(options)}" if options else ""
@@ -212,7 +212,7 @@ def command_eval(arguments):
     return 0
 
 
-def test_time_predict(model, classes, mirror=False, crf=False):
+def predict_with_options(model, classes, mirror=False, crf=False):
     """A ``predict`` (images -> labels) with the test-time options of ``eval``, or None for the
     model's own: the logits of ``model.infer`` (averaged with the mirror image's, see
     :mod:`minirnng.mirroring`), then with ``crf`` the marginals of dense-CRF mean-field inference

@@ -62,21 +62,21 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert refined["mirror"] and refined["crf"] and refined["pixels"] == record["pixels"]
 
 
-def test_test_time_predict_is_the_crf_on_the_mirrored_logits(rng):
+def test_predict_with_options_is_the_crf_on_the_mirrored_logits(rng):
     from minirnng.mirroring import mirrored_logits
     from minirnng.models import CNNCRF, RNNG, DenseCRF
 
     model = RNNG(n_classes=3, rng=0)
     images = rng.uniform(-0.5, 0.5, (2, 3, 32, 32)).astype(numpy.float32)
-    assert cli.test_time_predict(model, None) is None
-    labels = cli.test_time_predict(model, None, mirror=True, crf=True)(images)
+    assert cli.predict_with_options(model, None) is None
+    labels = cli.predict_with_options(model, None, mirror=True, crf=True)(images)
     expected = DenseCRF().refine(mirrored_logits(model, images), images).argmax(axis=1)
     numpy.testing.assert_array_equal(labels, expected)
-    numpy.testing.assert_array_equal(cli.test_time_predict(model, None, mirror=True)(images),
+    numpy.testing.assert_array_equal(cli.predict_with_options(model, None, mirror=True)(images),
                                      mirrored_logits(model, images).argmax(axis=1))
     # a CNN-CRF keeps its own CRF under mirroring, as its predict does without
     cnn_crf = CNNCRF(rng=0, crf=DenseCRF(iterations=1, bilateral_weight=20.0))
-    numpy.testing.assert_array_equal(cli.test_time_predict(cnn_crf, None, mirror=True)(images),
+    numpy.testing.assert_array_equal(cli.predict_with_options(cnn_crf, None, mirror=True)(images),
                                      cnn_crf.crf.refine(mirrored_logits(cnn_crf, images), images).argmax(axis=1))
 
 
