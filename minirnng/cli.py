@@ -427,10 +427,13 @@ def build_parser():
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     train.add_argument("--epochs", type=int, default=defaults.epochs)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=defaults.optimizer)
+    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=defaults.optimizer,
+                       help="adamw: Adam with decoupled weight decay (minirnng.optim)")
     train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
-    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                       help="an L2 term on the weights (not the biases); with adamw, the fraction "
+                            "of each weight taken off per step, times the learning rate")
     train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
     train.add_argument("--warmup", type=float, default=defaults.warmup, help="warm-up, fraction of the run")
     train.add_argument("--loss-weights", type=float, nargs=3, default=defaults.loss_weights,

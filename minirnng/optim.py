@@ -15,6 +15,17 @@ Adam (Kingma and Ba 2015, PyTorch's form)::
     m = b1 m + (1 - b1) g,    v = b2 v + (1 - b2) g^2
     p = p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
+AdamW (Loshchilov and Hutter 2019, PyTorch's form): Adam on the plain gradient, and the weight
+decay applied to the weights directly instead of through the gradient::
+
+    p = p - lr * weight_decay * p        (first, weights only)
+    then Adam's update with g = grad
+
+The two differ because Adam divides the gradient by its running scale: with the L2 term a weight
+whose gradient is large is hardly decayed at all, with AdamW every weight shrinks by the same
+fraction ``lr * weight_decay`` a step. So AdamW's ``weight_decay`` is on another scale than the
+L2 term's (PyTorch's default is 1e-2).
+
 Weight decay applies to weights only: biases (``*.bias``, ``*.b``) are left alone, as usual.
 ``lr_scales`` multiplies the learning rate of named parameters (training uses it for the recurrent
 weights, ``TrainConfig.recurrent_lr_scale``).
@@ -128,7 +139,19 @@ class Adam(Optimizer):
                                               self.eps * math.sqrt(1 - self.beta2 ** self.steps))
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+class AdamW(Adam):
+    """Adam with decoupled weight decay: each weight shrinks by ``lr * weight_decay`` a step."""
+
+    def decayed_gradient(self, name):
+        return self.grads[name]
+
+    def update(self, name, lr):
+        if self.weight_decay and decays(name):
+            self.params[name] *= 1 - lr * self.weight_decay
+        super().update(name, lr)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 SCHEDULES = ("constant", "cosine", "step")
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
 from minirnng.objective import StageOneObjective, class_balance_weights
-from minirnng.optim import SGD, Adam, learning_rate
+from minirnng.optim import SGD, Adam, AdamW, learning_rate
 from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate
 
 
@@ -58,7 +58,48 @@ def test_adam_matches_the_formula_and_its_state_round_trips(rng):
         twin.load_state_arrays({"steps": numpy.array(1), "m/other.weight": numpy.zeros(5)})
 
 
-@pytest.mark.parametrize("optimizer_class", [SGD, Adam])
+def test_adamw_decays_the_weights_directly_and_adam_through_the_gradient(rng):
+    # AdamW: the weight shrinks by lr * wd, then Adam's step on the plain gradient; the bias is
+    # not decayed, so it moves exactly as with Adam and no decay. Adam with wd: Adam on grad + wd p.
+    params, grads = quadratic(rng)
+    start = {k: v.copy() for k, v in params.items()}
+    lr, wd = 0.01, 0.5
+    optimizer = AdamW(params, grads, lr=lr, weight_decay=wd)
+    coupled_params = {k: v.copy() for k, v in start.items()}
+    coupled = Adam(coupled_params, {k: numpy.zeros(5) for k in start}, lr=lr, weight_decay=wd)
+    no_decay_params = {k: v.copy() for k, v in start.items()}
+    no_decay = Adam(no_decay_params, {k: numpy.zeros(5) for k in start}, lr=lr)
+    expected = {k: v.copy() for k, v in start.items()}
+    coupled_expected = {k: v.copy() for k, v in start.items()}
+    moments = {k: (numpy.zeros(5), numpy.zeros(5)) for k in start}
+    coupled_moments = {k: (numpy.zeros(5), numpy.zeros(5)) for k in start}
+
+    def adam_step(p, g, state, t):
+        m, v = state
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        return p - lr * (m / (1 - 0.9 ** t)) / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8), (m, v)
+
+    for t in range(1, 4):
+        for opt in (optimizer, coupled, no_decay):
+            for name in opt.params:
+                opt.grads[name][...] = 2 * opt.params[name] + 1.0
+            opt.step()
+        for name in start:
+            g = 2 * expected[name] + 1.0
+            decayed = expected[name] * (1 - lr * wd) if name.endswith("weight") else expected[name]
+            expected[name], moments[name] = adam_step(decayed, g, moments[name], t)
+            g = 2 * coupled_expected[name] + 1.0 + (wd * coupled_expected[name] if name.endswith("weight") else 0)
+            coupled_expected[name], coupled_moments[name] = adam_step(coupled_expected[name], g,
+                                                                      coupled_moments[name], t)
+    for name in start:
+        numpy.testing.assert_allclose(params[name], expected[name], rtol=1e-12)
+        numpy.testing.assert_allclose(coupled_params[name], coupled_expected[name], rtol=1e-12)
+    numpy.testing.assert_array_equal(params["layer.bias"], no_decay_params["layer.bias"])
+    assert not numpy.allclose(params["layer.weight"], coupled_params["layer.weight"], rtol=1e-6)
+    assert not numpy.allclose(params["layer.weight"], no_decay_params["layer.weight"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_class", [SGD, Adam, AdamW])
 def test_lr_scales_multiply_the_learning_rate_of_named_parameters(optimizer_class, rng):
     # a parameter scaled by s moves as it would with the learning rate s * lr, the others as before
     params, grads = quadratic(rng)
