@@ -36,18 +36,23 @@ def test_sgd_with_momentum_matches_the_formula(rng):
         numpy.testing.assert_allclose(params[name], expected[name], rtol=1e-12)
 
 
+def adam_formula(p, g, moments, t, lr):
+    """One Adam step written out (default betas and eps): the new p and the new (m, v)."""
+    m, v = moments
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    return p - lr * (m / (1 - 0.9 ** t)) / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8), (m, v)
+
+
 def test_adam_matches_the_formula_and_its_state_round_trips(rng):
     params, grads = quadratic(rng)
     optimizer = Adam(params, grads, lr=0.01)
     p = params["layer.weight"].copy()
-    m = v = numpy.zeros(5)
+    moments = (numpy.zeros(5), numpy.zeros(5))
     for t in range(1, 4):
         for name in params:
             grads[name][...] = 2 * params[name]
         optimizer.step()
-        g = 2 * p
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        p = p - 0.01 * (m / (1 - 0.9 ** t)) / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        p, moments = adam_formula(p, 2 * p, moments, t, lr=0.01)
     numpy.testing.assert_allclose(params["layer.weight"], p, rtol=1e-10)
     copy_params = {k: v.copy() for k, v in params.items()}
     twin = Adam(copy_params, {k: numpy.zeros_like(v) for k, v in params.items()}, lr=0.01)
@@ -73,12 +78,6 @@ def test_adamw_decays_the_weights_directly_and_adam_through_the_gradient(rng):
     coupled_expected = {k: v.copy() for k, v in start.items()}
     moments = {k: (numpy.zeros(5), numpy.zeros(5)) for k in start}
     coupled_moments = {k: (numpy.zeros(5), numpy.zeros(5)) for k in start}
-
-    def adam_step(p, g, state, t):
-        m, v = state
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        return p - lr * (m / (1 - 0.9 ** t)) / (numpy.sqrt(v / (1 - 0.999 ** t)) + 1e-8), (m, v)
-
     for t in range(1, 4):
         for opt in (optimizer, coupled, no_decay):
             for name in opt.params:
@@ -87,10 +86,10 @@ def test_adamw_decays_the_weights_directly_and_adam_through_the_gradient(rng):
         for name in start:
             g = 2 * expected[name] + 1.0
             decayed = expected[name] * (1 - lr * wd) if name.endswith("weight") else expected[name]
-            expected[name], moments[name] = adam_step(decayed, g, moments[name], t)
+            expected[name], moments[name] = adam_formula(decayed, g, moments[name], t, lr)
             g = 2 * coupled_expected[name] + 1.0 + (wd * coupled_expected[name] if name.endswith("weight") else 0)
-            coupled_expected[name], coupled_moments[name] = adam_step(coupled_expected[name], g,
-                                                                      coupled_moments[name], t)
+            coupled_expected[name], coupled_moments[name] = adam_formula(coupled_expected[name], g,
+                                                                         coupled_moments[name], t, lr)
     for name in start:
         numpy.testing.assert_allclose(params[name], expected[name], rtol=1e-12)
         numpy.testing.assert_allclose(coupled_params[name], coupled_expected[name], rtol=1e-12)
