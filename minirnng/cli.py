@@ -413,7 +413,7 @@ def build_parser():
 
     from .models import ARCHITECTURES
     from .optim import OPTIMIZERS, SCHEDULES
-    from .train import AUGMENTATIONS, TrainConfig
+    from .train import AUGMENTATIONS, STABILITY_RULES, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser(
@@ -449,9 +449,10 @@ def build_parser():
                        help="initial bias of the gate half of deconv6")
     train.add_argument("--recurrent-lr-scale", type=float, default=defaults.recurrent_lr_scale,
                        help="learning rate of the recurrent weights W, as a multiple of --lr (default 1)")
-    train.add_argument("--stability-rule", choices=("rescale", "project"), default=defaults.stability_rule,
-                       help="how each recurrent W is kept within absolute row sums of 1 after every step: "
-                            "rescale the whole W (default, the spec's rule) or project each row onto the L1 ball")
+    train.add_argument("--stability-rule", choices=tuple(STABILITY_RULES), default=defaults.stability_rule,
+                       help="how each recurrent W is kept stable after every step: rescale the whole W to "
+                            "absolute row sums of at most 1 (default, the spec's rule), project each row onto "
+                            "the L1 ball (the same bound), or clip its singular values at 1 (spectral norm)")
     train.add_argument("--augment", choices=tuple(AUGMENTATIONS), default=defaults.augment,
                        help="augmentation of each training batch: the paper's random affine warp and mirroring "
                             "(default), mirroring alone, or none")

@@ -67,8 +67,8 @@ class TrainConfig:
     class_balance: float = 0.0
     #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
     recurrent_lr_scale: float = 1.0
-    #: how the recurrent W are kept within row sums of 1 after each step: "rescale" (the spec's)
-    #: or "project" (docs/training.md, run AL)
+    #: how the recurrent W are kept stable after each step: "rescale" (the spec's), "project"
+    #: (the same bound; docs/training.md, run AL) or "spectral" (spectral norm at most 1, run BC)
     stability_rule: str = "rescale"
     #: the augmentation of each training batch, a name in :data:`AUGMENTATIONS`: "paper" (random
     #: affine warp and mirroring), "mirror" (mirroring alone) or "none"

@@ -18,6 +18,7 @@ from cuda_cases import assert_close, loss_inputs, normal, scan_inputs
 from minirnng import backend
 from minirnng.cuda import DIRECTIONS, KernelCompileError, get_kernel, sources
 from minirnng.layers import Conv2d, ReLU
+from minirnng.layers.recurrent import STABILITY_RULES
 from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
@@ -254,6 +255,19 @@ def test_rnng_at_128x128_on_the_gpu_matches_the_numpy_path():
     assert isinstance(labels, cupy.ndarray) and labels.shape == (2, 128, 128)
     for name, value in expected.items():
         path_cases.model_tolerance(numpy.float32)(backend.to_numpy(outputs[name]), value)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rule", sorted(STABILITY_RULES))
+def test_every_stability_rule_on_the_gpu_matches_the_host(rule, dtype):
+    """The rules run array code, not kernels (so the emulator cannot tell them apart): a real GPU can.
+    Tolerance ten times assert_close's: cuSOLVER's SVD and LAPACK's round differently."""
+    W = numpy.random.default_rng(0).standard_normal((8, 8)).astype(dtype)  # every row sum and norm over 1
+    expected = STABILITY_RULES[rule](W.copy())
+    gpu = on_gpu(lambda matrix: STABILITY_RULES[rule](matrix), W.copy())
+    assert gpu.dtype == dtype
+    tolerance = 1e-5 if dtype == numpy.float32 else 1e-11
+    numpy.testing.assert_allclose(gpu, expected, rtol=tolerance, atol=tolerance * numpy.abs(expected).max())
 
 
 def test_layers_and_losses_refuse_arrays_on_the_wrong_device():

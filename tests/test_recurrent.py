@@ -7,7 +7,8 @@ import pytest
 from minirnng.gradcheck import check_layer
 from minirnng.layers import naive
 from minirnng.layers.recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN,
-                                       SpatialRNN, constrain_recurrent_weight, project_recurrent_weight)
+                                       SpatialRNN, clip_recurrent_singular_values, constrain_recurrent_weight,
+                                       project_recurrent_weight)
 from minirnng.propagation import demonstrate_propagation, edge_gates, propagate_labels, random_seeds, synthetic_image
 
 
@@ -250,6 +251,35 @@ def test_project_recurrent_weight_is_the_nearest_matrix_within_the_bound(rng):
             assert (numpy.linalg.norm(others - row, axis=1) >= numpy.linalg.norm(projected - row) - 1e-6).all()
 
 
+def test_clip_recurrent_singular_values_is_the_nearest_matrix_within_the_spectral_bound(rng):
+    rotation = numpy.array([[1.0, -1.0], [1.0, 1.0]]) / numpy.sqrt(2)  # spectral norm 1, row sums sqrt(2)
+    before = rotation.copy()
+    assert clip_recurrent_singular_values(rotation) is rotation
+    numpy.testing.assert_array_equal(rotation, before)  # within the bound: untouched
+    copies = numpy.zeros((3, 3))
+    copies[:, 0] = 1  # every channel copies the first: row sums 1, spectral norm sqrt(3)
+    expected = copies / numpy.sqrt(3)  # rank one: its only singular value, sqrt(3), becomes 1
+    clip_recurrent_singular_values(copies)
+    numpy.testing.assert_allclose(copies, expected, atol=1e-15)
+    for dtype in (numpy.float32, numpy.float64):
+        for _ in range(20):
+            W = (rng.standard_normal((6, 6)) * rng.uniform(0.1, 1)).astype(dtype)
+            clipped = clip_recurrent_singular_values(W.copy())
+            assert clipped.dtype == dtype
+            assert numpy.linalg.norm(clipped.astype(numpy.float64), 2) <= 1 + 1e-5
+            if numpy.linalg.norm(W.astype(numpy.float64), 2) <= 1:
+                numpy.testing.assert_array_equal(clipped, W)
+                continue
+            # no other matrix within the bound is nearer: random ones, and points between W and the clip
+            others = rng.standard_normal((200, 6, 6))
+            others /= numpy.maximum(numpy.linalg.norm(others, 2, axis=(1, 2)), 1)[:, None, None]
+            distance = numpy.linalg.norm(clipped - W)
+            assert (numpy.linalg.norm(others - W, axis=(1, 2)) >= distance - 1e-5).all()
+            for step in (0.01, 0.1):
+                nearer = clipped + step * (W - clipped)
+                assert numpy.linalg.norm(nearer.astype(numpy.float64), 2) > 1 - 1e-6
+
+
 def test_the_stability_rule_is_chosen_by_name():
     from minirnng.models import RNNG
     model = RNNG(3, rng=0, dtype=numpy.float64)
@@ -267,7 +297,12 @@ def test_the_stability_rule_is_chosen_by_name():
         assert over.any()
         numpy.testing.assert_allclose(numpy.abs(projected.params()[name][over]).sum(axis=1), 1, rtol=1e-12)
         numpy.testing.assert_array_equal(projected.params()[name][~over], model.params()[name][~over])
-    with pytest.raises(ValueError, match="unknown stability rule 'clip'; expected one of rescale, project"):
+    spectral = RNNG(3, rng=0, dtype=numpy.float64)
+    spectral.load_params(model.params())
+    spectral.constrain("spectral")
+    for name in model.recurrent_weight_names():
+        numpy.testing.assert_allclose(numpy.linalg.norm(spectral.params()[name], 2), 1, rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown stability rule 'clip'; expected one of rescale, project, spectral"):
         model.constrain("clip")
 
 

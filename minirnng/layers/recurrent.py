@@ -30,8 +30,9 @@ gradient.
 :func:`constrain_recurrent_weight` keeps every row of ``W`` within absolute sum 1 after each
 optimizer step; together they make one step a contraction in the max norm, so long scans cannot
 blow up. :func:`project_recurrent_weight` keeps the same bound by projecting each row instead of
-rescaling the whole matrix, which preserves the recurrence's reach in training (not the spec's
-rule; ``STABILITY_RULES`` names both).
+rescaling the whole matrix, which preserves the recurrence's reach in training, and
+:func:`clip_recurrent_singular_values` bounds the spectral norm instead (neither is the spec's
+rule; ``STABILITY_RULES`` names all three).
 """
 
 import functools
@@ -354,8 +355,31 @@ def project_recurrent_weight(W):
     return W
 
 
+def clip_recurrent_singular_values(W):
+    """Clip the singular values of ``W`` (in place) at 1, so that its spectral norm is at most 1; return ``W``.
+
+    W : (C, C), NumPy or CuPy. With ``W = U diag(s) V^T``, ``W`` becomes ``U diag(min(s, 1)) V^T``:
+    the nearest matrix (in the Frobenius norm) whose largest singular value is at most 1. Another
+    reading of the paper's "norm of w_h normalized to be within one" (section 3.2), with the
+    Euclidean norm where the spec takes the max norm: ``||diag(g) W v||_2 <= ||v||_2`` for a gate
+    in (0, 1), so a scan is stable in that norm instead. The two bounds differ: a channel
+    permutation meets both; a ``W`` whose every row is ``(1, 0, ..., 0)`` (each channel copies the
+    first) meets the spec's (row sums 1) and not this one (spectral norm ``sqrt(C)``); a rotation
+    by 45 degrees in two channels meets this one (spectral norm 1) and not the spec's (row sums
+    ``sqrt(2)``). A ``W`` within the bound is left untouched. Not the spec's rule; training chooses
+    it with ``--stability-rule spectral``.
+    """
+    xp = backend.get_array_module(W)
+    left, singular, right = xp.linalg.svd(W)
+    if float(singular.max()) <= 1:
+        return W
+    W[...] = (left * xp.minimum(singular, 1)) @ right
+    return W
+
+
 #: The stability rules training can apply after each optimizer step (``TrainConfig.stability_rule``).
-STABILITY_RULES = {"rescale": constrain_recurrent_weight, "project": project_recurrent_weight}
+STABILITY_RULES = {"rescale": constrain_recurrent_weight, "project": project_recurrent_weight,
+                   "spectral": clip_recurrent_singular_values}
 
 
 # -- the layers ----------------------------------------------------------------------------------
