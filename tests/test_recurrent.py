@@ -261,6 +261,8 @@ def test_clip_recurrent_singular_values_is_the_nearest_matrix_within_the_spectra
     expected = copies / numpy.sqrt(3)  # rank one: its only singular value, sqrt(3), becomes 1
     clip_recurrent_singular_values(copies)
     numpy.testing.assert_allclose(copies, expected, atol=1e-15)
+    with pytest.raises(ValueError, match="clip_recurrent_singular_values: W has NaN or infinite entries"):
+        clip_recurrent_singular_values(numpy.array([[numpy.nan, 0.0], [0.0, 1.0]]))
     for dtype in (numpy.float32, numpy.float64):
         for _ in range(20):
             W = (rng.standard_normal((6, 6)) * rng.uniform(0.1, 1)).astype(dtype)

@@ -370,6 +370,9 @@ def clip_recurrent_singular_values(W):
     it with ``--stability-rule spectral``.
     """
     xp = backend.get_array_module(W)
+    if not bool(xp.isfinite(W).all()):  # the SVD would fail with LAPACK's "did not converge"
+        raise ValueError("clip_recurrent_singular_values: W has NaN or infinite entries "
+                         "(training diverged: try a smaller learning rate)")
     left, singular, right = xp.linalg.svd(W)
     if float(singular.max()) <= 1:
         return W

@@ -119,12 +119,12 @@ class RNNG(Model):
         return self.layers["rnn"].backward(grad)
 
     def constrain(self, rule="rescale"):
-        """The stability rule of section 3.2, after every optimizer step: each recurrent W has
-        largest absolute row sum at most 1 (models without a recurrent layer have nothing to do).
-        ``rule``: ``"rescale"`` (the spec's: the whole W divided by its largest row sum),
-        ``"project"`` (each row projected onto the L1 ball, :func:`~minirnng.layers.recurrent.project_recurrent_weight`)
-        or ``"spectral"`` (a different bound: the spectral norm at most 1,
-        :func:`~minirnng.layers.recurrent.clip_recurrent_singular_values`)."""
+        """The stability rule of section 3.2, after every optimizer step: each recurrent W is kept
+        within a norm bound of 1 (models without a recurrent layer have nothing to do).
+        ``rule``: ``"rescale"`` (the spec's: largest absolute row sum at most 1, the whole W divided
+        by it), ``"project"`` (the same bound, each row projected onto the L1 ball,
+        :func:`~minirnng.layers.recurrent.project_recurrent_weight`) or ``"spectral"`` (another
+        bound, spectral norm at most 1, :func:`~minirnng.layers.recurrent.clip_recurrent_singular_values`)."""
         if rule not in STABILITY_RULES:
             raise ValueError(f"{type(self).__name__}.constrain: unknown stability rule {rule!r}; "
                              f"expected one of {', '.join(STABILITY_RULES)}")
