@@ -1,15 +1,18 @@
 """`minirnng reproduce table1|table2` end to end on a tiny synthetic budget."""
 
 import json
+import os
 
 import pytest
 
 from minirnng import reproduce
+from minirnng.models.checkpoint import read_checkpoint
 
 
 @pytest.fixture
 def tiny_budgets(monkeypatch):
     monkeypatch.setitem(reproduce.BUDGETS["table1"], "small", {"epochs": 1, "synthetic": (8, 4, 4)})
+    monkeypatch.setitem(reproduce.BUDGETS["table1"], "full", {"epochs": 2, "synthetic": (8, 4, 4)})
     monkeypatch.setitem(reproduce.BUDGETS["table2"], "small", {"epochs": 1, "synthetic": (4, 2, 2)})
 
 
@@ -41,3 +44,33 @@ def test_bad_arguments():
         reproduce.reproduce("table1", budget="huge")
     with pytest.raises(ValueError, match="synthetic multi-face images only"):
         reproduce.reproduce("table2", data="/some/folder")
+
+
+def test_the_full_budget_trains_every_model_with_the_shipped_recipe_in_its_own_folder(tiny_budgets, tmp_path):
+    runs = tmp_path / "runs"
+    quiet = dict(out_dir=str(runs), progress=False, log=lambda line: None)
+    reproduce.reproduce("table1", budget="small", **quiet)
+    # the same --out again with another budget and seed: its own runs, not a resume of the first ones
+    results = reproduce.reproduce("table1", budget="full", seed=3, **quiet)
+    assert sorted(os.listdir(runs)) == ["table1-synthetic-full-seed3", "table1-synthetic-small-seed0"]
+    assert results["_meta"]["recipe"] == {**reproduce.RECIPES["full"], "epochs": 2, "seed": 3, "background_ratio": 0}
+    for architecture in ("cnn-s", "cnn-deep", "rnn", "rnng"):
+        header, _, _ = read_checkpoint(str(runs / "table1-synthetic-full-seed3" / architecture / "best.npz"))
+        config = header["train_config"]
+        assert config["model"] == architecture and config["epochs"] == 2 and config["seed"] == 3
+        assert (config["lr"], config["weight_decay"], config["augment"], config["stability_rule"]) == \
+            (5e-3, 1e-4, "mirror", "project")
+        header, _, _ = read_checkpoint(str(runs / "table1-synthetic-small-seed0" / architecture / "best.npz"))
+        assert (header["train_config"]["stability_rule"], header["train_config"]["lr"]) == ("rescale", 3e-3)
+    with pytest.raises(ValueError, match="unknown budget 'full'"):
+        reproduce.reproduce("table2", budget="full", **quiet)
+
+
+def test_the_command_line_passes_the_seed_and_refuses_one_for_table3(tiny_budgets, tmp_path, capsys):
+    from minirnng import cli
+
+    assert cli.main(["reproduce", "table1", "--seed", "2", "--out", str(tmp_path), "--quiet",
+                     "--json", str(tmp_path / "t1.json")]) == 0
+    assert json.loads((tmp_path / "t1.json").read_text())["_meta"]["recipe"]["seed"] == 2
+    assert cli.main(["reproduce", "table3", "--seed", "2", "--out", str(tmp_path)]) == 1
+    assert "--seed applies to table1 and table2" in capsys.readouterr().err
