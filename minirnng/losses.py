@@ -1,5 +1,9 @@
 """Losses of the training objective and the boundary supervision of the gate.
 
+Three losses: softmax cross-entropy (the label terms), sigmoid binary cross-entropy (the gate's
+edge term) and soft Dice (:class:`SoftDice`, an optional term on the logits that the paper does
+not have; its formulas are in its docstring).
+
 Softmax cross-entropy over K classes, per pixel ``i`` with target ``t_i`` and weight
 ``w_i = class_weights[t_i]`` (1 without class weights), over the set U of pixels used (inside the
 mask, target not the ignore index)::
@@ -25,16 +29,17 @@ which is the textbook ``-t log s - (1 - t) log(1 - s)`` rewritten so no exponent
 If no pixel is used, a loss is 0 and its gradient is 0 (not NaN): a batch whose boundary mask
 happens to be empty must not poison training.
 
-Both losses return the loss as a Python float from ``forward`` and the gradient with respect to
+Every loss returns the loss as a Python float from ``forward`` and the gradient with respect to
 the logits from ``backward(grad_output=1.0)``, scaled by ``grad_output`` (the chain rule when the
 loss is one term of a weighted sum).
 
 Like the layers, each loss has a NumPy path (``forward_cpu`` / ``backward_cpu``) and a kernel
-path (``forward_gpu`` / ``backward_gpu``: ``kernels/softmax_cross_entropy.cu`` and
-``kernels/sigmoid_bce.cu``), chosen by :func:`minirnng.backend.uses_kernels` of the logits. The
-two compute the same formulas, including the cancellation-free gradients above, so they agree to
-rounding. On the kernel path the forward is three launches (the per-pixel terms, then their sums
-in the two passes of ``channel_sum``) and one copy of the two totals to the host for the float it
+path (``forward_gpu`` / ``backward_gpu``: ``kernels/softmax_cross_entropy.cu``,
+``kernels/sigmoid_bce.cu`` and ``kernels/soft_dice.cu``), chosen by
+:func:`minirnng.backend.uses_kernels` of the logits. The two compute the same formulas,
+including the cancellation-free gradients above, so they agree to rounding. On the kernel path
+the forward is three launches (the per-pixel terms, then their sums in the two passes of
+``channel_sum``) and one copy of the totals (two; 2K for soft Dice) to the host for the float it
 returns (the argument checks, shared by both paths, read back one more boolean: whether every
 label is valid); the backward is one launch, which reads the totals on the device.
 """
@@ -74,6 +79,73 @@ def _check_same_device(array, logits, owner, what):
         where = "the GPU (CuPy)" if backend.is_cupy_array(logits) else "the host (NumPy)"
         raise ValueError(f"{owner}: {what} is on the wrong device; the logits are on {where}. "
                          "Move it with minirnng.backend.to_device / to_numpy.")
+
+
+def _check_class_scores(owner, logits, target, mask, ignore_index):
+    """The checks of a loss on class scores (N, K, H, W) against integer targets (N, H, W): shapes,
+    dtypes, devices, and that every label counted is a class in [0, K). Returns the mask as bool."""
+    check_array(logits, owner, "logits", ndim=4)
+    n, k, height, width = logits.shape
+    _check_int_target(target, owner, (n, height, width))
+    _check_same_device(target, logits, owner, "target")
+    _check_same_device(mask, logits, owner, "mask")
+    mask = _check_mask(mask, owner, (n, height, width))
+    if isinstance(target, numpy.ndarray) and (target.size == 0 or (target.min() >= 0 and target.max() < k)):
+        return mask  # two reductions tell that every label is a class, a third of the sweeps below
+    valid = (target >= 0) & (target < k)
+    if ignore_index is not None:
+        valid |= target == ignore_index
+    if not bool(valid.all()):
+        bad = backend.to_numpy(target[~valid])
+        raise ValueError(f"{owner}: target holds labels outside [0, {k}) that are not the ignore index "
+                         f"({ignore_index}): {sorted(set(bad.tolist()))[:10]} in {bad.size} pixels")
+    return mask
+
+
+def _used_pixels(target, mask, ignore_index):
+    """The pixels a loss on class scores uses, (N, H, W) bool, or None when it uses all of them:
+    inside the mask and not the ignore index (NumPy path)."""
+    used = None if mask is None else mask.copy()
+    if ignore_index is not None:
+        counted = target != ignore_index
+        used = counted if used is None else numpy.logical_and(used, counted, out=used)
+    return used
+
+
+def _class_index_array(target, used, k):
+    """The targets of the pixels used, 0 elsewhere, in the narrowest integer type (faster compares)."""
+    index_dtype = numpy.uint8 if k <= 256 else numpy.int64
+    return (target if used is None else numpy.where(used, target, 0)).astype(index_dtype)
+
+
+def _softmax_cpu(logits):
+    """The softmax over the classes of logits (N, K, H, W), one contiguous (N, H, W) slab at a time.
+
+    Returns (probabilities (N, K, H, W), largest (N, H, W) = max_k z_k, total (N, H, W) =
+    sum_k exp(z_k - largest)), all in the logits' dtype: the largest score is subtracted first, so
+    exp never overflows, and the cross-entropy takes its log-sum-exp from the last two.
+    """
+    k = logits.shape[1]
+    largest = logits[:, 0].copy()
+    for c in range(1, k):
+        numpy.maximum(largest, logits[:, c], out=largest)
+    probabilities = numpy.empty_like(logits)
+    total = numpy.zeros_like(largest)
+    for c in range(k):
+        numpy.subtract(logits[:, c], largest, out=probabilities[:, c])
+        numpy.exp(probabilities[:, c], out=probabilities[:, c])
+        total += probabilities[:, c]
+    probabilities /= total[:, None]
+    return probabilities, largest, total
+
+
+def _kernel_ignore_index(owner, ignore_index):
+    """The ignore index as the kernels' int parameter (:data:`NO_IGNORE_INDEX` when there is none)."""
+    value = NO_IGNORE_INDEX if ignore_index is None else ignore_index
+    if not numpy.iinfo(numpy.int32).min <= value <= numpy.iinfo(numpy.int32).max:
+        raise ValueError(f"{owner}: ignore_index {value} does not fit the kernels' int32 "
+                         "parameter; use a value between -2**31 and 2**31 - 1 (255 or -100 are usual)")
+    return numpy.int32(value)
 
 
 class Loss:
@@ -130,24 +202,11 @@ class SoftmaxCrossEntropy(Loss):
         return f"SoftmaxCrossEntropy(class_weights={self.class_weights}, ignore_index={self.ignore_index})"
 
     def check(self, logits, target, mask):
-        owner = "SoftmaxCrossEntropy"
-        check_array(logits, owner, "logits", ndim=4)
-        n, k, height, width = logits.shape
-        _check_int_target(target, owner, (n, height, width))
-        _check_same_device(target, logits, owner, "target")
-        _check_same_device(mask, logits, owner, "mask")
+        mask = _check_class_scores("SoftmaxCrossEntropy", logits, target, mask, self.ignore_index)
+        k = logits.shape[1]
         if self.class_weights is not None and len(self.class_weights) != k:
-            raise ValueError(f"{owner}: {len(self.class_weights)} class weights given for logits with {k} classes")
-        mask = _check_mask(mask, owner, (n, height, width))
-        if isinstance(target, numpy.ndarray) and (target.size == 0 or (target.min() >= 0 and target.max() < k)):
-            return mask  # two reductions tell that every label is a class, a third of the sweeps below
-        valid = (target >= 0) & (target < k)
-        if self.ignore_index is not None:
-            valid |= target == self.ignore_index
-        if not bool(valid.all()):
-            bad = backend.to_numpy(target[~valid])
-            raise ValueError(f"{owner}: target holds labels outside [0, {k}) that are not the ignore index "
-                             f"({self.ignore_index}): {sorted(set(bad.tolist()))[:10]} in {bad.size} pixels")
+            raise ValueError(f"SoftmaxCrossEntropy: {len(self.class_weights)} class weights given for logits "
+                             f"with {k} classes")
         return mask
 
     def forward_cpu(self, logits, target, mask):
@@ -160,29 +219,16 @@ class SoftmaxCrossEntropy(Loss):
         multiplied. The cache is (probabilities (N, K, H, W), the targets as small integers, the
         weights (N, H, W) or None for all ones, their sum)."""
         k = logits.shape[1]
-        used = None if mask is None else mask.copy()
-        if self.ignore_index is not None:
-            counted = target != self.ignore_index
-            used = counted if used is None else numpy.logical_and(used, counted, out=used)
-        # the targets of the pixels used, 0 elsewhere, in the narrowest integer type (faster compares)
-        index_dtype = numpy.uint8 if k <= 256 else numpy.int64
-        safe_target = (target if used is None else numpy.where(used, target, 0)).astype(index_dtype)
-        largest = logits[:, 0].copy()
-        for c in range(1, k):
-            numpy.maximum(largest, logits[:, c], out=largest)
-        # picked = z[t] (the other classes add exact zeros), probabilities = exp(z - max z) / total
+        used = _used_pixels(target, mask, self.ignore_index)
+        safe_target = _class_index_array(target, used, k)
+        probabilities, largest, total = _softmax_cpu(logits)
+        # picked = z[t] (the other classes add exact zeros)
         picked = numpy.zeros_like(largest)
-        probabilities = numpy.empty_like(logits)
-        total = numpy.zeros_like(largest)
         is_class = numpy.empty(target.shape, dtype=bool)
         for c in range(k):
             numpy.equal(safe_target, c, out=is_class)
             picked += logits[:, c] * is_class
-            numpy.subtract(logits[:, c], largest, out=probabilities[:, c])
-            numpy.exp(probabilities[:, c], out=probabilities[:, c])
-            total += probabilities[:, c]
         picked -= largest
-        probabilities /= total[:, None]
         nll = numpy.log(total, out=total)
         nll -= picked
         weights = None if used is None else used.astype(logits.dtype)
@@ -273,12 +319,7 @@ class SoftmaxCrossEntropy(Loss):
         return self._class_weights_on_device[key]
 
     def kernel_ignore_index(self):
-        """The ignore index as the kernels' int parameter (:data:`NO_IGNORE_INDEX` when there is none)."""
-        value = NO_IGNORE_INDEX if self.ignore_index is None else self.ignore_index
-        if not numpy.iinfo(numpy.int32).min <= value <= numpy.iinfo(numpy.int32).max:
-            raise ValueError(f"SoftmaxCrossEntropy: ignore_index {value} does not fit the kernels' int32 "
-                             "parameter; use a value between -2**31 and 2**31 - 1 (255 or -100 are usual)")
-        return numpy.int32(value)
+        return _kernel_ignore_index("SoftmaxCrossEntropy", self.ignore_index)
 
 
 class SigmoidBinaryCrossEntropy(Loss):
@@ -345,6 +386,137 @@ class SigmoidBinaryCrossEntropy(Loss):
         launch("sigmoid_bce", "sigmoid_bce_backward", logits.dtype, logits.size,
                (logits, target, mask, totals, logits.dtype.type(grad_output), dlogits, numpy.int32(logits.size)))
         return dlogits
+
+
+class SoftDice(Loss):
+    """Soft Dice loss of logits (N, K, H, W) against integer targets (N, H, W): one minus the mean
+    over the classes of a differentiable F-measure (Milletari et al. 2016, V-Net, in its
+    multi-class form), over all the pixels of the batch that are used::
+
+        I_k = sum_i u_i p_ik y_ik,   S_k = sum_i u_i (p_ik + y_ik),   D_k = (2 I_k + s) / (S_k + s)
+        L = 1 - (1/K) sum_k D_k
+        dL/dp_ik = -u_i (2 y_ik - D_k) / (K (S_k + s))
+        dL/dz_ik = p_ik (g_ik - sum_j p_ij g_ij) = p_ik sum_{j != k} p_ij (g_ik - g_ij),   g = dL/dp
+
+    with ``p = softmax(z)``, ``y`` the one-hot targets and ``u_i = 1`` for a pixel used (inside the
+    mask, target not the ignore index). ``D_k`` is the F-measure of class k with the soft
+    prediction in place of the hard one, so every class weighs the same however few pixels it
+    has: hair counts as much as the background, where the cross-entropy weighs every pixel alike.
+    ``smooth`` (s > 0) makes ``D_k = 1`` for a class absent from both prediction and truth.
+    Unlike the cross-entropy it is not a mean over pixels: it is computed over the whole batch at
+    once (data parallelism gathers the batch's logits first, so it sees them all).
+
+    The last form of the gradient has no cancellation when a pixel is classified confidently
+    (the first would subtract two numbers within a float32 step of each other). Derivation:
+    docs/derivations/losses.md.
+
+    smooth : float > 0 (default 1); ignore_index : optional target value that contributes nothing.
+    forward(logits, target, mask=None) -> float; mask : optional (N, H, W) bool, True where used.
+    backward(grad_output=1.0) -> dlogits (N, K, H, W), the logits' dtype.
+    """
+
+    def __init__(self, smooth=1.0, ignore_index=None):
+        super().__init__()
+        smooth = float(smooth)
+        if not (numpy.isfinite(smooth) and smooth > 0):
+            raise ValueError(f"SoftDice: smooth must be a positive number, got {smooth!r}")
+        self.smooth = smooth
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+
+    def __repr__(self):
+        return f"SoftDice(smooth={self.smooth}, ignore_index={self.ignore_index})"
+
+    def check(self, logits, target, mask):
+        return _check_class_scores("SoftDice", logits, target, mask, self.ignore_index)
+
+    def dice_from_totals(self, totals):
+        """``(loss, D)`` from totals (2K,) = [I_0 .. I_{K-1}, S_0 .. S_{K-1}] on the host: the loss
+        as a Python float and ``D`` (K,) float64."""
+        totals = numpy.asarray(backend.to_numpy(totals), dtype=numpy.float64)
+        k = totals.size // 2
+        dice = (2 * totals[:k] + self.smooth) / (totals[k:] + self.smooth)
+        return 1.0 - float(dice.mean()), dice
+
+    def forward_cpu(self, logits, target, mask):
+        """The NumPy path, class slab by class slab (see SoftmaxCrossEntropy.forward_cpu). The cache
+        is (probabilities (N, K, H, W), the targets as small integers, the used pixels (N, H, W)
+        bool or None for all, the totals (2K,))."""
+        k = logits.shape[1]
+        used = _used_pixels(target, mask, self.ignore_index)
+        safe_target = _class_index_array(target, used, k)
+        probabilities, _, _ = _softmax_cpu(logits)
+        totals = numpy.zeros(2 * k)
+        is_class = numpy.empty(target.shape, dtype=bool)
+        for c in range(k):
+            numpy.equal(safe_target, c, out=is_class)
+            if used is not None:
+                is_class &= used
+            p = probabilities[:, c]
+            totals[c] = float((p * is_class).sum())
+            totals[k + c] = float((p if used is None else p * used).sum()) + float(is_class.sum())
+        loss, _ = self.dice_from_totals(totals)
+        return loss, (probabilities, safe_target, used, totals)
+
+    def backward_cpu(self, grad_output):
+        probabilities, safe_target, used, totals = self.cache
+        k = probabilities.shape[1]
+        _, dice = self.dice_from_totals(totals)
+        sizes = totals[k:] + self.smooth
+        dtype = probabilities.dtype
+        # g_c = dL/dp_c = -grad_output (2 y_c - D_c) / (K (S_c + s)): one of two values per class,
+        # picked by the target (exactly: the unused one adds a zero), zero where a pixel is not used
+        slopes = numpy.empty_like(probabilities)
+        is_class = numpy.empty(safe_target.shape, dtype=bool)
+        for c in range(k):
+            on_class = dtype.type(-grad_output * (2 - dice[c]) / (k * sizes[c]))
+            off_class = dtype.type(grad_output * dice[c] / (k * sizes[c]))
+            numpy.equal(safe_target, c, out=is_class)
+            slopes[:, c] = off_class
+            slopes[:, c] += (on_class - off_class) * is_class
+            if used is not None:
+                slopes[:, c] *= used
+        grad = numpy.zeros_like(probabilities)
+        for c in range(k):
+            for j in range(k):
+                if j != c:
+                    grad[:, c] += probabilities[:, j] * (slopes[:, c] - slopes[:, j])
+            grad[:, c] *= probabilities[:, c]
+        return grad
+
+    def forward_gpu(self, logits, target, mask):
+        """logits (N, K, H, W), target (N, H, W) integers, mask (N, H, W) bool or None.
+
+        One thread per pixel writes its 2K terms (``terms`` (2K, N*H*W)), ``channel_sum`` adds
+        them up on the device and one copy brings the 2K totals to the host for the loss; the cache
+        keeps the logits (nothing is copied), the targets as int64, the mask and the totals.
+        """
+        xp = backend.get_array_module(logits)
+        target = xp.ascontiguousarray(target, dtype=numpy.int64)
+        logits, mask = contiguous(logits), None if mask is None else contiguous(mask)
+        n, k, height, width = logits.shape
+        pixels = n * height * width
+        terms = xp.empty((2 * k, pixels), dtype=logits.dtype)
+        i32 = numpy.int32
+        launch("soft_dice", "soft_dice_forward", logits.dtype, pixels,
+               (logits, target, mask, terms, i32(n), i32(k), i32(height * width), self.kernel_ignore_index()))
+        totals = channel_sum(terms.reshape(1, 2 * k, pixels))
+        loss, _ = self.dice_from_totals(totals)
+        return loss, (logits, target, mask, totals)
+
+    def backward_gpu(self, grad_output):
+        """dlogits (N, K, H, W) from the totals on the device, one launch."""
+        logits, target, mask, totals = self.cache
+        n, k, height, width = logits.shape
+        dlogits = backend.get_array_module(logits).empty_like(logits)
+        scalar = logits.dtype.type
+        i32 = numpy.int32
+        launch("soft_dice", "soft_dice_backward", logits.dtype, n * height * width,
+               (logits, target, mask, totals, scalar(self.smooth), scalar(grad_output), dlogits,
+                i32(n), i32(k), i32(height * width), self.kernel_ignore_index()))
+        return dlogits
+
+    def kernel_ignore_index(self):
+        return _kernel_ignore_index("SoftDice", self.ignore_index)
 
 
 def boundary_target(labels):

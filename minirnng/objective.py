@@ -5,9 +5,11 @@ For labels ``y`` (N, H, W) and the model's outputs:
     L = w_logits * CE(logits, y)
       + w_coarse * CE(coarse, y[:, ::2, ::2])
       + w_edge   * BCE(edge, boundary_target(y[:, ::2, ::2]), mask = boundary_sample_mask(1:5))
+      + w_dice   * Dice(logits, y)                      (w_dice = 0 unless asked for)
 
 CE is softmax cross-entropy (optionally class-weighted), BCE sigmoid binary cross-entropy, each a
-mean over the pixels it uses. With ``background_ratio`` the two CE terms use every face and hair
+mean over the pixels it uses; Dice is the soft Dice loss over the batch's pixels (1 minus the mean
+over the classes of a soft F-measure), a term the paper does not have (docs/training.md, run BF). With ``background_ratio`` the two CE terms use every face and hair
 pixel and that many times as many background pixels drawn at random (the paper's sampling for
 Multi-Face images, where background covers most of the picture). The edge term samples every boundary pixel and five times as many
 others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a
@@ -18,12 +20,12 @@ import numpy
 
 from . import backend
 from .data.classes import BACKGROUND
-from .losses import (SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, balanced_sample_mask, boundary_sample_mask,
-                     boundary_target)
+from .losses import (SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy, balanced_sample_mask,
+                     boundary_sample_mask, boundary_target)
 
 
 class StageOneObjective:
-    """The three-term loss: ``objective(outputs, labels, rng) -> (total, parts, grads)``.
+    """The three-term loss (four with ``dice_weight``): ``objective(outputs, labels, rng) -> (total, parts, grads)``.
 
     outputs : the model's dict (``logits`` (N, K, H, W), ``coarse`` (N, K, H/2, W/2), ``edge``
         (N, 1, H/2, W/2)); labels : (N, H, W) integers; rng : numpy Generator for the sampling.
@@ -32,21 +34,35 @@ class StageOneObjective:
     """
 
     def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None,
-                 background_ratio=0):
+                 background_ratio=0, dice_weight=0.0):
         self.weights = dict(zip(("logits", "coarse", "edge"), (float(w) for w in weights)))
+        if dice_weight:
+            self.weights["dice"] = float(dice_weight)
         self.boundary_ratio = boundary_ratio
         self.background_ratio = background_ratio
         self.fine = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.coarse = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.edge = SigmoidBinaryCrossEntropy()
+        self.dice = SoftDice(ignore_index=ignore_index)
+
+    def term_names(self):
+        """The names of the terms ``parts`` can hold: logits, coarse, edge, and dice if it is used."""
+        return tuple(self.weights)
 
     def __call__(self, outputs, labels, rng):
         subsampled = labels[:, ::2, ::2]
         parts, grads = {}, {}
         weights = self.weights
+        dice_weight = weights.get("dice", 0.0)
+        if weights["logits"] or dice_weight:
+            mask = self.label_mask(labels, rng)
         if weights["logits"]:
-            parts["logits"] = self.fine.forward(outputs["logits"], labels, self.label_mask(labels, rng))
+            parts["logits"] = self.fine.forward(outputs["logits"], labels, mask)
             grads["logits"] = self.fine.backward(weights["logits"])
+        if dice_weight:
+            parts["dice"] = self.dice.forward(outputs["logits"], labels, mask)
+            dice_grad = self.dice.backward(dice_weight)
+            grads["logits"] = dice_grad if "logits" not in grads else grads["logits"] + dice_grad
         if weights["coarse"] and "coarse" in outputs:
             parts["coarse"] = self.coarse.forward(outputs["coarse"], subsampled, self.label_mask(subsampled, rng))
             grads["coarse"] = self.coarse.backward(weights["coarse"])

@@ -65,6 +65,9 @@ class TrainConfig:
     boundary_ratio: float = 5.0
     background_ratio: float = 0.0
     class_balance: float = 0.0
+    #: the weight of a soft Dice term on the logits beside the three losses (0: none, the spec's
+    #: objective; docs/training.md, run BF)
+    dice_weight: float = 0.0
     #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
     recurrent_lr_scale: float = 1.0
     #: how the recurrent W are kept stable after each step: "rescale" (the spec's), "project"
@@ -96,6 +99,8 @@ class TrainConfig:
                              f"{', '.join(STABILITY_RULES)}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augment!r}; expected one of {', '.join(AUGMENTATIONS)}")
+        if not (math.isfinite(self.dice_weight) and self.dice_weight >= 0):
+            raise ValueError(f"dice_weight must be a finite number >= 0, got {self.dice_weight}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
         return self
@@ -217,7 +222,8 @@ class Trainer:
         if config.class_balance:
             class_weights = class_balance_weights(train_set.labels, config.n_classes, config.class_balance)
         self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights,
-                                           background_ratio=config.background_ratio)
+                                           background_ratio=config.background_ratio,
+                                           dice_weight=config.dice_weight)
         self.augmentation = AUGMENTATIONS[config.augment]
         self.epoch = 0
         self.history = []
@@ -304,7 +310,7 @@ class Trainer:
 
         config, model, network = self.config, self.model, self.network
         steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
-        totals = {"loss": 0.0, "logits": 0.0, "coarse": 0.0, "edge": 0.0}
+        totals = {"loss": 0.0, **{name: 0.0 for name in self.objective.term_names()}}
         seen = 0
         start = time.perf_counter()
         bar = tqdm(total=len(self.train_set), desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="img",

@@ -448,6 +448,27 @@ def sigmoid_bce_backward(logits, targets, totals, scale, mask=None):
     return dlogits
 
 
+def soft_dice(logits, targets, mask=None, ignore_index=-100):
+    """totals (2K,) = [soft intersections I_k, soft sizes S_k]; the loss is computed from them."""
+    xp = backend.get_array_module(logits)
+    N, K, H, W = logits.shape
+    terms = xp.empty((2 * K, N * H * W), dtype=logits.dtype)
+    _launch("soft_dice", "soft_dice_forward", logits.dtype, N * H * W,
+            (logits, targets, mask, terms, i32(N), i32(K), i32(H * W), i32(ignore_index)))
+    return channel_sum(terms.reshape(1, 2 * K, N * H * W))
+
+
+def soft_dice_backward(logits, targets, totals, smooth, scale, mask=None, ignore_index=-100):
+    xp = backend.get_array_module(logits)
+    N, K, H, W = logits.shape
+    dlogits = xp.empty_like(logits)
+    scalar = logits.dtype.type
+    _launch("soft_dice", "soft_dice_backward", logits.dtype, N * H * W,
+            (logits, targets, mask, totals, scalar(smooth), scalar(scale), dlogits,
+             i32(N), i32(K), i32(H * W), i32(ignore_index)))
+    return dlogits
+
+
 def reference_softmax_cross_entropy(logits, targets, mask=None, class_weights=None, ignore_index=-100,
                                     scale=1.0):
     """(loss sum, weight sum, dlogits) with PyTorch's weighted-mean semantics, in float64."""
@@ -467,6 +488,26 @@ def reference_softmax_cross_entropy(logits, targets, mask=None, class_weights=No
     probability = numpy.exp(z - log_sum_exp)
     dlogits = scale * weight[:, None] * (probability - onehot) / weight_sum if weight_sum else numpy.zeros_like(z)
     return (weight * losses).sum(), weight_sum, dlogits
+
+
+def reference_soft_dice(logits, targets, smooth, mask=None, ignore_index=-100, scale=1.0):
+    """(totals (2K,), loss, dlogits) of the soft Dice loss, in float64, with the textbook chain rule
+    through the softmax, dz = p * (g - sum_k p_k g_k)."""
+    z = logits.astype(numpy.float64)
+    K = z.shape[1]
+    probability = numpy.exp(z - z.max(axis=1, keepdims=True))
+    probability /= probability.sum(axis=1, keepdims=True)
+    counted = targets != ignore_index
+    if mask is not None:
+        counted &= mask.astype(bool)
+    used = counted[:, None].astype(numpy.float64)
+    onehot = (numpy.arange(K)[None, :, None, None] == targets[:, None]) * used
+    intersection = (probability * onehot).sum(axis=(0, 2, 3))
+    size = (probability * used + onehot).sum(axis=(0, 2, 3))
+    dice = (2 * intersection + smooth) / (size + smooth)
+    slope = -scale * used * (2 * onehot - dice[:, None, None]) / (K * (size[:, None, None] + smooth))
+    dlogits = probability * (slope - (probability * slope).sum(axis=1, keepdims=True))
+    return numpy.concatenate([intersection, size]), 1 - dice.mean(), dlogits
 
 
 def reference_sigmoid_bce(logits, targets, mask=None, scale=1.0):

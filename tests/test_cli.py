@@ -85,13 +85,15 @@ def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
     assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
                      "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet",
                      "--workers", "2", "--recurrent-lr-scale", "0.5", "--stability-rule", "project",
-                     "--augment", "mirror"]) == 0
+                     "--augment", "mirror", "--dice-weight", "0.5"]) == 0
     assert "2 worker processes share each batch" in capsys.readouterr().out
     from minirnng.models.checkpoint import read_checkpoint
     header, params, _ = read_checkpoint(out / "last.npz")
     assert header["training"]["config"]["recurrent_lr_scale"] == 0.5
     assert header["training"]["config"]["stability_rule"] == "project"
     assert header["training"]["config"]["augment"] == "mirror"
+    assert header["training"]["config"]["dice_weight"] == 0.5
+    assert 0 < header["training"]["history"][0]["train_dice"] < 1
     assert all(numpy.abs(value).sum(axis=1).max() <= 1 + 1e-6 for name, value in params.items() if name.endswith(".W"))
     from minirnng.models import load_model
     model = load_model(out / "best.npz")

@@ -303,6 +303,53 @@ def test_sigmoid_bce_gradient_matches_finite_differences():
     assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
 
 
+DICE_OPTIONS = {name: LOSS_OPTIONS[name] for name in ("plain", "mask", "ignore-255")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", DICE_OPTIONS.values(), ids=DICE_OPTIONS.keys())
+@pytest.mark.parametrize("logit_scale", [3.0, 60.0], ids=["moderate", "large-logits"])
+def test_soft_dice(options, logit_scale, dtype):
+    rng = numpy.random.default_rng(17)
+    logits, targets, kwargs = loss_inputs(rng, options, dtype, logit_scale=logit_scale)
+    totals = cases.soft_dice(logits, targets, **kwargs)
+    want_totals, _, dlogits = cases.reference_soft_dice(logits, targets, 0.5, scale=0.7, **kwargs)
+    assert_close(totals, want_totals)
+    assert_close(cases.soft_dice_backward(logits, targets, totals, 0.5, 0.7, **kwargs), dlogits)
+
+
+def test_soft_dice_gradient_matches_finite_differences():
+    rng = numpy.random.default_rng(18)
+    logits, targets, kwargs = loss_inputs(rng, {"mask": True, "ignore_index": 255}, numpy.float64)
+    smooth = 1.0
+
+    def loss(z):
+        totals = cases.soft_dice(z, targets, **kwargs)
+        K = z.shape[1]
+        return 1 - ((2 * totals[:K] + smooth) / (totals[K:] + smooth)).mean()
+
+    totals = cases.soft_dice(logits, targets, **kwargs)
+    dlogits = cases.soft_dice_backward(logits, targets, totals, smooth, 1.0, **kwargs)
+    direction = rng.standard_normal(logits.shape)
+    numeric = directional_derivative(loss, logits, direction)
+    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+
+
+def test_soft_dice_edge_cases():
+    rng = numpy.random.default_rng(19)
+    logits, targets, _ = loss_inputs(rng, {}, numpy.float32)
+    # Nothing counts: every total is 0 and the gradient is exactly 0.
+    ignored = numpy.full_like(targets, -100)
+    totals = cases.soft_dice(logits, ignored)
+    numpy.testing.assert_array_equal(totals, numpy.zeros(2 * logits.shape[1]))
+    assert not cases.soft_dice_backward(logits, ignored, totals, 1.0, 1.0).any()
+    # A label that is not a class (and not ignored) shows as NaN instead of reading out of bounds.
+    wrong = targets.copy()
+    wrong[0, 0, 0] = 5
+    assert numpy.isnan(cases.soft_dice(logits, wrong)).all()
+    assert numpy.isnan(cases.soft_dice_backward(logits, wrong, totals, 1.0, 1.0)[0, :, 0, 0]).all()
+
+
 # ---- the launcher's argument checks ---------------------------------------------------------------------
 
 def relu_args(n=10, dtype=numpy.float32):

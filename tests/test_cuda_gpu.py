@@ -19,7 +19,7 @@ from minirnng import backend
 from minirnng.cuda import DIRECTIONS, KernelCompileError, get_kernel, sources
 from minirnng.layers import Conv2d, ReLU
 from minirnng.layers.recurrent import STABILITY_RULES
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from minirnng.losses import SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
 from minirnng.models.stage2 import EyeBrowNet, MouthNet, NoseNet
@@ -85,6 +85,8 @@ def kernel_cases(rng, dtype):
     _, argmax = on_emulator(cases.maxpool, ties, 3, 2)
     totals = on_emulator(cases.softmax_cross_entropy, logits, targets, **loss_kwargs)
     edge_totals = on_emulator(cases.sigmoid_bce, edge_logits, edge_targets, edge_mask)
+    dice_kwargs = {key: loss_kwargs[key] for key in ("mask", "ignore_index")}
+    dice_totals = on_emulator(cases.soft_dice, logits, targets, **dice_kwargs)
     yield "im2col", cases.im2col, (x, 3, 2, 1), {}
     yield "col2im", cases.col2im, (normal(rng, (2, 3 * 16, 4 * 3), dtype), (2, 3, 7, 6), 4, 2, 1), {}
     yield "col2im_bias", cases.col2im, (normal(rng, (2, 3 * 16, 4 * 3), dtype), (2, 3, 7, 6), 4, 2, 1,
@@ -119,6 +121,8 @@ def kernel_cases(rng, dtype):
     yield "sigmoid_bce", cases.sigmoid_bce, (edge_logits, edge_targets, edge_mask), {}
     yield "sigmoid_bce_backward", cases.sigmoid_bce_backward, (edge_logits, edge_targets, edge_totals, 0.7,
                                                                edge_mask), {}
+    yield "soft_dice", cases.soft_dice, (logits, targets), dice_kwargs
+    yield "soft_dice_backward", cases.soft_dice_backward, (logits, targets, dice_totals, 0.5, 0.7), dice_kwargs
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -163,6 +167,12 @@ def test_losses_on_the_gpu_match_the_reference(dtype):
     loss_sum, weight_sum, dlogits = cases.reference_sigmoid_bce(edge, edge_targets, mask, scale=0.7)
     assert_close(totals, [loss_sum, weight_sum])
     assert_close(on_gpu(cases.sigmoid_bce_backward, edge, edge_targets, totals, 0.7, mask), dlogits)
+
+    dice_kwargs = {key: kwargs[key] for key in ("mask", "ignore_index")}
+    totals = on_gpu(cases.soft_dice, logits, targets, **dice_kwargs)
+    want_totals, _, dlogits = cases.reference_soft_dice(logits, targets, 0.5, scale=0.7, **dice_kwargs)
+    assert_close(totals, want_totals)
+    assert_close(on_gpu(cases.soft_dice_backward, logits, targets, totals, 0.5, 0.7, **dice_kwargs), dlogits)
 
 
 def test_numpy_arrays_are_refused_on_the_cupy_backend():
@@ -212,6 +222,9 @@ def test_losses_on_the_gpu_match_the_numpy_path(masked, dtype):
     path_cases.compare_loss("cupy", SigmoidBinaryCrossEntropy, path_cases.binary_arguments(rng, dtype, masked))
     huge = path_cases.cross_entropy_arguments(rng, dtype, {}, masked, logit_scale=30.0)
     path_cases.compare_loss("cupy", SoftmaxCrossEntropy, huge)
+    path_cases.compare_loss("cupy", SoftDice, huge)
+    path_cases.compare_loss("cupy", lambda: SoftDice(smooth=0.5, ignore_index=255),
+                            path_cases.cross_entropy_arguments(rng, dtype, {"ignore_index": 255}, masked))
 
 
 @pytest.mark.parametrize("name, build, inputs, prepare", path_cases.GRADIENT_CASES,

@@ -17,7 +17,7 @@ from minirnng import backend
 from minirnng.cuda import emulator, launch
 from minirnng.layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
 from minirnng.layers.recurrent import FourWayGatedRNN, GatedSpatialRNN
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from minirnng.losses import SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
 
@@ -105,12 +105,22 @@ def test_sigmoid_bce_on_the_emulator_matches_the_numpy_path(masked, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["all-pixels", "masked"])
+@pytest.mark.parametrize("settings", [{}, {"ignore_index": 255, "smooth": 0.5}], ids=["plain", "ignore-index"])
+def test_soft_dice_on_the_emulator_matches_the_numpy_path(settings, masked, dtype):
+    rng = numpy.random.default_rng(5)
+    arguments = cases.cross_entropy_arguments(rng, dtype, settings, masked)
+    cases.compare_loss(DEVICE, lambda: SoftDice(**settings), arguments)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_losses_agree_for_huge_logits_and_confident_pixels(dtype):
     """Logits of +-30 (float32 softmax and sigmoid round to exactly 1 there): both paths compute the
     target's gradient without cancellation, so they agree on the tiny gradients too."""
     rng = numpy.random.default_rng(4)
     arguments = cases.cross_entropy_arguments(rng, dtype, {}, masked=False, logit_scale=30.0)
     cases.compare_loss(DEVICE, SoftmaxCrossEntropy, arguments)
+    cases.compare_loss(DEVICE, SoftDice, arguments)
     cases.compare_loss(DEVICE, SigmoidBinaryCrossEntropy, cases.binary_arguments(rng, dtype, False, logit_scale=30.0))
 
 
@@ -148,6 +158,9 @@ def test_losses_with_no_pixel_used_are_zero_on_the_kernel_path():
         assert bce.forward(logits[:, :1], numpy.ones((1, 1, 2, 2), numpy.float32),
                            mask=numpy.zeros((1, 1, 2, 2), bool)) == 0.0
         assert not bce.backward().any()
+        dice = SoftDice()
+        assert dice.forward(logits, numpy.zeros((1, 2, 2), int), mask=numpy.zeros((1, 2, 2), bool)) == 0.0
+        assert not dice.backward().any()
 
 
 # ---- models ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Softmax and sigmoid cross-entropy, and the boundary target and sampling of the gate's loss."""
+"""Softmax and sigmoid cross-entropy, soft Dice, and the boundary target and sampling of the gate's loss."""
 
 import numpy
 import pytest
 
 from minirnng.gradcheck import check_loss
 from minirnng.layers import naive
-from minirnng.losses import (SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask,
+from minirnng.losses import (SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy, boundary_sample_mask,
                              boundary_target)
 
 CE_SETTINGS = [
@@ -127,6 +127,97 @@ def test_sigmoid_bce_bad_input():
         loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.full((1, 1, 2, 2), 0.5))
     with pytest.raises(ValueError, match="target must have the logits' shape"):
         loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.zeros((1, 1, 2, 3)))
+
+
+DICE_SETTINGS = [dict(), dict(smooth=0.1), dict(ignore_index=255)]
+
+
+@pytest.mark.parametrize("settings", DICE_SETTINGS)
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_soft_dice_finite_differences(settings, use_mask, rng):
+    logits = rng.standard_normal((2, 4, 3, 5)) * 3
+    target = _targets(rng, (2, 3, 5), 4, settings.get("ignore_index"))
+    mask = rng.random((2, 3, 5)) < 0.6 if use_mask else None
+    report = check_loss(SoftDice(**settings), logits, target, mask, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("settings", DICE_SETTINGS)
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_soft_dice_fast_matches_naive(settings, dtype, use_mask, rng):
+    logits = (rng.standard_normal((2, 4, 6, 3)) * 3).astype(dtype)
+    target = _targets(rng, (2, 6, 3), 4, settings.get("ignore_index"))
+    mask = rng.random((2, 6, 3)) < 0.7 if use_mask else None
+    fast, slow = SoftDice(**settings), naive.SoftDice(**settings)
+    tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
+    assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
+    want = slow.backward(0.7)
+    numpy.testing.assert_allclose(fast.backward(0.7), want, rtol=0, atol=tolerance * numpy.abs(want).max())
+    assert fast.backward().dtype == dtype
+
+
+def test_soft_dice_matches_a_hand_computed_value():
+    """Two pixels, two classes, probabilities (3/4, 1/4) and (1/2, 1/2), targets 0 and 1:
+    I = (3/4, 1/2), S = (3/4 + 1/2 + 1, 1/4 + 1/2 + 1), and with s = 1, D = (5/2 / 13/4, 2 / 11/4)."""
+    logits = numpy.zeros((1, 2, 1, 2))
+    logits[0, 0, 0, 0] = numpy.log(3.0)
+    target = numpy.array([[[0, 1]]])
+    expected = 1 - ((2.5 / 3.25) + (2.0 / 2.75)) / 2
+    assert SoftDice().forward(logits, target) == pytest.approx(expected, rel=1e-14)
+
+
+def test_soft_dice_weighs_a_small_class_as_much_as_a_large_one():
+    """Missing a class of 2 pixels out of 64 costs the Dice loss as much as missing one of 62
+    costs it, where the cross-entropy barely notices the small one."""
+    target = numpy.zeros((1, 8, 8), dtype=int)
+    target[0, 0, :2] = 1
+    right = numpy.where(numpy.arange(2)[None, :, None, None] == target[:, None], 10.0, -10.0)
+    small_missed = right.copy()
+    small_missed[0, :, 0, :2] = right[0, ::-1, 0, :2]  # the two class-1 pixels called class 0
+    dice, cross_entropy = SoftDice(smooth=1e-6), SoftmaxCrossEntropy()
+    assert dice.forward(right, target) < 1e-6
+    assert dice.forward(small_missed, target) > 0.49  # class 1's D falls to 0
+    assert cross_entropy.forward(small_missed, target) < 0.7  # 2 of 64 pixels wrong by 20
+
+
+def test_soft_dice_is_stable_for_huge_and_confident_logits():
+    loss = SoftDice()
+    logits = numpy.array([[1e4, -1e4], [-1e4, 1e4], [0.0, 0.0]], dtype=numpy.float32).reshape(1, 3, 1, 2)
+    assert loss.forward(logits, numpy.array([[[0, 1]]])) == pytest.approx(0.0, abs=1e-6)
+    assert numpy.all(numpy.isfinite(loss.backward()))
+    # logits (20, 0, 0): p_t rounds to 1 in float32, and the gradient keeps its digits anyway
+    confident = numpy.array([20.0, 0.0, 0.0], dtype=numpy.float32).reshape(1, 3, 1, 1)
+    target = numpy.zeros((1, 1, 1), dtype=int)
+    loss.forward(confident, target)
+    want = naive.SoftDice()
+    want.forward(confident.astype(numpy.float64), target)
+    numpy.testing.assert_allclose(loss.backward(), want.backward(), rtol=1e-5)
+    assert loss.backward()[0, 0, 0, 0] != 0
+
+
+def test_soft_dice_with_no_pixel_used_is_zero_not_nan():
+    loss = SoftDice()
+    logits = numpy.ones((1, 3, 2, 2))
+    assert loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.zeros((1, 2, 2), bool)) == 0.0
+    assert not loss.backward().any()
+
+
+def test_soft_dice_bad_input():
+    with pytest.raises(ValueError, match="smooth must be a positive number"):
+        SoftDice(smooth=0)
+    with pytest.raises(ValueError, match="smooth must be a positive number"):
+        SoftDice(smooth=float("nan"))
+    loss = SoftDice()
+    logits = numpy.zeros((1, 3, 2, 2), dtype=numpy.float32)
+    with pytest.raises(ValueError, match=r"SoftDice: target holds labels outside \[0, 3\).*\[3\]"):
+        loss.forward(logits, numpy.array([[[0, 3], [1, 2]]]))
+    with pytest.raises(ValueError, match=r"SoftDice: target must have shape \(1, 2, 2\)"):
+        loss.forward(logits, numpy.zeros((1, 2, 3), dtype=int))
+    with pytest.raises(TypeError, match="integer class indices"):
+        loss.forward(logits, numpy.zeros((1, 2, 2)))
+    with pytest.raises(RuntimeError, match="before forward"):
+        SoftDice().backward()
 
 
 def test_boundary_target_marks_pixels_with_a_different_4_neighbour():

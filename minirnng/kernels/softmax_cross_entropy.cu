@@ -27,6 +27,8 @@
 // it makes that pixel's loss and gradient NaN, so the mistake shows instead of reading memory
 // outside the logits.
 
+#include "softmax.cuh"
+
 // The weight of one pixel (0 if it does not count). *label_ok tells whether its target is a class.
 __device__ __forceinline__ scalar_t pixel_weight(long long label, const unsigned char* mask,
                                                  const scalar_t* class_weights, long long pixel,
@@ -36,17 +38,6 @@ __device__ __forceinline__ scalar_t pixel_weight(long long label, const unsigned
     if (mask != nullptr && mask[pixel] == 0) return 0;
     if (class_weights != nullptr && *label_ok) return class_weights[label];
     return 1;
-}
-
-// sum_k exp(z[k*P] - m) with m = max_k z[k*P] (returned in *largest): subtracting the largest
-// logit keeps exp from overflowing, and differences to it are what the loss and the softmax need.
-__device__ __forceinline__ scalar_t sum_exp_shifted(const scalar_t* z, int K, int P, scalar_t* largest) {
-    scalar_t m = z[0];
-    for (int k = 1; k < K; ++k) m = fmax(m, z[(long long)k * P]);
-    scalar_t sum = 0;
-    for (int k = 0; k < K; ++k) sum += exp(z[(long long)k * P] - m);
-    *largest = m;
-    return sum;
 }
 
 extern "C" __global__ void softmax_cross_entropy_forward(const scalar_t* __restrict__ logits,

@@ -208,6 +208,38 @@ class SigmoidBinaryCrossEntropy(losses.SigmoidBinaryCrossEntropy):
         return grad * (grad_output / count) if count else numpy.zeros_like(grad)
 
 
+class SoftDice(losses.SoftDice):
+    """One pixel at a time: the sums I_k and S_k over the pixels used, then
+    dL/dz = p * (g - p . g) with g = dL/dp, the chain rule through the softmax as written."""
+
+    def forward_cpu(self, logits, target, mask):
+        n, k, height, width = logits.shape
+        intersection, size = numpy.zeros(k), numpy.zeros(k)
+        pixels = []  # (index, p, onehot) of every pixel used
+        for image, y, x in numpy.ndindex(n, height, width):
+            t = int(target[image, y, x])
+            if (mask is not None and not mask[image, y, x]) or t == self.ignore_index:
+                continue
+            z = logits[image, :, y, x].astype(numpy.float64)
+            p = numpy.exp(z - z.max()) / numpy.exp(z - z.max()).sum()
+            onehot = numpy.zeros(k)
+            onehot[t] = 1
+            intersection += p * onehot
+            size += p + onehot
+            pixels.append(((image, y, x), p, onehot))
+        dice = (2 * intersection + self.smooth) / (size + self.smooth)
+        return 1 - dice.mean(), (logits.shape, logits.dtype, pixels, dice, size)
+
+    def backward_cpu(self, grad_output):
+        shape, dtype, pixels, dice, size = self.cache
+        k = shape[1]
+        grad = numpy.zeros(shape, dtype=dtype)
+        for (image, y, x), p, onehot in pixels:
+            g = -grad_output * (2 * onehot - dice) / (k * (size + self.smooth))
+            grad[image, :, y, x] = p * (g - p @ g)
+        return grad
+
+
 # -- spatial recurrent layers (paper eq. 1 and 3) ----------------------------------------------------
 from . import recurrent  # noqa: E402  (kept with the section it serves)
 
