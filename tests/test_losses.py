@@ -23,24 +23,31 @@ def _targets(rng, shape, k, ignore_index):
     return target
 
 
-@pytest.mark.parametrize("settings", CE_SETTINGS)
+DICE_SETTINGS = [dict(), dict(smooth=0.1), dict(ignore_index=255)]
+#: (fast loss, naive loss, settings): every loss on class scores, with each of its settings
+CLASS_SCORE_LOSSES = ([(SoftmaxCrossEntropy, naive.SoftmaxCrossEntropy, settings) for settings in CE_SETTINGS]
+                      + [(SoftDice, naive.SoftDice, settings) for settings in DICE_SETTINGS])
+LOSS_IDS = [f"{fast.__name__}-{settings}" for fast, _, settings in CLASS_SCORE_LOSSES]
+
+
+@pytest.mark.parametrize("fast_loss, naive_loss, settings", CLASS_SCORE_LOSSES, ids=LOSS_IDS)
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_softmax_ce_finite_differences(settings, use_mask, rng):
+def test_class_score_loss_finite_differences(fast_loss, naive_loss, settings, use_mask, rng):
     logits = rng.standard_normal((2, 4, 3, 5)) * 3
     target = _targets(rng, (2, 3, 5), 4, settings.get("ignore_index"))
     mask = rng.random((2, 3, 5)) < 0.6 if use_mask else None
-    report = check_loss(SoftmaxCrossEntropy(**settings), logits, target, mask, rng=rng)
+    report = check_loss(fast_loss(**settings), logits, target, mask, rng=rng)
     assert report.max_error < 1e-7, str(report)
 
 
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-@pytest.mark.parametrize("settings", CE_SETTINGS)
+@pytest.mark.parametrize("fast_loss, naive_loss, settings", CLASS_SCORE_LOSSES, ids=LOSS_IDS)
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_softmax_ce_fast_matches_naive(settings, dtype, use_mask, rng):
+def test_class_score_loss_fast_matches_naive(fast_loss, naive_loss, settings, dtype, use_mask, rng):
     logits = (rng.standard_normal((2, 4, 6, 3)) * 3).astype(dtype)
     target = _targets(rng, (2, 6, 3), 4, settings.get("ignore_index"))
     mask = rng.random((2, 6, 3)) < 0.7 if use_mask else None  # without: every pixel weighs 1, a path of its own
-    fast, slow = SoftmaxCrossEntropy(**settings), naive.SoftmaxCrossEntropy(**settings)
+    fast, slow = fast_loss(**settings), naive_loss(**settings)
     tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
     assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
     want = slow.backward(0.7)
@@ -127,34 +134,6 @@ def test_sigmoid_bce_bad_input():
         loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.full((1, 1, 2, 2), 0.5))
     with pytest.raises(ValueError, match="target must have the logits' shape"):
         loss.forward(numpy.zeros((1, 1, 2, 2)), numpy.zeros((1, 1, 2, 3)))
-
-
-DICE_SETTINGS = [dict(), dict(smooth=0.1), dict(ignore_index=255)]
-
-
-@pytest.mark.parametrize("settings", DICE_SETTINGS)
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_soft_dice_finite_differences(settings, use_mask, rng):
-    logits = rng.standard_normal((2, 4, 3, 5)) * 3
-    target = _targets(rng, (2, 3, 5), 4, settings.get("ignore_index"))
-    mask = rng.random((2, 3, 5)) < 0.6 if use_mask else None
-    report = check_loss(SoftDice(**settings), logits, target, mask, rng=rng)
-    assert report.max_error < 1e-7, str(report)
-
-
-@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
-@pytest.mark.parametrize("settings", DICE_SETTINGS)
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_soft_dice_fast_matches_naive(settings, dtype, use_mask, rng):
-    logits = (rng.standard_normal((2, 4, 6, 3)) * 3).astype(dtype)
-    target = _targets(rng, (2, 6, 3), 4, settings.get("ignore_index"))
-    mask = rng.random((2, 6, 3)) < 0.7 if use_mask else None
-    fast, slow = SoftDice(**settings), naive.SoftDice(**settings)
-    tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
-    assert fast.forward(logits, target, mask) == pytest.approx(slow.forward(logits, target, mask), rel=tolerance)
-    want = slow.backward(0.7)
-    numpy.testing.assert_allclose(fast.backward(0.7), want, rtol=0, atol=tolerance * numpy.abs(want).max())
-    assert fast.backward().dtype == dtype
 
 
 def test_soft_dice_matches_a_hand_computed_value():

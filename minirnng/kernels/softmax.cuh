@@ -1,4 +1,5 @@
-// softmax.cuh: the shifted exponentials of one pixel's softmax, for the losses on class scores.
+// softmax.cuh: a pixel's class scores and the shifted exponentials of its softmax, for the losses
+// on class scores.
 //
 // Shared by softmax_cross_entropy.cu and soft_dice.cu, which both need, for a pixel whose K class
 // scores lie P apart in memory (z[k * P], as in an (N, K, H, W) array),
@@ -13,6 +14,13 @@
 
 #ifndef MINIRNNG_SOFTMAX_CUH
 #define MINIRNNG_SOFTMAX_CUH
+
+// Where the K scores of a pixel start in an (N, K, H, W) array with P = H*W: pixel = n*P + q
+// (image n, position q) has class k at offset + k*P.
+__device__ __forceinline__ long long class_scores_offset(long long pixel, int K, int P) {
+    const long long n = pixel / P, q = pixel % P;
+    return n * K * P + q;
+}
 
 // sum_k exp(z[k*P] - m) with m = max_k z[k*P] (returned in *largest).
 __device__ __forceinline__ scalar_t sum_exp_shifted(const scalar_t* z, int K, int P, scalar_t* largest) {

@@ -49,8 +49,7 @@ extern "C" __global__ void softmax_cross_entropy_forward(const scalar_t* __restr
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long pixels = (long long)N * P;
     if (pixel >= pixels) return;
-    const long long n = pixel / P, q = pixel % P;
-    const scalar_t* z = logits + n * K * P + q;   // class k at z[k * P]
+    const scalar_t* z = logits + class_scores_offset(pixel, K, P);   // class k at z[k * P]
 
     const long long label = targets[pixel];
     bool label_ok;
@@ -78,9 +77,9 @@ extern "C" __global__ void softmax_cross_entropy_backward(const scalar_t* __rest
                                                           int N, int K, int P, int ignore_index) {
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (pixel >= (long long)N * P) return;
-    const long long n = pixel / P, q = pixel % P;
-    const scalar_t* z = logits + n * K * P + q;
-    scalar_t* dz = dlogits + n * K * P + q;
+    const long long offset = class_scores_offset(pixel, K, P);
+    const scalar_t* z = logits + offset;
+    scalar_t* dz = dlogits + offset;
 
     const long long label = targets[pixel];
     bool label_ok;

@@ -158,19 +158,26 @@ class Tanh(activations.Tanh):
 from .. import losses  # noqa: E402  (after the layers: losses imports layers.base)
 
 
+def used_pixel_softmax(logits, target, mask, ignore_index):
+    """Every pixel a loss on class scores uses (inside the mask, target not the ignore index), one
+    at a time: yields ``((image, y, x), target, softmax of its logits in float64)``."""
+    n, _, height, width = logits.shape
+    for image, y, x in numpy.ndindex(n, height, width):
+        t = int(target[image, y, x])
+        if (mask is not None and not mask[image, y, x]) or t == ignore_index:
+            continue
+        z = logits[image, :, y, x].astype(numpy.float64)
+        yield (image, y, x), t, numpy.exp(z - z.max()) / numpy.exp(z - z.max()).sum()
+
+
 class SoftmaxCrossEntropy(losses.SoftmaxCrossEntropy):
     """One pixel at a time: -log softmax(z)[t], weighted, summed, divided by the summed weights."""
 
     def forward_cpu(self, logits, target, mask):
-        n, k, height, width = logits.shape
+        k = logits.shape[1]
         grad = numpy.zeros_like(logits)
         total, weight_sum = 0.0, 0.0
-        for image, y, x in numpy.ndindex(n, height, width):
-            t = int(target[image, y, x])
-            if (mask is not None and not mask[image, y, x]) or t == self.ignore_index:
-                continue
-            z = logits[image, :, y, x].astype(numpy.float64)
-            p = numpy.exp(z - z.max()) / numpy.exp(z - z.max()).sum()
+        for (image, y, x), t, p in used_pixel_softmax(logits, target, mask, self.ignore_index):
             w = 1.0 if self.class_weights is None else float(self.class_weights[t])
             total += w * -numpy.log(p[t])
             weight_sum += w
@@ -213,20 +220,15 @@ class SoftDice(losses.SoftDice):
     dL/dz = p * (g - p . g) with g = dL/dp, the chain rule through the softmax as written."""
 
     def forward_cpu(self, logits, target, mask):
-        n, k, height, width = logits.shape
+        k = logits.shape[1]
         intersection, size = numpy.zeros(k), numpy.zeros(k)
         pixels = []  # (index, p, onehot) of every pixel used
-        for image, y, x in numpy.ndindex(n, height, width):
-            t = int(target[image, y, x])
-            if (mask is not None and not mask[image, y, x]) or t == self.ignore_index:
-                continue
-            z = logits[image, :, y, x].astype(numpy.float64)
-            p = numpy.exp(z - z.max()) / numpy.exp(z - z.max()).sum()
+        for index, t, p in used_pixel_softmax(logits, target, mask, self.ignore_index):
             onehot = numpy.zeros(k)
             onehot[t] = 1
             intersection += p * onehot
             size += p + onehot
-            pixels.append(((image, y, x), p, onehot))
+            pixels.append((index, p, onehot))
         dice = (2 * intersection + self.smooth) / (size + self.smooth)
         return 1 - dice.mean(), (logits.shape, logits.dtype, pixels, dice, size)
 
