@@ -8,8 +8,9 @@ For labels ``y`` (N, H, W) and the model's outputs:
       + w_dice   * Dice(logits, y)                      (w_dice = 0 unless asked for)
 
 CE is softmax cross-entropy (optionally class-weighted), BCE sigmoid binary cross-entropy, each a
-mean over the pixels it uses; Dice is the soft Dice loss over the batch's pixels (1 minus the mean
-over the classes of a soft F-measure), a term the paper does not have (docs/training.md, run BF). With ``background_ratio`` the two CE terms use every face and hair
+mean over the pixels it uses; Dice is the soft Dice loss over the pixels of the whole batch that
+the logits' CE uses (1 minus the mean over the classes of a soft F-measure), a term the paper does
+not have (docs/training.md, run BF). With ``background_ratio`` the two CE terms use every face and hair
 pixel and that many times as many background pixels drawn at random (the paper's sampling for
 Multi-Face images, where background covers most of the picture). The edge term samples every boundary pixel and five times as many
 others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a

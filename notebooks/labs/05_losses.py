@@ -43,7 +43,8 @@ from minirnng import backend, labs
 from minirnng.data.pipeline import preload
 from minirnng.data.synthetic import SyntheticFaces
 from minirnng.gradcheck import check_loss, relative_error
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy, boundary_sample_mask, boundary_target
+from minirnng.losses import (SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy, boundary_sample_mask,
+                             boundary_target)
 from minirnng.objective import class_balance_weights
 
 backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
@@ -206,6 +207,37 @@ for gamma in (0.0, 0.5, 1.0):
 print("pixel frequencies", np.round(frequency, 3), "for", faces.classes)
 
 # %% [markdown]
+# ### Classes, another way: soft Dice
+#
+# Class weights change how much each *pixel* pulls. The soft Dice loss
+# (`minirnng.losses.SoftDice`, [derivation](../docs/derivations/losses.md#2b-soft-dice)) asks
+# instead for a good F-measure in every *class*: with $p$ the softmax and $y$ the one-hot targets,
+# summed over all the pixels of the batch,
+#
+# $$D_k = \frac{2 \sum_i p_{ik} y_{ik} + s}{\sum_i (p_{ik} + y_{ik}) + s}, \qquad L = 1 - \frac{1}{K} \sum_k D_k ,$$
+#
+# so a class of a few hundred pixels enters the mean as much as one of ten thousand. It is not
+# in the paper; training can add it beside the three losses (`--dice-weight`). Its gradient goes
+# through the softmax as $p_k \sum_{j \ne k} p_j (g_k - g_j)$, $g = \partial L / \partial p$,
+# which keeps its digits on confident pixels. The same check as above, then how the two losses
+# share their pull among the classes of the faces above, for a network that knows nothing yet
+# (all logits 0): the cross-entropy's share follows the pixel counts; Dice's is spread more evenly,
+# here much as the class weights of $\gamma = 0.5$ spread it. As the network learns, Dice's pull
+# moves to the classes whose F-measure is worst.
+
+# %%
+logits = 3 * rng.standard_normal((2, 4, 5, 6))
+target = rng.integers(0, 4, size=(2, 5, 6))
+print(check_loss(SoftDice(), logits, target, rng.random((2, 5, 6)) < 0.7, title="SoftDice, mask").format())
+
+uninformed = np.zeros((len(faces.labels), 3) + faces.labels.shape[1:])
+face_labels = faces.labels.astype(np.int64)
+for loss in (SoftmaxCrossEntropy(), SoftDice()):
+    loss.forward(uninformed, face_labels)
+    pull = np.array([np.abs(loss.backward()[:, k][face_labels == k]).sum() for k in range(3)])
+    print(f"{type(loss).__name__:>20}: share of the gradient on each class's own pixels {np.round(pull / pull.sum(), 2)}")
+
+# %% [markdown]
 # ### Boundaries, and the paper's 1:5 sampling
 #
 # The gate's target (`minirnng.losses.boundary_target`) is 0 on the pixels that have a
@@ -261,8 +293,9 @@ print(f"their share of an unsampled edge loss: {fraction:.1%}; with 1:5 sampling
 #   (weighted) number of pixels used.
 # - Compute $-\log p_t$ as $\operatorname{logsumexp}(z) - z_t$ after subtracting the largest logit,
 #   and the binary loss as $\max(z, 0) - z t + \log(1 + e^{-|z|})$: no exponent is ever positive.
-# - Rare classes can be up-weighted; the rare *boundary* pixels are instead all kept and matched by
-#   five times as many random others, so the gate sees both kinds of error.
+# - Rare classes can be up-weighted, or measured per class with a soft Dice term; the rare
+#   *boundary* pixels are instead all kept and matched by five times as many random others, so the
+#   gate sees both kinds of error.
 #
 # ## Exercises
 #
@@ -275,3 +308,6 @@ print(f"their share of an unsampled edge loss: {fraction:.1%}; with 1:5 sampling
 # 4. Train the edge head alone (a `minirnng.layers.Conv2d` 3→1, 1×1, on the images above, plain
 #    gradient descent) once on all pixels and once with the 1:5 mask. Plot both predicted gate maps
 #    after a hundred steps: which one closes on the boundaries?
+# 5. Show that $\partial L / \partial z$ of the soft Dice loss also sums to 0 over the classes of
+#    each pixel. Then compute it in float32 both as $p_k (g_k - \sum_j p_j g_j)$ and as
+#    `SoftDice` does, for a pixel with logits (20, 0, 0): which keeps the target class's gradient?
