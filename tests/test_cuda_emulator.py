@@ -239,6 +239,13 @@ def test_softmax_cross_entropy_accepts_a_bool_mask():
     numpy.testing.assert_array_equal(as_bool, cases.softmax_cross_entropy(logits, targets, **kwargs))
 
 
+def assert_gradient_matches(loss_of_logits, logits, dlogits, rng):
+    """A loss kernel's dlogits against the centred difference of the loss along a random direction (float64)."""
+    direction = rng.standard_normal(logits.shape)
+    numeric = directional_derivative(loss_of_logits, logits, direction)
+    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+
+
 def test_softmax_cross_entropy_gradient_matches_finite_differences():
     rng = numpy.random.default_rng(13)
     logits, targets, kwargs = loss_inputs(rng, LOSS_OPTIONS["everything"], numpy.float64)
@@ -249,9 +256,7 @@ def test_softmax_cross_entropy_gradient_matches_finite_differences():
 
     totals = cases.softmax_cross_entropy(logits, targets, **kwargs)
     dlogits = cases.softmax_cross_entropy_backward(logits, targets, totals, 1.0, **kwargs)
-    direction = rng.standard_normal(logits.shape)
-    numeric = directional_derivative(mean_loss, logits, direction)
-    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+    assert_gradient_matches(mean_loss, logits, dlogits, rng)
 
 
 def test_softmax_cross_entropy_edge_cases():
@@ -298,9 +303,7 @@ def test_sigmoid_bce_gradient_matches_finite_differences():
 
     totals = cases.sigmoid_bce(logits, targets, mask)
     dlogits = cases.sigmoid_bce_backward(logits, targets, totals, 1.0, mask)
-    direction = rng.standard_normal(logits.shape)
-    numeric = directional_derivative(mean_loss, logits, direction)
-    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+    assert_gradient_matches(mean_loss, logits, dlogits, rng)
 
 
 DICE_OPTIONS = {name: LOSS_OPTIONS[name] for name in ("plain", "mask", "ignore-255")}
@@ -330,9 +333,7 @@ def test_soft_dice_gradient_matches_finite_differences():
 
     totals = cases.soft_dice(logits, targets, **kwargs)
     dlogits = cases.soft_dice_backward(logits, targets, totals, smooth, 1.0, **kwargs)
-    direction = rng.standard_normal(logits.shape)
-    numeric = directional_derivative(loss, logits, direction)
-    assert abs(numpy.vdot(dlogits, direction) - numeric) <= 1e-7 * abs(numeric)
+    assert_gradient_matches(loss, logits, dlogits, rng)
 
 
 def test_soft_dice_edge_cases():

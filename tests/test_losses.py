@@ -69,8 +69,9 @@ def test_softmax_ce_is_stable_for_huge_logits():
     assert numpy.all(numpy.isfinite(loss.backward()))
 
 
-def test_softmax_ce_with_no_pixel_used_is_zero_not_nan():
-    loss = SoftmaxCrossEntropy()
+@pytest.mark.parametrize("make_loss", [SoftmaxCrossEntropy, SoftDice])
+def test_class_score_loss_with_no_pixel_used_is_zero_not_nan(make_loss):
+    loss = make_loss()
     logits = numpy.ones((1, 3, 2, 2))
     assert loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.zeros((1, 2, 2), bool)) == 0.0
     assert not loss.backward().any()
@@ -173,13 +174,6 @@ def test_soft_dice_is_stable_for_huge_and_confident_logits():
     want.forward(confident.astype(numpy.float64), target)
     numpy.testing.assert_allclose(loss.backward(), want.backward(), rtol=1e-5)
     assert loss.backward()[0, 0, 0, 0] != 0
-
-
-def test_soft_dice_with_no_pixel_used_is_zero_not_nan():
-    loss = SoftDice()
-    logits = numpy.ones((1, 3, 2, 2))
-    assert loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.zeros((1, 2, 2), bool)) == 0.0
-    assert not loss.backward().any()
 
 
 def test_soft_dice_bad_input():
