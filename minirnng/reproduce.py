@@ -4,8 +4,8 @@ Table 1 (LFW-PL, 3 classes, 128 x 128): CNN-S, CNN-Deep, CNN-CRF, RNN, RNN-G.
 Table 2 (Multi-Face, 3 classes): CNN-Deep, CNN-CRF, RNN, "Det+RNN-G single" (a face detector, then
 the single-face parser on each face) and RNN-G, on synthetic 512 x 512 multi-face images.
 
-Every model is trained by the same loop with the same three losses, optimizer and schedule
-(:mod:`minirnng.train`), so only the architecture differs. A budget fixes the number of epochs
+Every model is trained by the same loop with the same losses (the spec's three, and for ``full`` the
+soft-Dice term), optimizer and schedule (:mod:`minirnng.train`), so only the architecture differs. A budget fixes the number of epochs
 (:data:`BUDGETS`) and the training recipe (:data:`RECIPES`): ``small`` and ``paper`` train as the
 spec does, ``full`` (Table 1) with the shipped parser's recipe (run BK's). CNN-CRF is CNN-S's trained weights
 followed by dense-CRF inference, as in the paper (the CRF is post-processing). Each model is
