@@ -7,6 +7,7 @@ at any moment leaves the previous file untouched.
 """
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -40,3 +41,11 @@ def replacing(path, suffix=None):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def write_json(path, record):
+    """Write ``record`` as indented JSON to ``path`` atomically (results of eval and reproduce)."""
+    with replacing(path) as temporary:
+        with open(temporary, "w") as stream:
+            json.dump(record, stream, indent=1)
+    return os.fspath(path)

@@ -121,7 +121,7 @@ def positive_int(text):
     return value
 
 
-def add_data_arguments(parser, default_split=None):
+def add_data_arguments(parser, default_split=None, size_from_checkpoint=False):
     from .data.catalog import DATASETS
 
     parser.add_argument("--data", choices=DATASETS, default="synthetic",
@@ -129,7 +129,12 @@ def add_data_arguments(parser, default_split=None):
     parser.add_argument("--root", help="folder of the dataset in its official layout (not for synthetic)")
     parser.add_argument("--classes", type=int, choices=(3, 11), default=None,
                         help="3 (background, skin, hair) or 11 (HELEN); default: the dataset's own")
-    parser.add_argument("--input-size", type=int, default=128, help="model input height and width (default 128)")
+    if size_from_checkpoint:
+        parser.add_argument("--input-size", type=positive_int, default=None,
+                            help="model input height and width (default: the checkpoint's, as it was trained)")
+    else:
+        parser.add_argument("--input-size", type=positive_int, default=128,
+                            help="model input height and width (default 128)")
     if default_split:
         parser.add_argument("--split", choices=("train", "validation", "test"), default=default_split,
                             help=f"split to use (default {default_split})")
@@ -176,14 +181,23 @@ def command_train(arguments):
 
 
 def command_eval(arguments):
-    import json
-
     from .data.catalog import load_split
     from .models import load_model
     from .train import evaluate
 
+    # the outputs are checked first: a typo in a path must not cost the whole evaluation
+    if arguments.confusion:
+        from .viz import check_figure_path
+        check_figure_path(arguments.confusion, "--confusion")
+    for path in (arguments.json, arguments.confusion):
+        check_output_file(path)
     model = load_model(arguments.checkpoint)
-    dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, arguments.input_size,
+    height, width = model.checkpoint_header.get("input_size", (128, 128))
+    input_size = arguments.input_size or height
+    if arguments.input_size is None and height != width:
+        raise ValueError(f"checkpoint {arguments.checkpoint!r} was trained at {height}x{width}; evaluation runs on "
+                         "square inputs: give --input-size")
+    dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, input_size,
                          size=arguments.size)
     predict = predict_with_options(model, dataset.classes, arguments.mirror, arguments.crf)
     result = evaluate(model, dataset, predict=predict)
@@ -202,15 +216,28 @@ def command_eval(arguments):
         print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
     if arguments.json:
         record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
+                  "input_size": input_size,
                   "architecture": model.architecture, "mirror": arguments.mirror, "crf": arguments.crf,
                   "device": backend.describe(),
                   **result}
-        from .atomic import replacing
-        with replacing(arguments.json) as temporary:
-            with open(temporary, "w") as stream:
-                json.dump(record, stream, indent=1)
-        print(f"wrote {arguments.json}")
+        from .atomic import write_json
+        print(f"wrote {write_json(arguments.json, record)}")
     return 0
+
+
+def check_output_file(path):
+    """A clear error now, before any work, for an output file that could not be written later:
+    a folder by that name, or a file where a folder of its path should be (missing folders are
+    created when the file is written)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"output {path!r} cannot be written: {folder!r} is a file, not a folder")
 
 
 def predict_with_options(model, classes, mirror=False, crf=False):
@@ -271,8 +298,9 @@ def command_demo(arguments):
     model = trainer.model
     written.append(model.save(os.path.join(arguments.out, "rnng_synthetic.npz")))
 
-    print(f"\n3. The pipeline on {arguments.figure_images} test images: input, truth, coarse map, gate map, result")
-    images, truth = test_set.images[:arguments.figure_images], test_set.labels[:arguments.figure_images]
+    shown = min(arguments.figure_images, len(test_set))
+    print(f"\n3. The pipeline on {shown} test images: input, truth, coarse map, gate map, result")
+    images, truth = test_set.images[:shown], test_set.labels[:shown]
     outputs = model.forward(backend.to_device(normalize(images)))
     coarse, predicted = (backend.to_numpy(outputs[name].argmax(axis=1)) for name in ("coarse", "logits"))
     figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"].mean(axis=1)),
@@ -298,6 +326,11 @@ def command_parse(arguments):
     from .parser import FaceParser, read_image
     from .viz import overlay, parse_figure, save_figure
 
+    clash = output_replacing_an_input(arguments.images, arguments.out, arguments.figure)
+    if clash:
+        print(f"minirnng parse: the output {clash[0]} would replace the input image {clash[1]}; "
+              "choose another --out", file=sys.stderr)
+        return 2
     if arguments.classes == 11:
         from .models.stage2 import TwoStageParser
         if not arguments.checkpoint:
@@ -336,13 +369,12 @@ def command_parse(arguments):
             faces = f"{len(boxes)} face(s) detected" if len(boxes) else "no face detected: parsed as one face"
         else:
             labels, faces = parser.parse(image), "parsed as one face"
-        label_path = os.path.join(arguments.out, f"{stem}_labels.png")
-        overlay_path = os.path.join(arguments.out, f"{stem}_overlay.png")
+        label_path, overlay_path, *figure_path = output_files(stem, arguments.out, arguments.figure)
         write_png(label_path, labels)
         write_png(overlay_path, overlay(image, labels, parser.classes))
-        if arguments.figure:
+        if figure_path:
             print(save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)),
-                              os.path.join(arguments.out, f"{stem}_figure.png")))
+                              figure_path[0]))
         shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, {faces}; {shares}")
         print(f"  labels:  {label_path} (pixel value = class index: {', '.join(parser.classes)})")
@@ -366,6 +398,27 @@ def output_stems(paths):
         taken.add(stem.casefold())
         stems.append(stem)
     return stems
+
+
+def output_files(stem, out, figure):
+    """The files ``parse`` writes for one image."""
+    suffixes = ("labels", "overlay") + (("figure",) if figure else ())
+    return [os.path.join(out, f"{stem}_{suffix}.png") for suffix in suffixes]
+
+
+def output_replacing_an_input(images, out, figure):
+    """(output, input) for the first output of ``parse`` that is one of its own input images
+    (``parse a.jpg a_labels.png --out .``), or None: an input is never overwritten, even by
+    the labels of another input."""
+    def key(path):
+        return os.path.normcase(os.path.realpath(path))
+
+    inputs = {key(path): path for path in images}
+    for stem in output_stems(images):
+        for path in output_files(stem, out, figure):
+            if key(path) in inputs:
+                return path, inputs[key(path)]
+    return None
 
 
 def write_png(path, array):
@@ -464,8 +517,8 @@ def build_parser():
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--train-size", type=int, default=None, help="synthetic: number of training images")
-    train.add_argument("--validation-size", type=int, default=None, help="synthetic: number of validation images")
+    train.add_argument("--train-size", type=positive_int, default=None, help="synthetic: number of training images")
+    train.add_argument("--validation-size", type=positive_int, default=None, help="synthetic: number of validation images")
     train.add_argument("--init", metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")
@@ -482,8 +535,8 @@ def build_parser():
         "eval", help="evaluate a checkpoint: accuracy, per-class F-measure, speed",
         description="Evaluate a checkpoint on a dataset split; print the scores, optionally write them as JSON.")
     evaluate.add_argument("--checkpoint", required=True, help="a .npz written by train or save")
-    add_data_arguments(evaluate, default_split="test")
-    evaluate.add_argument("--size", type=int, default=None, help="synthetic: number of images")
+    add_data_arguments(evaluate, default_split="test", size_from_checkpoint=True)
+    evaluate.add_argument("--size", type=positive_int, default=None, help="synthetic: number of images")
     evaluate.add_argument("--json", help="write the scores to this JSON file")
     evaluate.add_argument("--confusion", help="write the confusion matrix as a PNG to this file")
     evaluate.add_argument("--mirror", action="store_true",
@@ -497,11 +550,11 @@ def build_parser():
         description="Parse matplotlib's grace_hopper.jpg with the pretrained parser, train a small RNN-G on "
                     "synthetic faces for a minute or two, write figures and print a results table.")
     demo.add_argument("--out", default="minirnng-demo", help="folder for the figures and the checkpoint")
-    demo.add_argument("--train-size", type=int, default=800, help="synthetic training images (default 800)")
-    demo.add_argument("--test-size", type=int, default=200, help="synthetic test images (default 200)")
-    demo.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    demo.add_argument("--train-size", type=positive_int, default=800, help="synthetic training images (default 800)")
+    demo.add_argument("--test-size", type=positive_int, default=200, help="synthetic test images (default 200)")
+    demo.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     demo.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default 4e-3)")
-    demo.add_argument("--figure-images", type=int, default=4, help="test images in the pipeline figure")
+    demo.add_argument("--figure-images", type=positive_int, default=4, help="test images in the pipeline figure")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=command_demo)
@@ -553,9 +606,10 @@ def tracebacks_wanted():
 
 def main(argv=None):
     """Run one subcommand: 0 on success, 1 when a check fails or the input is bad (a missing or
-    unreadable file, a corrupt checkpoint, a dataset not in its layout), 2 for options that do not
-    go together, 130 when interrupted, 141 when the reader of its output closed the pipe. Bad input is reported in one line naming the problem, not
-    as a traceback; ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
+    unreadable file, a corrupt checkpoint, a dataset not in its layout) or training diverged, 2 for
+    options that do not go together, 130 when interrupted, 141 when the reader of its output closed
+    the pipe. Bad input is reported in one line naming the problem, not as a traceback;
+    ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
     from .backend import BackendError
 
     parser = build_parser()
@@ -567,9 +621,10 @@ def main(argv=None):
         # command-line tools do, and keep Python from reporting the pipe again when it exits
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program ended by a closed pipe
-    except (OSError, ValueError, BackendError) as error:
-        # the types the library raises for input it cannot use, each with a message that names the
-        # file, the shape or the option; an error of any other type keeps its traceback
+    except (OSError, ValueError, BackendError, FloatingPointError) as error:
+        # the types the library raises for input it cannot use (and for a training run that
+        # diverged), each with a message that names the file, the shape or the option; an error
+        # of any other type keeps its traceback
         if tracebacks_wanted():
             raise
         print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)

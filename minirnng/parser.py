@@ -20,6 +20,7 @@ import numpy
 from PIL import Image
 
 from . import backend
+from .data.datasets import read_rgb
 from .data.pipeline import normalize, resize_image
 from .mirroring import mirrored_logits
 from .models import DenseCRF, load_model
@@ -31,22 +32,21 @@ PRETRAINED_WEIGHTS = os.path.join(WEIGHTS_FOLDER, "rnng_lfw.npz")
 
 def check_image(image, owner="FaceParser"):
     image = numpy.asarray(image)
+    if image.dtype != numpy.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{owner}: image is empty, {image.shape[0]}x{image.shape[1]} pixels (height x width)")
     if image.ndim == 2:
         image = numpy.repeat(image[:, :, None], 3, axis=2)  # greyscale: the same value in R, G and B
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != numpy.uint8:
-        raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
     return numpy.ascontiguousarray(image[:, :, :3])
 
 
 def read_image(path):
-    """An image file as uint8 (H, W, 3) RGB, with a clear error for a missing or unreadable file."""
+    """An image file as uint8 (H, W, 3) RGB, turned upright as its EXIF orientation says (as a
+    viewer shows it), with a clear error for a missing, unreadable or oversized file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    try:
-        with Image.open(path) as picture:
-            return numpy.asarray(picture.convert("RGB"))
-    except OSError as error:
-        raise ValueError(f"image {path!r} cannot be read ({error})") from None
+        raise FileNotFoundError(f"image {os.fspath(path)!r} does not exist")
+    return read_rgb(path, "image", exif_orientation=True)
 
 
 def resize_scores(scores, height, width):

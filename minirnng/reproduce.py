@@ -20,12 +20,11 @@ layers; minirnng keeps the architecture and works at 256 x 256 (the paper's eval
 resolution), which a CPU can train.
 """
 
-import json
 import os
 import time
 
 from . import backend
-from .atomic import replacing
+from .atomic import write_json
 from .data.catalog import load_split
 from .data.datasets import MissingDataError
 from .models import CNNCRF, load_model
@@ -185,10 +184,7 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
     log(format_table({k: v["row"] for k, v in results.items() if not k.startswith("_") and "row" in v}, paper,
                      f"{table} on {data} ({split} split), budget {budget}: ours beside the paper"))
     if json_path:
-        with replacing(json_path) as temporary:
-            with open(temporary, "w") as stream:
-                json.dump(results, stream, indent=1)
-        log(f"wrote {json_path}")
+        log(f"wrote {write_json(json_path, results)}")
     return results
 
 

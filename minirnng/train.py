@@ -17,8 +17,10 @@ killed at any moment loses at most the epoch in progress):
 
 import csv
 import dataclasses
+import hashlib
 import math
 import os
+import sys
 import time
 
 import numpy
@@ -99,7 +101,18 @@ class TrainConfig:
                              f"{', '.join(STABILITY_RULES)}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {self.augment!r}; expected one of {', '.join(AUGMENTATIONS)}")
-        if not (math.isfinite(self.dice_weight) and self.dice_weight >= 0):
+        numbers = {name: getattr(self, name) for name in (
+            "lr", "gate_bias", "momentum", "weight_decay", "warmup", "boundary_ratio", "background_ratio",
+            "class_balance", "dice_weight", "recurrent_lr_scale")}
+        numbers.update({f"loss_weights[{k}]": weight for k, weight in enumerate(self.loss_weights)})
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # a NaN would only show as a diverged run, epochs later
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
+            raise ValueError(f"loss_weights must be three numbers >= 0 (logits, coarse, edge), got {self.loss_weights}")
+        if not self.dice_weight >= 0:
             raise ValueError(f"dice_weight must be a finite number >= 0, got {self.dice_weight}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
@@ -171,6 +184,30 @@ def evaluate(model, dataset, batch_size=32, predict=None):
 
 # -- the loop -------------------------------------------------------------------------------------
 
+def data_description(train_set, validation_set):
+    """What a resumed run must find again: the input size, the classes, and the number and names
+    of the training and validation images (a digest of the names), so that a run is never
+    continued on another dataset, split or resolution. The pixels are not hashed: generated
+    synthetic images may differ in their last bits from one CPU to another."""
+    def names_digest(dataset):
+        return hashlib.sha256("\n".join(dataset.names).encode("utf-8")).hexdigest()[:16]
+
+    return {"input_size": [int(s) for s in train_set.images.shape[1:3]], "classes": list(train_set.classes),
+            "train_images": len(train_set), "validation_images": len(validation_set),
+            "train_names": names_digest(train_set), "validation_names": names_digest(validation_set)}
+
+
+def progress_bar(total, desc, unit, enabled):
+    """A tqdm bar of one epoch. Redrawn ten times a second on a terminal or in a notebook; every
+    30 seconds when stderr goes to a file or a pipe, where no redraw erases the last one (a
+    250-epoch run would otherwise write megabytes of bars into its log)."""
+    from tqdm import tqdm
+
+    interactive = (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()) or "ipykernel" in sys.modules
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0)
+
+
 def last_checkpoint_path(out_dir):
     return os.path.join(out_dir, "last.npz")
 
@@ -229,6 +266,7 @@ class Trainer:
         self.history = []
         self.best_accuracy = -1.0
         self.input_size = tuple(train_set.images.shape[1:3])
+        self.data = data_description(train_set, validation_set)
         self.workers = workers
         self._network = None
 
@@ -262,7 +300,8 @@ class Trainer:
                    extra_arrays=self.optimizer.state_arrays(),
                    training={"config": dataclasses.asdict(self.config), "epoch": self.epoch,
                              "rng_state": self.rng.bit_generator.state, "history": self.history,
-                             "best_accuracy": self.best_accuracy, "workers": self.network.workers})
+                             "best_accuracy": self.best_accuracy, "workers": self.network.workers,
+                             "data": self.data})
 
     def resume(self):
         """Continue from ``last.npz`` in ``out_dir``: weights, optimizer, epoch, generator, history."""
@@ -277,6 +316,13 @@ class Trainer:
             if changed:
                 raise ValueError(f"cannot resume {self.last_path}: the configuration differs "
                                  f"(saved, now): {changed}; only --epochs may change")
+        # runs saved before the description of their data was stored: their input size at least
+        saved_data = training.get("data") or {"input_size": list(header.get("input_size", self.data["input_size"]))}
+        changed = {k: (v, self.data[k]) for k, v in saved_data.items() if self.data.get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume {self.last_path}: it was trained on other data (saved, now): "
+                             f"{changed}; --data, --root, --input-size and the split sizes must stay as they "
+                             "were (or start a new run in another --out)")
         self.model.load_params(params, source=self.last_path)
         self.optimizer.load_state_arrays(extra)
         self.rng.bit_generator.state = training["rng_state"]
@@ -306,15 +352,12 @@ class Trainer:
 
     # -- one epoch --------------------------------------------------------------------------
     def train_epoch(self):
-        from tqdm import tqdm
-
         config, model, network = self.config, self.model, self.network
         steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         totals = {"loss": 0.0, **{name: 0.0 for name in self.objective.term_names()}}
         seen = 0
         start = time.perf_counter()
-        bar = tqdm(total=len(self.train_set), desc=f"epoch {self.epoch + 1}/{config.epochs}", unit="img",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(len(self.train_set), f"epoch {self.epoch + 1}/{config.epochs}", "img", self.progress)
         for step, (images, labels) in enumerate(batches(self.train_set, config.batch_size, rng=self.rng,
                                                         augmentation=self.augmentation)):
             progress = (self.epoch + step / steps_per_epoch) / config.epochs
@@ -331,11 +374,13 @@ class Trainer:
             totals["loss"] += total * batch
             for name, value in parts.items():
                 totals[name] += value * batch
+            # set quietly, then shown by update(), which keeps to the bar's interval
+            bar.set_postfix(loss=f"{total:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
             bar.update(batch)
-            bar.set_postfix(loss=f"{total:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
         bar.close()
         if not all(numpy.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: losses {totals}")
+            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: losses {totals}; try a smaller "
+                                     f"learning rate (the finished epochs are in {self.out_dir})")
         row = {f"train_{name}": value / max(seen, 1) for name, value in totals.items()}
         row["images_per_second"] = seen / (time.perf_counter() - start)
         row["lr"] = self.optimizer.lr
@@ -364,7 +409,10 @@ class Trainer:
         while self.epoch < self.config.epochs:
             epoch_start = time.perf_counter()
             row = {"epoch": self.epoch + 1}
-            row.update(self.train_epoch())
+            # a diverging run overflows long before its epoch ends; the check at the end of
+            # train_epoch reports it once, with the epoch, instead of a warning per operation
+            with numpy.errstate(over="ignore", invalid="ignore"):
+                row.update(self.train_epoch())
             validation = evaluate(self.network, self.validation_set)
             row["val_accuracy"] = validation["accuracy"]
             for name, value in validation["f_measure"].items():

@@ -21,7 +21,6 @@ differ only by stage 2.
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -29,6 +28,7 @@ import time
 import numpy
 
 from . import backend
+from .atomic import write_json
 from .data.catalog import load_split, open_dataset
 from .data.classes import HELEN_CLASSES
 from .data.datasets import MissingDataError
@@ -42,7 +42,7 @@ from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStage
 from .objective import class_balance_weights
 from .optim import SCHEDULES, Adam, learning_rate
 from .parallel import DataParallel, default_workers
-from .train import TrainConfig, Trainer, evaluate, write_log
+from .train import TrainConfig, Trainer, evaluate, progress_bar, write_log
 
 #: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
 PAPER_TABLE3 = {
@@ -160,8 +160,6 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     that share each network's batch of crops (:class:`minirnng.parallel.DataParallel`; None: one
     per core, at most 4).
     """
-    from tqdm import tqdm
-
     config = (config or ComponentTrainConfig()).check()
     rng = numpy.random.default_rng(config.seed)
     networks = {name: cls(width=config.width, rng=rng) for name, cls in _NETWORK_CLASSES.items()}
@@ -181,8 +179,7 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
         start = time.perf_counter()
         totals = {name: 0.0 for name in networks}
         order = rng.permutation(len(train_set))
-        bar = tqdm(total=len(order), desc=f"components {epoch + 1}/{config.epochs}", unit="face",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(len(order), f"components {epoch + 1}/{config.epochs}", "face", progress)
         for step, first in enumerate(range(0, len(order), config.batch_size)):
             chosen = order[first:first + config.batch_size]
             points = jitter_keypoints(keypoints[chosen], config.jitter, rng)
@@ -393,13 +390,7 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
         "two stages beat one on "
         + ", ".join(f"{column} {'yes' if better else 'NO'}" for column, better in improved.items()))
     if json_path:
-        folder = os.path.dirname(os.path.abspath(json_path))
-        os.makedirs(folder, exist_ok=True)
-        temporary = json_path + ".tmp"
-        with open(temporary, "w") as stream:
-            json.dump(results, stream, indent=1)
-        os.replace(temporary, json_path)
-        log(f"wrote {json_path}")
+        log(f"wrote {write_json(json_path, results)}")
     return results
 
 

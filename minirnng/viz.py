@@ -11,6 +11,7 @@ list of :mod:`minirnng.data.classes`.
 import os
 
 import numpy
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -135,6 +136,16 @@ def _save_atomically(figure, path):
     extension = os.path.splitext(path)[1] or ".png"
     with replacing(path, suffix=extension) as temporary:
         figure.savefig(temporary, dpi=110, format=extension.lstrip("."))
+
+
+def check_figure_path(path, what="figure"):
+    """A ValueError now for a file name whose extension Matplotlib cannot write (``.txt``), rather
+    than after the work that makes the figure."""
+    extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension not in formats:
+        raise ValueError(f"{what} {os.fspath(path)!r}: Matplotlib cannot write .{extension} files; use one of "
+                         f"{', '.join('.' + name for name in sorted(formats))}")
 
 
 def save_figure(figure, path):

@@ -62,6 +62,36 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert refined["mirror"] and refined["crf"] and refined["pixels"] == record["pixels"]
 
 
+def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tmp_path, capsys, monkeypatch):
+    import json
+
+    from minirnng.data import catalog
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(48, 48))
+    command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "2"]
+    assert cli.main(command + ["--json", str(tmp_path / "at48.json")]) == 0
+    assert json.loads((tmp_path / "at48.json").read_text())["input_size"] == 48
+    assert cli.main(command + ["--input-size", "32", "--json", str(tmp_path / "at32.json")]) == 0
+    assert json.loads((tmp_path / "at32.json").read_text())["input_size"] == 32
+    capsys.readouterr()
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was loaded before the output paths were checked")
+
+    monkeypatch.setattr(catalog, "load_split", never)
+    assert cli.main(command + ["--confusion", str(tmp_path / "confusion.txt"), "--json", str(tmp_path / "r.json")]) == 1
+    assert "Matplotlib cannot write .txt files" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert cli.main(command + ["--json", str(tmp_path / "a-file" / "r.json")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(command + ["--json", str(tmp_path)]) == 1
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_predict_with_options_is_the_crf_on_the_mirrored_logits(rng):
     from minirnng.mirroring import mirrored_logits
     from minirnng.models import CNNCRF, RNNG, DenseCRF
@@ -174,11 +204,28 @@ def test_parse_goes_on_past_a_bad_image_and_never_overwrites_its_own_outputs(tmp
     out = tmp_path / "out"
     assert cli.main(["parse", *images, "--out", str(out), "--no-detect"]) == 1
     captured = capsys.readouterr()
-    assert "broken.png' cannot be read" in captured.err and "1 of 4 images could not be read" in captured.err
+    assert "broken.png is not an image Pillow can identify" in captured.err and "1 of 4 images could not be read" in captured.err
     written = sorted(p.name for p in out.iterdir())
     assert written == ["Face-3_labels.png", "Face-3_overlay.png", "face-2_labels.png", "face-2_overlay.png",
                        "face_labels.png", "face_overlay.png"]
     assert Image.open(out / "Face-3_labels.png").size == (50, 20)
+
+
+def test_parse_refuses_outputs_that_would_replace_one_of_its_input_images(tmp_path, capsys, rng):
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=numpy.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray(rng.integers(0, 3, (20, 20), dtype=numpy.uint8)).save(tmp_path / "a_labels.png")
+    saved = (tmp_path / "a_labels.png").read_bytes()
+    images = [str(tmp_path / "a.jpg"), str(tmp_path / "a_labels.png")]
+    assert cli.main(["parse", *images, "--out", str(tmp_path), "--no-detect"]) == 2
+    assert "would replace the input image" in capsys.readouterr().err
+    assert (tmp_path / "a_labels.png").read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.jpg", "a_labels.png"]
+    assert cli.output_replacing_an_input(images, str(tmp_path / "elsewhere"), figure=True) is None
+    assert cli.output_replacing_an_input([str(tmp_path / "x_figure.png"), str(tmp_path / "x.png")],
+                                         str(tmp_path), figure=True) == (str(tmp_path / "x_figure.png"),
+                                                                         str(tmp_path / "x_figure.png"))
 
 
 def test_output_stems():

@@ -1,6 +1,9 @@
 """Stage-1 models: shapes, whole-model finite differences, predict, input checks, checkpoints, the CRF."""
 
+import json
 import os
+import re
+import zipfile
 
 import numpy
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from minirnng.gradcheck import check_model
 from minirnng.models import (ARCHITECTURES, CNNCRF, CNNS, RNNG, CheckpointError, CNNDeep, DenseCRF, PlainRNN,
                              load_arrays, load_model)
+from minirnng.models.stage2 import EyeBrowNet, load_stage2_model
 
 MODELS = [RNNG, CNNS, CNNDeep, PlainRNN, CNNCRF]
 
@@ -151,6 +155,111 @@ def test_checkpoint_errors(tmp_path):
         model.load_params({**{k: v for k, v in model.params().items()}, "conv1.weight": numpy.zeros((2, 2))})
     with pytest.raises(ValueError, match=r"missing \['edge.bias'\]"):
         model.load_params({k: v for k, v in model.params().items() if k != "edge.bias"})
+
+
+def edited_checkpoint(source, target, header=None, raw=None, **arrays):
+    """A copy of the checkpoint ``source`` as a hand-edited file: the JSON ``header`` (a function
+    of the saved one) and some ``arrays`` replaced, and ``raw`` (name -> bytes) stored as members
+    that are not .npy files."""
+    with numpy.load(source) as archive:
+        members = {name: archive[name] for name in archive.files}
+    if header is not None:
+        edited = header(json.loads(members["__header__"].tobytes()))
+        members["__header__"] = numpy.frombuffer(json.dumps(edited).encode(), dtype=numpy.uint8)
+    members.update(arrays)
+    for name in raw or {}:
+        del members[name]
+    numpy.savez(target, **members)
+    with zipfile.ZipFile(target, "a") as archive:
+        for name, data in (raw or {}).items():
+            archive.writestr(name + ".npy", data)
+    return target
+
+
+def with_config(**changes):
+    return lambda header: {**header, "config": {**header["config"], **changes}}
+
+
+MALFORMED = {
+    "unknown config key": (dict(header=with_config(foo=1)),
+                           r"unknown config key\(s\) \['foo'\] for a 'rnng' model \(minirnng .* knows "
+                           r"\['gate_bias', 'hidden', 'n_classes'\]; the file was written by minirnng"),
+    "config value of the wrong type": (dict(header=with_config(n_classes="three")),
+                                       r"its config .* does not build a 'rnng' model \(invalid literal for int"),
+    "config value out of range": (dict(header=with_config(n_classes=1)),
+                                  r"does not build a 'rnng' model \(RNNG: n_classes must be at least 2"),
+    "config not an object": (dict(header=lambda header: {**header, "config": [3, 8]}),
+                             r"has a config that is a JSON list, not an object"),
+    "header a JSON list": (dict(header=lambda header: [header]), r"has a header that is a JSON list, not an object"),
+    "string format version": (dict(header=lambda header: {**header, "format_version": "1"}),
+                              r"has format version '1', not an integer"),
+    "list as architecture": (dict(header=lambda header: {**header, "architecture": ["rnng"]}),
+                             r"has architecture \['rnng'\] in its header, not a name"),
+    "header not a .npy member": (dict(raw={"__header__": b'{"format": "minirnng-checkpoint"}'}),
+                                 r"is corrupt: its entry '__header__' is not a .npy array"),
+    "header not bytes": (dict(__header__=numpy.zeros(4)), r"unreadable header \(an array of float64"),
+    "weights not a .npy member": (dict(raw={"conv1.weight": b"\x00" * 64}),
+                                  r"is corrupt: its entry 'conv1.weight' is not a .npy array"),
+    "weights stored as strings": (dict(**{"edge.bias": numpy.array(["0.5"])}),
+                                  r"parameter edge.bias has dtype <U3, not real floating point"),
+    "integer weights": (dict(**{"edge.bias": numpy.array([1])}), r"parameter edge.bias has dtype int64, not real"),
+    "complex weights": (dict(**{"edge.bias": numpy.array([1 + 0j], numpy.complex64)}),
+                        r"parameter edge.bias has dtype complex64, not real"),
+    "NaN weights": (dict(**{"conv1.weight": numpy.full((16, 3, 5, 5), numpy.nan, numpy.float32)}),
+                    r"parameter conv1.weight holds 1200 NaN or infinite value\(s\) of 1200"),
+    "infinite weights": (dict(**{"edge.bias": numpy.array([numpy.inf], numpy.float32)}),
+                         r"parameter edge.bias holds 1 NaN or infinite value\(s\) of 1"),
+    "input size not two numbers": (dict(header=lambda header: {**header, "input_size": 128}),
+                                   r"has input size 128 in its header, not \[height, width\]"),
+    "classes not names": (dict(header=lambda header: {**header, "classes": "background"}),
+                          r"has classes 'background' in its header, not a list of names"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_checkpoints_are_one_line_errors_naming_the_file(case, tmp_path):
+    # hand-edited or foreign files: a CheckpointError (a ValueError, which the CLI prints as one
+    # line) that names the file, never a TypeError or AttributeError from deep inside a loader
+    edits, message = MALFORMED[case]
+    source = RNNG(rng=0).save(tmp_path / "model.npz")
+    bad = edited_checkpoint(source, tmp_path / "bad.npz", **edits)
+    with pytest.raises(CheckpointError, match=r"^checkpoint '.*bad\.npz'[ :]") as error:
+        load_model(bad)
+    assert re.search(message, str(error.value)) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["NaN weights", "integer weights", "weights not a .npy member"])
+def test_every_reader_of_a_checkpoint_file_checks_the_weights(case, tmp_path):
+    edits, message = MALFORMED[case]
+    source = RNNG(rng=0).save(tmp_path / "model.npz")
+    bad = edited_checkpoint(source, tmp_path / "bad.npz", **edits)
+    with pytest.raises(CheckpointError, match=message):
+        load_arrays(bad)  # the PyTorch route
+    with pytest.raises(CheckpointError, match=message):
+        load_stage2_model(bad)
+    with pytest.raises(CheckpointError, match=message):
+        RNNG.load(bad)
+    component = EyeBrowNet(rng=0).save(tmp_path / "eyes.npz")
+    bad = edited_checkpoint(component, tmp_path / "bad-eyes.npz", **{"conv1.bias": numpy.full(8, numpy.nan)})
+    with pytest.raises(CheckpointError, match=r"bad-eyes\.npz': parameter conv1.bias holds 8 NaN"):
+        load_stage2_model(bad)
+
+
+def test_a_cnn_crf_checkpoint_cannot_smuggle_in_a_crf(tmp_path):
+    path = CNNCRF(rng=0).save(tmp_path / "cnn-crf.npz")
+    bad = edited_checkpoint(path, tmp_path / "bad.npz", header=with_config(crf={"iterations": 5}))
+    with pytest.raises(CheckpointError, match=r"does not build a 'cnn-crf' model \(CNNCRF: crf must be a DenseCRF"):
+        load_model(bad)
+
+
+def test_weight_checks_leave_good_checkpoints_alone(tmp_path):
+    # float64 weights (a model trained in float64) load into a float32 model; a finite float16 too
+    model = RNNG(rng=0, dtype=numpy.float64)
+    path = model.save(tmp_path / "model.npz")
+    numpy.testing.assert_allclose(load_model(path).params()["conv1.weight"], model.params()["conv1.weight"],
+                                  rtol=1e-6)
+    half = edited_checkpoint(path, tmp_path / "half.npz", **{"edge.bias": numpy.array([65504.0], numpy.float16)})
+    assert load_model(half).params()["edge.bias"][0] == 65504.0
 
 
 def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):

@@ -55,8 +55,46 @@ def test_bad_images_are_clear_errors(parser, tmp_path):
         read_image(tmp_path / "missing.jpg")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(ValueError, match="cannot be read"):
+    with pytest.raises(ValueError, match="not an image Pillow can identify"):
         read_image(broken)
+
+
+def test_bad_arrays_are_named_before_any_conversion(parser):
+    with pytest.raises(ValueError, match=r"got float64 \(6, 5\)"):  # the shape given, not an RGB copy
+        parser.parse(numpy.zeros((6, 5)))
+    with pytest.raises(ValueError, match=r"image is empty, 0x7 pixels"):
+        parser.parse(numpy.zeros((0, 7, 3), numpy.uint8))
+
+
+def test_read_image_scales_16_bit_grey_and_refuses_float_pixels(tmp_path, rng):
+    grey = rng.integers(0, 65536, (6, 5)).astype(numpy.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    image = read_image(tmp_path / "grey16.png")
+    assert image.dtype == numpy.uint8 and image.shape == (6, 5, 3)
+    numpy.testing.assert_array_equal(image[:, :, 0], numpy.rint(grey / 257).astype(numpy.uint8))
+    numpy.testing.assert_array_equal(image[:, :, 0], image[:, :, 2])
+    Image.fromarray(rng.random((4, 4)).astype(numpy.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match="32-bit floating-point pixels"):
+        read_image(tmp_path / "float.tiff")
+
+
+def test_read_image_turns_a_photograph_upright_by_its_exif_orientation(tmp_path, rng):
+    upright = rng.integers(0, 256, (6, 4, 3), dtype=numpy.uint8)  # 6 high, 4 wide, as a viewer shows it
+    # stored as a phone stores it: the sensor's pixels, rotated, with tag 6 ("rotate 90 clockwise to view")
+    stored = Image.fromarray(numpy.rot90(upright, k=1).copy())
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    numpy.testing.assert_array_equal(read_image(tmp_path / "phone.png"), upright)
+
+
+def test_read_image_names_folders_and_pictures_too_large_to_decode(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        read_image(tmp_path)
+    Image.new("RGB", (40, 30)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,200 pixels: more than twice the limit
+    with pytest.raises(ValueError, match="large.png is too large to decode"):
+        read_image(tmp_path / "large.png")
 
 
 def test_lfw_frame_and_crop():

@@ -350,6 +350,18 @@ def test_checkpoint_errors(parser, tmp_path):
     numpy.savez(tmp_path / "unknown_network.npz", **arrays)
     with pytest.raises(CheckpointError, match="'ear-net'"):
         load_stage2_model(tmp_path / "unknown_network.npz")
+    # hand-edited descriptions of the networks: one line naming the file and the network
+    for change, message in ((lambda networks: networks.update(eyes=["eye-brow-net"]),
+                             r"network 'eyes' is described by a JSON list, not an object"),
+                            (lambda networks: networks["nose"].update(config={"width": 8, "depth": 3}),
+                             r"edited\.npz', network 'nose': unknown config key\(s\) \['depth'\] for a 'nose-net'")):
+        arrays = dict(numpy.load(path))
+        edited = json.loads(arrays["__header__"].tobytes())
+        change(edited["config"]["networks"])
+        arrays["__header__"] = numpy.frombuffer(json.dumps(edited).encode(), dtype=numpy.uint8)
+        numpy.savez(tmp_path / "edited.npz", **arrays)
+        with pytest.raises(CheckpointError, match=message):
+            load_stage2_model(tmp_path / "edited.npz")
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files behind
 
 

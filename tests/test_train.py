@@ -11,7 +11,7 @@ from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
 from minirnng.losses import SoftDice
 from minirnng.objective import StageOneObjective, class_balance_weights
 from minirnng.optim import SGD, Adam, AdamW, learning_rate
-from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate
+from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate, progress_bar
 
 
 def quadratic(rng):
@@ -246,6 +246,20 @@ def test_a_finished_run_is_never_overwritten(tiny_data, tmp_path):
         Trainer(changed, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)
 
 
+def test_a_run_is_never_resumed_on_other_data(tiny_data, tmp_path):
+    from minirnng.data.catalog import load_split
+
+    config = TrainConfig(epochs=2, batch_size=4)
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    train, validation = tiny_data
+    larger = load_split("synthetic", "train", n_classes=3, input_size=48, size=len(train))
+    with pytest.raises(ValueError, match=r"other data.*'input_size': \(\[32, 32\], \[48, 48\]\)"):
+        Trainer(config, larger, validation, tmp_path, progress=False, log=lambda line: None).run(resume=True)
+    fewer = load_split("synthetic", "train", n_classes=3, input_size=32, size=len(train) - 2)
+    with pytest.raises(ValueError, match="other data.*'train_images': \\(12, 10\\)"):
+        Trainer(config, fewer, validation, tmp_path, progress=False, log=lambda line: None).run(resume=True)
+
+
 def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_path):
     trainer = Trainer(TrainConfig(epochs=4, batch_size=4, lr=5e-3), *tiny_data, tmp_path, progress=False,
                       log=lambda line: None)
@@ -294,6 +308,31 @@ def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fi
                 tmp_path / "run5", progress=False, log=lambda line: None).run()
 
 
+def test_the_progress_bar_redraws_rarely_into_a_file(tiny_data, tmp_path, monkeypatch):
+    """Redirected to a log, each redraw of a bar is kept: an epoch's bar is drawn when it starts and
+    then every 30 s, not after every batch; on a terminal ten times a second."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    for stream, interval in ((io.StringIO(), 30.0), (Terminal(), 0.1)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress_bar(10, "epoch 1/1", "img", enabled=True)
+        assert bar.mininterval == interval
+        bar.close()
+    assert progress_bar(10, "epoch 1/1", "img", enabled=False).disable
+
+    log_file = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log_file)
+    Trainer(TrainConfig(epochs=2, batch_size=2), *tiny_data, tmp_path, log=lambda line: None).run()
+    drawn = log_file.getvalue().count("epoch ")
+    assert 2 <= drawn <= 4, f"{drawn} bars drawn for 2 epochs of 6 batches each"
+
+
 def test_bad_configuration():
     with pytest.raises(ValueError, match="unknown model 'unet'"):
         TrainConfig(model="unet").check()
@@ -303,6 +342,28 @@ def test_bad_configuration():
         TrainConfig(stability_rule="clip").check()
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
         TrainConfig(augment="rotate").check()
+    with pytest.raises(ValueError, match="lr must be a finite number, got nan"):
+        TrainConfig(lr=float("nan")).check()
+    with pytest.raises(ValueError, match="lr must be positive"):
+        TrainConfig(lr=-1.0).check()
+    with pytest.raises(ValueError, match="gate_bias must be a finite number"):
+        TrainConfig(gate_bias=float("inf")).check()
+    with pytest.raises(ValueError, match=r"loss_weights\[2\] must be a finite number"):
+        TrainConfig(loss_weights=(1.0, 1.0, float("nan"))).check()
+    with pytest.raises(ValueError, match="loss_weights must be three numbers >= 0"):
+        TrainConfig(loss_weights=(1.0, -1.0, 1.0)).check()
+
+
+def test_a_diverged_run_is_one_line_from_the_command_line(tmp_path, capsys):
+    from minirnng import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
+                     "--input-size", "32", "--epochs", "2", "--batch-size", "4", "--optimizer", "sgd",
+                     "--lr", "1e12", "--quiet", "--workers", "1", "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("minirnng train: error: training diverged in epoch") and "smaller learning rate" in error
+    assert "Traceback" not in error
 
 
 def test_augmentations_by_name_and_the_booleans_of_older_checkpoints():

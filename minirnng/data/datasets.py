@@ -19,7 +19,7 @@ import re
 import textwrap
 
 import numpy
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .classes import HELEN_CLASSES, LFW_CLASSES
 
@@ -91,17 +91,43 @@ def _read_picture(path, what):
             return picture
     except FileNotFoundError:
         raise MissingDataError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise MalformedDataError(f"{what} {path} is a folder, not an image file") from None
     except Image.UnidentifiedImageError:
         raise MalformedDataError(f"{what} {path} is not an image Pillow can identify "
                                  "(an empty or truncated file, or not an image at all)") from None
+    except Image.DecompressionBombError as error:
+        # Pillow refuses pictures of more than 2 * Image.MAX_IMAGE_PIXELS pixels before decoding
+        # them, against files made to exhaust memory; it is not an OSError, so name it here
+        raise MalformedDataError(f"{what} {path} is too large to decode ({error})") from None
     except (OSError, SyntaxError, ValueError) as error:
         # Pillow reports a file that ends early as OSError("image file is truncated ...").
         raise MalformedDataError(f"{what} {path} is truncated or corrupt ({error})") from None
 
 
-def _read_rgb(path, what):
-    """uint8 ``(H, W, 3)`` of an image file; grey images are expanded to RGB."""
-    return numpy.asarray(_read_picture(path, what).convert("RGB"))
+#: Pillow modes of more than 8 bits a channel, and the value that maps to white in each
+_WIDE_GREY_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def read_rgb(path, what, exif_orientation=False):
+    """uint8 ``(H, W, 3)`` RGB of an image file: grey, palette, RGBA and CMYK pictures converted,
+    16-bit grey scaled to 8 bits (Pillow's own conversion would clip it to white).
+
+    exif_orientation : turn the picture upright as its EXIF orientation tag says, as viewers show
+        it (photographs from phones); off for the datasets, whose labels match the stored pixels.
+    """
+    picture = _read_picture(path, what)
+    if exif_orientation:
+        picture = ImageOps.exif_transpose(picture)
+    if picture.mode in _WIDE_GREY_WHITE:
+        # 16-bit grey (PNG, TIFF; Pillow's "I" holds them in 32 bits): 65535 is white
+        grey = numpy.asarray(picture, dtype=numpy.float64) * (255 / _WIDE_GREY_WHITE[picture.mode])
+        grey = numpy.clip(numpy.rint(grey), 0, 255).astype(numpy.uint8)
+        return numpy.repeat(grey[:, :, None], 3, axis=2)
+    if picture.mode == "F":
+        raise MalformedDataError(f"{what} {path} holds 32-bit floating-point pixels, whose range is not "
+                                 "defined; save it with 8 or 16 bits a channel")
+    return numpy.asarray(picture.convert("RGB"))
 
 
 def _check_same_size(label_path, label_shape, image_path, image_shape):
@@ -200,7 +226,7 @@ class LFWPL(Dataset):
     def _load(self, index):
         stem = self.names[index]
         image_path, label_path = self._image_path(stem), self._label_path(stem)
-        image = _read_rgb(image_path, "LFW-PL image")
+        image = read_rgb(image_path, "LFW-PL image")
         picture = _read_picture(label_path, "LFW-PL label")
         if picture.mode != "RGB":
             raise MalformedDataError(f"LFW-PL label {label_path} has Pillow mode {picture.mode!r}; "
@@ -311,7 +337,7 @@ class Helen(Dataset):
     def _load(self, index):
         stem = self.names[index]
         image_path = self._image_path(stem)
-        image = _read_rgb(image_path, "HELEN image")
+        image = read_rgb(image_path, "HELEN image")
         best = numpy.zeros(image.shape[:2], dtype=numpy.uint8)
         labels = numpy.zeros(image.shape[:2], dtype=numpy.uint8)
         for class_index in range(len(HELEN_CLASSES)):

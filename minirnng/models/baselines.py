@@ -87,6 +87,8 @@ class CNNCRF(CNNS):
 
     def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, crf=None):
         super().__init__(n_classes, hidden, rng=rng, dtype=dtype, gate_bias=gate_bias)
+        if crf is not None and not isinstance(crf, DenseCRF):
+            raise TypeError(f"CNNCRF: crf must be a DenseCRF or None, got {type(crf).__name__}")
         self.crf = crf or DenseCRF()
 
     def replica(self):

@@ -19,6 +19,7 @@ Files are written atomically: to a temporary file in the same folder, flushed to
 renamed over the target, so a crash never leaves a half-written checkpoint where a good one was.
 """
 
+import inspect
 import json
 import os
 import zipfile
@@ -66,7 +67,15 @@ def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata
 
 
 def read_checkpoint(path):
-    """Read ``path`` -> ``(header dict, parameter arrays dict, extra arrays dict)``, all checked."""
+    """Read ``path`` -> ``(header dict, parameter arrays dict, extra arrays dict)``, all checked.
+
+    Every reader of a checkpoint file goes through here (:func:`load_model`, the two-stage loader,
+    ``--resume``, :func:`load_arrays` for PyTorch), so the header's fields that loaders use and the
+    parameters themselves are checked here once: a hand-edited or foreign file is a one-line
+    :class:`CheckpointError` naming the file, not a traceback from deep inside a constructor, and
+    NaN, complex or integer weights never load silently (NaN weights would parse every image as
+    background). The checks read each parameter once; next to reading the file they cost nothing.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -83,19 +92,56 @@ def read_checkpoint(path):
             arrays = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from None
+    # numpy.load hands back the raw bytes of a member that is not a .npy file instead of failing
+    for name, value in arrays.items():
+        if not isinstance(value, numpy.ndarray):
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: its entry {name!r} is not a .npy array")
     if HEADER_KEY not in arrays:
         raise CheckpointError(f"checkpoint {path!r} has no {HEADER_KEY} entry: not a minirnng checkpoint")
+    header = arrays.pop(HEADER_KEY)
+    if header.dtype != numpy.uint8:
+        raise CheckpointError(f"checkpoint {path!r} has an unreadable header (an array of {header.dtype}, "
+                              "not the uint8 bytes of a JSON object)")
     try:
-        header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode("utf-8"))
+        header = json.loads(header.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {path!r} has an unreadable header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint {path!r} has a header that is a JSON {type(header).__name__}, "
+                              "not an object: not a minirnng checkpoint")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r} is not a minirnng checkpoint (format {header.get('format')!r})")
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} has format version {header['format_version']}, newer than "
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"checkpoint {path!r} has format version {version!r}, not an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {version}, newer than "
                               f"this minirnng ({__version__}) reads ({FORMAT_VERSION}); upgrade minirnng")
+    if not isinstance(header.get("architecture"), str):
+        raise CheckpointError(f"checkpoint {path!r} has architecture {header.get('architecture')!r} in its header, "
+                              "not a name such as 'rnng'")
+    if not isinstance(header.get("config", {}), dict):
+        raise CheckpointError(f"checkpoint {path!r} has a config that is a JSON {type(header['config']).__name__}, "
+                              "not an object of constructor arguments")
+    size = header.get("input_size", [128, 128])
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise CheckpointError(f"checkpoint {path!r} has input size {size!r} in its header, not [height, width] "
+                              "in pixels")
+    classes = header.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"checkpoint {path!r} has classes {classes!r} in its header, not a list of names")
     extra = {name[len(EXTRA_PREFIX):]: value for name, value in arrays.items() if name.startswith(EXTRA_PREFIX)}
     params = {name: value for name, value in arrays.items() if not name.startswith(EXTRA_PREFIX)}
+    for name, value in params.items():
+        # load_params would cast integers and drop imaginary parts without a word
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"checkpoint {path!r}: parameter {name} has dtype {value.dtype}, "
+                                  "not real floating point")
+        finite = numpy.isfinite(value)
+        if not finite.all():
+            raise CheckpointError(f"checkpoint {path!r}: parameter {name} holds {value.size - int(finite.sum())} "
+                                  f"NaN or infinite value(s) of {value.size}; the weights are unusable")
     return header, params, extra
 
 
@@ -119,7 +165,8 @@ def load_model(path, dtype=numpy.float32, expect=None):
     if architecture not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r}: unknown architecture {architecture!r}; "
                               f"known: {', '.join(sorted(ARCHITECTURES))}")
-    model = ARCHITECTURES[architecture](**header.get("config", {}), dtype=dtype)
+    model = build_from_config(ARCHITECTURES[architecture], header.get("config", {}), dtype,
+                              f"checkpoint {os.fspath(path)!r}", header.get("minirnng_version"))
     try:
         model.load_params(params, source=f"checkpoint {os.fspath(path)!r}")
     except ValueError as error:
@@ -127,3 +174,29 @@ def load_model(path, dtype=numpy.float32, expect=None):
     model.classes = header.get("classes")
     model.checkpoint_header = header
     return model
+
+
+def build_from_config(model_class, config, dtype, where, written_by=None):
+    """A fresh ``model_class(**config)`` for a loader, or a :class:`CheckpointError` about ``where``
+    (the checkpoint, as messages name it).
+
+    The config's keys are checked against the constructor's arguments first, so a checkpoint of
+    another minirnng version (a setting added or renamed since) names the key it does not know
+    instead of a ``TypeError`` about ``__init__``; ``rng`` and ``dtype`` are the loader's, never a
+    checkpoint's. A value the constructor refuses (a string for ``n_classes``) is an error about
+    the file too. written_by : the minirnng version in the header, for the message.
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: a {model_class.architecture!r} network's config is a JSON "
+                              f"{type(config).__name__}, not an object of constructor arguments")
+    accepted = set(inspect.signature(model_class).parameters) - {"rng", "dtype"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        written = f"; the file was written by minirnng {written_by}" if written_by else ""
+        raise CheckpointError(f"{where}: unknown config key(s) {unknown} for a {model_class.architecture!r} "
+                              f"model (minirnng {__version__} knows {sorted(accepted)}{written})")
+    try:
+        return model_class(**config, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise CheckpointError(f"{where}: its config {config} does not build a {model_class.architecture!r} "
+                              f"model ({error})") from None

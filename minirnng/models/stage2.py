@@ -461,7 +461,8 @@ def load_stage2_model(path, dtype=numpy.float32, expect=None):
         return checkpoint.load_model(path, dtype=dtype)
     try:
         if architecture in COMPONENT_NETWORKS:
-            model = COMPONENT_NETWORKS[architecture](**header.get("config", {}), dtype=dtype)
+            model = checkpoint.build_from_config(COMPONENT_NETWORKS[architecture], header.get("config", {}), dtype,
+                                                 where, header.get("minirnng_version"))
         elif architecture == TwoStageParser.architecture:
             model = _build_two_stage(header.get("config") or {}, dtype, where)
         else:
@@ -485,11 +486,15 @@ def _build_two_stage(config, dtype, where):
                                          f"got {sorted(networks) if isinstance(networks, dict) else networks!r}")
     built = {}
     for prefix, description in networks.items():
+        if not isinstance(description, dict):
+            raise checkpoint.CheckpointError(f"{where}: network {prefix!r} is described by a JSON "
+                                             f"{type(description).__name__}, not an object")
         architecture = description.get("architecture")
         registry = ARCHITECTURES if prefix == "stage1" else COMPONENT_NETWORKS
-        if architecture not in registry:
+        if not isinstance(architecture, str) or architecture not in registry:
             raise checkpoint.CheckpointError(f"{where}: network {prefix!r} has unknown architecture {architecture!r}")
-        built[prefix] = registry[architecture](**description.get("config", {}), dtype=dtype)
+        built[prefix] = checkpoint.build_from_config(registry[architecture], description.get("config", {}), dtype,
+                                                     f"{where}, network {prefix!r}")
     built["stage1"].classes = list(HELEN_CLASSES)
     return TwoStageParser(built["stage1"], built["eyes"], built["nose"], built["mouth"],
                           geometry=CropGeometry.from_dict(config.get("geometry") or {}),
