@@ -19,6 +19,7 @@ A check perturbs each entry twice, so large arrays are checked in *sparse mode*:
 entries drawn at random per array.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy
@@ -58,7 +59,12 @@ class GradcheckReport:
 
     @property
     def max_error(self):
-        return max((row.error for row in self.rows), default=0.0)
+        """The largest relative error; infinite when any is NaN (a NaN gradient fails the check,
+        whereas ``max`` would skip a NaN that is not first)."""
+        errors = [row.error for row in self.rows]
+        if any(math.isnan(error) for error in errors):
+            return math.inf
+        return max(errors, default=0.0)
 
     def passed(self, tolerance=DEFAULT_TOLERANCE):
         return self.max_error <= tolerance
@@ -137,6 +143,10 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     max_entries : check at most this many entries of each array (sparse mode); None checks all.
     zero_grad : called before ``backward`` so that accumulated gradients start from zero.
     """
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"gradcheck: eps must be a positive step, got {eps!r}")
+    if max_entries is not None and not (isinstance(max_entries, (int, numpy.integer)) and max_entries >= 1):
+        raise ValueError(f"gradcheck: max_entries must be None (every entry) or at least 1, got {max_entries!r}")
     rng = numpy.random.default_rng(rng)
     params = params or {}
     grads = grads or {}

@@ -25,11 +25,17 @@ def confusion_matrix(predicted, target, n_classes, ignore_index=None):
     ``C[t, p]`` counts pixels of true class t predicted as p; pixels whose target is
     ``ignore_index`` are skipped. Labels outside [0, K) are a ValueError.
     """
-    predicted = numpy.asarray(predicted).ravel()
-    target = numpy.asarray(target).ravel()
+    predicted, target = numpy.asarray(predicted), numpy.asarray(target)
     if predicted.shape != target.shape:
-        raise ValueError(f"confusion_matrix: predicted and target differ in size "
-                         f"({predicted.size} and {target.size} pixels)")
+        # a transposed map has as many pixels and would be counted without a word
+        raise ValueError(f"confusion_matrix: predicted and target differ in shape "
+                         f"({predicted.shape} and {target.shape})")
+    for name, labels in (("predicted", predicted), ("target", target)):
+        if not (numpy.issubdtype(labels.dtype, numpy.integer) or labels.dtype == bool):
+            raise TypeError(f"confusion_matrix: {name} labels must be integers, got dtype {labels.dtype}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, numpy.integer)) or n_classes < 1:
+        raise ValueError(f"confusion_matrix: n_classes must be a positive integer, got {n_classes!r}")
+    predicted, target = predicted.ravel(), target.ravel()
     if ignore_index is not None:
         keep = target != ignore_index
         predicted, target = predicted[keep], target[keep]

@@ -36,6 +36,9 @@ class StageOneObjective:
 
     def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None,
                  background_ratio=0, dice_weight=0.0):
+        weights = tuple(weights)
+        if len(weights) != 3:
+            raise ValueError(f"StageOneObjective: weights are three numbers (logits, coarse, edge), got {weights!r}")
         self.weights = dict(zip(("logits", "coarse", "edge"), (float(w) for w in weights)))
         if dice_weight:
             self.weights["dice"] = float(dice_weight)
@@ -91,7 +94,13 @@ def class_balance_weights(labels, n_classes, power=0.5):
     power = 0 gives equal weights, 1 full inverse-frequency balancing; 0.5 is a common middle way
     for a rare class such as hair. Classes that never occur get weight 1.
     """
-    counts = numpy.bincount(numpy.asarray(backend.to_numpy(labels)).ravel(), minlength=n_classes)[:n_classes]
+    labels = numpy.asarray(backend.to_numpy(labels)).ravel()
+    if not numpy.issubdtype(labels.dtype, numpy.integer):
+        raise TypeError(f"class_balance_weights: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"class_balance_weights: labels range over {labels.min()} .. {labels.max()}; "
+                         f"expected classes 0 .. {n_classes - 1}")
+    counts = numpy.bincount(labels, minlength=n_classes)
     frequency = counts / max(counts.sum(), 1)
     weights = numpy.ones(n_classes)
     present = frequency > 0

@@ -59,7 +59,7 @@ class FaceParser:
     """A stage-1 model with its input size; ``parse`` works on images of any size.
 
     model : a trained stage-1 model (``RNNG`` or a baseline) with ``classes`` set.
-    input_size : (height, width) the model was trained at.
+    input_size : (height, width) the model was trained at (an int for a square), multiples of 4.
     mirror : test-time mirroring (:mod:`minirnng.mirroring`).
     crf : dense-CRF refinement of the scores: False (none), True (a :class:`DenseCRF` with its
         defaults) or a :class:`DenseCRF`. A CNN-CRF model always uses its own.
@@ -67,6 +67,14 @@ class FaceParser:
 
     def __init__(self, model, input_size=(128, 128), mirror=False, crf=False):
         self.model = model
+        if isinstance(input_size, (int, numpy.integer)):
+            input_size = (input_size, input_size)
+        if (not isinstance(input_size, (tuple, list)) or len(input_size) != 2
+                or any(isinstance(s, bool) or not isinstance(s, (int, numpy.integer)) or s < 4 or s % 4
+                       for s in input_size)):
+            # the network halves the image twice; the parser resizes every face to this size
+            raise ValueError(f"FaceParser: input_size must be (height, width), positive multiples of 4, "
+                             f"got {input_size!r}")
         self.input_size = tuple(int(s) for s in input_size)
         self.classes = tuple(model.classes) if model.classes else tuple(f"class {k}" for k in range(model.n_classes))
         self.mirror = bool(mirror)

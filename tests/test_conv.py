@@ -135,3 +135,15 @@ def test_wide_rows_take_the_same_path_as_the_naive_loops(layer_name, rng):
     dy = rng.standard_normal(fast.output_shape_seen)
     numpy.testing.assert_allclose(fast.backward(dy), slow.backward(dy), rtol=0, atol=1e-12)
     numpy.testing.assert_allclose(fast.grads["weight"], slow.grads["weight"], rtol=0, atol=1e-11)
+
+
+def test_empty_batches_and_impossible_dtype_hints_are_named():
+    from minirnng.layers import MaxPool2d
+
+    for layer in (Conv2d(3, 4, 3, rng=0), ConvTranspose2d(3, 4, 2, stride=2, rng=0), MaxPool2d(2)):
+        with pytest.raises(ValueError, match=r"input x is empty, shape \(0, 3, 8, 8\)"):
+            layer.forward(numpy.zeros((0, 3, 8, 8), numpy.float32))
+    with pytest.raises(TypeError, match="works in float32; cast the input to float32$"):
+        Conv2d(3, 4, 3, rng=0).forward(numpy.zeros((1, 3, 8, 8), numpy.int32))
+    with pytest.raises(TypeError, match="build the layer with dtype=numpy.float64"):
+        Conv2d(3, 4, 3, rng=0).forward(numpy.zeros((1, 3, 8, 8)))

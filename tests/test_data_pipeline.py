@@ -165,6 +165,22 @@ def test_preload_and_batches_cover_the_dataset_reproducibly():
     assert len(list(batches(loaded, 4, rng=0, drop_last=True))) == 2
 
 
+def test_labels_beyond_uint8_are_refused_not_wrapped():
+    image = numpy.zeros((8, 8, 3), numpy.uint8)
+    for value in (300, -1):
+        labels = numpy.full((8, 8), value, numpy.int64)
+        with pytest.raises(ValueError, match=f"labels range over {value} .. {value}; expected class indices"):
+            stack_samples([(image, labels)])
+        with pytest.raises(ValueError, match="labels range over"):
+            resize(image, labels, (8, 8))  # the target size: nothing resampled, still checked
+
+
+@pytest.mark.parametrize("size", [None, 2.5, "32", (32,), (32, 0)])
+def test_preload_names_a_bad_size(size):
+    with pytest.raises(ValueError, match="preload: size must be a positive int or a"):
+        preload(SyntheticFaces(1, size=32), size=size)
+
+
 def test_preload_letterbox():
     loaded = preload(SyntheticFaces(2, size=64), size=96, fit="letterbox")
     assert loaded.images.shape == (2, 96, 96, 3)

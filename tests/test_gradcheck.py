@@ -43,3 +43,26 @@ def test_sparse_mode_checks_only_some_entries(rng):
 def test_gradcheck_refuses_float32():
     with pytest.raises(TypeError, match="float64"):
         check_layer(Tanh(), numpy.zeros(3, dtype=numpy.float32))
+
+
+def test_a_nan_gradient_fails_wherever_its_row_is(rng):
+    """``max`` skips a NaN that is not first: the report must fail on it all the same."""
+    x = rng.standard_normal((2, 3))
+    w = rng.standard_normal(3)
+    grads = {"w": numpy.zeros(3)}
+
+    def backward(dy):
+        grads["w"][...] = numpy.nan  # a broken parameter gradient, after a correct input gradient
+        return dy * w
+
+    report = check("x * w", lambda x: x * w, backward, {"x": x}, params={"w": w}, grads=grads, rng=rng)
+    assert [row.name for row in report.rows] == ["x", "w"] and report.rows[0].error < 1e-9
+    assert report.max_error == float("inf") and not report.passed() and "FAIL" in str(report)
+
+
+def test_bad_steps_and_sample_sizes_are_named(rng):
+    x = rng.standard_normal(3)
+    for options, message in (({"eps": 0}, "eps must be a positive step"),
+                             ({"max_entries": 0}, "max_entries must be None")):
+        with pytest.raises(ValueError, match=message):
+            check_layer(Tanh(), x, **options)

@@ -220,3 +220,8 @@ def test_boundary_sample_mask_keeps_all_boundaries_and_five_times_as_many_others
     small = numpy.zeros((1, 6, 6), dtype=int)
     small[0, :, 3:] = 1  # 12 boundary pixels, 24 others: all of them are taken
     assert boundary_sample_mask(boundary_target(small), rng=0).all()
+
+
+def test_an_empty_batch_is_named_not_divided_by_zero():
+    with pytest.raises(ValueError, match=r"logits is empty, shape \(0, 3, 4, 4\)"):
+        SoftmaxCrossEntropy().forward(numpy.zeros((0, 3, 4, 4)), numpy.zeros((0, 4, 4), numpy.int64))

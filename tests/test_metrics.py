@@ -92,3 +92,14 @@ def test_accuracy_range_names_bad_input():
         accuracy_range([94.4, 97.6, 83.4], [0.68, 0.21, 0.11])
     with pytest.raises(ValueError, match="sum to 1"):
         accuracy_range([0.9, 0.8, 0.7], [0.5, 0.3, 0.1])
+
+
+def test_confusion_matrix_names_arrays_it_cannot_count():
+    labels = numpy.zeros((4, 5), numpy.int64)
+    with pytest.raises(ValueError, match=r"differ in shape \(\(5, 4\) and \(4, 5\)\)"):
+        confusion_matrix(labels.T, labels, 3)  # as many pixels, the wrong ones
+    with pytest.raises(TypeError, match="predicted labels must be integers, got dtype float64"):
+        confusion_matrix(labels + 0.5, labels, 3)
+    for n_classes in (3.0, -1, 0):
+        with pytest.raises(ValueError, match="n_classes must be a positive integer"):
+            confusion_matrix(labels, labels, n_classes)

@@ -185,9 +185,9 @@ MALFORMED = {
                            r"unknown config key\(s\) \['foo'\] for a 'rnng' model \(minirnng .* knows "
                            r"\['gate_bias', 'hidden', 'n_classes'\]; the file was written by minirnng"),
     "config value of the wrong type": (dict(header=with_config(n_classes="three")),
-                                       r"its config .* does not build a 'rnng' model \(invalid literal for int"),
+                                       r"its config .* does not build a 'rnng' model \(RNNG: n_classes must be an integer, got 'three'"),
     "config value out of range": (dict(header=with_config(n_classes=1)),
-                                  r"does not build a 'rnng' model \(RNNG: n_classes must be at least 2"),
+                                  r"does not build a 'rnng' model \(RNNG: n_classes must be >= 2, got 1"),
     "config not an object": (dict(header=lambda header: {**header, "config": [3, 8]}),
                              r"has a config that is a JSON list, not an object"),
     "header a JSON list": (dict(header=lambda header: [header]), r"has a header that is a JSON list, not an object"),
@@ -350,3 +350,39 @@ def test_cnn_crf_predict_uses_the_crf(rng):
     images = rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)
     labels = model.predict(images)
     assert labels.shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize("model_class", [RNNG, CNNS, EyeBrowNet])
+def test_backward_refuses_caches_that_infer_overwrote(model_class, rng):
+    """predict between forward and backward would give gradients of the wrong pass, silently."""
+    model = model_class(rng=0)
+    images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16)).astype(numpy.float32)
+    with pytest.raises(RuntimeError, match="no forward pass to differentiate"):
+        model.backward({"logits": numpy.zeros((2, 3, 16, 16), numpy.float32)})
+    outputs = model.forward(images)
+    upstream = {"logits": rng.standard_normal(outputs["logits"].shape).astype(numpy.float32)}
+    model.predict(images[::-1].copy())
+    with pytest.raises(RuntimeError, match="no infer or predict in between"):
+        model.backward(upstream)
+    model.forward(images)
+    model.zero_grad()
+    model.backward(upstream)  # after a fresh forward, as usual
+
+
+def test_an_empty_batch_is_named():
+    with pytest.raises(ValueError, match=r"a batch of 0 images, shape \(0, 3, 16, 16\)"):
+        RNNG(rng=0).predict(numpy.zeros((0, 3, 16, 16), numpy.float32))
+
+
+def test_load_params_is_all_or_nothing():
+    model = RNNG(rng=0)
+    before = {name: value.copy() for name, value in model.params().items()}
+    arrays = {name: numpy.ones_like(value) for name, value in before.items()}
+    arrays["edge.bias"] = numpy.array(["0.5"])  # the last array is bad: the others must stay unloaded
+    with pytest.raises(TypeError, match="edge.bias has dtype <U3, not real numbers"):
+        model.load_params(arrays)
+    arrays["edge.bias"] = [0.5]
+    with pytest.raises(TypeError, match="edge.bias is a list, not an array"):
+        model.load_params(arrays)
+    for name, value in model.params().items():
+        numpy.testing.assert_array_equal(value, before[name], err_msg=name)

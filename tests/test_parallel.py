@@ -165,6 +165,9 @@ def test_processes_give_the_threads_bits(architecture, rng):
                     value -= 0.01 * net.grads()[name]
         numpy.testing.assert_array_equal(processes.predict(images), threads.predict(images))
         numpy.testing.assert_array_equal(processes.infer(images), threads.infer(images))
+        with pytest.raises(RuntimeError, match="no forward pass to differentiate"):
+            processes.backward(upstream)  # infer overwrote what the forward kept
+        processes.forward(images)
         assert processes.backward(upstream, input_gradient=False) is None
 
 

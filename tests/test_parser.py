@@ -59,6 +59,13 @@ def test_bad_images_are_clear_errors(parser, tmp_path):
         read_image(broken)
 
 
+def test_the_input_size_is_checked_when_the_parser_is_built(parser):
+    assert FaceParser(parser.model, input_size=64).input_size == (64, 64)
+    for size in ((30, 30), (128,), "128", 0, (128.0, 128)):
+        with pytest.raises(ValueError, match="input_size must be \\(height, width\\), positive multiples of 4"):
+            FaceParser(parser.model, input_size=size)
+
+
 def test_bad_arrays_are_named_before_any_conversion(parser):
     with pytest.raises(ValueError, match=r"got float64 \(6, 5\)"):  # the shape given, not an RGB copy
         parser.parse(numpy.zeros((6, 5)))

@@ -350,6 +350,10 @@ def test_checkpoint_errors(parser, tmp_path):
     numpy.savez(tmp_path / "unknown_network.npz", **arrays)
     with pytest.raises(CheckpointError, match="'ear-net'"):
         load_stage2_model(tmp_path / "unknown_network.npz")
+    # arrays the four networks do not have, with or without a network's prefix
+    for extra in ("mouth.extra", "stage1"):
+        with pytest.raises(ValueError, match=rf"unexpected parameters \['{extra}'\]"):
+            parser.load_params({**parser.params(), extra: numpy.zeros(1, numpy.float32)})
     # hand-edited descriptions of the networks: one line naming the file and the network
     for change, message in ((lambda networks: networks.update(eyes=["eye-brow-net"]),
                              r"network 'eyes' is described by a JSON list, not an object"),

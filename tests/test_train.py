@@ -396,3 +396,13 @@ def test_background_sampling_keeps_face_and_hair_and_five_times_as_much_backgrou
     _, _, grads = objective(outputs, labels, numpy.random.default_rng(0))
     assert not grads["logits"][1].any()  # an image without face or hair contributes nothing
     assert StageOneObjective().label_mask(labels, rng) is None
+
+
+def test_class_balance_weights_and_the_objective_name_bad_arguments():
+    with pytest.raises(ValueError, match=r"labels range over -1 .. 3; expected classes 0 .. 2"):
+        class_balance_weights(numpy.array([-1, 0, 3]), 3)
+    with pytest.raises(TypeError, match="labels must be integers, got dtype float64"):
+        class_balance_weights(numpy.array([0.0, 1.0]), 3)
+    for weights in ((1, 1), (1, 1, 1, 1)):
+        with pytest.raises(ValueError, match="weights are three numbers"):
+            StageOneObjective(weights)

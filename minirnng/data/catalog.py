@@ -65,7 +65,7 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
     if n_classes not in (None, 3, 11):
         raise ValueError(f"n_classes must be 3 or 11, got {n_classes!r}")
     if name == "synthetic":
-        count = SYNTHETIC_SIZES[split] if size is None else int(size)
+        count = SYNTHETIC_SIZES[split] if size is None else size  # SyntheticFaces checks it
         return SyntheticFaces(count, size=512 if multi_face else 128, n_classes=n_classes or 11,
                               multi_face=multi_face, seed=SYNTHETIC_SEEDS[split] if seed is None else seed)
     if root is None:

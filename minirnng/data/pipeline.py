@@ -51,24 +51,25 @@ def _check_labels(labels, owner, shape=None):
     if shape is not None and labels.shape != tuple(shape):
         raise ValueError(f"{owner}: labels are {labels.shape[0]}x{labels.shape[1]} but the image is "
                          f"{shape[0]}x{shape[1]} (height x width)")
+    # kept as uint8 from here on: 300 would silently become 44, and -1 become 255
+    if labels.dtype != numpy.uint8 and labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"{owner}: labels range over {labels.min()} .. {labels.max()}; expected class "
+                         "indices in 0 .. 255")
     return labels
 
 
 def _check_size(size, owner):
     if isinstance(size, (int, numpy.integer)):
         size = (size, size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, numpy.integer)) or s < 1 for s in size):
+    if (not isinstance(size, (tuple, list, numpy.ndarray)) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, (int, numpy.integer)) or s < 1 for s in size)):
         raise ValueError(f"{owner}: size must be a positive int or a (height, width) pair, got {size!r}")
     return int(size[0]), int(size[1])
 
 
 def _labels_as_picture(labels, owner):
-    """A Pillow 'L' picture of integer labels (which must lie in 0..255)."""
-    if labels.dtype != numpy.uint8:
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError(f"{owner}: labels range over {labels.min()} .. {labels.max()}; expected 0 .. 255")
-        labels = labels.astype(numpy.uint8)
-    return Image.fromarray(labels)  # uint8 (H, W): mode "L"
+    """A Pillow 'L' picture of integer labels in 0..255 (as :func:`_check_labels` leaves them)."""
+    return Image.fromarray(_check_labels(labels, owner).astype(numpy.uint8, copy=False))  # mode "L"
 
 
 # ---------------------------------------------------------------------------------------------

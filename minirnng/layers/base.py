@@ -82,10 +82,15 @@ def check_array(array, owner, what="input", ndim=None, dtype=None, channels=None
                          "Move it with minirnng.backend.to_device / to_numpy.")
     if ndim is not None and array.ndim != ndim:
         raise ValueError(f"{owner}: {what} must have {ndim} dimensions, got shape {tuple(array.shape)}")
+    if array.size == 0:
+        raise ValueError(f"{owner}: {what} is empty, shape {tuple(array.shape)}; a batch needs at least one "
+                         "image of at least one pixel")
     if dtype is not None:
         if array.dtype != dtype:
+            remedy = (f"cast the input or build the layer with dtype=numpy.{array.dtype}"
+                      if array.dtype in SUPPORTED_DTYPES else f"cast the input to {numpy.dtype(dtype)}")
             raise TypeError(f"{owner}: {what} has dtype {array.dtype}, but the layer works in {numpy.dtype(dtype)}; "
-                            f"cast the input or build the layer with dtype=numpy.{array.dtype}")
+                            f"{remedy}")
     elif array.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{owner}: {what} has unsupported dtype {array.dtype}; use float32 or float64")
     if channels is not None and array.shape[1] != channels:

@@ -22,7 +22,7 @@ import numpy
 
 from .. import backend
 from ..layers import Conv2d, MaxPool2d, ReLU
-from ..layers.base import check_dtype
+from ..layers.base import check_dtype, check_positive_int
 
 
 def infer_chain(layers, order, a):
@@ -68,11 +68,12 @@ class Model:
     architecture = None
     #: the outputs ``forward`` returns
     output_names = ("logits",)
+    #: whether the layers' caches hold the last ``forward``'s values: set by ``forward``, cleared
+    #: by ``infer`` (and ``predict``), which run some of the same layers and overwrite them
+    forward_cached = False
 
     def __init__(self, n_classes, dtype=numpy.float32):
-        self.n_classes = int(n_classes)
-        if self.n_classes < 2:
-            raise ValueError(f"{type(self).__name__}: n_classes must be at least 2, got {n_classes}")
+        self.n_classes = check_positive_int(n_classes, type(self).__name__, "n_classes", minimum=2)
         self.dtype = check_dtype(dtype, type(self).__name__)
         self.layers = {}
         self.classes = None  # class names, set by whoever trains or loads the model
@@ -121,6 +122,8 @@ class Model:
             raise TypeError(f"{owner}: images must be an array (N, 3, H, W), got {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{owner}: images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{owner}: a batch of 0 images, shape {tuple(images.shape)}; give at least one")
         height, width = images.shape[2:]
         if height % 4 or width % 4 or height == 0 or width == 0:
             raise ValueError(f"{owner}: image height and width must be positive multiples of 4, got {height}x{width}; "
@@ -133,6 +136,13 @@ class Model:
             raise ValueError(f"{owner}: images are on the wrong device for this model's parameters; "
                              "move them with minirnng.backend.to_device")
         return images.astype(self.dtype, copy=False)
+
+    def check_forward_cached(self):
+        """For ``backward``: a clear error instead of gradients of the wrong pass."""
+        if not self.forward_cached:
+            raise RuntimeError(f"{type(self).__name__}.backward: there is no forward pass to differentiate; "
+                               "call forward first, with no infer or predict in between (they overwrite what "
+                               "forward kept for backward)")
 
     def upstream(self, grads, name, shape):
         """``grads[name]`` checked against the ``shape`` of the output it belongs to, or None when absent."""
@@ -151,7 +161,9 @@ class Model:
     # -- inference ----------------------------------------------------------------------------
     def infer(self, images):
         """The logits (N, K, H, W) for inference only; no ``backward`` may follow."""
-        return self.forward(images)["logits"]
+        logits = self.forward(images)["logits"]
+        self.forward_cached = False
+        return logits
 
     def predict(self, images):
         """Integer labels (N, H, W) (int64): the arg-max over classes of the logits."""
@@ -180,13 +192,19 @@ class Model:
         if missing or unexpected:
             raise ValueError(f"{source} do not fit {type(self).__name__}: missing {missing or 'nothing'}, "
                              f"unexpected {unexpected or 'nothing'}")
+        xp = backend.get_array_module(next(iter(own.values())))
+        converted = {}
         for name, value in arrays.items():
+            if not (isinstance(value, numpy.ndarray) or backend.is_cupy_array(value)):
+                raise TypeError(f"{source}: {name} is a {type(value).__name__}, not an array")
+            if value.dtype.kind not in "fiu":  # a cast would drop imaginary parts or fail on strings
+                raise TypeError(f"{source}: {name} has dtype {value.dtype}, not real numbers")
             if tuple(value.shape) != tuple(own[name].shape):
                 raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
                                  f"{type(self).__name__} expects {tuple(own[name].shape)}")
-        xp = backend.get_array_module(next(iter(own.values())))
-        for name, value in arrays.items():
-            own[name][...] = xp.asarray(value, dtype=own[name].dtype)
+            converted[name] = xp.asarray(value, dtype=own[name].dtype)
+        for name, value in converted.items():  # only once every array has passed
+            own[name][...] = value
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"

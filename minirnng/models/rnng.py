@@ -28,6 +28,7 @@ import numpy
 
 from .. import backend
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
+from ..layers.base import check_positive_int
 from ..layers.recurrent import STABILITY_RULES, FourWayGatedRNN, constrain_recurrent_weight
 from .base import Model, infer_chain
 
@@ -51,7 +52,7 @@ class RNNG(Model):
 
     def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0):
         super().__init__(n_classes, dtype)
-        self.hidden = int(hidden)
+        self.hidden = check_positive_int(hidden, type(self).__name__, "hidden")
         self.gate_bias = float(gate_bias)
         rng = numpy.random.default_rng(rng)
         k, h, dt = self.n_classes, self.hidden, self.dtype
@@ -171,7 +172,9 @@ class RNNG(Model):
         self.feature_shape = x.shape
         # for figures and notebooks: the label features X, the gate map G and the propagated H
         self.intermediates = {"x": x, "gate": g, "propagated": features}
-        return {"logits": logits, "coarse": L["coarse"].forward(x), "edge": L["edge"].forward(g)}
+        outputs = {"logits": logits, "coarse": L["coarse"].forward(x), "edge": L["edge"].forward(g)}
+        self.forward_cached = True
+        return outputs
 
     def infer(self, images):
         """``forward(images)["logits"]`` for inference only (no ``backward`` may follow), cheaper:
@@ -182,6 +185,7 @@ class RNNG(Model):
         kernel path, 11 launches instead of ``forward``'s 16 with the direct convolutions.
         """
         L = self.layers
+        self.forward_cached = False
         a = infer_chain(L, self.trunk, self.check_images(images))
         xp = backend.get_array_module(a)
         x = xp.ascontiguousarray(a[:, :self.hidden])
@@ -194,6 +198,7 @@ class RNNG(Model):
         With ``input_gradient=False`` (training, where nothing needs it) the image gradient is not
         computed and None is returned; the parameter gradients are the same.
         """
+        self.check_forward_cached()
         L = self.layers
         xp = backend.get_array_module(next(iter(self.params().values())))
         dx = xp.zeros(self.feature_shape, dtype=self.dtype)

@@ -65,6 +65,7 @@ from .. import __version__, backend
 from ..data.classes import HELEN_CLASSES
 from ..data.pipeline import normalize, resize_image, resize_labels
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU
+from ..layers.base import check_positive_int
 from . import checkpoint
 from .base import Model, infer_chain
 from .crops import (CROPS, CropGeometry, crop_bilinear, crop_nearest, crop_to_helen, footprints, frame_images,
@@ -98,9 +99,7 @@ class ComponentNet(Model):
 
     def __init__(self, width=8, rng=None, dtype=numpy.float32):
         super().__init__(len(self.component_classes), dtype)
-        self.width = int(width)
-        if self.width < 1:
-            raise ValueError(f"{type(self).__name__}: width must be a positive integer, got {width!r}")
+        self.width = check_positive_int(width, type(self).__name__, "width")
         self.classes = list(self.component_classes)
         rng = numpy.random.default_rng(rng)
         c, k, dt = self.width, self.n_classes, self.dtype
@@ -155,6 +154,7 @@ class ComponentNet(Model):
         a = self.check_images(images)
         for name in self.order:
             a = self.layers[name].forward(a)
+        self.forward_cached = True
         return {"logits": a}
 
     def infer(self, images):
@@ -162,10 +162,12 @@ class ComponentNet(Model):
         crops (N, 3, h, w) -> logits (N, K, h, w), the same numbers, by :func:`~.base.infer_chain`
         (the two-stage parser runs its networks this way).
         """
+        self.forward_cached = False
         return infer_chain(self.layers, self.order, self.check_images(images))
 
     def backward(self, grads, input_gradient=True):
         """grads {"logits": (N, K, h, w)} -> dcrops (N, 3, h, w) (None if not ``input_gradient``)."""
+        self.check_forward_cached()
         dlogits = self.upstream(grads, "logits", self.layers["deconv9"].output_shape_seen)
         if dlogits is None:
             raise ValueError(f"{type(self).__name__}.backward: needs the gradient of 'logits'")
@@ -268,9 +270,12 @@ class TwoStageParser:
         split = {prefix: {name[len(prefix) + 1:]: value for name, value in arrays.items()
                           if name.startswith(prefix + ".")} for prefix in self.networks}
         own = self.params()
-        missing = sorted(set(own) - set(arrays))
+        missing, unexpected = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
         if missing:
             raise ValueError(f"{source}: missing parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            raise ValueError(f"{source}: unexpected parameters {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
+                             "the four networks have no such arrays")
         for name, value in arrays.items():
             if tuple(value.shape) != tuple(own[name].shape):
                 raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the parser expects "
