@@ -40,17 +40,19 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from timing import count  # noqa: E402  (no NumPy: the thread count is set before it loads)
 BATCH, SIZE, CLASSES = 16, 128, 3
 
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="cores each library may use (default 2)")
+    parser.add_argument("--threads", type=count, default=2, help="cores each library may use (default 2)")
     parser.add_argument("--parallelism", choices=("processes", "threads", "blas"), default="processes",
                         help="how minirnng uses --threads cores: workers sharing each batch, one BLAS thread each, "
                              "in processes (default, as minirnng train) or threads; or one model on that many "
                              "BLAS threads")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=count, default=10)
     parser.add_argument("--openblas-core", metavar="NAME",
                         help="OPENBLAS_CORETYPE for NumPy's OpenBLAS, e.g. SkylakeX (AVX-512) or Haswell (AVX2); "
                              "default: the environment's (OpenBLAS detects the CPU when it is unset)")

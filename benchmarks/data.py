@@ -7,12 +7,17 @@ Run ``python benchmarks/data.py`` (single process). It prints the median of seve
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy
 
-from minirnng.data import HELEN_CLASSES, Augmentation, SyntheticFaces, preload
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import count  # noqa: E402
+
+from minirnng.data import HELEN_CLASSES, Augmentation, SyntheticFaces, preload  # noqa: E402
 
 
 def images_per_second(dataset, count, start):
@@ -30,8 +35,8 @@ def milliseconds_per_batch(augmentation, images, labels, rng):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="runs to take the median of")
-    parser.add_argument("--images", type=int, default=200, help="single-face images per run")
+    parser.add_argument("--runs", type=count, default=7, help="runs to take the median of")
+    parser.add_argument("--images", type=count, default=200, help="single-face images per run")
     arguments = parser.parse_args()
 
     single = SyntheticFaces(arguments.runs * arguments.images, size=128)

@@ -42,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+from timing import count  # noqa: E402
 
 SIZE, CLASSES, HIDDEN, LAYER_BATCH = 128, 3, 8, 16
 TARGETS = {1: 3000, 256: 20000}
@@ -52,10 +53,13 @@ def parse_arguments():
     parser.add_argument("--out", help="also write the results to this Markdown file")
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu first")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke test of the script)")
-    parser.add_argument("--test-timeout", type=int, default=240, help="seconds allowed for the GPU tests")
+    parser.add_argument("--test-timeout", type=count, default=240, help="seconds allowed for the GPU tests")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the CPU time of a batch-1 predict goes (cProfile, top functions)")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    if arguments.out and os.path.isdir(arguments.out):
+        parser.error(f"--out {arguments.out!r} is a folder; give a file name")
+    return arguments
 
 
 # -- 1. the GPU tests -----------------------------------------------------------------------------
@@ -510,6 +514,8 @@ def main():
         print("\n".join(f"- {note}" for note in notes))
     print(f"\ntotal {time.perf_counter() - began:.0f} s")
     if arguments.out:
+        # the run is minutes of a lent GPU: make the folder rather than lose the results
+        os.makedirs(os.path.dirname(os.path.abspath(arguments.out)), exist_ok=True)
         with open(arguments.out, "w") as handle:
             handle.write("\n".join(report) + "\n")
         print(f"written to {arguments.out}")

@@ -8,6 +8,7 @@ products are timed on the whole batch and image by image (faster, since one imag
 in cache, which is how the layers run them); the ratio is against the faster of the two.
 """
 
+import argparse
 import os
 import sys
 
@@ -89,6 +90,8 @@ def conv_against_matmul(rng):
 
 
 if __name__ == "__main__":
+    # no options; --help says what the script does instead of starting it
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     print(f"numpy {numpy.__version__}, {blas_description()}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
           "load average %.1f %.1f %.1f" % os.getloadavg())

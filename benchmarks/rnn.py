@@ -31,7 +31,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds  # noqa: E402
+from timing import count, median_seconds  # noqa: E402
 
 SHAPE = (16, 8, 64, 64)
 NAIVE_SHAPE = (1, 8, 16, 16)
@@ -39,8 +39,8 @@ NAIVE_SHAPE = (1, 8, 16, 16)
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1, help="BLAS / PyTorch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default 20)")
+    parser.add_argument("--threads", type=count, default=1, help="BLAS / PyTorch threads (default 1)")
+    parser.add_argument("--repeats", type=count, default=20, help="timed runs per measurement (default 20)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
     return parser.parse_args()
 

@@ -30,13 +30,16 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import count  # noqa: E402  (no NumPy: the thread count is set before it loads)
+
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a two-stage checkpoint (default: untrained networks)")
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=25, help="timed runs of each (default 25)")
-    parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
+    parser.add_argument("--threads", type=count, default=1, help="BLAS threads (default 1)")
+    parser.add_argument("--repeats", type=count, default=25, help="timed runs of each (default 25)")
+    parser.add_argument("--batch", type=count, default=16, help="images per batch (default 16)")
     return parser.parse_args()
 
 
@@ -66,7 +69,10 @@ def main():
     from minirnng.models.stage2 import TwoStageParser
 
     if arguments.checkpoint:
-        parser = TwoStageParser.load(arguments.checkpoint)
+        try:
+            parser = TwoStageParser.load(arguments.checkpoint)
+        except (OSError, ValueError) as error:  # missing, corrupt or not a two-stage checkpoint
+            sys.exit(f"benchmarks/stage2.py: {error}")
         source = arguments.checkpoint
     else:
         parser = TwoStageParser(RNNG(n_classes=11, rng=0), rng=0)

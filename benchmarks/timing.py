@@ -1,15 +1,30 @@
-"""Timing helpers shared by the benchmarks: medians of repeated runs, and a table printer.
+"""Timing helpers shared by the benchmarks: medians of repeated runs, a table printer, and the
+argparse type of their counts.
 
 On a shared machine the load changes from one second to the next, so two functions timed one
 after the other can see different machines. :func:`interleaved_medians` times them in turns (A, B,
 A, B, ...), so that each sees the same mix of load, and returns the median of each.
 """
 
+import argparse
 import ctypes
 import glob
 import os
 import statistics
 import time
+
+
+def count(text):
+    """argparse type of a benchmark's counts (``--threads``, ``--repeats``, ``--batch``, ...): a
+    whole number of at least 1. Here, not from minirnng.cli, because the scripts parse their
+    arguments before NumPy is imported, to set its thread count first."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def median_seconds(function, repeats=7, warmup=1):

@@ -27,13 +27,13 @@ Instructors grade a filled-in lab with ``python -m minirnng.labs grade <notebook
 and prints a score.
 """
 
+import ast
 import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
-import traceback
 import warnings
 
 import numpy
@@ -101,10 +101,10 @@ def _pair(result, name, what="(output, cache)"):
 def _parts(result, name, count, names):
     if count == 1:
         return (result,)
-    if not isinstance(result, tuple) or len(result) != count:
+    if not isinstance(result, (tuple, list)) or len(result) != count:
         raise LabCheckError(f"{name} must return a tuple of {count} arrays ({', '.join(names)}); "
                             f"it returned {_describe(result)}")
-    return result
+    return tuple(result)
 
 
 def _describe(value):
@@ -366,6 +366,7 @@ CONV_CASES = (  # (N, C, O, H, W, k, stride, padding)
     (2, 3, 3, 6, 6, 3, 1, 1),
     (2, 2, 4, 7, 5, 3, 2, 2),
     (1, 2, 3, 5, 6, 1, 1, 0),
+    (1, 2, 2, 8, 6, 3, 2, 1),  # (H + 2p - k) / s = 3.5 and 2.5: the last row and column of windows do not fit
 )
 
 
@@ -510,6 +511,7 @@ POOL_CASES = (  # (shape, kernel_size, stride, ties)
     ((2, 2, 6, 8), 2, 2, False),
     ((1, 2, 7, 9), 3, 2, False),
     ((2, 2, 6, 6), 2, 2, True),
+    ((1, 2, 7, 9), 2, 2, False),  # floor mode: the last row and column fit no window and are dropped
 )
 
 
@@ -639,7 +641,10 @@ def check_softmax_cross_entropy(forward, backward):
         loss, cache = _pair(_call(forward, logits.copy(), target.copy(), on=label), _name(forward), "(loss, cache)")
         report.compare(f"loss, {label}", Quantity("loss"), loss, loss_reference, mistakes=[
             (loss_reference * target.size, "the loss is the *mean* over the pixels, not the sum."),
-            (loss_reference * target.shape[0], "the loss is the mean over all N*H*W pixels, not over images only.")])
+            (loss_reference * target.shape[0],
+             "the loss is one mean over all N*H*W pixels, not the sum of each image's mean."),
+            (loss_reference * target[0].size,
+             "divide by all N*H*W pixels, not by the number of images N only.")])
         dlogits = _call(backward, dloss, cache, on=label)
         n, k, height, width = logits.shape
         onehot = numpy.arange(k)[None, :, None, None] == target[:, None]
@@ -915,8 +920,8 @@ def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
 
     slips = {
         "printed": (dict(next_gate=False, transpose=False, previous_state=False, gate_before_mixing=False),
-                    "this is the printed eq. 4, with all its slips: the gate of the next step g_{j+1}, W^T, "
-                    "the gate before the mixing, and the previous state h_{j-1} in dL/dg."),
+                    "this is eq. 4 as printed, with all its slips; the corrected equation has the gate of the "
+                    "next step g_{j+1}, W^T, the gate before the mixing, and the previous state h_{j-1} in dL/dg."),
         "gate": (dict(next_gate=False),
                  "did you forget the gate of the next step? The message from j+1 back to j is scaled by "
                  "g_{j+1} (the gate that scaled it on the way forward), not g_j."),
@@ -1120,11 +1125,14 @@ LABS = {
 
 
 def lab_of(path):
-    """The lab a notebook belongs to, from its file name (``07_gated_rnn.ipynb`` -> ``07_gated_rnn``)."""
+    """The lab a notebook belongs to, from its file name (``07_gated_rnn.ipynb`` -> ``07_gated_rnn``);
+    a name a download added to (``07_gated_rnn (1).ipynb``, ``07_gated_rnn-ada.ipynb``) still
+    starts with its lab's."""
     stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    if stem not in LABS:
+    matches = [lab for lab in LABS if stem == lab or (stem.startswith(lab) and not stem[len(lab)].isalnum())]
+    if not matches:
         raise ValueError(f"{path}: not a lab notebook; the labs are {', '.join(LABS)}")
-    return stem
+    return max(matches, key=len)
 
 
 def code_cells(path):
@@ -1151,14 +1159,50 @@ def code_cells(path):
     return cells
 
 
+#: a line that calls a check; notebooks/labs/make_labs.py tags such cells "raises-exception"
 CHECK_CALL = re.compile(r"\blabs\.check_\w+\s*\(")
+
+
+def without_check_calls(source, filename):
+    """A code cell compiled without its statements that call a check (``labs.check_...(...)``):
+    the grader calls every check itself, once, and the student's functions defined in the same
+    cell must still be defined. A cell that does not parse is compiled as it is, to fail as it is."""
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError:
+        return compile(source, filename, "exec")
+
+    def calls_a_check(statement):
+        call = getattr(statement, "value", None) if isinstance(statement, ast.Expr) else None
+        function = getattr(call, "func", None)
+        return (isinstance(call, ast.Call) and isinstance(function, ast.Attribute)
+                and isinstance(function.value, ast.Name) and function.value.id == "labs"
+                and function.attr.startswith("check_"))
+
+    tree.body = [statement for statement in tree.body if not calls_a_check(statement)]
+    return compile(tree, filename, "exec")
+
+
+def failure_summary(message):
+    """The one line a grade sheet shows for a failed check: its first hint, which names the
+    slip, or else its first problem (not the last, which is often a finite-difference row that
+    only says the backward does not match)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("Hint: ") and line != "Hint: the same as above.":
+            return line
+    for number, line in enumerate(lines[:-1]):
+        if line.endswith("problem(s):"):
+            return lines[number + 1]
+    return lines[0] if lines else "failed"
 
 
 def grade(path, out=None):
     """Run a filled-in lab notebook and every check of its lab; return ``(points, total, rows)``.
 
-    The notebook's code cells run in order in a fresh namespace, except the cells that call a
-    check (the grader calls every check itself, once); a cell that raises is reported and skipped.
+    The notebook's code cells run in order in a fresh namespace, without their statements that
+    call a check (the grader calls every check itself, once); a cell that raises is reported and
+    skipped.
     Each row of ``rows`` is ``(check, points earned, points possible, message)``.
     """
     import matplotlib
@@ -1169,12 +1213,10 @@ def grade(path, out=None):
     namespace = {"__name__": "__lab__"}
     cell_errors = []
     for number, source in enumerate(code_cells(path), start=1):
-        if CHECK_CALL.search(source):
-            continue
         try:
             with warnings.catch_warnings(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 warnings.simplefilter("ignore")
-                exec(compile(source, f"<{os.path.basename(path)} code cell {number}>", "exec"), namespace)
+                exec(without_check_calls(source, f"<{os.path.basename(path)} code cell {number}>"), namespace)
         except Exception as error:
             cell_errors.append(f"code cell {number}: {type(error).__name__}: {error}")
     rows = []
@@ -1188,7 +1230,7 @@ def grade(path, out=None):
                 globals()[check.check](*(namespace[name] for name in check.functions))
             rows.append((check.check, check.points, check.points, "passed"))
         except LabCheckError as error:
-            rows.append((check.check, 0, check.points, str(error).strip().splitlines()[-1]))
+            rows.append((check.check, 0, check.points, failure_summary(str(error))))
         except Exception as error:  # a bug that escaped the check's own handling
             rows.append((check.check, 0, check.points, f"{type(error).__name__}: {error}"))
     points = sum(row[1] for row in rows)
@@ -1222,8 +1264,9 @@ def main(argv=None):
     for path in arguments.notebooks:
         try:
             points, total, rows = grade(path)
-        except Exception:
-            traceback.print_exc()
+        except Exception as error:  # a file that is not a lab, or not a notebook: one line, a row
+            print(f"{path}: not graded: {type(error).__name__}: {error}")
+            rows_out.append((path, "", 0, "", f"not graded: {error}"))
             failed = True
             continue
         failed |= points < total

@@ -90,7 +90,7 @@ def gated_forward(x, g, W, b):
     ({"previous_state": False}, "h_{j-1}, not h_{j+1}"),
     ({"gate_before_mixing": False}, "before the channel mixing"),
     ({"next_gate": False, "transpose": False, "previous_state": False, "gate_before_mixing": False},
-     "printed eq. 4"),
+     "eq. 4 as printed"),
 ])
 def test_gated_backward_slips_are_named(slip, hint):
     def backward(dh, cache):
@@ -123,7 +123,10 @@ def test_plain_backward_with_w_instead_of_transpose():
         h, W = cache
         return labs.plain_backward_variant(dh, h, W, transpose=False)
 
-    assert "is W transposed?" in failure(labs.check_spatial_rnn_backward, forward, backward)
+    message = failure(labs.check_spatial_rnn_backward, forward, backward)
+    assert "is W transposed?" in message
+    # the grade sheet's one line names the slip, not the last finite-difference row
+    assert labs.failure_summary(message).startswith("Hint: is W transposed?")
 
 
 def test_softmax_without_log_sum_exp_is_told_to_subtract_the_maximum():
@@ -168,6 +171,22 @@ def test_maxpool_tie_going_to_the_last_maximum():
     assert "not the last" in failure(labs.check_maxpool2d_backward, forward, backward)
 
 
+def test_maxpool_in_ceil_mode_fails():
+    """A window that does not fit is dropped (floor mode); a forward that pads it in is wrong."""
+    def forward(x, k, s):
+        n, c, height, width = x.shape
+        out_height, out_width = -(-(height - k) // s) + 1, -(-(width - k) // s) + 1  # ceil mode
+        padded = numpy.full((n, c, (out_height - 1) * s + k, (out_width - 1) * s + k), -numpy.inf)
+        padded[:, :, :height, :width] = x
+        y = numpy.full((n, c, out_height, out_width), -numpy.inf)
+        for i in range(k):
+            for j in range(k):
+                y = numpy.maximum(y, padded[:, :, i:i + s * (out_height - 1) + 1:s, j:j + s * (out_width - 1) + 1:s])
+        return y, None
+
+    assert "windows that do not fit are dropped" in failure(labs.check_maxpool2d_forward, forward)
+
+
 def test_conv_forward_with_a_flipped_kernel():
     from minirnng.layers.im2col import im2col
 
@@ -186,3 +205,28 @@ def test_grader_command_line(capsys):
     assert "check_gated_rnn_backward" in capsys.readouterr().out
     assert labs.main(["grade", str(NOTEBOOKS / "labs" / "04_pooling_and_relu.ipynb")]) == 1
     assert "score: 0/" in capsys.readouterr().out
+
+
+def test_a_check_called_in_the_same_cell_as_the_solution_does_not_hide_it(tmp_path):
+    """Only the statements that call a check are skipped, not the cell that holds them."""
+    source = (NOTEBOOKS / "04_pooling_and_relu.py").read_text(encoding="utf-8")
+    header, *cells = source.split("\n# %%")
+    merged = header + "\n# %%\n" + "\n".join(cell.split("\n", 1)[1] for cell in cells
+                                                if not cell.lstrip().startswith("[markdown]"))
+    assert "labs.check_" in merged
+    (tmp_path / "04_pooling_and_relu.py").write_text(merged, encoding="utf-8")
+    points, total, rows = labs.grade(tmp_path / "04_pooling_and_relu.py")
+    assert points == total, rows
+
+
+def test_the_grader_knows_a_renamed_download_and_reports_a_stray_file_in_one_line(tmp_path, capsys):
+    assert labs.lab_of("submissions/ada/07_gated_rnn (1).ipynb") == "07_gated_rnn"
+    assert labs.lab_of("07_gated_rnn-ada.py") == "07_gated_rnn"
+    with pytest.raises(ValueError, match="not a lab notebook"):
+        labs.lab_of("07_gated_rnnx.ipynb")
+    stray = tmp_path / "notes.ipynb"
+    stray.write_text("{}", encoding="utf-8")
+    assert labs.main(["grade", str(stray), "--csv", str(tmp_path / "grades.csv")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{stray}: not graded: ValueError") and "Traceback" not in out
+    assert "not graded" in (tmp_path / "grades.csv").read_text(encoding="utf-8")
