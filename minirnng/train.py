@@ -168,6 +168,8 @@ def evaluate(model, dataset, batch_size=32, predict=None):
     ``predict`` (images -> labels) defaults to ``model.predict``. Labels are compared at the
     dataset's resolution.
     """
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the dataset holds no images; there is nothing to score")
     predict = predict or model.predict
     accumulator = ConfusionAccumulator(dataset.classes)
     elapsed = 0.0

@@ -549,3 +549,10 @@ def test_a_missing_header_is_a_clear_error(scratch_kernels):
     name = scratch_kernels('#include "no_such_header.cuh"\nextern "C" __global__ void noop(scalar_t* y, int n) { }\n')
     with pytest.raises(ValueError, match="includes 'no_such_header.cuh', which is not in"):
         sources.read_source(name)
+
+
+def test_an_emulator_error_is_a_backend_error_the_command_line_prints_in_one_line():
+    from minirnng.backend import BackendError
+    from minirnng.cuda.emulator import EmulatorError
+
+    assert issubclass(EmulatorError, BackendError)

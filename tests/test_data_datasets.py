@@ -117,6 +117,25 @@ def test_lfw_malformed_split_line(lfw_root):
         LFWPL(lfw_root, "train")
 
 
+def test_lfw_split_lists_as_editors_save_them(lfw_root):
+    """A byte-order mark is dropped; Latin-1, Unicode digits and repeated lines are named errors."""
+    train = lfw_root / "parts_train.txt"
+    lines = "".join(f"{p} {n}\n" for p, _, n in LFW_SAMPLES)
+    train.write_bytes(b"\xef\xbb\xbf" + lines.replace("\n", "\r\n").encode())
+    assert len(LFWPL(lfw_root, "train")) == len(LFW_SAMPLES)
+    train.write_bytes(lines.encode() + "Jos\u00e9_Dirceu 1\n".encode("latin-1"))
+    with pytest.raises(MalformedDataError, match=rf"parts_train\.txt line {len(LFW_SAMPLES) + 1} is not UTF-8"):
+        LFWPL(lfw_root, "train")
+    train.write_text("Aaron_Peirsol \u00b2\n", encoding="utf-8")
+    with pytest.raises(MalformedDataError, match="line 1 is 'Aaron_Peirsol \u00b2'; expected a person's name"):
+        LFWPL(lfw_root, "train")
+    first = lines.splitlines()[0]
+    train.write_text(lines + first + "\n")
+    with pytest.raises(MalformedDataError, match=rf"names {first.split()[0]}_\d{{4}} twice, on lines 1 and "
+                                                 rf"{len(LFW_SAMPLES) + 1}"):
+        LFWPL(lfw_root, "train")
+
+
 def test_lfw_truncated_image(lfw_root):
     truncate(lfw_root / "lfw_funneled" / "Zoe_Ball" / "Zoe_Ball_0017.jpg")
     dataset = LFWPL(lfw_root, "validation")
@@ -289,6 +308,31 @@ def test_celebamask_errors(celeba_root):
         CelebAMaskHQ(celeba_root)
     with pytest.raises(MissingDataError, match=r"CelebA-HQ-img/<k>\.jpg"):
         CelebAMaskHQ(celeba_root / "elsewhere")
+
+
+def test_celebamask_index_keeps_the_files_it_found_and_names_misplaced_masks(celeba_root):
+    images, masks = celeba_root / "CelebA-HQ-img", celeba_root / "CelebAMask-HQ-mask-anno"
+    os.rename(images / "2001.jpg", images / "02001.JPG")  # another spelling of image 2001
+    os.rename(masks / "1" / "02001_hair.png", masks / "1" / "02001_hair.PNG")
+    dataset = CelebAMaskHQ(celeba_root)
+    assert dataset.names == ("0", "2001")
+    assert (dataset[1][1][0:4, 0:16] == HELEN_CLASSES.index("hair")).all()  # the .PNG mask was read
+    save(smooth_image(32, 32), str(images / "2001.jpg"))
+    with pytest.raises(MalformedDataError, match="two files of image 2001, 02001.JPG and 2001.jpg"):
+        CelebAMaskHQ(celeba_root)
+    os.remove(images / "2001.jpg")
+    os.rename(masks / "1" / "02001_skin.png", masks / "0" / "02001_skin.png")
+    with pytest.raises(MalformedDataError, match=r"02001_skin\.png is in folder 0, but the masks of image 2001 "
+                                                 r"belong in folder 1"):
+        CelebAMaskHQ(celeba_root)
+
+
+def test_an_empty_celebamask_split_is_an_error(celeba_root):
+    from minirnng.data.catalog import open_dataset
+
+    assert len(open_dataset("celebamask", "train", celeba_root)) == 2
+    with pytest.raises(MalformedDataError, match=r"CelebAMaskHQ has 2 images, so samples 28000 \.\. 28999"):
+        open_dataset("celebamask", "validation", celeba_root)
 
 
 def test_celebamask_truncated_mask(celeba_root):

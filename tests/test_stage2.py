@@ -450,3 +450,9 @@ def test_crops_from_framed_images_equal_crops_from_the_images():
     matrices = numpy.array([[[0.5, 0.1, 3.0], [-0.1, 0.6, 2.0]], [[0.7, 0.0, -4.0], [0.0, 0.7, 5.0]]])
     numpy.testing.assert_array_equal(crop_bilinear(frame_images(images), matrices, (16, 24)),
                                      crop_bilinear(images, matrices, (16, 24)))
+
+
+def test_two_stage_parse_follows_the_single_face_parsers_rules_for_images(parser, rng):
+    assert parser.parse(rng.integers(0, 256, (20, 12), dtype=numpy.uint8)).shape == (20, 12)  # grey
+    with pytest.raises(ValueError, match=r"TwoStageParser.parse: image is empty, 0x5 pixels"):
+        parser.parse(numpy.zeros((0, 5, 3), numpy.uint8))

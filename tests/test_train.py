@@ -406,3 +406,13 @@ def test_class_balance_weights_and_the_objective_name_bad_arguments():
     for weights in ((1, 1), (1, 1, 1, 1)):
         with pytest.raises(ValueError, match="weights are three numbers"):
             StageOneObjective(weights)
+
+
+def test_evaluating_an_empty_dataset_is_an_error_not_nan():
+    from minirnng.data.pipeline import PreloadedDataset
+    from minirnng.models import RNNG
+
+    empty = PreloadedDataset(numpy.zeros((0, 16, 16, 3), numpy.uint8), numpy.zeros((0, 16, 16), numpy.uint8),
+                             ("background", "skin", "hair"), ())
+    with pytest.raises(ValueError, match="the dataset holds no images"):
+        evaluate(RNNG(rng=0), empty)

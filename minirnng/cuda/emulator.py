@@ -80,14 +80,16 @@ import threading
 
 import numpy
 
+from ..backend import BackendError
 from . import sources
 
 SHIM_PATH = pathlib.Path(__file__).resolve().parent / "emulator_shim.h"
 _BASE_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17")
 
 
-class EmulatorError(RuntimeError):
-    """The emulator cannot compile or load a kernel; the message says why and how to fix it."""
+class EmulatorError(BackendError):
+    """The emulator cannot compile or load a kernel; the message says why and how to fix it (a
+    BackendError: the command line reports it in one line, as it does a missing GPU)."""
 
 
 def cache_directory():

@@ -10,7 +10,7 @@ CelebAMask-HQ has no official split; minirnng uses its first 28,000 images for t
 import numpy
 
 from .classes import HELEN_TO_LFW, class_list
-from .datasets import LFWPL, CelebAMaskHQ, Dataset, Helen
+from .datasets import LFWPL, CelebAMaskHQ, Dataset, Helen, MalformedDataError
 from .pipeline import preload
 from .synthetic import SyntheticFaces
 
@@ -26,6 +26,10 @@ class Subset(Dataset):
     """Samples ``start .. stop-1`` of another dataset."""
 
     def __init__(self, dataset, start, stop):
+        if start >= len(dataset):
+            # a partial download: the split would be empty and score NaN without a word
+            raise MalformedDataError(f"{type(dataset).__name__} has {len(dataset)} images, so samples "
+                                     f"{start} .. {stop - 1} of this split are not there")
         stop = min(stop, len(dataset))
         self.dataset, self.start = dataset, start
         self.classes = dataset.classes

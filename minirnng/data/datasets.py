@@ -138,17 +138,38 @@ def _check_same_size(label_path, label_shape, image_path, image_shape):
 
 
 def _split_lines(path):
-    """``(line_number, text)`` of every non-blank line of a split list, text stripped."""
-    with open(path, encoding="utf-8") as lines:
-        return [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+    """``(line_number, text)`` of every non-blank line of a split list, text stripped. A UTF-8
+    byte-order mark (which some editors write) is dropped; a file that is not UTF-8 is an error
+    naming it and the line."""
+    with open(path, "rb") as stream:
+        raw = stream.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise MalformedDataError(f"split list {path} line {line} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save it as UTF-8") from None
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+
+
+def _refuse_duplicates(dataset, split_path, entries):
+    """An error for a sample a split list names twice (it would count twice): ``entries`` are
+    ``(line number, sample name)`` in file order."""
+    first_line = {}
+    for number, name in entries:
+        if name in first_line:
+            raise MalformedDataError(f"{dataset}: {split_path} names {name} twice, on lines {first_line[name]} "
+                                     f"and {number}; each sample belongs once to a split")
+        first_line[name] = number
 
 
 def _report_missing(dataset, split_path, missing, layout):
     """Raise one error for the split lines whose files are absent: the first in full, then a count."""
     number, line, path = missing[0]
     more = f" (and {len(missing) - 1} more lines of it name missing files)" if len(missing) > 1 else ""
+    state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
     raise MissingDataError(f"{dataset}: {split_path} line {number} ({line!r}) names {path}, "
-                           f"which does not exist{more}; expected this layout:\n{layout}")
+                           f"which {state}{more}; expected this layout:\n{layout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +220,10 @@ class LFWPL(Dataset):
         _require_folder(self.label_folder, "LFWPL", LFW_LAYOUT)
         _require_file(self.split_path, f"LFWPL split {split!r}", LFW_LAYOUT)
 
-        names, missing = [], []
+        names, numbers, missing = [], [], []
         for number, line in _split_lines(self.split_path):
             fields = line.split()
-            if len(fields) != 2 or not fields[1].isdigit():
+            if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
                 raise MalformedDataError(f"LFWPL: {self.split_path} line {number} is {line!r}; "
                                          "expected a person's name and an image number, like 'Aaron_Peirsol 2'")
             stem = f"{fields[0]}_{int(fields[1]):04d}"
@@ -210,8 +231,10 @@ class LFWPL(Dataset):
                 if not os.path.isfile(path):
                     missing.append((number, line, path))
             names.append(stem)
+            numbers.append(number)
         if missing:
             _report_missing("LFWPL", self.split_path, missing, LFW_LAYOUT)
+        _refuse_duplicates("LFWPL", self.split_path, zip(numbers, names))
         if not names:
             raise MalformedDataError(f"LFWPL: split list {self.split_path} names no samples")
         self._names = tuple(names)
@@ -311,10 +334,10 @@ class Helen(Dataset):
         _require_folder(self.label_folder, "Helen", HELEN_LAYOUT)
         _require_file(self.split_path, f"Helen split {split!r}", HELEN_LAYOUT)
 
-        names, missing = [], []
+        names, numbers, missing = [], [], []
         for number, line in _split_lines(self.split_path):
             fields = [field.strip() for field in line.split(",")]
-            if len(fields) != 2 or not fields[0].isdigit() or not fields[1]:
+            if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()) or not fields[1]:
                 raise MalformedDataError(f"Helen: {self.split_path} line {number} is {line!r}; "
                                          "expected an index, a comma and an image id, like '1 , 100032540_1'")
             stem = fields[1]
@@ -322,8 +345,10 @@ class Helen(Dataset):
                 if not os.path.exists(path):
                     missing.append((number, line, path))
             names.append(stem)
+            numbers.append(number)
         if missing:
             _report_missing("Helen", self.split_path, missing, HELEN_LAYOUT)
+        _refuse_duplicates("Helen", self.split_path, zip(numbers, names))
         if not names:
             raise MalformedDataError(f"Helen: split list {self.split_path} names no samples")
         self._names = tuple(names)
@@ -379,8 +404,10 @@ CELEBAMASK_PARTS = (
     ("hat", None), ("ear_r", None), ("neck_l", None), ("neck", None), ("cloth", None),
 )
 _CELEBAMASK_PART_NAMES = tuple(part for part, _ in CELEBAMASK_PARTS)
-_CELEBAMASK_MASK_FILE = re.compile(r"^(\d{5})_([a-z_]+)\.png$")
-_CELEBAMASK_IMAGE_FILE = re.compile(r"^(\d+)\.jpg$")
+# ASCII digits only (\d would take '²' and other Unicode digits); any case of the extension
+_CELEBAMASK_MASK_FILE = re.compile(r"^([0-9]{5})_([a-z_]+)\.png$", re.IGNORECASE)
+_CELEBAMASK_IMAGE_FILE = re.compile(r"^([0-9]+)\.jpe?g$", re.IGNORECASE)
+_CELEBAMASK_MASK_SUFFIX = re.compile(r"\.png$", re.IGNORECASE)
 _CELEBAMASK_IMAGES_PER_FOLDER = 2000
 
 
@@ -408,8 +435,17 @@ class CelebAMaskHQ(Dataset):
         _require_folder(self.image_folder, "CelebAMaskHQ", CELEBAMASK_LAYOUT)
         _require_folder(self.mask_folder, "CelebAMaskHQ", CELEBAMASK_LAYOUT)
 
-        numbers = sorted(int(match.group(1)) for match in map(_CELEBAMASK_IMAGE_FILE.match,
-                                                                os.listdir(self.image_folder)) if match)
+        self._image_files = {}  # k -> the file's own name, as found (2.jpg, or 002.JPG)
+        for file_name in sorted(os.listdir(self.image_folder)):
+            match = _CELEBAMASK_IMAGE_FILE.match(file_name)
+            if not match:
+                continue
+            k = int(match.group(1))
+            if k in self._image_files:
+                raise MalformedDataError(f"CelebAMaskHQ: {self.image_folder} holds two files of image {k}, "
+                                         f"{self._image_files[k]} and {file_name}")
+            self._image_files[k] = file_name
+        numbers = sorted(self._image_files)
         if not numbers:
             raise MissingDataError(f"CelebAMaskHQ: {self.image_folder} holds no '<k>.jpg' images; "
                                    f"expected this layout:\n{CELEBAMASK_LAYOUT}")
@@ -419,7 +455,7 @@ class CelebAMaskHQ(Dataset):
             k = without_masks[0]
             more = f" (and {len(without_masks) - 1} more images have none)" if len(without_masks) > 1 else ""
             raise MissingDataError(
-                f"CelebAMaskHQ: image {os.path.join(self.image_folder, f'{k}.jpg')} has no mask file "
+                f"CelebAMaskHQ: image {os.path.join(self.image_folder, self._image_files[k])} has no mask file "
                 f"{os.path.join(self._mask_subfolder(k), f'{k:05d}_<part>.png')}{more}; "
                 f"expected this layout:\n{CELEBAMASK_LAYOUT}")
         self._numbers = tuple(numbers)
@@ -429,34 +465,44 @@ class CelebAMaskHQ(Dataset):
         return os.path.join(self.mask_folder, str(k // _CELEBAMASK_IMAGES_PER_FOLDER))
 
     def _index_masks(self):
-        """``{k: set of part names}`` of every mask file, from one listing of each mask folder."""
+        """``{k: {part name: path}}`` of every mask file, from one listing of each mask folder (the
+        paths as found, so that ``_load`` opens exactly these files). A mask in another folder
+        than its number's (``k // 2000``) is an error: skipped, its part would silently become
+        background."""
         parts = {}
         for folder in os.listdir(self.mask_folder):
             path = os.path.join(self.mask_folder, folder)
-            if not (folder.isdigit() and os.path.isdir(path)):
+            if not (folder.isascii() and folder.isdigit() and os.path.isdir(path)):
                 continue
             for file_name in os.listdir(path):
-                if not file_name.endswith(".png"):
+                if not _CELEBAMASK_MASK_SUFFIX.search(file_name):
                     continue
                 match = _CELEBAMASK_MASK_FILE.match(file_name)
-                if not match or match.group(2) not in _CELEBAMASK_PART_NAMES:
+                part = match.group(2).lower() if match else None
+                if part not in _CELEBAMASK_PART_NAMES:
                     raise MalformedDataError(
                         f"CelebAMaskHQ: mask file {os.path.join(path, file_name)} does not name a known "
                         f"part; expected '<k:05d>_<part>.png' with part one of {', '.join(_CELEBAMASK_PART_NAMES)}")
                 k = int(match.group(1))
-                if k // _CELEBAMASK_IMAGES_PER_FOLDER == int(folder):
-                    parts.setdefault(k, set()).add(match.group(2))
+                if k // _CELEBAMASK_IMAGES_PER_FOLDER != int(folder):
+                    raise MalformedDataError(
+                        f"CelebAMaskHQ: mask file {os.path.join(path, file_name)} is in folder {folder}, but the "
+                        f"masks of image {k} belong in folder {k // _CELEBAMASK_IMAGES_PER_FOLDER}")
+                if part in parts.get(k, {}):
+                    raise MalformedDataError(f"CelebAMaskHQ: two mask files of part {part} of image {k}: "
+                                             f"{parts[k][part]} and {os.path.join(path, file_name)}")
+                parts.setdefault(k, {})[part] = os.path.join(path, file_name)
         return parts
 
     def _load(self, index):
         k = self._numbers[index]
-        image_path = os.path.join(self.image_folder, f"{k}.jpg")
+        image_path = os.path.join(self.image_folder, self._image_files[k])
         picture = _read_picture(image_path, "CelebAMask-HQ image").convert("RGB")
         labels, first_mask, first_path = None, None, None
         for part, class_name in CELEBAMASK_PARTS:
-            if part not in self._parts[k]:
+            path = self._parts[k].get(part)
+            if path is None:
                 continue
-            path = os.path.join(self._mask_subfolder(k), f"{k:05d}_{part}.png")
             mask = _read_picture(path, "CelebAMask-HQ mask")
             if labels is None:
                 first_mask, first_path = mask, path

@@ -394,14 +394,15 @@ class TwoStageParser:
         return self.explain(images)["labels"]
 
     def parse(self, image):
-        """One uint8 (H, W, 3) RGB image of any size -> uint8 (H, W) labels in :data:`HELEN_CLASSES`.
+        """One uint8 (H, W, 3) RGB image (or (H, W) grey, or RGBA) of any size -> uint8 (H, W)
+        labels in :data:`HELEN_CLASSES`.
 
         The image is resized to the parser's size (antialiased, as for training), parsed, and the
         labels resized back (nearest).
         """
-        image = numpy.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != numpy.uint8:
-            raise ValueError(f"TwoStageParser.parse: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+        from ..parser import check_image  # here: the parser module imports the models
+
+        image = check_image(image, "TwoStageParser.parse")  # the single-face parser's rules: grey, RGBA too
         labels = self.predict(normalize(resize_image(image, self.stage1_size)[None]))[0].astype(numpy.uint8)
         return resize_labels(labels, image.shape[:2])
 
