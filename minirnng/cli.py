@@ -304,7 +304,9 @@ def command_demo(arguments):
     outputs = model.forward(backend.to_device(normalize(images)))
     coarse, predicted = (backend.to_numpy(outputs[name].argmax(axis=1)) for name in ("coarse", "logits"))
     figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"].mean(axis=1)),
-                             predicted, test_set.classes, title="RNN-G trained for a minute on synthetic faces")
+                             predicted, test_set.classes,
+                             title=f"RNN-G trained for {arguments.epochs} epoch{'s' if arguments.epochs != 1 else ''} "
+                                   f"on {arguments.train_size} synthetic faces")
     written.append(save_figure(figure, os.path.join(arguments.out, "synthetic_pipeline.png")))
 
     print(f"\n4. Results on {len(test_set)} synthetic test faces")
@@ -312,7 +314,8 @@ def command_demo(arguments):
     print(f"   {'pixel accuracy':<16} {100 * result['accuracy']:6.2f}%")
     for name in test_set.classes:
         print(f"   {'F-' + name:<16} {100 * result['f_measure'][name]:6.2f}%")
-    print(f"   {'time per image':<16} {result['ms_per_image']:6.2f} ms on the {backend.describe()}, in batches of 32")
+    print(f"   {'time per image':<16} {result['ms_per_image']:6.2f} ms on the {backend.describe()}, "
+          f"in batches of {min(32, len(test_set))}")
     print("\nwritten:")
     for path in written:
         print(f"   {path}")
@@ -335,7 +338,8 @@ def command_parse(arguments):
         from .models.stage2 import TwoStageParser
         if not arguments.checkpoint:
             print("minirnng parse --classes 11 needs --checkpoint: a two-stage parser, e.g. the "
-                  "runs/table3/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN` writes "
+                  "runs/reproduce/table3-helen-paper/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN "
+                  "--budget paper` writes "
                   "(minirnng ships only the 3-class parser)", file=sys.stderr)
             return 2
         for option, wanted in (("--mirror", arguments.mirror), ("--crf", arguments.crf)):
@@ -634,6 +638,9 @@ def main(argv=None):
         if arguments.command == "train":
             hint = (f"; every finished epoch is saved in {arguments.out}: continue with the same command "
                     "and --resume")
+        elif arguments.command == "reproduce":
+            hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
+                    "where it stopped")
         print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

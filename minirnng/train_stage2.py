@@ -21,6 +21,7 @@ differ only by stage 2.
 """
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -240,8 +241,9 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     stage1_config : a :class:`TrainConfig` (default: RNN-G, 11 classes, class balance 0.5);
     component_config : a :class:`ComponentTrainConfig`; landmarks : optional ``(train, validation)``
     key point arrays (N, 5, 2) from the dataset; without them key points are read off the labels.
-    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there.
-    Returns the :class:`TwoStageParser`.
+    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there,
+    and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
+    again. Returns the :class:`TwoStageParser`.
     """
     if tuple(train_set.classes) != HELEN_CLASSES:
         raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes {train_set.classes}")
@@ -249,14 +251,26 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     stage1_config = stage1_config or TrainConfig(model="rnng", n_classes=11, class_balance=0.5)
     component_config = (component_config or ComponentTrainConfig()).check()
     input_size = tuple(train_set.images.shape[1:3])
+    path = os.path.join(out_dir, "two_stage.npz")
+    # as the checkpoint's JSON header holds them (tuples become lists)
+    recipe = json.loads(json.dumps({"stage1": dataclasses.asdict(stage1_config),
+                                    "components": dataclasses.asdict(component_config)}))
+    if os.path.exists(path):
+        finished = TwoStageParser.load(path)
+        training = finished.checkpoint_header.get("training") or {}
+        if {key: training.get(key) for key in recipe} != recipe:
+            raise ValueError(f"{path} holds a two-stage parser trained with another configuration; "
+                             "give another output folder to train this one")
+        log(f"reusing the two-stage parser in {path} (trained with this configuration)")
+        return finished
 
-    started = time.perf_counter()
     folder = os.path.join(out_dir, "stage1")
     log(f"stage 1: {stage1_config.model}, {stage1_config.n_classes} classes, {stage1_config.epochs} epochs -> {folder}")
     trainer = Trainer(stage1_config, train_set, validation_set, folder, progress=progress, log=log)
     trainer.run(resume=os.path.exists(trainer.last_path))
     stage1 = load_model(trainer.best_path)
-    stage1_seconds = time.perf_counter() - started
+    # the epochs' own times: right also when stage 1 was resumed, or had finished before this call
+    stage1_seconds = sum(row["seconds"] for row in trainer.history)
 
     started = time.perf_counter()
     train_landmarks, validation_landmarks = landmarks if landmarks is not None else (None, None)
@@ -271,14 +285,19 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     write_log(history, os.path.join(out_dir, "components_log.csv"))
     parser = TwoStageParser(stage1, networks["eyes"], networks["nose"], networks["mouth"], geometry=geometry,
                             shape=shape, stage1_size=input_size)
-    path = os.path.join(out_dir, "two_stage.npz")
-    parser.save(path, training={"stage1": dataclasses.asdict(stage1_config),
-                                "components": dataclasses.asdict(component_config),
+    parser.save(path, training={**recipe,
                                 "stage1_seconds": stage1_seconds,
                                 "component_seconds": time.perf_counter() - started,
                                 "component_history": history})
     log(f"saved the two-stage parser to {path}")
-    return parser
+    return TwoStageParser.load(path)  # as a later call reuses it, with its header (the training record)
+
+
+def cpu_seconds():
+    """CPU seconds used so far by this process and by its finished child processes (the training
+    workers, which do most of the work and are stopped when each training run ends)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -335,14 +354,15 @@ def _helen_splits(root, input_size, log):
     return splits
 
 
-def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="runs/table3", progress=True,
+def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="runs/reproduce", progress=True,
                      log=print, input_size=128):
     """Train stage 1 and stage 2 at ``budget`` and score "1-stage" against "2-stage" as Table 3.
 
     data : ``"synthetic"`` or the folder of HELEN (the ``Helen`` loader's layout); budget :
     ``"small"`` (minutes on a laptop CPU) or ``"paper"``; json_path : where to write the results
-    (atomically); out_dir : checkpoints and logs (``stage1/``, ``components_log.csv``,
-    ``two_stage.npz``); a finished or interrupted stage 1 there is resumed, not retrained.
+    (atomically); out_dir : checkpoints and logs go to ``out_dir/table3-<synthetic|helen>-<budget>/``
+    (``stage1/``, ``components_log.csv``, ``two_stage.npz``); running the same command again
+    resumes an interrupted run there, or reuses a finished one.
     Returns ``{"1-stage": {column: F %}, "2-stage": {...}, "_meta": {...}}``; the columns are
     :data:`TABLE3_COLUMNS`.
     """
@@ -351,7 +371,9 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
     if data != "synthetic" and not os.path.isdir(data):
         raise MissingDataError(f"reproduce_table3: data must be 'synthetic' or the HELEN folder; {data!r} is not a folder")
     setting = BUDGETS[budget]
-    started, cpu_started = time.perf_counter(), time.process_time()
+    # one folder per dataset and budget, as for tables 1 and 2: another budget never meets this one's runs
+    out_dir = os.path.join(out_dir, f"table3-{'synthetic' if data == 'synthetic' else 'helen'}-{budget}")
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     if data == "synthetic":
         splits, landmarks = _synthetic_splits(setting["synthetic"], input_size)
         landmarks = (landmarks["train"], landmarks["validation"])
@@ -365,7 +387,9 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
     component_config = ComponentTrainConfig(epochs=setting["component_epochs"])
     parser = train_two_stage(splits["train"], splits["validation"], out_dir, stage1_config, component_config,
                              landmarks=landmarks, progress=progress, log=log)
-    training_minutes = (time.perf_counter() - started) / 60
+    # from the checkpoint: the training's own time, also when this call reused a finished run
+    recorded = parser.checkpoint_header["training"]
+    training_minutes = (recorded["stage1_seconds"] + recorded["component_seconds"]) / 60
 
     results = {}
     for row, predict in (("1-stage", parser.stage1.predict), ("2-stage", parser.predict)):
@@ -380,7 +404,7 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
         "images": {split: len(dataset) for split, dataset in splits.items()},
         "stage1_epochs": setting["stage1_epochs"], "component_epochs": setting["component_epochs"],
         "training_minutes": training_minutes, "minutes": (time.perf_counter() - started) / 60,
-        "cpu_minutes": (time.process_time() - cpu_started) / 60,
+        "cpu_minutes": (cpu_seconds() - cpu_started) / 60,
         "two_stage_beats_one_stage": improved, "checkpoint": os.path.join(out_dir, "two_stage.npz"),
         "backend": backend.current(), "paper": PAPER_TABLE3,
     }

@@ -167,9 +167,25 @@ def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
     coarse : integer (N, h, w), the coarse head's arg-max; gates : float (N, h, w) in [0, 1], the
     gate map averaged over channels (dark = propagation stopped). Returns a Figure.
     """
+    images = numpy.asarray(images)
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != numpy.uint8 or not len(images):
+        raise ValueError(f"pipeline_figure: images must be uint8 (N, H, W, 3) with N >= 1, got "
+                         f"{images.dtype} {images.shape}")
     columns = [("input", None), ("ground truth", truth), ("coarse map", coarse), ("gate map", gates),
                ("result", result)]
     columns = [(name, value) for name, value in columns if name == "input" or value is not None]
+    for name, value in columns[1:]:
+        if numpy.ndim(value) != 3 or len(value) != len(images):
+            raise ValueError(f"pipeline_figure: the {name} must be ({len(images)}, H, W), one map per image, "
+                             f"got shape {numpy.shape(value)}")
+    if gates is not None:
+        gates = numpy.asarray(gates)
+        # a NaN would draw as white, which reads as an open gate; a gate is a sigmoid in [0, 1]
+        if not numpy.isfinite(gates).all():
+            raise ValueError("pipeline_figure: the gate map holds NaN or infinite values")
+        if gates.min() < 0 or gates.max() > 1:
+            raise ValueError(f"pipeline_figure: the gate map must hold values in [0, 1], got "
+                             f"{gates.min():.3g} .. {gates.max():.3g}")
     rows = len(images)
     figure = Figure(figsize=(2.0 * len(columns), 2.0 * rows + 0.7), layout="constrained")
     axes = figure.subplots(rows, len(columns), squeeze=False)
@@ -208,6 +224,11 @@ def parse_figure(image, labels, classes, title=None):
 
 def training_curves_figure(history):
     """Training losses (log scale) and validation scores against the epoch, from a Trainer's history."""
+    history = list(history)
+    if not history or any(key not in history[0] for key in ("epoch", "val_accuracy")):
+        raise ValueError("training_curves_figure: needs a stage-1 Trainer's history, one row per epoch with "
+                         f"'epoch' and 'val_accuracy'; got {len(history)} rows"
+                         + (f" with the keys {sorted(history[0])}" if history else ""))
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     left, right = figure.subplots(1, 2)
@@ -233,6 +254,9 @@ def training_curves_figure(history):
 def confusion_figure(confusion, classes, title=None):
     """A confusion matrix (rows: truth, columns: prediction) normalised per row, with the counts' shares."""
     confusion = numpy.asarray(confusion, dtype=numpy.float64)
+    if confusion.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion_figure: a matrix of {len(classes)} classes is {len(classes)}x{len(classes)}, "
+                         f"got shape {confusion.shape}")
     shares = confusion / numpy.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = 1.0 + 0.55 * len(classes)
     figure = Figure(figsize=(size + 1.5, size), layout="constrained")

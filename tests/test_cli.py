@@ -163,6 +163,8 @@ def test_an_interrupted_training_run_says_how_to_resume(tmp_path, capsys, monkey
     assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
                      "--out", str(out), "--quiet"]) == 130
     assert f"interrupted; every finished epoch is saved in {out}" in capsys.readouterr().err
+    assert cli.main(["reproduce", "table1", "--budget", "small", "--out", str(tmp_path / "tables"), "--quiet"]) == 130
+    assert "the same command again continues where it stopped" in capsys.readouterr().err
 
 
 def test_train_refuses_a_number_of_workers_below_one(tmp_path, capsys):

@@ -163,7 +163,7 @@ def test_stage2_trains_on_the_gpu_and_its_parser_matches_the_host(tmp_path, monk
         results = train_stage2.reproduce_table3("synthetic", "tiny", out_dir=str(tmp_path / "run"),
                                                 progress=False, log=quiet)
     assert results["_meta"]["backend"] == "cupy"
-    checkpoint = tmp_path / "run" / "two_stage.npz"
+    checkpoint = results["_meta"]["checkpoint"]
     image, _ = SyntheticFaces(1, size=128, n_classes=11, seed=3)[0]
     with backend.use("numpy"):
         expected = TwoStageParser.load(checkpoint).parse(image)

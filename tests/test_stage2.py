@@ -418,7 +418,16 @@ def test_reproduce_table3_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
         assert set(written[row]) == set(train_stage2.TABLE3_COLUMNS)
         assert all(value is None or 0 <= value <= 100 for value in written[row].values())
     assert written["_meta"]["budget"] == "tiny" and results["_meta"]["images"]["test"] == 8
-    assert isinstance(TwoStageParser.load(tmp_path / "run" / "two_stage.npz"), TwoStageParser)
+    checkpoint = tmp_path / "run" / "table3-synthetic-tiny" / "two_stage.npz"
+    assert written["_meta"]["checkpoint"] == str(checkpoint) and isinstance(TwoStageParser.load(checkpoint),
+                                                                            TwoStageParser)
+    # the same command again reuses the finished run: nothing retrained, the same training time
+    lines = []
+    again = train_stage2.reproduce_table3("synthetic", "tiny", out_dir=str(tmp_path / "run"), progress=False,
+                                          log=lines.append)
+    assert any(line.startswith("reusing the two-stage parser") for line in lines)
+    assert again["_meta"]["training_minutes"] == results["_meta"]["training_minutes"]
+    assert again["2-stage"] == results["2-stage"]
 
 
 # -- the inference-only fast paths give exactly the training paths' numbers ------------------------

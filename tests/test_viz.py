@@ -36,3 +36,26 @@ def test_save_sample_grid_writes_a_png_and_keeps_existing_files(tmp_path):
         save_sample_grid(SyntheticFaces(3, size=64), path, n=2)
     save_sample_grid(SyntheticFaces(3, size=64, n_classes=3), path, n=2, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left behind
+
+
+def test_figures_name_input_they_would_draw_wrongly():
+    from minirnng.viz import confusion_figure, pipeline_figure, training_curves_figure
+
+    images = numpy.zeros((2, 8, 8, 3), numpy.uint8)
+    maps = numpy.zeros((2, 8, 8), numpy.int64)
+    gates = numpy.full((2, 4, 4), 0.5)
+    pipeline_figure(images, maps, maps[:, :4, :4], gates, maps, LFW_CLASSES)  # draws
+    with pytest.raises(ValueError, match=r"images must be uint8 \(N, H, W, 3\)"):
+        pipeline_figure(images.astype(numpy.float64), maps, None, None, maps, LFW_CLASSES)
+    with pytest.raises(ValueError, match=r"the result must be \(2, H, W\), one map per image"):
+        pipeline_figure(images, maps, None, None, maps[:1], LFW_CLASSES)
+    with pytest.raises(ValueError, match="gate map holds NaN"):
+        pipeline_figure(images, None, None, numpy.full((2, 4, 4), numpy.nan), maps, LFW_CLASSES)
+    with pytest.raises(ValueError, match=r"gate map must hold values in \[0, 1\], got 0.5 .. 2"):
+        pipeline_figure(images, None, None, numpy.where(gates > 0, gates, 0) + numpy.eye(4) * 1.5, maps,
+                        LFW_CLASSES)
+    with pytest.raises(ValueError, match=r"a matrix of 3 classes is 3x3, got shape \(11, 11\)"):
+        confusion_figure(numpy.ones((11, 11)), LFW_CLASSES)
+    for history in ([], [{"epoch": 1, "eyes": 0.3}]):
+        with pytest.raises(ValueError, match="needs a stage-1 Trainer's history"):
+            training_curves_figure(history)
