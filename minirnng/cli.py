@@ -234,9 +234,9 @@ def check_output_file(path):
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
         folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
+    if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"output {path!r} cannot be written: {folder!r} is a file, not a folder")
 
 
@@ -640,7 +640,7 @@ def main(argv=None):
                     "and --resume")
         elif arguments.command == "reproduce":
             hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
-                    "where it stopped")
+                    "where it stopped (table 3's component networks start again)")
         print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

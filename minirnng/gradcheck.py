@@ -20,6 +20,7 @@ entries drawn at random per array.
 """
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy
@@ -143,7 +144,7 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     max_entries : check at most this many entries of each array (sparse mode); None checks all.
     zero_grad : called before ``backward`` so that accumulated gradients start from zero.
     """
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"gradcheck: eps must be a positive step, got {eps!r}")
     if max_entries is not None and not (isinstance(max_entries, (int, numpy.integer)) and max_entries >= 1):
         raise ValueError(f"gradcheck: max_entries must be None (every entry) or at least 1, got {max_entries!r}")

@@ -90,7 +90,7 @@ def _check_class_scores(owner, logits, target, mask, ignore_index):
     _check_same_device(target, logits, owner, "target")
     _check_same_device(mask, logits, owner, "mask")
     mask = _check_mask(mask, owner, (n, height, width))
-    if isinstance(target, numpy.ndarray) and (target.size == 0 or (target.min() >= 0 and target.max() < k)):
+    if isinstance(target, numpy.ndarray) and target.min() >= 0 and target.max() < k:
         return mask  # two reductions tell that every label is a class, a third of the sweeps below
     valid = (target >= 0) & (target < k)
     if ignore_index is not None:

@@ -81,23 +81,27 @@ def shard_slices(batch_size, shards):
     return slices
 
 
-def shard_pass(replica, method, inputs, options, params=None):
+def shard_pass(replica, method, inputs, options, params=None, errors=None):
     """One shard's share of a pass on a replica: what a worker thread or process runs.
 
     params : the model's parameters (a dict), copied into the replica first, or None to keep the
         ones it has (a backward pass uses those of its forward).
     method : ``"forward"``, ``"infer"`` or ``"predict"`` with ``inputs = {"images": ...}``, or
         ``"backward"`` with ``inputs = {"grads": {...}}``, ``options = {"input_gradient": ...}``.
+    errors : the caller's ``numpy.geterr()``, applied here: NumPy's error state belongs to each
+        thread, so a worker would otherwise warn where the caller asked for quiet (a diverging
+        run's overflow, which the trainer reports once), or the reverse.
     Returns ``(result, grads)``: what the model's method returns, and for backward the replica's
     parameter gradients of this shard alone (its gradients are zeroed first), else None.
     """
-    if params is not None:
-        for name, value in replica.params().items():
-            value[...] = params[name]
-    if method == "backward":
-        replica.zero_grad()
-        return replica.backward(inputs["grads"], **options), replica.grads()
-    return getattr(replica, method)(inputs["images"]), None
+    with numpy.errstate(**(errors or {})):
+        if params is not None:
+            for name, value in replica.params().items():
+                value[...] = params[name]
+        if method == "backward":
+            replica.zero_grad()
+            return replica.backward(inputs["grads"], **options), replica.grads()
+        return getattr(replica, method)(inputs["images"]), None
 
 
 class DataParallel:
@@ -231,7 +235,9 @@ class DataParallel:
         parameters into the replicas. An exception in any shard is raised here, after all have
         finished (no worker is left running on a replica)."""
         params = None if method == "backward" else self.model.params()
-        pending = [self._submit(index, method, inputs[index], options, params) for index in range(1, len(shards))]
+        errors = numpy.geterr()
+        pending = [self._submit(index, method, inputs[index], options, params, errors)
+                   for index in range(1, len(shards))]
         try:
             if method == "backward":
                 first = (self.model.backward(inputs[0]["grads"], **options), None)
@@ -243,12 +249,12 @@ class DataParallel:
             raise error
         return [first] + results
 
-    def _submit(self, index, method, inputs, options, params):
+    def _submit(self, index, method, inputs, options, params, errors):
         """Start shard ``index`` in a worker thread; a ticket for :meth:`_collect`."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(len(self.replicas) - 1,
                                                                thread_name_prefix="minirnng-shard")
-        return self._pool.submit(shard_pass, self.replicas[index], method, inputs, options, params)
+        return self._pool.submit(shard_pass, self.replicas[index], method, inputs, options, params, errors)
 
     def _collect(self, ticket):
         """The ``(result, grads)`` of a submitted shard, or the exception it raised (returned,

@@ -126,7 +126,7 @@ def serve(connection, model):
             command = connection.recv()
             if command is None:
                 break
-            method, message, options = command
+            method, message, options, errors = command
             try:
                 arrays = inbox.read(message)
                 params = {name[len("param:"):]: value for name, value in arrays.items() if name.startswith("param:")}
@@ -136,7 +136,7 @@ def serve(connection, model):
                 else:
                     # the forward keeps its input for the backward: a copy, since the block is reused
                     inputs = {"images": arrays["images"].copy()}
-                result, grads = shard_pass(replica, method, inputs, options, params or None)
+                result, grads = shard_pass(replica, method, inputs, options, params or None, errors)
                 del arrays, inputs
                 connection.send(("ok", outbox.write(flatten_result(result, grads))))
             except Exception as error:  # noqa: BLE001 - every failure goes back to the caller
@@ -220,14 +220,14 @@ class WorkerProcess:
                     os.environ[name] = value
         child.close()
 
-    def submit(self, method, inputs, options, params):
+    def submit(self, method, inputs, options, params, errors=None):
         arrays = {f"param:{name}": value for name, value in (params or {}).items()}
         if method == "backward":
             arrays.update((f"grad:{name}", value) for name, value in inputs["grads"].items())
         else:
             arrays["images"] = inputs["images"]
         try:
-            self.connection.send((method, self.outbox.write(arrays), options))
+            self.connection.send((method, self.outbox.write(arrays), options, errors))
             self.sent = True
         except OSError:  # a broken pipe: the worker has gone; collect() says so
             self.sent = False
@@ -284,9 +284,9 @@ class ProcessParallel(DataParallel):
         self._finalizer = weakref.finalize(self, close_workers, list(workers))
         return workers
 
-    def _submit(self, index, method, inputs, options, params):
+    def _submit(self, index, method, inputs, options, params, errors):
         worker = self.replicas[index]
-        worker.submit(method, inputs, options, params)
+        worker.submit(method, inputs, options, params, errors)
         return worker
 
     def _collect(self, worker):

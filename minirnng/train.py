@@ -86,6 +86,7 @@ class TrainConfig:
         # checkpoints written before the augmentation had a name stored True or False
         if isinstance(self.augment, bool):
             self.augment = "paper" if self.augment else "none"
+        self.loss_weights = tuple(self.loss_weights)  # a list, as a checkpoint's JSON record holds it
 
     def check(self):
         if self.model not in ARCHITECTURES:
@@ -179,12 +180,20 @@ def evaluate(model, dataset, batch_size=32, predict=None):
         elapsed += time.perf_counter() - start
         accumulator.add(predicted, labels)
     summary = accumulator.summary()
-    summary["ms_per_image"] = 1000 * elapsed / max(len(dataset), 1)
+    summary["ms_per_image"] = 1000 * elapsed / len(dataset)
     summary["confusion"] = accumulator.matrix.tolist()
     return summary
 
 
 # -- the loop -------------------------------------------------------------------------------------
+
+def config_differences(saved, current, ignore=()):
+    """``{field: (saved, current)}`` of two configurations of one dataclass (a run's saved one,
+    rebuilt from its checkpoint so that fields added since take their defaults, and the one asked
+    for now), leaving out the fields in ``ignore``."""
+    return {name: (value, getattr(current, name)) for name, value in dataclasses.asdict(saved).items()
+            if name not in ignore and getattr(current, name) != value}
+
 
 def data_description(train_set, validation_set):
     """What a resumed run must find again: the input size, the classes, and the number and names
@@ -311,13 +320,10 @@ class Trainer:
         training = header.get("training")
         if training is None:
             raise ValueError(f"{self.last_path} is not a training checkpoint (no training state)")
-        saved = TrainConfig(**{**training["config"], "loss_weights": tuple(training["config"]["loss_weights"])})
-        if dataclasses.asdict(saved) != dataclasses.asdict(self.config):
-            changed = {k: (v, getattr(self.config, k)) for k, v in dataclasses.asdict(saved).items()
-                       if getattr(self.config, k) != v and k != "epochs"}
-            if changed:
-                raise ValueError(f"cannot resume {self.last_path}: the configuration differs "
-                                 f"(saved, now): {changed}; only --epochs may change")
+        changed = config_differences(TrainConfig(**training["config"]), self.config, ignore=("epochs",))
+        if changed:
+            raise ValueError(f"cannot resume {self.last_path}: the configuration differs "
+                             f"(saved, now): {changed}; only --epochs may change")
         # runs saved before the description of their data was stored: their input size at least
         saved_data = training.get("data") or {"input_size": list(header.get("input_size", self.data["input_size"]))}
         changed = {k: (v, self.data[k]) for k, v in saved_data.items() if self.data.get(k) != v}

@@ -21,7 +21,6 @@ differ only by stage 2.
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -43,7 +42,8 @@ from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStage
 from .objective import class_balance_weights
 from .optim import SCHEDULES, Adam, learning_rate
 from .parallel import DataParallel, default_workers
-from .train import TrainConfig, Trainer, evaluate, progress_bar, write_log
+from .train import (TrainConfig, Trainer, config_differences, data_description, evaluate, progress_bar,
+                    write_log)
 
 #: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
 PAPER_TABLE3 = {
@@ -252,16 +252,19 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     component_config = (component_config or ComponentTrainConfig()).check()
     input_size = tuple(train_set.images.shape[1:3])
     path = os.path.join(out_dir, "two_stage.npz")
-    # as the checkpoint's JSON header holds them (tuples become lists)
-    recipe = json.loads(json.dumps({"stage1": dataclasses.asdict(stage1_config),
-                                    "components": dataclasses.asdict(component_config)}))
+    data = data_description(train_set, validation_set)
     if os.path.exists(path):
         finished = TwoStageParser.load(path)
         training = finished.checkpoint_header.get("training") or {}
-        if {key: training.get(key) for key in recipe} != recipe:
-            raise ValueError(f"{path} holds a two-stage parser trained with another configuration; "
+        changed = {**config_differences(TrainConfig(**training.get("stage1", {})), stage1_config),
+                   **config_differences(ComponentTrainConfig(**training.get("components", {})), component_config)}
+        # parsers saved before the data was recorded: their input size at least
+        saved_data = training.get("data") or {"input_size": list(finished.stage1_size)}
+        changed.update({k: (v, data[k]) for k, v in saved_data.items() if data.get(k) != v})
+        if changed:
+            raise ValueError(f"{path} holds a two-stage parser trained otherwise (saved, now): {changed}; "
                              "give another output folder to train this one")
-        log(f"reusing the two-stage parser in {path} (trained with this configuration)")
+        log(f"reusing the two-stage parser in {path} (trained with this configuration and data)")
         return finished
 
     folder = os.path.join(out_dir, "stage1")
@@ -285,7 +288,8 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     write_log(history, os.path.join(out_dir, "components_log.csv"))
     parser = TwoStageParser(stage1, networks["eyes"], networks["nose"], networks["mouth"], geometry=geometry,
                             shape=shape, stage1_size=input_size)
-    parser.save(path, training={**recipe,
+    parser.save(path, training={"stage1": dataclasses.asdict(stage1_config),
+                                "components": dataclasses.asdict(component_config), "data": data,
                                 "stage1_seconds": stage1_seconds,
                                 "component_seconds": time.perf_counter() - started,
                                 "component_history": history})

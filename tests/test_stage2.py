@@ -428,6 +428,11 @@ def test_reproduce_table3_end_to_end_on_a_tiny_budget(tmp_path, monkeypatch):
     assert any(line.startswith("reusing the two-stage parser") for line in lines)
     assert again["_meta"]["training_minutes"] == results["_meta"]["training_minutes"]
     assert again["2-stage"] == results["2-stage"]
+    # ... but never a run on other data: here another input size in the same folder
+    with pytest.raises(ValueError, match=r"trained otherwise \(saved, now\): \{'input_size': \(\[128, 128\], "
+                                         r"\[64, 64\]\)"):
+        train_stage2.reproduce_table3("synthetic", "tiny", out_dir=str(tmp_path / "run"), progress=False,
+                                      log=lambda *_: None, input_size=64)
 
 
 # -- the inference-only fast paths give exactly the training paths' numbers ------------------------
@@ -465,3 +470,14 @@ def test_two_stage_parse_follows_the_single_face_parsers_rules_for_images(parser
     assert parser.parse(rng.integers(0, 256, (20, 12), dtype=numpy.uint8)).shape == (20, 12)  # grey
     with pytest.raises(ValueError, match=r"TwoStageParser.parse: image is empty, 0x5 pixels"):
         parser.parse(numpy.zeros((0, 5, 3), numpy.uint8))
+
+
+def test_two_stage_load_params_checks_every_network_before_changing_any(parser):
+    before = {name: value.copy() for name, value in parser.params().items()}
+    arrays = {name: numpy.zeros_like(value) for name, value in before.items()}
+    last = sorted(name for name in arrays if name.startswith("mouth."))[-1]
+    arrays[last] = arrays[last].astype(numpy.complex64)
+    with pytest.raises(TypeError, match=rf"\(mouth\): {last[len('mouth.'):]} has dtype complex64"):
+        parser.load_params(arrays)
+    for name, value in parser.params().items():
+        numpy.testing.assert_array_equal(value, before[name], err_msg=name)

@@ -85,14 +85,14 @@ def _require_file(path, dataset, layout):
 
 def _read_picture(path, what):
     """Decode the picture file ``path`` completely with Pillow, or raise an error naming it."""
+    if os.path.isdir(path):  # opening a folder is IsADirectoryError here, PermissionError on Windows
+        raise MalformedDataError(f"{what} {path} is a folder, not an image file")
     try:
         with Image.open(path) as picture:
             picture.load()  # decode now, so that a truncated file fails here, with its name
             return picture
     except FileNotFoundError:
         raise MissingDataError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise MalformedDataError(f"{what} {path} is a folder, not an image file") from None
     except Image.UnidentifiedImageError:
         raise MalformedDataError(f"{what} {path} is not an image Pillow can identify "
                                  "(an empty or truncated file, or not an image at all)") from None
@@ -497,7 +497,7 @@ class CelebAMaskHQ(Dataset):
     def _load(self, index):
         k = self._numbers[index]
         image_path = os.path.join(self.image_folder, self._image_files[k])
-        picture = _read_picture(image_path, "CelebAMask-HQ image").convert("RGB")
+        picture = Image.fromarray(read_rgb(image_path, "CelebAMask-HQ image"))
         labels, first_mask, first_path = None, None, None
         for part, class_name in CELEBAMASK_PARTS:
             path = self._parts[k].get(part)

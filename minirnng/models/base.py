@@ -185,7 +185,15 @@ class Model:
         return load_model(path, dtype=dtype, expect=cls.architecture)
 
     def load_params(self, arrays, source="parameters"):
-        """Copy named arrays into the live parameters, checking names and shapes first (all or nothing)."""
+        """Copy named arrays into the live parameters, every one checked first (all or nothing)."""
+        own = self.params()
+        for name, value in self.checked_params(arrays, source).items():
+            own[name][...] = value
+
+    def checked_params(self, arrays, source="parameters"):
+        """``arrays`` checked against the parameters (names, real-number dtypes, shapes) and cast to
+        their dtype and device, ready to copy; a clear error naming ``source`` otherwise. Nothing is
+        copied here, so that a loader can check several models before it changes any."""
         own = self.params()
         missing = sorted(set(own) - set(arrays))
         unexpected = sorted(set(arrays) - set(own))
@@ -203,8 +211,7 @@ class Model:
                 raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
                                  f"{type(self).__name__} expects {tuple(own[name].shape)}")
             converted[name] = xp.asarray(value, dtype=own[name].dtype)
-        for name, value in converted.items():  # only once every array has passed
-            own[name][...] = value
+        return converted
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"

@@ -134,7 +134,8 @@ def read_checkpoint(path):
     extra = {name[len(EXTRA_PREFIX):]: value for name, value in arrays.items() if name.startswith(EXTRA_PREFIX)}
     params = {name: value for name, value in arrays.items() if not name.startswith(EXTRA_PREFIX)}
     for name, value in params.items():
-        # load_params would cast integers and drop imaginary parts without a word
+        # stricter than load_params, which takes any real numbers from memory: every writer of a
+        # checkpoint stores floats, so integers in a file mean it was made by something else
         if value.dtype.kind != "f":
             raise CheckpointError(f"checkpoint {path!r}: parameter {name} has dtype {value.dtype}, "
                                   "not real floating point")

@@ -162,6 +162,7 @@ class RNNG(Model):
         """images (N, 3, H, W), H and W multiples of 4 -> {"logits", "coarse", "edge"} (see module doc)."""
         L = self.layers
         a = self.check_images(images)
+        self.forward_cached = False  # until this pass has filled every cache (it may fail midway)
         for name in self.trunk:
             a = L[name].forward(a)
         xp = backend.get_array_module(a)

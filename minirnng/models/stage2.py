@@ -152,6 +152,7 @@ class ComponentNet(Model):
     def forward(self, images):
         """crops (N, 3, h, w), h and w multiples of 4 -> {"logits": (N, K, h, w)}."""
         a = self.check_images(images)
+        self.forward_cached = False  # until this pass has filled every cache (it may fail midway)
         for name in self.order:
             a = self.layers[name].forward(a)
         self.forward_cached = True
@@ -262,7 +263,8 @@ class TwoStageParser:
         return {prefix: network.parameter_count() for prefix, network in self.networks.items()}
 
     def load_params(self, arrays, source="parameters"):
-        """Copy prefixed arrays into the four networks (names and shapes checked first, all or nothing)."""
+        """Copy prefixed arrays into the four networks, every array of every network checked first
+        (all or nothing)."""
         unknown = sorted({name.split(".", 1)[0] for name in arrays} - set(self.networks))
         if unknown:
             raise ValueError(f"{source}: parameters of unknown networks {unknown}; a two-stage parser "
@@ -276,12 +278,10 @@ class TwoStageParser:
         if unexpected:
             raise ValueError(f"{source}: unexpected parameters {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
                              "the four networks have no such arrays")
-        for name, value in arrays.items():
-            if tuple(value.shape) != tuple(own[name].shape):
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the parser expects "
-                                 f"{tuple(own[name].shape)}")
+        checked = {prefix: network.checked_params(split[prefix], source=f"{source} ({prefix})")
+                    for prefix, network in self.networks.items()}
         for prefix, network in self.networks.items():
-            network.load_params(split[prefix], source=f"{source} ({prefix})")
+            network.load_params(checked[prefix], source=f"{source} ({prefix})")
 
     def config(self):
         """What rebuilds the parser (stored in the checkpoint header)."""
