@@ -19,7 +19,7 @@
 # This is the layer the paper is about. A gate $g$, computed by the CNN for every pixel and
 # channel, decides how much of the previous pixel's state flows into the next one: near 1 inside
 # a region, near 0 on its boundary. This notebook derives the backward pass from scratch, shows
-# that the printed eq. 4 has three slips and proves the corrected form with finite differences,
+# that the printed eq. 4 has four slips and proves the corrected form with finite differences,
 # explains the stability rule of section 3.2, and finally watches labels spread inside regions and
 # stop at edges.
 #
@@ -99,8 +99,8 @@ rng = np.random.default_rng(0)
 # $$
 #
 # Against the derivation: (1) the gate must be $g_{i+1}$, the gate that scaled the connection
-# $i \to i+1$ on the way forward, and it must act *before* the channel mixing; (2) the matrix must
-# be $W^\top$; (3) $\varepsilon_i$ needs $h_{i-1}$, the state flowing *into* $i$. Each slip is
+# $i \to i+1$ on the way forward, and (2) it must act *before* the channel mixing; (3) the matrix
+# must be $W^\top$; (4) $\varepsilon_i$ needs $h_{i-1}$, the state flowing *into* $i$. Each slip is
 # invisible in a special case ($C = 1$, a symmetric $W$, a constant gate), so the proof uses three
 # channels, a random non-symmetric $W$ and gates drawn independently at every pixel.
 # `minirnng.labs.gated_backward_variant` computes the backward pass with each choice switchable;
@@ -139,8 +139,11 @@ for name, options in choices:
     print(f"{name:20s} {relative_error(dx, numeric_dx):15.1e} {relative_error(dg, numeric_dg):15.1e}")
 
 # %% [markdown]
-# Only the fully corrected form agrees with the finite differences (about $10^{-10}$, against
-# $10^{-2}$ to $10^{-1}$ for every variant with a slip). The corrected eq. 4:
+# Only the fully corrected form agrees with the finite differences in both columns (about
+# $10^{-10}$). A slip in the recursion for $\delta$ (the gate's index or place, $W$ for $W^\top$)
+# spoils both gradients, by about $10^{-1}$; the state in $\varepsilon$ enters $\partial L/\partial g$
+# only, so "all but $h_{j-1}$" gets $\partial L/\partial x$ right and $\partial L/\partial g$
+# wrong by about $0.5$. The corrected eq. 4:
 #
 # $$
 # \delta_i = \xi_i + \omega_h^{\top}\left(g_{i+1} \odot \delta_{i+1}\right), \qquad

@@ -241,8 +241,11 @@ plt.show()
 
 # %% [markdown]
 # What to look for. After one epoch the result is noise and the coarse map is all background; by
-# the last epoch both have found the face, the coarse map ragged, the result (which reads the
-# propagated features) in one piece. The gate starts almost uniform (the initial `gate_bias` is 0,
+# the last epoch both have found the face, the coarse map ragged. The result may still show a
+# regular pattern of period 2 (dots of one class inside another): the stride-2 transposed
+# convolutions of notebook 03 avoid the checkerboard of uneven overlap, but their learned kernels
+# still make period-2 artefacts early in training, and hair is barely learned after so few epochs.
+# The gate starts almost uniform (the initial `gate_bias` is 0,
 # so $G \approx \sigma(0) = 0.5$ everywhere) and the edge loss is the slowest of the three to fall
 # (see the printed losses): after ten short epochs the gate and the edge head have only begun to
 # separate the face from the background, far from the thin outlines of the target. Training for
@@ -313,9 +316,9 @@ print(f"accuracy {100 * plain['accuracy']:.1f}% -> {100 * mirrored['accuracy']:.
       f"{plain['ms_per_image']:.2f} -> {mirrored['ms_per_image']:.2f} ms per image")
 
 # %% [markdown]
-# On the shipped parser and the LFW-PL validation split the mean gains 0.4 points of accuracy and
-# 1.3 of F-hair (docs/training.md); on this small synthetic run the change may go either way by a
-# few tenths. `minirnng eval --mirror` and `minirnng parse --mirror` use it.
+# On the shipped parser and the LFW-PL validation split the mean gains 0.2 points of accuracy and
+# 0.6 of F-hair (95.05% to 95.26%, docs/training.md); on this small synthetic run the change may go
+# either way, by up to about a point. `minirnng eval --mirror` and `minirnng parse --mirror` use it.
 #
 # ## 6. Reading a results table: what its F-measures allow
 #
@@ -372,7 +375,8 @@ print("F-skin and F-bg swapped:", accuracy_range([0.9755, 0.9437, 0.8343], lfw_p
 # - In miniature, the recurrent models lead the convolutional baselines, as in Table 1.
 # - Averaging the scores of an image and of its mirror image makes the parser mirror-equivariant,
 #   for a second forward pass.
-# - A table's F-measures and the data's class shares pin its accuracy to a narrow interval; the
+# - A table's F-measures and the data's class shares pin its accuracy to an interval, narrow when
+#   the F-measures are high (as in the paper's table; wide for this small run's); the
 #   paper's RNN-G column fails that check as printed and passes it with F-skin and F-bg swapped.
 #
 # ## Exercises

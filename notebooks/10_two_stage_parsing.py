@@ -220,10 +220,15 @@ plt.show()
 # ## Exercises
 #
 # 1. Train an 11-class `RNNG` as stage 1 (`minirnng.train.Trainer` with `TrainConfig(n_classes=11,
-#    class_balance=0.5)`) on the same faces and run `parser.explain(images)`. Where do the key
-#    points read off its prediction go wrong, and how much does stage 2 suffer?
-# 2. Replace the confidence rule of the composition by "the last crop pasted wins" (change the order
-#    of `minirnng.models.crops.CROPS`). Which pixels change?
+#    class_balance=0.5)`) on the same faces, build a new `TwoStageParser` around it (the `parser`
+#    above holds an untrained stage 1) with the trained component networks, and run
+#    `explain(images)`. Where do the key points read off its prediction go wrong, and how much does
+#    stage 2 suffer?
+# 2. Replace the confidence rule of the composition by "the last crop pasted wins": copy
+#    `TwoStageParser.compose` into a function of your own, drop the comparison with `flat_best`, and
+#    compare its labels with the parser's. Which pixels change? (Do not reorder
+#    `minirnng.models.crops.CROPS` instead: that only changes how exact ties break, and
+#    `run_crops` expects the crops of one network next to each other in it.)
 # 3. Set `ComponentTrainConfig(jitter=0)` and evaluate the networks on crops cut at slightly wrong
 #    key points (add noise to `validation_points`). What does the jitter buy?
 # 4. Why is the right eye's crop mirrored rather than given a network of its own? Count the
