@@ -4,6 +4,11 @@ Everything minirnng writes (checkpoints, logs, figures, label maps, JSON results
 :func:`replacing`: the content is written to a temporary file in the target's folder, flushed to
 disk, given the usual permissions, and renamed over the target in one step. A crash or Ctrl-C
 at any moment leaves the previous file untouched.
+
+Because the target is replaced rather than written into, a target that is a symbolic link is
+replaced by a file (the link's own target is left as it was), and a read-only target is replaced
+all the same (renaming needs only the folder to be writable): outputs are files that minirnng
+owns, not places it writes through.
 """
 
 import contextlib
@@ -29,7 +34,8 @@ def replacing(path, suffix=None):
     folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(base)[1] if suffix is None else suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
+    # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
+    handle, temporary = tempfile.mkstemp(prefix=f".{base[:32]}.", suffix=f".tmp{suffix[:16]}", dir=folder)
     os.close(handle)
     try:
         yield temporary

@@ -6,7 +6,9 @@ Each subcommand is a small function that parses its arguments and calls the libr
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 # One BLAS thread unless the user asks for more: minirnng's matrix products are small (a few
 # hundred rows per image), a second OpenBLAS thread gains nothing on them, and OpenBLAS threads
@@ -110,14 +112,30 @@ def command_gradcheck(arguments):
 
 # -- train and eval -------------------------------------------------------------------------------
 
-def positive_int(text):
-    """argparse type: an integer of at least 1."""
+def non_negative_int(text):
+    """argparse type: an integer of at least 0 (a seed)."""
+    return positive_int(text, minimum=0)
+
+
+def non_negative_float(text):
+    """argparse type: a finite number of at least 0 (a tolerance; 0 asks for exact agreement)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text!r}")
+    return value
+
+
+def positive_int(text, minimum=1):
+    """argparse type: an integer of at least ``minimum`` (1)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
 
@@ -223,6 +241,14 @@ def command_eval(arguments):
         from .atomic import write_json
         print(f"wrote {write_json(arguments.json, record)}")
     return 0
+
+
+def make_output_folder(path):
+    """``os.makedirs(path)``, with a clear error where a file or a broken link holds the name."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        kind = "a broken link" if os.path.islink(path) else "a file"
+        raise NotADirectoryError(f"output folder {path!r} is {kind}, not a folder")
+    os.makedirs(path, exist_ok=True)
 
 
 def check_output_file(path):
@@ -352,7 +378,7 @@ def command_parse(arguments):
         options = {"mirror": arguments.mirror, "crf": arguments.crf}
         parser = (FaceParser.load(arguments.checkpoint, **options) if arguments.checkpoint
                   else FaceParser.pretrained(**options))
-    os.makedirs(arguments.out, exist_ok=True)
+    make_output_folder(arguments.out)
     detect = not arguments.no_detect and detector_available()
     if not arguments.no_detect and not detector_available():
         print("note: OpenCV is not installed, so each image is parsed as one face "
@@ -466,8 +492,8 @@ def build_parser():
         "gradcheck", help="check every layer's and loss's backward against finite differences",
         description="Run centred finite differences in float64 over every layer and loss on small random "
                     "problems, print a table of relative errors, exit 1 if any exceeds the tolerance.")
-    gradcheck.add_argument("--seed", type=int, default=0, help="seed of the random problems (default 0)")
-    gradcheck.add_argument("--tolerance", type=float, default=1e-6,
+    gradcheck.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random problems (default 0)")
+    gradcheck.add_argument("--tolerance", type=non_negative_float, default=1e-6,
                            help="largest relative error that passes (default 1e-6)")
     gradcheck.set_defaults(handler=command_gradcheck)
 
@@ -604,6 +630,11 @@ def build_parser():
     return parser
 
 
+def raise_keyboard_interrupt(signal_number, frame):
+    """A SIGTERM handler: end the command as Ctrl-C does (temporary files removed, workers stopped)."""
+    raise KeyboardInterrupt
+
+
 def tracebacks_wanted():
     return bool(os.environ.get("MINIRNNG_TRACEBACK"))
 
@@ -614,10 +645,23 @@ def main(argv=None):
     options that do not go together, 130 when interrupted, 141 when the reader of its output closed
     the pipe. Bad input is reported in one line naming the problem, not as a traceback;
     ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
-    from .backend import BackendError
-
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    # `kill` or `timeout` end a command as Ctrl-C does: the files being written are cleaned up
+    # (restored afterwards: main() also runs inside other programs, such as the tests)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt) if on_main_thread else None
+    try:
+        return run_command(arguments)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(arguments):
+    """``arguments.handler(arguments)``, with the errors of :func:`main` turned into its exit statuses."""
+    from .backend import BackendError
+
     try:
         return arguments.handler(arguments)
     except BrokenPipeError:
@@ -632,6 +676,12 @@ def main(argv=None):
         if tracebacks_wanted():
             raise
         print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if tracebacks_wanted():
+            raise
+        print(f"minirnng {arguments.command}: error: out of memory; use smaller batches (--batch-size), a smaller "
+              "--input-size or fewer --workers, or smaller images", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         hint = ""

@@ -15,6 +15,7 @@ killed at any moment loses at most the epoch in progress):
 ``curves.png``  training loss and validation scores against the epoch.
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -226,12 +227,35 @@ def last_checkpoint_path(out_dir):
 def check_output_folder(out_dir, resume):
     """Refuse a run that would overwrite another run's checkpoints, or a resume with nothing to resume;
     cheap, so that the command line can call it before loading the data."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        kind = "a broken link" if os.path.islink(out_dir) else "a file"
+        raise NotADirectoryError(f"output folder {os.fspath(out_dir)!r} is {kind}, not a folder")
     last = last_checkpoint_path(out_dir)
     if resume and not os.path.exists(last):
         raise FileNotFoundError(f"{last} does not exist: there is no run in {out_dir} to --resume")
     if not resume and os.path.exists(last):
         raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, "
                               "or choose another output folder; nothing was overwritten")
+
+
+@contextlib.contextmanager
+def output_folder_lock(out_dir):
+    """Hold ``out_dir/.lock`` exclusively while a run writes into ``out_dir``: a second run started
+    there at the same time (or a ``--resume`` of a run still going) is refused instead of mixing
+    its checkpoints and log with the first's. The lock goes with the process, however it ends.
+    On systems without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(out_dir, ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlockingIOError(f"another run is writing to {out_dir}; wait for it to end, or choose "
+                                  "another output folder") from None
+        yield
 
 
 #: What the workers that share each batch can be (``Trainer(parallel=...)``, ``--parallel``).
@@ -398,18 +422,23 @@ class Trainer:
         """Train until ``config.epochs``; returns the history (one dict per epoch)."""
         check_output_folder(self.out_dir, resume)
         os.makedirs(self.out_dir, exist_ok=True)
-        keep_freed_memory()
-        if resume:
-            self.resume()
-        elif self.config.init:
-            self.initialize_from(self.config.init)
-        if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
-            self.log(f"{self.network.workers} worker {self.parallel} share each batch "
-                     f"({type(self.network).__module__}.{type(self.network).__name__})")
-        try:
-            self.train_epochs()
-        finally:
-            self.close()
+        with output_folder_lock(self.out_dir):
+            keep_freed_memory()
+            if resume:
+                self.resume()
+            elif self.config.init:
+                self.initialize_from(self.config.init)
+            if self.epoch >= self.config.epochs:
+                self.log(f"the run in {self.out_dir} has finished its {self.epoch} epochs; nothing to do "
+                         "(a larger --epochs continues it)")
+                return self.history
+            if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
+                self.log(f"{self.network.workers} worker {self.parallel} share each batch "
+                         f"({type(self.network).__module__}.{type(self.network).__name__})")
+            try:
+                self.train_epochs()
+            finally:
+                self.close()
         return self.history
 
     def train_epochs(self):

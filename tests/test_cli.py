@@ -242,3 +242,42 @@ def test_a_closed_pipe_ends_the_command_quietly():
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait() == 141 and stderr == ""
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_memory_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from minirnng import train
+
+    def terminated(self, resume=False):
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
+                     "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    assert "interrupted; every finished epoch is saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main
+
+    def out_of_memory(self, resume=False):
+        raise MemoryError
+
+    monkeypatch.setattr(train.Trainer, "run", out_of_memory)
+    assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
+                     "--out", str(tmp_path / "run2"), "--quiet"]) == 1
+    assert "error: out of memory; use smaller batches" in capsys.readouterr().err
+
+
+def test_gradcheck_options_are_checked_by_argparse(capsys):
+    for option, value in (("--tolerance", "-1"), ("--tolerance", "nan"), ("--seed", "-1")):
+        with pytest.raises(SystemExit) as exit_status:
+            cli.main(["gradcheck", option, value])
+        assert exit_status.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_long_output_names_fit_with_the_temporary_suffix(tmp_path):
+    from minirnng.atomic import write_json
+
+    path = tmp_path / ("r" * 245 + ".json")  # 250 bytes: room for no temporary suffix of its own
+    write_json(path, {"ok": True})
+    assert path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -418,3 +418,27 @@ def test_evaluating_an_empty_dataset_is_an_error_not_nan():
                              ("background", "skin", "hair"), ())
     with pytest.raises(ValueError, match="the dataset holds no images"):
         evaluate(RNNG(rng=0), empty)
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_writes(tiny_data, tmp_path):
+    from minirnng.train import output_folder_lock
+
+    pytest.importorskip("fcntl", reason="no file locks on this system")
+    config = TrainConfig(epochs=1, batch_size=4)
+    with output_folder_lock(str(tmp_path)):  # as a run in another process holds it
+        with pytest.raises(BlockingIOError, match="another run is writing to"):
+            Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()  # free again
+    lines = []
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lines.append).run(resume=True)
+    assert any("has finished its 1 epochs; nothing to do" in line for line in lines)
+
+
+def test_an_output_folder_that_is_a_file_or_a_broken_link_is_named(tmp_path):
+    from minirnng.train import check_output_folder
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name, kind in (("a-file", "a file"), ("dangling", "a broken link")):
+        with pytest.raises(NotADirectoryError, match=f"is {kind}, not a folder"):
+            check_output_folder(str(tmp_path / name), resume=False)
