@@ -211,19 +211,21 @@ class WorkerProcess:
                                        daemon=True)
         saved = {name: os.environ.get(name) for name in ONE_BLAS_THREAD}
         os.environ.update(ONE_BLAS_THREAD)  # inherited by the worker as it starts, before NumPy loads
-        # Ctrl-C reaches every process of the terminal's group; a worker ignores it (from before
-        # its interpreter starts: an ignored signal stays ignored across exec) and stops when the
-        # parent, which handles it, closes the pipe. Otherwise a worker interrupted while starting
-        # prints a traceback after the parent's one-line message.
+        # Ctrl-C (and `kill` of the whole group) reaches every process of the group; a worker
+        # ignores both (from before its interpreter starts: an ignored signal stays ignored across
+        # exec) and stops when the parent, which handles them, closes the pipe, freeing its shared
+        # memory. Otherwise a worker interrupted while starting prints a traceback after the
+        # parent's one-line message, and one killed leaves its shared memory to the tracker.
         # (signal handlers can be set from the main thread only)
         on_main_thread = threading.current_thread() is threading.main_thread()
-        interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main_thread else None
+        handlers = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)} \
+            if on_main_thread else {}
         try:
             with main_script_hidden():
                 self.process.start()
         finally:
-            if interrupt_handler is not None:
-                signal.signal(signal.SIGINT, interrupt_handler)
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
