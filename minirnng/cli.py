@@ -350,9 +350,27 @@ def command_demo(arguments):
 
 # -- parse ----------------------------------------------------------------------------------------
 
+def load_parser(checkpoint, mirror, crf):
+    """The parser a checkpoint holds: the two-stage parser for a two-stage checkpoint, else the
+    stage-1 :class:`FaceParser` (the pretrained one without a checkpoint); None after an error message."""
+    from .models.checkpoint import read_checkpoint
+    from .models.stage2 import TwoStageParser
+    from .parser import FaceParser
+
+    if checkpoint and read_checkpoint(checkpoint)[0]["architecture"] == TwoStageParser.architecture:
+        for option, wanted in (("--mirror", mirror), ("--crf", crf)):
+            if wanted:
+                print(f"minirnng parse: {option} works with a stage-1 parser; the two-stage parser "
+                      f"{checkpoint} has no such test-time option", file=sys.stderr)
+                return None
+        return TwoStageParser.load(checkpoint)
+    options = {"mirror": mirror, "crf": crf}
+    return FaceParser.load(checkpoint, **options) if checkpoint else FaceParser.pretrained(**options)
+
+
 def command_parse(arguments):
     from .detect import detector_available
-    from .parser import FaceParser, read_image
+    from .parser import read_image
     from .viz import overlay, parse_figure, save_figure
 
     clash = output_replacing_an_input(arguments.images, arguments.out, arguments.figure)
@@ -360,24 +378,21 @@ def command_parse(arguments):
         print(f"minirnng parse: the output {clash[0]} would replace the input image {clash[1]}; "
               "choose another --out", file=sys.stderr)
         return 2
-    if arguments.classes == 11:
-        from .models.stage2 import TwoStageParser
-        if not arguments.checkpoint:
-            print("minirnng parse --classes 11 needs --checkpoint: a two-stage parser, e.g. the "
-                  "runs/reproduce/table3-helen-paper/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN "
-                  "--budget paper` writes "
-                  "(minirnng ships only the 3-class parser)", file=sys.stderr)
-            return 2
-        for option, wanted in (("--mirror", arguments.mirror), ("--crf", arguments.crf)):
-            if wanted:
-                print(f"minirnng parse: {option} works with the 3-class parser; the two-stage parser "
-                      "(--classes 11) has no such test-time option", file=sys.stderr)
-                return 2
-        parser = TwoStageParser.load(arguments.checkpoint)
-    else:
-        options = {"mirror": arguments.mirror, "crf": arguments.crf}
-        parser = (FaceParser.load(arguments.checkpoint, **options) if arguments.checkpoint
-                  else FaceParser.pretrained(**options))
+    if arguments.classes == 11 and not arguments.checkpoint:
+        print("minirnng parse --classes 11 needs --checkpoint: a two-stage parser, e.g. the "
+              "runs/reproduce/table3-helen-paper/two_stage.npz that `minirnng reproduce table3 --data PATH-TO-HELEN "
+              "--budget paper` writes "
+              "(minirnng ships only the 3-class parser)", file=sys.stderr)
+        return 2
+    parser = load_parser(arguments.checkpoint, arguments.mirror, arguments.crf)
+    if parser is None:
+        return 2
+    if arguments.classes is not None and len(parser.classes) != arguments.classes:
+        # --classes is what the user expects to get: a checkpoint of another kind is named, not obeyed
+        print(f"minirnng parse: the checkpoint {arguments.checkpoint} parses {len(parser.classes)} classes "
+              f"({', '.join(parser.classes)}), not the {arguments.classes} that --classes asks for",
+              file=sys.stderr)
+        return 2
     make_output_folder(arguments.out)
     detect = not arguments.no_detect and detector_available()
     if not arguments.no_detect and not detector_available():
@@ -598,16 +613,17 @@ def build_parser():
                     "reported and skipped, and the exit status is then 1.")
     parse.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
     parse.add_argument("--checkpoint", help="a checkpoint (default: the pretrained parser)")
-    parse.add_argument("--classes", type=int, choices=(3, 11), default=3,
-                       help="3 (stage 1 alone, default) or 11 (a two-stage parser of the HELEN classes, "
-                            "given with --checkpoint)")
+    parse.add_argument("--classes", type=int, choices=(3, 11), default=None,
+                       help="the number of classes expected: 3 (the pretrained stage-1 parser, the default "
+                            "without --checkpoint) or 11 (the HELEN classes: a two-stage or 11-class "
+                            "checkpoint, given with --checkpoint); a checkpoint with other classes is an error")
     parse.add_argument("--out", default="minirnng-parsed", help="output folder (default minirnng-parsed)")
     parse.add_argument("--no-detect", action="store_true", help="parse each whole image as one face")
     parse.add_argument("--figure", action="store_true", help="also write a figure: image, labels, overlay")
     parse.add_argument("--mirror", action="store_true",
-                       help="3 classes: average the scores of each face and of its mirror image (twice the time)")
+                       help="a stage-1 parser: average the scores of each face and of its mirror image (twice the time)")
     parse.add_argument("--crf", action="store_true",
-                       help="3 classes: refine the scores with dense-CRF mean-field inference (about 0.1 s a face)")
+                       help="a stage-1 parser: refine the scores with dense-CRF mean-field inference (about 0.1 s a face)")
     parse.set_defaults(handler=command_parse)
 
     reproduce = commands.add_parser(

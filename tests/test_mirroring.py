@@ -66,7 +66,7 @@ def test_eval_and_parse_take_mirror(tmp_path, capsys, rng):
     numpy.testing.assert_array_equal(written, FaceParser.pretrained(mirror=True).parse(image))
     assert cli.main(["parse", str(tmp_path / "face.png"), "--mirror", "--classes", "11", "--checkpoint",
                      str(tmp_path / "model.npz"), "--out", str(tmp_path)]) == 2
-    assert "--mirror works with the 3-class parser" in capsys.readouterr().err
+    assert "parses 3 classes (background, skin, hair), not the 11" in capsys.readouterr().err
 
 
 def test_the_mirroring_parser_agrees_mostly_with_the_plain_one():

@@ -5,6 +5,7 @@ import os
 import numpy
 import pytest
 from PIL import Image
+from matplotlib import cbook
 
 from minirnng import cli
 from minirnng.detect import crop_square, detector_available, lfw_frame
@@ -112,6 +113,18 @@ def test_lfw_frame_and_crop():
     assert crop.shape == (3, 3, 3) and not crop[0].any() and (crop[1, 1] == image[0, 0]).all()
 
 
+def test_a_large_image_is_searched_for_faces_at_a_reduced_size():
+    pytest.importorskip("cv2")
+    from minirnng.detect import detect_faces
+
+    portrait = numpy.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")))
+    (box,) = detect_faces(portrait)
+    large = numpy.asarray(Image.fromarray(portrait).resize((portrait.shape[1] * 4, portrait.shape[0] * 4)))
+    # searched at 600 pixels: the same face, in the large image's pixels
+    (found,) = detect_faces(large, max_side=600)
+    assert numpy.abs(found - 4 * box).max() <= 4 * 0.1 * box[2]
+
+
 def test_parse_faces_falls_back_to_the_whole_image(parser, rng):
     image = rng.integers(0, 256, (64, 48, 3), dtype=numpy.uint8)
     labels, boxes = parser.parse_faces(image)
@@ -157,3 +170,30 @@ def test_parse_with_11_classes_uses_a_two_stage_checkpoint(tmp_path, capsys, rng
                      "--out", str(tmp_path / "out"), "--no-detect"]) == 0
     labels = numpy.asarray(Image.open(tmp_path / "out" / "face_labels.png"))
     assert labels.shape == (70, 60) and labels.max() < 11
+    # the checkpoint says which parser it holds: --classes may be left out, and the two-stage
+    # parser has no stage-1 test-time options
+    assert cli.main(["parse", str(path), "--checkpoint", str(tmp_path / "two_stage.npz"),
+                     "--out", str(tmp_path / "out2"), "--no-detect"]) == 0
+    numpy.testing.assert_array_equal(numpy.asarray(Image.open(tmp_path / "out2" / "face_labels.png")), labels)
+    capsys.readouterr()
+    assert cli.main(["parse", str(path), "--checkpoint", str(tmp_path / "two_stage.npz"), "--crf",
+                     "--out", str(tmp_path / "out3")]) == 2
+    assert "--crf works with a stage-1 parser" in capsys.readouterr().err
+
+
+def test_parse_classes_is_checked_against_the_checkpoint(tmp_path, capsys, rng):
+    from minirnng.data.classes import HELEN_CLASSES
+    from minirnng.models import RNNG
+
+    path = tmp_path / "face.png"
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=numpy.uint8)).save(path)
+    model = RNNG(n_classes=11, rng=0)
+    model.classes = list(HELEN_CLASSES)
+    model.save(tmp_path / "helen.npz")
+    arguments = ["parse", str(path), "--checkpoint", str(tmp_path / "helen.npz"), "--no-detect"]
+    assert cli.main(arguments + ["--classes", "3", "--out", str(tmp_path / "a")]) == 2
+    assert "parses 11 classes (background, skin, left brow" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a")
+    for classes, out in ((["--classes", "11"], "b"), ([], "c")):
+        assert cli.main(arguments + classes + ["--out", str(tmp_path / out)]) == 0
+        assert numpy.asarray(Image.open(tmp_path / out / "face_labels.png")).max() < 11
