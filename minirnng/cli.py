@@ -176,7 +176,7 @@ def command_train(arguments):
                          loss_weights=tuple(arguments.loss_weights), boundary_ratio=arguments.boundary_ratio,
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, dice_weight=arguments.dice_weight,
-                         gate_bias=arguments.gate_bias,
+                         affinity_weight=arguments.affinity_weight, gate_bias=arguments.gate_bias,
                          recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
                          augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed,
                          init=arguments.init or "")
@@ -547,6 +547,10 @@ def build_parser():
     train.add_argument("--dice-weight", type=float, default=defaults.dice_weight,
                        help="weight of a soft Dice term on the logits (1 - mean over classes of a soft "
                             "F-measure) beside the three losses; 0 = none (default, the spec's objective)")
+    train.add_argument("--affinity-weight", type=float, default=defaults.affinity_weight,
+                       help="weight of a colour-affinity term on the logits (8-connected neighbours of one "
+                            "colour asked to agree: a CRF's pairwise term) beside the three losses; 0 = none "
+                            "(default, the spec's objective)")
     train.add_argument("--class-balance", type=float, default=defaults.class_balance,
                        help="class weights (mean frequency / frequency) ** this power; 0 = none")
     train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,

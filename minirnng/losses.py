@@ -2,7 +2,8 @@
 
 Three losses: softmax cross-entropy (the label terms), sigmoid binary cross-entropy (the gate's
 edge term) and soft Dice (:class:`SoftDice`, an optional term on the logits that the paper does
-not have; its formulas are in its docstring).
+not have; its formulas are in its docstring); and one pairwise term, :class:`ColourAffinity`,
+which asks neighbours of one colour to agree (optional too, not the paper's).
 
 Softmax cross-entropy over K classes, per pixel ``i`` with target ``t_i`` and weight
 ``w_i = class_weights[t_i]`` (1 without class weights), over the set U of pixels used (inside the
@@ -35,7 +36,7 @@ loss is one term of a weighted sum).
 
 Like the layers, each loss has a NumPy path (``forward_cpu`` / ``backward_cpu``) and a kernel
 path (``forward_gpu`` / ``backward_gpu``: ``kernels/softmax_cross_entropy.cu``,
-``kernels/sigmoid_bce.cu`` and ``kernels/soft_dice.cu``), chosen by
+``kernels/sigmoid_bce.cu``, ``kernels/soft_dice.cu`` and ``kernels/colour_affinity.cu``), chosen by
 :func:`minirnng.backend.uses_kernels` of the logits. The two compute the same formulas,
 including the cancellation-free gradients above, so they agree to rounding. On the kernel path
 the forward is three launches (the per-pixel terms, then their sums in the two passes of
@@ -517,6 +518,149 @@ class SoftDice(Loss):
 
     def kernel_ignore_index(self):
         return _kernel_ignore_index("SoftDice", self.ignore_index)
+
+
+#: The neighbour offsets (dy, dx) of :class:`ColourAffinity`: each pair of 8-connected pixels once.
+AFFINITY_OFFSETS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def _neighbour_slices(dy, dx, height, width):
+    """Index slices ``(a, b)`` of the (H, W) grid such that pixel ``a`` has its neighbour at
+    offset (dy, dx) in ``b``: the pixels whose neighbour lies inside the image (dy >= 0)."""
+    rows_a, rows_b = slice(0, height - dy), slice(dy, height)
+    if dx >= 0:
+        cols_a, cols_b = slice(0, width - dx), slice(dx, width)
+    else:
+        cols_a, cols_b = slice(-dx, width), slice(0, width + dx)
+    return (rows_a, cols_a), (rows_b, cols_b)
+
+
+class ColourAffinity:
+    """A pairwise loss that asks neighbouring pixels of one colour to agree: the pairwise term of a
+    CRF, on the softmax of the logits and in a 3 x 3 neighbourhood (Tang et al. 2018, "On
+    regularized losses for weakly-supervised CNN segmentation"). An optional term of the training
+    objective that the paper does not have (docs/training.md, run BV)::
+
+        L = 1/(N H W) sum_n sum_{(i, j) in E} w_nij (1 - p_ni . p_nj)
+        w_nij = exp(-|d_ij|^2 / (2 s_xy^2)) exp(-|I_ni - I_nj|^2 / (2 s_rgb^2))
+        dL/dp_ni = -1/(N H W) sum_{j ~ i} w_nij p_nj
+        dL/dz_ni = p_ni * (g_ni - p_ni . g_ni),   g = dL/dp
+
+    with ``p = softmax(z)`` over the K classes, ``E`` every pair of 8-connected pixels (each once:
+    the offsets :data:`AFFINITY_OFFSETS`), ``d_ij`` the pair's offset (1 or sqrt 2 pixels) and
+    ``I`` the network's input image. Two neighbours of nearly one colour weigh about
+    ``exp(-|d|^2 / (2 s_xy^2))``; across a colour edge of ``3 s_rgb`` the weight falls below 1%.
+    It is what the dense CRF does at test time (:class:`minirnng.models.DenseCRF`, whose colour
+    width is of the same size), moved into training so that the network learns to put its label
+    boundaries on the image's colour edges. ``1 - p_i . p_j`` is also smallest for confident
+    pixels, so the term rewards confidence where the colour is uniform.
+
+    The gradient through the softmax is written ``p (g - p . g)``: ``g`` here is a weighted sum
+    of probabilities, with no one-hot target subtracted, so its terms are all of one sign and the
+    subtraction loses only what is below the gradient's own rounding.
+
+    s_xy : the spatial width in pixels (default 1.5); s_rgb : the colour width in the image's
+    units (default 0.06, as the dense CRF's, for inputs scaled to [-0.5, 0.5]).
+    forward(logits (N, K, H, W), images (N, C, H, W)) -> float; backward(grad_output=1.0) ->
+    dlogits (N, K, H, W), the logits' dtype.
+    """
+
+    def __init__(self, s_xy=1.5, s_rgb=0.06):
+        for name, value in (("s_xy", s_xy), ("s_rgb", s_rgb)):
+            if not (numpy.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"ColourAffinity: {name} must be a positive number, got {value!r}")
+        self.s_xy, self.s_rgb = float(s_xy), float(s_rgb)
+        self.cache = None
+
+    def __repr__(self):
+        return f"ColourAffinity(s_xy={self.s_xy}, s_rgb={self.s_rgb})"
+
+    def spatial_weights(self):
+        """exp(-|d|^2 / (2 s_xy^2)) for each offset of :data:`AFFINITY_OFFSETS`, Python floats."""
+        return [float(numpy.exp(-(dy * dy + dx * dx) / (2 * self.s_xy ** 2))) for dy, dx in AFFINITY_OFFSETS]
+
+    def check(self, logits, images):
+        check_array(logits, "ColourAffinity", "logits", ndim=4)
+        check_array(images, "ColourAffinity", "images", ndim=4)
+        if images.shape[0] != logits.shape[0] or images.shape[2:] != logits.shape[2:]:
+            raise ValueError(f"ColourAffinity: images {tuple(images.shape)} and logits {tuple(logits.shape)} "
+                             "must agree in N, H and W")
+        _check_same_device(images, logits, "ColourAffinity", "images")
+
+    def forward(self, logits, images):
+        self.check(logits, images)
+        on_kernels = backend.uses_kernels(logits)
+        loss, cache = (self.forward_gpu if on_kernels else self.forward_cpu)(logits, images)
+        self.cache, self.cache_on_kernels = cache, on_kernels
+        return loss
+
+    def backward(self, grad_output=1.0):
+        if self.cache is None:
+            raise RuntimeError("ColourAffinity.backward called before forward")
+        return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
+
+    def forward_cpu(self, logits, images):
+        """The NumPy path, offset by offset. The pair weights are formed in float64 for the loss's
+        sum and kept in the logits' dtype for the backward: the cache is (probabilities (N, K, H, W),
+        the weights of each offset (N, H - dy, W - |dx|))."""
+        n, _, height, width = logits.shape
+        probabilities, _, _ = _softmax_cpu(logits)
+        images = images.astype(logits.dtype, copy=False)
+        total, weights = 0.0, []
+        for (dy, dx), spatial in zip(AFFINITY_OFFSETS, self.spatial_weights()):
+            a, b = _neighbour_slices(dy, dx, height, width)
+            colour = ((images[:, :, a[0], a[1]] - images[:, :, b[0], b[1]]) ** 2).sum(axis=1)
+            weight = numpy.float64(spatial) * numpy.exp(-colour / (2 * self.s_rgb ** 2))
+            agreement = (probabilities[:, :, a[0], a[1]] * probabilities[:, :, b[0], b[1]]).sum(axis=1)
+            total += float((weight * (1 - agreement)).sum(dtype=numpy.float64))
+            weights.append(weight.astype(logits.dtype))
+        return total / (n * height * width), (probabilities, weights)
+
+    def backward_cpu(self, grad_output):
+        probabilities, weights = self.cache
+        n, _, height, width = probabilities.shape
+        slopes = numpy.zeros_like(probabilities)  # g = dL/dp
+        scale = probabilities.dtype.type(grad_output / (n * height * width))
+        for (dy, dx), weight in zip(AFFINITY_OFFSETS, weights):
+            a, b = _neighbour_slices(dy, dx, height, width)
+            scaled = (scale * weight)[:, None]
+            slopes[:, :, a[0], a[1]] -= scaled * probabilities[:, :, b[0], b[1]]
+            slopes[:, :, b[0], b[1]] -= scaled * probabilities[:, :, a[0], a[1]]
+        return probabilities * (slopes - (probabilities * slopes).sum(axis=1, keepdims=True))
+
+    def kernel_scalars(self, dtype):
+        """The kernels' scalars: the spatial weights of a straight and a diagonal step and
+        1 / (2 s_rgb^2), in the logits' dtype."""
+        straight, _, diagonal, _ = self.spatial_weights()
+        return dtype.type(straight), dtype.type(diagonal), dtype.type(1 / (2 * self.s_rgb ** 2))
+
+    def forward_gpu(self, logits, images):
+        """One thread per pixel writes the terms of its pairs with the neighbours after it
+        (``terms`` (N*H*W,)), ``channel_sum`` adds them up on the device, one copy brings the sum
+        to the host. The cache keeps the logits and the images (nothing is copied)."""
+        xp = backend.get_array_module(logits)
+        logits, images = contiguous(logits), contiguous(images.astype(logits.dtype, copy=False))
+        n, k, height, width = logits.shape
+        pixels = n * height * width
+        terms = xp.empty((1, 1, pixels), dtype=logits.dtype)
+        i32 = numpy.int32
+        launch("colour_affinity", "colour_affinity_forward", logits.dtype, pixels,
+               (logits, images, terms, *self.kernel_scalars(logits.dtype),
+                i32(n), i32(k), i32(images.shape[1]), i32(height), i32(width)))
+        total = float(backend.to_numpy(channel_sum(terms))[0])
+        return total / pixels, (logits, images)
+
+    def backward_gpu(self, grad_output):
+        """dlogits (N, K, H, W), one launch: each pixel gathers its eight neighbours."""
+        logits, images = self.cache
+        n, k, height, width = logits.shape
+        dlogits = backend.get_array_module(logits).empty_like(logits)
+        i32 = numpy.int32
+        launch("colour_affinity", "colour_affinity_backward", logits.dtype, n * height * width,
+               (logits, images, dlogits, *self.kernel_scalars(logits.dtype),
+                logits.dtype.type(grad_output / (n * height * width)),
+                i32(n), i32(k), i32(images.shape[1]), i32(height), i32(width)))
+        return dlogits
 
 
 def boundary_target(labels):

@@ -6,11 +6,13 @@ For labels ``y`` (N, H, W) and the model's outputs:
       + w_coarse * CE(coarse, y[:, ::2, ::2])
       + w_edge   * BCE(edge, boundary_target(y[:, ::2, ::2]), mask = boundary_sample_mask(1:5))
       + w_dice   * Dice(logits, y)                      (w_dice = 0 unless asked for)
+      + w_affinity * ColourAffinity(logits, images)      (w_affinity = 0 unless asked for)
 
 CE is softmax cross-entropy (optionally class-weighted), BCE sigmoid binary cross-entropy, each a
 mean over the pixels it uses; Dice is the soft Dice loss over the pixels of the whole batch that
 the logits' CE uses (1 minus the mean over the classes of a soft F-measure), a term the paper does
-not have (docs/training.md, run BF). With ``background_ratio`` the two CE terms use every face and hair
+not have (docs/training.md, run BF); ColourAffinity the pairwise term of a CRF, which asks
+8-connected neighbours of one colour in the input image to agree (not the paper's either; run BV). With ``background_ratio`` the two CE terms use every face and hair
 pixel and that many times as many background pixels drawn at random (the paper's sampling for
 Multi-Face images, where background covers most of the picture). The edge term samples every boundary pixel and five times as many
 others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a
@@ -21,39 +23,44 @@ import numpy
 
 from . import backend
 from .data.classes import BACKGROUND
-from .losses import (SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy, balanced_sample_mask,
-                     boundary_sample_mask, boundary_target)
+from .losses import (ColourAffinity, SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy,
+                     balanced_sample_mask, boundary_sample_mask, boundary_target)
 
 
 class StageOneObjective:
-    """The three-term loss (four with ``dice_weight``): ``objective(outputs, labels, rng) -> (total, parts, grads)``.
+    """The three-term loss (more with ``dice_weight`` or ``affinity_weight``):
+    ``objective(outputs, labels, rng, images=None) -> (total, parts, grads)``.
 
     outputs : the model's dict (``logits`` (N, K, H, W), ``coarse`` (N, K, H/2, W/2), ``edge``
-        (N, 1, H/2, W/2)); labels : (N, H, W) integers; rng : numpy Generator for the sampling.
+        (N, 1, H/2, W/2)); labels : (N, H, W) integers; rng : numpy Generator for the sampling;
+        images : the model's input (N, 3, H, W), needed only by the affinity term.
     Returns the total (float), the terms by name (floats) and the gradients by output name, ready
     for ``model.backward``.
     """
 
     def __init__(self, weights=(1.0, 1.0, 1.0), boundary_ratio=5, class_weights=None, ignore_index=None,
-                 background_ratio=0, dice_weight=0.0):
+                 background_ratio=0, dice_weight=0.0, affinity_weight=0.0):
         weights = tuple(weights)
         if len(weights) != 3:
             raise ValueError(f"StageOneObjective: weights are three numbers (logits, coarse, edge), got {weights!r}")
         self.weights = dict(zip(("logits", "coarse", "edge"), (float(w) for w in weights)))
         if dice_weight:
             self.weights["dice"] = float(dice_weight)
+        if affinity_weight:
+            self.weights["affinity"] = float(affinity_weight)
         self.boundary_ratio = boundary_ratio
         self.background_ratio = background_ratio
         self.fine = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.coarse = SoftmaxCrossEntropy(class_weights=class_weights, ignore_index=ignore_index)
         self.edge = SigmoidBinaryCrossEntropy()
         self.dice = SoftDice(ignore_index=ignore_index)
+        self.affinity = ColourAffinity()
 
     def term_names(self):
-        """The names of the terms ``parts`` can hold: logits, coarse, edge, and dice if it is used."""
+        """The names of the terms ``parts`` can hold: logits, coarse, edge, and dice and affinity if used."""
         return tuple(self.weights)
 
-    def __call__(self, outputs, labels, rng):
+    def __call__(self, outputs, labels, rng, images=None):
         subsampled = labels[:, ::2, ::2]
         parts, grads = {}, {}
         weights = self.weights
@@ -77,6 +84,13 @@ class StageOneObjective:
             target = backend.get_array_module(edge).asarray(target, dtype=edge.dtype)
             parts["edge"] = self.edge.forward(edge, target, mask)
             grads["edge"] = self.edge.backward(weights["edge"])
+        affinity_weight = weights.get("affinity", 0.0)
+        if affinity_weight:
+            if images is None:
+                raise ValueError("StageOneObjective: the affinity term needs the input images (images=...)")
+            parts["affinity"] = self.affinity.forward(outputs["logits"], images)
+            affinity_grad = self.affinity.backward(affinity_weight)
+            grads["logits"] = affinity_grad if "logits" not in grads else grads["logits"] + affinity_grad
         total = float(sum(weights[name] * value for name, value in parts.items()))
         return total, parts, grads
 

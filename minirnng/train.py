@@ -71,6 +71,9 @@ class TrainConfig:
     #: the weight of a soft Dice term on the logits beside the three losses (0: none, the spec's
     #: objective; docs/training.md, run BF)
     dice_weight: float = 0.0
+    #: the weight of a colour-affinity term on the logits (the pairwise term of a CRF; 0: none;
+    #: docs/training.md, run BV)
+    affinity_weight: float = 0.0
     #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
     recurrent_lr_scale: float = 1.0
     #: how the recurrent W are kept stable after each step: "rescale" (the spec's), "project"
@@ -105,7 +108,7 @@ class TrainConfig:
             raise ValueError(f"unknown augmentation {self.augment!r}; expected one of {', '.join(AUGMENTATIONS)}")
         numbers = {name: getattr(self, name) for name in (
             "lr", "gate_bias", "momentum", "weight_decay", "warmup", "boundary_ratio", "background_ratio",
-            "class_balance", "dice_weight", "recurrent_lr_scale")}
+            "class_balance", "dice_weight", "affinity_weight", "recurrent_lr_scale")}
         numbers.update({f"loss_weights[{k}]": weight for k, weight in enumerate(self.loss_weights)})
         for name, value in numbers.items():
             if not math.isfinite(value):  # a NaN would only show as a diverged run, epochs later
@@ -114,8 +117,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
             raise ValueError(f"loss_weights must be three numbers >= 0 (logits, coarse, edge), got {self.loss_weights}")
-        if not self.dice_weight >= 0:
-            raise ValueError(f"dice_weight must be a finite number >= 0, got {self.dice_weight}")
+        for name in ("dice_weight", "affinity_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
         return self
@@ -295,7 +299,8 @@ class Trainer:
             class_weights = class_balance_weights(train_set.labels, config.n_classes, config.class_balance)
         self.objective = StageOneObjective(config.loss_weights, config.boundary_ratio, class_weights,
                                            background_ratio=config.background_ratio,
-                                           dice_weight=config.dice_weight)
+                                           dice_weight=config.dice_weight,
+                                           affinity_weight=config.affinity_weight)
         self.augmentation = AUGMENTATIONS[config.augment]
         self.epoch = 0
         self.history = []
@@ -397,7 +402,7 @@ class Trainer:
             images, labels = backend.to_device(images), backend.to_device(labels)
             model.zero_grad()
             outputs = network.forward(images)
-            total, parts, grads = self.objective(outputs, labels, self.rng)
+            total, parts, grads = self.objective(outputs, labels, self.rng, images)
             network.backward(grads, input_gradient=False)
             self.optimizer.step()
             model.constrain(config.stability_rule)

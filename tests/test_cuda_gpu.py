@@ -19,7 +19,7 @@ from minirnng import backend
 from minirnng.cuda import DIRECTIONS, KernelCompileError, get_kernel, sources
 from minirnng.layers import Conv2d, ReLU
 from minirnng.layers.recurrent import STABILITY_RULES
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
+from minirnng.losses import ColourAffinity, SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
 from minirnng.models.stage2 import EyeBrowNet, MouthNet, NoseNet
@@ -225,6 +225,8 @@ def test_losses_on_the_gpu_match_the_numpy_path(masked, dtype):
     path_cases.compare_loss("cupy", SoftDice, huge)
     path_cases.compare_loss("cupy", lambda: SoftDice(smooth=0.5, ignore_index=255),
                             path_cases.cross_entropy_arguments(rng, dtype, {"ignore_index": 255}, masked))
+    images = (rng.uniform(-0.5, 0.5, (2, 3, 5, 3)) * 0.3).astype(dtype)  # the colours of huge's logits
+    path_cases.compare_loss("cupy", ColourAffinity, (huge[0], images))
 
 
 @pytest.mark.parametrize("name, build, inputs, prepare", path_cases.GRADIENT_CASES,

@@ -17,7 +17,7 @@ from minirnng import backend
 from minirnng.cuda import emulator, launch
 from minirnng.layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
 from minirnng.layers.recurrent import FourWayGatedRNN, GatedSpatialRNN
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
+from minirnng.losses import ColourAffinity, SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
 from minirnng.models import RNNG
 from minirnng.models.baselines import CNNCRF, CNNS, CNNDeep, PlainRNN
 
@@ -111,6 +111,15 @@ def test_soft_dice_on_the_emulator_matches_the_numpy_path(settings, masked, dtyp
     rng = numpy.random.default_rng(5)
     arguments = cases.cross_entropy_arguments(rng, dtype, settings, masked)
     cases.compare_loss(DEVICE, lambda: SoftDice(**settings), arguments)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logit_scale", [2.0, 30.0], ids=["moderate", "confident"])
+def test_colour_affinity_on_the_emulator_matches_the_numpy_path(logit_scale, dtype):
+    rng = numpy.random.default_rng(6)
+    logits = normal(rng, (2, 3, 7, 9), dtype, logit_scale)
+    images = (rng.uniform(-0.5, 0.5, (2, 3, 7, 9)) * 0.3).astype(dtype)
+    cases.compare_loss(DEVICE, lambda: ColourAffinity(s_xy=1.2, s_rgb=0.08), (logits, images))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,12 +1,12 @@
-"""Softmax and sigmoid cross-entropy, soft Dice, and the boundary target and sampling of the gate's loss."""
+"""Softmax and sigmoid cross-entropy, soft Dice, the colour affinity, and the boundary target and sampling of the gate's loss."""
 
 import numpy
 import pytest
 
-from minirnng.gradcheck import check_loss
+from minirnng.gradcheck import check, check_loss
 from minirnng.layers import naive
-from minirnng.losses import (SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy, boundary_sample_mask,
-                             boundary_target)
+from minirnng.losses import (ColourAffinity, SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy,
+                             boundary_sample_mask, boundary_target)
 
 CE_SETTINGS = [
     dict(),
@@ -225,3 +225,65 @@ def test_boundary_sample_mask_keeps_all_boundaries_and_five_times_as_many_others
 def test_an_empty_batch_is_named_not_divided_by_zero():
     with pytest.raises(ValueError, match=r"logits is empty, shape \(0, 3, 4, 4\)"):
         SoftmaxCrossEntropy().forward(numpy.zeros((0, 3, 4, 4)), numpy.zeros((0, 4, 4), numpy.int64))
+
+
+# ---- colour affinity ------------------------------------------------------------------------------
+
+def _affinity_arguments(rng, dtype=numpy.float64, shape=(2, 3, 5, 6)):
+    logits = (rng.standard_normal(shape) * 2).astype(dtype)
+    # colour differences of the size of s_rgb, so that the weights spread over (0, 1)
+    images = (rng.uniform(-0.5, 0.5, (shape[0], 3) + shape[2:]) * 0.2).astype(dtype)
+    return logits, images
+
+
+@pytest.mark.parametrize("settings", [{}, {"s_xy": 0.8, "s_rgb": 0.2}])
+def test_colour_affinity_finite_differences(settings, rng):
+    logits, images = _affinity_arguments(rng)
+    loss = ColourAffinity(**settings)
+    report = check(repr(loss), lambda z: loss.forward(z, images), loss.backward, {"logits": logits}, rng=rng)
+    assert report.max_error < 1e-7, str(report)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_colour_affinity_fast_matches_naive(dtype, rng):
+    logits, images = _affinity_arguments(rng, dtype, shape=(2, 4, 6, 5))
+    fast, slow = ColourAffinity(s_rgb=0.1), naive.ColourAffinity(s_rgb=0.1)
+    tolerance = 1e-6 if dtype == numpy.float32 else 1e-13
+    assert fast.forward(logits, images) == pytest.approx(slow.forward(logits, images), rel=tolerance)
+    want = slow.backward(0.7)
+    numpy.testing.assert_allclose(fast.backward(0.7), want, rtol=0, atol=tolerance * numpy.abs(want).max())
+    assert fast.backward().dtype == dtype
+
+
+def test_colour_affinity_matches_a_hand_computed_value():
+    # two pixels side by side, one colour: the loss is the straight weight times (1 - p . q) over 2 pixels
+    logits = numpy.zeros((1, 2, 1, 2))
+    logits[0, :, 0, 0] = [numpy.log(3.0), 0.0]  # p = (3/4, 1/4); the other pixel (1/2, 1/2)
+    images = numpy.zeros((1, 3, 1, 2))
+    loss = ColourAffinity(s_xy=1.0)
+    assert loss.forward(logits, images) == pytest.approx(numpy.exp(-0.5) * (1 - 0.5) / 2, rel=1e-14)
+    # a colour edge three widths high (|dI| = 3 s_rgb on each channel) all but cuts the pair
+    images[0, :, 0, 1] = 3 * loss.s_rgb
+    assert loss.forward(logits, images) < 1e-5
+
+
+def test_colour_affinity_rewards_agreement_where_the_colour_is_uniform():
+    images = numpy.zeros((1, 3, 4, 4))
+    agreeing = numpy.zeros((1, 2, 4, 4))
+    agreeing[:, 0] = 16.0  # every pixel confidently class 0
+    split = agreeing.copy()
+    split[:, :, :, 2:] = agreeing[:, ::-1, :, 2:]  # the right half class 1
+    loss = ColourAffinity()
+    assert loss.forward(agreeing, images) < 1e-5 < 0.1 < loss.forward(split, images)
+    images[:, :, :, 2:] = 0.5  # a colour edge where the labels change: nothing to pay
+    assert loss.forward(split, images) < 1e-5
+
+
+def test_colour_affinity_bad_input():
+    loss = ColourAffinity()
+    with pytest.raises(ValueError, match="agree in N, H and W"):
+        loss.forward(numpy.zeros((1, 3, 4, 4)), numpy.zeros((1, 3, 4, 5)))
+    with pytest.raises(ValueError, match="s_rgb must be a positive number"):
+        ColourAffinity(s_rgb=0)
+    with pytest.raises(RuntimeError, match="before forward"):
+        ColourAffinity().backward()

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
-from minirnng.losses import SoftDice
+from minirnng.losses import ColourAffinity, SoftDice
 from minirnng.objective import StageOneObjective, class_balance_weights
 from minirnng.optim import SGD, Adam, AdamW, learning_rate
 from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate, progress_bar
@@ -180,6 +180,37 @@ def test_objective_adds_a_soft_dice_term_on_the_logits(rng):
     _, parts, grads = StageOneObjective(weights=(0.0, 1.0, 1.0), dice_weight=2.0)(outputs, labels, rng)
     assert "logits" not in parts
     numpy.testing.assert_allclose(grads["logits"], dice.backward(2.0), rtol=1e-13, atol=1e-17)
+
+
+def test_objective_adds_a_colour_affinity_term_on_the_logits(rng):
+    outputs = {"logits": rng.standard_normal((2, 3, 8, 8)), "coarse": rng.standard_normal((2, 3, 4, 4)),
+               "edge": rng.standard_normal((2, 1, 4, 4))}
+    labels = rng.integers(0, 3, (2, 8, 8))
+    images = rng.uniform(-0.5, 0.5, (2, 3, 8, 8)) * 0.2
+    objective = StageOneObjective(dice_weight=1.0, affinity_weight=0.5)
+    assert objective.term_names() == ("logits", "coarse", "edge", "dice", "affinity")
+    total, parts, grads = objective(outputs, labels, numpy.random.default_rng(0), images)
+    _, plain_parts, plain = StageOneObjective(dice_weight=1.0)(outputs, labels, numpy.random.default_rng(0))
+    affinity = ColourAffinity()
+    assert parts["affinity"] == pytest.approx(affinity.forward(outputs["logits"], images), rel=1e-14)
+    assert total == pytest.approx(sum(plain_parts.values()) + 0.5 * parts["affinity"])
+    numpy.testing.assert_allclose(grads["logits"], plain["logits"] + affinity.backward(0.5), rtol=1e-13, atol=1e-17)
+    with pytest.raises(ValueError, match="the affinity term needs the input images"):
+        objective(outputs, labels, numpy.random.default_rng(0))
+
+
+def test_training_with_an_affinity_term_logs_it(tiny_data, tmp_path):
+    trainer = Trainer(TrainConfig(epochs=1, batch_size=4, affinity_weight=0.5), *tiny_data, tmp_path / "affinity",
+                      progress=False, log=lambda line: None, workers=1)
+    row = trainer.run()[0]
+    assert 0 < row["train_affinity"] < 2
+    assert row["train_loss"] == pytest.approx(row["train_logits"] + row["train_coarse"] + row["train_edge"]
+                                              + 0.5 * row["train_affinity"])
+    saved = dataclasses.asdict(TrainConfig())
+    del saved["affinity_weight"]
+    assert TrainConfig(**saved).affinity_weight == 0.0
+    with pytest.raises(ValueError, match="affinity_weight must be a finite number >= 0, got -1"):
+        TrainConfig(affinity_weight=-1).check()
 
 
 def test_training_with_a_dice_term_logs_it_and_resumes_from_older_checkpoints(tiny_data, tmp_path):

@@ -242,6 +242,48 @@ class SoftDice(losses.SoftDice):
         return grad
 
 
+class ColourAffinity(losses.ColourAffinity):
+    """One pair of neighbours at a time: for every pixel and each of its 8-connected neighbours
+    after it, w (1 - p_i . p_j) added to the loss and -w p_j, -w p_i to the two slopes g; then
+    dL/dz = p * (g - p . g)."""
+
+    def pairs(self, height, width):
+        """((y, x), (y + dy, x + dx), spatial weight) for every pair of 8-connected pixels, once."""
+        for y in range(height):
+            for x in range(width):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        after = dy > 0 or (dy == 0 and dx > 0)
+                        if after and 0 <= y + dy < height and 0 <= x + dx < width:
+                            spatial = numpy.exp(-(dy * dy + dx * dx) / (2 * self.s_xy ** 2))
+                            yield (y, x), (y + dy, x + dx), spatial
+
+    def forward_cpu(self, logits, images):
+        n, k, height, width = logits.shape
+        z = logits.astype(numpy.float64)
+        p = numpy.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        total, slopes = 0.0, numpy.zeros_like(p)
+        for image in range(n):
+            for (yi, xi), (yj, xj), spatial in self.pairs(height, width):
+                colour = numpy.sum((images[image, :, yi, xi].astype(numpy.float64) - images[image, :, yj, xj]) ** 2)
+                w = spatial * numpy.exp(-colour / (2 * self.s_rgb ** 2))
+                pi, pj = p[image, :, yi, xi], p[image, :, yj, xj]
+                total += w * (1 - pi @ pj)
+                slopes[image, :, yi, xi] -= w * pj
+                slopes[image, :, yj, xj] -= w * pi
+        pixels = n * height * width
+        return total / pixels, (p, slopes / pixels, logits.dtype)
+
+    def backward_cpu(self, grad_output):
+        p, slopes, dtype = self.cache
+        grad = numpy.zeros_like(p)
+        for image, y, x in numpy.ndindex(p.shape[0], p.shape[2], p.shape[3]):
+            pixel, g = p[image, :, y, x], grad_output * slopes[image, :, y, x]
+            grad[image, :, y, x] = pixel * (g - pixel @ g)
+        return grad.astype(dtype)
+
+
 # -- spatial recurrent layers (paper eq. 1 and 3) ----------------------------------------------------
 from . import recurrent  # noqa: E402  (kept with the section it serves)
 
