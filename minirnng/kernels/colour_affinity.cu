@@ -32,6 +32,21 @@ __device__ __forceinline__ scalar_t pair_weight(const scalar_t* image, long long
     return spatial * exp(-distance * colour_scale);
 }
 
+// Where a pixel (an index into N*H*W) lies: its image n, and its place q = y*W + x in that image.
+struct PixelPlace {
+    long long n;
+    int q, y, x;
+};
+
+__device__ __forceinline__ PixelPlace place_of(long long pixel, int H, int W) {
+    PixelPlace at;
+    at.n = pixel / ((long long)H * W);
+    at.q = (int)(pixel % ((long long)H * W));
+    at.y = at.q / W;
+    at.x = at.q % W;
+    return at;
+}
+
 // p_i . p_j for two pixels of one image, from their scores (z_i and z_j: class k at k*P).
 __device__ __forceinline__ scalar_t softmax_dot(const scalar_t* zi, const scalar_t* zj, int K, int P) {
     scalar_t mi, mj;
@@ -51,10 +66,10 @@ extern "C" __global__ void colour_affinity_forward(const scalar_t* __restrict__ 
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int P = H * W;
     if (pixel >= (long long)N * P) return;
-    const long long n = pixel / P;
-    const int q = (int)(pixel % P), y = q / W, x = q % W;
-    const scalar_t* z = logits + n * K * P;
-    const scalar_t* image = images + n * C * P;
+    const PixelPlace at = place_of(pixel, H, W);
+    const int q = at.q, y = at.y, x = at.x;
+    const scalar_t* z = logits + at.n * K * P;
+    const scalar_t* image = images + at.n * C * P;
 
     // the four neighbours after this pixel: (0, 1), (1, 0), (1, 1), (1, -1)
     const int dys[4] = {0, 1, 1, 1}, dxs[4] = {1, 0, 1, -1};
@@ -75,13 +90,13 @@ extern "C" __global__ void colour_affinity_backward(const scalar_t* __restrict__
                                                     scalar_t straight, scalar_t diagonal, scalar_t colour_scale,
                                                     scalar_t scale, int N, int K, int C, int H, int W) {
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (pixel >= (long long)N * H * W) return;
     const int P = H * W;
-    if (pixel >= (long long)N * P) return;
-    const long long n = pixel / P;
-    const int q = (int)(pixel % P), y = q / W, x = q % W;
-    const scalar_t* z = logits + n * K * P;
-    const scalar_t* image = images + n * C * P;
-    scalar_t* dz = dlogits + n * K * P + q;
+    const PixelPlace at = place_of(pixel, H, W);
+    const int q = at.q, y = at.y, x = at.x;
+    const scalar_t* z = logits + at.n * K * P;       // this image's scores and colours
+    const scalar_t* image = images + at.n * C * P;
+    scalar_t* dz = dlogits + at.n * K * P + q;        // this pixel's gradient, class k at dz[k * P]
 
     scalar_t mi;
     const scalar_t si = sum_exp_shifted(z + q, K, P, &mi);
