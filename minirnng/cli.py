@@ -6,9 +6,7 @@ Each subcommand is a small function that parses its arguments and calls the libr
 
 import argparse
 import os
-import signal
 import sys
-import threading
 
 # One BLAS thread unless the user asks for more: minirnng's matrix products are small (a few
 # hundred rows per image), a second OpenBLAS thread gains nothing on them, and OpenBLAS threads
@@ -20,7 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy  # noqa: E402
 
-from . import __version__, backend
+from . import __version__, backend, interruption
 
 
 # -- gradcheck ------------------------------------------------------------------------------------
@@ -650,11 +648,6 @@ def build_parser():
     return parser
 
 
-def raise_keyboard_interrupt(signal_number, frame):
-    """A SIGTERM handler: end the command as Ctrl-C does (temporary files removed, workers stopped)."""
-    raise KeyboardInterrupt
-
-
 def tracebacks_wanted():
     return bool(os.environ.get("MINIRNNG_TRACEBACK"))
 
@@ -667,52 +660,62 @@ def main(argv=None):
     ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    on_main_thread = threading.current_thread() is threading.main_thread()
     # `kill` or `timeout` end a command as Ctrl-C does: the files being written are cleaned up
-    # (restored afterwards: main() also runs inside other programs, such as the tests)
-    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt) if on_main_thread else None
-    try:
+    with interruption.handling_signals():
         return run_command(arguments)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def run_command(arguments):
     """``arguments.handler(arguments)``, with the errors of :func:`main` turned into its exit statuses."""
+    try:
+        status = arguments.handler(arguments)
+        interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
+        return status
+    except KeyboardInterrupt:
+        return report_interrupted(arguments)
+    except Exception as error:
+        if interruption.requested():  # the stop's KeyboardInterrupt, wrapped in another error
+            return report_interrupted(arguments)
+        status = report_error(arguments, error)
+        if status is None:
+            raise
+        return status
+
+
+def report_error(arguments, error):
+    """The exit status for ``error`` after a one-line message, or None for an error that keeps its
+    traceback: the library raises OSError, ValueError, BackendError and FloatingPointError (a
+    training run that diverged) for input it cannot use, each with a message that names the file,
+    the shape or the option; an error of any other type is a bug to be seen whole."""
     from .backend import BackendError
 
-    try:
-        return arguments.handler(arguments)
-    except BrokenPipeError:
+    if isinstance(error, BrokenPipeError):
         # the reader of our output went away (`minirnng eval ... | head`): stop quietly, as other
         # command-line tools do, and keep Python from reporting the pipe again when it exits
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program ended by a closed pipe
-    except (OSError, ValueError, BackendError, FloatingPointError) as error:
-        # the types the library raises for input it cannot use (and for a training run that
-        # diverged), each with a message that names the file, the shape or the option; an error
-        # of any other type keeps its traceback
-        if tracebacks_wanted():
-            raise
-        print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        if tracebacks_wanted():
-            raise
+    if tracebacks_wanted():
+        return None
+    if isinstance(error, MemoryError):
         print(f"minirnng {arguments.command}: error: out of memory; use smaller batches (--batch-size), a smaller "
               "--input-size or fewer --workers, or smaller images", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        hint = ""
-        if arguments.command == "train":
-            hint = (f"; every finished epoch is saved in {arguments.out}: continue with the same command "
-                    "and --resume")
-        elif arguments.command == "reproduce":
-            hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
-                    "where it stopped (table 3's component networks start again)")
-        print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+    if isinstance(error, (OSError, ValueError, BackendError, FloatingPointError)):
+        print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
+    return None
+
+
+def report_interrupted(arguments):
+    """Exit status 130, after a line that says where the finished work is."""
+    hint = ""
+    if arguments.command == "train":
+        hint = f"; every finished epoch is saved in {arguments.out}: continue with the same command and --resume"
+    elif arguments.command == "reproduce":
+        hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
+                "where it stopped (table 3's component networks start again)")
+    print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

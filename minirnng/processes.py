@@ -31,15 +31,14 @@ every OS), which takes about half a second each, once. :meth:`ProcessParallel.cl
 import contextlib
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import traceback
 import weakref
 from multiprocessing import shared_memory
 
 import numpy
 
+from . import interruption
 from .parallel import DataParallel, checked_replica, shard_pass
 
 #: Every array in a block starts at a multiple of this many bytes (a cache line).
@@ -75,16 +74,18 @@ class SharedArrays:
         # A new block with room to spare, so that a few larger batches do not each need one; the
         # old block is freed once its readers let go of it (unlinking only removes its name).
         self.close()
-        self.block = shared_memory.SharedMemory(create=True, size=max(2 * size, 1 << 20))
+        with interruption.deferred():  # a block created but not recorded would never be freed
+            self.block = shared_memory.SharedMemory(create=True, size=max(2 * size, 1 << 20))
 
     def close(self):
-        if self.block is not None:
-            self.block.close()
-            try:
-                self.block.unlink()
-            except FileNotFoundError:
-                pass
-            self.block = None
+        with interruption.deferred():
+            if self.block is not None:
+                self.block.close()
+                try:
+                    self.block.unlink()
+                except FileNotFoundError:
+                    pass
+                self.block = None
 
 
 class SharedArraysReader:
@@ -98,7 +99,8 @@ class SharedArraysReader:
         outlive the next message: the writer reuses the block)."""
         name, layout = message
         if name not in self.blocks:
-            self.blocks[name] = shared_memory.SharedMemory(name=name)
+            with interruption.deferred():
+                self.blocks[name] = shared_memory.SharedMemory(name=name)
         buffer = self.blocks[name].buf
         return {key: numpy.ndarray(shape, dtype, buffer=buffer, offset=offset)
                 for key, shape, dtype, offset in layout}
@@ -212,20 +214,18 @@ class WorkerProcess:
         saved = {name: os.environ.get(name) for name in ONE_BLAS_THREAD}
         os.environ.update(ONE_BLAS_THREAD)  # inherited by the worker as it starts, before NumPy loads
         # Ctrl-C (and `kill` of the whole group) reaches every process of the group; a worker
-        # ignores both (from before its interpreter starts: an ignored signal stays ignored across
-        # exec) and stops when the parent, which handles them, closes the pipe, freeing its shared
-        # memory. Otherwise a worker interrupted while starting prints a traceback after the
+        # ignores both and stops when the parent, which handles them, closes the pipe, freeing its
+        # shared memory. Otherwise a worker interrupted while starting prints a traceback after the
         # parent's one-line message, and one killed leaves its shared memory to the tracker.
-        # (signal handlers can be set from the main thread only)
-        on_main_thread = threading.current_thread() is threading.main_thread()
-        handlers = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)} \
-            if on_main_thread else {}
         try:
-            with main_script_hidden():
+            with interruption.ignored_by_children(), main_script_hidden():
                 self.process.start()
+        except BaseException:
+            if self.process.pid is not None:  # started, and a stop held meanwhile arrived
+                child.close()
+                self.close()
+            raise
         finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -315,5 +315,7 @@ class ProcessParallel(DataParallel):
 
 
 def close_workers(workers):
-    for worker in workers:
-        worker.close()
+    # all of them, even when a second Ctrl-C comes while the first worker is stopping
+    with interruption.deferred():
+        for worker in workers:
+            worker.close()

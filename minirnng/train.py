@@ -26,7 +26,7 @@ import time
 
 import numpy
 
-from . import backend
+from . import backend, interruption
 from .atomic import replacing
 from .data.pipeline import Augmentation, batches
 from .layers.recurrent import STABILITY_RULES
@@ -180,6 +180,7 @@ def evaluate(model, dataset, batch_size=32, predict=None):
     accumulator = ConfusionAccumulator(dataset.classes)
     elapsed = 0.0
     for images, labels in batches(dataset, batch_size, shuffle=False):
+        interruption.raise_if_requested()
         start = time.perf_counter()
         predicted = backend.to_numpy(predict(backend.to_device(images)))
         elapsed += time.perf_counter() - start
@@ -397,6 +398,7 @@ class Trainer:
         bar = progress_bar(len(self.train_set), f"epoch {self.epoch + 1}/{config.epochs}", "img", self.progress)
         for step, (images, labels) in enumerate(batches(self.train_set, config.batch_size, rng=self.rng,
                                                         augmentation=self.augmentation)):
+            interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
             progress = (self.epoch + step / steps_per_epoch) / config.epochs
             self.optimizer.lr = learning_rate(config.schedule, config.lr, progress, config.warmup)
             images, labels = backend.to_device(images), backend.to_device(labels)

@@ -27,7 +27,7 @@ import time
 
 import numpy
 
-from . import backend
+from . import backend, interruption
 from .atomic import write_json
 from .data.catalog import load_split, open_dataset
 from .data.classes import HELEN_CLASSES
@@ -182,6 +182,7 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
         order = rng.permutation(len(train_set))
         bar = progress_bar(len(order), f"components {epoch + 1}/{config.epochs}", "face", progress)
         for step, first in enumerate(range(0, len(order), config.batch_size)):
+            interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
             chosen = order[first:first + config.batch_size]
             points = jitter_keypoints(keypoints[chosen], config.jitter, rng)
             crops = cut_crops(normalize(train_set.images[chosen]), train_set.labels[chosen],

@@ -1,0 +1,128 @@
+"""Ctrl-C and SIGTERM that stop a command every time, and never half-way through a cleanup.
+
+Python turns Ctrl-C into a ``KeyboardInterrupt`` raised wherever the main thread happens to be,
+and the command line makes SIGTERM (``kill``, ``timeout``) do the same. Two moments lose it:
+
+- **inside a callback that Python runs for itself**, such as a weak reference's finaliser: the
+  exception is printed as "Exception ignored in ..." and dropped, and the command carries on as if
+  it had never been asked to stop;
+- **inside a library call that wraps whatever it catches**: an ``import`` building an ``enum``
+  turns it into a ``RuntimeError``, which the command line would report as a crash.
+
+A third moment loses more than the signal: between creating a resource and recording it (a block
+of shared memory, a temporary file), an interrupt leaves it to be found, or leaked, at exit.
+
+So the handler that :func:`handling_signals` installs first *records* the request, then raises
+``KeyboardInterrupt`` unless a :func:`deferred` block is running, in which case the block raises
+it as it ends. Long loops call :func:`raise_if_requested` at their safe points (the training loop,
+once a batch) to stop after a dropped interrupt (whose "Exception ignored" report is then left
+out), and the command line treats any error raised while a stop is pending as the stop. Outside :func:`handling_signals` (minirnng used as a library)
+nothing changes: :func:`deferred` and :func:`raise_if_requested` do nothing, since no request can
+be recorded.
+"""
+
+import contextlib
+import signal
+import sys
+import threading
+
+#: The signals that stop a command: Ctrl-C, and ``kill``'s default.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _State:
+    requested = False  # a stop signal has arrived since handling_signals began
+    deferring = 0  # how many deferred() blocks are running (they nest)
+    held = False  # a signal arrived inside them: the outermost raises it as it ends
+
+
+_state = _State()
+
+
+def requested():
+    """Whether a stop signal has arrived (inside :func:`handling_signals`)."""
+    return _state.requested
+
+
+def raise_if_requested():
+    """Raise ``KeyboardInterrupt`` if a stop signal has arrived; call it where stopping is safe."""
+    if _state.requested:
+        raise KeyboardInterrupt
+
+
+def request_stop(signal_number=None, frame=None):
+    """The signal handler: record the request, and raise now unless a :func:`deferred` block runs."""
+    _state.requested = True
+    if _state.deferring:
+        _state.held = True
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred():
+    """A block that a stop signal does not cut in two: an interrupt arriving inside it is raised
+    as it ends. For the few lines that create a resource and record where it is, or release it.
+    (Only a signal that arrived inside the block is raised: cleanup that runs because of an
+    earlier interrupt is not cut short by it again.)"""
+    _state.deferring += 1
+    try:
+        yield
+    finally:
+        _state.deferring -= 1
+    if not _state.deferring and _state.held:
+        _state.held = False
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ignored_by_children():
+    """Start child processes inside this block: they ignore :data:`STOP_SIGNALS` from their first
+    instruction (an ignored signal stays ignored across ``exec``), so that Ctrl-C and a ``kill`` of
+    the whole group stop them only through this process, which closes them; and a stop that reaches
+    this process meanwhile is held (blocked, on systems that can block a signal) and arrives as the
+    block ends, instead of being ignored with them. Signal handlers belong to the main thread:
+    elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    can_block = hasattr(signal, "pthread_sigmask")  # not on Windows
+    if can_block:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def handling_signals():
+    """Install :func:`request_stop` for :data:`STOP_SIGNALS` for the duration of the block, then put
+    the previous handlers back (the command line's :func:`minirnng.cli.main` runs inside other
+    programs too, such as the tests). Signal handlers belong to the main thread: elsewhere the block
+    changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+    previous_hook = sys.unraisablehook
+
+    def report_unraisable(unraisable):
+        # a stop dropped inside a finaliser is recorded and raised at the next check: no
+        # "Exception ignored in ..." traceback before the command's one-line message
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _state.requested):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = report_unraisable
+    _state.requested = _state.held = False
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        sys.unraisablehook = previous_hook
+        _state.requested = _state.held = False

@@ -1,0 +1,158 @@
+"""Ctrl-C and SIGTERM stop a command every time: dropped or wrapped interrupts, and the few lines
+that create or free a resource (minirnng.interruption)."""
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+import weakref
+
+import numpy
+import pytest
+
+from minirnng import cli, interruption, processes, train
+from minirnng.models import RNNG
+
+
+def dropped_stop():
+    """A stop signal that arrives inside a finaliser: Python drops the KeyboardInterrupt raised
+    there (and reports it as "Exception ignored in ...")."""
+    class Resource:
+        pass
+
+    resource = Resource()
+    weakref.finalize(resource, interruption.request_stop)
+    del resource  # the finaliser runs here
+
+
+def test_the_handler_records_the_stop_raises_it_and_is_removed_afterwards():
+    before = {number: signal.getsignal(number) for number in interruption.STOP_SIGNALS}
+    with interruption.handling_signals():
+        assert not interruption.requested()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+        assert interruption.requested()
+        with pytest.raises(KeyboardInterrupt):
+            interruption.raise_if_requested()
+    assert not interruption.requested()
+    assert {number: signal.getsignal(number) for number in interruption.STOP_SIGNALS} == before
+    interruption.raise_if_requested()  # outside the block nothing is pending
+
+
+def test_a_deferred_block_finishes_before_the_stop_is_raised():
+    finished = []
+    with interruption.handling_signals():
+        with pytest.raises(KeyboardInterrupt):
+            with interruption.deferred():
+                with interruption.deferred():  # nested: the outermost block raises
+                    signal.raise_signal(signal.SIGTERM)
+                    finished.append("inner")
+                finished.append("outer")
+        assert finished == ["inner", "outer"]
+        # cleanup that runs because of an earlier stop is not cut short by it again
+        with interruption.deferred():
+            finished.append("cleanup")
+        assert finished[-1] == "cleanup"
+
+
+def test_a_command_whose_interrupt_python_dropped_still_ends_as_interrupted(tmp_path, capsys, monkeypatch):
+    def stop_dropped(self, resume=False):
+        dropped_stop()
+
+    monkeypatch.setattr(train.Trainer, "run", stop_dropped)
+    arguments = ["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
+                 "--out", str(tmp_path / "run"), "--quiet"]
+    assert cli.main(arguments) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; every finished epoch is saved" in err and "Exception ignored" not in err
+
+    def stop_wrapped(self, resume=False):
+        # an import building an enum reports an interrupt as "Error calling __set_name__"
+        try:
+            interruption.request_stop()
+        except KeyboardInterrupt as stop:
+            raise RuntimeError("Error calling __set_name__") from stop
+
+    monkeypatch.setattr(train.Trainer, "run", stop_wrapped)
+    assert cli.main(arguments) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and "RuntimeError" not in err
+
+    def bug(self, resume=False):
+        raise RuntimeError("a bug, not a stop")
+
+    monkeypatch.setattr(train.Trainer, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(arguments)  # the pending stop of the last command is gone
+
+
+def test_training_stops_at_the_next_batch_after_a_dropped_interrupt(tiny_data, tmp_path):
+    trainer = train.Trainer(train.TrainConfig(epochs=2, batch_size=4), *tiny_data, tmp_path, progress=False,
+                            log=lambda line: None, workers=1)
+    steps = []
+    step = trainer.optimizer.step
+
+    def step_then_drop_a_stop():
+        step()
+        steps.append(len(steps))
+        if len(steps) == 1:
+            dropped_stop()
+
+    trainer.optimizer.step = step_then_drop_a_stop
+    with interruption.handling_signals():
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run()
+    assert steps == [0]  # 12 images in batches of 4: two more steps had there been no check
+
+
+def test_a_stop_while_shared_memory_is_created_leaves_it_recorded_and_freed(monkeypatch):
+    from multiprocessing import shared_memory
+
+    create = shared_memory.SharedMemory
+
+    def created_as_a_stop_arrives(*args, **kwargs):
+        interruption.request_stop()  # inside deferred(): held until the block is recorded
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(processes.shared_memory, "SharedMemory", created_as_a_stop_arrives)
+    block = processes.SharedArrays()
+    with interruption.handling_signals():
+        with pytest.raises(KeyboardInterrupt):
+            block.write({"x": [1.0, 2.0]})
+        assert block.block is not None
+        name = block.block.name
+        block.close()
+    monkeypatch.setattr(processes.shared_memory, "SharedMemory", create)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)  # unlinked: nothing left for the resource tracker
+
+
+def test_workers_ignore_stop_signals_and_one_sent_while_they_start_is_not_lost(monkeypatch):
+    model = RNNG(rng=numpy.random.default_rng(0))
+    images = numpy.random.default_rng(1).uniform(-0.5, 0.5, (2, 3, 16, 16))
+    with interruption.handling_signals():
+        network = processes.ProcessParallel(model, 2)
+        worker = network.replicas[1].process
+        for number in interruption.STOP_SIGNALS:
+            os.kill(worker.pid, number)
+        time.sleep(0.5)
+        assert worker.is_alive()  # it stops when the parent closes it, not on its own
+        numpy.testing.assert_allclose(network.forward(images)["logits"], model.forward(images)["logits"],
+                                      rtol=1e-5, atol=1e-6)
+        network.close()
+        assert not worker.is_alive()
+
+        hidden = processes.main_script_hidden
+
+        @contextlib.contextmanager
+        def stopped_while_starting():
+            signal.raise_signal(signal.SIGTERM)  # held until the worker has started
+            with hidden():
+                yield
+
+        monkeypatch.setattr(processes, "main_script_hidden", stopped_while_starting)
+        with pytest.raises(KeyboardInterrupt):
+            processes.ProcessParallel(model, 2)
+        assert interruption.requested()
+        assert not [child for child in multiprocessing.active_children() if child.name.startswith("minirnng-shard")]
