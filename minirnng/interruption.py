@@ -101,14 +101,17 @@ def ignored_by_children():
 
 @contextlib.contextmanager
 def handling_signals():
-    """Install :func:`request_stop` for :data:`STOP_SIGNALS` for the duration of the block, then put
-    the previous handlers back (the command line's :func:`minirnng.cli.main` runs inside other
+    """Install :func:`request_stop` for :data:`STOP_SIGNALS` (those not ignored) for the duration of
+    the block, then put the previous handlers back (the command line's :func:`minirnng.cli.main` runs inside other
     programs too, such as the tests). Signal handlers belong to the main thread: elsewhere the block
     changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
+    # a signal that the caller ignores stays ignored: a shell starts a background job (`&`) with
+    # SIGINT ignored, so that Ctrl-C in the terminal does not reach it
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS
+                if signal.getsignal(number) is not signal.SIG_IGN}
     previous_hook = sys.unraisablehook
 
     def report_unraisable(unraisable):

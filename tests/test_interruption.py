@@ -39,6 +39,15 @@ def test_the_handler_records_the_stop_raises_it_and_is_removed_afterwards():
     assert {number: signal.getsignal(number) for number in interruption.STOP_SIGNALS} == before
     interruption.raise_if_requested()  # outside the block nothing is pending
 
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+    try:
+        with interruption.handling_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is interruption.request_stop
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 def test_a_deferred_block_finishes_before_the_stop_is_raised():
     finished = []
