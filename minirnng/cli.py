@@ -398,6 +398,7 @@ def command_parse(arguments):
               "(pip install 'minirnng[detect]' to detect several faces)")
     failed = 0
     for path, stem in zip(arguments.images, output_stems(arguments.images)):
+        interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
         try:
             image = read_image(path)
         except (OSError, ValueError) as error:
