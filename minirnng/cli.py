@@ -639,8 +639,8 @@ def build_parser():
                            help="'synthetic' or the folder of the dataset (LFW-PL for table1, HELEN for table3)")
     reproduce.add_argument("--budget", choices=("small", "paper", "full"), default="small",
                            help="small: minutes; paper: table1 40 epochs, table2 15, table3 40 + 40 (the spec's "
-                                "training); full (table1 only): 250 epochs with the shipped parser's recipe, "
-                                "hours on a CPU")
+                                "training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
+                                "parser's, less its colour-affinity term), hours on a CPU")
     reproduce.add_argument("--json", help="write the results to this JSON file")
     reproduce.add_argument("--seed", type=int, default=0, help="table1 and table2: every model's seed (default 0)")
     reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")

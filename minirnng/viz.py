@@ -233,9 +233,12 @@ def training_curves_figure(history):
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     left, right = figure.subplots(1, 2)
     for key, label in (("train_loss", "total"), ("train_logits", "logits CE"),
-                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE")):
-        if key in history[0]:
-            left.plot(epochs, [row[key] for row in history], label=label)
+                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE"),
+                       ("train_dice", "soft Dice"), ("train_affinity", "colour affinity")):
+        values = [row.get(key) for row in history]
+        # the Dice and affinity terms are logged only by runs that use them; a log scale cannot draw a 0
+        if any(value is not None and value > 0 for value in values):
+            left.plot(epochs, [value if value is not None else numpy.nan for value in values], label=label)
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     left.set_yscale("log")

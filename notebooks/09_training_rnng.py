@@ -316,8 +316,8 @@ print(f"accuracy {100 * plain['accuracy']:.1f}% -> {100 * mirrored['accuracy']:.
       f"{plain['ms_per_image']:.2f} -> {mirrored['ms_per_image']:.2f} ms per image")
 
 # %% [markdown]
-# On the shipped parser and the LFW-PL validation split the mean gains 0.2 points of accuracy and
-# 0.6 of F-hair (95.05% to 95.26%, docs/training.md); on this small synthetic run the change may go
+# On the shipped parser and the LFW-PL validation split the mean gains 0.3 points of accuracy and
+# 1.0 of F-hair (95.12% to 95.40%, docs/training.md); on this small synthetic run the change may go
 # either way, by up to about a point. `minirnng eval --mirror` and `minirnng parse --mirror` use it.
 #
 # ## 6. Reading a results table: what its F-measures allow

@@ -59,3 +59,21 @@ def test_figures_name_input_they_would_draw_wrongly():
     for history in ([], [{"epoch": 1, "eyes": 0.3}]):
         with pytest.raises(ValueError, match="needs a stage-1 Trainer's history"):
             training_curves_figure(history)
+
+
+def test_training_curves_draw_every_loss_term_the_run_used():
+    from minirnng.viz import training_curves_figure
+
+    def history(terms):
+        rows = []
+        for epoch in range(1, 4):
+            row = {"epoch": epoch, "val_accuracy": 0.8 + 0.01 * epoch, "val_F_hair": 0.5}
+            row.update({f"train_{name}": 1.0 / (epoch + k) for k, name in enumerate(terms)})
+            rows.append(row)
+        return rows
+
+    spec_terms = ("loss", "logits", "coarse", "edge")
+    labels = lambda figure: [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels(training_curves_figure(history(spec_terms))) == ["total", "logits CE", "coarse CE", "edge BCE"]
+    assert labels(training_curves_figure(history(spec_terms + ("dice", "affinity"))))[-2:] == [
+        "soft Dice", "colour affinity"]
