@@ -168,6 +168,17 @@ def to_device(array, dtype=None):
     return numpy.asarray(to_numpy(array), dtype=dtype)
 
 
+def matching(array):
+    """The backend whose new arrays live where ``array`` lives: ``cupy`` for a CuPy array; for a
+    NumPy array the current backend, or ``numpy`` where that is ``cupy``. A copy of a model built
+    under ``use(matching(parameter))`` has its parameters on the model's device, whatever the
+    backend in force (a model built on the host on a machine whose default is the GPU, say)."""
+    if is_cupy_array(array):
+        return "cupy"
+    name = current()
+    return "numpy" if name == "cupy" else name
+
+
 def uses_kernels(array):
     """Whether a layer given ``array`` takes the kernel (GPU) path rather than the NumPy path.
 

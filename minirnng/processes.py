@@ -38,7 +38,7 @@ from multiprocessing import shared_memory
 
 import numpy
 
-from . import interruption
+from . import backend, interruption
 from .parallel import DataParallel, checked_replica, shard_pass
 
 #: Every array in a block starts at a multiple of this many bytes (a cache line).
@@ -114,14 +114,18 @@ class SharedArraysReader:
         self.blocks = {}
 
 
-def serve(connection, model):
+def serve(connection, model, backend_name):
     """A worker process's loop: receive a command, run the shard on the replica, reply.
 
     The replica is rebuilt from the received copy (``model.replica()``): unpickling copies the
     arrays that the four-way layers share as views apart, and a rebuilt model has them shared again.
+    ``backend_name`` is the parent's backend for the model (:func:`minirnng.backend.matching`): the
+    worker computes as the parent does, not by its own default (CuPy on a machine with a GPU,
+    where the parent may have chosen NumPy).
     """
     from .train import keep_freed_memory
 
+    backend.select(backend_name)
     keep_freed_memory()
     replica = model.replica()
     inbox, outbox = SharedArraysReader(), SharedArrays()
@@ -209,8 +213,9 @@ class WorkerProcess:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
-        self.process = context.Process(target=serve, args=(child, model), name=f"minirnng-shard-{index}",
-                                       daemon=True)
+        backend_name = backend.matching(next(iter(model.params().values())))
+        self.process = context.Process(target=serve, args=(child, model, backend_name),
+                                       name=f"minirnng-shard-{index}", daemon=True)
         saved = {name: os.environ.get(name) for name in ONE_BLAS_THREAD}
         os.environ.update(ONE_BLAS_THREAD)  # inherited by the worker as it starts, before NumPy loads
         # Ctrl-C (and `kill` of the whole group) reaches every process of the group; a worker

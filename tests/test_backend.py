@@ -67,6 +67,23 @@ def test_describe_names_where_the_backend_computes():
         assert backend.describe() == "CPU (the CUDA emulator)"
 
 
+def test_matching_keeps_new_arrays_on_the_host_for_a_host_array():
+    host = numpy.zeros(3)
+    with backend.use("numpy"):
+        assert backend.matching(host) == "numpy"
+    with backend.use("cuda-emulator"):
+        assert backend.matching(host) == "cuda-emulator"
+
+
+@pytest.mark.gpu
+def test_matching_follows_the_array_not_the_backend_in_force():
+    import cupy
+    with backend.use("cupy"):
+        assert backend.matching(numpy.zeros(3)) == "numpy"
+    with backend.use("numpy"):
+        assert backend.matching(cupy.zeros(3)) == "cupy"
+
+
 @pytest.mark.gpu
 def test_the_default_is_cupy_where_a_gpu_is_usable():
     environment = {key: value for key, value in os.environ.items() if key != "MINIRNNG_BACKEND"}

@@ -292,6 +292,49 @@ def test_a_model_on_the_gpu_runs_unsplit(kind, rng):
         assert network.backward(upstream).shape == images.shape
 
 
+def test_worker_processes_compute_on_the_parents_backend_not_their_default(monkeypatch, rng):
+    """A worker process starts with the environment's default backend; it must take the parent's
+    instead (on a machine with a GPU the default is CuPy while the parent may compute on NumPy)."""
+    model, reference = twin_models()
+    monkeypatch.setenv(backend.ENVIRONMENT_VARIABLE, "cuda-emulator")  # what a started worker would default to
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    with backend.use("numpy"), ProcessParallel(model, 2) as processes:
+        outputs = processes.forward(images)
+        assert processes._shards is not None
+    expected = DataParallel(reference, 2).forward(images)  # threads, on NumPy: the same bits
+    for name in expected:
+        numpy.testing.assert_array_equal(outputs[name], expected[name], err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [DataParallel, ProcessParallel])
+def test_a_model_on_the_host_is_shared_among_workers_on_a_gpu_machine(kind, monkeypatch, rng):
+    """Where CuPy is the default (and what a worker process starts with), a model built on the host
+    still runs on the host in every worker, as notebook 09 does."""
+    monkeypatch.setenv(backend.ENVIRONMENT_VARIABLE, "cupy")
+    model, reference = twin_models()
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    with backend.use("cupy"):
+        network = kind(model, 2)
+        try:
+            assert len(network.replicas) == 2
+            if kind is DataParallel:  # the thread's replica, built while CuPy is in force, is on the host too
+                assert all(isinstance(value, numpy.ndarray) for value in network.replicas[1].params().values())
+            outputs = network.forward(images)
+            assert network._shards is not None
+            upstream = random_like(outputs, rng)
+            network.backward(upstream, input_gradient=False)
+        finally:
+            network.close()
+    with backend.use("numpy"):
+        expected = reference.forward(images)
+        reference.backward(upstream, input_gradient=False)
+    for name in expected:
+        numpy.testing.assert_allclose(outputs[name], expected[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    for name, grad in reference.grads().items():
+        numpy.testing.assert_allclose(model.grads()[name], grad, rtol=1e-10, atol=1e-13, err_msg=name)
+
+
 def test_replicas_keep_what_config_leaves_out(rng):
     from minirnng.models import CNNCRF, DenseCRF
     model = CNNCRF(3, rng=0, dtype=numpy.float64, crf=DenseCRF(iterations=2, bilateral_weight=9.0))

@@ -94,8 +94,10 @@ class Model:
     def replica(self):
         """A new model of the same architecture and settings, with layers (and caches) of its own
         and parameters to be copied in (:class:`minirnng.parallel.DataParallel` runs one per
-        worker thread). Models with settings that ``config()`` leaves out extend it."""
-        copy = type(self)(**self.config(), rng=0, dtype=self.dtype)
+        worker thread). Models with settings that ``config()`` leaves out extend it. The copy's
+        parameters are on the model's device, not necessarily the current backend's."""
+        with backend.use(backend.matching(next(iter(self.params().values())))):
+            copy = type(self)(**self.config(), rng=0, dtype=self.dtype)
         copy.classes = self.classes
         return copy
 
