@@ -14,7 +14,7 @@ One prepared run for a machine with a CUDA GPU (about a minute on an H200):
 4. RNN-G inference (``model.predict``: forward and arg-max) at 128 x 128 for batch 1 and batch 256:
    images per second from back-to-back calls (the steady state of an inference loop), and the
    latency of one synchronised call. Also a training step at batch 16 (forward, the three-term
-   loss, backward, Adam, the stability rule).
+   loss, backward, Adam, the stability rule), and the same with batch normalisation (``--batch-norm``).
 5. The same batch-1 inference recorded once into a CUDA graph by
    ``minirnng.cuda.graph.CapturedPredict`` and replayed: what is left when the Python launch
    overhead goes. Reported separately; a failure to record is printed and does not stop the script.
@@ -158,7 +158,7 @@ def layer_rows(timer, repeats):
     import numpy
 
     from minirnng import backend
-    from minirnng.layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
+    from minirnng.layers import BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
     from minirnng.layers.recurrent import FourWayGatedRNN, constrain_recurrent_weight
     from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 
@@ -176,6 +176,7 @@ def layer_rows(timer, repeats):
             value[...] = cupy.asarray(constrain_recurrent_weight(random) if name.endswith("W") else random)
         layers = [
             ("conv1 Conv2d 3->16 5x5", Conv2d(3, 16, 5, padding=2, rng=0), [(n, 3, s, s)]),
+            ("bn1 BatchNorm2d(16) (--batch-norm only)", BatchNorm2d(16), [(n, 16, s, s)]),
             ("relu1 ReLU", ReLU(), [(n, 16, s, s)]),
             ("pool2 MaxPool2d 2", MaxPool2d(2), [(n, 16, s, s)]),
             ("conv3 Conv2d 16->32 3x3", Conv2d(16, 32, 3, padding=1, rng=0), [(n, 16, half, half)]),
@@ -322,6 +323,23 @@ def rnng_rows(timer, quick):
             optimizer.step()
             model.constrain()
         rows.append(("RNN-G training step", LAYER_BATCH, timer.latency(train_step, repeats=5 if quick else 20)))
+
+        from minirnng.models import RNNG
+        normalized = RNNG(CLASSES, hidden=HIDDEN, rng=0, batch_norm=True)
+        normalized.load_params({**normalized.params(), **model.params()})
+        normalized_grads = normalized.grads()
+        normalized_optimizer = Adam({name: value for name, value in normalized.params().items()
+                                     if name in normalized_grads}, normalized_grads, lr=1e-4)
+
+        def normalized_step():
+            normalized.zero_grad()
+            outputs = normalized.forward(images)
+            _, _, grads = objective(outputs, labels, rng)
+            normalized.backward(grads, input_gradient=False)
+            normalized_optimizer.step()
+            normalized.constrain()
+        rows.append(("RNN-G training step with --batch-norm", LAYER_BATCH,
+                     timer.latency(normalized_step, repeats=5 if quick else 20)))
     return rows, notes
 
 

@@ -175,6 +175,7 @@ def command_train(arguments):
                          background_ratio=arguments.background_ratio,
                          class_balance=arguments.class_balance, dice_weight=arguments.dice_weight,
                          affinity_weight=arguments.affinity_weight, gate_bias=arguments.gate_bias,
+                         batch_norm=arguments.batch_norm,
                          recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
                          augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed,
                          init=arguments.init or "")
@@ -550,6 +551,9 @@ def build_parser():
                        help="weight of a colour-affinity term on the logits (8-connected neighbours of one "
                             "colour asked to agree: a CRF's pairwise term) beside the three losses; 0 = none "
                             "(default, the spec's objective)")
+    train.add_argument("--batch-norm", action="store_true",
+                       help="batch normalisation after conv1, conv3 and conv5 while training, folded into "
+                            "those convolutions in best.npz (the spec's network); default: none")
     train.add_argument("--class-balance", type=float, default=defaults.class_balance,
                        help="class weights (mean frequency / frequency) ** this power; 0 = none")
     train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,

@@ -139,7 +139,9 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
         structure of the output (a float for a scalar output).
     inputs : dict name -> float64 array, in the order ``forward`` takes them. Arrays named in
         ``params`` are perturbed in place too.
-    params, grads : dicts name -> live float64 arrays, as a layer's ``params`` / ``grads``.
+    params, grads : dicts name -> live float64 arrays, as a layer's ``params`` / ``grads``. A
+        parameter without a gradient (batch normalisation's running statistics, which are
+        measured, not trained) is not checked.
     rng : seed or Generator for the upstream gradient and the sampled entries.
     max_entries : check at most this many entries of each array (sparse mode); None checks all.
     zero_grad : called before ``backward`` so that accumulated gradients start from zero.
@@ -149,8 +151,8 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     if max_entries is not None and not (isinstance(max_entries, (int, numpy.integer)) and max_entries >= 1):
         raise ValueError(f"gradcheck: max_entries must be None (every entry) or at least 1, got {max_entries!r}")
     rng = numpy.random.default_rng(rng)
-    params = params or {}
     grads = grads or {}
+    params = {name: value for name, value in (params or {}).items() if name in grads}
     arrays = list(inputs.values())
     for name, array in list(inputs.items()) + list(params.items()):
         if array.dtype != numpy.float64:

@@ -10,7 +10,9 @@ killed at any moment loses at most the epoch in progress):
 
 ``last.npz``    the model, the optimizer's state, the epoch, the generator's state and the history:
                 ``--resume`` continues from it exactly as if the run had never stopped;
-``best.npz``    the model with the best validation accuracy so far (a plain checkpoint);
+``best.npz``    the model with the best validation accuracy so far (a plain checkpoint; a run
+                with ``batch_norm`` stores it folded into the convolutions, the network without
+                the normalisation, :meth:`minirnng.models.RNNG.folded`);
 ``log.csv``     one row per epoch: learning rate, losses, validation accuracy and F-measures, time;
 ``curves.png``  training loss and validation scores against the epoch.
 """
@@ -74,6 +76,9 @@ class TrainConfig:
     #: the weight of a colour-affinity term on the logits (the pairwise term of a CRF; 0: none;
     #: docs/training.md, run BV)
     affinity_weight: float = 0.0
+    #: batch normalisation after conv1, conv3 and conv5 while training, folded into them in
+    #: ``best.npz`` (not the spec's training; docs/training.md, run BY)
+    batch_norm: bool = False
     #: the recurrent weights' learning rate, as a multiple of ``lr`` (docs/training.md, run AK)
     recurrent_lr_scale: float = 1.0
     #: how the recurrent W are kept stable after each step: "rescale" (the spec's), "project"
@@ -122,12 +127,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
+        if not isinstance(self.batch_norm, bool):
+            raise TypeError(f"batch_norm must be True or False, got {self.batch_norm!r}")
         return self
 
 
 def build_model(config, rng):
     return ARCHITECTURES[config.model](n_classes=config.n_classes, hidden=config.hidden, rng=rng,
-                                      gate_bias=config.gate_bias)
+                                      gate_bias=config.gate_bias, batch_norm=config.batch_norm)
 
 
 def build_optimizer(config, model):
@@ -136,7 +143,11 @@ def build_optimizer(config, model):
         options["lr_scales"] = {name: config.recurrent_lr_scale for name in model.recurrent_weight_names()}
     if config.optimizer == "sgd":
         options["momentum"] = config.momentum
-    return OPTIMIZERS[config.optimizer](model.params(), model.grads(), **options)
+    grads = model.grads()
+    # the trained parameters: those with a gradient (batch normalisation's running statistics,
+    # which are parameters of the model too, are measured instead)
+    params = {name: value for name, value in model.params().items() if name in grads}
+    return OPTIMIZERS[config.optimizer](params, grads, **options)
 
 
 def keep_freed_memory():
@@ -382,6 +393,11 @@ class Trainer:
         schedule and the epoch count start afresh. A resumed run takes its weights from
         ``last.npz`` and never reads ``path`` again."""
         source = load_model(path, expect=self.config.model)
+        if getattr(source, "batch_norm", False) != self.config.batch_norm:
+            raise ValueError(f"cannot start from {os.fspath(path)!r}: it holds a network "
+                             f"{'with' if getattr(source, 'batch_norm', False) else 'without'} batch normalisation "
+                             f"and this run trains one {'with' if self.config.batch_norm else 'without'}; the "
+                             "last.npz of a --batch-norm run holds its normalisations, its best.npz the folded network")
         if source.classes and list(source.classes) != list(self.model.classes):
             raise ValueError(f"cannot start from {os.fspath(path)!r}: it was trained on the classes "
                              f"{list(source.classes)}, this run has {list(self.model.classes)}")
@@ -466,7 +482,8 @@ class Trainer:
             self.history.append(row)
             if validation["accuracy"] > self.best_accuracy:
                 self.best_accuracy = validation["accuracy"]
-                save_model(self.model, self.best_path, input_size=self.input_size, epoch=self.epoch,
+                chosen = self.model.folded() if self.config.batch_norm else self.model
+                save_model(chosen, self.best_path, input_size=self.input_size, epoch=self.epoch,
                            validation=validation, train_config=dataclasses.asdict(self.config))
             self.save_state()
             write_log(self.history, os.path.join(self.out_dir, "log.csv"))

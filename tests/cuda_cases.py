@@ -516,3 +516,78 @@ def reference_sigmoid_bce(logits, targets, mask=None, scale=1.0):
     losses = numpy.logaddexp(0.0, z) - z * t
     weight_sum = weight.sum()
     return (weight * losses).sum(), weight_sum, scale * weight * (expit(z) - t) / weight_sum
+
+
+# ---- batch normalisation --------------------------------------------------------------------------
+
+def batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, track=True):
+    """batch_norm.cu's training forward as the layer launches it: the sums, the centred squares,
+    the statistics (moving copies of the running statistics when ``track``), the normalisation."""
+    xp = backend.get_array_module(x)
+    n, c, h, w = x.shape
+    pixels, count, scalar = h * w, n * h * w, x.dtype.type
+    chunks = min(1024, count)
+    sums = channel_sum(x.reshape(n, c, pixels))
+    partial = xp.empty((c, chunks), dtype=x.dtype)
+    _launch("batch_norm", "batch_norm_centred_squares", x.dtype, c * chunks,
+            (x, sums, partial, i32(n), i32(c), i32(pixels), i32(chunks)))
+    squares = xp.empty(c, dtype=x.dtype)
+    _launch("reduce", "channel_sum_finish", x.dtype, c, (partial, squares, i32(c), i32(chunks)))
+    mean, variance = xp.empty(c, dtype=x.dtype), xp.empty(c, dtype=x.dtype)
+    running_mean, running_var = running_mean.copy(), running_var.copy()
+    _launch("batch_norm", "batch_norm_statistics", x.dtype, c,
+            (sums, squares, mean, variance, running_mean, running_var, i32(c), i32(count), scalar(momentum),
+             i32(track)))
+    return {**batch_norm_normalize(x, mean, variance, weight, bias, eps, keep_xhat=True), "mean": mean,
+            "variance": variance, "running_mean": running_mean, "running_var": running_var}
+
+
+def batch_norm_normalize(x, mean, variance, weight, bias, eps=1e-5, keep_xhat=False):
+    """batch_norm_forward alone: y (and xhat) from given per-channel statistics (inference)."""
+    xp = backend.get_array_module(x)
+    c, pixels = x.shape[1], x.shape[2] * x.shape[3]
+    y = xp.empty_like(x)
+    xhat = xp.empty_like(x) if keep_xhat else None
+    _launch("batch_norm", "batch_norm_forward", x.dtype, x.size,
+            (x, mean, variance, weight, bias, xhat, y, i32(c), i32(pixels), i32(x.size), x.dtype.type(eps)))
+    return {"y": y} if xhat is None else {"y": y, "xhat": xhat}
+
+
+def batch_norm_backward(dy, xhat, variance, weight, eps=1e-5):
+    """The backward launches: the 2C sums (dbias, dweight) and dx."""
+    xp = backend.get_array_module(dy)
+    n, c, h, w = dy.shape
+    pixels, count = h * w, n * h * w
+    chunks = min(1024, count)
+    partial = xp.empty((2 * c, chunks), dtype=dy.dtype)
+    _launch("batch_norm", "batch_norm_gradient_sums", dy.dtype, c * chunks,
+            (dy, xhat, partial, i32(n), i32(c), i32(pixels), i32(chunks)))
+    sums = xp.empty(2 * c, dtype=dy.dtype)
+    _launch("reduce", "channel_sum_finish", dy.dtype, 2 * c, (partial, sums, i32(2 * c), i32(chunks)))
+    dx = xp.empty_like(dy)
+    _launch("batch_norm", "batch_norm_backward", dy.dtype, dy.size,
+            (dy, xhat, sums, variance, weight, dx, i32(c), i32(pixels), i32(count), i32(dy.size), dy.dtype.type(eps)))
+    return {"sums": sums, "dx": dx}
+
+
+def reference_batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, track=True):
+    """The training forward in float64 from the textbook formulas."""
+    x = x.astype(numpy.float64)
+    mean, variance = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    per_channel = (1, -1, 1, 1)
+    xhat = (x - mean.reshape(per_channel)) / numpy.sqrt(variance.reshape(per_channel) + eps)
+    if track:
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var = (1 - momentum) * running_var + momentum * variance
+    return {"y": weight.reshape(per_channel) * xhat + bias.reshape(per_channel), "xhat": xhat, "mean": mean,
+            "variance": variance, "running_mean": running_mean, "running_var": running_var}
+
+
+def reference_batch_norm_backward(dy, xhat, variance, weight, eps=1e-5):
+    dy, xhat = dy.astype(numpy.float64), xhat.astype(numpy.float64)
+    per_channel = (1, -1, 1, 1)
+    sum_dy, sum_dy_xhat = dy.sum(axis=(0, 2, 3)), (dy * xhat).sum(axis=(0, 2, 3))
+    count = dy.size // dy.shape[1]
+    dx = (weight / numpy.sqrt(variance + eps)).reshape(per_channel) * (
+        dy - sum_dy.reshape(per_channel) / count - xhat * sum_dy_xhat.reshape(per_channel) / count)
+    return {"sums": numpy.concatenate([sum_dy, sum_dy_xhat]), "dx": dx}

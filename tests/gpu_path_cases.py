@@ -14,7 +14,7 @@ from scipy.special import expit
 
 from cuda_cases import assert_close, normal
 from minirnng import backend
-from minirnng.layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid, Tanh
+from minirnng.layers import BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid, Tanh
 from minirnng.layers.recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN,
                                        SpatialRNN, constrain_recurrent_weight)
 from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
@@ -116,7 +116,23 @@ def _recurrent_cases():
            lambda rng, dtype: (normal(rng, shape, dtype),), zero_recurrence)
 
 
-LAYER_CASES = [*_conv_cases(), *_pool_and_activation_cases(), *_recurrent_cases()]
+def randomize_affine(layer, rng):
+    """A batch normalisation's weight and bias away from 1 and 0 (both signs of weight)."""
+    layer.params["weight"][...] = rng.choice([-1.0, 1.0], layer.channels) * rng.uniform(0.5, 1.5, layer.channels)
+    layer.params["bias"][...] = rng.standard_normal(layer.channels)
+
+
+def _normalization_cases():
+    # channels with their own offset and scale, as a convolution's outputs have; 3 x 1001 pixels
+    # per channel in the second: more than the 1024 chunks of a reduction thread
+    for shape in [(2, 3, 5, 7), (3, 2, 13, 77)]:
+        yield (f"BatchNorm2d-{'x'.join(map(str, shape))}", lambda dtype, c=shape[1]: BatchNorm2d(c, dtype=dtype),
+               lambda rng, dtype, shape=shape: ((normal(rng, shape, dtype, scale=3.0)
+                                                 + rng.uniform(-2, 2, (1, shape[1], 1, 1))).astype(dtype),),
+               randomize_affine)
+
+
+LAYER_CASES = [*_conv_cases(), *_pool_and_activation_cases(), *_recurrent_cases(), *_normalization_cases()]
 
 
 # ---- running a layer on two paths ------------------------------------------------------------------
@@ -359,6 +375,8 @@ GRADIENT_CASES = [
      lambda rng: (rng.standard_normal((2, 2, 3, 4)), expit(rng.standard_normal((2, 2, 3, 4)))), randomize_recurrence),
     ("FourWaySpatialRNN", lambda dtype: FourWaySpatialRNN(2, dtype=dtype),
      lambda rng: (rng.standard_normal((2, 2, 3, 4)),), randomize_recurrence),
+    ("BatchNorm2d", lambda dtype: BatchNorm2d(3, dtype=dtype),
+     lambda rng: (2 * rng.standard_normal((2, 3, 4, 3)) + 1,), randomize_affine),
 ]
 
 

@@ -110,12 +110,12 @@ def test_predict_with_options_is_the_crf_on_the_mirrored_logits(rng):
                                      cnn_crf.crf.refine(mirrored_logits(cnn_crf, images), images).argmax(axis=1))
 
 
-def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
+def test_train_on_synthetic_faces_with_another_hidden_size_and_batch_norm(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--data", "synthetic", "--train-size", "8", "--validation-size", "4",
                      "--epochs", "1", "--batch-size", "4", "--hidden", "4", "--out", str(out), "--quiet",
                      "--workers", "2", "--recurrent-lr-scale", "0.5", "--stability-rule", "project",
-                     "--augment", "mirror", "--dice-weight", "0.5"]) == 0
+                     "--augment", "mirror", "--dice-weight", "0.5", "--batch-norm"]) == 0
     assert "2 worker processes share each batch" in capsys.readouterr().out
     from minirnng.models.checkpoint import read_checkpoint
     header, params, _ = read_checkpoint(out / "last.npz")
@@ -123,10 +123,12 @@ def test_train_on_synthetic_faces_with_another_hidden_size(tmp_path, capsys):
     assert header["training"]["config"]["stability_rule"] == "project"
     assert header["training"]["config"]["augment"] == "mirror"
     assert header["training"]["config"]["dice_weight"] == 0.5
+    assert header["training"]["config"]["batch_norm"] and header["config"]["batch_norm"]
     assert 0 < header["training"]["history"][0]["train_dice"] < 1
     assert all(numpy.abs(value).sum(axis=1).max() <= 1 + 1e-6 for name, value in params.items() if name.endswith(".W"))
     from minirnng.models import load_model
     model = load_model(out / "best.npz")
+    assert not model.batch_norm  # folded into the convolutions: the plain network
     assert model.params()["rnn.left_to_right.W"].shape == (4, 4)
     assert model.params()["deconv6.weight"].shape == (32, 8, 4, 4)
     assert model.predict(numpy.zeros((1, 3, 32, 32), numpy.float32)).shape == (1, 32, 32)

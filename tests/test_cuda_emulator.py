@@ -155,6 +155,30 @@ def test_relu_passes_nan_and_its_backward_accepts_the_input():
     numpy.testing.assert_array_equal(cases.activation_backward("relu", dy, x[1:].copy()), [0.0, 1.0, 0.0])
 
 
+# ---- batch normalisation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("track", [True, False], ids=["tracking", "not-tracking"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 2, 13, 77)], ids=["small", "more-pixels-than-chunks"])
+def test_batch_norm_kernels_match_the_formulas(shape, track, dtype):
+    rng = numpy.random.default_rng(8)
+    x = (normal(rng, shape, dtype, scale=3.0) + rng.uniform(-2, 2, (1, shape[1], 1, 1))).astype(dtype)
+    weight, bias = normal(rng, (shape[1],), dtype), normal(rng, (shape[1],), dtype)
+    running_mean, running_var = normal(rng, (shape[1],), dtype), rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    results = cases.batch_norm(x, weight, bias, running_mean, running_var, momentum=0.2, track=track)
+    expected = cases.reference_batch_norm(x, weight, bias, running_mean, running_var, momentum=0.2, track=track)
+    for name, value in expected.items():
+        assert_close(results[name], value)
+    # inference: the running statistics in place of the batch's
+    per_channel = [value.astype(numpy.float64).reshape(1, -1, 1, 1) for value in (running_mean, running_var, weight, bias)]
+    inferred = per_channel[2] * (x - per_channel[0]) / numpy.sqrt(per_channel[1] + 1e-5) + per_channel[3]
+    assert_close(cases.batch_norm_normalize(x, running_mean, running_var, weight, bias)["y"], inferred)
+    dy = normal(rng, shape, dtype)
+    gradients = cases.batch_norm_backward(dy, results["xhat"], results["variance"], weight)
+    for name, value in cases.reference_batch_norm_backward(dy, results["xhat"], results["variance"], weight).items():
+        assert_close(gradients[name], value)
+
+
 # ---- recurrent scans ------------------------------------------------------------------------------------
 
 SCAN_DIRECTIONS = [pytest.param([d], id=d) for d in DIRECTIONS] + [pytest.param(list(DIRECTIONS), id="all-four")]

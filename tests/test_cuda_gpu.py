@@ -122,6 +122,14 @@ def kernel_cases(rng, dtype):
     yield "sigmoid_bce_backward", cases.sigmoid_bce_backward, (edge_logits, edge_targets, edge_totals, 0.7,
                                                                edge_mask), {}
     yield "soft_dice", cases.soft_dice, (logits, targets), dice_kwargs
+    norm_x = (normal(rng, (3, 2, 13, 77), dtype, scale=3.0) + 1).astype(dtype)
+    norm_weight, norm_bias = normal(rng, (2,), dtype), normal(rng, (2,), dtype)
+    running = (normal(rng, (2,), dtype), rng.uniform(0.5, 2, 2).astype(dtype))
+    normalized = on_emulator(cases.batch_norm, norm_x, norm_weight, norm_bias, *running)
+    yield "batch_norm", cases.batch_norm, (norm_x, norm_weight, norm_bias, *running), {}
+    yield "batch_norm_inference", cases.batch_norm_normalize, (norm_x, *running, norm_weight, norm_bias), {}
+    yield "batch_norm_backward", cases.batch_norm_backward, (normal(rng, norm_x.shape, dtype), normalized["xhat"],
+                                                             normalized["variance"], norm_weight), {}
     yield "soft_dice_backward", cases.soft_dice_backward, (logits, targets, dice_totals, 0.5, 0.7), dice_kwargs
 
 

@@ -183,7 +183,7 @@ def with_config(**changes):
 MALFORMED = {
     "unknown config key": (dict(header=with_config(foo=1)),
                            r"unknown config key\(s\) \['foo'\] for a 'rnng' model \(minirnng .* knows "
-                           r"\['gate_bias', 'hidden', 'n_classes'\]; the file was written by minirnng"),
+                           r"\['batch_norm', 'gate_bias', 'hidden', 'n_classes'\]; the file was written by minirnng"),
     "config value of the wrong type": (dict(header=with_config(n_classes="three")),
                                        r"its config .* does not build a 'rnng' model \(RNNG: n_classes must be an integer, got 'three'"),
     "config value out of range": (dict(header=with_config(n_classes=1)),

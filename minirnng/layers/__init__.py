@@ -7,10 +7,11 @@ loops that read like the equations, are in :mod:`minirnng.layers.naive`.
 from .activations import ReLU, Sigmoid, Tanh
 from .base import Layer
 from .conv import Conv2d, ConvTranspose2d
+from .normalization import BatchNorm2d
 from .pool import MaxPool2d
 from .recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN, SpatialRNN,
                         constrain_recurrent_weight)
 
-__all__ = ["Layer", "Conv2d", "ConvTranspose2d", "MaxPool2d", "ReLU", "Sigmoid", "Tanh",
+__all__ = ["Layer", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Sigmoid", "Tanh",
            "DIRECTIONS", "GatedSpatialRNN", "FourWayGatedRNN", "SpatialRNN", "FourWaySpatialRNN",
            "constrain_recurrent_weight"]

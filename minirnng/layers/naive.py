@@ -9,7 +9,7 @@ arrays only.
 
 import numpy
 
-from . import activations, conv, pool
+from . import activations, conv, normalization, pool
 from .im2col import conv_output_size
 
 
@@ -149,6 +149,46 @@ class Tanh(activations.Tanh):
         dx = numpy.zeros_like(dy)
         for index in numpy.ndindex(*dy.shape):
             dx[index] = dy[index] * (1 - y[index] ** 2)
+        return dx
+
+
+# -- batch normalisation --------------------------------------------------------------------------
+
+class BatchNorm2d(normalization.BatchNorm2d):
+    """One channel at a time: its N*H*W values, their mean and variance, then each value normalised
+    (and, backward, each value's gradient from the channel's two sums)."""
+
+    def forward_cpu(self, x):
+        n, channels, height, width = x.shape
+        count = n * height * width
+        y, xhat = numpy.zeros_like(x), numpy.zeros_like(x)
+        means, variances, inverse_std = numpy.zeros(channels), numpy.zeros(channels), numpy.zeros(channels)
+        for c in range(channels):
+            values = [float(x[image, c, row, column]) for image, row, column in numpy.ndindex(n, height, width)]
+            means[c] = sum(values) / count
+            variances[c] = sum((value - means[c]) ** 2 for value in values) / count
+            inverse_std[c] = 1 / numpy.sqrt(variances[c] + self.eps)
+            for image, row, column in numpy.ndindex(n, height, width):
+                xhat[image, c, row, column] = (x[image, c, row, column] - means[c]) * inverse_std[c]
+                y[image, c, row, column] = self.params["weight"][c] * xhat[image, c, row, column] + self.params["bias"][c]
+        self.update_statistics(means, variances)
+        return y, (xhat, inverse_std)
+
+    def backward_cpu(self, dy):
+        xhat, inverse_std = self.cache
+        n, channels, height, width = dy.shape
+        count = n * height * width
+        dx = numpy.zeros_like(dy)
+        for c in range(channels):
+            pixels = list(numpy.ndindex(n, height, width))
+            sum_dy = sum(float(dy[image, c, row, column]) for image, row, column in pixels)
+            sum_dy_xhat = sum(float(dy[image, c, row, column] * xhat[image, c, row, column])
+                              for image, row, column in pixels)
+            self.grads["weight"][c] += sum_dy_xhat
+            self.grads["bias"][c] += sum_dy
+            for image, row, column in pixels:
+                dx[image, c, row, column] = self.params["weight"][c] * inverse_std[c] * (
+                    dy[image, c, row, column] - sum_dy / count - xhat[image, c, row, column] * sum_dy_xhat / count)
         return dx
 
 

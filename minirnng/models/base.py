@@ -21,7 +21,7 @@ A model is a set of named layers wired by its own ``forward`` and ``backward``:
 import numpy
 
 from .. import backend
-from ..layers import Conv2d, MaxPool2d, ReLU
+from ..layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU
 from ..layers.base import check_dtype, check_positive_int
 
 
@@ -51,6 +51,8 @@ def infer_chain(layers, order, a):
             a = layer.infer(a, relu=relu_done)
         elif isinstance(layer, MaxPool2d):
             a = layer.pooled(a)
+        elif isinstance(layer, BatchNorm2d):
+            a = layer.infer(a)  # by the running statistics
         elif isinstance(layer, ReLU):
             if not relu_done:
                 # on the NumPy path, in place: a is the fresh output of the layer before

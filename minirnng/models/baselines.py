@@ -85,8 +85,9 @@ class CNNCRF(CNNS):
 
     architecture = "cnn-crf"
 
-    def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, crf=None):
-        super().__init__(n_classes, hidden, rng=rng, dtype=dtype, gate_bias=gate_bias)
+    def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, crf=None,
+                 batch_norm=False):
+        super().__init__(n_classes, hidden, rng=rng, dtype=dtype, gate_bias=gate_bias, batch_norm=batch_norm)
         if crf is not None and not isinstance(crf, DenseCRF):
             raise TypeError(f"CNNCRF: crf must be a DenseCRF or None, got {type(crf).__name__}")
         self.crf = crf or DenseCRF()
@@ -95,6 +96,11 @@ class CNNCRF(CNNS):
         copy = super().replica()
         copy.crf = self.crf  # no state of its own while it runs: one CRF serves every copy
         return copy
+
+    def folded(self):
+        plain = super().folded()
+        plain.crf = self.crf
+        return plain
 
     def predict(self, images):
         return self.crf.refine(self.infer(images), images).argmax(axis=1)

@@ -27,8 +27,9 @@ which the baselines of :mod:`minirnng.models.baselines` replace.
 import numpy
 
 from .. import backend
-from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
+from ..layers import BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
 from ..layers.base import check_positive_int
+from ..layers.normalization import fold_into_convolution
 from ..layers.recurrent import STABILITY_RULES, FourWayGatedRNN, constrain_recurrent_weight
 from .base import Model, infer_chain
 
@@ -42,6 +43,10 @@ class RNNG(Model):
         sigmoid(gate_bias): propagation is open from the first step and the edge loss learns
         where to close it.
     rng : seed or numpy.random.Generator for the initial weights; dtype : float32 or float64.
+    batch_norm : a training device, not the spec's network: a :class:`~minirnng.layers.BatchNorm2d`
+        after each of conv1, conv3 and conv5 (``bn1``, ``bn3``, ``bn5``, before the pooling and
+        the ReLU). ``forward`` normalises by the batch's statistics, ``infer`` by the running
+        ones; :meth:`folded` returns the spec's network with the same ``infer``.
     """
 
     architecture = "rnng"
@@ -50,10 +55,16 @@ class RNNG(Model):
     #: it, which gives the same result on a quarter of the pixels (see the module docstring)
     trunk = ("conv1", "pool2", "relu1", "conv3", "pool4", "relu3", "conv5", "relu5", "deconv6")
 
-    def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0):
+    #: the convolutions that ``batch_norm=True`` normalises, each with the name of its BatchNorm2d
+    NORMALIZED = {"conv1": "bn1", "conv3": "bn3", "conv5": "bn5"}
+
+    def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, batch_norm=False):
         super().__init__(n_classes, dtype)
         self.hidden = check_positive_int(hidden, type(self).__name__, "hidden")
         self.gate_bias = float(gate_bias)
+        if not isinstance(batch_norm, (bool, numpy.bool_)):
+            raise TypeError(f"{type(self).__name__}: batch_norm must be True or False, got {batch_norm!r}")
+        self.batch_norm = bool(batch_norm)
         rng = numpy.random.default_rng(rng)
         k, h, dt = self.n_classes, self.hidden, self.dtype
         self.layers = {
@@ -77,6 +88,21 @@ class RNNG(Model):
         })
         self.initialize(rng)
         self.layers["deconv6"].params["bias"][h:] = self.gate_bias
+        if self.batch_norm:
+            self.add_batch_norm()
+
+    def add_batch_norm(self):
+        """Put a BatchNorm2d after each convolution of :attr:`NORMALIZED`, in the layers and the trunk."""
+        layers, trunk = {}, []
+        for name, layer in self.layers.items():
+            layers[name] = layer
+            if name in self.NORMALIZED:
+                layers[self.NORMALIZED[name]] = BatchNorm2d(layer.out_channels, dtype=self.dtype)
+        for name in self.trunk:
+            trunk.append(name)
+            if name in self.NORMALIZED:
+                trunk.append(self.NORMALIZED[name])
+        self.layers, self.trunk = layers, tuple(trunk)
 
     def initialize(self, rng):
         """He initialisation (He et al. 2015) for every convolution, zero biases.
@@ -89,7 +115,7 @@ class RNNG(Model):
         """
         rectified = {"conv1", "conv3", "conv5", "deep1", "deep2"}
         for name, layer in self.layers.items():
-            if "weight" not in layer.params:
+            if not isinstance(layer, (Conv2d, ConvTranspose2d)):
                 continue
             weight = layer.params["weight"]
             # Conv2d weights are (out, in, k, k), ConvTranspose2d (in, out, k, k): fan-in is what
@@ -104,7 +130,31 @@ class RNNG(Model):
             layer.params["bias"][...] = 0
 
     def config(self):
-        return {"n_classes": self.n_classes, "hidden": self.hidden, "gate_bias": self.gate_bias}
+        config = {"n_classes": self.n_classes, "hidden": self.hidden, "gate_bias": self.gate_bias}
+        if self.batch_norm:  # absent otherwise: the spec's network, whose checkpoints older versions read
+            config["batch_norm"] = True
+        return config
+
+    def replica(self):
+        copy = super().replica()
+        for name in self.NORMALIZED.values() if self.batch_norm else ():
+            copy.layers[name].tracks_statistics = False  # the model's own copy averages the statistics
+        return copy
+
+    def folded(self):
+        """The model without batch normalisation whose ``infer`` equals this one's: each BatchNorm2d,
+        with its running statistics, folded into the convolution before it
+        (:func:`~minirnng.layers.normalization.fold_into_convolution`). A model without it is copied.
+        For RNN-G that is the spec's network, which checkpoints and the shipped weights hold."""
+        with backend.use(backend.matching(next(iter(self.params().values())))):
+            plain = type(self)(**{**self.config(), "batch_norm": False}, rng=0, dtype=self.dtype)
+        plain.classes = self.classes
+        arrays = {name: value for name, value in self.params().items() if name in plain.params()}
+        for conv, norm in self.NORMALIZED.items() if self.batch_norm else ():
+            arrays[f"{conv}.weight"], arrays[f"{conv}.bias"] = fold_into_convolution(
+                self.layers[conv].params["weight"], self.layers[conv].params["bias"], self.layers[norm])
+        plain.load_params(arrays, source=f"{type(self).__name__}.folded")
+        return plain
 
     # -- the part the baselines replace -----------------------------------------------------
     def build_propagation(self, rng):
