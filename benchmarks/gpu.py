@@ -289,8 +289,9 @@ def rnng_rows(timer, quick):
     import numpy
 
     from minirnng import backend
+    from minirnng.models import RNNG
     from minirnng.objective import StageOneObjective
-    from minirnng.optim import Adam
+    from minirnng.train import TrainConfig, build_optimizer
 
     rows, notes = [], []
     with backend.use("cupy"):
@@ -312,34 +313,20 @@ def rnng_rows(timer, quick):
         from compare_torch import batch as labelled_batch
         images, labels = (cupy.asarray(a) for a in labelled_batch(numpy))
         objective = StageOneObjective()
-        optimizer = Adam(model.params(), model.grads(), lr=1e-4)
         rng = numpy.random.default_rng(0)
-
-        def train_step():
-            model.zero_grad()
-            outputs = model.forward(images)
-            _, _, grads = objective(outputs, labels, rng)
-            model.backward(grads, input_gradient=False)
-            optimizer.step()
-            model.constrain()
-        rows.append(("RNN-G training step", LAYER_BATCH, timer.latency(train_step, repeats=5 if quick else 20)))
-
-        from minirnng.models import RNNG
         normalized = RNNG(CLASSES, hidden=HIDDEN, rng=0, batch_norm=True)
         normalized.load_params({**normalized.params(), **model.params()})
-        normalized_grads = normalized.grads()
-        normalized_optimizer = Adam({name: value for name, value in normalized.params().items()
-                                     if name in normalized_grads}, normalized_grads, lr=1e-4)
+        for name, network in [("RNN-G training step", model), ("RNN-G training step with --batch-norm", normalized)]:
+            optimizer = build_optimizer(TrainConfig(lr=1e-4), network)  # Adam on the trained parameters
 
-        def normalized_step():
-            normalized.zero_grad()
-            outputs = normalized.forward(images)
-            _, _, grads = objective(outputs, labels, rng)
-            normalized.backward(grads, input_gradient=False)
-            normalized_optimizer.step()
-            normalized.constrain()
-        rows.append(("RNN-G training step with --batch-norm", LAYER_BATCH,
-                     timer.latency(normalized_step, repeats=5 if quick else 20)))
+            def train_step(network=network, optimizer=optimizer):
+                network.zero_grad()
+                outputs = network.forward(images)
+                _, _, grads = objective(outputs, labels, rng)
+                network.backward(grads, input_gradient=False)
+                optimizer.step()
+                network.constrain()
+            rows.append((name, LAYER_BATCH, timer.latency(train_step, repeats=5 if quick else 20)))
     return rows, notes
 
 

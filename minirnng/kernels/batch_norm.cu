@@ -7,8 +7,8 @@
 //
 // Forward (training), after sums = channel_sum(x) (reduce.cu):
 //   batch_norm_centred_squares: thread (c, chunk) adds (x - mean_c)^2 over the elements
-//     m = chunk, chunk + chunks, ... of channel c (element m is x[m / P, c, m % P]), as
-//     channel_sum_partial does, into partial[c*chunks + chunk]; channel_sum_finish (reduce.cu)
+//     m = chunk, chunk + chunks, ... of channel c (channel_chunks.cuh), as channel_sum_partial
+//     does, into partial[c*chunks + chunk]; channel_sum_finish (reduce.cu)
 //     then gives the per-channel sums. Launch: grid blocks_for(C*chunks), block (256,).
 //   batch_norm_statistics: thread c writes mean_c and var_c and, when track is nonzero, moves
 //     running_mean and running_var towards them by momentum. Launch: grid blocks_for(C), block (256,).
@@ -25,19 +25,19 @@
 // The sums are accumulated in double even in the float32 variant, as in reduce.cu: a float
 // accumulator over a million pixels drifts, and these reductions are bound by memory traffic.
 
+#include "channel_chunks.cuh"
+
 extern "C" __global__ void batch_norm_centred_squares(const scalar_t* __restrict__ x,
                                                       const scalar_t* __restrict__ sums,
                                                       scalar_t* __restrict__ partial,
                                                       int N, int C, int P, int chunks) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (thread >= (long long)C * chunks) return;
-    const int chunk = (int)(thread % chunks);
-    const int c = (int)(thread / chunks);
-    const long long count = (long long)N * P;
-    const double mean = (double)sums[c] / (double)count;
+    const ChannelChunk at = channel_chunk(thread, N, P, chunks);
+    const double mean = (double)sums[at.c] / (double)at.count;
     double total = 0;
-    for (long long m = chunk; m < count; m += chunks) {
-        const double centred = (double)x[((m / P) * C + c) * P + m % P] - mean;
+    for (long long m = at.chunk; m < at.count; m += chunks) {
+        const double centred = (double)x[channel_element(m, at.c, C, P)] - mean;
         total += centred * centred;
     }
     partial[thread] = (scalar_t)total;
@@ -81,12 +81,10 @@ extern "C" __global__ void batch_norm_gradient_sums(const scalar_t* __restrict__
                                                     int N, int C, int P, int chunks) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (thread >= (long long)C * chunks) return;
-    const int chunk = (int)(thread % chunks);
-    const int c = (int)(thread / chunks);
-    const long long count = (long long)N * P;
+    const ChannelChunk at = channel_chunk(thread, N, P, chunks);
     double total = 0, weighted = 0;
-    for (long long m = chunk; m < count; m += chunks) {
-        const long long index = ((m / P) * C + c) * P + m % P;
+    for (long long m = at.chunk; m < at.count; m += chunks) {
+        const long long index = channel_element(m, at.c, C, P);
         total += (double)dy[index];
         weighted += (double)dy[index] * (double)xhat[index];
     }

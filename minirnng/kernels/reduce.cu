@@ -9,8 +9,8 @@
 // launches (two passes), each thread summing serially:
 //   pass 1, channel_sum_partial: thread (c, chunk) for chunk in [0, chunks) sums the elements
 //     m = chunk, chunk + chunks, chunk + 2*chunks, ... of the N*P elements of channel c (element m
-//     is x[m / P, c, m % P]) and writes partial[c*chunks + chunk]. Threads next to each other take elements next to
-//     each other (m and m+1), so their reads are coalesced.
+//     is x[m / P, c, m % P]; channel_chunks.cuh) and writes partial[c*chunks + chunk]. Threads next
+//     to each other take elements next to each other (m and m+1), so their reads are coalesced.
 //     Launch: grid blocks_for(C*chunks), block (256,). chunks = min(1024, N*P) is a good choice:
 //     enough threads to fill a GPU, and each still sums N*P/chunks elements.
 //   pass 2, channel_sum_finish: thread r for r in [0, rows) sums partial[r*chunks .. r*chunks+chunks)
@@ -23,21 +23,16 @@
 // sum_first_axis: x of shape (D, n) -> out (n), out[i] = sum over d of x[d, i]: the four
 // directions' dx and dg of the four-way recurrent layer. Launch: grid blocks_for(n), block (256,).
 
+#include "channel_chunks.cuh"
+
 extern "C" __global__ void channel_sum_partial(const scalar_t* __restrict__ x,
                                                scalar_t* __restrict__ partial,
                                                int N, int C, int P, int chunks) {
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (thread >= (long long)C * chunks) return;
-    const int chunk = (int)(thread % chunks);
-    const int c = (int)(thread / chunks);
-
-    const long long count = (long long)N * P;
+    const ChannelChunk at = channel_chunk(thread, N, P, chunks);
     double total = 0;
-    for (long long m = chunk; m < count; m += chunks) {
-        const long long n = m / P;
-        const long long q = m % P;
-        total += (double)x[(n * C + c) * P + q];
-    }
+    for (long long m = at.chunk; m < at.count; m += chunks) total += (double)x[channel_element(m, at.c, C, P)];
     partial[thread] = (scalar_t)total;
 }
 
