@@ -70,6 +70,13 @@ def gradcheck_problems(rng):
         randomized(layers.SpatialRNN(3, "left_to_right", dtype=f64)), normal(2, 3, 4, 5), rng=rng)
     yield "FourWaySpatialRNN(3)", lambda: gradcheck.check_layer(
         randomized(layers.FourWaySpatialRNN(3, dtype=f64)), normal(2, 3, 4, 5), rng=rng)
+
+    def batch_norm():
+        layer = layers.BatchNorm2d(3, dtype=f64)  # weight and bias away from 1 and 0, of both signs
+        layer.params["weight"][...] = rng.choice([-1.0, 1.0], 3) * rng.uniform(0.5, 1.5, 3)
+        layer.params["bias"][...] = normal(3)
+        return gradcheck.check_layer(layer, 2 * normal(2, 3, 4, 5) + 1, rng=rng)
+    yield "BatchNorm2d(3)", batch_norm
     target = rng.integers(0, 4, size=(2, 5, 6))
     target[0, 0, :3] = 255
     yield "SoftmaxCrossEntropy(class weights, ignore 255, mask)", lambda: gradcheck.check_loss(
