@@ -145,7 +145,7 @@ class RNNG(Model):
         """The model without batch normalisation whose ``infer`` equals this one's: each BatchNorm2d,
         with its running statistics, folded into the convolution before it
         (:func:`~minirnng.layers.normalization.fold_into_convolution`). A model without it is copied.
-        For RNN-G that is the spec's network, which checkpoints and the shipped weights hold."""
+        For RNN-G that is the spec's network, which a ``--batch-norm`` run stores as ``best.npz``."""
         with backend.use(backend.matching(next(iter(self.params().values())))):
             plain = type(self)(**{**self.config(), "batch_norm": False}, rng=0, dtype=self.dtype)
         plain.classes = self.classes
