@@ -651,7 +651,7 @@ def build_parser():
     reproduce.add_argument("--budget", choices=("small", "paper", "full"), default="small",
                            help="small: minutes; paper: table1 40 epochs, table2 15, table3 40 + 40 (the spec's "
                                 "training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
-                                "parser's, less its colour-affinity term), hours on a CPU")
+                                "parser's, less its colour-affinity term and batch normalisation), hours on a CPU")
     reproduce.add_argument("--json", help="write the results to this JSON file")
     reproduce.add_argument("--seed", type=int, default=0, help="table1 and table2: every model's seed (default 0)")
     reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")

@@ -8,7 +8,7 @@ Every model is trained by the same loop with the same losses (the spec's three, 
 soft-Dice term), optimizer and schedule (:mod:`minirnng.train`), so only the architecture differs. A budget fixes the number of epochs
 (:data:`BUDGETS`) and the training recipe (:data:`RECIPES`): ``small`` and ``paper`` train as the
 spec does, ``full`` (Table 1) with run BK's recipe (the shipped parser's, less its colour-affinity
-term). CNN-CRF is CNN-S's trained weights
+term and batch normalisation). CNN-CRF is CNN-S's trained weights
 followed by dense-CRF inference, as in the paper (the CRF is post-processing). Each model is
 scored on the test split; where a dataset's test split is not available (LFW-PL as shipped for
 development keeps it apart), on the validation split, and the output says so.
