@@ -397,9 +397,9 @@ print("layers of the folded one:", [name for name in folded.layers if name.start
 print("largest difference of the logits:", np.abs(folded.infer(images64) - normalized.infer(images64)).max())
 
 # %% [markdown]
-# On LFW-PL it gained RNN-G 0.06-0.11 points of accuracy and 0.35-0.52 of F-hair over seeds 0 and 1,
-# and the shipped parser was trained with it (docs/training.md, runs BY to CA); the network it
-# leaves behind is the one the spec fixes.
+# On LFW-PL it gained RNN-G 0.06-0.15 points of accuracy and 0.35-0.59 of F-hair over seeds 0-2,
+# and the shipped parser was trained with it (docs/training.md, runs BY, BZ and CA); the network
+# it leaves behind is the one the spec fixes.
 #
 # ## Summary
 #
