@@ -131,7 +131,7 @@ def test_folding_into_the_convolution_gives_the_same_inference(transposed, rng):
 
 def trained_looking(model, rng):
     """Give the normalisations of ``model`` weights, biases and running statistics of a trained network."""
-    for name in RNNG.NORMALIZED.values():
+    for name in type(model).NORMALIZED.values():
         layer = model.layers[name]
         layer.params["weight"][...] = rng.uniform(0.5, 1.5, layer.channels)
         layer.params["bias"][...] = 0.1 * rng.standard_normal(layer.channels)
@@ -170,6 +170,17 @@ def test_folded_model_is_the_plain_network_with_the_same_inference(architecture,
     numpy.testing.assert_array_equal(plain.predict(images), model.predict(images))
     with backend.use("cuda-emulator"):
         numpy.testing.assert_allclose(model.infer(images), plain.infer(images), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_handles_a_normalised_transposed_convolution(rng):
+    # deconv6 stores its weight (in, out, k, k): folding must scale axis 1, not axis 0
+    class RNNGWithBN6(RNNG):
+        NORMALIZED = {**RNNG.NORMALIZED, "deconv6": "bn6"}
+
+    model = trained_looking(RNNGWithBN6(3, rng=0, dtype=numpy.float64, batch_norm=True), rng)
+    assert "bn6" in model.trunk
+    images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16))
+    numpy.testing.assert_allclose(model.folded().infer(images), model.infer(images), rtol=1e-12, atol=1e-12)
 
 
 def test_a_checkpoint_keeps_the_normalisation_and_its_statistics(tmp_path, rng):

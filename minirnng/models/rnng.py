@@ -151,8 +151,10 @@ class RNNG(Model):
         plain.classes = self.classes
         arrays = {name: value for name, value in self.params().items() if name in plain.params()}
         for conv, norm in self.NORMALIZED.items() if self.batch_norm else ():
+            layer = self.layers[conv]
             arrays[f"{conv}.weight"], arrays[f"{conv}.bias"] = fold_into_convolution(
-                self.layers[conv].params["weight"], self.layers[conv].params["bias"], self.layers[norm])
+                layer.params["weight"], layer.params["bias"], self.layers[norm],
+                transposed=isinstance(layer, ConvTranspose2d))
         plain.load_params(arrays, source=f"{type(self).__name__}.folded")
         return plain
 
