@@ -10,7 +10,7 @@ import pytest
 from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
 from minirnng.losses import ColourAffinity, SoftDice
 from minirnng.objective import StageOneObjective, class_balance_weights
-from minirnng.optim import SGD, Adam, AdamW, learning_rate
+from minirnng.optim import SGD, Adam, AdamW, flush_subnormals, learning_rate
 from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate, progress_bar
 
 
@@ -63,6 +63,35 @@ def test_adam_matches_the_formula_and_its_state_round_trips(rng):
     numpy.testing.assert_array_equal(twin.state["m/layer.weight"], optimizer.state["m/layer.weight"])
     with pytest.raises(ValueError, match="does not fit"):
         twin.load_state_arrays({"steps": numpy.array(1), "m/other.weight": numpy.zeros(5)})
+
+
+@pytest.mark.parametrize("optimizer_class", [SGD, Adam, AdamW])
+def test_every_optimizer_step_leaves_no_subnormal_weight(optimizer_class):
+    tiny = numpy.finfo(numpy.float32).tiny
+    params = {"w.weight": numpy.array([tiny / 2, -tiny / 8, 0.25], numpy.float32)}
+    grads = {"w.weight": numpy.zeros(3, numpy.float32)}
+    optimizer_class(params, grads, lr=0.1).step()
+    numpy.testing.assert_array_equal(params["w.weight"], numpy.array([0, 0, 0.25], numpy.float32))
+
+
+@pytest.mark.parametrize("optimizer_class", [SGD, AdamW])
+def test_a_step_flushes_weights_that_decay_into_the_subnormal_range(optimizer_class):
+    # a dead channel's weight: no gradient, only the decay, which takes it just under float32's
+    # smallest normal number; a weight still in the normal range, however small, is kept as it is
+    tiny = numpy.finfo(numpy.float32).tiny
+    params = {"w.weight": numpy.array([1.001 * tiny, -1.001 * tiny, 1e-30, 0.5], numpy.float32)}
+    grads = {"w.weight": numpy.zeros(4, numpy.float32)}
+    optimizer_class(params, grads, lr=0.1, weight_decay=0.1).step()
+    w = params["w.weight"]
+    assert w[0] == 0 and w[1] == 0
+    assert 0 < w[2] < 1e-30 and 0.49 < w[3] < 0.5
+
+
+def test_flush_subnormals_zeroes_only_subnormal_entries():
+    tiny = numpy.finfo(numpy.float32).tiny
+    a = numpy.array([tiny / 4, -tiny / 1e3, tiny, 0.0, -2.0], numpy.float32)
+    flush_subnormals(a)
+    numpy.testing.assert_array_equal(a, numpy.array([0, 0, tiny, 0, -2], numpy.float32))
 
 
 def test_adamw_decays_the_weights_directly_and_adam_through_the_gradient(rng):
