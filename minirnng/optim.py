@@ -29,12 +29,8 @@ L2 term's (PyTorch's default is 1e-2).
 Weight decay applies to weights only: biases (``*.bias``, ``*.b``) are left alone, as usual.
 ``lr_scales`` multiplies the learning rate of named parameters (training uses it for the recurrent
 weights, ``TrainConfig.recurrent_lr_scale``).
-After every update the parameter's subnormal entries (nonzero, below the dtype's smallest normal
-number, about 1.2e-38 in float32) are set to zero. Weight decay drives the weights of a channel that
-no longer receives a gradient (a ReLU that never fires) geometrically towards zero, into that
-range, and on x86 CPUs every multiplication by a subnormal number takes a slow microcode path: after
-250 epochs with weight decay, CNN-Deep had 3,098 such weights and its inference took 19.7 ms an
-image instead of 5.2 (docs/results.md). Zero is what those weights are heading for.
+After every update the parameter's subnormal entries are set to zero
+(:mod:`minirnng.subnormals` says why: weight decay makes them, and they slow inference down).
 Optimizer state round-trips through ``state_arrays()`` / ``load_state_arrays()`` so training can
 resume exactly where it stopped.
 """
@@ -44,19 +40,12 @@ import math
 import numpy
 
 from . import backend
+from .subnormals import flush_subnormals
 
 
 def decays(name):
     """Whether weight decay applies to the parameter called ``name`` (weights yes, biases no)."""
     return not (name.endswith(".bias") or name.endswith(".b"))
-
-
-def flush_subnormals(array):
-    """Set the subnormal entries of a float array (nonzero, smaller in magnitude than the dtype's
-    smallest normal number) to zero, in place (zeros stay zeros). No host synchronisation: on the
-    GPU it is one masked copy per parameter and step."""
-    xp = backend.get_array_module(array)
-    xp.copyto(array, array.dtype.type(0), where=xp.abs(array) < numpy.finfo(array.dtype).tiny)
 
 
 class Optimizer:

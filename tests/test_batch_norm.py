@@ -129,6 +129,13 @@ def test_folding_into_the_convolution_gives_the_same_inference(transposed, rng):
 
 # -- RNN-G with batch normalisation -------------------------------------------------------------------
 
+def assert_same_logits(actual, expected):
+    """Folding reassociates float64 sums, so the logits agree to rounding relative to their scale:
+    with trained-looking statistics some logits are in the hundreds and others near zero, and how
+    much of the large ones' rounding reaches a small one depends on the BLAS kernels of the CPU."""
+    numpy.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12 * numpy.abs(expected).max())
+
+
 def trained_looking(model, rng):
     """Give the normalisations of ``model`` weights, biases and running statistics of a trained network."""
     for name in type(model).NORMALIZED.values():
@@ -166,10 +173,10 @@ def test_folded_model_is_the_plain_network_with_the_same_inference(architecture,
     assert set(plain.params()) == {name for name in model.params() if not name.startswith("bn")}
     assert plain.classes == model.classes
     images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16))
-    numpy.testing.assert_allclose(plain.infer(images), model.infer(images), rtol=1e-12, atol=1e-12)
+    assert_same_logits(plain.infer(images), model.infer(images))
     numpy.testing.assert_array_equal(plain.predict(images), model.predict(images))
     with backend.use("cuda-emulator"):
-        numpy.testing.assert_allclose(model.infer(images), plain.infer(images), rtol=1e-12, atol=1e-12)
+        assert_same_logits(model.infer(images), plain.infer(images))
 
 
 def test_folded_handles_a_normalised_transposed_convolution(rng):
@@ -180,7 +187,7 @@ def test_folded_handles_a_normalised_transposed_convolution(rng):
     model = trained_looking(RNNGWithBN6(3, rng=0, dtype=numpy.float64, batch_norm=True), rng)
     assert "bn6" in model.trunk
     images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16))
-    numpy.testing.assert_allclose(model.folded().infer(images), model.infer(images), rtol=1e-12, atol=1e-12)
+    assert_same_logits(model.folded().infer(images), model.infer(images))
 
 
 def test_a_checkpoint_keeps_the_normalisation_and_its_statistics(tmp_path, rng):

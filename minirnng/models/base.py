@@ -23,6 +23,7 @@ import numpy
 from .. import backend
 from ..layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU
 from ..layers.base import check_dtype, check_positive_int
+from ..subnormals import flush_subnormals
 
 
 def infer_chain(layers, order, a):
@@ -189,10 +190,12 @@ class Model:
         return load_model(path, dtype=dtype, expect=cls.architecture)
 
     def load_params(self, arrays, source="parameters"):
-        """Copy named arrays into the live parameters, every one checked first (all or nothing)."""
+        """Copy named arrays into the live parameters, every one checked first (all or nothing).
+        Subnormal values become zero (:mod:`minirnng.subnormals`: they would slow every pass down)."""
         own = self.params()
         for name, value in self.checked_params(arrays, source).items():
             own[name][...] = value
+            flush_subnormals(own[name])
 
     def checked_params(self, arrays, source="parameters"):
         """``arrays`` checked against the parameters (names, real-number dtypes, shapes) and cast to
