@@ -6,7 +6,7 @@ multiplication by one leaves the fast path for microcode and costs tens to hundr
 
 Weight decay puts them into trained networks. The weights into and out of a channel that no longer
 receives a gradient (a ReLU that never fires) feel only the decay, which shrinks them geometrically:
-after 250 epochs they reach 1e-43. Such a weight contributes nothing, yet every convolution that
+after 250 epochs some were down to 2e-43. Such a weight contributes nothing, yet every convolution that
 reads it slows down: CNN-Deep, trained that way, had 3,098 of them and took 19.7 ms an image
 instead of 5.2 ms with them set to zero, with the same label at every pixel (docs/results.md).
 
