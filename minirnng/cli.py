@@ -19,6 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy  # noqa: E402
 
 from . import __version__, backend, interruption
+from .bootstrap import DEFAULT_REPLICATES
 
 
 # -- gradcheck ------------------------------------------------------------------------------------
@@ -221,10 +222,13 @@ def command_eval(arguments):
     if arguments.input_size is None and height != width:
         raise ValueError(f"checkpoint {arguments.checkpoint!r} was trained at {height}x{width}; evaluation runs on "
                          "square inputs: give --input-size")
+    other = load_comparison(arguments.compare, model, arguments.checkpoint) if arguments.compare else None
+    replicates = arguments.bootstrap or (DEFAULT_REPLICATES if other is not None else None)
     dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, input_size,
                          size=arguments.size)
     predict = predict_with_options(model, dataset.classes, arguments.mirror, arguments.crf)
-    result = evaluate(model, dataset, predict=predict)
+    result = evaluate(model, dataset, predict=predict, per_image=replicates is not None)
+    per_image = result.pop("per_image_confusion", None)
     options = [name for name, wanted in (("test-time mirroring", arguments.mirror), ("the dense CRF", arguments.crf))
                if wanted]
     options = f", with {' and '.join(options)}" if options else ""
@@ -234,19 +238,81 @@ def command_eval(arguments):
     for name in dataset.classes:
         f = result["f_measure"][name]
         print(f"  F-{name:<12} {'n/a' if f is None else f'{100 * f:.2f}'}")
+    record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
+              "input_size": input_size,
+              "architecture": model.architecture, "mirror": arguments.mirror, "crf": arguments.crf,
+              "device": backend.describe(),
+              **result}
+    if replicates:
+        record["bootstrap"] = print_intervals(per_image, dataset.classes, replicates)
+    if other is not None:
+        record["compare"] = print_comparison(arguments, other, dataset, per_image, result, replicates)
     if arguments.confusion:
         from .viz import confusion_figure, save_figure
         title = f"{model.architecture} on {arguments.data} {arguments.split}"
         print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
     if arguments.json:
-        record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
-                  "input_size": input_size,
-                  "architecture": model.architecture, "mirror": arguments.mirror, "crf": arguments.crf,
-                  "device": backend.describe(),
-                  **result}
         from .atomic import write_json
         print(f"wrote {write_json(arguments.json, record)}")
     return 0
+
+
+def load_comparison(path, model, model_path):
+    """The checkpoint of ``eval --compare``, or a clear error before any evaluation where it
+    cannot be scored on the same images as ``model``: other classes or another input size."""
+    from .models import load_model
+
+    other = load_model(path)
+    if other.n_classes != model.n_classes:
+        raise ValueError(f"--compare {path!r} has {other.n_classes} classes and {model_path!r} has "
+                         f"{model.n_classes}: they cannot be scored on the same labels")
+    sizes = [tuple(m.checkpoint_header.get("input_size", (128, 128))) for m in (model, other)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"--compare {path!r} was trained at {sizes[1][0]}x{sizes[1][1]} and {model_path!r} at "
+                         f"{sizes[0][0]}x{sizes[0][1]}: compare checkpoints of one input size")
+    return other
+
+
+def print_intervals(per_image, classes, replicates):
+    """Print and return :func:`minirnng.bootstrap.bootstrap_intervals` of an evaluation."""
+    from .bootstrap import bootstrap_intervals
+
+    intervals = bootstrap_intervals(per_image, classes, replicates)
+    print(f"{100 * intervals['level']:.0f}% intervals over {replicates} resamplings of the {len(per_image)} images "
+          "(minirnng.bootstrap; the choice of images only, not the training run's seed):")
+    rows = [("accuracy", intervals["accuracy"])] + [(f"F-{name}", intervals["f_measure"][name]) for name in classes]
+    for label, scores in rows:
+        if scores["estimate"] is None:
+            print(f"  {label:<14} n/a")
+            continue
+        print(f"  {label:<14} {100 * scores['low']:.2f} .. {100 * scores['high']:.2f}  "
+              f"(standard error {100 * scores['standard_error']:.2f})")
+    return intervals
+
+
+def print_comparison(arguments, other, dataset, per_image, result, replicates):
+    """Score ``--compare``'s checkpoint on the same images with the same options, print the paired
+    differences (this checkpoint minus that one) and return them for the JSON record."""
+    from .bootstrap import paired_bootstrap
+    from .train import evaluate
+
+    predict = predict_with_options(other, dataset.classes, arguments.mirror, arguments.crf)
+    other_result = evaluate(other, dataset, predict=predict, per_image=True)
+    paired = paired_bootstrap(per_image, other_result.pop("per_image_confusion"), dataset.classes, replicates)
+    print(f"compared with {arguments.compare} on the same images (this checkpoint minus that one, "
+          f"{100 * paired['level']:.0f}% interval over {replicates} paired resamplings):")
+    rows = [("accuracy", result["accuracy"], other_result["accuracy"], paired["accuracy"])]
+    rows += [(f"F-{name}", result["f_measure"][name], other_result["f_measure"][name], paired["f_measure"][name])
+             for name in dataset.classes]
+    for label, mine, theirs, difference in rows:
+        if difference["difference"] is None:
+            print(f"  {label:<14} n/a")
+            continue
+        print(f"  {label:<14} {100 * mine:.2f} vs {100 * theirs:.2f}: {100 * difference['difference']:+.2f}, "
+              f"interval {100 * difference['low']:+.2f} .. {100 * difference['high']:+.2f}, "
+              f"ahead in {100 * difference['a_ahead']:.0f}% of resamplings")
+    return {"checkpoint": arguments.compare, "architecture": other.architecture,
+            "accuracy": other_result["accuracy"], "f_measure": other_result["f_measure"], "paired": paired}
 
 
 def make_output_folder(path):
@@ -602,6 +668,12 @@ def build_parser():
                           help="test-time mirroring: average the logits of each image and of its mirror image")
     evaluate.add_argument("--crf", action="store_true",
                           help="refine the scores with dense-CRF mean-field inference (about 0.1 s an image)")
+    evaluate.add_argument("--bootstrap", type=positive_int, nargs="?", const=DEFAULT_REPLICATES, default=None,
+                          metavar="N", help=f"95%% intervals of every score over N resamplings of the images "
+                                            f"(default N: {DEFAULT_REPLICATES}; minirnng.bootstrap)")
+    evaluate.add_argument("--compare", metavar="CHECKPOINT",
+                          help="also score this checkpoint on the same images, with the same options, and print "
+                               "the paired differences with their 95%% intervals")
     evaluate.set_defaults(handler=command_eval)
 
     demo = commands.add_parser(

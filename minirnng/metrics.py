@@ -25,26 +25,46 @@ def confusion_matrix(predicted, target, n_classes, ignore_index=None):
     ``C[t, p]`` counts pixels of true class t predicted as p; pixels whose target is
     ``ignore_index`` are skipped. Labels outside [0, K) are a ValueError.
     """
+    return _count_pairs(predicted, target, n_classes, ignore_index, per_image=False)
+
+
+def per_image_confusion(predicted, target, n_classes, ignore_index=None):
+    """One confusion matrix per image: (N, K, K) int64 of label arrays (N, ...) of the same shape.
+
+    ``C[n, t, p]`` counts the pixels of image n of true class t predicted as p; summed over n it
+    is :func:`confusion_matrix` of the whole set. What :mod:`minirnng.bootstrap` resamples.
+    """
+    return _count_pairs(predicted, target, n_classes, ignore_index, per_image=True)
+
+
+def _count_pairs(predicted, target, n_classes, ignore_index, per_image):
+    caller = "per_image_confusion" if per_image else "confusion_matrix"
     predicted, target = numpy.asarray(predicted), numpy.asarray(target)
     if predicted.shape != target.shape:
         # a transposed map has as many pixels and would be counted without a word
-        raise ValueError(f"confusion_matrix: predicted and target differ in shape "
+        raise ValueError(f"{caller}: predicted and target differ in shape "
                          f"({predicted.shape} and {target.shape})")
+    if per_image and predicted.ndim < 1:
+        raise ValueError(f"{caller}: labels need a leading image axis (N, ...), got a scalar")
     for name, labels in (("predicted", predicted), ("target", target)):
         if not (numpy.issubdtype(labels.dtype, numpy.integer) or labels.dtype == bool):
-            raise TypeError(f"confusion_matrix: {name} labels must be integers, got dtype {labels.dtype}")
+            raise TypeError(f"{caller}: {name} labels must be integers, got dtype {labels.dtype}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, numpy.integer)) or n_classes < 1:
-        raise ValueError(f"confusion_matrix: n_classes must be a positive integer, got {n_classes!r}")
+        raise ValueError(f"{caller}: n_classes must be a positive integer, got {n_classes!r}")
+    n_images = predicted.shape[0] if per_image else 1
+    image = numpy.repeat(numpy.arange(n_images, dtype=numpy.int64), predicted.size // max(n_images, 1))
     predicted, target = predicted.ravel(), target.ravel()
     if ignore_index is not None:
         keep = target != ignore_index
-        predicted, target = predicted[keep], target[keep]
+        predicted, target, image = predicted[keep], target[keep], image[keep]
     for name, labels in (("predicted", predicted), ("target", target)):
         if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-            raise ValueError(f"confusion_matrix: {name} labels must be in [0, {n_classes}), "
+            raise ValueError(f"{caller}: {name} labels must be in [0, {n_classes}), "
                              f"found {int(labels.min())}..{int(labels.max())}")
-    flat = target.astype(numpy.int64) * n_classes + predicted.astype(numpy.int64)
-    return numpy.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    cells = n_classes * n_classes
+    flat = (image * cells + target.astype(numpy.int64) * n_classes + predicted.astype(numpy.int64))
+    counts = numpy.bincount(flat, minlength=n_images * cells).reshape(n_images, n_classes, n_classes)
+    return counts if per_image else counts[0]
 
 
 def _ratio(numerator, denominator):
@@ -104,15 +124,34 @@ def table3_scores(confusion):
 
 
 class ConfusionAccumulator:
-    """Accumulate a confusion matrix batch by batch: ``add(predicted, target)``, then ``summary()``."""
+    """Accumulate a confusion matrix batch by batch: ``add(predicted, target)``, then ``summary()``.
 
-    def __init__(self, classes, ignore_index=None):
+    With ``per_image=True`` it also keeps each image's matrix (``per_image``, (N, K, K)), for
+    the intervals of :mod:`minirnng.bootstrap`; ``add`` then takes labels (B, ...), one per image.
+    """
+
+    def __init__(self, classes, ignore_index=None, per_image=False):
         self.classes = list(classes)
         self.ignore_index = ignore_index
         self.matrix = numpy.zeros((len(self.classes), len(self.classes)), dtype=numpy.int64)
+        self._per_image = [] if per_image else None
 
     def add(self, predicted, target):
-        self.matrix += confusion_matrix(predicted, target, len(self.classes), self.ignore_index)
+        if self._per_image is None:
+            self.matrix += confusion_matrix(predicted, target, len(self.classes), self.ignore_index)
+            return
+        matrices = per_image_confusion(predicted, target, len(self.classes), self.ignore_index)
+        self._per_image.append(matrices)
+        self.matrix += matrices.sum(axis=0)
+
+    @property
+    def per_image(self):
+        """(N, K, K) int64: the matrix of every image added so far, in order."""
+        if self._per_image is None:
+            raise RuntimeError("ConfusionAccumulator: per-image matrices were not kept; "
+                               "create it with per_image=True")
+        k = len(self.classes)
+        return numpy.concatenate(self._per_image) if self._per_image else numpy.zeros((0, k, k), numpy.int64)
 
     def summary(self):
         return summarize(self.matrix, self.classes)

@@ -179,16 +179,17 @@ def keep_freed_memory():
 
 # -- evaluation -----------------------------------------------------------------------------------
 
-def evaluate(model, dataset, batch_size=32, predict=None):
+def evaluate(model, dataset, batch_size=32, predict=None, per_image=False):
     """Score ``model`` on a preloaded dataset: the metrics summary plus ``ms_per_image``.
 
     ``predict`` (images -> labels) defaults to ``model.predict``. Labels are compared at the
-    dataset's resolution.
+    dataset's resolution. With ``per_image``, the summary also holds ``per_image_confusion``,
+    (N, K, K) int64 in the dataset's order, for :mod:`minirnng.bootstrap`.
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset holds no images; there is nothing to score")
     predict = predict or model.predict
-    accumulator = ConfusionAccumulator(dataset.classes)
+    accumulator = ConfusionAccumulator(dataset.classes, per_image=per_image)
     elapsed = 0.0
     for images, labels in batches(dataset, batch_size, shuffle=False):
         interruption.raise_if_requested()
@@ -199,6 +200,8 @@ def evaluate(model, dataset, batch_size=32, predict=None):
     summary = accumulator.summary()
     summary["ms_per_image"] = 1000 * elapsed / len(dataset)
     summary["confusion"] = accumulator.matrix.tolist()
+    if per_image:
+        summary["per_image_confusion"] = accumulator.per_image
     return summary
 
 

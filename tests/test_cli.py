@@ -62,6 +62,50 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert refined["mirror"] and refined["crf"] and refined["pixels"] == record["pixels"]
 
 
+def test_eval_bootstrap_and_compare_write_intervals_and_paired_differences(tmp_path, capsys):
+    import json
+
+    from minirnng.models import RNNG
+
+    for seed in (0, 1):
+        model = RNNG(n_classes=3, rng=seed)
+        model.classes = ["background", "skin", "hair"]
+        model.save(tmp_path / f"model{seed}.npz", input_size=(32, 32))
+    command = ["eval", "--checkpoint", str(tmp_path / "model0.npz"), "--data", "synthetic", "--size", "6"]
+    assert cli.main(command + ["--bootstrap", "300", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "95% intervals over 300 resamplings of the 6 images" in out and "F-hair" in out
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["bootstrap"]["replicates"] == 300 and "per_image_confusion" not in record
+    interval = record["bootstrap"]["accuracy"]
+    assert interval["low"] <= record["accuracy"] == interval["estimate"] <= interval["high"]
+
+    # --compare alone resamples 2000 times; a checkpoint against itself differs by nothing
+    assert cli.main(command + ["--compare", str(tmp_path / "model0.npz"), "--json", str(tmp_path / "self.json")]) == 0
+    itself = json.loads((tmp_path / "self.json").read_text())
+    assert itself["bootstrap"]["replicates"] == 2000
+    assert itself["compare"]["paired"]["accuracy"]["difference"] == 0.0
+    capsys.readouterr()
+    assert cli.main(command + ["--compare", str(tmp_path / "model1.npz"), "--json", str(tmp_path / "c.json")]) == 0
+    assert "compared with" in capsys.readouterr().out
+    compared = json.loads((tmp_path / "c.json").read_text())["compare"]
+    assert compared["paired"]["accuracy"]["difference"] == pytest.approx(
+        record["accuracy"] - compared["accuracy"], abs=1e-12)
+
+    # a checkpoint that cannot be scored on the same images is refused before any evaluation
+    other = RNNG(n_classes=3, rng=2)
+    other.classes = ["background", "skin", "hair"]
+    other.save(tmp_path / "at48.npz", input_size=(48, 48))
+    assert cli.main(command + ["--compare", str(tmp_path / "at48.npz")]) == 1
+    assert "trained at 48x48" in capsys.readouterr().err
+    eleven = RNNG(n_classes=11, rng=0)
+    eleven.save(tmp_path / "eleven.npz", input_size=(32, 32))
+    assert cli.main(command + ["--compare", str(tmp_path / "eleven.npz")]) == 1
+    assert "has 11 classes" in capsys.readouterr().err
+    assert cli.main(command + ["--compare", str(tmp_path / "missing.npz")]) == 1
+    assert "missing.npz" in capsys.readouterr().err
+
+
 def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tmp_path, capsys, monkeypatch):
     import json
 
