@@ -131,7 +131,9 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
     out_dir : the models are trained in ``out_dir/<table>-<synthetic|lfw-pl>-<budget>-seed<seed>/
     <model>/``; running the same command again resumes or reuses them.
     The dict maps each model's name to its accuracy, per-class F-measure (fractions, keyed by class
-    name), milliseconds per image and the table row; ``_meta`` records the setting.
+    name), milliseconds per image and the table row, and for every model but RNN-G ``rnng_lead``:
+    RNN-G's accuracy minus the model's on the same images, with its 95% interval over resamplings
+    of the images (:func:`minirnng.bootstrap.paired_bootstrap`); ``_meta`` records the setting.
     """
     if table not in BUDGETS:
         raise ValueError(f"unknown table {table!r}; expected table1 or table2 (table3: minirnng.train_stage2)")
@@ -158,7 +160,7 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
         f"at {input_size}x{input_size}, {setting['epochs']} epochs per model, "
         + ", ".join(f"{field} {value}" for field, value in recipe.items() if field != "epochs"))
     models = TABLE1_MODELS if table == "table1" else TABLE2_MODELS
-    results, trained = {}, {}
+    results, trained, per_image = {}, {}, {}
     for name, architecture in models.items():
         if architecture == "cnn-crf":  # CNN-S's weights, then the CRF: train CNN-S once if needed
             base = trained.get("cnn-s") or _train(name, "cnn-s", train_set, validation_set, recipe, out_dir,
@@ -173,10 +175,12 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
         else:
             model = _train(name, architecture, train_set, validation_set, recipe, out_dir, progress, log)
             trained[architecture] = model
-        summary = evaluate(model, test_set, batch_size=16)
+        summary = evaluate(model, test_set, batch_size=16, per_image=True)
+        per_image[name] = summary.pop("per_image_confusion")
         results[name] = {"accuracy": summary["accuracy"], "f_measure": summary["f_measure"],
                          "ms_per_image": summary["ms_per_image"], "row": _row(summary)}
         log(f"{name}: accuracy {100 * summary['accuracy']:.2f}% on {split}")
+    _compare_with_rnng(results, per_image, test_set.classes, split, log)
     paper = PAPER_TABLE1 if table == "table1" else PAPER_TABLE2
     results["_meta"] = {"table": table, "data": data, "budget": budget, "epochs": setting["epochs"],
                         "recipe": recipe,
@@ -187,6 +191,24 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
     if json_path:
         log(f"wrote {write_json(json_path, results)}")
     return results
+
+
+def _compare_with_rnng(results, per_image, classes, split, log):
+    """RNN-G's lead over each other model, paired on the same images (:mod:`minirnng.bootstrap`):
+    ``results[name]["rnng_lead"]`` holds the accuracy difference RNN-G minus the model, its 95%
+    interval and the share of resamplings in which RNN-G is ahead."""
+    from .bootstrap import paired_bootstrap
+
+    if "RNN-G" not in per_image or len(per_image["RNN-G"]) < 2:
+        return
+    for name, matrices in per_image.items():
+        if name == "RNN-G":
+            continue
+        lead = paired_bootstrap(per_image["RNN-G"], matrices, classes)["accuracy"]
+        results[name]["rnng_lead"] = lead
+        log(f"RNN-G minus {name}: {100 * lead['difference']:+.2f} points of accuracy on {split}, 95% interval "
+            f"{100 * lead['low']:+.2f} .. {100 * lead['high']:+.2f} over {len(matrices)} resampled images; "
+            f"RNN-G ahead in {100 * lead['a_ahead']:.0f}% of resamplings")
 
 
 def _train(name, architecture, train_set, validation_set, recipe, out_dir, progress, log):

@@ -28,6 +28,13 @@ def test_table1_trains_every_model_and_writes_json(tiny_budgets, tmp_path):
     assert json.loads((tmp_path / "t1.json").read_text())["RNN-G"]["accuracy"] == results["RNN-G"]["accuracy"]
     table = next(line for line in lines if line.startswith("table1 on synthetic"))
     assert "RNN-G" in table and "95.46" in table  # the paper's numbers printed beside ours
+    # RNN-G's lead over each model, paired on the same test images
+    for name in ("CNN-S", "CNN-Deep", "CNN-CRF", "RNN"):
+        lead = results[name]["rnng_lead"]
+        assert lead["difference"] == pytest.approx(results["RNN-G"]["accuracy"] - results[name]["accuracy"], abs=1e-12)
+        assert lead["low"] <= lead["high"] and 0 <= lead["a_ahead"] <= 1
+    assert "rnng_lead" not in results["RNN-G"]
+    assert any(line.startswith("RNN-G minus CNN-S:") for line in lines)
 
 
 def test_table2_runs_on_synthetic_multi_face_images(tiny_budgets, tmp_path):
