@@ -166,3 +166,13 @@ def test_bad_options_and_mismatched_pairs_are_named():
         paired_bootstrap(per_image, other, CLASSES)
     with pytest.raises(ValueError, match=r"image numbers in \[0, 6\)"):
         replicate_confusions(per_image, numpy.array([[0, 6]]))
+
+
+def test_bad_labels_for_per_image_matrices_are_named():
+    with pytest.raises(ValueError, match="per_image_confusion: predicted and target differ in shape"):
+        per_image_confusion(numpy.zeros((2, 4, 4), int), numpy.zeros((2, 4, 5), int), 3)
+    with pytest.raises(ValueError, match="leading image axis"):
+        per_image_confusion(numpy.int64(1), numpy.int64(1), 3)
+    with pytest.raises(ValueError, match=r"per_image_confusion: target labels must be in \[0, 3\)"):
+        per_image_confusion(numpy.zeros((2, 4), int), numpy.full((2, 4), 3), 3)
+    assert per_image_confusion(numpy.zeros((0, 4), int), numpy.zeros((0, 4), int), 3).shape == (0, 3, 3)
