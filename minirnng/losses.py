@@ -158,6 +158,7 @@ class Loss:
         self.cache = None
 
     def forward(self, logits, target, mask=None):
+        self.cache = None  # a forward that fails leaves nothing for backward, not the previous pass's
         mask = self.check(logits, target, mask)
         on_kernels = backend.uses_kernels(logits)
         loss, cache = (self.forward_gpu if on_kernels else self.forward_cpu)(logits, target, mask)
@@ -166,7 +167,7 @@ class Loss:
 
     def backward(self, grad_output=1.0):
         if self.cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward (or after a forward that failed)")
         # The path of the forward, whatever the backend is now: the cache is that path's.
         return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
 
@@ -588,6 +589,7 @@ class ColourAffinity:
         _check_same_device(images, logits, "ColourAffinity", "images")
 
     def forward(self, logits, images):
+        self.cache = None  # as in Loss.forward: a failed pass leaves nothing to differentiate
         self.check(logits, images)
         on_kernels = backend.uses_kernels(logits)
         loss, cache = (self.forward_gpu if on_kernels else self.forward_cpu)(logits, images)
@@ -596,7 +598,7 @@ class ColourAffinity:
 
     def backward(self, grad_output=1.0):
         if self.cache is None:
-            raise RuntimeError("ColourAffinity.backward called before forward")
+            raise RuntimeError("ColourAffinity.backward called before forward (or after a forward that failed)")
         return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
 
     def forward_cpu(self, logits, images):

@@ -77,9 +77,23 @@ def _ratio(numerator, denominator):
         return numpy.where(denominator > 0, numerator / numpy.maximum(denominator, 1), numpy.nan)
 
 
+def checked_confusion(confusion, caller):
+    """``confusion`` as a float64 (K, K) array, or a clear error: a square matrix of counts."""
+    try:
+        matrix = numpy.asarray(confusion, dtype=numpy.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: a confusion matrix must be a (K, K) array of counts, "
+                        f"got {type(confusion).__name__}") from None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{caller}: a confusion matrix must be square (K, K), got shape {matrix.shape}")
+    if not numpy.isfinite(matrix).all() or (matrix < 0).any():
+        raise ValueError(f"{caller}: a confusion matrix holds counts, found negative or non-finite values")
+    return matrix
+
+
 def precision_recall_f(confusion):
     """Per-class precision, recall and F-measure, each a float64 (K,) array (NaN where undefined)."""
-    confusion = numpy.asarray(confusion, dtype=numpy.float64)
+    confusion = checked_confusion(confusion, "precision_recall_f")
     hits = numpy.diag(confusion)
     precision = _ratio(hits, confusion.sum(axis=0))
     recall = _ratio(hits, confusion.sum(axis=1))
@@ -88,6 +102,8 @@ def precision_recall_f(confusion):
 
 
 def pixel_accuracy(confusion):
+    """trace(C) / sum(C) of a (K, K) confusion matrix; NaN when it counts no pixel."""
+    confusion = checked_confusion(confusion, "pixel_accuracy")
     total = confusion.sum()
     return float(numpy.trace(confusion) / total) if total else float("nan")
 
@@ -95,7 +111,7 @@ def pixel_accuracy(confusion):
 def group_f_measure(confusion, group):
     """F-measure of the classes in ``group`` (indices) merged into one class."""
     group = list(group)
-    confusion = numpy.asarray(confusion, dtype=numpy.float64)
+    confusion = checked_confusion(confusion, "group_f_measure")
     hits = confusion[numpy.ix_(group, group)].sum()
     predicted = confusion[:, group].sum()
     actual = confusion[group, :].sum()
@@ -105,8 +121,14 @@ def group_f_measure(confusion, group):
 def summarize(confusion, classes):
     """A JSON-ready dict: ``accuracy`` and per-class ``precision``, ``recall``, ``f_measure`` keyed by name.
 
-    All values are fractions in [0, 1] (or None where undefined).
+    All values are fractions in [0, 1] (or None where undefined). ``classes`` names every row
+    of the matrix, in order.
     """
+    confusion = checked_confusion(confusion, "summarize")
+    classes = list(classes)
+    if len(classes) != len(confusion):
+        raise ValueError(f"summarize: {len(classes)} class names {classes} for a {len(confusion)}x{len(confusion)} "
+                         "confusion matrix; give one name per class")
     precision, recall, f_measure = precision_recall_f(confusion)
 
     def by_name(values):
@@ -117,7 +139,7 @@ def summarize(confusion, classes):
         "precision": by_name(precision),
         "recall": by_name(recall),
         "f_measure": by_name(f_measure),
-        "pixels": int(numpy.asarray(confusion).sum()),
+        "pixels": int(confusion.sum()),
     }
 
 
@@ -145,6 +167,10 @@ class ConfusionAccumulator:
         if self._per_image is None:
             self.matrix += confusion_matrix(predicted, target, len(self.classes), self.ignore_index)
             return
+        if numpy.ndim(predicted) < 3:
+            # a single (H, W) map would be counted as H images of one row each
+            raise ValueError(f"ConfusionAccumulator.add: with per_image=True the labels are a batch (B, H, W), "
+                             f"got shape {numpy.shape(predicted)}; add one image as labels[None]")
         matrices = per_image_confusion(predicted, target, len(self.classes), self.ignore_index)
         self._per_image.append(matrices)
         self.matrix += matrices.sum(axis=0)

@@ -61,6 +61,12 @@ class StageOneObjective:
         return tuple(self.weights)
 
     def __call__(self, outputs, labels, rng, images=None):
+        # the half-resolution labels are sliced before any loss sees them: check them first
+        if not hasattr(labels, "ndim") or labels.ndim != 3 or labels.dtype.kind not in "iu":
+            described = (f"{labels.dtype} array of shape {tuple(labels.shape)}" if hasattr(labels, "ndim")
+                         else type(labels).__name__)
+            raise ValueError(f"StageOneObjective: labels must be an integer array (N, H, W), one label map "
+                             f"per image, got a {described}")
         subsampled = labels[:, ::2, ::2]
         parts, grads = {}, {}
         weights = self.weights

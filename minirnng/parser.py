@@ -24,6 +24,7 @@ from .data.datasets import read_rgb
 from .data.pipeline import normalize, resize_image
 from .mirroring import mirrored_logits
 from .models import DenseCRF, load_model
+from .models.checkpoint import CheckpointError
 
 WEIGHTS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 #: The shipped RNN-G: 3 classes (background, skin, hair), trained on the LFW-PL train split.
@@ -58,7 +59,8 @@ def resize_scores(scores, height, width):
 class FaceParser:
     """A stage-1 model with its input size; ``parse`` works on images of any size.
 
-    model : a trained stage-1 model (``RNNG`` or a baseline) with ``classes`` set.
+    model : a trained stage-1 model (``RNNG`` or a baseline) with ``classes`` set; one with batch
+        normalisation is kept folded (``model.folded()``), the network it infers with.
     input_size : (height, width) the model was trained at (an int for a square), multiples of 4.
     mirror : test-time mirroring (:mod:`minirnng.mirroring`).
     crf : dense-CRF refinement of the scores: False (none), True (a :class:`DenseCRF` with its
@@ -66,6 +68,11 @@ class FaceParser:
     """
 
     def __init__(self, model, input_size=(128, 128), mirror=False, crf=False):
+        if getattr(model, "batch_norm", False):
+            # a --batch-norm run's last.npz: its normalisations folded into the convolutions, the
+            # same function as its infer, so that every pass (run's forward too) uses the running
+            # statistics and no face's labels depend on the others parsed with it
+            model = model.folded()
         self.model = model
         if isinstance(input_size, (int, numpy.integer)):
             input_size = (input_size, input_size)
@@ -92,7 +99,10 @@ class FaceParser:
         ``mirror``, test-time mirroring (:mod:`minirnng.mirroring`: better, twice the time); with
         ``crf``, dense-CRF refinement of the scores."""
         model = load_model(path)
-        return cls(model, model.checkpoint_header.get("input_size", (128, 128)), mirror=mirror, crf=crf)
+        try:
+            return cls(model, model.checkpoint_header.get("input_size", (128, 128)), mirror=mirror, crf=crf)
+        except ValueError as error:  # the header's input size, say: name the file it came from
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {error}") from None
 
     @classmethod
     def pretrained(cls, mirror=False, crf=False):

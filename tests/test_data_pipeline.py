@@ -192,6 +192,13 @@ def test_preload_letterbox():
 # Augmentation
 
 
+def test_a_singular_warp_is_named():
+    image, labels = numpy.zeros((8, 8, 3), numpy.uint8), numpy.zeros((8, 8), numpy.uint8)
+    flat = numpy.diag([1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="warp: the affine matrix .* is singular"):
+        warp(image[None], labels[None], flat[None], HELEN_CLASSES)
+
+
 def test_identity_warp_changes_nothing():
     image, labels = coded_sample(40, 30, 11)
     images, label_maps = warp(image[None], labels[None], numpy.eye(3)[None], HELEN_CLASSES)

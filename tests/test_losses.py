@@ -96,6 +96,12 @@ def test_softmax_ce_bad_input():
         loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int), mask=numpy.ones((2, 2), bool))
     with pytest.raises(RuntimeError, match="before forward"):
         SoftmaxCrossEntropy().backward()
+    loss = SoftmaxCrossEntropy()
+    loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int))
+    with pytest.raises(ValueError):
+        loss.forward(logits, numpy.full((1, 2, 2), 9))
+    with pytest.raises(RuntimeError, match="after a forward that failed"):
+        loss.backward()  # not the gradient of the pass before the failed one
 
 
 @pytest.mark.parametrize("use_mask", [False, True])

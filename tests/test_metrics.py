@@ -49,6 +49,28 @@ def test_accumulator_adds_batches():
     assert accumulator.matrix.tolist() == [[1, 1], [0, 1]]
 
 
+def test_scores_of_a_confusion_matrix_check_it_and_its_class_names():
+    matrix = numpy.array([[3, 1, 0], [0, 2, 1], [1, 0, 4]])
+    with pytest.raises(ValueError, match=r"2 class names \['a', 'b'\] for a 3x3 confusion matrix"):
+        summarize(matrix, ["a", "b"])
+    with pytest.raises(ValueError, match="4 class names"):
+        summarize(matrix, ["a", "b", "c", "d"])
+    assert summarize(matrix.tolist(), ["a", "b", "c"]) == summarize(matrix, ["a", "b", "c"])
+    assert pixel_accuracy(matrix.tolist()) == pytest.approx(9 / 12)
+    with pytest.raises(ValueError, match=r"must be square \(K, K\), got shape \(2, 3\)"):
+        pixel_accuracy(matrix[:2])
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        precision_recall_f(-matrix)
+
+
+def test_the_per_image_accumulator_refuses_a_single_label_map():
+    accumulator = ConfusionAccumulator(["a", "b"], per_image=True)
+    with pytest.raises(ValueError, match=r"a batch \(B, H, W\), got shape \(4, 5\); add one image as labels\[None\]"):
+        accumulator.add(numpy.zeros((4, 5), int), numpy.zeros((4, 5), int))
+    accumulator.add(numpy.zeros((1, 4, 5), int), numpy.zeros((1, 4, 5), int))
+    assert accumulator.per_image.shape == (1, 2, 2)
+
+
 # -- accuracy_range: which accuracies per-class F-measures allow ---------------------------------
 
 def _random_confusion(generator, n_classes):

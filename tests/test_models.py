@@ -276,6 +276,53 @@ def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
 
 
+def test_saving_refuses_what_loading_would_refuse_and_keeps_the_good_file(tmp_path):
+    path = tmp_path / "model.npz"
+    RNNG(rng=0).save(path)
+    good = path.read_bytes()
+    broken = RNNG(rng=1)
+    broken.params()["conv1.weight"][0, 0, 0, 0] = numpy.nan
+    with pytest.raises(ValueError, match=r"parameter conv1\.weight holds 1 NaN.*model\.npz' was not written"):
+        broken.save(path)
+    wrong_names = RNNG(rng=1)
+    wrong_names.classes = ["background", "skin"]
+    with pytest.raises(ValueError, match="3 outputs but 2 class names"):
+        wrong_names.save(path)
+    with pytest.raises(TypeError, match="cannot be stored as JSON"):
+        RNNG(rng=1).save(path, note=object())
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
+    # NumPy scalars in the metadata are numbers, not an error
+    assert load_model(RNNG(rng=1).save(path, accuracy=numpy.float32(0.5))).checkpoint_header["accuracy"] == 0.5
+
+
+def test_a_header_naming_too_few_classes_is_refused(tmp_path):
+    path = RNNG(rng=0).save(tmp_path / "model.npz")
+    with numpy.load(path) as archive:
+        arrays = dict(archive)
+    header = json.loads(arrays["__header__"].tobytes())
+    header["classes"] = ["background", "skin"]
+    arrays["__header__"] = numpy.frombuffer(json.dumps(header).encode(), numpy.uint8)
+    numpy.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(CheckpointError, match="edited.npz.*names 2 classes.*3 outputs"):
+        load_model(tmp_path / "edited.npz")
+
+
+def test_forward_keeps_its_own_copy_of_the_images(rng):
+    model = RNNG(rng=0)
+    images = rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)
+    upstream = {"logits": rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)}
+    model.zero_grad()
+    model.forward(images.copy())
+    model.backward(upstream, input_gradient=False)
+    expected = model.grads()["conv1.weight"].copy()
+    buffer = images.copy()
+    model.zero_grad()
+    model.forward(buffer)
+    buffer[...] = 0  # the caller refills its batch buffer before backward
+    model.backward(upstream, input_gradient=False)
+    numpy.testing.assert_array_equal(model.grads()["conv1.weight"], expected)
+
+
 def test_architectures_registry():
     assert set(ARCHITECTURES) == {"rnng", "cnn-s", "cnn-deep", "rnn", "cnn-crf"}
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from matplotlib import cbook
 
-from minirnng import cli
+from minirnng import backend, cli
 from minirnng.detect import crop_square, detector_available, lfw_frame
 from minirnng.parser import FaceParser, read_image
 
@@ -65,6 +65,25 @@ def test_the_input_size_is_checked_when_the_parser_is_built(parser):
     for size in ((30, 30), (128,), "128", 0, (128.0, 128)):
         with pytest.raises(ValueError, match="input_size must be \\(height, width\\), positive multiples of 4"):
             FaceParser(parser.model, input_size=size)
+
+
+def test_a_batch_normalised_model_is_parsed_with_its_running_statistics(rng, tmp_path):
+    from minirnng.models import RNNG, CheckpointError
+
+    model = RNNG(batch_norm=True, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    for name, value in model.params().items():  # statistics far from any one image's
+        if name.endswith("running_var"):
+            value[...] = 4.0
+    parser = FaceParser(model, input_size=32)
+    assert not parser.model.batch_norm
+    faces = [rng.integers(0, 256, (40, 30, 3), dtype=numpy.uint8) for _ in range(2)]
+    batch = parser.model_input(faces)
+    numpy.testing.assert_allclose(parser.run(faces)["logits"], backend.to_numpy(model.infer(batch)), atol=1e-4)
+    numpy.testing.assert_array_equal(parser.parse(faces[0]), FaceParser(model, input_size=32).parse(faces[0]))
+    model.save(tmp_path / "odd.npz", input_size=(30, 32))
+    with pytest.raises(CheckpointError, match=r"odd.npz.*input_size must be"):
+        FaceParser.load(tmp_path / "odd.npz")
 
 
 def test_bad_arrays_are_named_before_any_conversion(parser):

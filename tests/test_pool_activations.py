@@ -72,6 +72,16 @@ def test_sigmoid_is_stable_for_large_inputs():
     numpy.testing.assert_allclose(y, [0.0, 1.9287498479639178e-22, 0.5, 1.0, 1.0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("layer_class", [ReLU, Sigmoid, Tanh])
+def test_activations_take_a_0d_array(layer_class):
+    layer = layer_class()
+    x = numpy.array(0.75, numpy.float32)
+    y = layer.forward(x)
+    expected = {ReLU: 0.75, Sigmoid: 1 / (1 + numpy.exp(-0.75)), Tanh: numpy.tanh(0.75)}[layer_class]
+    assert numpy.shape(y) == () and float(y) == pytest.approx(expected, rel=1e-6)
+    assert numpy.shape(layer.backward(numpy.array(2.0, numpy.float32))) == ()
+
+
 def test_activation_errors():
     relu = ReLU()
     with pytest.raises(TypeError, match=r"ReLU.*int64"):

@@ -338,6 +338,10 @@ def zeros(*shape, dtype=numpy.float32):
 
 
 BAD_CALLS = [
+    (lambda: GatedSpatialRNN(3, "left_to_right").forward(zeros(2, 3, 4, 5), None),
+     TypeError, r"GatedSpatialRNN.forward: the gate g is missing \(None\)"),
+    (lambda: FourWayGatedRNN(3).forward(zeros(2, 3, 4, 5), None),
+     TypeError, r"FourWayGatedRNN.forward: the gate g is missing \(None\)"),
     (lambda: GatedSpatialRNN(3, "left_to_right").forward(zeros(2, 3, 4, 5), zeros(2, 3, 4, 6)),
      ValueError, r"GatedSpatialRNN: g must have the shape of x \(2, 3, 4, 5\), got \(2, 3, 4, 6\)"),
     (lambda: GatedSpatialRNN(3, "left_to_right").forward(zeros(2, 4, 4, 5), zeros(2, 4, 4, 5)),

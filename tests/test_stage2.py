@@ -316,6 +316,21 @@ def test_two_stage_checkpoint_round_trip(parser, faces, tmp_path):
     assert isinstance(TwoStageParser.load(path), TwoStageParser)
 
 
+def test_a_batch_normalised_stage_one_parses_each_image_by_itself(faces):
+    _, images, _, _ = faces
+    stage1 = RNNG(n_classes=11, batch_norm=True, rng=0)
+    for name, value in stage1.params().items():  # running statistics far from any batch's
+        if name.endswith("running_mean"):
+            value[...] = 0.3
+    two_stage = TwoStageParser(stage1, rng=0)
+    inputs = normalize(images[:3])
+    before = {name: value.copy() for name, value in stage1.params().items()}
+    together = two_stage.predict(inputs)
+    one_by_one = numpy.concatenate([two_stage.predict(inputs[k:k + 1]) for k in range(3)])
+    numpy.testing.assert_array_equal(together, one_by_one)
+    assert all(numpy.array_equal(value, before[name]) for name, value in stage1.params().items())
+
+
 def test_component_and_stage1_checkpoints_load_through_the_same_door(tmp_path):
     network = MouthNet(rng=3)
     network.save(tmp_path / "mouth.npz")

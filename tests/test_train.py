@@ -9,6 +9,7 @@ import pytest
 
 from minirnng.data.classes import HELEN_CLASSES, mirror_permutation
 from minirnng.losses import ColourAffinity, SoftDice
+from minirnng.models import RNNG
 from minirnng.objective import StageOneObjective, class_balance_weights
 from minirnng.optim import SGD, Adam, AdamW, learning_rate
 from minirnng.train import AUGMENTATIONS, TrainConfig, Trainer, evaluate, progress_bar
@@ -183,6 +184,14 @@ def test_objective_weights_its_three_terms(rng):
     numpy.testing.assert_allclose(grads["edge"], 2.0 * unit["edge"])
     assert set(StageOneObjective(weights=(1.0, 0.0, 0.0))(outputs, labels, rng)[2]) == {"logits"}
 
+
+
+def test_the_objective_names_labels_that_are_not_a_batch_of_label_maps():
+    outputs = RNNG(rng=0).forward(numpy.zeros((1, 3, 8, 8), numpy.float32))
+    for labels, shown in ((numpy.zeros((8, 8), int), r"int64 array of shape \(8, 8\)"),
+                          ([[[0] * 8] * 8], "list"), (numpy.zeros((1, 8, 8)), r"float64 array")):
+        with pytest.raises(ValueError, match=r"StageOneObjective: labels must be an integer array \(N, H, W\).*" + shown):
+            StageOneObjective()(outputs, labels, numpy.random.default_rng(0))
 
 def test_objective_adds_a_soft_dice_term_on_the_logits(rng):
     outputs = {"logits": rng.standard_normal((2, 3, 8, 8)), "coarse": rng.standard_normal((2, 3, 4, 4)),

@@ -429,7 +429,11 @@ def warp(images, labels, matrices, classes):
 def _pillow_inverse(matrix):
     """Pillow's AFFINE coefficients for ``matrix``: Pillow maps *output* to *input* positions and
     puts pixel centres at half-integers, minirnng at integers."""
-    inverse = numpy.linalg.inv(matrix)
+    try:
+        inverse = numpy.linalg.inv(matrix)
+    except numpy.linalg.LinAlgError:
+        raise ValueError(f"warp: the affine matrix {numpy.asarray(matrix).tolist()} is singular (it squashes "
+                         "the image onto a line or a point); give an invertible one") from None
     linear, translation = inverse[:2, :2], inverse[:2, 2]
     translation = translation + 0.5 - linear @ numpy.array([0.5, 0.5])
     return (linear[0, 0], linear[0, 1], translation[0], linear[1, 0], linear[1, 1], translation[1])

@@ -74,12 +74,13 @@ class Sigmoid(_Elementwise):
         # a = 1 / (1 + e) where x >= 0 and b = e / (1 + e) where x < 0. Since a >= 1/2 >= b, the
         # choice is max(a, b) for x >= 0 and min(a, b) = -max(-a, -b) for x < 0, that is
         # |max(copysign(a, x), copysign(b, x))|: exact, and five times faster than numpy.where,
-        # which crawls when the signs of x are mixed at random.
-        e = numpy.abs(x)
+        # which crawls when the signs of x are mixed at random. (out= keeps a 0-d x an array:
+        # NumPy's ufuncs return scalars for 0-d inputs, which the out= calls below cannot fill.)
+        e = numpy.abs(x, out=numpy.empty_like(x))
         numpy.negative(e, out=e)
         numpy.exp(e, out=e)
-        denominator = e + 1
-        a = numpy.divide(1, denominator)
+        denominator = numpy.add(e, 1, out=numpy.empty_like(e))
+        a = numpy.divide(1, denominator, out=numpy.empty_like(e))
         b = numpy.divide(e, denominator, out=e)
         numpy.copysign(a, x, out=a)
         numpy.copysign(b, x, out=b)

@@ -393,10 +393,13 @@ class RecurrentLayer(Layer):
         super().__init__(dtype=dtype)
         self.channels = check_positive_int(channels, type(self).__name__, "channels")
 
-    def check_inputs(self, x, g=None):
-        """Validate ``x`` (and the gate ``g``, which must have the shape of ``x``)."""
+    def check_inputs(self, x, g=None, gated=False):
+        """Validate ``x`` and, for a ``gated`` layer, the gate ``g``, which must have the shape of ``x``."""
         owner = type(self).__name__
         check_array(x, owner, "x", ndim=4, dtype=self.dtype, channels=self.channels, like=self.reference_array())
+        if gated and g is None:
+            raise TypeError(f"{owner}.forward: the gate g is missing (None); give the gate map, an array of "
+                            f"x's shape {tuple(x.shape)} with values in [0, 1]")
         if g is not None:
             check_array(g, owner, "g", ndim=4, dtype=self.dtype, channels=self.channels, like=self.reference_array())
             check_same_shape(g, x, owner, "g", "x")
@@ -479,7 +482,7 @@ class GatedSpatialRNN(DirectionalRNN):
         super().__init__(channels, direction, dtype=dtype)
 
     def forward(self, x, g):
-        self.check_inputs(x, g)
+        self.check_inputs(x, g, gated=True)
         return self.run_forward(x, g)
 
     def forward_cpu(self, x, g):
@@ -690,7 +693,7 @@ class FourWayGatedRNN(FourWayMaxMerge):
     direction_class = GatedSpatialRNN
 
     def forward(self, x, g):
-        self.check_inputs(x, g)
+        self.check_inputs(x, g, gated=True)
         return self.run_forward(x, g)
 
 

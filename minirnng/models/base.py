@@ -121,7 +121,10 @@ class Model:
 
     # -- input checks -------------------------------------------------------------------------
     def check_images(self, images):
-        """Validate ``images`` (N, 3, H, W) with H, W multiples of 4; cast floats to the model's dtype."""
+        """Validate ``images`` (N, 3, H, W) with H, W multiples of 4; a copy in the model's dtype.
+
+        Always a copy: the first layer keeps its input for ``backward``, and a caller that refills
+        its batch buffer between ``forward`` and ``backward`` must not change the gradients."""
         owner = type(self).__name__
         if not (isinstance(images, numpy.ndarray) or backend.is_cupy_array(images)):
             raise TypeError(f"{owner}: images must be an array (N, 3, H, W), got {type(images).__name__}")
@@ -140,7 +143,7 @@ class Model:
         if backend.is_cupy_array(images) != backend.is_cupy_array(reference):
             raise ValueError(f"{owner}: images are on the wrong device for this model's parameters; "
                              "move them with minirnng.backend.to_device")
-        return images.astype(self.dtype, copy=False)
+        return images.astype(self.dtype, copy=True)
 
     def check_forward_cached(self):
         """For ``backward``: a clear error instead of gradients of the wrong pass."""

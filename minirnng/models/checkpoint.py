@@ -48,22 +48,67 @@ def write_npz_atomically(path, arrays):
 
 
 def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata):
-    """Save ``model`` to ``path``: parameters, a JSON header with ``metadata``, and ``extra_arrays``."""
+    """Save ``model`` to ``path``: parameters, a JSON header with ``metadata``, and ``extra_arrays``.
+
+    What :func:`read_checkpoint` would refuse is refused here, before anything is written, so that
+    a file that loads is never replaced by one that does not: parameters that are not real
+    floating point or hold NaN or infinity, an extra array of Python objects, class names that do
+    not match the model's outputs, metadata that JSON cannot store. NumPy scalars in the metadata
+    (a ``numpy.float32`` accuracy) are stored as the Python numbers they are.
+    """
+    classes = list(model.classes) if model.classes is not None else None
+    n_classes = getattr(model, "n_classes", None)
+    if classes is not None and n_classes is not None and len(classes) != n_classes:
+        raise ValueError(f"save_model: the model has {n_classes} outputs but {len(classes)} class names "
+                         f"{classes}; set model.classes to one name per output; {os.fspath(path)!r} was not written")
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": model.architecture,
         "config": model.config(),
-        "classes": list(model.classes) if model.classes is not None else None,
+        "classes": classes,
         "input_size": [int(s) for s in input_size],
         "minirnng_version": __version__,
     }
     header.update(metadata)
     arrays = {name: backend.to_numpy(value) for name, value in model.params().items()}
+    for name, value in arrays.items():
+        problem = unusable_parameter(value)
+        if problem:
+            raise ValueError(f"save_model: parameter {name} {problem}; {os.fspath(path)!r} was not written")
     for name, value in (extra_arrays or {}).items():
-        arrays[EXTRA_PREFIX + name] = backend.to_numpy(value)
-    arrays[HEADER_KEY] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
+        value = backend.to_numpy(value)
+        if value.dtype.hasobject:
+            raise TypeError(f"save_model: extra array {name!r} holds Python objects, which a checkpoint "
+                            f"(read without pickle) cannot store; {os.fspath(path)!r} was not written")
+        arrays[EXTRA_PREFIX + name] = value
+    try:
+        text = json.dumps(header, default=_json_number)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"save_model: the checkpoint's header cannot be stored as JSON ({error}); "
+                        f"{os.fspath(path)!r} was not written") from None
+    arrays[HEADER_KEY] = numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8)
     return write_npz_atomically(path, arrays)
+
+
+def _json_number(value):
+    """``json.dumps``'s fallback: NumPy scalars as Python numbers; anything else is refused."""
+    if isinstance(value, (numpy.integer, numpy.floating, numpy.bool_)):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def unusable_parameter(value):
+    """Why the parameter array ``value`` cannot be stored or loaded, or None where it can: every
+    writer of a checkpoint stores real floats (integers in a file mean something else made it),
+    and a NaN or an infinity makes the weights unusable."""
+    if value.dtype.kind != "f":
+        return f"has dtype {value.dtype}, not real floating point"
+    finite = numpy.isfinite(value)
+    if not finite.all():
+        return (f"holds {value.size - int(finite.sum())} NaN or infinite value(s) of {value.size}; "
+                "the weights are unusable")
+    return None
 
 
 def read_checkpoint(path):
@@ -134,15 +179,9 @@ def read_checkpoint(path):
     extra = {name[len(EXTRA_PREFIX):]: value for name, value in arrays.items() if name.startswith(EXTRA_PREFIX)}
     params = {name: value for name, value in arrays.items() if not name.startswith(EXTRA_PREFIX)}
     for name, value in params.items():
-        # stricter than load_params, which takes any real numbers from memory: every writer of a
-        # checkpoint stores floats, so integers in a file mean it was made by something else
-        if value.dtype.kind != "f":
-            raise CheckpointError(f"checkpoint {path!r}: parameter {name} has dtype {value.dtype}, "
-                                  "not real floating point")
-        finite = numpy.isfinite(value)
-        if not finite.all():
-            raise CheckpointError(f"checkpoint {path!r}: parameter {name} holds {value.size - int(finite.sum())} "
-                                  f"NaN or infinite value(s) of {value.size}; the weights are unusable")
+        problem = unusable_parameter(value)  # stricter than load_params, which takes any real numbers
+        if problem:
+            raise CheckpointError(f"checkpoint {path!r}: parameter {name} {problem}")
     return header, params, extra
 
 
@@ -172,7 +211,11 @@ def load_model(path, dtype=numpy.float32, expect=None):
         model.load_params(params, source=f"checkpoint {os.fspath(path)!r}")
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-    model.classes = header.get("classes")
+    classes = header.get("classes")
+    if classes is not None and len(classes) != getattr(model, "n_classes", len(classes)):
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} names {len(classes)} classes {classes} for a "
+                              f"network with {model.n_classes} outputs")
+    model.classes = classes
     model.checkpoint_header = header
     return model
 

@@ -56,12 +56,11 @@ component network saves and loads like any model. :func:`load_stage2_model` read
 (and stage-1 checkpoints, through :func:`.checkpoint.load_model`).
 """
 
-import json
 import os
 
 import numpy
 
-from .. import __version__, backend
+from .. import backend
 from ..data.classes import HELEN_CLASSES
 from ..data.pipeline import normalize, resize_image, resize_labels
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU
@@ -297,7 +296,9 @@ class TwoStageParser:
     def stage_one(self, images):
         """Stage 1 on float images (N, 3, h1, w1) at its size: ``(scores, labels)``, the logits
         (N, 11, h1, w1) and their arg-max (N, h1, w1) int64."""
-        scores = backend.to_numpy(self.stage1.forward(backend.to_device(images))["logits"])
+        # infer, not forward: a batch-normalised stage 1 then uses its running statistics, so that
+        # an image's labels do not depend on the others in its batch
+        scores = backend.to_numpy(self.stage1.infer(backend.to_device(images)))
         return scores, scores.argmax(axis=1)
 
     def main_regions(self, scores, labels):
@@ -421,20 +422,9 @@ class TwoStageParser:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, path, **metadata):
-        """All four networks in one checkpoint at ``path`` (.npz, written atomically)."""
-        header = {
-            "format": checkpoint.FORMAT,
-            "format_version": checkpoint.FORMAT_VERSION,
-            "architecture": self.architecture,
-            "config": self.config(),
-            "classes": list(self.classes),
-            "input_size": list(self.stage1_size),
-            "minirnng_version": __version__,
-        }
-        header.update(metadata)
-        arrays = {name: backend.to_numpy(value) for name, value in self.params().items()}
-        arrays[checkpoint.HEADER_KEY] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
-        return checkpoint.write_npz_atomically(path, arrays)
+        """All four networks in one checkpoint at ``path`` (.npz, written atomically), stage 1's
+        input size as the checkpoint's; checked as :func:`.checkpoint.save_model` checks a model."""
+        return checkpoint.save_model(self, path, input_size=self.stage1_size, **metadata)
 
     @classmethod
     def load(cls, path, dtype=numpy.float32):
