@@ -32,21 +32,33 @@ def replacing(path, suffix=None):
     """
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(base)[1] if suffix is None else suffix
-    # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
-    handle, temporary = tempfile.mkstemp(prefix=f".{base[:32]}.", suffix=f".tmp{suffix[:16]}", dir=folder)
+    with _naming(path):
+        os.makedirs(folder, exist_ok=True)
+        # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
+        handle, temporary = tempfile.mkstemp(prefix=f".{base[:32]}.", suffix=f".tmp{suffix[:16]}", dir=folder)
     os.close(handle)
     try:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private (0600)
-        os.replace(temporary, path)
+        with _naming(path):
+            os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError of the file system re-raised naming ``path``, the file the user asked for,
+    instead of the hidden temporary file (the same class: ``PermissionError`` stays one)."""
+    try:
+        yield
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write {path!r}: {error.strerror}") from None
 
 
 def write_json(path, record):

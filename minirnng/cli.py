@@ -145,6 +145,14 @@ def positive_int(text, minimum=1):
     return value
 
 
+def input_size(text):
+    """argparse type: a model input size, a positive multiple of 4 (the network halves it twice)."""
+    value = positive_int(text, minimum=4)
+    if value % 4:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4 (the network halves it twice), got {value}")
+    return value
+
+
 def add_data_arguments(parser, default_split=None, size_from_checkpoint=False):
     from .data.catalog import DATASETS
 
@@ -154,10 +162,10 @@ def add_data_arguments(parser, default_split=None, size_from_checkpoint=False):
     parser.add_argument("--classes", type=int, choices=(3, 11), default=None,
                         help="3 (background, skin, hair) or 11 (HELEN); default: the dataset's own")
     if size_from_checkpoint:
-        parser.add_argument("--input-size", type=positive_int, default=None,
+        parser.add_argument("--input-size", type=input_size, default=None,
                             help="model input height and width (default: the checkpoint's, as it was trained)")
     else:
-        parser.add_argument("--input-size", type=positive_int, default=128,
+        parser.add_argument("--input-size", type=input_size, default=128,
                             help="model input height and width (default 128)")
     if default_split:
         parser.add_argument("--split", choices=("train", "validation", "test"), default=default_split,
@@ -189,7 +197,7 @@ def command_train(arguments):
                          init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     config.check()
-    check_output_folder(arguments.out, arguments.resume)
+    check_output_folder(arguments.out, arguments.resume, config)
     print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
     train_set = load_split(arguments.data, "train", arguments.root, n_classes, arguments.input_size,
                            size=arguments.train_size)
@@ -215,8 +223,11 @@ def command_eval(arguments):
         from .viz import check_figure_path
         check_figure_path(arguments.confusion, "--confusion")
     for path in (arguments.json, arguments.confusion):
-        check_output_file(path)
+        check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
     model = load_model(arguments.checkpoint)
+    if arguments.classes is not None and model.n_classes != arguments.classes:
+        raise ValueError(f"checkpoint {arguments.checkpoint!r} parses {model.n_classes} classes, not the "
+                         f"{arguments.classes} that --classes asks for")
     height, width = model.checkpoint_header.get("input_size", (128, 128))
     input_size = arguments.input_size or height
     if arguments.input_size is None and height != width:
@@ -323,19 +334,26 @@ def make_output_folder(path):
     os.makedirs(path, exist_ok=True)
 
 
-def check_output_file(path):
+def check_output_file(path, inputs=()):
     """A clear error now, before any work, for an output file that could not be written later:
-    a folder by that name, or a file where a folder of its path should be (missing folders are
-    created when the file is written)."""
+    a folder by that name, a file where a folder of its path should be (missing folders are
+    created when the file is written), a folder that cannot be written into, or one of the
+    command's own ``inputs`` (which the output would replace)."""
     if not path:
         return
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
+    for source in inputs:
+        if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            raise ValueError(f"output {path!r} is the input {source!r}: writing it would destroy the input; "
+                             "give another file name")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
         folder = os.path.dirname(folder)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"output {path!r} cannot be written: {folder!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {path!r} cannot be written: the folder {folder!r} is not writable")
 
 
 def predict_with_options(model, classes, mirror=False, crf=False):
@@ -371,7 +389,7 @@ def command_demo(arguments):
     from .train import TrainConfig, Trainer, evaluate
     from .viz import parse_figure, pipeline_figure, save_figure
 
-    os.makedirs(arguments.out, exist_ok=True)
+    make_output_folder(arguments.out)
     written = []
 
     print("1. A real portrait (grace_hopper.jpg, shipped with matplotlib) parsed by the pretrained RNN-G")
@@ -553,6 +571,7 @@ def write_png(path, array):
 # -- reproduce ------------------------------------------------------------------------------------
 
 def command_reproduce(arguments):
+    check_output_file(arguments.json)  # before hours of training, not after
     if arguments.table == "table3":
         from .train_stage2 import reproduce_table3
         if arguments.seed != 0:
@@ -641,7 +660,7 @@ def build_parser():
                        help="augmentation of each training batch: the paper's random affine warp and mirroring "
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--seed", type=non_negative_int, default=defaults.seed)
     train.add_argument("--train-size", type=positive_int, default=None, help="synthetic: number of training images")
     train.add_argument("--validation-size", type=positive_int, default=None, help="synthetic: number of validation images")
     train.add_argument("--init", metavar="CHECKPOINT",
@@ -686,7 +705,7 @@ def build_parser():
     demo.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     demo.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default 4e-3)")
     demo.add_argument("--figure-images", type=positive_int, default=4, help="test images in the pipeline figure")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=command_demo)
 
@@ -725,7 +744,7 @@ def build_parser():
                                 "training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
                                 "parser's, less its colour-affinity term and batch normalisation), hours on a CPU")
     reproduce.add_argument("--json", help="write the results to this JSON file")
-    reproduce.add_argument("--seed", type=int, default=0, help="table1 and table2: every model's seed (default 0)")
+    reproduce.add_argument("--seed", type=non_negative_int, default=0, help="table1 and table2: every model's seed (default 0)")
     reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.set_defaults(handler=command_reproduce)

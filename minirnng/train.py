@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import sys
@@ -127,6 +128,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not self.recurrent_lr_scale > 0:
             raise ValueError(f"recurrent_lr_scale must be positive, got {self.recurrent_lr_scale}")
+        for name in ("weight_decay", "boundary_ratio", "background_ratio", "class_balance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("momentum", "warmup"):  # a fraction: of the last step's velocity, of the run
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)}")
+        if not (max(self.loss_weights) > 0 or self.dice_weight > 0 or self.affinity_weight > 0):
+            raise ValueError("every term of the objective has weight 0 (loss_weights, dice_weight, affinity_weight): "
+                             "nothing would be trained")
+        for name in ("hidden", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < (name == "hidden"):
+                raise ValueError(f"{name} must be an integer of at least {int(name == 'hidden')}, got {value!r}")
         if not isinstance(self.batch_norm, bool):
             raise TypeError(f"batch_norm must be True or False, got {self.batch_norm!r}")
         return self
@@ -243,7 +257,7 @@ def last_checkpoint_path(out_dir):
     return os.path.join(out_dir, "last.npz")
 
 
-def check_output_folder(out_dir, resume):
+def check_output_folder(out_dir, resume, config=None):
     """Refuse a run that would overwrite another run's checkpoints, or a resume with nothing to resume;
     cheap, so that the command line can call it before loading the data."""
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
@@ -255,6 +269,30 @@ def check_output_folder(out_dir, resume):
     if not resume and os.path.exists(last):
         raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, "
                               "or choose another output folder; nothing was overwritten")
+    if not resume:
+        earlier = earlier_run_output(out_dir, config)
+        if earlier:
+            raise FileExistsError(f"{earlier} exists, from an earlier run: a new run would replace it; choose another "
+                                  "output folder or move it away; nothing was overwritten")
+
+
+def earlier_run_output(out_dir, config=None):
+    """A file of another run in ``out_dir`` that a new run would replace, or None. Each epoch
+    writes best.npz (when it is the best), then last.npz, then log.csv; so a best.npz alone is
+    also what a run stopped within its first epoch leaves, and the same run may start again over
+    it. Anything else, without a last.npz, was put there by someone."""
+    log, best = os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "best.npz")
+    if os.path.exists(log):
+        return log
+    if not os.path.exists(best):
+        return None
+    try:
+        header = read_checkpoint(best)[0]
+    except (OSError, ValueError):
+        return best
+    first_epoch_of_this_run = (config is not None and header.get("epoch") == 1
+                               and header.get("train_config") == json.loads(json.dumps(dataclasses.asdict(config))))
+    return None if first_epoch_of_this_run else best
 
 
 @contextlib.contextmanager
@@ -446,7 +484,7 @@ class Trainer:
 
     def run(self, resume=False):
         """Train until ``config.epochs``; returns the history (one dict per epoch)."""
-        check_output_folder(self.out_dir, resume)
+        check_output_folder(self.out_dir, resume, self.config)
         os.makedirs(self.out_dir, exist_ok=True)
         with output_folder_lock(self.out_dir):
             keep_freed_memory()

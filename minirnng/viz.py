@@ -39,14 +39,32 @@ LFW_PALETTE = HELEN_PALETTE[[HELEN_CLASSES.index(name) for name in LFW_CLASSES]]
 KEYPOINT_COLOUR = "red"
 
 
+#: Colours for classes of other lists (a checkpoint saved without class names has "class 0", ...),
+#: uint8 ``(10, 3)``: Matplotlib's "tab10" qualitative colours, taken in turn.
+OTHER_CLASS_COLOURS = numpy.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+], dtype=numpy.uint8)
+
+
 def palette(classes):
-    """The uint8 ``(K, 3)`` palette of a class list (``HELEN_CLASSES`` or ``LFW_CLASSES``)."""
+    """The uint8 ``(K, 3)`` palette of a class list: ``HELEN_CLASSES`` and ``LFW_CLASSES`` have
+    their own; in any other list a HELEN class name keeps its HELEN colour, the background is
+    black, and every other class takes the next of :data:`OTHER_CLASS_COLOURS` (repeating after
+    ten)."""
     classes = tuple(classes)
     if classes == HELEN_CLASSES:
         return HELEN_PALETTE
     if classes == LFW_CLASSES:
         return LFW_PALETTE
-    raise ValueError(f"no palette for the classes {classes}; expected HELEN_CLASSES or LFW_CLASSES")
+    colours, others = [], 0
+    for name in classes:
+        if name in HELEN_CLASSES:
+            colours.append(HELEN_PALETTE[HELEN_CLASSES.index(name)])
+        else:
+            colours.append(OTHER_CLASS_COLOURS[others % len(OTHER_CLASS_COLOURS)])
+            others += 1
+    return numpy.array(colours, dtype=numpy.uint8).reshape(len(classes), 3)
 
 
 def colorize(labels, classes):

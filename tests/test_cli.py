@@ -110,7 +110,7 @@ def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tm
     import json
 
     from minirnng.data import catalog
-    from minirnng.models import RNNG
+    from minirnng.models import RNNG, load_model
 
     model = RNNG(n_classes=3, rng=0)
     model.classes = ["background", "skin", "hair"]
@@ -134,6 +134,16 @@ def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tm
     assert cli.main(command + ["--json", str(tmp_path)]) == 1
     assert "is a folder; give a file name" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+    saved = (tmp_path / "model.npz").read_bytes()
+    model.save(tmp_path / "other.npz", input_size=(48, 48))
+    for extra in (["--json", str(tmp_path / "model.npz")],
+                  ["--compare", str(tmp_path / "other.npz"), "--json", str(tmp_path / "other.npz")]):
+        assert cli.main(command + extra) == 1
+        assert "is the input" in capsys.readouterr().err
+    # neither the checkpoint being scored nor the one compared with is ever replaced
+    assert (tmp_path / "model.npz").read_bytes() == saved and load_model(tmp_path / "other.npz")
+    assert cli.main(command + ["--classes", "11"]) == 1
+    assert "parses 3 classes, not the 11 that --classes asks for" in capsys.readouterr().err
 
 
 def test_predict_with_options_is_the_crf_on_the_mirrored_logits(rng):
@@ -237,6 +247,45 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "c")]) == 1
     assert "last.npz exists: pass resume=True (--resume)" in capsys.readouterr().err
     assert (tmp_path / "c" / "last.npz").read_bytes() == b"a run's checkpoint"
+    # a folder holding another run's best weights and log, without its last.npz
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "best.npz").write_bytes(b"someone's best weights")
+    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "d")]) == 1
+    assert "best.npz exists, from an earlier run" in capsys.readouterr().err
+    (tmp_path / "d" / "log.csv").write_text("epoch\n")
+    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "d")]) == 1
+    assert "log.csv exists, from an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "d" / "best.npz").read_bytes() == b"someone's best weights"
+    for arguments, message in ((["--seed", "-1"], "--seed: must be at least 0"),
+                               (["--input-size", "10"], "--input-size: must be a multiple of 4")):
+        with pytest.raises(SystemExit) as stop:  # argparse's own refusal, exit status 2
+            cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "e")] + arguments)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    for arguments, message in ((["--hidden", "0"], "hidden must be an integer of at least 1"),
+                               (["--momentum", "-1"], "momentum must be at least 0 and below 1"),
+                               (["--warmup", "2"], "warmup must be at least 0 and below 1"),
+                               (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+                               (["--boundary-ratio", "-1"], "boundary_ratio must be >= 0"),
+                               (["--loss-weights", "0", "0", "0"], "every term of the objective has weight 0")):
+        assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "e")] + arguments) == 1
+        assert message in capsys.readouterr().err, arguments
+
+
+def test_a_run_stopped_in_its_first_epoch_may_start_again_over_its_best_npz(tmp_path):
+    from minirnng.data.catalog import load_split
+    from minirnng.train import TrainConfig, Trainer
+
+    data = [load_split("synthetic", split, n_classes=3, size=4, input_size=32) for split in ("train", "validation")]
+    config = TrainConfig(epochs=1, batch_size=4)
+    Trainer(config, *data, tmp_path / "run", progress=False, log=lambda line: None, workers=1).run()
+    for name in ("last.npz", "log.csv", "curves.png"):  # killed after best.npz, before the rest
+        os.remove(tmp_path / "run" / name)
+    Trainer(config, *data, tmp_path / "run", progress=False, log=lambda line: None, workers=1).run()
+    other = TrainConfig(epochs=1, batch_size=4, lr=1e-3)
+    for name in ("last.npz", "log.csv", "curves.png"):
+        os.remove(tmp_path / "run" / name)
+    with pytest.raises(FileExistsError, match="best.npz exists, from an earlier run"):
+        Trainer(other, *data, tmp_path / "run", progress=False, log=lambda line: None, workers=1).run()
 
 
 def test_parse_goes_on_past_a_bad_image_and_never_overwrites_its_own_outputs(tmp_path, capsys, rng):
@@ -327,3 +376,26 @@ def test_long_output_names_fit_with_the_temporary_suffix(tmp_path):
     path = tmp_path / ("r" * 245 + ".json")  # 250 bytes: room for no temporary suffix of its own
     write_json(path, {"ok": True})
     assert path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_outputs_that_cannot_be_written_name_the_file_not_a_temporary_one(tmp_path, capsys, monkeypatch):
+    from minirnng import reproduce
+    from minirnng.atomic import write_json
+
+    (tmp_path / "taken.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot write '.*taken\.json': Is a directory"):
+        write_json(str(tmp_path / "taken.json"), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.json"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("reproduce trained before its --json path was checked")
+
+    monkeypatch.setattr(reproduce, "reproduce", never)
+    assert cli.main(["reproduce", "table1", "--json", str(tmp_path / "taken.json")]) == 1
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "a-file")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(tmp_path), "--data", "synthetic"]) == 1
+    assert "is a folder; give the .npz file" in capsys.readouterr().err
+

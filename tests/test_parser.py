@@ -153,6 +153,19 @@ def test_parse_faces_falls_back_to_the_whole_image(parser, rng):
         numpy.testing.assert_array_equal(labels, parser.parse(image))
 
 
+def test_parse_draws_a_checkpoint_without_class_names(tmp_path, capsys, rng):
+    from minirnng.models import RNNG
+
+    RNNG(rng=0).save(tmp_path / "unnamed.npz", input_size=(32, 32))  # classes None: "class 0", ...
+    paths = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=numpy.uint8)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    assert cli.main(["parse", *paths, "--checkpoint", str(tmp_path / "unnamed.npz"), "--out", str(tmp_path / "out"),
+                     "--no-detect"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"a_overlay.png", "b_overlay.png"}
+
+
 def test_parse_command_writes_labels_and_overlay(tmp_path, capsys, rng):
     path = tmp_path / "face.png"
     Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=numpy.uint8)).save(path)

@@ -5,13 +5,21 @@ import pytest
 from PIL import Image
 
 from minirnng.data import HELEN_CLASSES, LFW_CLASSES, SyntheticFaces
-from minirnng.viz import HELEN_PALETTE, LFW_PALETTE, colorize, overlay, save_sample_grid
+from minirnng.viz import HELEN_PALETTE, LFW_PALETTE, colorize, overlay, palette, save_sample_grid
 
 
 def test_palettes_are_distinct_and_shared_between_class_lists():
     assert len({tuple(colour) for colour in HELEN_PALETTE}) == len(HELEN_CLASSES)
     for name, colour in zip(LFW_CLASSES, LFW_PALETTE):
         numpy.testing.assert_array_equal(colour, HELEN_PALETTE[HELEN_CLASSES.index(name)])
+
+
+def test_other_class_lists_get_a_palette_that_keeps_known_names_colours():
+    colours = palette(["background", "face", "hair", "glasses"])
+    assert colours.shape == (4, 3) and colours.dtype == numpy.uint8
+    assert colours[0].tolist() == [0, 0, 0] and colours[2].tolist() == LFW_PALETTE[2].tolist()
+    assert len({tuple(c) for c in colours}) == 4
+    assert palette([f"class {k}" for k in range(12)]).shape == (12, 3)
 
 
 def test_colorize_and_overlay():

@@ -124,6 +124,9 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; give the .npz file (a run's folder holds "
+                              "best.npz and last.npz)")
     with open(path, "rb") as stream:
         magic = stream.read(4)
     # numpy.load decides by the first bytes too: a .npy file would come back as a bare array, and
