@@ -661,8 +661,8 @@ def build_parser():
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     train.add_argument("--seed", type=non_negative_int, default=defaults.seed)
-    train.add_argument("--train-size", type=positive_int, default=None, help="synthetic: number of training images")
-    train.add_argument("--validation-size", type=positive_int, default=None, help="synthetic: number of validation images")
+    train.add_argument("--train-size", type=positive_int, default=None, help="number of training images (synthetic: how many are drawn; otherwise the first N of the split)")
+    train.add_argument("--validation-size", type=positive_int, default=None, help="number of validation images (synthetic: how many are drawn; otherwise the first N)")
     train.add_argument("--init", metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")
@@ -680,7 +680,8 @@ def build_parser():
         description="Evaluate a checkpoint on a dataset split; print the scores, optionally write them as JSON.")
     evaluate.add_argument("--checkpoint", required=True, help="a .npz written by train or save")
     add_data_arguments(evaluate, default_split="test", size_from_checkpoint=True)
-    evaluate.add_argument("--size", type=positive_int, default=None, help="synthetic: number of images")
+    evaluate.add_argument("--size", type=positive_int, default=None,
+                          help="number of images (synthetic: how many are drawn; otherwise the first N of the split)")
     evaluate.add_argument("--json", help="write the scores to this JSON file")
     evaluate.add_argument("--confusion", help="write the confusion matrix as a PNG to this file")
     evaluate.add_argument("--mirror", action="store_true",

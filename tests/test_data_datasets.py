@@ -100,6 +100,28 @@ def test_lfw_missing_folder_shows_the_expected_layout(tmp_path):
         LFWPL(tmp_path, "train")
 
 
+def test_a_root_that_is_a_file_and_missing_lines_are_counted_by_line(lfw_root, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MissingDataError, match="a-file is a file, not a folder"):
+        LFWPL(tmp_path / "a-file", "train")
+    (lfw_root / "parts_train.txt").write_text("Nobody_Here 3\nNobody_Else 1\n")  # each names 2 missing files
+    with pytest.raises(MissingDataError, match=r"\(and 1 more line of it name missing files\)"):
+        LFWPL(lfw_root, "train")
+
+
+def test_decode_colour_labels_checks_its_arrays():
+    from minirnng.data.datasets import decode_colour_labels
+
+    rgb = numpy.zeros((2, 2, 3), numpy.uint8)
+    assert decode_colour_labels(rgb, [(0, 0, 0), (255, 0, 0)]).tolist() == [[0, 0], [0, 0]]
+    for colours in (numpy.zeros((2, 2, 4), numpy.uint8), numpy.zeros((2, 2), numpy.uint8),
+                    numpy.zeros((2, 2, 3), numpy.int64)):
+        with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\) RGB"):
+            decode_colour_labels(colours, [(0, 0, 0)])
+    with pytest.raises(ValueError, match=r"one RGB colour \(0-255\) per class"):
+        decode_colour_labels(rgb, [])
+
+
 def test_lfw_unknown_split(lfw_root):
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         LFWPL(lfw_root, "valid")
@@ -331,8 +353,33 @@ def test_an_empty_celebamask_split_is_an_error(celeba_root):
     from minirnng.data.catalog import open_dataset
 
     assert len(open_dataset("celebamask", "train", celeba_root)) == 2
-    with pytest.raises(MalformedDataError, match=r"CelebAMaskHQ has 2 images, so samples 28000 \.\. 28999"):
+    with pytest.raises(MalformedDataError, match=r"CelebAMaskHQ has 2 images, none of them numbered 28000 \.\. 28999"):
         open_dataset("celebamask", "validation", celeba_root)
+
+
+def test_celebamask_splits_go_by_image_number_so_a_missing_image_moves_no_other(celeba_root, monkeypatch):
+    from minirnng.data import catalog
+
+    # scaled down: images 0-1999 train, 2000-2999 validation
+    monkeypatch.setitem(catalog.CELEBAMASK_SPLITS, "train", (0, 2000))
+    monkeypatch.setitem(catalog.CELEBAMASK_SPLITS, "validation", (2000, 3000))
+    assert catalog.open_dataset("celebamask", "train", celeba_root).names == ("0",)
+    assert catalog.open_dataset("celebamask", "validation", celeba_root).names == ("2001",)
+    os.remove(celeba_root / "CelebA-HQ-img" / "0.jpg")  # its masks stay
+    with pytest.raises(MalformedDataError, match="none of them numbered 0 .. 1999"):
+        catalog.open_dataset("celebamask", "train", celeba_root)
+    validation = catalog.open_dataset("celebamask", "validation", celeba_root)
+    assert validation.names == ("2001",) and validation[0][0].shape == (16, 16, 3)
+
+
+def test_a_size_takes_the_first_images_of_a_real_split_and_a_root_needs_a_dataset(celeba_root):
+    from minirnng.data.catalog import open_dataset
+
+    assert open_dataset("celebamask", "train", celeba_root, size=1).names == ("0",)
+    with pytest.raises(ValueError, match="the train split has 2 images; a size of 3 asks for more"):
+        open_dataset("celebamask", "train", celeba_root, size=3)
+    with pytest.raises(ValueError, match="given for the synthetic faces.*--data"):
+        open_dataset("synthetic", "train", celeba_root)
 
 
 def test_celebamask_truncated_mask(celeba_root):

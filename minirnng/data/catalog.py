@@ -3,8 +3,9 @@
 :func:`open_dataset` returns a dataset of the loaders' protocol for one split; :func:`load_split`
 also brings it into memory at the model's input size (:func:`minirnng.data.pipeline.preload`).
 
-CelebAMask-HQ has no official split; minirnng uses its first 28,000 images for training, the next
-1,000 for validation and the last 1,000 for testing (indices in file order).
+CelebAMask-HQ has no official split; minirnng uses images 0-27999 for training, 28000-28999 for
+validation and 29000-29999 for testing (by the images' numbers, so that an image missing from a
+copy shortens its own split and moves no other image into another).
 """
 
 import numpy
@@ -23,20 +24,35 @@ CELEBAMASK_SPLITS = {"train": (0, 28000), "validation": (28000, 29000), "test": 
 
 
 class Subset(Dataset):
-    """Samples ``start .. stop-1`` of another dataset."""
+    """The samples ``indices`` (in that order) of another dataset."""
 
-    def __init__(self, dataset, start, stop):
-        if start >= len(dataset):
-            # a partial download: the split would be empty and score NaN without a word
-            raise MalformedDataError(f"{type(dataset).__name__} has {len(dataset)} images, so samples "
-                                     f"{start} .. {stop - 1} of this split are not there")
-        stop = min(stop, len(dataset))
-        self.dataset, self.start = dataset, start
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, tuple(int(k) for k in indices)
         self.classes = dataset.classes
-        self._names = tuple(dataset.names[start:stop])
+        self._names = tuple(dataset.names[k] for k in self.indices)
 
     def _load(self, index):
-        return self.dataset[self.start + index]
+        return self.dataset[self.indices[index]]
+
+
+def celebamask_split(dataset, split):
+    """The images of ``split`` of a :class:`CelebAMaskHQ`: those whose numbers lie in
+    ``CELEBAMASK_SPLITS[split]``; none is an error (a copy without them would score NaN)."""
+    start, stop = CELEBAMASK_SPLITS[split]
+    indices = [k for k, number in enumerate(dataset.numbers) if start <= number < stop]
+    if not indices:
+        raise MalformedDataError(f"{type(dataset).__name__} has {len(dataset)} images, none of them numbered "
+                                 f"{start} .. {stop - 1}, the {split} split's")
+    return Subset(dataset, indices)
+
+
+def first_samples(dataset, size, split):
+    """The first ``size`` samples of ``dataset`` (all of them for None); more than it has is an error."""
+    if size is None:
+        return dataset
+    if size > len(dataset):
+        raise ValueError(f"the {split} split has {len(dataset)} images; a size of {size} asks for more")
+    return Subset(dataset, range(size))
 
 
 class ThreeClasses(Dataset):
@@ -58,7 +74,8 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
     root : the dataset's folder (ignored for ``synthetic``).
     n_classes : 3 or 11; None takes the dataset's own (3 for LFW-PL, 11 otherwise). LFW-PL has
         only 3; the 11-class datasets are mapped to 3 on request.
-    size : for ``synthetic``, the number of images (default ``SYNTHETIC_SIZES[split]``).
+    size : the number of images: for ``synthetic`` how many are made (default
+        ``SYNTHETIC_SIZES[split]``), for the others the first ``size`` of the split (default all).
     multi_face : synthetic 512 x 512 images with several faces (the paper's Multi-Face setting).
     seed : for ``synthetic``, overrides the split's seed.
     """
@@ -69,6 +86,9 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
     if n_classes not in (None, 3, 11):
         raise ValueError(f"n_classes must be 3 or 11, got {n_classes!r}")
     if name == "synthetic":
+        if root is not None:  # most likely a forgotten --data: training on faces drawn in code instead
+            raise ValueError(f"a root folder ({root}) was given for the synthetic faces, which are drawn in code "
+                             "and read no folder; name the dataset that is there with --data (lfw-pl, helen, celebamask)")
         count = SYNTHETIC_SIZES[split] if size is None else size  # SyntheticFaces checks it
         return SyntheticFaces(count, size=512 if multi_face else 128, n_classes=n_classes or 11,
                               multi_face=multi_face, seed=SYNTHETIC_SEEDS[split] if seed is None else seed)
@@ -77,8 +97,9 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
     if name == "lfw-pl":
         if n_classes == 11:
             raise ValueError("LFW-PL has only 3 classes (background, skin, hair); use --classes 3")
-        return LFWPL(root, split)
-    dataset = Helen(root, split) if name == "helen" else Subset(CelebAMaskHQ(root), *CELEBAMASK_SPLITS[split])
+        return first_samples(LFWPL(root, split), size, split)
+    dataset = Helen(root, split) if name == "helen" else celebamask_split(CelebAMaskHQ(root), split)
+    dataset = first_samples(dataset, size, split)
     return ThreeClasses(dataset) if n_classes == 3 else dataset
 
 

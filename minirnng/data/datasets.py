@@ -74,6 +74,8 @@ class Dataset:
 
 
 def _require_folder(path, dataset, layout):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MissingDataError(f"{dataset}: {path} is a file, not a folder; expected this layout:\n{layout}")
     if not os.path.isdir(path):
         raise MissingDataError(f"{dataset}: folder {path} does not exist; expected this layout:\n{layout}")
 
@@ -100,6 +102,8 @@ def _read_picture(path, what):
         # Pillow refuses pictures of more than 2 * Image.MAX_IMAGE_PIXELS pixels before decoding
         # them, against files made to exhaust memory; it is not an OSError, so name it here
         raise MalformedDataError(f"{what} {path} is too large to decode ({error})") from None
+    except PermissionError as error:
+        raise MalformedDataError(f"{what} {path} cannot be read ({error.strerror})") from None
     except (OSError, SyntaxError, ValueError) as error:
         # Pillow reports a file that ends early as OSError("image file is truncated ...").
         raise MalformedDataError(f"{what} {path} is truncated or corrupt ({error})") from None
@@ -166,7 +170,8 @@ def _refuse_duplicates(dataset, split_path, entries):
 def _report_missing(dataset, split_path, missing, layout):
     """Raise one error for the split lines whose files are absent: the first in full, then a count."""
     number, line, path = missing[0]
-    more = f" (and {len(missing) - 1} more lines of it name missing files)" if len(missing) > 1 else ""
+    others = len({entry[0] for entry in missing}) - 1  # a line may name two missing files: count lines
+    more = f" (and {others} more line{'s' if others > 1 else ''} of it name missing files)" if others else ""
     state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
     raise MissingDataError(f"{dataset}: {split_path} line {number} ({line!r}) names {path}, "
                            f"which {state}{more}; expected this layout:\n{layout}")
@@ -269,6 +274,13 @@ def decode_colour_labels(colours, palette, path="<array>"):
     number of such pixels and the most frequent unknown colours.
     """
     colours = numpy.asarray(colours)
+    if colours.ndim != 3 or colours.shape[2] != 3 or colours.dtype != numpy.uint8:
+        raise ValueError(f"label {path}: a colour-coded label image is uint8 (H, W, 3) RGB, "
+                         f"got {colours.dtype} {colours.shape}")
+    table = numpy.asarray(palette)
+    if table.ndim != 2 or table.shape[1] != 3 or len(table) == 0 or table.min() < 0 or table.max() > 255:
+        raise ValueError(f"decode_colour_labels: the palette is one RGB colour (0-255) per class, (K, 3) with "
+                         f"K >= 1, got shape {table.shape}")
     codes = _colour_codes(colours)
     known = numpy.array([(r << 16) | (g << 8) | b for r, g, b in palette], dtype=numpy.int32)
     order = numpy.argsort(known)
@@ -460,6 +472,11 @@ class CelebAMaskHQ(Dataset):
                 f"expected this layout:\n{CELEBAMASK_LAYOUT}")
         self._numbers = tuple(numbers)
         self._names = tuple(str(k) for k in numbers)
+
+    @property
+    def numbers(self):
+        """The number ``k`` of each sample's image ``<k>.jpg``, ascending (tuple of int)."""
+        return self._numbers
 
     def _mask_subfolder(self, k):
         return os.path.join(self.mask_folder, str(k // _CELEBAMASK_IMAGES_PER_FOLDER))
