@@ -86,6 +86,16 @@ def gradcheck_problems(rng):
     binary = (rng.random((2, 1, 5, 6)) < 0.5).astype(f64)
     yield "SigmoidBinaryCrossEntropy(mask)", lambda: gradcheck.check_loss(
         losses.SigmoidBinaryCrossEntropy(), normal(2, 1, 5, 6) * 3, binary, rng.random((2, 1, 5, 6)) < 0.8, rng=rng)
+    dice_target = rng.integers(0, 3, size=(2, 5, 6))
+    yield "SoftDice(mask)", lambda: gradcheck.check_loss(
+        losses.SoftDice(), normal(2, 3, 5, 6) * 2, dice_target, rng.random((2, 5, 6)) < 0.8, rng=rng)
+    affinity = losses.ColourAffinity()
+    # colour differences of the size of s_rgb, so that the pairs' weights spread over (0, 1)
+    affinity_images = rng.uniform(-0.1, 0.1, (2, 3, 5, 6))
+    yield "ColourAffinity()", lambda: gradcheck.check(
+        repr(affinity), lambda z: affinity.forward(z, affinity_images), affinity.backward,
+        {"logits": normal(2, 3, 5, 6) * 2}, rng=rng)
+    # CNN-CRF is CNN-S's network; its dense CRF runs at test time only and has no backward
     for architecture in ("rnng", "cnn-s", "cnn-deep", "rnn"):
         def check_architecture(architecture=architecture):
             model = models.ARCHITECTURES[architecture](3, rng=rng, dtype=f64)
@@ -160,7 +170,9 @@ def add_data_arguments(parser, default_split=None, size_from_checkpoint=False):
                         help="dataset (default synthetic: generated in code, nothing to download)")
     parser.add_argument("--root", help="folder of the dataset in its official layout (not for synthetic)")
     parser.add_argument("--classes", type=int, choices=(3, 11), default=None,
-                        help="3 (background, skin, hair) or 11 (HELEN); default: the dataset's own")
+                        help=("3 (background, skin, hair) or 11 (HELEN) classes; " + (
+                            "the checkpoint's, which this checks" if size_from_checkpoint else
+                            "default 3 for lfw-pl and synthetic, 11 for helen and celebamask")))
     if size_from_checkpoint:
         parser.add_argument("--input-size", type=input_size, default=None,
                             help="model input height and width (default: the checkpoint's, as it was trained)")
@@ -596,9 +608,10 @@ def build_parser():
     commands.required = True
 
     gradcheck = commands.add_parser(
-        "gradcheck", help="check every layer's and loss's backward against finite differences",
-        description="Run centred finite differences in float64 over every layer and loss on small random "
-                    "problems, print a table of relative errors, exit 1 if any exceeds the tolerance.")
+        "gradcheck", help="check every layer's, loss's and network's backward against finite differences",
+        description="Run centred finite differences in float64 over every layer and loss and the four stage-1 "
+                    "networks (CNN-CRF is CNN-S's) on small random problems, print a table of relative errors, "
+                    "exit 1 if any exceeds the tolerance.")
     gradcheck.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random problems (default 0)")
     gradcheck.add_argument("--tolerance", type=non_negative_float, default=1e-6,
                            help="largest relative error that passes (default 1e-6)")

@@ -229,6 +229,20 @@ def config_differences(saved, current, ignore=()):
             if name not in ignore and getattr(current, name) != value}
 
 
+def saved_training_state(path, header, config):
+    """The training state in the header of the ``last.npz`` at ``path``, or a clear error where
+    there is none or it was saved with another configuration than ``config`` (only ``epochs``
+    may change)."""
+    training = header.get("training")
+    if training is None:
+        raise ValueError(f"{path} is not a training checkpoint (no training state)")
+    changed = config_differences(TrainConfig(**training["config"]), config, ignore=("epochs",))
+    if changed:
+        raise ValueError(f"cannot resume {path}: the configuration differs (saved, now): {changed}; "
+                         "only --epochs may change")
+    return training
+
+
 def data_description(train_set, validation_set):
     """What a resumed run must find again: the input size, the classes, and the number and names
     of the training and validation images (a digest of the names), so that a run is never
@@ -266,6 +280,8 @@ def check_output_folder(out_dir, resume, config=None):
     last = last_checkpoint_path(out_dir)
     if resume and not os.path.exists(last):
         raise FileNotFoundError(f"{last} does not exist: there is no run in {out_dir} to --resume")
+    if resume and config is not None:
+        saved_training_state(last, read_checkpoint(last)[0], config)
     if not resume and os.path.exists(last):
         raise FileExistsError(f"{last} exists: pass resume=True (--resume) to continue that run, "
                               "or choose another output folder; nothing was overwritten")
@@ -399,13 +415,7 @@ class Trainer:
     def resume(self):
         """Continue from ``last.npz`` in ``out_dir``: weights, optimizer, epoch, generator, history."""
         header, params, extra = read_checkpoint(self.last_path)
-        training = header.get("training")
-        if training is None:
-            raise ValueError(f"{self.last_path} is not a training checkpoint (no training state)")
-        changed = config_differences(TrainConfig(**training["config"]), self.config, ignore=("epochs",))
-        if changed:
-            raise ValueError(f"cannot resume {self.last_path}: the configuration differs "
-                             f"(saved, now): {changed}; only --epochs may change")
+        training = saved_training_state(self.last_path, header, self.config)
         # runs saved before the description of their data was stored: their input size at least
         saved_data = training.get("data") or {"input_size": list(header.get("input_size", self.data["input_size"]))}
         changed = {k: (v, self.data[k]) for k, v in saved_data.items() if self.data.get(k) != v}

@@ -271,6 +271,22 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err, arguments
 
 
+def test_resume_with_another_configuration_is_refused_before_loading_any_data(tmp_path, capsys, monkeypatch):
+    import minirnng.data.catalog as catalog
+
+    command = ["train", "--data", "synthetic", "--epochs", "1", "--train-size", "4", "--validation-size", "2",
+               "--input-size", "32", "--workers", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert cli.main(command) == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was loaded before the saved configuration was compared")
+
+    monkeypatch.setattr(catalog, "load_split", never)
+    capsys.readouterr()
+    assert cli.main(command + ["--resume", "--lr", "1e-3"]) == 1
+    assert "configuration differs" in capsys.readouterr().err
+
+
 def test_a_run_stopped_in_its_first_epoch_may_start_again_over_its_best_npz(tmp_path):
     from minirnng.data.catalog import load_split
     from minirnng.train import TrainConfig, Trainer
