@@ -48,7 +48,7 @@ label is valid); the backward is one launch, which reads the totals on the devic
 import numpy
 
 from . import backend
-from .cuda.launch import channel_sum, contiguous, launch
+from .cuda.launch import channel_sum, contiguous, element_count, launch
 from .layers.base import check_array
 
 #: The ignore index the kernel is given when nothing is ignored (no label is negative, so none matches).
@@ -386,7 +386,8 @@ class SigmoidBinaryCrossEntropy(Loss):
         logits, target, mask, totals = self.cache
         dlogits = backend.get_array_module(logits).empty_like(logits)
         launch("sigmoid_bce", "sigmoid_bce_backward", logits.dtype, logits.size,
-               (logits, target, mask, totals, logits.dtype.type(grad_output), dlogits, numpy.int32(logits.size)))
+               (logits, target, mask, totals, logits.dtype.type(grad_output), dlogits,
+                element_count(logits.size)))
         return dlogits
 
 
@@ -568,8 +569,9 @@ class ColourAffinity:
 
     def __init__(self, s_xy=1.5, s_rgb=0.06):
         for name, value in (("s_xy", s_xy), ("s_rgb", s_rgb)):
-            if not (numpy.isfinite(float(value)) and float(value) > 0):
-                raise ValueError(f"ColourAffinity: {name} must be a positive number, got {value!r}")
+            # below 1e-6, 1 / (2 s^2) leaves float32's range on the kernels: inf * 0 = NaN weights
+            if not (numpy.isfinite(float(value)) and float(value) >= 1e-6):
+                raise ValueError(f"ColourAffinity: {name} must be a number of at least 1e-6, got {value!r}")
         self.s_xy, self.s_rgb = float(s_xy), float(s_rgb)
         self.cache = None
 

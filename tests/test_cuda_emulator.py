@@ -535,6 +535,30 @@ def test_the_compiled_library_is_cached_on_disk(scratch_kernels, monkeypatch):
     assert emulator._library_path(name, numpy.dtype(numpy.float32)) == first
 
 
+def test_an_edited_kernel_runs_in_the_same_process_after_reload_kernels(scratch_kernels, tmp_path):
+    from minirnng.cuda import reload_kernels
+
+    body = 'extern "C" __global__ void fill(int* __restrict__ out, int n) {{\n' \
+           '    const int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i < n) out[i] = {};\n}}\n'
+    name = scratch_kernels(body.format(1))
+    out = numpy.zeros(3, numpy.int32)
+    get_kernel(name, "fill", numpy.float32)((1,), (4,), (out, numpy.int32(3)))
+    (tmp_path / f"{name}.cu").write_text(body.format(42))  # edited while the process runs
+    get_kernel(name, "fill", numpy.float32)((1,), (4,), (out, numpy.int32(3)))
+    assert out.tolist() == [1, 1, 1]  # read once per process ...
+    reload_kernels()
+    get_kernel(name, "fill", numpy.float32)((1,), (4,), (out, numpy.int32(3)))
+    assert out.tolist() == [42, 42, 42]  # ... until asked to read it again
+
+
+def test_element_counts_beyond_int32_are_a_clear_error():
+    from minirnng.cuda.launch import MAX_ELEMENTS, element_count
+
+    assert element_count(MAX_ELEMENTS) == MAX_ELEMENTS
+    with pytest.raises(ValueError, match="2147483648 elements is too large for the kernels, which index with int32"):
+        element_count(MAX_ELEMENTS + 1)
+
+
 def test_strided_taps_lists_exactly_the_taps_that_reach_a_position(scratch_kernels, tmp_path):
     """strided_taps.cuh (col2im's and the transposed convolution's walk), pasted into a source by
     ``#include``, against every tap tried one by one, for all small windows, strides and paddings."""

@@ -289,7 +289,9 @@ def test_colour_affinity_bad_input():
     loss = ColourAffinity()
     with pytest.raises(ValueError, match="agree in N, H and W"):
         loss.forward(numpy.zeros((1, 3, 4, 4)), numpy.zeros((1, 3, 4, 5)))
-    with pytest.raises(ValueError, match="s_rgb must be a positive number"):
+    with pytest.raises(ValueError, match="s_rgb must be a number of at least 1e-6"):
         ColourAffinity(s_rgb=0)
+    with pytest.raises(ValueError, match="s_xy must be a number of at least 1e-6"):
+        ColourAffinity(s_xy=1e-20)
     with pytest.raises(RuntimeError, match="before forward"):
         ColourAffinity().backward()

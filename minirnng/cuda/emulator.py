@@ -27,7 +27,9 @@ loop over threads runs in C++, so a launch over a million elements takes millise
 The compiled library is cached on disk, under ``$MINIRNNG_CACHE_DIR/emulator`` (default
 ``~/.cache/minirnng/emulator``), named by a hash of everything that goes into it: the source, the
 shim, the launchers, the compiler and its options. Editing a kernel therefore recompiles it on the
-next run, and nothing else does. Two processes compiling the same library at once (pytest -n 2)
+next run, and nothing else does. A process reads each source once: to use an edit in a process
+that has already launched the kernel (a Jupyter session), call
+:func:`minirnng.cuda.reload_kernels` first. Two processes compiling the same library at once (pytest -n 2)
 each write their own temporary file and rename it into place, which is atomic: both end up loading
 a complete library.
 
@@ -41,7 +43,7 @@ Seeing a kernel run: printf on a laptop
 1. In ``minirnng/kernels/gated_scan.cu``, in ``gated_scan_forward``, just after the line that
    writes ``h_image[c * HW + q]``, add::
 
-       if (n == 0 && l == 0 && c == 0) printf("t=%d q=%d h=%f\\n", t, q, (double)h_image[q]);
+       if (n == 0 && line.index == 0 && c == 0) printf("t=%d q=%d h=%f\\n", t, q, (double)h_image[q]);
 
    (``(double)`` because printf's ``%f`` expects a double; in the float variant a float would be
    promoted anyway, but being explicit works in both.)
@@ -59,7 +61,8 @@ Seeing a kernel run: printf on a laptop
                   np.int32(1), np.int32(1), np.int32(2), np.int32(12)))
 
    The source changed, so the emulator recompiles it (about a second) and the lines appear, in
-   thread order, when the kernel ends. In Jupyter they appear in the notebook (ipykernel forwards
+   thread order, when the kernel ends. (In a process that launched the kernel before the edit,
+   call ``minirnng.cuda.reload_kernels()`` first.) In Jupyter they appear in the notebook (ipykernel forwards
    the process's own standard output).
 3. Remove the printf when done: it is compiled into the GPU kernel too.
 

@@ -245,6 +245,27 @@ def _gpu_function(source_name, kernel_name, dtype):
     return _gpu_module(source_name, dtype).get_function(kernel_name)
 
 
+def element_count(n):
+    """``n`` as the kernels' int32 element count, or the launcher's clear error where it does not fit
+    (for the counts computed before a launch checks its arrays)."""
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"an array of {n} elements is too large for the kernels, which index with int32, "
+                         f"up to {MAX_ELEMENTS}")
+    return numpy.int32(n)
+
+
+def reload_kernels():
+    """Forget every kernel source read and every kernel compiled in this process, so that the next
+    launch reads ``minirnng/kernels`` again and compiles what changed (the compile caches on disk
+    are keyed by the source text, so only edited sources are compiled). For editing a kernel
+    inside a running process, in Jupyter say; a new process reads the sources afresh anyway.
+    Kernels are looked up once per process because a launch must stay cheap: checking the files
+    at every launch would cost a system call each."""
+    for cached in (sources.read_source, sources.kernels, emulator._library, emulator.get_function,
+                   get_kernel, _gpu_module, _gpu_function):
+        cached.cache_clear()
+
+
 # -- launch helpers the layers share ---------------------------------------------------------------
 
 def launch(source_name, kernel_name, dtype, work_items, args, grid_y=1):
@@ -290,5 +311,5 @@ def sum_first_axis(x):
     added in order, d = 0, 1, ..., as the NumPy path adds the directions)."""
     xp = backend.get_array_module(x)
     out = xp.empty(x.shape[1:], dtype=x.dtype)
-    launch("reduce", "sum_first_axis", x.dtype, out.size, (x, out, numpy.int32(x.shape[0]), numpy.int32(out.size)))
+    launch("reduce", "sum_first_axis", x.dtype, out.size, (x, out, numpy.int32(x.shape[0]), element_count(out.size)))
     return out

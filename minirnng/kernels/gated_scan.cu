@@ -74,7 +74,8 @@
 
 // The line a thread scans: direction d = blockIdx.y, image n, and the line's first pixel, length
 // and step (one row of `geometry`, see "Directions as strides"). False for a thread past the last
-// line of its direction (the grid is rounded up to whole blocks) or past the last direction.
+// line of its direction (the grid is rounded up to whole blocks), past the last direction, or on
+// a line of no pixels.
 struct ScanLine {
     int d, n, index, length, step, first;   // index: the line's number within its direction
 };
@@ -91,7 +92,7 @@ __device__ __forceinline__ bool find_scan_line(const int* geometry, int D, int N
     line->length = geometry[5 * d + 1];
     line->step = geometry[5 * d + 3];
     line->first = geometry[5 * d + 4] + line->index * geometry[5 * d + 2];
-    return true;
+    return line->length > 0;
 }
 
 extern "C" __global__ void gated_scan_forward(const scalar_t* __restrict__ x,

@@ -16,7 +16,7 @@ the next layer's input and is kept alive anyway, so this cache costs no memory o
 import numpy
 
 from .. import backend
-from ..cuda.launch import launch
+from ..cuda.launch import element_count, launch
 from .base import Layer, check_array
 
 
@@ -40,14 +40,14 @@ class _Elementwise(Layer):
     def forward_gpu(self, x):
         """x C-contiguous, any shape -> y of x's shape; the cache is y."""
         y = backend.get_array_module(x).empty_like(x)
-        launch("activation", f"{self.kernel}_forward", x.dtype, x.size, (x, y, numpy.int32(x.size)))
+        launch("activation", f"{self.kernel}_forward", x.dtype, x.size, (x, y, element_count(x.size)))
         return y, y
 
     def backward_gpu(self, grad_output):
         """dy C-contiguous -> dx, a new array (dy is not overwritten)."""
         dx = backend.get_array_module(grad_output).empty_like(grad_output)
         launch("activation", f"{self.kernel}_backward", grad_output.dtype, grad_output.size,
-               (grad_output, self.cache, dx, numpy.int32(grad_output.size)))
+               (grad_output, self.cache, dx, element_count(grad_output.size)))
         return dx
 
 

@@ -33,7 +33,7 @@ On the kernel path (``kernels/batch_norm.cu``) the per-channel sums are the two-
 import numpy
 
 from .. import backend
-from ..cuda.launch import channel_sum, contiguous, launch
+from ..cuda.launch import channel_sum, contiguous, element_count, launch
 from .base import Layer, check_array, check_positive_int
 
 #: the statistics that ``forward`` measures and ``infer`` uses, by the names in ``params``
@@ -156,7 +156,7 @@ class BatchNorm2d(Layer):
         xhat = xp.empty_like(x) if keep_xhat else None
         launch("batch_norm", "batch_norm_forward", x.dtype, x.size,
                (x, mean, variance, self.params["weight"], self.params["bias"], xhat, y,
-                numpy.int32(c), numpy.int32(h * w), numpy.int32(x.size), self._scalar(self.eps)))
+                numpy.int32(c), numpy.int32(h * w), element_count(x.size), self._scalar(self.eps)))
         return y, (xhat, variance)
 
     def backward_gpu(self, grad_output):

@@ -41,7 +41,7 @@ import numpy
 
 from .. import backend
 from ..cuda.directions import scan_geometry
-from ..cuda.launch import channel_sum, launch, sum_first_axis
+from ..cuda.launch import channel_sum, element_count, launch, sum_first_axis
 from .base import Layer, check_array, check_positive_int, check_same_shape
 
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
@@ -239,7 +239,9 @@ def scan_geometry_on(directions, height, width, like):
     return _scan_geometry_cached(tuple(directions), int(height), int(width), device)
 
 
-@functools.lru_cache(maxsize=256)
+# Never evicted: a CUDA graph (minirnng.cuda.graph) records the device address of the geometry
+# its scans read, so the array must live as long as the process; each is 20 ints.
+@functools.lru_cache(maxsize=None)
 def _scan_geometry_cached(directions, height, width, device):
     geometry = scan_geometry(directions, height, width)
     if device is None:
@@ -657,7 +659,7 @@ class FourWayMaxMerge(RecurrentLayer):
         merged = xp.empty_like(x)
         winner = xp.empty(x.shape, dtype=numpy.int8)
         launch("gated_scan", "max_merge_forward", x.dtype, x.size,
-               (h, merged, winner, numpy.int32(len(DIRECTIONS)), numpy.int32(x.size)))
+               (h, merged, winner, numpy.int32(len(DIRECTIONS)), element_count(x.size)))
         return merged, (g, h, winner, geometry)
 
     def backward_gpu(self, grad_output):
@@ -670,7 +672,7 @@ class FourWayMaxMerge(RecurrentLayer):
         xp = backend.get_array_module(grad_output)
         routed = xp.empty_like(h)
         launch("gated_scan", "max_merge_backward", grad_output.dtype, grad_output.size,
-               (grad_output, winner, routed, numpy.int32(h.shape[0]), numpy.int32(grad_output.size)))
+               (grad_output, winner, routed, numpy.int32(h.shape[0]), element_count(grad_output.size)))
         dx, dg, dW, db = scan_backward_gpu(self.scan_kind, routed, g, h, self.stacked_params["W"],
                                            self.stacked_params["b"], geometry)
         self.stacked_grads["W"] += dW  # the four directions' gradients at once (they are views)
