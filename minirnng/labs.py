@@ -965,6 +965,9 @@ def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
 
 
 SCAN_SHAPE = (2, 3, 4, 5)  # N, C, H, W
+#: a batch whose N * lines is above one block of 256 threads in every direction: an undersized grid
+#: leaves whole images unscanned here, where SCAN_SHAPE's 10 lines fit any grid
+MANY_LINES_SHAPE = (70, 2, 5, 4)
 
 
 def _strides(direction, height, width):
@@ -1007,11 +1010,11 @@ def _on_kernels():
         raise LabCheckError(f"the CUDA emulator cannot run here: {error}") from None
 
 
-def _scan_problem(rng):
-    x = rng.standard_normal(SCAN_SHAPE)
-    g = rng.uniform(0.05, 0.95, SCAN_SHAPE)
-    W = _recurrent_weight(rng, SCAN_SHAPE[1])
-    b = 0.5 * rng.standard_normal(SCAN_SHAPE[1])
+def _scan_problem(rng, shape=SCAN_SHAPE):
+    x = rng.standard_normal(shape)
+    g = rng.uniform(0.05, 0.95, shape)
+    W = _recurrent_weight(rng, shape[1])
+    b = 0.5 * rng.standard_normal(shape[1])
     return x, g, W, b
 
 
@@ -1046,6 +1049,16 @@ def check_gated_scan_forward_gpu(forward):
                        patterns=[(lambda wrong: wrong.all(axis=(1, 2, 3)).any(),
                                   "a whole image is wrong: does the grid cover N * lines threads "
                                   "(blocks_for(N * lines))?")])
+    many = _scan_problem(rng, MANY_LINES_SHAPE)
+    for direction in DIRECTIONS:
+        with _on_kernels():
+            h, _ = _pair(_call(forward, *(array.copy() for array in many), direction,
+                               on=f"{direction!r}, {MANY_LINES_SHAPE[0]} images"), _name(forward))
+        report.compare(f"h, {direction}, {MANY_LINES_SHAPE[0]} images", Quantity("h", ("n", "c", "y", "x")),
+                       h, _reference_scan(*many, direction)[1],
+                       patterns=[(lambda wrong: wrong.all(axis=(1, 2, 3)).any(),
+                                  "whole images are wrong in a batch of more than 256 lines: does the grid "
+                                  "cover N * lines threads (blocks_for(N * lines)), not one block?")])
     return report.finish()
 
 
@@ -1087,6 +1100,22 @@ def check_gated_scan_backward_gpu(forward, backward):
                                               {"x": dx, "g": dg, "W": dW, "b": db}, dh, rng, max_entries=12)
             report.finite_differences(f"{direction}, your forward", errors,
                                       {"x": "dx", "g": "dg", "W": "dW", "b": "db"})
+    many = _scan_problem(rng, MANY_LINES_SHAPE)
+    for direction in DIRECTIONS:
+        layer, _ = _reference_scan(*many, direction)
+        dh = rng.standard_normal(MANY_LINES_SHAPE)
+        layer.zero_grad()
+        dx_reference, _ = layer.backward(dh)
+        with _on_kernels():
+            _, cache = _pair(_call(forward, *(array.copy() for array in many), direction, on=repr(direction)),
+                             _name(forward))
+            dx = _parts(_call(backward, dh.copy(), cache, on=repr(direction)), _name(backward), 4,
+                        ("dx", "dg", "dW", "db"))[0]
+        report.compare(f"dx, {direction}, {MANY_LINES_SHAPE[0]} images", Quantity("dx", ("n", "c", "y", "x")),
+                       dx, dx_reference,
+                       patterns=[(lambda wrong: wrong.all(axis=(1, 2, 3)).any(),
+                                  "whole images are wrong in a batch of more than 256 lines: does the backward's "
+                                  "grid cover N * lines threads (blocks_for(N * lines)), not one block?")])
     return report.finish()
 
 

@@ -304,8 +304,9 @@ else:
 # `printf` works inside a kernel, on the GPU and on the emulator (where the lines come out in
 # thread order). `docs/kernels.md`, section "Watching a kernel run", shows how to add one line to
 # `gated_scan_forward` and watch $h$ step along the first row; the emulator recompiles the edited
-# source automatically. Remember to delete the line afterwards: it is compiled into the GPU kernel
-# too.
+# source by itself (in this notebook, whose process has already launched the kernel, after
+# `minirnng.cuda.reload_kernels()`). Remember to delete the line afterwards: it is compiled into
+# the GPU kernel too.
 #
 # ## Summary
 #

@@ -474,5 +474,6 @@ print("largest difference of the logits:", np.abs(folded.infer(images64) - norma
 #    CRF's work does the recurrence already do, and which is left (look at where the two maps differ)?
 # 9. Train the small RNN-G of section 3 with `TrainConfig(batch_norm=True)` beside the same run
 #    without it. Compare the first ten epochs' validation accuracy, then load both `best.npz` files
-#    and check that each is the plain network. Why does a convolution's bias before a
-#    normalisation never move in training?
+#    and check that each is the plain network. Why is the gradient of a convolution's bias
+#    before a normalisation zero (up to rounding)? Adam still moves that bias: why, and why does
+#    it make no difference to the folded network?

@@ -200,6 +200,23 @@ def test_conv_forward_with_a_flipped_kernel():
     assert "you flipped the kernel" in failure(labs.check_conv2d_forward, forward)
 
 
+@pytest.mark.parametrize("slip, hint", [
+    # one block for every batch: only the first 256 lines are scanned
+    (("blocks_for(n * row[0])", "blocks_for(row[0])"), "does the grid cover N * lines threads"),
+    (("blocks_for(n * lines)", "blocks_for(lines)"), "does the backward's grid cover N * lines threads"),
+    # the reverse scans start off the image: the kernel skips such lines instead of writing elsewhere
+    (("first = (length - 1) * step_stride", "first = length - 1"), None),
+])
+def test_lab_08_slips_fail_their_checks_without_crashing_the_grader(slip, hint, tmp_path):
+    source = (NOTEBOOKS / "08_numpy_to_cuda.py").read_text(encoding="utf-8")
+    assert slip[0] in source
+    (tmp_path / "08_numpy_to_cuda.py").write_text(source.replace(slip[0], slip[1]), encoding="utf-8")
+    points, total, rows = labs.grade(tmp_path / "08_numpy_to_cuda.py")
+    assert points < total
+    if hint:
+        assert any(hint in message for _, _, _, message in rows), rows
+
+
 def test_grader_command_line(capsys):
     assert labs.main(["list"]) == 0
     assert "check_gated_rnn_backward" in capsys.readouterr().out

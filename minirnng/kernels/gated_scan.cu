@@ -75,12 +75,12 @@
 // The line a thread scans: direction d = blockIdx.y, image n, and the line's first pixel, length
 // and step (one row of `geometry`, see "Directions as strides"). False for a thread past the last
 // line of its direction (the grid is rounded up to whole blocks), past the last direction, or on
-// a line of no pixels.
+// a line of no pixels or one whose walk leaves the image's HW pixels.
 struct ScanLine {
     int d, n, index, length, step, first;   // index: the line's number within its direction
 };
 
-__device__ __forceinline__ bool find_scan_line(const int* geometry, int D, int N, ScanLine* line) {
+__device__ __forceinline__ bool find_scan_line(const int* geometry, int D, int N, int HW, ScanLine* line) {
     const int d = blockIdx.y;
     if (d >= D) return false;
     const int lines = geometry[5 * d];
@@ -92,7 +92,11 @@ __device__ __forceinline__ bool find_scan_line(const int* geometry, int D, int N
     line->length = geometry[5 * d + 1];
     line->step = geometry[5 * d + 3];
     line->first = geometry[5 * d + 4] + line->index * geometry[5 * d + 2];
-    return line->length > 0;
+    if (line->length <= 0) return false;
+    // A geometry row that walks off the image (a slip in one's own direction strides) would read and
+    // write other images' memory: such a line is skipped, and its output is visibly wrong instead.
+    const long long last = line->first + (long long)(line->length - 1) * line->step;
+    return line->first >= 0 && line->first < HW && last >= 0 && last < HW;
 }
 
 extern "C" __global__ void gated_scan_forward(const scalar_t* __restrict__ x,
@@ -103,7 +107,7 @@ extern "C" __global__ void gated_scan_forward(const scalar_t* __restrict__ x,
                                               scalar_t* __restrict__ h,
                                               int D, int N, int C, int HW) {
     ScanLine line;
-    if (!find_scan_line(geometry, D, N, &line)) return;
+    if (!find_scan_line(geometry, D, N, HW, &line)) return;
     const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
@@ -180,7 +184,7 @@ extern "C" __global__ void gated_scan_backward(const scalar_t* __restrict__ dh,
                                                scalar_t* __restrict__ h_prev,
                                                int D, int N, int C, int HW) {
     ScanLine line;
-    if (!find_scan_line(geometry, D, N, &line)) return;
+    if (!find_scan_line(geometry, D, N, HW, &line)) return;
     const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
@@ -221,7 +225,7 @@ extern "C" __global__ void tanh_scan_forward(const scalar_t* __restrict__ x,
                                              scalar_t* __restrict__ h,
                                              int D, int N, int C, int HW) {
     ScanLine line;
-    if (!find_scan_line(geometry, D, N, &line)) return;
+    if (!find_scan_line(geometry, D, N, HW, &line)) return;
     const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;
@@ -250,7 +254,7 @@ extern "C" __global__ void tanh_scan_backward(const scalar_t* __restrict__ dh,
                                               scalar_t* __restrict__ h_prev,
                                               int D, int N, int C, int HW) {
     ScanLine line;
-    if (!find_scan_line(geometry, D, N, &line)) return;
+    if (!find_scan_line(geometry, D, N, HW, &line)) return;
     const int d = line.d, n = line.n, length = line.length, step = line.step;
 
     const scalar_t* W = weight + (long long)d * C * C;

@@ -135,7 +135,7 @@ numeric_dg = numerical_gradient(loss, g, range(g.size)).reshape(g.shape)
 
 choices = [
     ("printed eq. 4", dict(next_gate=False, transpose=False, previous_state=False, gate_before_mixing=False)),
-    ("only g_{j+1} fixed", dict(transpose=False, previous_state=False)),
+    ("only g_{j+1} fixed", dict(transpose=False, previous_state=False, gate_before_mixing=False)),
     ("only W^T fixed", dict(next_gate=False, previous_state=False, gate_before_mixing=False)),
     ("only h_{j-1} fixed", dict(next_gate=False, transpose=False, gate_before_mixing=False)),
     ("all but h_{j-1}", dict(previous_state=False)),

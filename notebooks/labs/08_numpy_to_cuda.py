@@ -254,7 +254,7 @@ labs.check_gated_scan_backward_gpu(gated_scan_forward_gpu, gated_scan_backward_g
 # (`minirnng.backend.cupy_status()`); elsewhere it says why not. **What to expect:** GPU against
 # emulator, a relative error of $10^{-15}$ or below in float64.
 
-# %%
+# %% tags=["raises-exception"]
 usable, reason = backend.cupy_status()
 if usable:
     import cupy
@@ -280,8 +280,9 @@ else:
 # `printf` works inside a kernel, on the GPU and on the emulator (where the lines come out in
 # thread order). `docs/kernels.md`, section "Watching a kernel run", shows how to add one line to
 # `gated_scan_forward` and watch $h$ step along the first row; the emulator recompiles the edited
-# source automatically. Remember to delete the line afterwards: it is compiled into the GPU kernel
-# too.
+# source by itself (in this notebook, whose process has already launched the kernel, after
+# `minirnng.cuda.reload_kernels()`). Remember to delete the line afterwards: it is compiled into
+# the GPU kernel too.
 #
 # ## Summary
 #

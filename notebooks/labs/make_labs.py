@@ -16,8 +16,9 @@ This script writes, for every lab of ``minirnng.labs.LABS``, ``notebooks/labs/NN
         raise NotImplementedError
 
 Everything else is kept, and two things are added: a first cell that says what the file is, and
-the cell tag ``raises-exception`` on every cell that calls a check (``labs.check_...``), so that
-"Run All" (and CI's nbmake) goes on past a check that fails: the student sees every message.
+the cell tag ``raises-exception`` on every cell that calls a check (``labs.check_...``) or uses
+a function the student writes without defining it, so that "Run All" (and CI's nbmake) goes on
+past a check that fails or a function not written yet: the student sees every message.
 
 Usage, from the repository root::
 
@@ -79,6 +80,15 @@ def header(lab):
     ])
 
 
+def calls_a_students_function(source, lab):
+    """Whether a cell calls a function the student writes without defining it there (a demo that
+    uses the solutions, such as lab 08's run on a GPU): in the student version it raises
+    NotImplementedError until the student's function is written."""
+    names = {name for check in LABS[lab] for name in check.functions}
+    return any(re.search(rf"\b{name}\s*\(", source) and not re.search(rf"^def {name}\b", source, re.MULTILINE)
+               for name in names)
+
+
 def student_notebook(lab):
     """The student version of ``notebooks/<lab>.py`` as a jupytext notebook object."""
     source = NOTEBOOKS / f"{lab}.py"
@@ -89,7 +99,7 @@ def student_notebook(lab):
             continue
         solutions += cell.source.count(BEGIN)
         cell.source = strip_solutions(cell.source, where=f"{source.name}, cell {number}")
-        if CHECK_CALL.search(cell.source):
+        if CHECK_CALL.search(cell.source) or calls_a_students_function(cell.source, lab):
             tags = cell.metadata.setdefault("tags", [])
             if CHECK_TAG not in tags:
                 tags.append(CHECK_TAG)
