@@ -13,9 +13,10 @@ issue bounds by 50%. Also a breakdown of stage 2's parts (medians of the parts t
 on the batch's own stage-1 output: their sum is close to what stage 2 adds, not equal, since a
 part timed alone finds the cache warmer than inside the parser), and the machine's load average.
 
-Two clocks: the CPU time of this thread (``time.thread_time``), which other processes on a shared
-machine do not inflate, and the wall-clock time (``time.perf_counter``). Everything here runs in
-one thread, so on an idle machine the two agree; on a loaded one only the first is a fair
+Two clocks: the CPU time of this process (``time.process_time``, every thread's, BLAS workers
+included), which other processes on a shared machine do not inflate, and the wall-clock time
+(``time.perf_counter``). With the default ``--threads 1`` everything runs in one thread, so on an
+idle machine the two agree (with more BLAS threads the CPU time is their sum and exceeds it); on a loaded one only the first is a fair
 measure (a busy machine slows stage 1's large matrix products and stage 2's many small steps
 differently). The two are timed in alternation, so a load that comes and goes falls on both
 alike. Use a trained checkpoint (``--checkpoint``, as written by ``reproduce_table3``): the key
@@ -45,9 +46,9 @@ def parse_arguments():
 
 def timed(function):
     """(CPU seconds of this thread, wall-clock seconds) of one call of ``function``."""
-    cpu, wall = time.thread_time(), time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     function()
-    return time.thread_time() - cpu, time.perf_counter() - wall
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def medians(samples):

@@ -79,3 +79,32 @@ def crop_square(image, x0, y0, side):
     if bottom > top and right > left:
         crop[top - y0:bottom - y0, left - x0:right - x0] = image[top:bottom, left:right]
     return crop
+
+
+def parse_faces(image, parse_face, whole_image, background=0):
+    """Detect the faces of ``image``, parse each in LFW framing, paste the results back:
+    ``(labels, boxes)``, what both parsers' ``parse_faces`` return.
+
+    image : uint8 (H, W, 3); parse_face(crop) -> ``(labels (s, s), certainty (s, s))`` for a square
+    crop, the certainty being how sure each pixel is not ``background``; whole_image(image) ->
+    labels (H, W), used without OpenCV or when no face is found (``boxes`` is then empty). Where
+    crops overlap, a pixel takes the labels of the face that is most certain it is not background.
+    labels : uint8 (H, W); boxes : int (F, 4) face detections ``(x, y, width, height)``.
+    """
+    boxes = detect_faces(image) if detector_available() else numpy.zeros((0, 4), dtype=int)
+    if len(boxes) == 0:
+        return whole_image(image), boxes
+    height, width = image.shape[:2]
+    labels = numpy.full((height, width), background, dtype=numpy.uint8)
+    certainty = numpy.zeros((height, width), dtype=numpy.float32)  # that of the pixel's owner
+    for box in boxes:
+        x0, y0, side = lfw_frame(box)
+        face_labels, face_certainty = parse_face(crop_square(image, x0, y0, side))
+        top, left = max(y0, 0), max(x0, 0)
+        bottom, right = min(y0 + side, height), min(x0 + side, width)
+        window = (slice(top - y0, bottom - y0), slice(left - x0, right - x0))
+        better = face_certainty[window] > certainty[top:bottom, left:right]
+        labels[top:bottom, left:right][better] = face_labels[window][better]
+        certainty[top:bottom, left:right][better] = face_certainty[window][better]
+    return labels, boxes
+

@@ -154,24 +154,11 @@ class FaceParser:
         that the pixel is not background. Without OpenCV, or when no face is found, the whole
         image is parsed as one face (and ``boxes`` is empty).
         """
-        from .detect import crop_square, detect_faces, detector_available, lfw_frame
+        from .detect import parse_faces
 
-        image = check_image(image)
-        boxes = detect_faces(image) if detector_available() else numpy.zeros((0, 4), dtype=int)
-        if len(boxes) == 0:
-            return self.parse(image), boxes
-        height, width = image.shape[:2]
         background = self.classes.index("background") if "background" in self.classes else 0
-        labels = numpy.full((height, width), background, dtype=numpy.uint8)
-        certainty = numpy.zeros((height, width), dtype=numpy.float32)  # 1 - P(background) of the owner
-        for box in boxes:
-            x0, y0, side = lfw_frame(box)
-            probabilities = self.scores(crop_square(image, x0, y0, side))
-            top, left = max(y0, 0), max(x0, 0)
-            bottom, right = min(y0 + side, height), min(x0 + side, width)
-            window = probabilities[:, top - y0:bottom - y0, left - x0:right - x0]
-            face = 1 - window[background]
-            better = face > certainty[top:bottom, left:right]
-            labels[top:bottom, left:right][better] = window.argmax(axis=0)[better]
-            certainty[top:bottom, left:right][better] = face[better]
-        return labels, boxes
+
+        def parse_face(crop):
+            probabilities = self.scores(crop)
+            return probabilities.argmax(axis=0).astype(numpy.uint8), 1 - probabilities[background]
+        return parse_faces(check_image(image), parse_face, self.parse, background)

@@ -182,6 +182,23 @@ def test_missing_keypoints_are_filled_in_from_the_face_shape(faces):
     assert not found_blank.any() and numpy.isfinite(points).all()
 
 
+def test_two_eye_regions_in_an_implausible_pair_are_not_taken_for_the_eyes(faces):
+    _, _, labels, truth = faces
+    shape = FaceShape.fit(truth, labels)
+    face = labels[0].copy()
+    eyes = numpy.isin(face, [HELEN_CLASSES.index("left eye"), HELEN_CLASSES.index("right eye")])
+    face[eyes] = HELEN_CLASSES.index("skin")
+    left_eye = HELEN_CLASSES.index("left eye")
+    x, y = numpy.round(truth[0, 0]).astype(int)
+    face[y - 2:y + 3, x - 3:x + 4] = left_eye                      # the left eye, 35 pixels
+    face[y + 30:y + 33, x - 2:x + 3] = left_eye                    # a blob straight below it, 15 pixels
+    points, found = keypoints_from_labels(face[None], shape)
+    assert found[0, 0] and not found[0, 1]                          # the larger region alone, not a pair
+    assert numpy.linalg.norm(points[0, 0] - truth[0, 0]) < 1.5
+    # the filled-in right eye lies across the face, not below the left one
+    assert abs(points[0, 1, 1] - truth[0, 1, 1]) < 0.3 * numpy.linalg.norm(truth[0, 1] - truth[0, 0])
+
+
 def test_jitter_scales_with_the_face(rng):
     points = numpy.array([[[10.0, 10], [30, 10], [20, 20], [14, 28], [26, 28]]])
     moved = jitter_keypoints(numpy.repeat(points, 2000, axis=0), 0.05, rng)
@@ -329,6 +346,39 @@ def test_a_batch_normalised_stage_one_parses_each_image_by_itself(faces):
     one_by_one = numpy.concatenate([two_stage.predict(inputs[k:k + 1]) for k in range(3)])
     numpy.testing.assert_array_equal(together, one_by_one)
     assert all(numpy.array_equal(value, before[name]) for name, value in stage1.params().items())
+
+
+def test_an_image_without_a_face_gets_no_invented_parts(parser, monkeypatch):
+    def no_face(images):  # a stage 1 that sees background everywhere
+        scores = numpy.zeros((len(images), len(HELEN_CLASSES)) + images.shape[2:], numpy.float32)
+        scores[:, 0] = 5.0
+        return scores, scores.argmax(axis=1)
+
+    monkeypatch.setattr(parser, "stage_one", no_face)
+    monkeypatch.setattr(parser, "compose", lambda main, crops: numpy.full_like(main, HELEN_CLASSES.index("nose")))
+    labels = parser.predict(numpy.zeros((2, 3) + parser.stage1_size, numpy.float32))
+    assert (labels == 0).all()  # the crops' claims (here: nose everywhere) are dropped
+
+
+def test_the_two_stage_parser_parses_detected_faces_in_lfw_framing(parser, monkeypatch, rng):
+    from minirnng import detect
+
+    image = rng.integers(0, 256, (120, 160, 3), dtype=numpy.uint8)
+    monkeypatch.setattr(detect, "detector_available", lambda: True)
+    monkeypatch.setattr(detect, "detect_faces", lambda picture: numpy.array([[60, 40, 20, 20]]))
+    seen = []
+    def parse(crop):
+        seen.append(crop.shape)
+        return numpy.full(crop.shape[:2], 4, numpy.uint8)
+
+    monkeypatch.setattr(parser, "parse", parse)
+    labels, boxes = parser.parse_faces(image)
+    assert boxes.tolist() == [[60, 40, 20, 20]] and seen == [(44, 44, 3)]  # the box widened 2.2 times
+    x0, y0, side = detect.lfw_frame(boxes[0])
+    assert (labels[y0:y0 + side, x0:x0 + side] == 4).all() and (labels == 4).sum() == side * side
+    monkeypatch.setattr(detect, "detect_faces", lambda picture: numpy.zeros((0, 4), int))
+    labels, boxes = parser.parse_faces(image)  # no face found: the whole image, as one face
+    assert len(boxes) == 0 and seen[-1] == (120, 160, 3) and (labels == 4).all()
 
 
 def test_component_and_stage1_checkpoints_load_through_the_same_door(tmp_path):

@@ -165,7 +165,7 @@ def _eye_centres(eyes, face, labels, face_area, shape=None):
     image's x axis; failing that, the largest region alone.
     """
     regions = eyes.largest(face, keep=2 if shape is None else _EYE_CANDIDATES)
-    if shape is not None and len(regions) > 2:
+    if shape is not None and len(regions) >= 2:
         expected = numpy.sqrt(face_area) / shape.face_size
         best, best_pixels = None, 0
         for i in range(len(regions)):

@@ -75,6 +75,7 @@ from .keypoints import FaceShape, keypoints_from_labels
 MAIN_CLASSES = tuple(HELEN_CLASSES.index(name) for name in ("background", "skin", "hair"))
 _MAIN = numpy.array(MAIN_CLASSES)
 _IS_MAIN = numpy.isin(numpy.arange(len(HELEN_CLASSES)), MAIN_CLASSES)
+_SKIN = HELEN_CLASSES.index("skin")
 #: The order the networks take in a two-stage checkpoint, and their prefixes.
 NETWORKS = ("stage1", "eyes", "nose", "mouth")
 
@@ -369,7 +370,8 @@ class TwoStageParser:
         to it (bilinear) and the labels brought back (nearest). Returns a dict: ``stage1`` (N, H, W)
         stage 1's own 11-class labels, ``keypoints`` (N, 5, 2) in the images' pixels, ``found``
         (N, 5) bool (False: filled in from the mean shape), ``crops`` (see :meth:`run_crops`, at
-        ``stage1_size``) and ``labels`` (N, H, W) int64, the two-stage result.
+        ``stage1_size``) and ``labels`` (N, H, W) int64, the two-stage result (stage 1's main
+        regions alone in an image where stage 1 finds no skin: there is no face to put parts on).
         """
         images = self._check_images(images)
         n, _, height, width = images.shape
@@ -380,7 +382,12 @@ class TwoStageParser:
         scores, stage1_labels = self.stage_one(images)
         keypoints, found = keypoints_from_labels(stage1_labels, self.shape)
         crops = self.run_crops(images, keypoints)
-        labels = self.compose(self.main_regions(scores, stage1_labels), crops)
+        main = self.main_regions(scores, stage1_labels)
+        labels = self.compose(main, crops)
+        # Where stage 1 saw no face at all, the key points are the mean shape's last-resort guess
+        # in the middle of the image, and parts pasted there would be invented: stage 1 stands.
+        faceless = ~(main == _SKIN).any(axis=(1, 2))
+        labels[faceless] = main[faceless]
         if resized:
             back = resize_matrices(n, self.stage1_size, (height, width))
             labels = crop_nearest(labels, back, (height, width))
@@ -406,6 +413,20 @@ class TwoStageParser:
         image = check_image(image, "TwoStageParser.parse")  # the single-face parser's rules: grey, RGBA too
         labels = self.predict(normalize(resize_image(image, self.stage1_size)[None]))[0].astype(numpy.uint8)
         return resize_labels(labels, image.shape[:2])
+
+    def parse_faces(self, image):
+        """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``,
+        as :meth:`minirnng.parser.FaceParser.parse_faces` (uint8 (H, W) labels in
+        :data:`HELEN_CLASSES`, int (F, 4) boxes). Where crops overlap, a pixel keeps the first
+        face that does not call it background. Without OpenCV, or when no face is found, the
+        whole image is parsed as one face (and ``boxes`` is empty)."""
+        from ..detect import parse_faces
+        from ..parser import check_image
+
+        def parse_face(crop):
+            labels = self.parse(crop)
+            return labels, (labels != 0).astype(numpy.float32)
+        return parse_faces(check_image(image, "TwoStageParser.parse_faces"), parse_face, self.parse)
 
     def __call__(self, images):
         return self.predict(images)
