@@ -165,7 +165,9 @@ def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
     constant : ``base_lr``.
     cosine   : from ``base_lr`` down to ``final_fraction * base_lr`` along half a cosine.
     step     : ``base_lr``, divided by 10 at 60% and again at 85% of the run.
-    A linear warm-up over the first ``warmup`` fraction of the run applies to all three.
+    A linear warm-up over the first ``warmup`` fraction of the run applies to all three: the rate
+    is multiplied by ``(progress + 1e-3) / (warmup + 1e-3)``, which rises in a straight line to
+    exactly 1 where the warm-up ends (the 1e-3 keeps the first step from being zero).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
@@ -176,5 +178,5 @@ def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
     else:
         rate = base_lr * (0.1 ** ((progress >= 0.6) + (progress >= 0.85)))
     if warmup > 0 and progress < warmup:
-        rate *= (progress + 1e-3) / warmup
+        rate *= (progress + 1e-3) / (warmup + 1e-3)
     return rate

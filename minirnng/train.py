@@ -341,9 +341,13 @@ class Trainer:
     config : :class:`TrainConfig`; train_set, validation_set : ``PreloadedDataset`` at the model's
     input size; out_dir : folder for checkpoints and logs; progress : show a tqdm bar.
     workers : workers that share each batch on the NumPy path; None: the number a resumed run was
-        using, and for a new run one per core (at most 4). It is not part of the configuration: it
-        changes only the rounding of the gradient sums, so a run may move to a machine with other
-        cores. The same seed and workers give the same bits.
+        using, and for a new run one per core (at most 4). It is not part of the configuration:
+        without batch normalisation it changes only the rounding of the gradient sums, so a run
+        may move to a machine with other cores. With ``batch_norm`` each worker's shard is
+        normalised by its own statistics, so the number of workers is part of the training (pass
+        it explicitly; a resume with another number is refused, and the GPU path, which does not
+        split the batch, normalises over the whole of it). The same seed and workers give the
+        same bits.
     parallel : what the workers are: ``"processes"`` (:class:`minirnng.processes.ProcessParallel`,
         the default: no interpreter lock between them, 10% faster on two cores) or ``"threads"``
         (:class:`minirnng.parallel.DataParallel`: nothing to start); both give the same bits.
@@ -432,10 +436,16 @@ class Trainer:
         self.log(f"resumed {self.last_path} after epoch {self.epoch}")
         saved_workers = training.get("workers")  # absent in checkpoints of runs before DataParallel: 1
         saved_workers = 1 if saved_workers is None else int(saved_workers)
-        if self.workers is None and self._network is None:
+        requested = self._network.workers if self._network is not None else self.workers
+        if requested is None:
             self.workers = saved_workers
-        elif self.network.workers != saved_workers:
-            self.log(f"note: the run used {saved_workers} worker(s) and continues with {self.network.workers}; "
+        elif requested != saved_workers:
+            if self.config.batch_norm:
+                raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s): it was "
+                                 f"trained with {saved_workers}, and with batch normalisation each worker's shard "
+                                 f"is normalised by its own statistics, so that number is part of the training; "
+                                 f"resume with --workers {saved_workers}")
+            self.log(f"note: the run used {saved_workers} worker(s) and continues with {requested}; "
                      "the gradient sums are rounded differently from here on")
 
     def initialize_from(self, path):

@@ -169,6 +169,13 @@ def test_learning_rate_schedules():
     assert learning_rate("cosine", 0.1, 1.0) == pytest.approx(0.001)
     assert learning_rate("step", 0.1, 0.7) == pytest.approx(0.01)
     assert learning_rate("constant", 0.1, 0.01, warmup=0.1) < 0.02
+    for schedule in ("constant", "cosine", "step"):
+        for warmup in (0.0005, 0.02, 0.3):
+            rates = [learning_rate(schedule, 0.1, p, warmup=warmup) for p in numpy.linspace(0, warmup, 101)]
+            plain = learning_rate(schedule, 0.1, warmup)
+            # a straight rise, never above the schedule, meeting it where the warm-up ends
+            assert all(a <= b + 1e-15 for a, b in zip(rates, rates[1:])) and rates[-1] == plain
+            assert max(rates) <= learning_rate(schedule, 0.1, 0.0) + 1e-15 and rates[0] > 0
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         learning_rate("exponential", 0.1, 0.5)
 
@@ -294,6 +301,22 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
     with open(tmp_path / "resumed" / "log.csv") as stream:
         assert len(list(csv.DictReader(stream))) == 3
     assert os.path.exists(tmp_path / "resumed" / "curves.png") and os.path.exists(tmp_path / "resumed" / "best.npz")
+
+
+def test_a_batch_norm_run_resumes_only_with_its_own_number_of_workers(tiny_data, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=4, batch_norm=True)
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(config, *tiny_data, tmp_path, progress=False, workers=2, parallel="threads",
+                log=stop_after_first_epoch).run()
+    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with 2.*resume with --workers 2"):
+        Trainer(config, *tiny_data, tmp_path, progress=False, workers=1, log=lambda line: None).run(resume=True)
+    resumed = Trainer(config, *tiny_data, tmp_path, progress=False, parallel="threads", log=lambda line: None)
+    assert len(resumed.run(resume=True)) == 2 and resumed.workers == 2
 
 
 def test_a_finished_run_is_never_overwritten(tiny_data, tmp_path):
