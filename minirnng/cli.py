@@ -775,7 +775,11 @@ def main(argv=None):
     options that do not go together, 130 when interrupted, 141 when the reader of its output closed
     the pipe. Bad input is reported in one line naming the problem, not as a traceback;
     ``MINIRNNG_TRACEBACK=1`` shows the traceback as well."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the training modules: a Ctrl-C may come in meanwhile
+    except KeyboardInterrupt:
+        print("\nminirnng: interrupted", file=sys.stderr)
+        return 130
     arguments = parser.parse_args(argv)
     # `kill` or `timeout` end a command as Ctrl-C does: the files being written are cleaned up
     with interruption.handling_signals():

@@ -88,6 +88,11 @@ def ignored_by_children():
         return
     can_block = hasattr(signal, "pthread_sigmask")  # not on Windows
     if can_block:
+        # Starting the first child with spawn starts multiprocessing's resource tracker, which
+        # blocks and then unblocks the stop signals itself: inside this block, where they are
+        # ignored, that would discard a stop held until now. Started here first, it does not.
+        from multiprocessing import resource_tracker
+        resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
     try:

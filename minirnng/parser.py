@@ -146,19 +146,27 @@ class FaceParser:
         image is one face."""
         return self.scores(image).argmax(axis=0).astype(numpy.uint8)
 
-    def parse_faces(self, image):
+    def parse_faces(self, image, undetected="parse"):
         """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``.
 
         labels : uint8 (H, W); boxes : int (F, 4) face detections ``(x, y, width, height)``.
         Where crops overlap, a pixel takes the labels of the face whose parse is most certain
         that the pixel is not background. Without OpenCV, or when no face is found, the whole
-        image is parsed as one face (and ``boxes`` is empty).
+        image is parsed as one face with ``undetected="parse"`` (and ``boxes`` is empty), or left
+        background with ``undetected="background"`` (a detector-based baseline, which sees only
+        the faces its detector finds).
         """
         from .detect import parse_faces
 
+        if undetected not in ("parse", "background"):
+            raise ValueError(f"FaceParser.parse_faces: undetected must be 'parse' or 'background', got {undetected!r}")
         background = self.classes.index("background") if "background" in self.classes else 0
 
         def parse_face(crop):
             probabilities = self.scores(crop)
             return probabilities.argmax(axis=0).astype(numpy.uint8), 1 - probabilities[background]
-        return parse_faces(check_image(image), parse_face, self.parse, background)
+
+        def nothing_found(picture):
+            return numpy.full(picture.shape[:2], background, dtype=numpy.uint8)
+        return parse_faces(check_image(image), parse_face, self.parse if undetected == "parse" else nothing_found,
+                           background)

@@ -165,3 +165,28 @@ def test_workers_ignore_stop_signals_and_one_sent_while_they_start_is_not_lost(m
             processes.ProcessParallel(model, 2)
         assert interruption.requested()
         assert not [child for child in multiprocessing.active_children() if child.name.startswith("minirnng-shard")]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="stop signals cannot be held here")
+def test_a_stop_held_while_the_first_child_starts_survives_the_resource_tracker_starting():
+    """In a fresh interpreter, whose multiprocessing resource tracker is not running yet: starting
+    it (as spawn's first start does) blocks and unblocks the stop signals itself, which must not
+    discard a stop that ignored_by_children holds."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal
+from multiprocessing import resource_tracker
+from minirnng import interruption
+with interruption.handling_signals():
+    try:
+        with interruption.ignored_by_children():
+            os.kill(os.getpid(), signal.SIGTERM)    # held until the block ends
+            resource_tracker.ensure_running()       # what the first spawn does
+    except KeyboardInterrupt:
+        print("stopped")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "stopped", (result.stdout, result.stderr)
+

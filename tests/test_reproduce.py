@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy
 import pytest
 
 from minirnng import reproduce
@@ -42,6 +43,26 @@ def test_table2_runs_on_synthetic_multi_face_images(tiny_budgets, tmp_path):
     assert set(results) == set(reproduce.PAPER_TABLE2) | {"_meta"}
     assert results["_meta"]["input_size"] == 256
     assert results["RNN-G"]["accuracy"] is not None
+
+
+def test_the_detector_row_searches_the_full_size_pictures_and_leaves_undetected_faces_background(monkeypatch):
+    from minirnng import detect
+    from minirnng.data.catalog import load_split, open_dataset
+
+    test_set = load_split("synthetic", "test", n_classes=3, input_size=256, size=2, multi_face=True)
+    originals = open_dataset("synthetic", "test", n_classes=3, size=2, multi_face=True)
+    searched = []
+
+    def no_face(picture):
+        searched.append(picture.shape)
+        return numpy.zeros((0, 4), int)
+
+    monkeypatch.setattr(detect, "detector_available", lambda: True)
+    monkeypatch.setattr(detect, "detect_faces", no_face)
+    result = reproduce._detector_and_single_face_parser(test_set, originals, lambda line: None)
+    assert searched == [(512, 512, 3)] * 2 and result["faces_detected"] == 0
+    background_share = (test_set.labels == 0).mean()
+    assert result["accuracy"] == pytest.approx(background_share)  # nothing found: every pixel background
 
 
 def test_bad_arguments():
