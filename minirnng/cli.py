@@ -472,7 +472,7 @@ def load_parser(checkpoint, mirror, crf):
 
 def command_parse(arguments):
     from .detect import detector_available
-    from .parser import read_image
+    from .parser import parse_detected_faces, read_image
     from .viz import overlay, parse_figure, save_figure
 
     clash = output_replacing_an_input(arguments.images, arguments.out, arguments.figure)
@@ -512,8 +512,8 @@ def command_parse(arguments):
             print(f"minirnng parse: error: {error}; skipped", file=sys.stderr)
             failed += 1
             continue
-        if detect and hasattr(parser, "parse_faces"):
-            labels, boxes = parser.parse_faces(image)
+        if detect:
+            labels, boxes = parse_detected_faces(parser, image)
             faces = f"{len(boxes)} face(s) detected" if len(boxes) else "no face detected: parsed as one face"
         else:
             labels, faces = parser.parse(image), "parsed as one face"

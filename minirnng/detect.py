@@ -83,7 +83,7 @@ def crop_square(image, x0, y0, side):
 
 def parse_faces(image, parse_face, whole_image, background=0):
     """Detect the faces of ``image``, parse each in LFW framing, paste the results back:
-    ``(labels, boxes)``, what both parsers' ``parse_faces`` return.
+    ``(labels, boxes)``, what :func:`minirnng.parser.parse_detected_faces` returns.
 
     image : uint8 (H, W, 3); parse_face(crop) -> ``(labels (s, s), certainty (s, s))`` for a square
     crop, the certainty being how sure each pixel is not ``background``; whole_image(image) ->

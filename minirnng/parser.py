@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import backend
 from .data.datasets import read_rgb
-from .data.pipeline import normalize, resize_image
+from .data.pipeline import check_image, normalize, resize_image
 from .mirroring import mirrored_logits
 from .models import DenseCRF, load_model
 from .models.checkpoint import CheckpointError
@@ -29,17 +29,6 @@ from .models.checkpoint import CheckpointError
 WEIGHTS_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 #: The shipped RNN-G: 3 classes (background, skin, hair), trained on the LFW-PL train split.
 PRETRAINED_WEIGHTS = os.path.join(WEIGHTS_FOLDER, "rnng_lfw.npz")
-
-
-def check_image(image, owner="FaceParser"):
-    image = numpy.asarray(image)
-    if image.dtype != numpy.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-        raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{owner}: image is empty, {image.shape[0]}x{image.shape[1]} pixels (height x width)")
-    if image.ndim == 2:
-        image = numpy.repeat(image[:, :, None], 3, axis=2)  # greyscale: the same value in R, G and B
-    return numpy.ascontiguousarray(image[:, :, :3])
 
 
 def read_image(path):
@@ -147,26 +136,40 @@ class FaceParser:
         return self.scores(image).argmax(axis=0).astype(numpy.uint8)
 
     def parse_faces(self, image, undetected="parse"):
-        """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``.
+        """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``;
+        :func:`parse_detected_faces` with this parser."""
+        return parse_detected_faces(self, image, undetected)
 
-        labels : uint8 (H, W); boxes : int (F, 4) face detections ``(x, y, width, height)``.
-        Where crops overlap, a pixel takes the labels of the face whose parse is most certain
-        that the pixel is not background. Without OpenCV, or when no face is found, the whole
-        image is parsed as one face with ``undetected="parse"`` (and ``boxes`` is empty), or left
-        background with ``undetected="background"`` (a detector-based baseline, which sees only
-        the faces its detector finds).
-        """
-        from .detect import parse_faces
 
-        if undetected not in ("parse", "background"):
-            raise ValueError(f"FaceParser.parse_faces: undetected must be 'parse' or 'background', got {undetected!r}")
-        background = self.classes.index("background") if "background" in self.classes else 0
+def parse_detected_faces(parser, image, undetected="parse"):
+    """Detect the faces of ``image`` (with the extra ``detect``), parse each in LFW framing with
+    ``parser`` (a :class:`FaceParser` or a two-stage parser: anything with ``parse(image)`` and
+    ``classes``), paste the results back: ``(labels, boxes)``.
 
-        def parse_face(crop):
-            probabilities = self.scores(crop)
+    labels : uint8 (H, W); boxes : int (F, 4) face detections ``(x, y, width, height)``. Where
+    crops overlap, a pixel takes the labels of the face most certain that it is not background:
+    by the parser's class probabilities where it has them (``scores``), else the first face that
+    does not call it background. Without OpenCV, or when no face is found, the whole image is
+    parsed as one face with ``undetected="parse"`` (and ``boxes`` is empty), or left background
+    with ``undetected="background"`` (a detector-based baseline, which sees only the faces its
+    detector finds).
+    """
+    from .detect import parse_faces
+
+    if undetected not in ("parse", "background"):
+        raise ValueError(f"parse_detected_faces: undetected must be 'parse' or 'background', got {undetected!r}")
+    classes = tuple(parser.classes)
+    background = classes.index("background") if "background" in classes else 0
+
+    def parse_face(crop):
+        if hasattr(parser, "scores"):
+            probabilities = parser.scores(crop)
             return probabilities.argmax(axis=0).astype(numpy.uint8), 1 - probabilities[background]
+        labels = parser.parse(crop)
+        return labels, (labels != background).astype(numpy.float32)
 
-        def nothing_found(picture):
-            return numpy.full(picture.shape[:2], background, dtype=numpy.uint8)
-        return parse_faces(check_image(image), parse_face, self.parse if undetected == "parse" else nothing_found,
-                           background)
+    def nothing_found(picture):
+        return numpy.full(picture.shape[:2], background, dtype=numpy.uint8)
+    return parse_faces(check_image(image, "parse_detected_faces"), parse_face,
+                       parser.parse if undetected == "parse" else nothing_found, background)
+

@@ -362,6 +362,7 @@ def test_an_image_without_a_face_gets_no_invented_parts(parser, monkeypatch):
 
 def test_the_two_stage_parser_parses_detected_faces_in_lfw_framing(parser, monkeypatch, rng):
     from minirnng import detect
+    from minirnng.parser import parse_detected_faces
 
     image = rng.integers(0, 256, (120, 160, 3), dtype=numpy.uint8)
     monkeypatch.setattr(detect, "detector_available", lambda: True)
@@ -372,12 +373,12 @@ def test_the_two_stage_parser_parses_detected_faces_in_lfw_framing(parser, monke
         return numpy.full(crop.shape[:2], 4, numpy.uint8)
 
     monkeypatch.setattr(parser, "parse", parse)
-    labels, boxes = parser.parse_faces(image)
+    labels, boxes = parse_detected_faces(parser, image)
     assert boxes.tolist() == [[60, 40, 20, 20]] and seen == [(44, 44, 3)]  # the box widened 2.2 times
     x0, y0, side = detect.lfw_frame(boxes[0])
     assert (labels[y0:y0 + side, x0:x0 + side] == 4).all() and (labels == 4).sum() == side * side
     monkeypatch.setattr(detect, "detect_faces", lambda picture: numpy.zeros((0, 4), int))
-    labels, boxes = parser.parse_faces(image)  # no face found: the whole image, as one face
+    labels, boxes = parse_detected_faces(parser, image)  # no face found: the whole image, as one face
     assert len(boxes) == 0 and seen[-1] == (120, 160, 3) and (labels == 4).all()
 
 

@@ -44,6 +44,20 @@ def _check_image(image, owner):
     return image
 
 
+def check_image(image, owner="FaceParser"):
+    """A picture to parse as uint8 (H, W, 3) RGB, more lenient than the pipeline's own check: greyscale
+    (H, W) repeated into three channels, an alpha channel dropped, anything else (another dtype or
+    shape, no pixels) a clear error. What the parsers take from their users."""
+    image = numpy.asarray(image)
+    if image.dtype != numpy.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{owner}: image is empty, {image.shape[0]}x{image.shape[1]} pixels (height x width)")
+    if image.ndim == 2:
+        image = numpy.repeat(image[:, :, None], 3, axis=2)  # greyscale: the same value in R, G and B
+    return numpy.ascontiguousarray(image[:, :, :3])
+
+
 def _check_labels(labels, owner, shape=None):
     labels = numpy.asarray(labels)
     if labels.ndim != 2 or not numpy.issubdtype(labels.dtype, numpy.integer):

@@ -62,7 +62,7 @@ import numpy
 
 from .. import backend
 from ..data.classes import HELEN_CLASSES
-from ..data.pipeline import normalize, resize_image, resize_labels
+from ..data.pipeline import check_image, normalize, resize_image, resize_labels
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU
 from ..layers.base import check_positive_int
 from . import checkpoint
@@ -408,25 +408,9 @@ class TwoStageParser:
         The image is resized to the parser's size (antialiased, as for training), parsed, and the
         labels resized back (nearest).
         """
-        from ..parser import check_image  # here: the parser module imports the models
-
         image = check_image(image, "TwoStageParser.parse")  # the single-face parser's rules: grey, RGBA too
         labels = self.predict(normalize(resize_image(image, self.stage1_size)[None]))[0].astype(numpy.uint8)
         return resize_labels(labels, image.shape[:2])
-
-    def parse_faces(self, image):
-        """Detect faces, parse each in LFW framing, paste the results back: ``(labels, boxes)``,
-        as :meth:`minirnng.parser.FaceParser.parse_faces` (uint8 (H, W) labels in
-        :data:`HELEN_CLASSES`, int (F, 4) boxes). Where crops overlap, a pixel keeps the first
-        face that does not call it background. Without OpenCV, or when no face is found, the
-        whole image is parsed as one face (and ``boxes`` is empty)."""
-        from ..detect import parse_faces
-        from ..parser import check_image
-
-        def parse_face(crop):
-            labels = self.parse(crop)
-            return labels, (labels != 0).astype(numpy.float32)
-        return parse_faces(check_image(image, "TwoStageParser.parse_faces"), parse_face, self.parse)
 
     def __call__(self, images):
         return self.predict(images)
