@@ -12,8 +12,9 @@ instead of 5.2 ms with them set to zero, with the same label at every pixel (doc
 
 So subnormal weights are set to zero, which is where the decay takes them anyway, in two places:
 
-- after every optimizer step (:meth:`minirnng.optim.Optimizer.step`), so that a network trained
-  with this version never holds one;
+- after every optimizer step (:meth:`minirnng.optim.Optimizer.step`), so that no weight a network
+  trained with this version learns is one (a batch normalisation's running statistics are not the
+  optimizer's and are left alone while training; they fold into the weights at the end);
 - when parameters are loaded into a model (:meth:`minirnng.models.base.Model.load_params`), so
   that a checkpoint saved before that, or by another program, runs at full speed too. The file is
   never changed; in the model each value moves by less than 1.2e-38.

@@ -343,8 +343,8 @@ def test_dense_crf_cleans_noisy_predictions_along_image_edges():
 def naive_dense_crf(crf, logits, image):
     """Mean-field inference written out from the formulas of :mod:`minirnng.models.crf`, in
     float64: every pair of grid points' bilateral weight, the normalised kernel as a matrix, and
-    the spatial Gaussian (SciPy's: sampled, normalised, radius round(4 sigma), edges repeated) as
-    a sum over window offsets."""
+    the spatial kernel as a matrix too (SciPy's sampled Gaussian: normalised taps, radius
+    round(4 sigma); only the pixels that exist, none a pixel's own), normalised the same way."""
     k, height, width = logits.shape
     stride = int(numpy.ceil(numpy.sqrt(height * width / crf.max_grid_points)))
     h, w = height // stride, width // stride
@@ -353,34 +353,48 @@ def naive_dense_crf(crf, logits, image):
         return numpy.array([[array[c, r * stride:(r + 1) * stride, q * stride:(q + 1) * stride].mean()
                              for r in range(h) for q in range(w)] for c in range(len(array))])
 
+    def normalised(kernel):  # D^-1/2 K D^-1/2, a point with no neighbour hearing nothing
+        numpy.fill_diagonal(kernel, 0)
+        degree = kernel.sum(axis=1)
+        scale = numpy.where(degree > 1e-9, 1 / numpy.sqrt(numpy.maximum(degree, 1e-300)), 0)
+        return scale[:, None] * kernel * scale[None, :]
+
     colours = grid_means(image).T
     features = numpy.array([[r * stride / crf.bilateral_xy, q * stride / crf.bilateral_xy]
                             for r in range(h) for q in range(w)])
     features = numpy.concatenate([features, colours / crf.bilateral_rgb], axis=1)
-    kernel = numpy.exp(-0.5 * ((features[:, None] - features[None]) ** 2).sum(axis=2))
-    numpy.fill_diagonal(kernel, 0)
-    degree = kernel.sum(axis=1)
-    normalised = kernel / numpy.sqrt(degree[:, None] * degree[None, :])
+    bilateral_kernel = normalised(numpy.exp(-0.5 * ((features[:, None] - features[None]) ** 2).sum(axis=2)))
     sigma = crf.spatial_xy
     radius = int(4 * sigma + 0.5)
     taps = numpy.exp(-numpy.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
     taps /= taps.sum()
-    centre = 1 / (2 * numpy.pi * sigma ** 2)
+    pixels = [(r, c) for r in range(height) for c in range(width)]
+    spatial_kernel = numpy.zeros((len(pixels), len(pixels)))
+    for i, (r, c) in enumerate(pixels):
+        for j, (r2, c2) in enumerate(pixels):
+            if abs(r - r2) <= radius and abs(c - c2) <= radius:
+                spatial_kernel[i, j] = taps[r2 - r + radius] * taps[c2 - c + radius]
+    spatial_kernel = normalised(spatial_kernel)
     rows, cols = numpy.arange(height), numpy.arange(width)
     z = logits.astype(numpy.float64)
     q = numpy.exp(z - z.max(axis=0)) / numpy.exp(z - z.max(axis=0)).sum(axis=0)
     for _ in range(crf.iterations):
-        on_grid = (grid_means(q) @ normalised).reshape(k, h, w)
+        on_grid = (grid_means(q) @ bilateral_kernel).reshape(k, h, w)
         bilateral = on_grid[:, numpy.minimum(rows // stride, h - 1)][:, :, numpy.minimum(cols // stride, w - 1)]
-        blurred = numpy.zeros_like(q)
-        for dy in range(-radius, radius + 1):
-            for dx in range(-radius, radius + 1):
-                shifted = q[:, numpy.clip(rows + dy, 0, height - 1)][:, :, numpy.clip(cols + dx, 0, width - 1)]
-                blurred += taps[dy + radius] * taps[dx + radius] * shifted
-        message = crf.bilateral_weight * bilateral + crf.spatial_weight * (blurred - centre * q) / (1 - centre)
+        spatial = (q.reshape(k, -1) @ spatial_kernel).reshape(k, height, width)
+        message = crf.bilateral_weight * bilateral + crf.spatial_weight * spatial
         e = numpy.exp(z + message - (z + message).max(axis=0))
         q = e / e.sum(axis=0)
     return q
+
+
+def test_dense_crf_on_one_pixel_is_the_softmax_and_refuses_a_grid_wider_than_the_image():
+    logits = numpy.array([0.2, -0.05, 0.6], numpy.float32).reshape(1, 3, 1, 1)
+    q = DenseCRF().refine(logits, numpy.zeros((1, 3, 1, 1), numpy.float32))
+    expected = numpy.exp(logits) / numpy.exp(logits).sum()
+    numpy.testing.assert_allclose(q, expected, rtol=1e-6)  # no neighbour, no message, not even its own
+    with pytest.raises(ValueError, match="1x10000 needs a bilateral grid of 2x2 blocks"):
+        DenseCRF().refine(numpy.zeros((1, 3, 1, 10000), numpy.float32), numpy.zeros((1, 3, 1, 10000), numpy.float32))
 
 
 @pytest.mark.parametrize("max_grid_points", [4096, 30])  # the grid of every pixel, and of 2 x 2 blocks
