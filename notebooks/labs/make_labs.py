@@ -106,6 +106,8 @@ def student_notebook(lab):
     if not solutions:
         raise ValueError(f"{source} has no {BEGIN} block: nothing for a student to write")
     notebook.cells.insert(0, jupytext.reads(header(lab), fmt="md").cells[0])
+    for number, cell in enumerate(notebook.cells):
+        cell.id = f"cell-{number}"  # the same ids at every run: rewriting an unchanged lab changes nothing
     notebook.metadata.setdefault("jupytext", {})["formats"] = FORMATS
     return notebook
 
