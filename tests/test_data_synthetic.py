@@ -50,8 +50,22 @@ def test_three_classes_merge_the_facial_parts(faces):
         assert labels3.max() < len(LFW_CLASSES)
         drawn = labels11 != 0
         numpy.testing.assert_array_equal(labels3[drawn], HELEN_TO_LFW[labels11[drawn]])
-        # What HELEN calls background is background in LFW-PL too, except the neck (LFW-PL's skin).
+        # What HELEN calls background is background in LFW-PL too, except the neck and the ears
+        # (LFW-PL's skin).
         assert set(numpy.unique(labels3[~drawn]).tolist()) <= {0, 1}
+
+
+def test_an_open_mouth_parts_the_lips_and_keeps_both():
+    faces = SyntheticFaces(60, size=128, n_classes=11, seed=11)
+    upper, lower = HELEN_CLASSES.index("upper lip"), HELEN_CLASSES.index("lower lip")
+    inner = HELEN_CLASSES.index("inner mouth")
+    open_mouths = without_upper_lip = 0
+    for index in range(len(faces)):
+        labels = faces[index][1]
+        if (labels == inner).any() and (labels == lower).any():  # an open mouth, not hidden
+            open_mouths += 1
+            without_upper_lip += not (labels == upper).any()
+    assert open_mouths >= 20 and without_upper_lip == 0
 
 
 def test_keypoints_sit_on_their_parts(faces):

@@ -39,7 +39,7 @@ _PARTS = (
     ("cloth",          "background"),
     ("hair behind",    "hair"),
     ("neck",           "neck"),
-    ("ear",            "skin"),
+    ("ear",            "neck"),
     ("skin",           "skin"),
     ("beard",          "hair"),
     ("nose",           "nose"),
@@ -60,8 +60,9 @@ _PARTS = (
     ("hair",           "hair"),
     ("occluder",       "background"),
 )
-# The neck is skin in LFW-PL's labels but background in HELEN's: it gets a drawing class of its own
-# (after the 11 HELEN classes) that each class list maps to its own convention.
+# The neck and the ears are skin in LFW-PL's labels but background in HELEN's ("face skin
+# (excluding ears and neck)"): they get a drawing class of their own (after the 11 HELEN classes),
+# named for the neck, that each class list maps to its own convention.
 _DRAWING_CLASSES = HELEN_CLASSES + ("neck",)
 _DRAWING_TO_HELEN = numpy.append(numpy.arange(len(HELEN_CLASSES)),
                                  HELEN_CLASSES.index("background")).astype(numpy.uint8)
@@ -96,13 +97,15 @@ class SyntheticFaces(Dataset):
     in ``LFW_CLASSES`` (every facial part is skin). With ``multi_face=False`` an image is
     ``size x size`` (a multiple of 4) with one roughly centred face, like LFW-PL; with
     ``multi_face=True`` it is 512x512 (``size`` is ignored) with 2 to 6 faces of varied sizes, some
-    small and some cut by the border, like the paper's Multi-Face set.
+    small and some cut by the border, like the paper's Multi-Face set (a small face placed near the
+    border can fall outside the picture altogether: about 2% of the faces, which still have key
+    points).
 
     ``ds[i]`` returns ``(image, labels)``: uint8 ``(H, W, 3)`` RGB and uint8 ``(H, W)``.
     ``ds.keypoints(i)`` returns the five key points the generator placed (see :meth:`keypoints`).
 
-    Labelling conventions: beards are hair; ears are skin; clothes and occluders are background;
-    the neck is skin with 3 classes (as LFW-PL labels it) and background with 11 (as HELEN does).
+    Labelling conventions: beards are hair; clothes and occluders are background; the neck and the
+    ears are skin with 3 classes (as LFW-PL labels them) and background with 11 (as HELEN does).
     """
 
     def __init__(self, n, size=128, n_classes=11, multi_face=False, seed=0):
@@ -112,8 +115,10 @@ class SyntheticFaces(Dataset):
             raise ValueError(f"SyntheticFaces: size must be a multiple of 4 and at least 32, got {size!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
             raise ValueError(f"SyntheticFaces: seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(multi_face, (bool, numpy.bool_)):
+            raise TypeError(f"SyntheticFaces: multi_face must be True or False, got {multi_face!r}")
         self.classes = class_list(n_classes)
-        self.n, self.n_classes, self.multi_face, self.seed = int(n), n_classes, bool(multi_face), int(seed)
+        self.n, self.n_classes, self.multi_face, self.seed = int(n), len(self.classes), bool(multi_face), int(seed)
         self.size = MULTI_FACE_SIZE if self.multi_face else int(size)
 
     def __len__(self):
@@ -587,15 +592,18 @@ class _PartPainter:
         centre_u = face.turn
         width = face.mouth_width
         rows, columns, u, v = self._region((centre_u - width, centre_u + width),
-                                           (face.mouth_y - face.upper_lip - 0.05 + min(face.smile, 0.0),
+                                           (face.mouth_y - 0.5 * face.mouth_open - face.upper_lip - 0.05
+                                            + min(face.smile, 0.0),
                                             face.mouth_y + face.mouth_open + face.lower_lip + 0.05))
         across = (u - centre_u) / width
         within = numpy.abs(across) < 1.0
         envelope = numpy.sqrt(numpy.maximum(0.0, 1.0 - across * across))
         line = face.mouth_y + face.smile * across * across
         cupid = face.upper_lip * 0.35 * numpy.maximum(0.0, 1.0 - (across / 0.18) ** 2)
-        upper_top = line - face.upper_lip * envelope + cupid
         gap = 0.5 * face.mouth_open * envelope
+        # an open mouth parts the lips: the upper one moves up by half the opening, as the lower
+        # one moves down, each keeping its thickness
+        upper_top = line - gap - face.upper_lip * envelope + cupid
         lower_bottom = line + gap + face.lower_lip * envelope
         self._paint(rows, columns, within & (v > upper_top) & (v < line - gap), "upper lip")
         self._paint(rows, columns, within & (v >= line + gap) & (v < lower_bottom), "lower lip")
