@@ -16,7 +16,8 @@ part timed alone finds the cache warmer than inside the parser), and the machine
 Two clocks: the CPU time of this process (``time.process_time``, every thread's, BLAS workers
 included), which other processes on a shared machine do not inflate, and the wall-clock time
 (``time.perf_counter``). With the default ``--threads 1`` everything runs in one thread, so on an
-idle machine the two agree (with more BLAS threads the CPU time is their sum and exceeds it); on a loaded one only the first is a fair
+idle machine the two agree (with more BLAS threads the CPU time is their sum and exceeds it); on
+a loaded one only the first is a fair
 measure (a busy machine slows stage 1's large matrix products and stage 2's many small steps
 differently). The two are timed in alternation, so a load that comes and goes falls on both
 alike. Use a trained checkpoint (``--checkpoint``, as written by ``reproduce_table3``): the key

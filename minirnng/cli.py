@@ -674,8 +674,10 @@ def build_parser():
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     train.add_argument("--seed", type=non_negative_int, default=defaults.seed)
-    train.add_argument("--train-size", type=positive_int, default=None, help="number of training images (synthetic: how many are drawn; otherwise the first N of the split)")
-    train.add_argument("--validation-size", type=positive_int, default=None, help="number of validation images (synthetic: how many are drawn; otherwise the first N)")
+    train.add_argument("--train-size", type=positive_int, default=None,
+                       help="number of training images (synthetic: how many are drawn; otherwise the first N of the split)")
+    train.add_argument("--validation-size", type=positive_int, default=None,
+                       help="number of validation images (synthetic: how many are drawn; otherwise the first N)")
     train.add_argument("--init", metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")

@@ -253,10 +253,11 @@ for loss in (SoftmaxCrossEntropy(), SoftDice()):
 # The gate's target (`minirnng.losses.boundary_target`) is 0 on the pixels that have a
 # 4-neighbour with another label and 1 elsewhere, at the gate's half resolution. Boundaries are a
 # minority: about one pixel in seven on these small synthetic faces (below), one in eleven at the
-# real model's 64 x 64 gate (further below), where the same outlines cover a smaller share. Trained on all pixels, the edge
-# head can reach a low loss by predicting "no boundary" almost everywhere, and the gate would never
-# learn to close. The paper (section 5.1) balances the loss instead: **all** boundary pixels, and
-# five times as many non-boundary pixels drawn at random (`minirnng.losses.boundary_sample_mask`),
+# real model's 64 x 64 gate (further below), where the same outlines cover a smaller share.
+# Trained on all pixels, the edge head can reach a low loss by predicting "no boundary" almost
+# everywhere, and the gate would never learn to close. The paper (section 5.1) balances the loss
+# instead: **all** boundary pixels, and five times as many non-boundary pixels drawn at random
+# (`minirnng.losses.boundary_sample_mask`),
 # so boundaries are a sixth of what the loss sees. Where they are a seventh already, that changes
 # little; the thinner the boundaries, the more it matters.
 

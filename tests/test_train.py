@@ -197,7 +197,7 @@ def test_the_objective_names_labels_that_are_not_a_batch_of_label_maps():
     outputs = RNNG(rng=0).forward(numpy.zeros((1, 3, 8, 8), numpy.float32))
     for labels, shown in ((numpy.zeros((8, 8), int), r"int64 array of shape \(8, 8\)"),
                           ([[[0] * 8] * 8], "list"), (numpy.zeros((1, 8, 8)), r"float64 array")):
-        with pytest.raises(ValueError, match=r"StageOneObjective: labels must be an integer array \(N, H, W\).*" + shown):
+        with pytest.raises(ValueError, match=r"labels must be an integer array \(N, H, W\).*" + shown):
             StageOneObjective()(outputs, labels, numpy.random.default_rng(0))
 
 def test_objective_adds_a_soft_dice_term_on_the_logits(rng):

@@ -87,8 +87,9 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
         raise ValueError(f"n_classes must be 3 or 11, got {n_classes!r}")
     if name == "synthetic":
         if root is not None:  # most likely a forgotten --data: training on faces drawn in code instead
-            raise ValueError(f"a root folder ({root}) was given for the synthetic faces, which are drawn in code "
-                             "and read no folder; name the dataset that is there with --data (lfw-pl, helen, celebamask)")
+            raise ValueError(f"a root folder ({root}) was given for the synthetic faces, which are drawn in "
+                             "code and read no folder; name the dataset that is there with --data (lfw-pl, "
+                             "helen, celebamask)")
         count = SYNTHETIC_SIZES[split] if size is None else size  # SyntheticFaces checks it
         return SyntheticFaces(count, size=512 if multi_face else 128, n_classes=n_classes or 11,
                               multi_face=multi_face, seed=SYNTHETIC_SEEDS[split] if seed is None else seed)
