@@ -199,6 +199,50 @@ def test_two_eye_regions_in_an_implausible_pair_are_not_taken_for_the_eyes(faces
     assert abs(points[0, 1, 1] - truth[0, 1, 1]) < 0.3 * numpy.linalg.norm(truth[0, 1] - truth[0, 0])
 
 
+def test_with_one_eye_the_face_shape_still_guides_the_mouth_and_nose(faces):
+    """A lip blob at eye height, larger than the mouth, is not taken for the mouth when the other eye is missing:
+    the mean shape placed on the one eye, sized by the face region, predicts where the mouth is."""
+    _, _, labels, truth = faces
+    shape = FaceShape.fit(truth, labels)
+    points_found, found = keypoints_from_labels(labels)
+    unoccluded = [n for n in range(len(labels)) if found[n].all()
+                  and numpy.linalg.norm(points_found[n] - truth[n], axis=1).max() < 2.0]
+    lower_lip = HELEN_CLASSES.index("lower lip")
+    checked = flips_checked = 0
+    for n in unoccluded[:6]:
+        face = labels[n].copy()
+        face[face == RIGHT_EYE] = HELEN_CLASSES.index("skin")         # the right eye is missing
+        x, y = numpy.round(truth[n, 1]).astype(int)                   # where it was: a blob of lip
+        mouth_pixels = numpy.isin(face, [HELEN_CLASSES.index(name) for name in ("upper lip", "inner mouth",
+                                                                                  "lower lip")]).sum()
+        side = int(numpy.ceil(numpy.sqrt(mouth_pixels))) + 2
+        face[max(y - side // 2, 0):y + side // 2 + 1, x:x + side] = lower_lip
+        assert numpy.isin(face, [lower_lip]).sum() > 0
+        unguided, _ = keypoints_from_labels(face)
+        guided, guided_found = keypoints_from_labels(face[None], shape)
+        eye_distance = numpy.linalg.norm(truth[n, 1] - truth[n, 0])
+        assert guided_found[0, 0] and not guided_found[0, 1]
+        # Without the shape the blob is the largest mouth region; with it, the real mouth is found.
+        assert numpy.linalg.norm(unguided[3:] - truth[n, 3:], axis=1).max() > 0.5 * eye_distance
+        # (found, or filled in from the eye and nose where the face region misjudges the face's size)
+        assert numpy.linalg.norm(guided[0, 3:] - truth[n, 3:], axis=1).max() < 0.25 * eye_distance
+        assert guided_found[0, 2]
+        # and the missing eye, filled in from the points found, lands near the truth
+        assert numpy.linalg.norm(guided[0, 1] - truth[n, 1]) < 0.25 * eye_distance
+        checked += 1
+        # An eye that stage 1 gives the wrong side: the mouth says which side it is on, where the face
+        # region's size predicts the eye distance well enough to find the mouth within the gate.
+        face_area = numpy.count_nonzero(~numpy.isin(face, [HELEN_CLASSES.index("background"),
+                                                            HELEN_CLASSES.index("hair")]))
+        if abs(numpy.sqrt(face_area) / shape.face_size / eye_distance - 1) < 0.2:
+            face[face == LEFT_EYE] = RIGHT_EYE
+            flipped, flipped_found = keypoints_from_labels(face[None], shape)
+            numpy.testing.assert_array_equal(flipped_found, guided_found)
+            numpy.testing.assert_allclose(flipped, guided)
+            flips_checked += 1
+    assert checked >= 4 and flips_checked >= 3
+
+
 def test_jitter_scales_with_the_face(rng):
     points = numpy.array([[[10.0, 10], [30, 10], [20, 20], [14, 28], [26, 28]]])
     moved = jitter_keypoints(numpy.repeat(points, 2000, axis=0), 0.05, rng)

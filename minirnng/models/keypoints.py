@@ -27,7 +27,9 @@ guided by the face's geometry:
   horizontal than vertical;
 - mouth, then nose: the mean shape, aligned to the points found so far, predicts where the part
   is; of the part's regions near there, the one whose point is nearest the prediction counts if
-  it is within ``GATE`` eye distances, else the prediction stands in.
+  it is within ``GATE`` eye distances, else the prediction stands in;
+- with one eye found, the mean shape is placed on that eye, upright, its eye distance predicted by
+  the size of the face region, and the gate is ``ONE_EYE_GATE`` (that size is a rougher ruler).
 
 Regions smaller than ``MINIMUM_PIXELS`` are noise and ignored. A point that cannot be found is
 filled in from the mean shape aligned to the points that were found (:func:`complete_keypoints`).
@@ -47,6 +49,12 @@ CORNER_BAND = 1.0
 TIP_FRACTION = 0.3
 #: How far (in eye distances) a part may lie from where the mean shape predicts it and still count.
 GATE = 0.35
+#: GATE for a face with one eye found, whose mean shape is placed on that eye and sized by the face region:
+#: that size predicts the eye distance only roughly (5th to 95th percentile 0.73 to 1.25 times it on
+#: synthetic faces), which moves the predicted mouth by up to about half an eye distance. A lip blob where
+#: the other eye should be, or the mouth seen from an eye given the wrong side, is about an eye distance
+#: off. (On the 150 validation faces of the small Table 3 run, 0.35 to 0.6 score within 0.1 of each other.)
+ONE_EYE_GATE = 0.5
 #: How far beyond the gate (in eye distances) a part's region may reach: the search window.
 SEARCH_REACH = 0.6
 #: How many of the largest eye regions are weighed as pairs when a face shape guides the search.
@@ -212,29 +220,62 @@ def _nose_tip(region, down):
 
 
 def _nearest(candidates, prediction, radius):
-    """The candidate nearest to ``prediction``, if within ``radius``; else None (of equal distances, the last).
+    """``(candidate, distance)``: the candidate nearest to ``prediction`` (of equal distances, the
+    last) if within ``radius``; else ``(None, inf)``.
 
     candidates : a list of arrays of points (..., 2), each of the shape of ``prediction``; the
     distance is the root-mean-square distance of their points.
     """
     if not candidates:
-        return None
+        return None, numpy.inf
     offsets = numpy.stack(candidates) - prediction                      # (Q, ..., 2)
     squared = (offsets ** 2).sum(axis=-1).reshape(len(candidates), -1)   # (Q, points per candidate)
     distances = numpy.sqrt(squared.sum(axis=1) / squared.shape[1])
     best = len(distances) - 1 - numpy.argmin(distances[::-1])
-    return candidates[best] if distances[best] <= radius else None
+    return (candidates[best], distances[best]) if distances[best] <= radius else (None, numpy.inf)
+
+
+def _place_on_one_eye(face, points, candidates, placements, radius, mean, predicted):
+    """The mouth of a face with one eye found, and which eye that is; updates ``points`` and ``predicted``.
+
+    placements (2, 5, 2): the mean shape placed on the eye as the image-left and as the image-right
+    eye. The mouth region nearest the mouth either placement predicts, within ``radius``, is taken,
+    and that placement's side for the eye (stage 1's side for it may be wrong); with no region
+    within ``radius`` of either, the region nearest the mouth of stage 1's side, however far (the
+    face region's size is a rough ruler, and a missing mouth would be guessed from it alone). The
+    prediction for the nose is then the mean shape aligned to the eye and the mouth corners.
+    """
+    eye = 0 if numpy.isfinite(points[face, 0, 0]) else 1
+    (corners, left_distance), (right_corners, right_distance) = (_nearest(candidates, placed[3:], radius)
+                                                                 for placed in placements)
+    side = eye
+    if right_distance < left_distance:
+        corners, side = right_corners, 1
+    elif corners is not None:
+        side = 0
+    elif candidates:  # none within the gate: the face region misjudged the face's size
+        corners, _ = _nearest(candidates, placements[eye, 3:], numpy.inf)
+    if corners is None:
+        return
+    found_eye = points[face, eye].copy()
+    points[face, 1 - side] = numpy.nan
+    points[face, side] = found_eye
+    points[face, 3:] = corners
+    known = [side, 3, 4]
+    predicted[face] = _similarity(mean[known], points[face, known])(mean)
 
 
 def _read_keypoints(labels, shape=None):
     """float64 ``(N, 5, 2)`` points (NaN where missing) of label maps ``(N, H, W)``.
 
     Without ``shape``, each part is its largest region. With a :class:`FaceShape`, in each face
-    whose two eyes are found, the mouth and then the nose are checked against the positions the
-    mean shape predicts from the points found so far: of their regions in a window
-    ``GATE + SEARCH_REACH`` eye distances around the prediction, the one whose point is nearest
-    the prediction is taken if it lies within ``GATE`` eye distances of it (stray blobs of a weak
-    stage 1 are ignored).
+    with an eye found, the mouth and then the nose are checked against the positions the mean
+    shape predicts from the points found so far: of their regions in a window ``GATE +
+    SEARCH_REACH`` eye distances around the prediction, the one whose point is nearest the
+    prediction is taken if it lies within ``GATE`` eye distances of it (stray blobs of a weak
+    stage 1 are ignored). With one eye the mean shape is placed on it, upright, scaled by the face
+    region's size, and the gate is ``ONE_EYE_GATE``; once the mouth is found, it is realigned to
+    the eye and the mouth corners.
 
     One step per part, eyes, then mouth, then nose (a part's search window depends on the points
     found before it): each labels the part's regions in all faces at once (:class:`_Regions`),
@@ -258,19 +299,36 @@ def _read_keypoints(labels, shape=None):
             eye_distance[face] = numpy.linalg.norm(right - left)
             across[face] = (right - left) / eye_distance[face]
     down = numpy.stack([-across[:, 1], across[:, 0]], axis=1)
-    guided = numpy.isfinite(eye_distance) & (shape is not None)
-    radius = GATE * eye_distance
-    reach = radius + SEARCH_REACH * eye_distance
-    # Unguided faces search the whole image; guided ones a window around the predicted part.
-    windows = numpy.tile([0, height, 0, width], (n, 1))
-
     # (Without a shape no face is guided, and the mean shape is not used.)
     mean = numpy.asarray(shape.mean, dtype=numpy.float64) if shape is not None else numpy.zeros((5, 2))
-    with_mouth = []  # the guided faces whose mouth corners are found
-    # The mean shape aligned to the eyes of every guided face at once: (F, 5, 2).
-    predicted = dict(zip(numpy.flatnonzero(guided), _similarity(mean[:2], points[guided, :2])(mean)))
+    both_eyes = numpy.flatnonzero(numpy.isfinite(eye_distance)) if shape is not None else []
+    # The mean shape aligned to the eyes of every face with both: (F, 5, 2) at once.
+    predicted = dict(zip(both_eyes, _similarity(mean[:2], points[both_eyes, :2])(mean)))
+    # With one eye, one point cannot give a similarity: the mean shape is placed on that eye, upright,
+    # with the eye distance that the size of the face region predicts (FaceShape.face_size), once as
+    # the image-left eye and once as the image-right one. Stage 1 may give an eye the wrong side; the
+    # mouth decides which placement holds (below).
+    one_eye = {}  # face -> the two placements (2, 5, 2)
+    if shape is not None:
+        for face in numpy.flatnonzero(numpy.isfinite(points[:, :2, 0]).sum(axis=1) == 1):
+            if face_areas[face]:
+                eye = 0 if numpy.isfinite(points[face, 0, 0]) else 1
+                eye_distance[face] = numpy.sqrt(face_areas[face]) / shape.face_size
+                one_eye[face] = points[face, eye] + eye_distance[face] * (mean[None] - mean[:2, None])
+                predicted[face] = one_eye[face][eye]
+    guided = numpy.isfinite(eye_distance) & (shape is not None)
+    radius = GATE * eye_distance
+    for face in one_eye:
+        radius[face] = ONE_EYE_GATE * eye_distance[face]
+    reach = radius + SEARCH_REACH * eye_distance
+    # Unguided faces search the whole image, and so do those with one eye (two placements to try);
+    # the others a window around the predicted part.
+    windows = numpy.tile([0, height, 0, width], (n, 1))
+
+    with_mouth = []  # the faces with both eyes whose mouth corners are found
     for face, prediction in predicted.items():
-        windows[face] = _window((prediction[3] + prediction[4]) / 2, reach[face], (height, width))
+        if face not in one_eye:
+            windows[face] = _window((prediction[3] + prediction[4]) / 2, reach[face], (height, width))
     mouths = _Regions(parts == _MOUTH, windows)
     for face in range(n):
         if not guided[face]:
@@ -280,7 +338,10 @@ def _read_keypoints(labels, shape=None):
             continue
         candidates = [numpy.stack(_mouth_corners(mouths.pixels(region), across[face]))
                       for region in mouths.largest(face)]
-        corners = _nearest(candidates, predicted[face][3:], radius[face])
+        if face in one_eye:
+            _place_on_one_eye(face, points, candidates, one_eye[face], radius[face], mean, predicted)
+            continue
+        corners, _ = _nearest(candidates, predicted[face][3:], radius[face])
         if corners is not None:
             points[face, 3:] = corners
             with_mouth.append(face)
@@ -297,8 +358,8 @@ def _read_keypoints(labels, shape=None):
             if len(regions):
                 points[face, 2] = _nose_tip(noses.pixels(regions[0]), down[face])
             continue
-        tip = _nearest([_nose_tip(noses.pixels(region), down[face]) for region in noses.largest(face)],
-                       predicted[face][2], radius[face])
+        tip, _ = _nearest([_nose_tip(noses.pixels(region), down[face]) for region in noses.largest(face)],
+                          predicted[face][2], radius[face])
         if tip is not None:
             points[face, 2] = tip
     return points
@@ -429,8 +490,10 @@ def complete_keypoints(points, found, shape, labels=None):
 
     With two or more points found, the mean shape is aligned to them by a least-squares similarity
     and gives the others. With fewer, the mean shape is placed on the face region (every pixel
-    not labelled background or hair) of ``labels`` ``(N, H, W)``; with no face region either, on
-    the middle of the image, eye distance a quarter of its width (a last resort: nothing was found).
+    not labelled background or hair) of ``labels`` ``(N, H, W)``, upright, its eye distance
+    predicted by the region's size (``FaceShape.face_size``), and moved onto the one point found if
+    there is one; with no face region either, on the middle of the image, eye distance a quarter of
+    its width (a last resort).
     """
     points = numpy.array(points, dtype=numpy.float64)
     found = numpy.asarray(found, dtype=bool)
@@ -455,6 +518,8 @@ def complete_keypoints(points, found, shape, labels=None):
             raise ValueError(f"complete_keypoints: face {n} has fewer than two key points and no label map "
                              "to place the mean shape on")
         guess = centre + distance * (mean - numpy.asarray(shape.face_offset))
+        if known.any():  # one point found: the guess is moved onto it, which beats the face region's centre
+            guess += points[n, known] - guess[known]
         points[n, ~known] = guess[~known]
     return points
 
