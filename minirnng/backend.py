@@ -24,6 +24,7 @@ Importing this module never imports CuPy; CuPy is imported only when it is asked
 
 import contextlib
 import functools
+import importlib
 import os
 
 import numpy
@@ -40,26 +41,41 @@ class BackendError(RuntimeError):
 def cupy_status():
     """Return ``(usable, reason)``: whether CuPy can run kernels here and, if not, why.
 
-    Usable means: ``import cupy`` works, ``cupy.is_available()`` sees a GPU, and the NVRTC
-    runtime compiler can be loaded (our kernels are compiled at run time). Cached.
+    Usable means: ``import cupy`` works, ``cupy.is_available()`` sees a GPU, the NVRTC runtime
+    compiler can be loaded (our kernels are compiled at run time), and so can cuBLAS (the matrix
+    products of the convolutions' and the recurrence's weight gradients). Cached.
     """
     try:
         import cupy
     except Exception as error:  # ImportError, or a broken CUDA install raising anything
         return False, (f"CuPy cannot be imported ({type(error).__name__}: {error}); "
-                       "install the GPU extra: pip install 'minirnng[gpu]'")
+                       "install the GPU extra from a checkout: pip install -e '.[gpu]'")
     try:
         if not cupy.is_available():
             return False, "CuPy is installed but sees no usable CUDA GPU (cupy.is_available() is False)"
     except Exception as error:
         return False, f"CuPy could not query the GPU ({type(error).__name__}: {error})"
-    try:
-        from cupy.cuda import nvrtc
-        nvrtc.getVersion()
-    except Exception as error:
-        return False, (f"the NVRTC runtime compiler cannot be loaded ({type(error).__name__}: {error}); "
-                       "install it: pip install nvidia-cuda-nvrtc-cu12")
-    return True, "CuPy, a GPU and NVRTC are usable"
+    libraries = (("the NVRTC runtime compiler", "cupy.cuda.nvrtc"), ("cuBLAS", "cupy_backends.cuda.libs.cublas"))
+    for library, module in libraries:
+        try:
+            loaded = importlib.import_module(module)
+            if module.endswith("nvrtc"):
+                loaded.getVersion()  # the bindings import without the library; a call loads it
+        except Exception as error:
+            return False, (f"{library} cannot be loaded ({type(error).__name__}: {error}); install the CUDA "
+                           f"libraries with CuPy: pip install '{_cupy_distribution()}[ctk]'")
+    return True, "CuPy, a GPU, NVRTC and cuBLAS are usable"
+
+
+def _cupy_distribution():
+    """The name of the installed CuPy wheel (``cupy-cuda12x``, ``cupy-cuda13x``, ...), whose ``[ctk]``
+    extra brings the CUDA libraries of its CUDA version; ``cupy-cuda12x`` if none is found."""
+    from importlib import metadata
+    for distribution in metadata.distributions():
+        name = (distribution.metadata["Name"] or "").lower()
+        if name.startswith("cupy-cuda"):
+            return name
+    return "cupy-cuda12x"
 
 
 @functools.lru_cache(maxsize=None)

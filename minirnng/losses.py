@@ -316,8 +316,13 @@ class SoftmaxCrossEntropy(Loss):
         device = logits.device.id if backend.is_cupy_array(logits) else None
         key = (logits.dtype, device)
         if key not in self._class_weights_on_device:
-            xp = backend.get_array_module(logits)
-            self._class_weights_on_device[key] = xp.asarray(self.class_weights.astype(logits.dtype))
+            weights = self.class_weights.astype(logits.dtype)
+            if device is None:
+                self._class_weights_on_device[key] = weights
+            else:
+                import cupy
+                with cupy.cuda.Device(device):  # the logits' device, which need not be the current one
+                    self._class_weights_on_device[key] = cupy.asarray(weights)
         return self._class_weights_on_device[key]
 
     def kernel_ignore_index(self):

@@ -427,6 +427,17 @@ def test_launch_rejects_none_where_the_kernel_does_not_handle_it():
     _, y, n = relu_args()
     with pytest.raises(TypeError, match="'x'.*None.*nullptr"):
         launch_relu((None, y, n))
+    # batch_norm_forward tests xhat against nullptr; the backward kernels of the same source read it always
+    forward, backward = (get_kernel("batch_norm", name, numpy.float32) for name in ("batch_norm_forward",
+                                                                                     "batch_norm_backward"))
+    assert [p.nullable for p in forward.parameters if p.name == "xhat"] == [True]
+    channels, pixels = 2, 4
+    dy = numpy.ones((1, channels, pixels), numpy.float32)
+    per_channel = numpy.ones(channels, numpy.float32)
+    with pytest.raises(TypeError, match="'xhat'.*None.*nullptr"):
+        backward((1,), (256,), (dy, None, numpy.zeros(2 * channels, numpy.float32), per_channel, per_channel,
+                                numpy.empty_like(dy), numpy.int32(channels), numpy.int32(pixels), numpy.int32(pixels),
+                                numpy.int32(dy.size), numpy.float32(1e-5)))
 
 
 def test_launch_rejects_a_wrong_argument_count_and_bad_geometry():

@@ -29,7 +29,10 @@ error there but garbage, or a crash. The checks:
 * for each scalar parameter, exactly ``numpy.int32`` (``int``), ``numpy.float32`` (``float``) or
   ``numpy.float64`` (``double``): a Python ``int`` would reach the GPU as 8 bytes where the kernel
   reads 4;
-* all arrays on one device, and not NumPy arrays while the backend is ``cupy``.
+* not CuPy and NumPy arrays in one launch, and not NumPy arrays while the backend is ``cupy``.
+
+Which GPU a CuPy array lives on is not checked: the kernel runs on CuPy's current device, so on a
+machine with several GPUs launch it under ``with cupy.cuda.Device(k):`` of its arrays' device.
 """
 
 import functools
@@ -241,7 +244,7 @@ def _gpu_module(source_name, dtype):
 
 @functools.lru_cache(maxsize=None)
 def _gpu_function(source_name, kernel_name, dtype):
-    """The kernel as a ``cupy.RawKernel`` (which itself handles several devices)."""
+    """The kernel as a ``cupy.RawKernel`` (which loads its module on each device it is launched on)."""
     return _gpu_module(source_name, dtype).get_function(kernel_name)
 
 

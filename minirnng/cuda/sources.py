@@ -11,8 +11,8 @@ source itself: every kernel is declared as::
 with one C type per parameter, drawn from :data:`C_TYPES`, or ``scalar_t``: the floating type
 of the variant being compiled (``-Dscalar_t=float`` or ``-Dscalar_t=double``). Comments inside a
 parameter list are allowed. A pointer parameter may be passed ``None`` (a null pointer) only when
-the source compares a pointer of that name with ``nullptr`` (in the kernel, or in a helper that
-receives it under the same name), i.e. when the kernel is written to handle it.
+the kernel compares a pointer of that name with ``nullptr`` (in its own body, or in a ``__device__``
+helper it calls that receives it under the same name), i.e. when that kernel is written to handle it.
 """
 
 import functools
@@ -105,14 +105,44 @@ def read_source(source_name):
     return _INCLUDE.sub(paste, text)
 
 
+_DEVICE_FUNCTION = re.compile(r"__device__[^;{()]*?\b(\w+)\s*\([^)]*\)\s*\{")
+
+
+def _body(code, opening):
+    """The text from the brace at ``opening`` to its matching closing brace (comments already blanked)."""
+    depth = 0
+    for position in range(opening, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[position], 0)
+        if depth == 0:
+            return code[opening:position + 1]
+    raise ValueError("a kernel source has an unmatched '{'")
+
+
+def _reachable_code(body, helpers):
+    """A kernel's body and the bodies of the ``__device__`` helpers it calls, directly or through others."""
+    seen, pending, texts = set(), [body], []
+    while pending:
+        text = pending.pop()
+        texts.append(text)
+        for name, helper_body in helpers.items():
+            if name not in seen and re.search(rf"\b{name}\s*\(", text):
+                seen.add(name)
+                pending.append(helper_body)
+    return "\n".join(texts)
+
+
 @functools.lru_cache(maxsize=None)
 def kernels(source_name):
     """``{kernel name: Kernel}`` for every ``extern "C" __global__`` kernel of a source."""
     code = _COMMENT.sub(lambda match: " " * len(match.group(0)), read_source(source_name))
+    helpers = {match.group(1): _body(code, match.end() - 1) for match in _DEVICE_FUNCTION.finditer(code)}
     found = {}
     for match in _KERNEL_DECLARATION.finditer(code):
         name, parameter_list = match.groups()
-        parameters = tuple(_parse_parameter(text, name, source_name, code)
+        # Only this kernel's own code says whether it handles a null pointer: another kernel of
+        # the same source may test a parameter of the same name that this one reads unconditionally.
+        reachable = _reachable_code(_body(code, match.end() - 1), helpers)
+        parameters = tuple(_parse_parameter(text, name, source_name, reachable)
                            for text in parameter_list.split(","))
         found[name] = Kernel(name, parameters)
     return found

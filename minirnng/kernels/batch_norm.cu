@@ -49,7 +49,7 @@ extern "C" __global__ void batch_norm_statistics(const scalar_t* __restrict__ su
                                                  scalar_t* __restrict__ running_mean,
                                                  scalar_t* __restrict__ running_var,
                                                  int C, int count, scalar_t momentum, int track) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     const scalar_t batch_mean = (scalar_t)((double)sums[c] / (double)count);
     const scalar_t batch_variance = (scalar_t)((double)squares[c] / (double)count);
