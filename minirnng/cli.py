@@ -431,8 +431,9 @@ def command_demo(arguments):
     images, truth = test_set.images[:shown], test_set.labels[:shown]
     outputs = model.forward(backend.to_device(normalize(images)))
     coarse, predicted = (backend.to_numpy(outputs[name].argmax(axis=1)) for name in ("coarse", "logits"))
-    figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"].mean(axis=1)),
-                             predicted, test_set.classes,
+    # the whole gate map G: the figure draws its mean over the channels and says so
+    figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"]), predicted,
+                             test_set.classes,
                              title=f"RNN-G trained for {arguments.epochs} epoch{'s' if arguments.epochs != 1 else ''} "
                                    f"on {arguments.train_size} synthetic faces")
     written.append(save_figure(figure, os.path.join(arguments.out, "synthetic_pipeline.png")))
@@ -521,12 +522,13 @@ def command_parse(arguments):
         write_png(label_path, labels)
         write_png(overlay_path, overlay(image, labels, parser.classes))
         if figure_path:
-            print(save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)),
-                              figure_path[0]))
+            save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)), figure_path[0])
         shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, {faces}; {shares}")
         print(f"  labels:  {label_path} (pixel value = class index: {', '.join(parser.classes)})")
         print(f"  overlay: {overlay_path}")
+        if figure_path:
+            print(f"  figure:  {figure_path[0]}")
     if failed:
         print(f"minirnng parse: {failed} of {len(arguments.images)} images could not be read", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .layers.recurrent import FourWayGatedRNN
+from .viz import check_figure_path, save_figure
 
 UNLABELLED = -1
 LABEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -146,6 +147,8 @@ def demonstrate_propagation(image=None, seeds=None, regions=None, passes=4, edge
         image, regions = synthetic_image()
         if seeds is None:
             seeds = random_seeds(regions)
+    if path is not None:
+        check_figure_path(path, "demonstrate_propagation: path")  # a .txt fails now, not after the work
     if seeds is None:
         raise ValueError("demonstrate_propagation: give seeds with your image (an int (H, W) map, -1 = none)")
     grey = as_grey(image)
@@ -182,7 +185,8 @@ def demonstrate_propagation(image=None, seeds=None, regions=None, passes=4, edge
         axes.set_xticks([])
         axes.set_yticks([])
     if path is not None:
-        figure.savefig(path, dpi=110)
+        # like every minirnng figure: through a temporary file, into a folder created if missing
+        save_figure(figure, path)
     return figure
 
 

@@ -14,6 +14,7 @@ import numpy
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from minirnng.atomic import replacing
 from minirnng.data.classes import HELEN_CLASSES, LFW_CLASSES
@@ -37,6 +38,10 @@ HELEN_PALETTE = numpy.array([
 LFW_PALETTE = HELEN_PALETTE[[HELEN_CLASSES.index(name) for name in LFW_CLASSES]]
 
 KEYPOINT_COLOUR = "red"
+
+#: The colour map of gate values in [0, 1] (dark = propagation stopped), as in :mod:`minirnng.propagation`.
+GATE_COLOURMAP = "viridis"
+GATE_LABEL = "gate (0 = stopped)"
 
 
 #: Colours for classes of other lists (a checkpoint saved without class names has "class 0", ...),
@@ -147,7 +152,8 @@ def save_sample_grid(dataset, path, n=8, start=0, per_row=4, title=None, overwri
 
 
 def _short(name, limit=24):
-    return name if len(name) <= limit else name[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+    # the end of a name is what tells samples apart ("..._s0_00017"): cut the front
+    return name if len(name) <= limit else "\N{HORIZONTAL ELLIPSIS}" + name[-(limit - 1):]
 
 
 def _save_atomically(figure, path):
@@ -182,30 +188,40 @@ def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
     """One row per image: input, ground truth, coarse map, gate map, result (the paper's Figure 1).
 
     images : uint8 (N, H, W, 3); truth, result : integer (N, H, W) (truth may be None);
-    coarse : integer (N, h, w), the coarse head's arg-max; gates : float (N, h, w) in [0, 1], the
-    gate map averaged over channels (dark = propagation stopped). Returns a Figure.
+    coarse : integer (N, h, w), the coarse head's arg-max; gates : float in [0, 1], either the
+    gate map G itself, (N, C, h, w), which is drawn as its mean over the C channels (the column's
+    title says so), or a map already reduced to (N, h, w). Gates are drawn with
+    :data:`GATE_COLOURMAP` on a fixed 0..1 scale, with a colour bar (dark = propagation stopped).
+    Returns a Figure.
     """
     images = numpy.asarray(images)
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != numpy.uint8 or not len(images):
         raise ValueError(f"pipeline_figure: images must be uint8 (N, H, W, 3) with N >= 1, got "
                          f"{images.dtype} {images.shape}")
+    gate_title = "gate map"
+    if gates is not None:
+        gates = numpy.asarray(gates)
+        # a NaN would draw as a bright colour, which reads as an open gate; a gate is a sigmoid in [0, 1]
+        if gates.size and not numpy.isfinite(gates).all():
+            raise ValueError("pipeline_figure: the gate map holds NaN or infinite values")
+        if gates.size and (gates.min() < 0 or gates.max() > 1):
+            raise ValueError(f"pipeline_figure: the gate map must hold values in [0, 1], got "
+                             f"{gates.min():.3g} .. {gates.max():.3g}")
+        if gates.ndim == 4:
+            gate_title = f"gate map\n(mean of {gates.shape[1]} channels)"
+            gates = gates.mean(axis=1)
     columns = [("input", None), ("ground truth", truth), ("coarse map", coarse), ("gate map", gates),
                ("result", result)]
     columns = [(name, value) for name, value in columns if name == "input" or value is not None]
     for name, value in columns[1:]:
         if numpy.ndim(value) != 3 or len(value) != len(images):
-            raise ValueError(f"pipeline_figure: the {name} must be ({len(images)}, H, W), one map per image, "
+            n = len(images)
+            shape = f"({n}, C, h, w) or ({n}, h, w)" if name == "gate map" else f"({n}, H, W)"
+            raise ValueError(f"pipeline_figure: the {name} must be {shape}, one map per image, "
                              f"got shape {numpy.shape(value)}")
-    if gates is not None:
-        gates = numpy.asarray(gates)
-        # a NaN would draw as white, which reads as an open gate; a gate is a sigmoid in [0, 1]
-        if not numpy.isfinite(gates).all():
-            raise ValueError("pipeline_figure: the gate map holds NaN or infinite values")
-        if gates.min() < 0 or gates.max() > 1:
-            raise ValueError(f"pipeline_figure: the gate map must hold values in [0, 1], got "
-                             f"{gates.min():.3g} .. {gates.max():.3g}")
     rows = len(images)
-    figure = Figure(figsize=(2.0 * len(columns), 2.0 * rows + 0.7), layout="constrained")
+    figure = Figure(figsize=(2.0 * len(columns), 2.0 * rows + (1.5 if gates is not None else 0.7)),
+                    layout="constrained")
     axes = figure.subplots(rows, len(columns), squeeze=False)
     for row in range(rows):
         for column, (name, value) in enumerate(columns):
@@ -214,11 +230,20 @@ def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
             if name == "input":
                 axis.imshow(images[row])
             elif name == "gate map":
-                axis.imshow(value[row], cmap="gray", vmin=0, vmax=1)
+                shown = axis.imshow(value[row], cmap=GATE_COLOURMAP, vmin=0, vmax=1)
             else:
                 axis.imshow(colorize(value[row], classes), interpolation="nearest")
             if row == 0:
-                axis.set_title(name, fontsize=8)
+                axis.set_title(gate_title if name == "gate map" else name, fontsize=8)
+    if gates is not None:
+        # the bar takes its height from every row (a bar on the gate column alone would shift that column's
+        # images against the others) and is drawn under the gate column, about one column wide
+        gate_column, width = [name for name, _ in columns].index("gate map"), 0.9 / len(columns)
+        centre = (gate_column + 0.5) / len(columns)
+        bar = figure.colorbar(shown, ax=axes, location="bottom", fraction=0.06 / rows, shrink=width, aspect=15,
+                              anchor=((centre - width / 2) / (1 - width), 1.0))
+        bar.set_label(GATE_LABEL, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     _legend(figure, classes)
     if title:
         figure.suptitle(title, fontsize=9)
@@ -248,27 +273,40 @@ def training_curves_figure(history):
                          f"'epoch' and 'val_accuracy'; got {len(history)} rows"
                          + (f" with the keys {sorted(history[0])}" if history else ""))
     epochs = [row["epoch"] for row in history]
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    # markers: a run of one epoch (or a value between missing ones) is a single point, which a bare line never draws
+    points = dict(marker="o", markersize=3)
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
     left, right = figure.subplots(1, 2)
-    for key, label in (("train_loss", "total"), ("train_logits", "logits CE"),
-                       ("train_coarse", "coarse CE"), ("train_edge", "edge BCE"),
-                       ("train_dice", "soft Dice"), ("train_affinity", "colour affinity")):
+    losses = (("train_loss", "total", "black"), ("train_logits", "logits CE", "tab:blue"),
+              ("train_coarse", "coarse CE", "tab:orange"), ("train_edge", "edge BCE", "tab:green"),
+              ("train_dice", "soft Dice", "tab:red"), ("train_affinity", "colour affinity", "tab:purple"))
+    for key, label, colour in losses:
         values = [row.get(key) for row in history]
         # the Dice and affinity terms are logged only by runs that use them; a log scale cannot draw a 0
         if any(value is not None and value > 0 for value in values):
-            left.plot(epochs, [value if value is not None else numpy.nan for value in values], label=label)
-    left.set_xlabel("epoch")
+            left.plot(epochs, [value if value is not None else numpy.nan for value in values], label=label,
+                      color=colour, **points)
     left.set_ylabel("training loss")
     left.set_yscale("log")
-    left.legend(fontsize=8)
-    right.plot(epochs, [100 * row["val_accuracy"] for row in history], label="pixel accuracy", color="black")
-    for key in history[0]:
-        if key.startswith("val_F_"):
-            right.plot(epochs, [100 * (row[key] if row[key] is not None else numpy.nan) for row in history],
-                       label=f"F {key[6:]}")
-    right.set_xlabel("epoch")
+    right.plot(epochs, [100 * row["val_accuracy"] for row in history], label="pixel accuracy", color="black",
+               **points)
+    # each F line in its class's colour of the label maps; the background's black is the accuracy's, so it is
+    # drawn grey and dashed instead
+    names = [key[6:] for key in history[0] if key.startswith("val_F_")]
+    for name, colour in zip(names, palette(names) / 255.0):
+        style = dict(color="grey", linestyle="--") if name == "background" else dict(color=colour)
+        if name != "background" and colour @ (0.2126, 0.7152, 0.0722) > 0.7:  # skin, nose: outline on white
+            style.update(markeredgecolor="0.35", markeredgewidth=0.6)
+        right.plot(epochs, [100 * (row[f"val_F_{name}"] if row[f"val_F_{name}"] is not None else numpy.nan)
+                            for row in history], label=f"F {name}", **style, **points)
     right.set_ylabel("validation (%)")
-    right.legend(fontsize=8)
+    for axis in (left, right):
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if max(epochs) == min(epochs):  # one epoch: Matplotlib would label the tiny span around it 0.945 .. 1.05
+            axis.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+            axis.set_xticks([epochs[0]])
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return figure
 
 
@@ -290,7 +328,8 @@ def confusion_figure(confusion, classes, title=None):
     for (row, column), share in numpy.ndenumerate(shares):
         axis.text(column, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=6,
                   color="white" if share > 0.5 else "black")
-    figure.colorbar(image, ax=axis, label="share of the true class")
+    # the cells are percentages, and so is the bar
+    figure.colorbar(image, ax=axis, label="share of the true class (%)", format=PercentFormatter(1.0))
     if title:
         axis.set_title(title, fontsize=9)
     return figure

@@ -415,3 +415,16 @@ def test_outputs_that_cannot_be_written_name_the_file_not_a_temporary_one(tmp_pa
     assert cli.main(["eval", "--checkpoint", str(tmp_path), "--data", "synthetic"]) == 1
     assert "is a folder; give the .npz file" in capsys.readouterr().err
 
+
+
+def test_parse_names_the_figure_after_the_overlay(tmp_path, capsys, rng):
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=numpy.uint8)).save(tmp_path / "face.png")
+    assert cli.main(["parse", str(tmp_path / "face.png"), "--out", str(tmp_path / "out"), "--no-detect",
+                     "--figure"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = next(k for k, line in enumerate(lines) if line.startswith(str(tmp_path / "face.png") + ": 20x24"))
+    assert [line.split(":")[0] for line in lines[first + 1:first + 4]] == ["  labels", "  overlay", "  figure"]
+    assert lines[first + 3] == f"  figure:  {tmp_path / 'out' / 'face_figure.png'}"
+    assert os.path.isfile(tmp_path / "out" / "face_figure.png")

@@ -85,3 +85,83 @@ def test_training_curves_draw_every_loss_term_the_run_used():
     assert labels(training_curves_figure(history(spec_terms))) == ["total", "logits CE", "coarse CE", "edge BCE"]
     assert labels(training_curves_figure(history(spec_terms + ("dice", "affinity"))))[-2:] == [
         "soft Dice", "colour affinity"]
+
+
+def test_training_curves_show_a_single_epoch_and_tell_the_f_lines_apart():
+    from matplotlib.colors import to_rgb
+
+    from minirnng.viz import training_curves_figure
+
+    def history(epochs):
+        return [{"epoch": epoch, "train_loss": 1.0 / epoch, "train_logits": 0.5 / epoch, "val_accuracy": 0.8,
+                 **{f"val_F_{name}": 0.5 for name in HELEN_CLASSES}} for epoch in range(1, epochs + 1)]
+
+    one = training_curves_figure(history(1))
+    lines = [line for axis in one.axes for line in axis.get_lines()]
+    assert len(lines) == 2 + 1 + len(HELEN_CLASSES)
+    # one point per line: a line without a marker would draw nothing at all
+    assert all(line.get_marker() not in (None, "", "None", " ") and line.get_markersize() > 0 for line in lines)
+    assert [tick for tick in one.axes[0].get_xticks()] == [1]
+
+    right = training_curves_figure(history(11)).axes[1]
+    colours = {line.get_label(): to_rgb(line.get_color()) for line in right.get_lines()}
+    assert len(set(colours.values())) == len(colours) == 1 + len(HELEN_CLASSES)  # 11 F lines and the accuracy
+    assert colours["F hair"] == tuple(HELEN_PALETTE[HELEN_CLASSES.index("hair")] / 255.0)
+    assert colours["pixel accuracy"] == (0.0, 0.0, 0.0)
+    assert {line.get_label(): line.get_linestyle() for line in right.get_lines()}["F background"] == "--"
+    assert all(float(tick).is_integer() for tick in right.xaxis.get_major_locator().tick_values(0.7, 11.3))
+    # the legends are beside the axes, not over the curves
+    for axis in training_curves_figure(history(11)).axes:
+        anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
+        assert anchor.x0 >= 1.0
+
+
+def test_sample_grid_titles_keep_the_end_of_long_names():
+    from minirnng.viz import _short
+
+    assert _short("synthetic_single_s0_000017") == "\N{HORIZONTAL ELLIPSIS}" + "ynthetic_single_s0_000017"[-23:]
+    assert _short("synthetic_single_s0_000017").endswith("000017") and len(_short("x" * 40)) == 24
+    assert _short("short name") == "short name"
+
+
+def test_pipeline_gate_map_has_a_labelled_colour_bar_and_says_it_is_a_channel_mean():
+    from minirnng.viz import GATE_COLOURMAP, GATE_LABEL, pipeline_figure
+
+    images = numpy.zeros((2, 8, 8, 3), numpy.uint8)
+    maps = numpy.zeros((2, 8, 8), numpy.int64)
+    gates = numpy.random.default_rng(0).random((2, 8, 4, 4))
+    figure = pipeline_figure(images, maps, maps[:, :4, :4], gates, maps, LFW_CLASSES)
+    titles = [axis.get_title() for axis in figure.axes]
+    assert "gate map\n(mean of 8 channels)" in titles
+    gate_axis = figure.axes[titles.index("gate map\n(mean of 8 channels)")]
+    shown = gate_axis.get_images()[0]
+    numpy.testing.assert_allclose(shown.get_array(), gates[0].mean(axis=0))
+    assert shown.get_cmap().name == GATE_COLOURMAP == "viridis" and shown.get_clim() == (0, 1)
+    bars = [axis for axis in figure.axes if axis.get_xlabel() == GATE_LABEL == "gate (0 = stopped)"]
+    assert len(bars) == 1
+    # a map already reduced over the channels draws as it is
+    figure = pipeline_figure(images, None, None, gates.mean(axis=1), maps, LFW_CLASSES)
+    assert [axis.get_title() for axis in figure.axes][:3] == ["input", "gate map", "result"]
+    with pytest.raises(ValueError, match=r"gate map must be \(2, C, h, w\) or \(2, h, w\), one map per image"):
+        pipeline_figure(images, None, None, gates[:1], maps, LFW_CLASSES)
+
+
+def test_confusion_colour_bar_is_in_percent():
+    from minirnng.viz import confusion_figure
+
+    figure = confusion_figure(numpy.eye(3) * 10 + 1, LFW_CLASSES)
+    bar = figure.axes[1]
+    assert bar.get_ylabel() == "share of the true class (%)"
+    assert bar.yaxis.get_major_formatter()(0.5, 0) == "50%"
+
+
+def test_propagation_figure_goes_through_the_atomic_writer_into_a_new_folder(tmp_path):
+    from minirnng.propagation import demonstrate_propagation
+
+    path = tmp_path / "no such dir" / "p.png"
+    demonstrate_propagation(path=path)
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+    assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temporary file left behind
+    with pytest.raises(ValueError, match=r"cannot write \.txt files"):
+        demonstrate_propagation(path=tmp_path / "p.txt")
