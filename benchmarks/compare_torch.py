@@ -5,7 +5,10 @@
 1. Builds RNN-G (3 classes) in minirnng and the same network as a ``torch.nn.Module`` whose
    parameter names are minirnng's, copies our weights into it with
    ``module.load_state_dict({k: torch.from_numpy(v) ...})``, and checks that the two agree on the
-   three outputs and on the parameter gradients of the same loss.
+   three outputs and on the parameter gradients of the same loss. Where the largest relative
+   difference of either exceeds 1e-4 (``timing.AGREEMENT_TOLERANCE``), the two do not compute the
+   same thing (a weight mapped wrongly, a layer changed): the script says DISAGREES, prints no
+   ratio, and exits with status 1 once it has measured the rest.
 2. Times, at batch 16, 128 x 128, float32: inference (forward and arg-max) and a training step
    (forward, the three-term loss, backward, an Adam step), medians of ``--repeats`` runs, and
    prints images per second and the ratios. Ours and PyTorch's run in turns (A, B, A, B, ...), so
@@ -41,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from timing import count  # noqa: E402  (no NumPy: the thread count is set before it loads)
+from timing import AGREEMENT_TOLERANCE, count  # noqa: E402  (no NumPy: the thread count is set before it loads)
 BATCH, SIZE, CLASSES = 16, 128, 3
 
 
@@ -198,8 +201,9 @@ def check_agreement(torch, numpy, ours, theirs):
     outputs = model.forward(ours.images)
     with torch.no_grad():
         reference = theirs.module(theirs.images)
-    worst_output = max(float(numpy.abs(outputs[k] - reference[k].numpy()).max() / numpy.abs(outputs[k]).max())
-                       for k in outputs)
+    # numpy.max, not max(): a NaN anywhere makes the result NaN, which the caller's check rejects
+    worst_output = float(numpy.max([numpy.abs(outputs[k] - reference[k].numpy()).max() / numpy.abs(outputs[k]).max()
+                                    for k in outputs]))
     fine, coarse, edge = SoftmaxCrossEntropy(), SoftmaxCrossEntropy(), SigmoidBinaryCrossEntropy()
     fine.forward(outputs["logits"], theirs.labels.numpy())
     coarse.forward(outputs["coarse"], theirs.subsampled.numpy())
@@ -209,8 +213,8 @@ def check_agreement(torch, numpy, ours, theirs):
     theirs.module.zero_grad()
     theirs.loss().backward()
     named = dict(theirs.module.named_parameters())
-    worst_grad = max(float(numpy.abs(g - named[k].grad.numpy()).max() / max(numpy.abs(g).max(), 1e-12))
-                     for k, g in model.grads().items())
+    worst_grad = float(numpy.max([numpy.abs(g - named[k].grad.numpy()).max() / max(numpy.abs(g).max(), 1e-12)
+                                  for k, g in model.grads().items()]))
     return worst_output, worst_grad
 
 
@@ -285,6 +289,7 @@ def main():
     from timing import blas_description, interleaved_medians, median_seconds, print_table
 
     ours = OurStep(numpy, workers, parallel)
+    status = 0  # 1 where PyTorch's network disagrees with ours
     try:
         import torch
     except ImportError:
@@ -304,8 +309,16 @@ def main():
         torch.set_num_threads(arguments.threads)
         theirs = TorchStep(torch, numpy, ours)
         worst_output, worst_grad = check_agreement(torch, numpy, ours, theirs)
+        agrees = worst_output <= AGREEMENT_TOLERANCE and worst_grad <= AGREEMENT_TOLERANCE  # False for NaN
         print(f"agreement with PyTorch {torch.__version__}: outputs {worst_output:.1e}, "
-              f"parameter gradients {worst_grad:.1e} (largest relative difference)")
+              f"parameter gradients {worst_grad:.1e} (largest relative difference)"
+              + ("" if agrees else f": DISAGREES (more than {AGREEMENT_TOLERANCE:.0e}): the two networks do not "
+                 "compute the same thing, so no ratio is given"))
+        status = 0 if agrees else 1
+
+        def ratio(theirs_seconds, ours_seconds):
+            return f"{theirs_seconds / ours_seconds:.2f}x" if agrees else "DISAGREES"
+
         # ours and theirs in turns, so that both see the same load (see timing.py)
         threads = [arguments.threads] + ([1] if arguments.threads > 1 else [])
 
@@ -323,22 +336,25 @@ def main():
                 warmup=2)
             for count, seconds in zip(threads, theirs_seconds):
                 rows.append([what, f"{BATCH / ours_seconds:.0f}", f"{BATCH / seconds:.0f} ({count} thread"
-                             f"{'s' if count > 1 else ''})", f"{seconds / ours_seconds:.2f}x", target])
+                             f"{'s' if count > 1 else ''})", ratio(seconds, ours_seconds), target])
         torch.set_num_threads(arguments.threads)
         if arguments.threads == 1:
             # With one thread each, the CPU time of the process is the work itself, whatever the load.
             cpu = interleaved_medians([ours.train_step, theirs.train_step, ours.inference, theirs.inference],
                                       arguments.repeats, warmup=0, clock=time.process_time)
             rows += [["training step (CPU time)", f"{BATCH / cpu[0]:.0f}", f"{BATCH / cpu[1]:.0f}",
-                      f"{cpu[1] / cpu[0]:.2f}x", ""],
+                      ratio(cpu[1], cpu[0]), ""],
                      ["inference (CPU time)", f"{BATCH / cpu[2]:.0f}", f"{BATCH / cpu[3]:.0f}",
-                      f"{cpu[3] / cpu[2]:.2f}x", ""]]
+                      ratio(cpu[3], cpu[2]), ""]]
         print_table(["images per second", "minirnng", "PyTorch eager", "ratio", "target"], rows)
     print("load average %.1f %.1f %.1f at the end" % os.getloadavg())
     ours.network.close()
     peak = peak_memory_of_our_training(arguments.threads, arguments.parallelism, arguments.keep_freed_memory)
     print(f"peak resident memory of minirnng training (batch {BATCH}): {peak:.0f} MB (target <= 1024 MB)")
+    if status:
+        print("exit status 1: minirnng and PyTorch DISAGREE (see the agreement line above)")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,7 @@ import time
 import numpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import count  # noqa: E402
+from timing import blas_description, count  # noqa: E402
 
 from minirnng.data import HELEN_CLASSES, Augmentation, SyntheticFaces, preload  # noqa: E402
 
@@ -38,6 +38,9 @@ def main():
     parser.add_argument("--runs", type=count, default=7, help="runs to take the median of")
     parser.add_argument("--images", type=count, default=200, help="single-face images per run")
     arguments = parser.parse_args()
+    print(f"numpy {numpy.__version__}, {blas_description() or 'BLAS unknown'}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs, "
+          "load average %.1f %.1f %.1f" % os.getloadavg())
 
     single = SyntheticFaces(arguments.runs * arguments.images, size=128)
     rates = [images_per_second(single, arguments.images, run * arguments.images) for run in range(arguments.runs)]

@@ -2,7 +2,8 @@
 
     python benchmarks/gpu.py [--out gpu-run.md] [--skip-tests] [--quick] [--profile]
 
-One prepared run for a machine with a CUDA GPU (about a minute on an H200):
+One prepared run for a machine with a CUDA GPU (about a minute and a half on an H200, the GPU
+tests about 60 s of it):
 
 1. ``pytest -m gpu -q tests/``: every kernel, layer, loss and model on the GPU against the NumPy
    path and finite differences; its summary is printed (the timings run even if a test fails, and
@@ -17,14 +18,23 @@ One prepared run for a machine with a CUDA GPU (about a minute on an H200):
    loss, backward, Adam, the stability rule), and the same with batch normalisation (``--batch-norm``).
 5. The same batch-1 inference recorded once into a CUDA graph by
    ``minirnng.cuda.graph.CapturedPredict`` and replayed: what is left when the Python launch
-   overhead goes. Reported separately; a failure to record is printed and does not stop the script.
+   overhead goes. Reported separately, after checking that the replay gives the eager predict's
+   labels; a failure to record, or labels that differ (DISAGREES), is printed and does not stop
+   the script, but makes it exit with status 1.
 6. If PyTorch with CUDA is importable: the same network in PyTorch eager mode
-   (``benchmarks/compare_torch.py``'s ``torch_model``, with our weights loaded and its outputs
-   compared with ours), timed the same way, and the ratio.
+   (``benchmarks/compare_torch.py``'s ``torch_model``, with our weights loaded and its logits
+   compared with ours), timed the same way, and the ratio. Where the logits differ by more than
+   1e-4 (largest relative difference, ``timing.AGREEMENT_TOLERANCE``), the two do not compute the
+   same thing (weights mapped wrongly, say): the table says DISAGREES instead of the ratio and
+   the script exits with status 1.
 
 Targets (issue 6, on an H100): inference >= 3,000 images/s at batch 1, >= 20,000 at batch 256,
 faster than PyTorch eager. Without a GPU (or without CuPy) the tests are skipped by pytest and the
 timings are skipped with the reason; the script still exits 0.
+
+Exit status: pytest's where the GPU tests fail; otherwise 1 where a section of the timings failed
+(each failure is printed, and the other sections still run), the graph's labels differ from the
+eager predict's, or PyTorch disagrees; otherwise 0.
 
 ``--out FILE`` writes the results as Markdown (card, date, versions, the table) for docs/benchmarks.md.
 """
@@ -42,10 +52,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
-from timing import count  # noqa: E402
+from timing import AGREEMENT_TOLERANCE, count  # noqa: E402
 
 SIZE, CLASSES, HIDDEN, LAYER_BATCH = 128, 3, 8, 16
 TARGETS = {1: 3000, 256: 20000}
+
+
+class Disagreement(RuntimeError):
+    """A result that differs from the reference it is checked against (the script then exits 1)."""
 
 
 def parse_arguments():
@@ -344,7 +358,7 @@ def graph_rows(timer, quick):
         images = cupy.asarray(random_images(numpy, 1, seed=5))
         captured = CapturedPredict(model, images.shape)
         if not bool((captured(images) == model.predict(images)).all()):
-            raise RuntimeError("the replayed graph's labels differ from the eager predict's")
+            raise Disagreement("DISAGREES: the replayed graph's labels differ from the eager predict's")
         per_call = timer.throughput(lambda: captured(images), calls=50, blocks=5 if quick else 15)
     return [("RNN-G predict, CUDA graph replay (CapturedPredict)", 1, per_call)]
 
@@ -379,13 +393,14 @@ def profile_batch_one(calls=300, top=25):
 # -- 5. PyTorch eager -------------------------------------------------------------------------------
 
 def torch_rows(timer_factory, quick):
-    """The same network in PyTorch eager (with our weights), or (None, reason) without torch + CUDA."""
+    """The same network in PyTorch eager (with our weights): (rows, note, whether its logits agree
+    with ours), or (None, reason, None) without torch + CUDA."""
     try:
         import torch
     except ImportError:
-        return None, "PyTorch is not installed: no comparison"
+        return None, "PyTorch is not installed: no comparison", None
     if not torch.cuda.is_available():
-        return None, f"PyTorch {torch.__version__} sees no CUDA GPU: no comparison"
+        return None, f"PyTorch {torch.__version__} sees no CUDA GPU: no comparison", None
     import numpy
 
     from compare_torch import torch_model
@@ -407,6 +422,7 @@ def torch_rows(timer_factory, quick):
             expected = backend.to_numpy(ours.forward(backend.to_device(check))["logits"])
         theirs = module(torch.from_numpy(check).cuda())["logits"].cpu().numpy()
         difference = float(numpy.abs(theirs - expected).max() / numpy.abs(expected).max())
+        agrees = difference <= AGREEMENT_TOLERANCE  # False for NaN
         for batch in (1, 256):
             images = torch.from_numpy(random_images(numpy, batch)).cuda()
 
@@ -420,7 +436,10 @@ def torch_rows(timer_factory, quick):
     note = (f"PyTorch {torch.__version__} eager (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
             f"float32 without TF32, same weights; its logits differ from ours by {difference:.1e} "
             "(largest relative difference)")
-    return rows, note
+    if not agrees:
+        note += (f": DISAGREES (more than {AGREEMENT_TOLERANCE:.0e}), the two networks do not compute the same "
+                 "thing, so no ratio is given")
+    return rows, note, agrees
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -437,8 +456,9 @@ def device_description():
             f"driver {version(cupy.cuda.runtime.driverGetVersion())}, Python {platform.python_version()}")
 
 
-def table(rows, torch_by_batch):
-    """Markdown table lines: what, batch, ms, images/s (and PyTorch's, and the ratio, for inference)."""
+def table(rows, torch_by_batch, torch_agrees=True):
+    """Markdown table lines: what, batch, ms, images/s (and PyTorch's, and the ratio, for inference;
+    DISAGREES instead of the ratio where PyTorch's logits do not agree with ours)."""
     lines = ["| what | batch | ms | images/s | PyTorch eager images/s | ours / PyTorch | target |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, batch, milliseconds in rows:
@@ -447,7 +467,7 @@ def table(rows, torch_by_batch):
         if name.startswith("RNN-G predict") and "synchronised" not in name:
             if batch in torch_by_batch and "graph" not in name:
                 their_rate = batch / (torch_by_batch[batch] / 1e3)
-                theirs, ratio = f"{their_rate:,.0f}", f"{rate / their_rate:.1f}x"
+                theirs, ratio = f"{their_rate:,.0f}", f"{rate / their_rate:.1f}x" if torch_agrees else "DISAGREES"
             if batch in TARGETS:
                 target = f">= {TARGETS[batch]:,} ({'met' if rate >= TARGETS[batch] else 'not met'})"
         lines.append(f"| {name} | {batch} | {milliseconds:.3f} | {rate:,.0f} | {theirs} | {ratio} | {target} |")
@@ -459,7 +479,7 @@ def main():
     began = time.perf_counter()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     status, summary = (0, "not run (--skip-tests)") if arguments.skip_tests else run_gpu_tests(arguments.test_timeout)
-    report = [f"## GPU run, {stamp}", ""]
+    report = [f"### GPU run, {stamp}", ""]  # a dated section of docs/benchmarks.md's GPU part
 
     from minirnng import backend
     usable, reason = backend.cupy_status()
@@ -476,12 +496,14 @@ def main():
         sections = [("layers at batch 16", lambda: layer_rows(timer, repeats)),
                     ("RNN-G", lambda: rnng_rows(timer, arguments.quick)),
                     ("CUDA graph", lambda: (graph_rows(timer, arguments.quick), []))]
+        failed = False  # a section failed or disagreed: exit 1 at the end
         for title, run in sections:
             try:
                 result = run()
             except Exception as error:  # report and go on: the other sections still count
                 notes.append(f"{title}: failed ({type(error).__name__}: {error})")
                 print(notes[-1], flush=True)
+                failed = True
                 continue
             new_rows, new_notes = result if isinstance(result, tuple) else (result, [])
             rows += new_rows
@@ -492,6 +514,7 @@ def main():
                 profile_batch_one()
             except Exception as error:
                 print(f"profile failed ({type(error).__name__}: {error})", flush=True)
+                failed = True
         algorithm_lines = []
         try:
             algorithm_lines = conv_algorithm_table(conv_algorithm_rows(timer, repeats))
@@ -500,14 +523,17 @@ def main():
         except Exception as error:
             notes.append(f"convolution algorithms: failed ({type(error).__name__}: {error})")
             print(notes[-1], flush=True)
-        torch_by_batch = {}
+            failed = True
+        torch_by_batch, torch_agrees = {}, None
         try:
-            compared, note = torch_rows(GpuTimer, arguments.quick)
+            compared, note, torch_agrees = torch_rows(GpuTimer, arguments.quick)
             torch_by_batch = dict(compared or [])
         except Exception as error:
             note = f"PyTorch comparison failed ({type(error).__name__}: {error})"
+            failed = True
         notes.append(note)
-        lines = table(rows, torch_by_batch)
+        failed = failed or torch_agrees is False
+        lines = table(rows, torch_by_batch, torch_agrees is not False)
         report += [description, "", f"GPU tests: {summary}", "", *lines, "", *[f"- {note}" for note in notes],
                    "", "Layers: forward+backward, one synchronised call, median. Predict at batch 1: back-to-back "
                    "calls, median per call over blocks of 50; at batch 256 and the training step: one "
@@ -517,6 +543,9 @@ def main():
                        *algorithm_lines]
         print("\n" + "\n".join(lines))
         print("\n".join(f"- {note}" for note in notes))
+        if failed and not status:
+            status = 1
+            print("exit status 1: a section failed or disagreed (see the notes above)")
     print(f"\ntotal {time.perf_counter() - began:.0f} s")
     if arguments.out:
         # the run is minutes of a lent GPU: make the folder rather than lose the results

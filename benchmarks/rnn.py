@@ -12,8 +12,10 @@ medians and their ratios:
   pixels (256): both passes do the same work per pixel, so the time is linear in the pixel count.
 * **torch** (only where ``import torch`` works; it is never a dependency): the same recurrence
   written the straightforward way in eager mode, a Python loop over the columns (or rows) of each
-  direction, ``torch.maximum`` to merge and autograd for the backward pass. Its output is compared
-  with ours to make sure both compute the same thing.
+  direction, ``torch.maximum`` to merge and autograd for the backward pass. Its output and
+  gradients are compared with ours to make sure both compute the same thing: above a relative
+  difference of 1e-4 (``timing.AGREEMENT_TOLERANCE``) its row says DISAGREES instead of the ratios
+  and the script exits with status 1.
 
 Threads: the BLAS thread count of NumPy and the intra-op thread count of PyTorch are both set to
 ``--threads`` (default 1) before either library is imported, so the comparison is like for like.
@@ -31,7 +33,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import count, median_seconds  # noqa: E402
+from timing import AGREEMENT_TOLERANCE, blas_description, count, median_seconds  # noqa: E402
 
 SHAPE = (16, 8, 64, 64)
 NAIVE_SHAPE = (1, 8, 16, 16)
@@ -161,12 +163,14 @@ def main():
     from minirnng.layers import naive, recurrent
 
     print(f"FourWayGatedRNN(8), input {SHAPE} float32, median of {arguments.repeats} runs, "
-          f"{arguments.threads} thread(s) for NumPy's BLAS and for PyTorch")
+          f"{arguments.threads} thread(s) for NumPy's BLAS and for PyTorch; numpy {numpy.__version__}, "
+          f"{blas_description() or 'BLAS unknown'}")
     x, g, upstream = make_inputs(numpy, SHAPE)
     fast = recurrent.FourWayGatedRNN(8)
     randomize_parameters(fast, numpy, recurrent)
     fast_forward, fast_both = time_layer(fast, x, g, upstream, arguments.repeats)
     rows = [("fast (NumPy)", fast_forward, fast_both, "")]
+    status = 0  # 1 where PyTorch's recurrence disagrees with ours
 
     if not arguments.no_naive:
         scale = numpy.prod(SHAPE) / numpy.prod(NAIVE_SHAPE)
@@ -188,15 +192,19 @@ def main():
                                     ("torch eager, unbind", torch_direction_unbound)):
             torch_forward, torch_both, difference = time_torch(torch, fast, x, g, upstream, recurrent.DIRECTIONS,
                                                                arguments.repeats, one_direction)
-            rows.append((name, torch_forward, torch_both,
-                         f"max relative difference from ours {difference:.1e} (h, dx, dg, dW)"))
+            note = f"max relative difference from ours {difference:.1e} (h, dx, dg, dW)"
+            if not difference <= AGREEMENT_TOLERANCE:  # NaN too
+                note, status = f"DISAGREES: {note}, more than {AGREEMENT_TOLERANCE:.0e}", 1
+            rows.append((name, torch_forward, torch_both, note))
         print(f"PyTorch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
 
     print(f"{'':24}{'forward':>12}{'fwd+bwd':>12}{'fwd vs fast':>13}{'fwd+bwd vs fast':>17}")
     for name, forward, both, note in rows:
-        print(f"{name:24}{forward * 1e3:>10.2f}ms{both * 1e3:>10.2f}ms"
-              f"{forward / fast_forward:>12.1f}x{both / fast_both:>16.1f}x  {note}")
+        ratios = (f"{forward / fast_forward:>12.1f}x{both / fast_both:>16.1f}x" if not note.startswith("DISAGREES")
+                  else f"{'DISAGREES':>13}{'DISAGREES':>17}")
+        print(f"{name:24}{forward * 1e3:>10.2f}ms{both * 1e3:>10.2f}ms{ratios}  {note}")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

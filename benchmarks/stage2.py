@@ -1,6 +1,7 @@
 """Benchmark: what stage 2 adds to stage 1's inference time, on the CPU, at batch 16.
 
-    python benchmarks/stage2.py [--checkpoint runs/reproduce/table3-helen-paper/two_stage.npz] [--threads 1] [--repeats 25]
+    python benchmarks/stage2.py [--checkpoint runs/reproduce/table3-helen-paper/two_stage.npz] \\
+        [--threads 1] [--repeats 25]
 
 Times, on 16 synthetic 128 x 128 faces (float32):
 
@@ -33,7 +34,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import count  # noqa: E402  (no NumPy: the thread count is set before it loads)
+from timing import blas_description, count  # noqa: E402  (no NumPy: the thread count is set before it loads)
 
 
 def parse_arguments():
@@ -46,7 +47,7 @@ def parse_arguments():
 
 
 def timed(function):
-    """(CPU seconds of this thread, wall-clock seconds) of one call of ``function``."""
+    """(CPU seconds of this process, every thread's, and wall-clock seconds) of one call of ``function``."""
     cpu, wall = time.process_time(), time.perf_counter()
     function()
     return time.process_time() - cpu, time.perf_counter() - wall
@@ -114,7 +115,8 @@ def main():
     breakdown = {name: medians([timed(part) for _ in range(arguments.repeats)]) for name, part in parts.items()}
 
     print(f"stage 2 on the CPU: batch {arguments.batch} of 128 x 128 faces, {arguments.threads} BLAS thread(s), "
-          f"medians of {arguments.repeats} runs; parser: {source}")
+          f"medians of {arguments.repeats} runs; numpy {numpy.__version__}, {blas_description() or 'BLAS unknown'}; "
+          f"parser: {source}")
     print("load average (1, 5, 15 min): " + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
     print(f"{'':<38}{'CPU time':>12}{'wall clock':>12}")
     print(f"  {'stage 1 (11-class RNN-G predict)':<36}" + "".join(f"{1000 * t:9.1f} ms" for t in stage1))

@@ -13,6 +13,14 @@ import os
 import statistics
 import time
 
+# The largest relative difference (max |ours - theirs| / max |ours|) at which a benchmark still
+# takes PyTorch's network for the same computation as ours. The differences measured so far, from
+# float32 rounding, are below 1e-6 (docs/benchmarks.md: 4.1e-7 for RNN-G's logits on a GPU, 6.6e-7
+# for the recurrence's outputs and gradients); a wrongly mapped weight or a changed layer gives
+# differences far above rounding. Above it, a benchmark prints DISAGREES instead of the speed ratio
+# and exits with status 1.
+AGREEMENT_TOLERANCE = 1e-4
+
 
 def count(text):
     """argparse type of a benchmark's counts (``--threads``, ``--repeats``, ``--batch``, ...): a
