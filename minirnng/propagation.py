@@ -69,14 +69,15 @@ def edge_gates(image, edge_scale=0.04, openness=0.99):
 
 
 def as_grey(image):
-    """``(H, W)`` float grey levels in [0, 1] from a grey or RGB image (uint8 or float)."""
+    """``(H, W)`` float grey levels in [0, 1] from a grey, RGB or RGBA image (uint8 or float; the
+    alpha channel, which ``plt.imread`` gives a PNG, is ignored)."""
     image = numpy.asarray(image)
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ValueError(f"as_grey: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {image.shape}")
     scale = 255.0 if image.dtype == numpy.uint8 else 1.0
     image = image.astype(numpy.float64) / scale
     if image.ndim == 3:
-        image = image @ numpy.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
-    if image.ndim != 2:
-        raise ValueError(f"as_grey: expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
+        image = image[:, :, :3] @ numpy.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
     return image
 
 
@@ -108,10 +109,16 @@ def propagate_labels(seeds, gate, passes=4, reach=1e-6):
 
     ``scores`` is float ``(K, H, W)``, scaled so that its maximum is 1; ``labels`` int ``(H, W)``
     is its argmax over the labels, or -1 where every score is below ``reach`` (no seed got
-    there: what leaks through a shut gate is many orders of magnitude smaller). Runs the real
+    there: what leaks through a shut gate is smaller still, by about two orders of magnitude on the
+    demonstration's image). Runs the real
     :class:`~minirnng.layers.recurrent.FourWayGatedRNN` (float64, ``W = I``, ``b = 0``).
     """
     seeds = numpy.asarray(seeds)
+    if seeds.ndim != 2 or seeds.dtype.kind not in "iu":
+        raise ValueError(f"propagate_labels: seeds must be an integer (H, W) map, got {seeds.dtype} {seeds.shape}")
+    if numpy.shape(gate) != seeds.shape:
+        raise ValueError(f"propagate_labels: the gate map has shape {numpy.shape(gate)}, the seed map "
+                         f"{seeds.shape}; they must be the same")
     n_labels = int(seeds.max()) + 1
     if n_labels < 1:
         raise ValueError("propagate_labels: the seed map has no seed (all -1)")

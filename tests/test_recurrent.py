@@ -12,14 +12,22 @@ from minirnng.layers.recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpati
 from minirnng.propagation import demonstrate_propagation, edge_gates, propagate_labels, random_seeds, synthetic_image
 
 
-def randomize(layer, rng, weight_scale=1.0):
+def randomize(layer, rng, weight_scale=1.0, bias_scale=1.0):
     """Random parameters: each W non-symmetric and constrained (so a W / W.T slip would show), b random."""
     for name, value in layer.params.items():
         if name.endswith("W"):
             value[...] = constrain_recurrent_weight(rng.standard_normal(value.shape) * weight_scale)
         else:
-            value[...] = rng.standard_normal(value.shape)
+            value[...] = rng.standard_normal(value.shape) * bias_scale
     return layer
+
+
+def outputs_won(layer, *inputs):
+    """How many outputs of a four-way layer's max merge each direction wins, in DIRECTIONS order. A
+    direction that wins none gets zero gradients, and a finite-difference check of its W and b would
+    compare zero with zero: it would pass whatever the backward does."""
+    scans = numpy.stack([layer.direction_layers[direction].forward(*inputs) for direction in DIRECTIONS])
+    return [int(count) for count in numpy.bincount(scans.argmax(axis=0).ravel(), minlength=len(DIRECTIONS))]
 
 
 def copy_parameters(source, target):
@@ -45,9 +53,12 @@ def test_gated_finite_differences(direction, channels, rng):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_four_way_finite_differences(channels, rng):
-    layer = randomize(FourWayGatedRNN(channels, dtype=numpy.float64), rng)
-    shape = (2, channels, 4, 3)
-    report = check_layer(layer, rng.standard_normal(shape), gates(rng, shape), rng=rng)
+    # Small biases and a map of a few scan lines each way, so that every direction wins some outputs.
+    layer = randomize(FourWayGatedRNN(channels, dtype=numpy.float64), rng, bias_scale=0.1)
+    shape = (2, channels, 5, 6)
+    x, g = rng.standard_normal(shape), gates(rng, shape)
+    assert min(outputs_won(layer, x, g)) > 0, outputs_won(layer, x, g)
+    report = check_layer(layer, x, g, rng=rng)
     expected = {"x", "g"} | {f"{direction}.{name}" for direction in DIRECTIONS for name in "Wb"}
     assert {row.name for row in report.rows} == expected
     assert report.max_error < 1e-7, str(report)
@@ -64,8 +75,10 @@ def test_plain_finite_differences(direction, channels, activation, rng):
 
 
 def test_four_way_plain_finite_differences(rng):
-    layer = randomize(FourWaySpatialRNN(3, dtype=numpy.float64), rng)
-    report = check_layer(layer, rng.standard_normal((2, 3, 4, 5)), rng=rng)
+    layer = randomize(FourWaySpatialRNN(3, dtype=numpy.float64), rng, bias_scale=0.1)
+    x = rng.standard_normal((2, 3, 4, 5))
+    assert min(outputs_won(layer, x)) > 0, outputs_won(layer, x)
+    report = check_layer(layer, x, rng=rng)
     assert {row.name for row in report.rows} == {"x"} | {f"{d}.{name}" for d in DIRECTIONS for name in "Wb"}
     assert report.max_error < 1e-7, str(report)
 
@@ -394,3 +407,16 @@ def test_propagation_fills_regions_and_stops_at_edges(tmp_path):
     assert (leaky != regions).mean() > 0.3
     figure = demonstrate_propagation(path=tmp_path / "propagation.png")
     assert len(figure.axes) >= 5 and (tmp_path / "propagation.png").stat().st_size > 0
+
+
+def test_propagation_takes_rgba_images_and_names_mismatched_shapes():
+    image, regions = synthetic_image()                                  # grey, float (H, W)
+    rgba = numpy.stack([image, image, image, numpy.ones_like(image)], axis=2)   # plt.imread gives a PNG so
+    numpy.testing.assert_allclose(edge_gates(rgba), edge_gates(image), atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected an \(H, W\), \(H, W, 3\) or \(H, W, 4\) image, got shape"):
+        edge_gates(numpy.moveaxis(rgba[:, :, :3], 2, 0))
+    seeds = random_seeds(regions)
+    with pytest.raises(ValueError, match=r"the gate map has shape \(\d+, \d+\), the seed map \(\d+, \d+\)"):
+        propagate_labels(seeds, edge_gates(image)[:, 1:])
+    with pytest.raises(ValueError, match="seeds must be an integer"):
+        propagate_labels(seeds.astype(float), edge_gates(image))
