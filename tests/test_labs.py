@@ -62,7 +62,8 @@ def test_not_implemented_is_one_clear_message():
 def test_student_version_replaces_solutions():
     make = make_labs()
     source = "def f(x):\n    ### BEGIN SOLUTION\n    y = 2 * x\n    ### END SOLUTION\n    return y\n"
-    assert make.strip_solutions(source) == "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError\n    return y"
+    assert make.strip_solutions(source) == (
+        "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError\n    return y")
     with pytest.raises(ValueError, match="without"):
         make.strip_solutions("    ### BEGIN SOLUTION\n    y = 1\n")
 
@@ -247,3 +248,264 @@ def test_the_grader_knows_a_renamed_download_and_reports_a_stray_file_in_one_lin
     out = capsys.readouterr().out
     assert out.startswith(f"{stray}: not graded: ValueError") and "Traceback" not in out
     assert "not graded" in (tmp_path / "grades.csv").read_text(encoding="utf-8")
+
+
+# -- regressions: the checks blame the right thing -----------------------------------------------
+
+def conv_forward(kernel=lambda weight: weight, pad_mode="constant"):
+    """A conv2d_forward built on im2col, with the kernel transformed and the padding mode switchable."""
+    from minirnng.layers.im2col import im2col
+
+    def forward(x, weight, bias, stride=1, padding=0):
+        o, _, k, _ = weight.shape
+        x = numpy.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), mode=pad_mode)
+        n, _, height, width = x.shape
+        size = ((height - k) // stride + 1, (width - k) // stride + 1)
+        y = kernel(weight).reshape(o, -1) @ im2col(x, k, stride, 0) + bias[:, None]
+        return y.reshape(n, o, *size), None
+    return forward
+
+
+def test_the_padding_hint_needs_an_output_with_an_interior():
+    # an output of width 4 has no entry 2 away from its border: every entry is "near the border"
+    assert not labs.only_near_border(2)(numpy.ones((2, 4, 5, 4), dtype=bool))
+    assert labs.only_near_border(1)(numpy.pad(numpy.zeros((1, 1, 2, 2), dtype=bool), ((0, 0), (0, 0), (1, 1), (1, 1)),
+                                              constant_values=True))
+    transposed = failure(labs.check_conv2d_forward, conv_forward(kernel=lambda w: w.transpose(0, 1, 3, 2)))
+    assert "you transposed the kernel" in transposed and "check the padding" not in transposed
+    # padding with the edge values instead of zeros: only the outputs next to the border are wrong
+    assert "check the padding" in failure(labs.check_conv2d_forward, conv_forward(pad_mode="edge"))
+
+
+def plain_forward(x, W, b):
+    h = numpy.zeros_like(x)
+    previous = numpy.zeros(x.shape[:-1])
+    for t in range(x.shape[-1]):
+        h[..., t] = numpy.tanh(x[..., t] + numpy.einsum("cd,ndy->ncy", W, previous) + b[None, :, None])
+        previous = h[..., t]
+    return h, (h, W)
+
+
+def plain_backward(dh, cache):
+    h, W = cache
+    return labs.plain_backward_variant(dh, h, W)
+
+
+def test_float32_and_integer_answers_are_told_to_use_float64():
+    def forward_float32(x, W, b):
+        h, cache = plain_forward(x.astype(numpy.float32), W.astype(numpy.float32), b.astype(numpy.float32))
+        return h, cache
+
+    message = failure(labs.check_spatial_rnn_forward, forward_float32)
+    assert "h has dtype float32, expected float64" in message and "compute in float64" in message
+
+    def forward_cast_back(x, W, b):  # computes in float32, returns float64: passes the comparison at 1e-7
+        h, cache = forward_float32(x, W, b)
+        return h.astype(numpy.float64), cache
+
+    message = failure(labs.check_spatial_rnn_backward, forward_cast_back, plain_backward)
+    assert "only float32 precision" in message and "not the derivative" not in message
+
+    def backward_integer(dh, cache):
+        dx, dW, db = plain_backward(dh, cache)
+        return dx.astype(int), dW, db
+
+    message = failure(labs.check_spatial_rnn_backward, plain_forward, backward_integer)
+    assert "dx has dtype int64, expected float64" in message and "integer array" in message
+
+
+def test_a_forward_that_changes_its_input_is_told_so():
+    def relu_forward(x):
+        mask = x > 0
+        x[~mask] = 0  # right values, but the caller's x is gone
+        return x, mask
+
+    def relu_backward(dy, mask):
+        return dy * mask
+
+    message = failure(labs.check_relu, relu_forward, relu_backward)
+    assert "changed its input `x` in place" in message and "not the derivative" not in message
+
+    def softmax_forward(logits, target):
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - numpy.log(numpy.exp(logits).sum(axis=1, keepdims=True))
+        return float(-numpy.take_along_axis(log_p, target[:, None], axis=1).mean()), (numpy.exp(log_p), target)
+
+    def softmax_backward(dloss, cache):
+        p, target = cache
+        onehot = numpy.arange(p.shape[1])[None, :, None, None] == target[:, None]
+        return dloss * (p - onehot) / (p.size / p.shape[1])
+
+    message = failure(labs.check_softmax_cross_entropy, softmax_forward, softmax_backward)
+    assert "changed its input `logits` in place" in message and "not the derivative" not in message
+    assert message.count("problem(s)") == 1 and "1 problem(s)" in message  # said once, and nothing else is wrong
+
+
+def test_jupyter_shows_the_message_and_the_students_traceback_not_the_checks():
+    def conv2d_forward(x, weight, bias, stride=1, padding=0):
+        raise NotImplementedError
+
+    with pytest.raises(labs.LabCheckError) as caught:
+        labs.check_conv2d_forward(conv2d_forward)
+    assert caught.value._render_traceback_() == [f"LabCheckError: {caught.value}"]
+
+    def conv2d_forward(x, weight, bias, stride=1, padding=0):  # noqa: F811 -- the student's second try
+        return weight @ x, None
+
+    with pytest.raises(labs.LabCheckError) as caught:
+        labs.check_conv2d_forward(conv2d_forward)
+    lines = caught.value._render_traceback_()
+    assert lines[-1] == f"LabCheckError: {caught.value}"
+    shown = "\n".join(lines)
+    assert "return weight @ x, None" in shown and "ValueError" in shown and labs.__file__ not in shown
+
+
+def lab_namespace(path):
+    """The functions of a lab notebook, defined as the grader defines them."""
+    namespace = {"__name__": "__lab__"}
+    for number, source in enumerate(labs.code_cells(path)):
+        exec(labs.without_check_calls(source, f"<cell {number}>"), namespace)
+    return namespace
+
+
+def lab_08_with(tmp_path, old, new):
+    source = (NOTEBOOKS / "08_numpy_to_cuda.py").read_text(encoding="utf-8")
+    assert old in source
+    (tmp_path / "08_numpy_to_cuda.py").write_text(source.replace(old, new), encoding="utf-8")
+    return lab_namespace(tmp_path / "08_numpy_to_cuda.py")
+
+
+def test_lab_08_grid_hint_only_for_a_grid_too_small(tmp_path):
+    every_image = numpy.ones((3, 2, 2, 2), dtype=bool)
+    last_images = numpy.zeros((3, 2, 2, 2), dtype=bool)
+    last_images[2, 0, 0, 0] = last_images[1, 1] = True  # empty() memory can leave right values among them
+    assert not labs.unscanned_images(every_image) and labs.unscanned_images(last_images)
+
+    full = lab_namespace(NOTEBOOKS / "08_numpy_to_cuda.py")
+    forward, backward = full["gated_scan_forward_gpu"], full["gated_scan_backward_gpu"]
+
+    def opposite(x, g, W, b, direction):
+        other = {"left_to_right": "right_to_left", "right_to_left": "left_to_right",
+                 "top_to_bottom": "bottom_to_top", "bottom_to_top": "top_to_bottom"}[direction]
+        return forward(x, g, W, b, other)
+
+    message = failure(labs.check_gated_scan_forward_gpu, opposite)
+    assert "scan: check the geometry row" in message and "does the grid cover" not in message
+
+    def gradients_in_another_order(dh, cache):
+        dx, dg, dW, db = backward(dh, cache)
+        return dg, dx, dW, db
+
+    message = failure(labs.check_gated_scan_backward_gpu, forward, gradients_in_another_order)
+    assert "return (dx, dg, dW, db) in that order" in message and "grid" not in message
+
+    # one block for any batch: every direction's batch of 70 images gets the hint, left_to_right too
+    one_block = lab_08_with(tmp_path, "blocks_for(n * row[0])", "blocks_for(row[0])")
+    message = failure(labs.check_gated_scan_forward_gpu, one_block["gated_scan_forward_gpu"])
+    blocks = [block for block in message.split("\n\n") if block.startswith("h, ") and "70 images" in block]
+    assert len(blocks) == 4 and all("Hint: " in block for block in blocks), message
+
+
+def test_a_wrong_forward_stops_before_its_backward_runs():
+    def softmax_forward(logits, target):  # returns (cache, loss)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_p = shifted - numpy.log(numpy.exp(shifted).sum(axis=1, keepdims=True))
+        return (numpy.exp(log_p), target), float(-numpy.take_along_axis(log_p, target[:, None], axis=1).mean())
+
+    def softmax_backward(dloss, cache):
+        p, target = cache
+        return p
+
+    message = failure(labs.check_softmax_cross_entropy, softmax_forward, softmax_backward)
+    assert "loss, logits of size ~3: loss is a tuple" in message and "raised" not in message
+
+    def relu_forward(x):  # returns (cache, y)
+        return x > 0, numpy.maximum(x, 0)
+
+    message = failure(labs.check_relu, relu_forward, lambda dy, cache: dy * cache)
+    assert "y has dtype bool" in message and "multiplied dy by the output" not in message
+    assert "skip  dx" in message
+
+
+def test_lab_08_without_a_compiler_is_not_graded_rather_than_failed(monkeypatch, capsys):
+    from minirnng.cuda import reload_kernels
+
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    reload_kernels()  # forget the kernels this process has already compiled
+    try:
+        points, total, rows = labs.grade(NOTEBOOKS / "08_numpy_to_cuda.py")
+        assert labs.main(["grade", str(NOTEBOOKS / "08_numpy_to_cuda.py")]) == labs.EXIT_INCOMPLETE
+    finally:
+        monkeypatch.undo()
+        reload_kernels()
+    assert (points, total) == (1, 1), rows
+    for check, earned, _, message in rows[1:]:
+        assert earned is None and message.startswith("not graded: ") and "C++ compiler" in message, (check, message)
+        assert "MINIRNNG_BACKEND" not in message  # the checks always use the emulator
+    assert "not graded" in capsys.readouterr().out
+
+
+def test_more_slips_are_named():
+    # the gradients in another order: by their shapes, or by their values where the shapes agree
+    def conv_backward(dy, cache):
+        x, weight, stride, padding = cache
+        layer = labs._reference_conv(x, weight, numpy.zeros(weight.shape[0]), stride, padding)[0]
+        layer.zero_grad()
+        dx = layer.backward(dy)
+        return layer.grads["weight"], dx, layer.grads["bias"]
+
+    def conv_forward_keeping(x, weight, bias, stride=1, padding=0):
+        return conv_forward()(x, weight, bias, stride, padding)[0], (x, weight, stride, padding)
+
+    message = failure(labs.check_conv2d_backward, conv_forward_keeping, conv_backward)
+    assert "the shapes of (dweight, dx, dbias): return (dx, dweight, dbias) in that order" in message
+    assert "crop the padding" not in message and "is W transposed" not in message
+
+    def gated_backward(dh, cache):
+        h, g, W, b = cache
+        dx, dg, dW, db = labs.gated_backward_variant(dh, h, g, W, b)
+        return dx, dW, dg, db
+
+    assert "return (dx, dg, dW, db) in that order" in failure(labs.check_gated_rnn_backward, gated_forward,
+                                                              gated_backward)
+
+    # the plain RNN without its bias at the first step
+    def plain_forward_no_first_bias(x, W, b):
+        return plain_forward(x - numpy.where(numpy.arange(x.shape[-1]) == 0, 1.0, 0.0) * b[None, :, None, None],
+                             W, b)
+
+    assert "h_0 = tanh(x_0 + b)" in failure(labs.check_spatial_rnn_forward, plain_forward_no_first_bias)
+
+    # a masked sigmoid backward that divides by the masked count but keeps the unmasked pixels
+    def sigmoid_forward(logits, target, mask):
+        per_pixel = numpy.maximum(logits, 0) - logits * target + numpy.log1p(numpy.exp(-numpy.abs(logits)))
+        p = numpy.exp(-numpy.logaddexp(0, -logits))
+        return float(per_pixel[mask].mean()), (p, target, mask.sum())
+
+    def sigmoid_backward(dloss, cache):
+        p, target, count = cache
+        return dloss * (p - target) / count
+
+    assert "kept the pixels outside the mask" in failure(labs.check_sigmoid_cross_entropy, sigmoid_forward,
+                                                         sigmoid_backward)
+
+
+def test_small_messages_read_well(tmp_path, capsys):
+    def softmax_forward(logits, target):  # twice the loss
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_p = shifted - numpy.log(numpy.exp(shifted).sum(axis=1, keepdims=True))
+        return 2 * float(-numpy.take_along_axis(log_p, target[:, None], axis=1).mean()), None
+
+    message = failure(labs.check_softmax_cross_entropy, softmax_forward, lambda dloss, cache: None)
+    assert "loss is wrong: yours" in message and "Worst: []" not in message
+
+    def gated_forward_swapped(x, g, W, b):
+        h, cache = gated_forward(x, g, W, b)
+        return cache, h
+
+    assert "h: h:" not in failure(labs.check_gated_rnn_forward, gated_forward_swapped)
+
+    broken = tmp_path / "07_gated_rnn.ipynb"
+    broken.write_text('{"nbformat": 4}', encoding="utf-8")
+    assert labs.main(["grade", str(broken)]) == 1
+    assert f"{broken} is not a notebook" in capsys.readouterr().out
