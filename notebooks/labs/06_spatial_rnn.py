@@ -178,10 +178,10 @@ plt.show()
 # ## 4. The check for the whole layer
 #
 # `check_layer` perturbs every entry of $x$ and of the four $W_d$, $b_d$. Random, distinct
-# weights per direction avoid exact ties in the merge (identical weights tie everywhere on the
-# image border, where the merge has a kink). **What to expect:** relative errors around
-# $10^{-10}$ in float64; the tanh makes the function curved, so the centred difference has a
-# truncation error of order $\epsilon^2 = 10^{-12}$, still far below the tolerance of $10^{-6}$.
+# weights per direction avoid exact ties in the merge (identical weights tie at the image's
+# corners, where two scans start, and the merge has a kink there). **What to expect:** relative
+# errors around $10^{-10}$ in float64; the tanh makes the function curved, so the centred difference
+# has a truncation error of order $\epsilon^2 = 10^{-12}$, still far below the tolerance of $10^{-7}$.
 # One trap: a direction that wins the merge at no output has zero gradients, and its rows would
 # read "0.00e+00 ok", zero against zero, a check of nothing. So we first count each direction's
 # wins and make sure every one of them is tested.
