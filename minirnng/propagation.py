@@ -25,7 +25,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from .layers.recurrent import FourWayGatedRNN
-from .viz import check_figure_path, save_figure
+from .viz import GATE_COLOURMAP, GATE_LABEL, check_figure_path, save_figure
 
 UNLABELLED = -1
 LABEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -178,9 +178,9 @@ def demonstrate_propagation(image=None, seeds=None, regions=None, passes=4, edge
     panels = figure.subplots(1, 5)
     panels[0].imshow(grey, cmap="gray", vmin=0, vmax=1)
     panels[0].set_title("image", fontsize=9)
-    shown = panels[1].imshow(gate, cmap="viridis", vmin=0, vmax=1)
+    shown = panels[1].imshow(gate, cmap=GATE_COLOURMAP, vmin=0, vmax=1)
     panels[1].set_title("gate g from the image's edges", fontsize=9)
-    figure.colorbar(shown, ax=panels[1], fraction=0.046)
+    figure.colorbar(shown, ax=panels[1], fraction=0.046, label=GATE_LABEL)
     panels[2].imshow(grey, cmap="gray", vmin=0, vmax=1, alpha=0.35)
     seed_rows, seed_columns = numpy.nonzero(seeds >= 0)
     panels[2].scatter(seed_columns, seed_rows, c=[LABEL_COLOURS[k] for k in seeds[seed_rows, seed_columns]],

@@ -45,7 +45,7 @@ from minirnng.data.pipeline import normalize, resize_image
 from minirnng.gradcheck import check_model
 from minirnng.models import RNNG
 from minirnng.parser import read_image
-from minirnng.viz import colorize, overlay
+from minirnng.viz import GATE_COLOURMAP, colorize, overlay
 
 backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
@@ -129,7 +129,7 @@ def as_colours(features):
 panels = [
     ("input\n128 x 128", resize_image(image, parser.input_size), None),
     ("coarse map\narg-max of coarse(X), 64 x 64", colorize(coarse[0].argmax(axis=0), parser.classes), None),
-    ("gate map\nmean of G over its 8 channels", G[0].mean(axis=0), "gray"),
+    ("gate map (0 = stopped)\nmean of G over its 8 channels", G[0].mean(axis=0), GATE_COLOURMAP),
     ("RNN output H\n8 channels as 3 colours (PCA)", as_colours(H[0]), None),
     ("labels\narg-max of the logits, 128 x 128", colorize(logits[0].argmax(axis=0), parser.classes), None),
 ]

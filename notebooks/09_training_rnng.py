@@ -47,7 +47,7 @@ from minirnng.models import RNNG
 from minirnng.objective import StageOneObjective
 from minirnng.optim import OPTIMIZERS
 from minirnng.train import TrainConfig, Trainer, evaluate
-from minirnng.viz import colorize
+from minirnng.viz import GATE_COLOURMAP, colorize
 
 backend.select("numpy")  # this notebook computes on NumPy arrays, on a machine with a GPU too
 
@@ -231,8 +231,8 @@ for row, epoch in enumerate(shown_epochs, start=1):
         value = snapshots[epoch][name]
         if name in ("coarse", "result"):
             axes[row, column].imshow(colorize(value, classes))
-        else:
-            axes[row, column].imshow(value, cmap="gray", vmin=0, vmax=1)
+        else:  # the gate (0 = stopped) in the project's gate colours; the edge head's probability in grey
+            axes[row, column].imshow(value, cmap=GATE_COLOURMAP if name.startswith("gate") else "gray", vmin=0, vmax=1)
         axes[row, column].set_title(name, fontsize=9)
 for axis in axes.flat:
     axis.set_axis_off()
