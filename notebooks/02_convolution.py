@@ -16,8 +16,9 @@
 # %% [markdown]
 # # 02 · Convolution: correlation, im2col, and the three gradients
 #
-# RNN-G's trunk is five convolutions and two transposed convolutions. This notebook derives the
-# forward and backward pass of `minirnng.layers.Conv2d` from its definition, shows how one matrix
+# RNN-G has six convolutions (three in its trunk, 5×5 and 3×3; three 1×1) and two transposed convolutions.
+# This notebook derives the forward and backward pass of `minirnng.layers.Conv2d` from its
+# definition, shows how one matrix
 # product (im2col) computes it, and explains why the gradient with respect to the input is a
 # *transposed* convolution, the layer of notebook 03.
 #

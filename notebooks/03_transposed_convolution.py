@@ -124,7 +124,8 @@ assert report.max_error < 1e-8
 # kernel is bilinear interpolation. For $s = 2$ the 1-D kernel is $(\tfrac14, \tfrac34, \tfrac34, \tfrac14)$:
 # each output pixel lies a quarter or three quarters of the way between two input pixels, and
 # receives exactly those two weights from them. FCN-style networks initialise their upsampling
-# layers this way; RNN-G learns its kernels, but starting from the same idea.
+# layers this way; RNN-G starts its two at random, like every layer, and learns them (exercise 2
+# tries the bilinear start).
 #
 # Below, a coarse 16×16 label map of a synthetic face, one channel per class, upsampled twice
 # (16 → 32 → 64) in three ways: repeating pixels (nearest neighbour), the bilinear kernel, and a

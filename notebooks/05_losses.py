@@ -180,9 +180,11 @@ labs.check_sigmoid_cross_entropy(sigmoid_cross_entropy_forward, sigmoid_cross_en
 # ## 3. The check for minirnng's own losses
 #
 # `minirnng.gradcheck.check_loss` multiplies the loss by a random scalar upstream gradient and
-# compares the backward with centred differences. **What to expect:** around $10^{-9}$ to
-# $10^{-10}$ in float64 (the losses are smooth; the truncation error of the centred difference,
-# $O(\epsilon^2)$ with $\epsilon = 10^{-6}$, is far below the rounding error).
+# compares the backward with centred differences. **What to expect:** around $10^{-8}$ to
+# $10^{-9}$ in float64, a little above the layers' figures: a loss is a mean over the pixels, so each
+# gradient entry is about $1/NHW$ of the loss, and the rounding error of the differences of the loss
+# is relatively larger (the truncation error of the centred difference, $O(\epsilon^2)$ with
+# $\epsilon = 10^{-6}$, is far below it).
 
 # %%
 logits = 3 * rng.standard_normal((2, 4, 5, 6))
@@ -318,9 +320,13 @@ print(f"their share of an unsampled edge loss: {fraction:.1%}; with 1:5 sampling
 #    classes of each pixel. What does that mean for the bias of the last layer?
 # 3. In float32, for which logits does the naive $\log(1 - \sigma(z))$ give $-\infty$? Compare with
 #    the stable form.
-# 4. Train the edge head alone (a `minirnng.layers.Conv2d` 3→1, 1×1, on the images above, plain
-#    gradient descent) once on all pixels and once with the 1:5 mask. Plot both predicted gate maps
-#    after a hundred steps: which one closes on the boundaries?
+# 4. Train an edge head alone, once on all pixels and once with the 1:5 mask, and compare what each
+#    predicts on the boundary pixels. A 1×1 head on the RGB images cannot work (one pixel's colour
+#    does not say where a boundary is), so give it what RNN-G's edge head sees: the gates $G$ (8
+#    channels at 64×64) of `FaceParser.pretrained().model` on the faces above (run its `trunk`
+#    layers, then its `gate` layer on the last 8 channels), a `minirnng.layers.Conv2d` 8→1, 1×1,
+#    float64, targets `boundary_target` of the labels at 64×64, a hundred steps of plain gradient
+#    descent (rate 1). Which one predicts less than 0.5 on more of the boundary pixels, and why?
 # 5. Show that $\partial L / \partial z$ of the soft Dice loss also sums to 0 over the classes of
 #    each pixel. Then compute it in float32 both as $p_k (g_k - \sum_j p_j g_j)$ and as
 #    `SoftDice` does, for a pixel with logits (20, 0, 0): which keeps the target class's gradient?

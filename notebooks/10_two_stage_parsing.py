@@ -202,8 +202,8 @@ for axis in axes.flat:
 plt.show()
 
 # %% [markdown]
-# After twenty short epochs on 160 faces the parts are recognisable but rough, and the thin ones
-# (brows, upper lip) lag behind; the
+# After twenty short epochs on 160 faces the parts are recognisable but rough, and the rare or thin
+# ones (the inner mouth first, then the upper lip and the brows) lag behind; the
 # full-size training (`minirnng.train_stage2.reproduce_table3`) and its Table 3 are reported in
 # the documentation's results page.
 #

@@ -157,8 +157,9 @@ plt.show()
 # When two entries of a window share the maximum, the max is a kink again: raising either one
 # raises the output, lowering either one does not lower it. minirnng routes the whole gradient to
 # the **first** maximum in row-major window order (as `numpy.argmax` and PyTorch's CPU kernel do),
-# so the result is deterministic. Ties are common in practice: after a ReLU, a window that is all
-# zeros is a four-way tie.
+# so the result is deterministic. Ties are common where a ReLU runs before the pooling: a window
+# that is all zeros is then a four-way tie. (RNN-G pools first and applies the ReLU after, see
+# exercise 3.)
 
 # %%
 tied = np.array([[[[1.0, 3.0], [3.0, 2.0]]]])
@@ -250,9 +251,10 @@ print("fast vs naive max pooling backward, with ties and overlapping windows:",
 # 2. Change the tie rule of your lab solution to "share the gradient equally among the tied
 #    maxima". Run `labs.check_maxpool2d_backward`: which message do you get? Is the shared rule a
 #    valid subgradient?
-# 3. After `relu1`, what fraction of `pool2`'s windows are all-zero ties for a randomly initialised
-#    RNN-G on a synthetic face (`minirnng.models.RNNG`, `minirnng.data.synthetic.SyntheticFaces`)?
-#    Where does their gradient go?
+# 3. If a ReLU ran on `conv1`'s output before `pool2`, what fraction of `pool2`'s windows would be
+#    all-zero ties for a randomly initialised RNN-G on a synthetic face (`minirnng.models.RNNG`,
+#    `minirnng.data.synthetic.SyntheticFaces`)? Where would their gradient go? RNN-G pools first
+#    (`RNNG.trunk`): why does that order remove these ties, and does it change the network's output?
 # 4. The winner index is stored as the smallest unsigned integer type that holds $k^2$ values
 #    (`minirnng.layers.pool.smallest_index_dtype`). How much memory does that save for `pool2` on a
 #    batch of 16 images of 128×128, compared with int64 indices?
