@@ -206,6 +206,21 @@ def test_identity_warp_changes_nothing():
     numpy.testing.assert_array_equal(label_maps[0], labels)
 
 
+def test_warp_rounds_to_the_nearest_grey_level(rng):
+    """A quarter-turn copies pixels exactly, and half-pixel shifts average neighbours without darkening: Pillow's
+    bilinear on uint8 pictures rounds down, half a grey level on average."""
+    image = rng.integers(0, 256, (32, 32, 3), dtype=numpy.uint8)
+    labels = numpy.zeros((32, 32), numpy.uint8)
+    quarter_turn = numpy.array([[0.0, -1.0, 31.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    images, _ = warp(image[None], labels[None], quarter_turn[None], LFW_CLASSES)
+    numpy.testing.assert_array_equal(images[0], numpy.rot90(image, k=-1))
+    half_pixel = numpy.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    images, _ = warp(image[None], labels[None], half_pixel[None], LFW_CLASSES)
+    exact = (image[:, 1:].astype(float) + image[:, :-1]) / 2                 # output column j + 1 reads j + 0.5
+    assert numpy.abs(images[0, :, 1:-1].astype(float) - exact[:, :-1]).max() <= 0.5
+    assert abs((images[0, :, 1:-1].astype(float) - exact[:, :-1]).mean()) < 0.1
+
+
 @pytest.mark.parametrize("classes", [HELEN_CLASSES, LFW_CLASSES])
 def test_mirroring_flips_pixels_and_swaps_left_and_right(classes):
     image, labels = coded_sample(40, 30, len(classes))

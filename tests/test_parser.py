@@ -103,6 +103,9 @@ def test_read_image_scales_16_bit_grey_and_refuses_float_pixels(tmp_path, rng):
     Image.fromarray(rng.random((4, 4)).astype(numpy.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(ValueError, match="32-bit floating-point pixels"):
         read_image(tmp_path / "float.tiff")
+    Image.fromarray(numpy.array([[0, 89000]], dtype=numpy.int32)).save(tmp_path / "int32.tiff")
+    with pytest.raises(ValueError, match="int32.tiff holds 32-bit integer pixels from 0 to 89000, beyond 16 bits"):
+        read_image(tmp_path / "int32.tiff")
 
 
 def test_read_image_turns_a_photograph_upright_by_its_exif_orientation(tmp_path, rng):

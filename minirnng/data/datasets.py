@@ -125,7 +125,12 @@ def read_rgb(path, what, exif_orientation=False):
         picture = ImageOps.exif_transpose(picture)
     if picture.mode in _WIDE_GREY_WHITE:
         # 16-bit grey (PNG, TIFF; Pillow's "I" holds them in 32 bits): 65535 is white
-        grey = numpy.asarray(picture, dtype=numpy.float64) * (255 / _WIDE_GREY_WHITE[picture.mode])
+        grey = numpy.asarray(picture, dtype=numpy.float64)
+        if picture.mode == "I" and grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise MalformedDataError(f"{what} {path} holds 32-bit integer pixels from {grey.min():.0f} to "
+                                     f"{grey.max():.0f}, beyond 16 bits, whose white is not defined; save it with "
+                                     "8 or 16 bits a channel")
+        grey = grey * (255 / _WIDE_GREY_WHITE[picture.mode])
         grey = numpy.clip(numpy.rint(grey), 0, 255).astype(numpy.uint8)
         return numpy.repeat(grey[:, :, None], 3, axis=2)
     if picture.mode == "F":
