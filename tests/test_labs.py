@@ -112,19 +112,11 @@ def test_gated_backward_variant_is_right_by_default():
 
 
 def test_plain_backward_with_w_instead_of_transpose():
-    def forward(x, W, b):
-        h = numpy.zeros_like(x)
-        previous = numpy.zeros(x.shape[:-1])
-        for t in range(x.shape[-1]):
-            h[..., t] = numpy.tanh(x[..., t] + numpy.einsum("cd,ndy->ncy", W, previous) + b[None, :, None])
-            previous = h[..., t]
-        return h, (h, W)
-
     def backward(dh, cache):
         h, W = cache
         return labs.plain_backward_variant(dh, h, W, transpose=False)
 
-    message = failure(labs.check_spatial_rnn_backward, forward, backward)
+    message = failure(labs.check_spatial_rnn_backward, plain_forward, backward)  # plain_forward: below
     assert "is W transposed?" in message
     # the grade sheet's one line names the slip, not the last finite-difference row
     assert labs.failure_summary(message).startswith("Hint: is W transposed?")
