@@ -18,7 +18,12 @@ computes the scores from the sum, exactly as the whole set's scores are computed
 same images. Each replicate uses the same draw for both, so how hard the drawn images are cancels
 in the difference, and its interval is far narrower than either score's:
 
-    difference_r = score_a(draw_r) - score_b(draw_r),  a_ahead = share of replicates with difference_r > 0
+    difference_r = score_a(draw_r) - score_b(draw_r)
+    a_ahead = share of replicates with difference_r > 0,  tied = share with difference_r == 0
+
+Ties are reported on their own, not split between the two: a set compared with itself, or two
+models that label every drawn image alike, is tied in every replicate (a_ahead 0, tied 1), which
+"a ahead in 0%" alone would misreport as b being better.
 
 These intervals say how much the *choice of images* moves a score. They say nothing about how
 much the training run's seed moves it; that is a second spread, measured by training again.
@@ -79,9 +84,10 @@ def replicate_scores(confusions):
     hits = numpy.diagonal(confusions, axis1=1, axis2=2)
     totals = confusions.sum(axis=(1, 2))
     marginals = confusions.sum(axis=1) + confusions.sum(axis=2)   # predicted + actual, per class
-    with numpy.errstate(invalid="ignore", divide="ignore"):
-        accuracy = numpy.where(totals > 0, hits.sum(axis=1) / numpy.maximum(totals, 1), numpy.nan)
-        f_measure = numpy.where(marginals > 0, 2 * hits / numpy.maximum(marginals, 1), numpy.nan)
+    # NaN only where the denominator is 0: dividing by max(denominator, 1) would also change
+    # the scores of matrices whose entries are fractions below 1
+    accuracy = numpy.divide(hits.sum(axis=1), totals, out=numpy.full(totals.shape, numpy.nan), where=totals > 0)
+    f_measure = numpy.divide(2 * hits, marginals, out=numpy.full(marginals.shape, numpy.nan), where=marginals > 0)
     return accuracy, f_measure
 
 
@@ -117,7 +123,8 @@ def paired_bootstrap(per_image_a, per_image_b, classes, replicates=DEFAULT_REPLI
     targets: each image's row sums must agree, or they are not the same images).
     Returns ``{"images", "replicates", "level", "accuracy": {...}, "f_measure": {name: {...}}}``
     where each ``{...}`` holds ``difference`` (on the whole set), ``standard_error``, ``low``,
-    ``high`` and ``a_ahead``, the share of replicates in which a scores higher than b.
+    ``high``, ``a_ahead``, the share of replicates in which a scores higher than b, and ``tied``,
+    the share in which they score exactly alike (b is ahead in the rest).
     """
     per_image_a = check_per_image(per_image_a, classes)
     per_image_b = check_per_image(per_image_b, classes)
@@ -194,4 +201,5 @@ def _difference(difference, values, level):
     defined = values[~numpy.isnan(values)]
     return {"difference": None if numpy.isnan(difference) or spread is None else float(difference),
             "standard_error": spread, "low": low, "high": high,
-            "a_ahead": float((defined > 0).mean()) if defined.size else None}
+            "a_ahead": float((defined > 0).mean()) if defined.size else None,
+            "tied": float((defined == 0).mean()) if defined.size else None}

@@ -247,8 +247,14 @@ def command_eval(arguments):
                          "square inputs: give --input-size")
     other = load_comparison(arguments.compare, model, arguments.checkpoint) if arguments.compare else None
     replicates = arguments.bootstrap or (DEFAULT_REPLICATES if other is not None else None)
+    resampling = "--compare" if other is not None else "--bootstrap"
+    if replicates is not None and arguments.size is not None and arguments.size < 2:
+        raise ValueError(f"{resampling} resamples the images and needs at least 2; --size is {arguments.size}")
     dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, input_size,
                          size=arguments.size)
+    if replicates is not None and len(dataset) < 2:  # a split smaller than --size, found only once it is open
+        raise ValueError(f"{resampling} resamples the images and needs at least 2; {arguments.data} "
+                         f"{arguments.split} has {len(dataset)}")
     predict = predict_with_options(model, dataset.classes, arguments.mirror, arguments.crf)
     result = evaluate(model, dataset, predict=predict, per_image=replicates is not None)
     per_image = result.pop("per_image_confusion", None)
@@ -333,7 +339,8 @@ def print_comparison(arguments, other, dataset, per_image, result, replicates):
             continue
         print(f"  {label:<14} {100 * mine:.2f} vs {100 * theirs:.2f}: {100 * difference['difference']:+.2f}, "
               f"interval {100 * difference['low']:+.2f} .. {100 * difference['high']:+.2f}, "
-              f"ahead in {100 * difference['a_ahead']:.0f}% of resamplings")
+              f"ahead in {100 * difference['a_ahead']:.0f}% and tied in {100 * difference['tied']:.0f}% "
+              "of resamplings")
     return {"checkpoint": arguments.compare, "architecture": other.architecture,
             "accuracy": other_result["accuracy"], "f_measure": other_result["f_measure"], "paired": paired}
 
@@ -374,17 +381,18 @@ def predict_with_options(model, classes, mirror=False, crf=False):
     :mod:`minirnng.mirroring`), then with ``crf`` the marginals of dense-CRF mean-field inference
     (:class:`minirnng.models.DenseCRF`, its defaults; a CNN-CRF's own, with or without ``crf``) on
     them, then the arg-max."""
-    from .mirroring import mirrored_logits
+    from .mirroring import mirrored_predict
     from .models import DenseCRF
 
     if not mirror and not crf:
         return None
     own = getattr(model, "crf", None)  # CNN-CRF's predict runs its own CRF, and so does this one
     refine = own.refine if own is not None else DenseCRF().refine if crf else None
+    if mirror:
+        return mirrored_predict(model, classes, refine)
 
     def predict(images):
-        logits = mirrored_logits(model, images, classes) if mirror else model.infer(images)
-        return (refine(logits, images) if refine else logits).argmax(axis=1)
+        return refine(model.infer(images), images).argmax(axis=1)
     return predict
 
 
@@ -640,7 +648,8 @@ def build_parser():
     train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                       help="an L2 term on the weights (not the biases); with adamw, the fraction "
+                       help="an L2 term on every parameter but the biases (the recurrent W and batch-norm "
+                            "scales included); with adamw, the fraction "
                             "of each weight taken off per step, times the learning rate")
     train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
     train.add_argument("--warmup", type=float, default=defaults.warmup, help="warm-up, fraction of the run")
@@ -833,9 +842,14 @@ def report_error(arguments, error):
 
 def report_interrupted(arguments):
     """Exit status 130, after a line that says where the finished work is."""
+    from .train import last_checkpoint_path
+
     hint = ""
-    if arguments.command == "train":
+    if arguments.command == "train" and os.path.exists(last_checkpoint_path(arguments.out)):
         hint = f"; every finished epoch is saved in {arguments.out}: continue with the same command and --resume"
+    elif arguments.command == "train":
+        # --resume would only fail: there is no last.npz to continue from
+        hint = "; no epoch finished; run the same command again (without --resume)"
     elif arguments.command == "reproduce":
         hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
                 "where it stopped (table 3's component networks start again)")

@@ -73,8 +73,14 @@ def _count_pairs(predicted, target, n_classes, ignore_index, per_image):
 
 
 def _ratio(numerator, denominator):
-    with numpy.errstate(invalid="ignore", divide="ignore"):
-        return numpy.where(denominator > 0, numerator / numpy.maximum(denominator, 1), numpy.nan)
+    """numerator / denominator elementwise, NaN where the denominator is 0 (a class that is absent).
+
+    Only the zeros are set aside: a matrix of fractions (C / C.sum()) has every denominator below 1,
+    and gives the same scores as the counts."""
+    numerator, denominator = numpy.broadcast_arrays(numpy.asarray(numerator, dtype=numpy.float64),
+                                                    numpy.asarray(denominator, dtype=numpy.float64))
+    out = numpy.full(numerator.shape, numpy.nan)
+    return numpy.divide(numerator, denominator, out=out, where=denominator > 0)
 
 
 def checked_confusion(confusion, caller):

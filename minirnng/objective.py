@@ -112,7 +112,8 @@ def class_balance_weights(labels, n_classes, power=0.5):
     """Class weights ``(mean frequency / frequency_k) ** power`` from label arrays, normalised to mean 1.
 
     power = 0 gives equal weights, 1 full inverse-frequency balancing; 0.5 is a common middle way
-    for a rare class such as hair. Classes that never occur get weight 1.
+    for a rare class such as hair. A class that never occurs in ``labels`` gets 1 before the
+    normalisation, so ``1 / mean`` of the unnormalised weights after it (not 1).
     """
     labels = numpy.asarray(backend.to_numpy(labels)).ravel()
     if not numpy.issubdtype(labels.dtype, numpy.integer):

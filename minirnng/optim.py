@@ -5,7 +5,7 @@ without any copying:
 
 SGD with momentum (PyTorch's form)::
 
-    g = grad + weight_decay * p          (weight decay as an L2 term, weights only)
+    g = grad + weight_decay * p          (weight decay as an L2 term, not on the biases)
     v = momentum * v + g
     p = p - lr * (g + momentum * v  if nesterov else  v)
 
@@ -18,7 +18,7 @@ Adam (Kingma and Ba 2015, PyTorch's form)::
 AdamW (Loshchilov and Hutter 2019, PyTorch's form): Adam on the plain gradient, and the weight
 decay applied to the weights directly instead of through the gradient::
 
-    p = p - lr * weight_decay * p        (first, weights only)
+    p = p - lr * weight_decay * p        (first, not on the biases)
     then Adam's update with g = grad
 
 The two differ because Adam divides the gradient by its running scale: with the L2 term a weight
@@ -26,7 +26,9 @@ whose gradient is large is hardly decayed at all, with AdamW every weight shrink
 fraction ``lr * weight_decay`` a step. So AdamW's ``weight_decay`` is on another scale than the
 L2 term's (PyTorch's default is 1e-2).
 
-Weight decay applies to weights only: biases (``*.bias``, ``*.b``) are left alone, as usual.
+Weight decay applies to every parameter but the biases (``*.bias``, ``*.b``, :func:`decays`): the
+convolution weights, and also the recurrent ``W`` and the batch-norm scales (``bnK.weight``), which
+some recipes exempt; the shipped parser's run decayed both, so the recipe keeps them decayed.
 ``lr_scales`` multiplies the learning rate of named parameters (training uses it for the recurrent
 weights, ``TrainConfig.recurrent_lr_scale``).
 After every update the parameter's subnormal entries are set to zero
@@ -44,7 +46,8 @@ from .subnormals import flush_subnormals
 
 
 def decays(name):
-    """Whether weight decay applies to the parameter called ``name`` (weights yes, biases no)."""
+    """Whether weight decay applies to the parameter called ``name``: every name but the biases'
+    (``*.bias``, ``*.b``), so the recurrent ``W`` and the batch-norm scales ``bnK.weight`` are decayed."""
     return not (name.endswith(".bias") or name.endswith(".b"))
 
 
@@ -171,6 +174,7 @@ def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    progress = float(progress)  # a NumPy scalar's comparisons are numpy.bool_, whose + is "or", not a count
     if schedule == "constant":
         rate = base_lr
     elif schedule == "cosine":

@@ -9,7 +9,9 @@ What lands in the output folder after every epoch (each file written atomically,
 killed at any moment loses at most the epoch in progress):
 
 ``last.npz``    the model, the optimizer's state, the epoch, the generator's state and the history:
-                ``--resume`` continues from it exactly as if the run had never stopped;
+                ``--resume`` continues from it exactly as if the run had never stopped (with the
+                same ``--epochs``; a larger one stretches the learning-rate schedule over the new
+                length, so a decayed rate jumps back up);
 ``best.npz``    the model with the best validation accuracy so far (a plain checkpoint; a run
                 with ``batch_norm`` stores it folded into the convolutions, the network without
                 the normalisation, :meth:`minirnng.models.RNNG.folded`);
@@ -239,7 +241,7 @@ def saved_training_state(path, header, config):
     changed = config_differences(TrainConfig(**training["config"]), config, ignore=("epochs",))
     if changed:
         raise ValueError(f"cannot resume {path}: the configuration differs (saved, now): {changed}; "
-                         "only --epochs may change")
+                         "only --epochs may change (the learning-rate schedule then stretches over the new length)")
     return training
 
 
@@ -514,7 +516,8 @@ class Trainer:
                 self.initialize_from(self.config.init)
             if self.epoch >= self.config.epochs:
                 self.log(f"the run in {self.out_dir} has finished its {self.epoch} epochs; nothing to do "
-                         "(a larger --epochs continues it)")
+                         "(a larger --epochs continues it, with the learning-rate schedule stretched over the new "
+                         "number of epochs: a cosine or step rate that had decayed jumps back up)")
                 return self.history
             if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
                 self.log(f"{self.network.workers} worker {self.parallel} share each batch "

@@ -118,8 +118,9 @@ def test_a_class_missing_from_every_image_has_no_interval():
 def test_paired_difference_of_a_set_with_itself_is_zero():
     per_image = per_image_confusion(*random_labels(numpy.random.default_rng(10)), 3)
     result = paired_bootstrap(per_image, per_image, CLASSES, replicates=200)
+    # tied in every resampling, which "ahead in 0%" alone would misreport as the other set being better
     assert result["accuracy"] == {"difference": 0.0, "standard_error": 0.0, "low": 0.0, "high": 0.0,
-                                  "a_ahead": 0.0}
+                                  "a_ahead": 0.0, "tied": 1.0}
 
 
 def test_paired_difference_is_narrower_than_either_interval_and_has_its_sign():
@@ -176,3 +177,23 @@ def test_bad_labels_for_per_image_matrices_are_named():
     with pytest.raises(ValueError, match=r"per_image_confusion: target labels must be in \[0, 3\)"):
         per_image_confusion(numpy.zeros((2, 4), int), numpy.full((2, 4), 3), 3)
     assert per_image_confusion(numpy.zeros((0, 4), int), numpy.zeros((0, 4), int), 3).shape == (0, 3, 3)
+
+
+def test_ahead_tied_and_behind_share_the_resamplings():
+    per_image = per_image_confusion(*random_labels(numpy.random.default_rng(12), n_images=6), 3)
+    other = per_image.copy()
+    other[0] = numpy.diag(per_image[0].sum(axis=1))  # image 0 predicted perfectly, the rest alike
+    paired = paired_bootstrap(other, per_image, CLASSES, replicates=400)
+    ahead, tied = paired["accuracy"]["a_ahead"], paired["accuracy"]["tied"]
+    # a replicate that did not draw image 0 is a tie: (5/6)^6 of them
+    assert 0 < tied < 1 and ahead + tied == pytest.approx(1.0)
+    assert tied == pytest.approx((5 / 6) ** 6, abs=0.08)
+
+
+def test_replicate_scores_of_fractions_are_those_of_counts():
+    per_image = per_image_confusion(*random_labels(numpy.random.default_rng(13)), 3)
+    counts = per_image.sum(axis=0)[None]
+    for mine, expected in zip(replicate_scores(counts / counts.sum()), replicate_scores(counts)):
+        numpy.testing.assert_allclose(mine, expected, rtol=1e-12)
+    accuracy, f_measure = replicate_scores(numpy.zeros((1, 3, 3)))
+    assert numpy.isnan(accuracy).all() and numpy.isnan(f_measure).all()

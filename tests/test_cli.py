@@ -85,7 +85,9 @@ def test_eval_bootstrap_and_compare_write_intervals_and_paired_differences(tmp_p
     itself = json.loads((tmp_path / "self.json").read_text())
     assert itself["bootstrap"]["replicates"] == 2000
     assert itself["compare"]["paired"]["accuracy"]["difference"] == 0.0
-    capsys.readouterr()
+    # ...and ties in every resampling, rather than being "ahead in 0%" of them
+    assert itself["compare"]["paired"]["accuracy"]["tied"] == 1.0
+    assert "ahead in 0% and tied in 100% of resamplings" in capsys.readouterr().out
     assert cli.main(command + ["--compare", str(tmp_path / "model1.npz"), "--json", str(tmp_path / "c.json")]) == 0
     assert "compared with" in capsys.readouterr().out
     compared = json.loads((tmp_path / "c.json").read_text())["compare"]
@@ -104,6 +106,31 @@ def test_eval_bootstrap_and_compare_write_intervals_and_paired_differences(tmp_p
     assert "has 11 classes" in capsys.readouterr().err
     assert cli.main(command + ["--compare", str(tmp_path / "missing.npz")]) == 1
     assert "missing.npz" in capsys.readouterr().err
+
+
+def test_eval_refuses_to_resample_fewer_than_two_images_before_evaluating(tmp_path, capsys, monkeypatch):
+    from minirnng import train
+    from minirnng.data import catalog
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(32, 32))
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the images were evaluated before the resampling was refused")
+
+    monkeypatch.setattr(train, "evaluate", no_evaluation)
+    command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic"]
+    assert cli.main(command + ["--size", "1", "--bootstrap"]) == 1
+    assert "--bootstrap resamples the images and needs at least 2; --size is 1" in capsys.readouterr().err
+    assert cli.main(command + ["--size", "1", "--compare", str(tmp_path / "model.npz")]) == 1
+    assert "--compare resamples the images and needs at least 2" in capsys.readouterr().err
+    # a split with fewer images than --size asks for is found out once it is open, still before evaluating
+    load_split = catalog.load_split
+    monkeypatch.setattr(catalog, "load_split", lambda *args, **kwargs: load_split(*args, **{**kwargs, "size": 1}))
+    assert cli.main(command + ["--size", "5", "--bootstrap", "10"]) == 1
+    assert "needs at least 2; synthetic test has 1" in capsys.readouterr().err
 
 
 def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tmp_path, capsys, monkeypatch):
@@ -211,14 +238,27 @@ def test_minirnng_traceback_shows_the_traceback(tmp_path, monkeypatch):
 def test_an_interrupted_training_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
     from minirnng import train
 
+    epochs_finished = []
+
     def interrupt(self, resume=False):
+        if epochs_finished:  # an epoch ended before the stop: its checkpoint is there
+            os.makedirs(self.out_dir, exist_ok=True)
+            open(self.last_path, "wb").close()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.Trainer, "run", interrupt)
+    command = ["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2", "--quiet", "--out"]
+    # stopped before its first epoch ended: there is no last.npz, and --resume would only fail
+    assert cli.main(command + [str(tmp_path / "early")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no epoch finished; run the same command again (without --resume)" in err
+    assert "every finished epoch" not in err
+    # stopped after an epoch: last.npz is there to continue from
+    epochs_finished.append(1)
     out = tmp_path / "run"
-    assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
-                     "--out", str(out), "--quiet"]) == 130
-    assert f"interrupted; every finished epoch is saved in {out}" in capsys.readouterr().err
+    assert cli.main(command + [str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; every finished epoch is saved in {out}: continue with the same command and --resume" in err
     assert cli.main(["reproduce", "table1", "--budget", "small", "--out", str(tmp_path / "tables"), "--quiet"]) == 130
     assert "the same command again continues where it stopped" in capsys.readouterr().err
 
@@ -367,7 +407,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_and_memory_errors_are_one_line(tm
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["train", "--data", "synthetic", "--train-size", "4", "--validation-size", "2",
                      "--out", str(tmp_path / "run"), "--quiet"]) == 130
-    assert "interrupted; every finished epoch is saved" in capsys.readouterr().err
+    assert "interrupted; no epoch finished" in capsys.readouterr().err  # stopped before any epoch ended
     assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main
 
     def out_of_memory(self, resume=False):

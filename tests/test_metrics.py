@@ -125,3 +125,15 @@ def test_confusion_matrix_names_arrays_it_cannot_count():
     for n_classes in (3.0, -1, 0):
         with pytest.raises(ValueError, match="n_classes must be a positive integer"):
             confusion_matrix(labels, labels, n_classes)
+
+
+def test_a_matrix_of_fractions_scores_as_its_counts_do():
+    # every denominator of C / C.sum() is below 1: only the zero ones may be set aside
+    counts = numpy.array([[50, 10, 0, 0], [5, 30, 5, 0], [0, 5, 20, 0], [0, 0, 0, 0]])
+    fractions = counts / counts.sum()
+    for mine, expected in zip(precision_recall_f(fractions), precision_recall_f(counts)):
+        numpy.testing.assert_allclose(mine, expected, rtol=1e-12)
+    numpy.testing.assert_allclose(precision_recall_f(fractions)[2][:3], [20 / 23, 60 / 85, 40 / 50], rtol=1e-12)
+    assert numpy.isnan(precision_recall_f(fractions)[2][3])  # a class that is absent still has no score
+    assert pixel_accuracy(fractions) == pytest.approx(pixel_accuracy(counts), rel=1e-12)
+    assert group_f_measure(fractions, [0, 1]) == pytest.approx(group_f_measure(counts, [0, 1]), rel=1e-12)

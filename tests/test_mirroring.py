@@ -76,3 +76,36 @@ def test_the_mirroring_parser_agrees_mostly_with_the_plain_one():
     plain, mirroring = FaceParser.pretrained(), FaceParser.pretrained(mirror=True)
     assert "mirror=True" in repr(mirroring) and "mirror" not in repr(plain)
     assert 0 < (plain.parse(image) != mirroring.parse(image)).mean() < 0.1
+
+
+def test_a_model_without_class_names_is_mirrored_with_the_class_list_of_its_outputs(rng):
+    # an unnamed 11-class model is HELEN's: its left and right eyes and brows swap, not average together
+    model = RNNG(n_classes=len(HELEN_CLASSES), rng=5, dtype=numpy.float64)
+    model.randomize_recurrence(2)
+    assert model.classes is None
+    images = rng.standard_normal((1, 3, 12, 12))
+    numpy.testing.assert_array_equal(mirrored_logits(model, images), mirrored_logits(model, images, HELEN_CLASSES))
+    numpy.testing.assert_array_equal(mirrored_predict(model)(images),
+                                     mirrored_logits(model, images, HELEN_CLASSES).argmax(axis=1))
+    # for any other number of outputs, which ones are left and right would be a guess
+    with pytest.raises(ValueError, match="no class names and 5 outputs"):
+        mirrored_logits(RNNG(n_classes=5, rng=0), images.astype(numpy.float32))
+    five = RNNG(n_classes=5, rng=0)
+    five.classes = ["background", "a", "b", "c", "d"]
+    assert mirrored_logits(five, images.astype(numpy.float32)).shape == (1, 5, 12, 12)
+
+
+def test_mirrored_predict_keeps_a_cnn_crfs_own_crf(rng):
+    from minirnng.models import CNNCRF, DenseCRF
+
+    model = CNNCRF(rng=0, crf=DenseCRF(iterations=1, bilateral_weight=20.0))
+    images = rng.uniform(-0.5, 0.5, (2, 3, 32, 32)).astype(numpy.float32)
+    logits = mirrored_logits(model, images)
+    refined = model.crf.refine(logits, images).argmax(axis=1)
+    assert (refined != logits.argmax(axis=1)).any()  # the CRF changes something, so the check can fail
+    numpy.testing.assert_array_equal(mirrored_predict(model)(images), refined)
+    # ...as eval --mirror does, which uses it
+    numpy.testing.assert_array_equal(cli.predict_with_options(model, LFW_CLASSES, mirror=True)(images), refined)
+    # another refinement in its place
+    numpy.testing.assert_array_equal(mirrored_predict(model, refine=lambda scores, _: -scores)(images),
+                                     (-logits).argmax(axis=1))

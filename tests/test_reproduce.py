@@ -65,6 +65,27 @@ def test_the_detector_row_searches_the_full_size_pictures_and_leaves_undetected_
     assert result["accuracy"] == pytest.approx(background_share)  # nothing found: every pixel background
 
 
+def test_the_detector_rows_time_leaves_out_the_scoring(monkeypatch):
+    import types
+
+    from minirnng import detect
+    from minirnng.data.catalog import load_split, open_dataset
+
+    test_set = load_split("synthetic", "test", n_classes=3, input_size=256, size=2, multi_face=True)
+    originals = open_dataset("synthetic", "test", n_classes=3, size=2, multi_face=True)
+    events = []
+    clock = types.SimpleNamespace(perf_counter=lambda: events.append("clock") or float(len(events)))
+    resize = reproduce.resize_labels
+    monkeypatch.setattr(reproduce, "time", clock)
+    monkeypatch.setattr(reproduce, "resize_labels", lambda *args: events.append("score") or resize(*args))
+    monkeypatch.setattr(detect, "detector_available", lambda: True)
+    monkeypatch.setattr(detect, "detect_faces", lambda picture: numpy.zeros((0, 4), int))
+    result = reproduce._detector_and_single_face_parser(test_set, originals, lambda line: None)
+    # the clock starts and stops before any image is scored
+    assert events == ["clock", "clock", "score", "score"]
+    assert result["accuracy"] == pytest.approx((test_set.labels == 0).mean())
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown table"):
         reproduce.reproduce("table9")

@@ -180,6 +180,24 @@ def test_learning_rate_schedules():
         learning_rate("exponential", 0.1, 0.5)
 
 
+def test_the_step_schedule_counts_its_steps_for_a_numpy_progress():
+    # two numpy.bool_ comparisons add up to True ("or"), not 2: the rate must still fall twice
+    for progress in (0.9, numpy.float64(0.9), numpy.float32(0.9), numpy.array(0.9)):
+        assert learning_rate("step", 1.0, progress) == pytest.approx(0.01)
+        assert type(learning_rate("step", 1.0, progress)) is float
+    assert learning_rate("step", 1.0, numpy.float64(0.7)) == pytest.approx(0.1)
+    assert learning_rate("step", 1.0, numpy.float64(0.5)) == 1.0
+    assert learning_rate("cosine", 1.0, numpy.float64(0.9)) == pytest.approx(learning_rate("cosine", 1.0, 0.9))
+
+
+def test_weight_decay_spares_only_the_biases():
+    from minirnng.optim import decays
+
+    # the shipped recipe decays the recurrent W and the batch-norm scales too (documented, kept)
+    assert decays("conv1.weight") and decays("rnn.left_to_right.W") and decays("bn1.weight")
+    assert not decays("conv1.bias") and not decays("rnn.left_to_right.b") and not decays("bn1.bias")
+
+
 def test_objective_weights_its_three_terms(rng):
     outputs = {"logits": rng.standard_normal((2, 3, 8, 8)), "coarse": rng.standard_normal((2, 3, 4, 4)),
                "edge": rng.standard_normal((2, 1, 4, 4))}
