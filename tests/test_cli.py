@@ -30,6 +30,16 @@ def test_gradcheck_passes_and_prints_a_table(capsys):
     assert "Conv2d" in out and "SoftmaxCrossEntropy" in out and "all gradients agree" in out
 
 
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_gradcheck_checks_every_direction_of_the_four_way_layers(seed, capsys):
+    """At seeds 0 and 2 one direction used to win no output of the merge: its rows read 0.00e+00 against
+    zero gradients on both sides, a check of nothing that printed "ok"."""
+    assert cli.main(["gradcheck", "--seed", str(seed)]) == 0
+    out = capsys.readouterr().out
+    four_way = [line for line in out.splitlines() if "_to_" in line and "rel. error" in line]
+    assert len(four_way) >= 16 and not [line for line in four_way if "0.00e+00" in line]  # the models add theirs
+
+
 def test_gradcheck_fails_with_an_impossible_tolerance(capsys):
     assert cli.main(["gradcheck", "--tolerance", "0"]) == 1
     assert "FAILED" in capsys.readouterr().out
