@@ -11,12 +11,22 @@ and the two are compared by the relative error
 
     max_i |a_i - n_i|  /  max(max_i (|a_i| + |n_i|), tiny)
 
-which is near 1e-10 for a correct float64 backward, near 1 for a wrong one, and needs no
-tolerance per array. Checks run in float64: in float32 the rounding error of ``L`` divided by
-``eps`` swamps the truncation error (see notebook 01).
+which is near 1e-10 for a correct float64 backward, far above the tolerance for a wrong one (1/3
+for a factor of 2, 1 for a sign error; an error ``m`` in one entry scores ``m`` over the largest
+``|a_i| + |n_i|``), and needs no tolerance per array. Checks run in float64: in float32 the
+rounding error of ``L`` divided by ``eps`` swamps the truncation error (see notebook 01).
 
 A check perturbs each entry twice, so large arrays are checked in *sparse mode*: ``max_entries``
 entries drawn at random per array.
+
+A check that compares nothing fails rather than passes. ``backward`` must return one gradient per
+input, none of them None, each of its array's shape (else :func:`check` raises). A row whose
+analytic and numeric gradients are both exactly zero on every checked entry is marked ``ZERO`` and
+fails: it would pass whatever the backward did (a direction of a four-way merge that wins no
+output, say). Where a zero gradient is the right answer (a convolution's bias before a batch
+normalisation), the caller names the array in ``expect_zero``; its row then measures
+``max_i (|a_i| + |n_i|)`` against the largest of the other rows, so rounding noise passes and a
+gradient that is not zero fails. A report with no rows fails too.
 """
 
 import math
@@ -45,11 +55,33 @@ def relative_error(analytic, numeric):
 
 @dataclass
 class GradcheckRow:
-    """One compared array: its name, relative error, and how many of its entries were perturbed."""
+    """One compared array: its name, relative error, and how many of its entries were perturbed.
+
+    ``zero``: analytic and numeric gradients were both exactly zero on every checked entry (the row
+    compared nothing). ``expected_zero``: the caller declared the gradient zero (``expect_zero``);
+    ``error`` is then the row's largest ``|a_i| + |n_i|`` over that of the other rows.
+    """
     name: str
     error: float
     checked: int
     total: int
+    zero: bool = False
+    expected_zero: bool = False
+
+    @property
+    def vacuous(self):
+        """Both sides zero where a non-zero gradient was expected: a check of nothing."""
+        return self.zero and not self.expected_zero
+
+    def passed(self, tolerance=DEFAULT_TOLERANCE):
+        return not self.vacuous and not math.isnan(self.error) and self.error <= tolerance
+
+    def verdict(self, tolerance=DEFAULT_TOLERANCE):
+        if self.vacuous:
+            return "ZERO"
+        if not self.passed(tolerance):
+            return "FAIL"
+        return "ok (zero expected)" if self.expected_zero else "ok"
 
 
 @dataclass
@@ -61,21 +93,25 @@ class GradcheckReport:
     @property
     def max_error(self):
         """The largest relative error; infinite when any is NaN (a NaN gradient fails the check,
-        whereas ``max`` would skip a NaN that is not first)."""
-        errors = [row.error for row in self.rows]
-        if any(math.isnan(error) for error in errors):
+        whereas ``max`` would skip a NaN that is not first), when a row is vacuous (both sides zero,
+        not declared), and when there are no rows: a check that compared nothing has not passed."""
+        if not self.rows or any(row.vacuous or math.isnan(row.error) for row in self.rows):
             return math.inf
-        return max(errors, default=0.0)
+        return max(row.error for row in self.rows)
 
     def passed(self, tolerance=DEFAULT_TOLERANCE):
-        return self.max_error <= tolerance
+        return bool(self.rows) and all(row.passed(tolerance) for row in self.rows)
 
     def format(self, tolerance=DEFAULT_TOLERANCE):
         lines = [self.title]
         for row in self.rows:
-            verdict = "ok" if row.error <= tolerance else "FAIL"
             lines.append(f"  {row.name:<28} rel. error {row.error:9.2e}   "
-                         f"{row.checked:>6}/{row.total:<7} entries  {verdict}")
+                         f"{row.checked:>6}/{row.total:<7} entries  {row.verdict(tolerance)}")
+        if not self.rows:
+            lines.append("  FAIL: no gradient was compared")
+        if any(row.vacuous for row in self.rows):
+            lines.append("  ZERO: analytic and numeric gradients are both 0 on every checked entry: "
+                         "the row compares nothing and fails")
         return "\n".join(lines)
 
     def __str__(self):
@@ -129,7 +165,7 @@ def _restore_structure(output, upstream):
 
 
 def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=1e-6,
-          max_entries=None, zero_grad=None):
+          max_entries=None, zero_grad=None, expect_zero=()):
     """Compare a hand-written backward with centred finite differences.
 
     Parameters
@@ -145,6 +181,12 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     rng : seed or Generator for the upstream gradient and the sampled entries.
     max_entries : check at most this many entries of each array (sparse mode); None checks all.
     zero_grad : called before ``backward`` so that accumulated gradients start from zero.
+    expect_zero : names of inputs or parameters whose gradient is known to be zero. Any other row
+        whose two sides are both exactly zero fails (``ZERO``).
+
+    Raises ValueError if ``backward`` returns None, a number of gradients other than the number
+    of inputs, or None for one of them (an input without a gradient would go unchecked), or if a
+    gradient's shape is not its array's.
     """
     if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"gradcheck: eps must be a positive step, got {eps!r}")
@@ -153,6 +195,11 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     rng = numpy.random.default_rng(rng)
     grads = grads or {}
     params = {name: value for name, value in (params or {}).items() if name in grads}
+    expect_zero = {expect_zero} if isinstance(expect_zero, str) else set(expect_zero)
+    unknown = sorted(expect_zero - set(inputs) - set(params))
+    if unknown:
+        raise ValueError(f"gradcheck: expect_zero names {unknown}, which are neither inputs nor parameters with "
+                         f"a gradient ({sorted(set(inputs) | set(params))})")
     arrays = list(inputs.values())
     for name, array in list(inputs.items()) + list(params.items()):
         if array.dtype != numpy.float64:
@@ -178,29 +225,49 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     if zero_grad is not None:
         zero_grad()
     input_grads = backward(upstream)
-    if not isinstance(input_grads, tuple):
+    if input_grads is None:
+        raise ValueError(f"gradcheck: backward returned None; it must return the gradient of each input "
+                         f"({', '.join(inputs)})")
+    if not isinstance(input_grads, (tuple, list)):
         input_grads = (input_grads,)
-    analytic = {}
-    for name, grad in zip(inputs, input_grads):
-        if grad is not None:
-            analytic[name] = backend.to_numpy(grad).copy()
+    if len(input_grads) != len(inputs):
+        raise ValueError(f"gradcheck: backward returned {len(input_grads)} gradients for {len(inputs)} inputs "
+                         f"({', '.join(inputs)})")
+    missing = [name for name, grad in zip(inputs, input_grads) if grad is None]
+    if missing:
+        raise ValueError(f"gradcheck: backward returned None for the gradient of {', '.join(missing)}")
+    analytic = {name: backend.to_numpy(grad).copy() for name, grad in zip(inputs, input_grads)}
     for name in params:
         analytic[name] = backend.to_numpy(grads[name]).copy()
 
-    report = GradcheckReport(title)
     targets = dict(inputs)
     targets.update(params)
     for name, array in targets.items():
-        if name not in analytic:
-            continue
+        if tuple(analytic[name].shape) != tuple(array.shape):
+            raise ValueError(f"gradcheck: the gradient of {name} has shape {tuple(analytic[name].shape)}, "
+                             f"{name} has {tuple(array.shape)}")
+    compared = {}
+    for name, array in targets.items():
         indices = sample_indices(array.size, max_entries, rng)
         numeric = numerical_gradient(objective, array, indices, eps)
-        picked = analytic[name].reshape(-1)[indices]
-        report.rows.append(GradcheckRow(name, relative_error(picked, numeric), len(indices), array.size))
+        picked = numpy.asarray(analytic[name], dtype=numpy.float64).reshape(-1)[indices]
+        compared[name] = picked, numeric, len(indices)
+    # the scale an expected-zero row is measured against: the largest |a| + |n| of the other rows
+    scale = max((float(numpy.max(numpy.abs(a) + numpy.abs(n), initial=0.0))
+                 for name, (a, n, _) in compared.items() if name not in expect_zero), default=0.0)
+    report = GradcheckReport(title)
+    for name, (picked, numeric, checked) in compared.items():
+        zero = not (numpy.any(picked) or numpy.any(numeric))
+        if name in expect_zero:
+            error = float(numpy.max(numpy.abs(picked) + numpy.abs(numeric), initial=0.0)) / max(scale, TINY)
+        else:
+            error = relative_error(picked, numeric)
+        report.rows.append(GradcheckRow(name, error, checked, targets[name].size, zero=zero,
+                                        expected_zero=name in expect_zero))
     return report
 
 
-def check_layer(layer, *inputs, rng=0, eps=1e-6, max_entries=None, title=None):
+def check_layer(layer, *inputs, rng=0, eps=1e-6, max_entries=None, title=None, expect_zero=()):
     """Finite-difference check of a layer's ``backward`` for every input and parameter.
 
     ``inputs`` are float64 arrays; the layer must have been built with ``dtype=numpy.float64``.
@@ -211,7 +278,7 @@ def check_layer(layer, *inputs, rng=0, eps=1e-6, max_entries=None, title=None):
         names = list(layer.input_names)
     return check(title or repr(layer), layer.forward, layer.backward, dict(zip(names, inputs)),
                  params=layer.params, grads=layer.grads, rng=rng, eps=eps,
-                 max_entries=max_entries, zero_grad=layer.zero_grad)
+                 max_entries=max_entries, zero_grad=layer.zero_grad, expect_zero=expect_zero)
 
 
 def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=None, title=None):
@@ -220,9 +287,9 @@ def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=Non
                  {"logits": logits}, rng=rng, eps=eps, max_entries=max_entries)
 
 
-def check_model(model, images, rng=0, eps=1e-6, max_entries=12, title=None):
+def check_model(model, images, rng=0, eps=1e-6, max_entries=12, title=None, expect_zero=()):
     """Finite-difference check of a whole model (the model interface: a dict of outputs) in sparse
     mode: the images and every named parameter, ``max_entries`` entries each."""
     return check(title or type(model).__name__, model.forward, model.backward, {"images": images},
                  params=model.params(), grads=model.grads(), rng=rng, eps=eps, max_entries=max_entries,
-                 zero_grad=model.zero_grad)
+                 zero_grad=model.zero_grad, expect_zero=expect_zero)

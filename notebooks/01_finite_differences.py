@@ -135,9 +135,13 @@ plt.show()
 # \text{rel}(a, n) = \frac{\max_i |a_i - n_i|}{\max_i \big(|a_i| + |n_i|\big)} ,
 # $$
 #
-# which is about $10^{-10}$ for a correct float64 backward, about 1 for a wrong one, and cannot be
-# fooled by a single entry that happens to be near zero (where $|a_i - n_i| / |n_i|$ would explode).
-# minirnng passes a check below $10^{-6}$; every layer lands four orders of magnitude below that.
+# which is about $10^{-10}$ for a correct float64 backward, far above the tolerance for a wrong one
+# ($1/3$ for a factor of 2, 1 for a sign error), and cannot be fooled by a single entry that
+# happens to be near zero (where $|a_i - n_i| / |n_i|$ would explode). Two arrays that are both
+# exactly zero score $0 / 0$: such a row compares nothing, and `minirnng.gradcheck` marks it `ZERO`
+# and fails it, unless the caller declares that gradient zero (`expect_zero`).
+# minirnng passes a check below $10^{-6}$; layers land two to four orders of magnitude below that
+# (about $10^{-10}$ to $2 \times 10^{-9}$), losses and whole models near $10^{-8}$.
 
 # %%
 analytic = np.array([1000.0, 1e-3, -2.0])

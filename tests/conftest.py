@@ -50,3 +50,14 @@ def tie_free(rng, shape, spacing=1e-2, avoid_zero=False):
     if avoid_zero:
         values = values + numpy.sign(values) * 0.05
     return values
+
+
+def outputs_won(layer, *inputs):
+    """How many outputs of a four-way layer's max merge each direction wins, in DIRECTIONS order. A
+    direction that wins none gets zero gradients, and a comparison of its W and b gradients (with
+    finite differences, or between a fast path and its reference) compares zero with zero: it
+    would pass whatever the backward does. ``layer`` and ``inputs`` on the NumPy path."""
+    from minirnng.layers.recurrent import DIRECTIONS
+
+    scans = numpy.stack([layer.direction_layers[direction].forward(*inputs) for direction in DIRECTIONS])
+    return [int(count) for count in numpy.bincount(scans.argmax(axis=0).ravel(), minlength=len(DIRECTIONS))]

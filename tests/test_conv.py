@@ -57,6 +57,51 @@ def test_fast_matches_naive(layer_name, config, dtype, tolerance, rng):
         numpy.testing.assert_allclose(got, want, atol=tolerance * numpy.abs(want).max(), rtol=0)
 
 
+# (in, out, kernel, stride, padding, height, width): the flat grid with and without a wider grid
+# than the output, and rows too wide for it (the classic unfolding)
+CHUNKED_CONFIGS = [(3, 4, 3, 1, 1, 7, 6), (2, 3, 5, 2, 2, 9, 8), (4, 2, 4, 2, 1, 6, 7), (2, 3, 3, 1, 1, 3, 71)]
+
+
+def cut_into_uneven_chunks(monkeypatch, image_shape, k, s, p, dtype, batch_size=5):
+    """Make the NumPy path cut a batch of ``image_shape`` images (the images it unfolds) into
+    chunks of 2, 2 and 1, as a real batch is cut into many; the tests' own batches fit in one."""
+    from minirnng.layers import conv
+    from minirnng.layers.im2col import ImageColumns
+
+    monkeypatch.setattr(conv, "COLUMN_CHUNK_BYTES", 2 * ImageColumns.bytes_per_image(image_shape, k, s, p, dtype))
+    chunks = conv.column_chunks(image_shape, k, s, p, dtype, batch_size)[0]
+    assert [chunk.stop - chunk.start for chunk in chunks] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(numpy.float32, 1e-5), (numpy.float64, 1e-12)])
+@pytest.mark.parametrize("layer_name", ["Conv2d", "ConvTranspose2d"])
+@pytest.mark.parametrize("config", CHUNKED_CONFIGS)
+def test_fast_matches_naive_on_a_batch_cut_into_uneven_chunks(layer_name, config, dtype, tolerance, monkeypatch, rng):
+    """Forward (and Conv2d's infer, with and without ReLU), dx, dW and db of a batch of 5 that the
+    NumPy path convolves in chunks of 2, 2 and 1: every image, the short last chunk included."""
+    c_in, c_out, k, s, p, height, width = config
+    fast = getattr(__import__("minirnng.layers", fromlist=[layer_name]), layer_name)(
+        c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    slow = getattr(naive, layer_name)(c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    x = rng.standard_normal((5, c_in, height, width)).astype(dtype)
+    unfolded = (c_in, height, width) if layer_name == "Conv2d" else fast.output_shape(x.shape)[1:]
+    cut_into_uneven_chunks(monkeypatch, unfolded, k, s, p, dtype)
+    y_slow = slow.forward(x)
+    scale = numpy.abs(y_slow).max()
+    numpy.testing.assert_allclose(fast.forward(x), y_slow, atol=tolerance * scale, rtol=0)
+    if layer_name == "Conv2d":  # the inference paths: a strided view of the grid, and a fused ReLU
+        numpy.testing.assert_allclose(fast.infer(x), y_slow, atol=tolerance * scale, rtol=0)
+        numpy.testing.assert_allclose(fast.infer(x, relu=True), numpy.maximum(y_slow, 0), atol=tolerance * scale,
+                                      rtol=0)
+        fast.forward(x)
+    dy = rng.standard_normal(y_slow.shape).astype(dtype)
+    for got, want in [(fast.backward(dy), slow.backward(dy)), (fast.grads["weight"], slow.grads["weight"]),
+                      (fast.grads["bias"], slow.grads["bias"])]:
+        numpy.testing.assert_allclose(got, want, atol=tolerance * numpy.abs(want).max(), rtol=0)
+        for image in range(len(x)) if got.shape == x.shape else ():  # no image's gradient left out
+            assert numpy.abs(got[image]).max() > 0
+
+
 def test_output_size_formulas():
     x = numpy.zeros((1, 2, 13, 10), dtype=numpy.float32)
     assert Conv2d(2, 3, 3, stride=2, padding=1).forward(x).shape == (1, 3, 7, 5)

@@ -2,9 +2,11 @@
 
 import numpy
 import pytest
+from conftest import outputs_won
 
-from minirnng.gradcheck import check, check_layer, numerical_gradient, relative_error
+from minirnng.gradcheck import GradcheckReport, check, check_layer, numerical_gradient, relative_error
 from minirnng.layers import Conv2d, Tanh
+from minirnng.layers.recurrent import DIRECTIONS, FourWaySpatialRNN, GatedSpatialRNN, constrain_recurrent_weight
 
 
 def test_relative_error_definition():
@@ -29,6 +31,14 @@ def test_a_wrong_backward_is_caught(rng):
     assert good.max_error < 1e-9 and good.passed()
     assert bad.max_error > 1e-2 and not bad.passed()
     assert "FAIL" in str(bad)
+
+
+def test_a_factor_of_two_scores_a_third_and_a_sign_error_one(rng):
+    """The scale of a wrong backward's relative error, as the module's docstring gives it."""
+    x = rng.standard_normal((2, 3))
+    for factor, error in ((2.0, 1 / 3), (-1.0, 1.0)):
+        report = check("tanh", numpy.tanh, lambda dy: factor * dy * (1 - numpy.tanh(x) ** 2), {"x": x}, rng=rng)
+        assert report.max_error == pytest.approx(error, rel=1e-6) and not report.passed()
 
 
 def test_sparse_mode_checks_only_some_entries(rng):
@@ -66,3 +76,93 @@ def test_bad_steps_and_sample_sizes_are_named(rng):
                              ({"max_entries": 0}, "max_entries must be None")):
         with pytest.raises(ValueError, match=message):
             check_layer(Tanh(), x, **options)
+
+
+# -- a check that compares nothing fails --------------------------------------------------------
+class ForgotToReturn(Tanh):
+    def backward(self, grad_output):
+        super().backward(grad_output)  # the gradient is computed, and dropped
+
+
+class OnlyDx(GatedSpatialRNN):
+    def backward(self, grad_output):
+        return super().backward(grad_output)[0]  # dg left out
+
+
+class NoneForDg(GatedSpatialRNN):
+    def backward(self, grad_output):
+        return super().backward(grad_output)[0], None
+
+
+class Transposed(Tanh):
+    def backward(self, grad_output):
+        return super().backward(grad_output).T
+
+
+def test_a_backward_that_returns_no_gradient_is_refused(rng):
+    with pytest.raises(ValueError, match="backward returned None; it must return the gradient of each input"):
+        check_layer(ForgotToReturn(), rng.standard_normal((2, 3)))
+
+
+@pytest.mark.parametrize("layer_class, message", [(OnlyDx, "backward returned 1 gradients for 2 inputs"),
+                                                  (NoneForDg, "backward returned None for the gradient of g")])
+def test_an_input_without_a_gradient_is_refused(layer_class, message, rng):
+    layer = layer_class(2, "left_to_right", dtype=numpy.float64)
+    x, g = rng.standard_normal((2, 2, 3, 4)), rng.uniform(0.05, 0.95, (2, 2, 3, 4))
+    with pytest.raises(ValueError, match=message):
+        check_layer(layer, x, g)
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused(rng):
+    with pytest.raises(ValueError, match=r"the gradient of x has shape \(3, 2\), x has \(2, 3\)"):
+        check_layer(Transposed(), rng.standard_normal((2, 3)))
+
+
+def test_a_direction_that_wins_nothing_is_a_zero_row_and_fails(rng):
+    """The four-way merge sends a direction's W and b no gradient where it wins no output: both
+    sides are exactly 0 and the relative error 0, whatever its backward does. The row must fail."""
+    layer = FourWaySpatialRNN(2, dtype=numpy.float64)
+    for name, value in layer.params.items():
+        value[...] = (constrain_recurrent_weight(rng.standard_normal(value.shape)) if name.endswith("W")
+                      else 0.1 * rng.standard_normal(value.shape))
+    layer.params["right_to_left.b"][...] = -10.0  # h = tanh(... - 10) ~ -1: never the maximum
+    x = rng.standard_normal((2, 2, 3, 4))
+    assert outputs_won(layer, x)[DIRECTIONS.index("right_to_left")] == 0
+    report = check_layer(layer, x, rng=rng)
+    zero = {row.name for row in report.rows if row.zero}
+    assert zero == {"right_to_left.W", "right_to_left.b"}, str(report)
+    assert all(row.error == 0.0 and row.verdict() == "ZERO" for row in report.rows if row.zero)
+    assert all(row.passed() for row in report.rows if not row.zero), str(report)
+    assert not report.passed() and report.max_error == float("inf")
+    assert "ZERO" in str(report) and "compares nothing" in str(report)
+
+
+def test_a_zero_gradient_passes_only_where_it_is_declared(rng):
+    """``v`` does not enter the function, so its gradient is zero: a ZERO row unless declared; and a
+    declared row whose gradient is not zero fails."""
+    x, w, v = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(2)
+    grads = {"w": numpy.zeros(3), "v": numpy.zeros(2)}
+
+    def backward(dy):
+        grads["w"][...] = dy * x
+        return dy * w
+
+    def run(**options):
+        return check("x * w", lambda x: x * w, backward, {"x": x}, params={"w": w, "v": v}, grads=grads, rng=0,
+                     **options)
+
+    undeclared = run()
+    assert [row.verdict() for row in undeclared.rows] == ["ok", "ok", "ZERO"] and not undeclared.passed()
+    declared = run(expect_zero={"v"})
+    assert [row.verdict() for row in declared.rows] == ["ok", "ok", "ok (zero expected)"], str(declared)
+    assert declared.passed() and declared.max_error < 1e-9
+    wrong = run(expect_zero={"v", "w"})  # w's gradient dy * x is not zero: of the size of x's, dy * w
+    assert not wrong.passed() and wrong.rows[1].verdict() == "FAIL" and wrong.rows[1].error > 0.1
+    with pytest.raises(ValueError, match=r"expect_zero names \['u'\]"):
+        run(expect_zero={"u"})
+
+
+def test_a_report_without_rows_fails():
+    report = GradcheckReport("nothing compared")
+    assert not report.passed() and report.max_error == float("inf")
+    assert "no gradient was compared" in str(report)

@@ -28,6 +28,26 @@ def test_maxpool_fast_matches_naive(kernel, stride, height, width, dtype, rng):
     numpy.testing.assert_allclose(fast.backward(dy), slow.backward(dy), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+@pytest.mark.parametrize("kernel, stride, height, width", POOL_CONFIGS)
+def test_maxpool_fast_matches_naive_on_a_batch_cut_into_uneven_chunks(kernel, stride, height, width, dtype,
+                                                                       monkeypatch, rng):
+    """The NumPy path sweeps chunks of the batch (:data:`minirnng.layers.base.CHUNK_BYTES`); a real
+    batch has many, the tests' own fit in one. Here a batch of 5 is cut into 2, 2 and 1."""
+    from minirnng.layers import base
+
+    x = numpy.round(rng.standard_normal((5, 3, height, width)) * 2).astype(dtype)  # ties, as above
+    monkeypatch.setattr(base, "CHUNK_BYTES", 2 * x[0].nbytes)
+    assert [chunk.stop - chunk.start for chunk in base.batch_chunks(len(x), x[0].nbytes)] == [2, 2, 1]
+    fast, slow = MaxPool2d(kernel, stride), naive.MaxPool2d(kernel, stride)
+    numpy.testing.assert_array_equal(fast.forward(x), slow.forward(x))
+    dy = rng.standard_normal(fast.output_shape_seen).astype(dtype)
+    dx, want = fast.backward(dy), slow.backward(dy)  # overlapping windows add in another order: a tolerance
+    tolerance = 1e-5 if dtype == numpy.float32 else 1e-12
+    numpy.testing.assert_allclose(dx, want, atol=tolerance * numpy.abs(want).max(), rtol=0)
+    assert all(numpy.abs(dx[image]).max() > 0 for image in range(len(x)))
+
+
 def test_maxpool_ties_go_to_the_first_maximum():
     x = numpy.ones((1, 1, 2, 2))
     pool = MaxPool2d(2)
