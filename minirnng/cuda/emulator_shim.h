@@ -11,10 +11,12 @@
 // - Threads run one after another, never at the same time. So a kernel whose threads only read
 //   their inputs and write their own outputs (all of minirnng's) gives the results it gives on a
 //   GPU. A kernel where threads wait for one another (__syncthreads, __shared__ arrays, warp
-//   shuffles) cannot run this way: using them is a compile error with a message saying so.
+//   shuffles) cannot run this way: __syncthreads and __shared__ are a compile error with a message
+//   saying so; a warp shuffle is undeclared here (g++'s own "was not declared" error).
 // - The math functions (exp, log, tanh, fmax, log1p, ... in float and double, also expf, logf,
 //   tanhf, fmaxf, ...) come from the C++ standard library, which has float overloads as CUDA does;
-//   results may differ from the GPU's in the last bits, never more (no fast-math here or there).
+//   results may differ from the GPU's in the last bits, never more (no fast-math here or there);
+//   so may every a * b + c, which NVRTC fuses into one rounding (--fmad=true) and g++ here does not.
 // - atomicAdd exists and is exact, trivially, since no two threads run at once.
 // - printf is the C library's printf, and the launch loop flushes stdout when the kernel ends, as
 //   CUDA flushes a kernel's printf buffer when the host synchronises. With one thread at a time, the
