@@ -648,24 +648,28 @@ def build_parser():
     add_data_arguments(train)
     train.add_argument("--hidden", type=int, default=defaults.hidden,
                        help=f"channels of X and of the gate G, each (default {defaults.hidden}, the spec's RNN-G)")
-    train.add_argument("--out", default="runs/train", help="output folder for checkpoints, log and curves")
+    train.add_argument("--out", default="runs/train",
+                       help="output folder for checkpoints, log and curves (default %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="%(default)s by default")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="%(default)s by default")
     train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=defaults.optimizer,
-                       help="adamw: Adam with decoupled weight decay (minirnng.optim)")
-    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+                       help="adamw: Adam with decoupled weight decay (minirnng.optim) (default %(default)s)")
+    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    train.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default %(default)s)")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
                        help="an L2 term on every parameter but the biases (the recurrent W and batch-norm "
                             "scales included); with adamw, the fraction "
-                            "of each weight taken off per step, times the learning rate")
-    train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    train.add_argument("--warmup", type=float, default=defaults.warmup, help="warm-up, fraction of the run")
+                            "of each weight taken off per step, times the learning rate (default %(default)s)")
+    train.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="%(default)s by default")
+    train.add_argument("--warmup", type=float, default=defaults.warmup,
+                       help="warm-up, fraction of the run (default %(default)s)")
     train.add_argument("--loss-weights", type=float, nargs=3, default=defaults.loss_weights,
-                       metavar=("LOGITS", "COARSE", "EDGE"), help="weights of the three loss terms")
+                       metavar=("LOGITS", "COARSE", "EDGE"),
+                       help="weights of the three loss terms (default %(default)s)")
     train.add_argument("--boundary-ratio", type=float, default=defaults.boundary_ratio,
-                       help="non-boundary pixels sampled per boundary pixel in the edge loss (paper: 5)")
+                       help="non-boundary pixels sampled per boundary pixel in the edge loss (paper and default: "
+                            "%(default)s)")
     train.add_argument("--background-ratio", type=float, default=defaults.background_ratio,
                        help="label losses on all face/hair pixels and this many times as many background "
                             "pixels (paper, Multi-Face: 5); 0 = every pixel")
@@ -680,9 +684,9 @@ def build_parser():
                        help="batch normalisation after conv1, conv3 and conv5 while training, folded into "
                             "those convolutions in best.npz (the spec's network); default: none")
     train.add_argument("--class-balance", type=float, default=defaults.class_balance,
-                       help="class weights (mean frequency / frequency) ** this power; 0 = none")
+                       help="class weights (mean frequency / frequency) ** this power; 0 = none (default %(default)s)")
     train.add_argument("--gate-bias", type=float, default=defaults.gate_bias,
-                       help="initial bias of the gate half of deconv6")
+                       help="initial bias of the gate half of deconv6 (default %(default)s)")
     train.add_argument("--recurrent-lr-scale", type=float, default=defaults.recurrent_lr_scale,
                        help="learning rate of the recurrent weights W, as a multiple of --lr (default 1)")
     train.add_argument("--stability-rule", choices=tuple(STABILITY_RULES), default=defaults.stability_rule,
@@ -693,7 +697,7 @@ def build_parser():
                        help="augmentation of each training batch: the paper's random affine warp and mirroring "
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
-    train.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    train.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="%(default)s by default")
     train.add_argument("--train-size", type=positive_int, default=None,
                        help="number of training images (synthetic: how many are drawn; otherwise the first N of the split)")
     train.add_argument("--validation-size", type=positive_int, default=None,
@@ -735,13 +739,15 @@ def build_parser():
         "demo", help="the main job: parse a portrait, train a small RNN-G on synthetic faces, show and score it",
         description="Parse matplotlib's grace_hopper.jpg with the pretrained parser, train a small RNN-G on "
                     "synthetic faces for a minute or two, write figures and print a results table.")
-    demo.add_argument("--out", default="minirnng-demo", help="folder for the figures and the checkpoint")
+    demo.add_argument("--out", default="minirnng-demo",
+                      help="folder for the figures and the checkpoint (default %(default)s)")
     demo.add_argument("--train-size", type=positive_int, default=800, help="synthetic training images (default 800)")
     demo.add_argument("--test-size", type=positive_int, default=200, help="synthetic test images (default 200)")
     demo.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     demo.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default 4e-3)")
-    demo.add_argument("--figure-images", type=positive_int, default=4, help="test images in the pipeline figure")
-    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--figure-images", type=positive_int, default=4,
+                      help="test images in the pipeline figure (default %(default)s)")
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="0 by default")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=command_demo)
 
