@@ -243,6 +243,31 @@ def test_with_one_eye_the_face_shape_still_guides_the_mouth_and_nose(faces):
     assert checked >= 4 and flips_checked >= 3
 
 
+def test_an_eye_on_the_wrong_side_is_moved_even_when_the_face_region_misjudges_the_size(faces):
+    """Face 0's region predicts an eye distance of about 12.5 pixels where it is 17: no mouth lies within the gate
+    of either placement, and the one nearer by far (the real side's) still decides."""
+    _, _, labels, truth = faces
+    face = labels[0].copy()
+    face[face == RIGHT_EYE] = HELEN_CLASSES.index("skin")
+    face[face == LEFT_EYE] = RIGHT_EYE                                 # the left eye, labelled right
+    points, found = keypoints_from_labels(face[None], FaceShape())
+    assert found[0, 0] and not found[0, 1]
+    eye_distance = numpy.linalg.norm(truth[0, 1] - truth[0, 0])
+    assert numpy.linalg.norm(points[0, :2] - truth[0, :2], axis=1).max() < 0.25 * eye_distance
+
+
+def test_key_point_functions_name_bad_input(faces):
+    _, _, labels, truth = faces
+    shape = FaceShape.fit(truth, labels)
+    points, found = keypoints_from_labels(labels[0])                      # one face: (5, 2), (5,)
+    with pytest.raises(ValueError, match=r"points must be \(N, 5, 2\) and found \(N, 5\), got \(5, 2\)"):
+        complete_keypoints(points, found, shape, labels[:1])
+    with pytest.raises(ValueError, match=r"labels must be integer \(N, H, W\) with N = 1, got float64"):
+        complete_keypoints(points[None], found[None], shape, labels[:1].astype(float))
+    with pytest.raises(ValueError, match=r"labels must be HELEN classes 0..10, got values from \d+ to 255"):
+        keypoints_from_labels(numpy.where(labels[0] == 0, 255, labels[0]))
+
+
 def test_jitter_scales_with_the_face(rng):
     points = numpy.array([[[10.0, 10], [30, 10], [20, 20], [14, 28], [26, 28]]])
     moved = jitter_keypoints(numpy.repeat(points, 2000, axis=0), 0.05, rng)
