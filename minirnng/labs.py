@@ -30,7 +30,6 @@ and prints a score.
 import ast
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import re
@@ -1153,10 +1152,6 @@ SCAN_SHAPE = (2, 3, 4, 5)  # N, C, H, W
 #: a batch whose N * lines is above one block of 256 threads in every direction: an undersized grid
 #: leaves whole images unscanned here, where SCAN_SHAPE's 10 lines fit any grid
 MANY_LINES_SHAPE = (70, 2, 5, 4)
-#: Each check of the 70-image batch draws a problem of its own. A kernel whose grid leaves images
-#: unscanned leaves there whatever ``empty()``'s memory held, and that can be the right answer
-#: computed and freed by an earlier check of the same problem: then nothing would look wrong.
-_many_lines_draws = itertools.count()
 
 
 def _strides(direction, height, width):
@@ -1193,7 +1188,7 @@ def _on_kernels():
     """Run the student's launches on the CUDA emulator (or on the GPU for CuPy arrays). Where the
     emulator cannot run (no C++ compiler), raise LabCannotRun: the grader does not count the check."""
     try:
-        with backend.use("cuda-emulator"):
+        with backend.use("cuda-emulator"), _unwritten_memory_is_marked():
             yield
     except Exception as error:
         if not _cannot_run_here(error):
@@ -1201,6 +1196,35 @@ def _on_kernels():
         # the check always uses the emulator, so the error's advice to choose another backend does not apply
         reason = re.sub(r"\s*Or run without the emulator:[^\n]*", "", str(error))
         raise LabCannotRun(f"cannot run the kernels here: {reason}") from None
+
+
+#: What ``numpy.empty`` returns in a float array during a lab 08 check: finite (NaN would read as
+#: an overflow, and the checks would hint at that instead), and no value a scan computes.
+UNWRITTEN = -1e30
+
+
+@contextlib.contextmanager
+def _unwritten_memory_is_marked():
+    """``numpy.empty`` and ``empty_like`` return float arrays filled with :data:`UNWRITTEN` inside the block.
+
+    A launch whose grid is too small leaves the outputs of the threads it never started as
+    ``empty()`` returned them: on a GPU, garbage; on the CPU, whatever the memory held, which can be
+    the right answer freed a moment before (then the check would see nothing wrong). Marked, every
+    element the kernel never wrote reads as wrong, every time.
+    """
+    empty, empty_like = numpy.empty, numpy.empty_like
+
+    def marked(array):
+        if array.dtype.kind == "f":
+            array.fill(UNWRITTEN)
+        return array
+
+    numpy.empty = lambda *args, **kwargs: marked(empty(*args, **kwargs))
+    numpy.empty_like = lambda *args, **kwargs: marked(empty_like(*args, **kwargs))
+    try:
+        yield
+    finally:
+        numpy.empty, numpy.empty_like = empty, empty_like
 
 
 def _scan_problem(rng, shape=SCAN_SHAPE):
@@ -1241,7 +1265,7 @@ def check_gated_scan_forward_gpu(forward):
                        h, outputs[direction], mistakes=mistakes,
                        patterns=[(unscanned_images, "the last image is wrong and the first right: does the grid "
                                                     "cover N * lines threads (blocks_for(N * lines))?")])
-    many = _scan_problem(numpy.random.default_rng([rng.integers(2 ** 32), next(_many_lines_draws)]), MANY_LINES_SHAPE)
+    many = _scan_problem(rng, MANY_LINES_SHAPE)
     for direction in DIRECTIONS:
         with _on_kernels():
             h, _ = _pair(_call(forward, *(array.copy() for array in many), direction,
@@ -1302,7 +1326,7 @@ def check_gated_scan_backward_gpu(forward, backward):
                                       {"x": "dx", "g": "dg", "W": "dW", "b": "db"})
     if report.failures:  # what is wrong in the small problem is wrong here too: say it once
         return report.finish()
-    many = _scan_problem(numpy.random.default_rng([rng.integers(2 ** 32), next(_many_lines_draws)]), MANY_LINES_SHAPE)
+    many = _scan_problem(rng, MANY_LINES_SHAPE)
     for direction in DIRECTIONS:
         layer, h_reference = _reference_scan(*many, direction)
         dh = rng.standard_normal(MANY_LINES_SHAPE)
