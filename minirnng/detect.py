@@ -10,6 +10,8 @@ is False and callers treat the whole image as one face.
 
 import numpy
 
+from .data.pipeline import check_image
+
 #: side of the LFW crop relative to the side of the detected face box
 LFW_FRAME_SCALE = 2.2
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
@@ -25,13 +27,16 @@ def detector_available():
 
 
 def detect_faces(image, min_size=24, max_side=2048):
-    """Face boxes ``(x, y, width, height)`` (int array (F, 4)) in a uint8 (H, W, 3) RGB image.
+    """Face boxes ``(x, y, width, height)`` (int array (F, 4)) in a uint8 (H, W, 3) RGB image
+    (greyscale (H, W) and RGBA are taken as :func:`~minirnng.data.pipeline.check_image` takes them;
+    another dtype or shape is a one-line ValueError, not OpenCV's).
 
     An image whose longer side exceeds ``max_side`` is searched at ``max_side`` (the boxes scaled
     back): OpenCV's detector needs about 60 bytes a pixel, 3 GB for a 50-megapixel photograph,
     and a face the parser can use is still found there (only faces narrower than ``min_size``
     pixels of the reduced image are missed). ``min_size`` counts pixels of the image searched.
     """
+    image = check_image(image, "detect_faces")
     try:
         import cv2
     except ImportError:

@@ -245,11 +245,74 @@ def test_every_reader_of_a_checkpoint_file_checks_the_weights(case, tmp_path):
         load_stage2_model(bad)
 
 
-def test_a_cnn_crf_checkpoint_cannot_smuggle_in_a_crf(tmp_path):
+def test_a_cnn_crf_checkpoint_keeps_its_own_crf(tmp_path):
+    model = CNNCRF(rng=0, crf=DenseCRF(iterations=10, bilateral_weight=8.0, max_grid_points=1024))
+    loaded = load_model(model.save(tmp_path / "cnn-crf.npz"))
+    assert loaded.crf.config() == model.crf.config() and loaded.crf.iterations == 10
+    assert loaded.checkpoint_header["config"]["crf"]["bilateral_weight"] == 8.0  # a plain dict in the JSON
+    # a checkpoint written before the CRF's settings were stored loads with the defaults
+    old = edited_checkpoint(tmp_path / "cnn-crf.npz", tmp_path / "old.npz",
+                            header=lambda header: {**header, "config": {k: v for k, v in header["config"].items()
+                                                                        if k != "crf"}})
+    assert load_model(old).crf.config() == DenseCRF().config()
+    # a partial dict: the rest are the defaults
+    partial = edited_checkpoint(tmp_path / "cnn-crf.npz", tmp_path / "partial.npz",
+                                header=with_config(crf={"iterations": 2}))
+    assert load_model(partial).crf.config() == DenseCRF(iterations=2).config()
+
+
+@pytest.mark.parametrize("crf, message", [
+    ({"iterations": 5, "colour": 1}, r"unknown CRF setting\(s\) \['colour'\]; DenseCRF takes \['iterations'"),
+    ({"bilateral_rgb": 0}, r"DenseCRF: bilateral_rgb must be finite and > 0, got 0.0"),
+    ({"iterations": "5"}, r"DenseCRF: iterations must be an integer, got '5'"),
+    ([5], r"crf must be a DenseCRF, a dict of its settings or None, got list"),
+])
+def test_a_cnn_crf_checkpoint_with_bad_crf_settings_is_named(crf, message, tmp_path):
     path = CNNCRF(rng=0).save(tmp_path / "cnn-crf.npz")
-    bad = edited_checkpoint(path, tmp_path / "bad.npz", header=with_config(crf={"iterations": 5}))
-    with pytest.raises(CheckpointError, match=r"does not build a 'cnn-crf' model \(CNNCRF: crf must be a DenseCRF"):
+    bad = edited_checkpoint(path, tmp_path / "bad.npz", header=with_config(crf=crf))
+    with pytest.raises(CheckpointError, match=r"bad\.npz': its config .* does not build a 'cnn-crf' model \(.*"
+                       + message):
         load_model(bad)
+
+
+def test_a_stage2_checkpoint_given_to_load_model_says_how_to_load_it(tmp_path):
+    from minirnng.models import COMPONENT_NETWORKS, TwoStageParser
+    from minirnng.models.checkpoint import STAGE2_ARCHITECTURES
+
+    assert sorted(STAGE2_ARCHITECTURES) == sorted([*COMPONENT_NETWORKS, TwoStageParser.architecture])
+    two_stage = TwoStageParser(RNNG(n_classes=11, rng=0), rng=0).save(tmp_path / "two_stage.npz")
+    for load in (load_model, RNNG.load):
+        with pytest.raises(CheckpointError, match=r"two_stage\.npz' holds a 'two-stage' model of stage 2, which "
+                           r"load_model does not build: load it with TwoStageParser.load or load_stage2_model "
+                           r"\(`minirnng parse --classes 11 --checkpoint` reads it\)"):
+            load(two_stage)
+    eyes = EyeBrowNet(rng=0).save(tmp_path / "eyes.npz")
+    with pytest.raises(CheckpointError, match=r"holds a 'eye-brow-net' model of stage 2, .*load it with "
+                       "load_stage2_model"):
+        load_model(eyes)
+    assert isinstance(load_stage2_model(two_stage), TwoStageParser)  # the loader the message names
+
+
+def test_float64_weights_beyond_float32_are_named_not_loaded_as_infinity(tmp_path):
+    path = RNNG(rng=0, dtype=numpy.float64).save(tmp_path / "model.npz")
+    large = edited_checkpoint(path, tmp_path / "large.npz", **{"edge.bias": numpy.array([1e39])})  # inf in float32
+    with pytest.raises(CheckpointError, match=r"large\.npz': edge\.bias holds 1 value\(s\) beyond the range of "
+                       r"float32 \(largest magnitude 1e\+39\), which would load as infinity"):
+        load_model(large)
+    bias = numpy.zeros(16)
+    bias[:3] = 1e39, -1e300, numpy.nan  # a NaN given is load_params' caller's business, not an overflow
+    with pytest.raises(ValueError, match=r"conv1\.bias holds 2 value\(s\) beyond the range of float32 "
+                       r"\(largest magnitude 1e\+300\)"):
+        RNNG(rng=0).load_params({**RNNG(rng=0).params(), "conv1.bias": bias})
+    assert load_model(large, dtype=numpy.float64).params()["edge.bias"][0] == 1e39  # fits float64
+
+
+def test_a_config_too_large_for_memory_is_named(tmp_path):
+    path = RNNG(rng=0).save(tmp_path / "model.npz")
+    huge = edited_checkpoint(path, tmp_path / "huge.npz", header=with_config(hidden=1_000_000_000))
+    with pytest.raises(CheckpointError, match=r"huge\.npz': its config \{.*'hidden': 1000000000.*\} does not build "
+                       r"a 'rnng' model \(MemoryError: "):
+        load_model(huge)
 
 
 def test_weight_checks_leave_good_checkpoints_alone(tmp_path):
@@ -397,13 +460,50 @@ def test_dense_crf_on_one_pixel_is_the_softmax_and_refuses_a_grid_wider_than_the
         DenseCRF().refine(numpy.zeros((1, 3, 1, 10000), numpy.float32), numpy.zeros((1, 3, 1, 10000), numpy.float32))
 
 
-@pytest.mark.parametrize("max_grid_points", [4096, 30])  # the grid of every pixel, and of 2 x 2 blocks
+# the grid of every pixel, and of 3 x 3 blocks (ceil(sqrt(11 * 12 / 30)) = 3)
+@pytest.mark.parametrize("max_grid_points", [4096, 30])
 def test_dense_crf_matches_the_formulas_written_out(max_grid_points, rng):
     crf = DenseCRF(iterations=3, bilateral_xy=3.0, bilateral_rgb=0.2, max_grid_points=max_grid_points)
     logits = rng.normal(0, 2, (3, 11, 12))
     image = rng.uniform(-0.5, 0.5, (3, 11, 12))
     q = crf.refine(logits[None], image[None])[0]
     numpy.testing.assert_allclose(q, naive_dense_crf(crf, logits, image), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(bilateral_rgb=0), ValueError, r"bilateral_rgb must be finite and > 0, got 0.0"),
+    (dict(bilateral_xy=0), ValueError, r"bilateral_xy must be finite and > 0, got 0.0"),
+    (dict(spatial_xy=0.0), ValueError, r"spatial_xy must be finite and > 0, got 0.0"),
+    (dict(spatial_xy=-1), ValueError, r"spatial_xy must be finite and > 0, got -1.0"),
+    (dict(bilateral_xy=float("inf")), ValueError, r"bilateral_xy must be finite and > 0, got inf"),
+    (dict(bilateral_weight=-1), ValueError, r"bilateral_weight must be finite and >= 0, got -1.0"),
+    (dict(spatial_weight=float("nan")), ValueError, r"spatial_weight must be finite and >= 0, got nan"),
+    (dict(iterations=-3), ValueError, r"iterations must be >= 0, got -3"),
+    (dict(iterations=2.5), TypeError, r"iterations must be an integer, got 2.5"),
+    (dict(max_grid_points=0), ValueError, r"max_grid_points must be >= 1, got 0"),
+    (dict(bilateral_weight="4"), TypeError, r"bilateral_weight must be a number, got '4'"),
+])
+def test_dense_crf_refuses_settings_that_give_nan_or_divide_by_zero(settings, error, message):
+    with pytest.raises(error, match="^DenseCRF: " + message):
+        DenseCRF(**settings)
+
+
+def test_dense_crf_takes_zero_weights_and_iterations_and_numpy_numbers():
+    logits = numpy.random.default_rng(0).normal(0, 1, (1, 3, 8, 8))
+    images = numpy.zeros((1, 3, 8, 8))
+    softmax = numpy.exp(logits) / numpy.exp(logits).sum(axis=1, keepdims=True)
+    for crf in (DenseCRF(iterations=0), DenseCRF(bilateral_weight=0, spatial_weight=0)):
+        numpy.testing.assert_allclose(crf.refine(logits, images), softmax, rtol=1e-5)
+    crf = DenseCRF(iterations=numpy.int64(2), bilateral_rgb=numpy.float32(0.5))
+    assert crf.config()["iterations"] == 2 and type(crf.iterations) is int
+    assert DenseCRF(**crf.config()).config() == crf.config() and repr(crf).startswith("DenseCRF(iterations=2, ")
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_dense_crf_names_images_without_three_channels(channels):
+    with pytest.raises(ValueError, match=r"images \(N, 3, H, W\) must agree, got \(1, 3, 16, 16\) and "
+                       rf"\(1, {channels}, 16, 16\)"):
+        DenseCRF().refine(numpy.zeros((1, 3, 16, 16)), numpy.zeros((1, channels, 16, 16)))
 
 
 def test_cnn_crf_predict_uses_the_crf(rng):

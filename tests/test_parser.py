@@ -147,13 +147,107 @@ def test_a_large_image_is_searched_for_faces_at_a_reduced_size():
     assert numpy.abs(found - 4 * box).max() <= 4 * 0.1 * box[2]
 
 
-def test_parse_faces_falls_back_to_the_whole_image(parser, rng):
+def test_parse_faces_falls_back_to_the_whole_image(parser, rng, monkeypatch):
+    from minirnng import detect
+
     image = rng.integers(0, 256, (64, 48, 3), dtype=numpy.uint8)
-    labels, boxes = parser.parse_faces(image)
-    assert labels.shape == (64, 48)
-    if not detector_available():
-        assert len(boxes) == 0
-        numpy.testing.assert_array_equal(labels, parser.parse(image))
+    # without OpenCV (made so here, as a [dev] install has it), and with OpenCV finding no face
+    for name, stub in (("detector_available", lambda: False), ("detect_faces", lambda image: numpy.zeros((0, 4), int))):
+        with monkeypatch.context() as patch:
+            patch.setattr(detect, "detector_available", lambda: True)
+            patch.setattr(detect, name, stub)
+            labels, boxes = parser.parse_faces(image)
+            assert boxes.shape == (0, 4) and labels.dtype == numpy.uint8
+            numpy.testing.assert_array_equal(labels, parser.parse(image))
+            background, _ = parser.parse_faces(image, undetected="background")
+            assert background.shape == (64, 48) and not background.any()
+
+
+class StubParser:
+    """Sure of "skin" (class 1) with certainty 0.6 in a crop of 88 pixels, of "hair" (class 2)
+    with 0.8 in any other: which face a pixel's labels came from shows in the labels."""
+    classes = ("background", "skin", "hair")
+
+    def scores(self, crop):
+        side = crop.shape[0]
+        certain, label = (0.6, 1) if side == 88 else (0.8, 2)
+        probabilities = numpy.zeros((3, side, side), numpy.float32)
+        probabilities[0], probabilities[label] = 1 - certain, certain
+        return probabilities
+
+    def parse(self, image):
+        return self.scores(image).argmax(axis=0).astype(numpy.uint8)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_overlapping_faces_take_the_labels_of_the_most_certain_face(order, monkeypatch):
+    from minirnng import detect
+    from minirnng.parser import parse_detected_faces
+
+    # two faces of 40 and 30 pixels: LFW crops of 88 pixels at (60, 20) and 66 at (87, 48)
+    boxes = numpy.array([[84, 44, 40, 40], [105, 66, 30, 30]])[list(order)]
+    monkeypatch.setattr(detect, "detector_available", lambda: True)
+    monkeypatch.setattr(detect, "detect_faces", lambda image: boxes)
+    labels, found = parse_detected_faces(StubParser(), numpy.zeros((120, 160, 3), numpy.uint8))
+    numpy.testing.assert_array_equal(found, boxes)
+    expected = numpy.zeros((120, 160), numpy.uint8)
+    expected[20:108, 60:148] = 1
+    expected[48:114, 87:153] = 2  # the more certain face wins the overlap, whichever came first
+    numpy.testing.assert_array_equal(labels, expected)
+
+
+def test_face_parser_pastes_overlapping_faces_by_its_own_probabilities(parser, monkeypatch):
+    from minirnng import detect
+
+    # Grace Hopper at a quarter of her size (her face is found at (39, 26, 55, 55)) and a second,
+    # smaller face box overlapping the first
+    image = numpy.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).resize((128, 150)))
+    boxes = numpy.array([[39, 26, 55, 55], [55, 40, 40, 40]])
+    monkeypatch.setattr(detect, "detector_available", lambda: True)
+    monkeypatch.setattr(detect, "detect_faces", lambda image: boxes)
+    labels, found = parser.parse_faces(image)
+    # written out: each face's labels and certainty (1 - P(background)) on the whole image, zero
+    # certainty outside its crop; a pixel takes the labels of the face most certain of it (the
+    # first on a tie), and stays background where no face is at all certain
+    face_labels, certainty = [], []
+    for box in boxes:
+        x0, y0, side = lfw_frame(box)
+        probabilities = parser.scores(crop_square(image, x0, y0, side))
+        whole = numpy.zeros((2, 150 + 2 * side, 128 + 2 * side), numpy.float32)
+        whole[0, side + y0:2 * side + y0, side + x0:2 * side + x0] = probabilities.argmax(axis=0)
+        whole[1, side + y0:2 * side + y0, side + x0:2 * side + x0] = 1 - probabilities[0]
+        face_labels.append(whole[0, side:side + 150, side:side + 128])
+        certainty.append(whole[1, side:side + 150, side:side + 128])
+    owner = numpy.argmax(certainty, axis=0)
+    expected = numpy.where(numpy.max(certainty, axis=0) > 0,
+                           numpy.take_along_axis(numpy.array(face_labels), owner[None], axis=0)[0], 0)
+    numpy.testing.assert_array_equal(found, boxes)
+    numpy.testing.assert_array_equal(labels, expected)
+    assert {0, 1} <= set(numpy.unique(owner[labels > 0]))  # both faces own labelled pixels
+
+
+def test_detect_faces_names_a_bad_image_before_opencv_sees_it():
+    from minirnng.detect import detect_faces
+
+    with pytest.raises(ValueError, match=r"^detect_faces: image must be uint8 \(H, W, 3\) RGB, got float64 "
+                       r"\(40, 40, 3\)$"):
+        detect_faces(numpy.zeros((40, 40, 3)))
+    with pytest.raises(ValueError, match=r"^detect_faces: image is empty, 0x40 pixels"):
+        detect_faces(numpy.zeros((0, 40, 3), numpy.uint8))
+    if detector_available():  # greyscale and RGBA are taken, as the parsers take them
+        grey = numpy.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("L"))
+        assert detect_faces(grey).shape == (1, 4)
+        assert detect_faces(numpy.zeros((40, 40, 4), numpy.uint8)).shape == (0, 4)
+
+
+def test_face_parser_load_names_a_two_stage_checkpoint(tmp_path):
+    from minirnng.models import RNNG, CheckpointError
+    from minirnng.models.stage2 import TwoStageParser
+
+    path = TwoStageParser(RNNG(n_classes=11, rng=0), rng=0).save(tmp_path / "two_stage.npz")
+    with pytest.raises(CheckpointError, match=r"holds a 'two-stage' model of stage 2, which load_model does not "
+                       r"build: load it with TwoStageParser.load"):
+        FaceParser.load(path)
 
 
 def test_parse_draws_a_checkpoint_without_class_names(tmp_path, capsys, rng):

@@ -202,8 +202,9 @@ class Model:
 
     def checked_params(self, arrays, source="parameters"):
         """``arrays`` checked against the parameters (names, real-number dtypes, shapes) and cast to
-        their dtype and device, ready to copy; a clear error naming ``source`` otherwise. Nothing is
-        copied here, so that a loader can check several models before it changes any."""
+        their dtype and device, ready to copy; a clear error naming ``source`` otherwise (a finite
+        value that the cast would make infinite too). Nothing is copied here, so that a loader can
+        check several models before it changes any."""
         own = self.params()
         missing = sorted(set(own) - set(arrays))
         unexpected = sorted(set(arrays) - set(own))
@@ -220,7 +221,19 @@ class Model:
             if tuple(value.shape) != tuple(own[name].shape):
                 raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, "
                                  f"{type(self).__name__} expects {tuple(own[name].shape)}")
-            converted[name] = xp.asarray(value, dtype=own[name].dtype)
+            with numpy.errstate(over="ignore"):  # an overflow is named just below
+                converted[name] = xp.asarray(value, dtype=own[name].dtype)
+            if value.dtype.kind == "f" and value.dtype.itemsize > converted[name].dtype.itemsize:
+                # float64 weights beyond float32's range would load as infinities: finite values
+                # that the cast made infinite are named (NaN or infinity given stay what they were)
+                source_xp = backend.get_array_module(value)
+                finite = source_xp.isfinite(value)
+                overflowed = int(finite.sum()) - int(xp.isfinite(converted[name]).sum())
+                if overflowed:
+                    largest = float(source_xp.abs(value[finite]).max())
+                    raise ValueError(f"{source}: {name} holds {overflowed} value(s) beyond the range of "
+                                     f"{converted[name].dtype} (largest magnitude {largest:.3g}), "
+                                     "which would load as infinity")
         return converted
 
     def __repr__(self):

@@ -80,7 +80,12 @@ class CNNCRF(CNNS):
     Training is CNN-S's (the CRF has no trained parameters here); :meth:`predict` runs the CRF
     on the softmax of the logits with the image as the bilateral kernel's guide, and
     :meth:`forward` returns the CNN's outputs unchanged so the same losses apply.
-    crf : a :class:`DenseCRF` (its defaults if None).
+    crf : a :class:`DenseCRF`, a dict of its settings (``DenseCRF.config()``, as a checkpoint
+        stores them), or None for its defaults.
+
+    The CRF's settings are part of :meth:`config`, so a checkpoint rebuilds this model's own CRF;
+    a checkpoint written before they were stored (a config without ``crf``) loads with the
+    defaults, which every CNN-CRF had then.
     """
 
     architecture = "cnn-crf"
@@ -88,9 +93,17 @@ class CNNCRF(CNNS):
     def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, crf=None,
                  batch_norm=False):
         super().__init__(n_classes, hidden, rng=rng, dtype=dtype, gate_bias=gate_bias, batch_norm=batch_norm)
-        if crf is not None and not isinstance(crf, DenseCRF):
-            raise TypeError(f"CNNCRF: crf must be a DenseCRF or None, got {type(crf).__name__}")
+        if isinstance(crf, dict):
+            unknown = sorted(set(crf) - set(DenseCRF.SETTINGS))
+            if unknown:
+                raise ValueError(f"CNNCRF: unknown CRF setting(s) {unknown}; DenseCRF takes {list(DenseCRF.SETTINGS)}")
+            crf = DenseCRF(**crf)
+        elif crf is not None and not isinstance(crf, DenseCRF):
+            raise TypeError(f"CNNCRF: crf must be a DenseCRF, a dict of its settings or None, got {type(crf).__name__}")
         self.crf = crf or DenseCRF()
+
+    def config(self):
+        return {**super().config(), "crf": self.crf.config()}
 
     def replica(self):
         copy = super().replica()

@@ -4,7 +4,9 @@ Layout of the file (a NumPy ``.npz``, read with ``allow_pickle=False``):
 
 ``__header__``
     uint8 bytes of a JSON object: ``format``, ``format_version``, ``architecture`` (e.g. ``"rnng"``),
-    ``config`` (the constructor arguments), ``classes`` (names), ``input_size`` ([H, W]),
+    ``config`` (the constructor arguments; a CNN-CRF's holds its CRF's settings as ``crf``, a dict,
+    and loads with the CRF's defaults where a checkpoint written before they were stored has none),
+    ``classes`` (names), ``input_size`` ([H, W]),
     ``minirnng_version``, and whatever metadata the writer adds (training state, scores).
 ``<layer>.<parameter>``
     One array per parameter, named and shaped as PyTorch's ``state_dict`` of the same network
@@ -33,6 +35,10 @@ FORMAT = "minirnng-checkpoint"
 FORMAT_VERSION = 1
 HEADER_KEY = "__header__"
 EXTRA_PREFIX = "extra/"
+#: the architectures of :mod:`.stage2`'s checkpoints (the two-stage parser and its component
+#: networks), which :func:`load_model` does not build but names: by name only, as stage2.py
+#: imports this module (tests/test_models.py checks that the list matches stage2's registry)
+STAGE2_ARCHITECTURES = ("two-stage", "eye-brow-net", "nose-net", "mouth-net")
 
 
 class CheckpointError(ValueError):
@@ -203,6 +209,11 @@ def load_model(path, dtype=numpy.float32, expect=None):
 
     header, params, _ = read_checkpoint(path)
     architecture = header.get("architecture")
+    if architecture in STAGE2_ARCHITECTURES:
+        how = ("TwoStageParser.load or load_stage2_model (`minirnng parse --classes 11 --checkpoint` reads it)"
+               if architecture == "two-stage" else "load_stage2_model or the component network's own load")
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds a {architecture!r} model of stage 2, "
+                              f"which load_model does not build: load it with {how}")
     if expect is not None and architecture != expect:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds a {architecture!r} model, not {expect!r}")
     if architecture not in ARCHITECTURES:
@@ -244,6 +255,8 @@ def build_from_config(model_class, config, dtype, where, written_by=None):
                               f"model (minirnng {__version__} knows {sorted(accepted)}{written})")
     try:
         return model_class(**config, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as error:
+    except (TypeError, ValueError, OverflowError, MemoryError) as error:
+        # MemoryError: sizes beyond any machine ("hidden": 1000000000), named rather than bare
+        problem = f"{type(error).__name__}: {error}" if isinstance(error, MemoryError) else error
         raise CheckpointError(f"{where}: its config {config} does not build a {model_class.architecture!r} "
-                              f"model ({error})") from None
+                              f"model ({problem})") from None
