@@ -102,31 +102,23 @@ def scan_lines(direction, height, width):
     raise ValueError(direction)
 
 
-def gated_scan(x, g, W, b, direction):
-    """Eq. 3, one direction: ``h_t = x_t + g_t * (W @ h_{t-1} + b)`` with ``h_{-1} = 0``, where t runs
-    along each line of ``scan_lines(direction)``, ``*`` is elementwise over the channels and the
-    activation is the identity. x, g (N, C, H, W), W (C, C), b (C,) -> h (N, C, H, W)."""
+def scan(x, W, b, direction, g=None, activation=None):
+    """One direction of a spatial recurrence, t along each line of ``scan_lines(direction)``, ``h_{-1} = 0``:
+
+    - eq. 3 (``g`` given, no activation): ``h_t = x_t + g_t * (W @ h_{t-1} + b)``, ``*`` elementwise over
+      the channels;
+    - eq. 1 (``g`` None, ``activation=numpy.tanh``; spec, ``SpatialRNN``): ``h_t = tanh(x_t + W @ h_{t-1} + b)``.
+
+    x, g (N, C, H, W), W (C, C), b (C,) -> h (N, C, H, W)."""
     n_images, channels, height, width = x.shape
     h = numpy.zeros_like(x)
     for n in range(n_images):
         for line in scan_lines(direction, height, width):
             previous = numpy.zeros(channels)
             for row, column in line:
-                h[n, :, row, column] = x[n, :, row, column] + g[n, :, row, column] * (W @ previous + b)
-                previous = h[n, :, row, column]
-    return h
-
-
-def plain_scan(x, W, b, direction):
-    """Eq. 1, one direction (spec, ``SpatialRNN``): ``h_t = tanh(x_t + W @ h_{t-1} + b)``, ``h_{-1} = 0``,
-    t along each line of ``scan_lines(direction)``. x (N, C, H, W) -> h (N, C, H, W)."""
-    n_images, channels, height, width = x.shape
-    h = numpy.zeros_like(x)
-    for n in range(n_images):
-        for line in scan_lines(direction, height, width):
-            previous = numpy.zeros(channels)
-            for row, column in line:
-                h[n, :, row, column] = numpy.tanh(x[n, :, row, column] + W @ previous + b)
+                gate = 1.0 if g is None else g[n, :, row, column]
+                value = x[n, :, row, column] + gate * (W @ previous + b)
+                h[n, :, row, column] = value if activation is None else activation(value)
                 previous = h[n, :, row, column]
     return h
 
@@ -170,10 +162,10 @@ def reference_forward(architecture, params, images):
 
     # what conv8 reads: the only part where the networks differ
     if architecture == "rnng":            # FourWayGatedRNN(8) on (X, G)
-        scans = [gated_scan(X, G, P[f"rnn.{d}.W"], P[f"rnn.{d}.b"], d) for d in DIRECTIONS]
+        scans = [scan(X, P[f"rnn.{d}.W"], P[f"rnn.{d}.b"], d, g=G) for d in DIRECTIONS]
         features, notes["wins"] = four_way_max(scans)
     elif architecture == "rnn":           # PlainRNN: four SpatialRNN (eq. 1, tanh) on X
-        scans = [plain_scan(X, P[f"rnn.{d}.W"], P[f"rnn.{d}.b"], d) for d in DIRECTIONS]
+        scans = [scan(X, P[f"rnn.{d}.W"], P[f"rnn.{d}.b"], d, activation=numpy.tanh) for d in DIRECTIONS]
         features, notes["wins"] = four_way_max(scans)
     elif architecture == "cnn-s":         # CNNS: conv8 reads X
         features = X
