@@ -24,7 +24,6 @@ Importing this module never imports CuPy; CuPy is imported only when it is asked
 
 import contextlib
 import functools
-import importlib
 import os
 
 import numpy
@@ -55,15 +54,21 @@ def cupy_status():
             return False, "CuPy is installed but sees no usable CUDA GPU (cupy.is_available() is False)"
     except Exception as error:
         return False, f"CuPy could not query the GPU ({type(error).__name__}: {error})"
-    libraries = (("the NVRTC runtime compiler", "cupy.cuda.nvrtc"), ("cuBLAS", "cupy_backends.cuda.libs.cublas"))
-    for library, module in libraries:
+    def load_nvrtc():
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()  # the bindings import without the library; a call loads it
+
+    def load_cublas():
+        # a handle, as the first matrix product asks for one: CuPy finds the library however it was
+        # installed (a CUDA toolkit, or the [ctk] wheels, which only its own loader knows where to find)
+        cupy.cuda.device.get_cublas_handle()
+
+    for library, load in (("the NVRTC runtime compiler", load_nvrtc), ("cuBLAS", load_cublas)):
         try:
-            loaded = importlib.import_module(module)
-            if module.endswith("nvrtc"):
-                loaded.getVersion()  # the bindings import without the library; a call loads it
+            load()
         except Exception as error:
             return False, (f"{library} cannot be loaded ({type(error).__name__}: {error}); install the CUDA "
-                           f"libraries with CuPy: pip install '{_cupy_distribution()}[ctk]'")
+                           f"libraries with CuPy 14 or later: pip install -U '{_cupy_distribution()}[ctk]>=14'")
     return True, "CuPy, a GPU, NVRTC and cuBLAS are usable"
 
 

@@ -108,8 +108,15 @@ def gradcheck_problems(rng):
     for architecture in ("rnng", "cnn-s", "cnn-deep", "rnn"):
         def check_architecture(architecture=architecture):
             model = models.ARCHITECTURES[architecture](3, rng=rng, dtype=f64)
-            model.randomize_recurrence(rng)
-            return gradcheck.check_model(model, normal(2, 3, 12, 8), rng=rng)
+            images = normal(2, 3, 12, 8)
+            # As four_way above: a recurrence one of whose directions wins no output of the merge on these
+            # images would leave that direction's rows zero against zero (ZERO); another draw of W and b.
+            for _ in range(20):
+                model.randomize_recurrence(rng)
+                report = gradcheck.check_model(model, images, rng=rng)
+                if not any(row.vacuous and row.name.startswith("rnn.") for row in report.rows):
+                    break
+            return report
 
         yield f"model {architecture} (3 classes, 12x8 images, 12 sampled entries per array)", check_architecture
 

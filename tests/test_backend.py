@@ -50,17 +50,21 @@ def test_asking_for_cupy_where_it_is_unusable_is_a_clear_error():
 def test_cupy_status_names_a_missing_cuda_library_and_the_wheel_that_brings_it(monkeypatch):
     """A GPU and NVRTC without cuBLAS is not usable: the convolutions' weight gradients need its products."""
     cupy = pytest.importorskip("cupy")
+    from cupy.cuda import device, nvrtc
+
+    def no_cublas():
+        raise ImportError('Failure finding "libcublasLt.so.12"')
+
     monkeypatch.setattr(cupy, "is_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "cupy.cuda.nvrtc", type(sys)("nvrtc_that_loads"))
-    sys.modules["cupy.cuda.nvrtc"].getVersion = lambda: (12, 9)
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cublas", None)  # importing it fails
+    monkeypatch.setattr(nvrtc, "getVersion", lambda: (12, 9))
+    monkeypatch.setattr(device, "get_cublas_handle", no_cublas)
     backend.cupy_status.cache_clear()
     try:
         usable, reason = backend.cupy_status()
     finally:
         backend.cupy_status.cache_clear()
     assert not usable
-    assert reason.startswith("cuBLAS cannot be loaded") and "cupy-cuda" in reason and "[ctk]" in reason
+    assert reason.startswith("cuBLAS cannot be loaded") and "libcublasLt" in reason and "[ctk]>=14" in reason
 
 
 def test_select_sets_the_backend_for_the_rest_of_the_process():
