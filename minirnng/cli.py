@@ -7,6 +7,7 @@ Each subcommand is a small function that parses its arguments and calls the libr
 import argparse
 import os
 import sys
+import traceback
 
 # One BLAS thread unless the user asks for more: minirnng's matrix products are small (a few
 # hundred rows per image), a second OpenBLAS thread gains nothing on them, and OpenBLAS threads
@@ -208,7 +209,7 @@ def resolve_classes(arguments):
 
 def command_train(arguments):
     from .data.catalog import load_split
-    from .train import TrainConfig, Trainer, check_output_folder
+    from .train import TrainConfig, Trainer, check_output_folder, starting_checkpoint
 
     n_classes = resolve_classes(arguments)
     config = TrainConfig(model=arguments.model, n_classes=n_classes, hidden=arguments.hidden, epochs=arguments.epochs,
@@ -226,6 +227,8 @@ def command_train(arguments):
     # the checks that need no data first: loading it can take minutes
     config.check()
     check_output_folder(arguments.out, arguments.resume, config)
+    if config.init and not arguments.resume:
+        starting_checkpoint(config)  # its classes' names are checked again once the data is loaded
     print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
     train_set = load_split(arguments.data, "train", arguments.root, n_classes, arguments.input_size,
                            size=arguments.train_size)
@@ -533,7 +536,7 @@ def command_parse(arguments):
         except (OSError, ValueError) as error:
             # one unreadable file among many does not stop the others
             if tracebacks_wanted():
-                raise
+                traceback.print_exc()
             print(f"minirnng parse: error: {error}; skipped", file=sys.stderr)
             failed += 1
             continue

@@ -153,6 +153,26 @@ def build_model(config, rng):
                                       gate_bias=config.gate_bias, batch_norm=config.batch_norm)
 
 
+def starting_checkpoint(config, classes=None):
+    """The model of the checkpoint ``config.init``, from which a run starts (fine-tuning), checked
+    against the run: the same architecture, sizes and batch normalisation, and the same ``classes``
+    where they are known; otherwise a clear error. Cheap (no data needed), so ``minirnng train``
+    calls it before loading the dataset."""
+    path = config.init
+    source = load_model(path, expect=config.model)
+    if getattr(source, "batch_norm", False) != config.batch_norm:
+        raise ValueError(f"cannot start from {path!r}: it holds a network "
+                         f"{'with' if getattr(source, 'batch_norm', False) else 'without'} batch normalisation "
+                         f"and this run trains one {'with' if config.batch_norm else 'without'}; the "
+                         "last.npz of a --batch-norm run holds its normalisations, its best.npz the folded network")
+    if source.classes and classes is not None and list(source.classes) != list(classes):
+        raise ValueError(f"cannot start from {path!r}: it was trained on the classes "
+                         f"{list(source.classes)}, this run has {list(classes)}")
+    # the sizes (hidden width, number of classes): a network of this run's configuration must take them
+    build_model(config, numpy.random.default_rng(0)).load_params(source.params(), source=f"checkpoint {path!r}")
+    return source
+
+
 def build_optimizer(config, model):
     options = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.recurrent_lr_scale != 1:
@@ -450,22 +470,13 @@ class Trainer:
             self.log(f"note: the run used {saved_workers} worker(s) and continues with {requested}; "
                      "the gradient sums are rounded differently from here on")
 
-    def initialize_from(self, path):
-        """Start from the weights of the checkpoint at ``path`` (fine-tuning) instead of the random
-        ones: the same architecture, sizes and classes, or a clear error. The optimizer, the
-        schedule and the epoch count start afresh. A resumed run takes its weights from
-        ``last.npz`` and never reads ``path`` again."""
-        source = load_model(path, expect=self.config.model)
-        if getattr(source, "batch_norm", False) != self.config.batch_norm:
-            raise ValueError(f"cannot start from {os.fspath(path)!r}: it holds a network "
-                             f"{'with' if getattr(source, 'batch_norm', False) else 'without'} batch normalisation "
-                             f"and this run trains one {'with' if self.config.batch_norm else 'without'}; the "
-                             "last.npz of a --batch-norm run holds its normalisations, its best.npz the folded network")
-        if source.classes and list(source.classes) != list(self.model.classes):
-            raise ValueError(f"cannot start from {os.fspath(path)!r}: it was trained on the classes "
-                             f"{list(source.classes)}, this run has {list(self.model.classes)}")
-        self.model.load_params(source.params(), source=f"checkpoint {os.fspath(path)!r}")
-        self.log(f"starting from the weights of {os.fspath(path)}")
+    def initialize_from(self, source):
+        """Start from the weights of ``source``, the model :func:`starting_checkpoint` read
+        (fine-tuning), instead of the random ones. The optimizer, the schedule and the epoch count
+        start afresh. A resumed run takes its weights from ``last.npz`` and never reads the
+        checkpoint again."""
+        self.model.load_params(source.params(), source=f"checkpoint {self.config.init!r}")
+        self.log(f"starting from the weights of {self.config.init}")
 
     # -- one epoch --------------------------------------------------------------------------
     def train_epoch(self):
@@ -507,13 +518,15 @@ class Trainer:
     def run(self, resume=False):
         """Train until ``config.epochs``; returns the history (one dict per epoch)."""
         check_output_folder(self.out_dir, resume, self.config)
+        # read before the output folder exists, so that a checkpoint that does not fit leaves nothing behind
+        source = starting_checkpoint(self.config, self.model.classes) if self.config.init and not resume else None
         os.makedirs(self.out_dir, exist_ok=True)
         with output_folder_lock(self.out_dir):
             keep_freed_memory()
             if resume:
                 self.resume()
-            elif self.config.init:
-                self.initialize_from(self.config.init)
+            elif source is not None:
+                self.initialize_from(source)
             if self.epoch >= self.config.epochs:
                 self.log(f"the run in {self.out_dir} has finished its {self.epoch} epochs; nothing to do "
                          "(a larger --epochs continues it, with the learning-rate schedule stretched over the new "

@@ -240,10 +240,17 @@ def test_bad_input_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys, monke
     assert err.startswith("minirnng train: error: LFWPL: folder") and "Traceback" not in err
 
 
-def test_minirnng_traceback_shows_the_traceback(tmp_path, monkeypatch):
+def test_minirnng_traceback_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINIRNNG_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli.main(["parse", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)])
+        cli.main(["eval", "--checkpoint", str(tmp_path / "missing.npz"), "--data", "synthetic", "--size", "2"])
+    # parse still goes on with the other images: the traceback is added, nothing else changes
+    cli.write_png(tmp_path / "face.png", numpy.full((40, 30, 3), 120, numpy.uint8))
+    assert cli.main(["parse", str(tmp_path / "missing.jpg"), str(tmp_path / "face.png"), "--no-detect",
+                     "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FileNotFoundError" in err and "does not exist; skipped" in err
+    assert (tmp_path / "out" / "face_labels.png").exists()
 
 
 def test_an_interrupted_training_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
@@ -320,6 +327,19 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
                                (["--loss-weights", "0", "0", "0"], "every term of the objective has weight 0")):
         assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "e")] + arguments) == 1
         assert message in capsys.readouterr().err, arguments
+    # --init: a checkpoint that is not there, is corrupt, or holds another network
+    from minirnng.models import CNNS, RNNG
+    (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 cut short")
+    RNNG(n_classes=4, rng=0).save(tmp_path / "four.npz")
+    CNNS(n_classes=3, rng=0).save(tmp_path / "cnn-s.npz")
+    RNNG(n_classes=3, rng=0, batch_norm=True).save(tmp_path / "normalised.npz")
+    for name, message in (("missing.npz", "does not exist"), ("truncated.npz", "corrupt or truncated"),
+                          ("four.npz", "shape"), ("cnn-s.npz", "holds a 'cnn-s' model, not 'rnng'"),
+                          ("normalised.npz", "with batch normalisation and this run trains one without")):
+        assert cli.main(["train", "--data", "synthetic", "--init", str(tmp_path / name),
+                         "--out", str(tmp_path / "f")]) == 1
+        assert message in capsys.readouterr().err, name
+    assert not (tmp_path / "f").exists()
 
 
 def test_resume_with_another_configuration_is_refused_before_loading_any_data(tmp_path, capsys, monkeypatch):

@@ -409,6 +409,8 @@ def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fi
     with pytest.raises(FileNotFoundError, match="missing.npz' does not exist"):
         Trainer(TrainConfig(epochs=1, batch_size=4, init=str(tmp_path / "missing.npz")), *tiny_data,
                 tmp_path / "run5", progress=False, log=lambda line: None).run()
+    # a checkpoint that does not fit is refused before the output folder is made
+    assert not any((tmp_path / f"run{k}").exists() for k in range(2, 6))
 
 
 def test_the_progress_bar_redraws_rarely_into_a_file(tiny_data, tmp_path, monkeypatch):
