@@ -100,9 +100,10 @@ rng = np.random.default_rng(0)
 #
 # Against the derivation: (1) the gate must be $g_{i+1}$, the gate that scaled the connection
 # $i \to i+1$ on the way forward, and (2) it must act *before* the channel mixing; (3) the matrix
-# must be $W^\top$; (4) $\varepsilon_i$ needs $h_{i-1}$, the state flowing *into* $i$. Each slip is
-# invisible in a special case ($C = 1$, a symmetric $W$, a constant gate), so the proof uses three
-# channels, a random non-symmetric $W$ and gates drawn independently at every pixel.
+# must be $W^\top$; (4) $\varepsilon_i$ needs $h_{i-1}$, the state flowing *into* $i$. Each of the
+# first three is invisible in a special case ($C = 1$, a symmetric $W$, a constant gate), and the
+# fourth wherever the state does not vary along the line, so the proof uses three channels, a random
+# non-symmetric $W$ and gates drawn independently at every pixel.
 # `minirnng.labs.gated_backward_variant` computes the backward pass with each choice switchable;
 # finite differences of the real layer decide:
 
@@ -221,7 +222,8 @@ assert report.max_error < 1e-7
 # ## 5. The stability rule
 #
 # Eq. 3 is linear in the state. Unrolled,
-# $h_j = \sum_{k \le j} \big(\prod_{m=k+1}^{j} \operatorname{diag}(g_m) W\big)(x_k + g_k \odot b)$, so
+# $h_j = \sum_{k \le j} \big(\operatorname{diag}(g_j) W\big) \cdots \big(\operatorname{diag}(g_{k+1}) W\big)
+# (x_k + g_k \odot b)$ (the factors ordered from $m = j$ down to $k + 1$; none for $k = j$), so
 # an input travels to pixel $j$ multiplied by $j - k$ factors $\operatorname{diag}(g_m) W$. If those
 # factors can expand a vector, the state grows exponentially along the row, and so does the
 # gradient, which flows back through the transposed factors. Section 3.2 keeps "$|g|$ and the norm

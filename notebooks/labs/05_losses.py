@@ -79,7 +79,7 @@ rng = np.random.default_rng(0)
 # $$
 #
 # PyTorch's weighted mean, as in the docstring of `minirnng.losses`. Without weights the
-# denominator is simply the number of pixels, $|U| = NHW$.
+# denominator is simply the number of pixels used, $|U|$ ($NHW$ when nothing is masked or ignored).
 #
 # ### Log-sum-exp
 #
