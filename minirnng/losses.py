@@ -150,7 +150,8 @@ def _kernel_ignore_index(owner, ignore_index):
 
 
 class Loss:
-    """The dispatch both losses share: ``forward(logits, target, mask=None) -> float`` checks its
+    """The dispatch the losses with targets share (the cross-entropies and soft Dice; the colour
+    affinity takes images instead): ``forward(logits, target, mask=None) -> float`` checks its
     arguments, then runs ``forward_gpu`` when the logits take the kernel path, ``forward_cpu``
     otherwise; ``backward(grad_output=1.0) -> dlogits`` runs the backward of the same path."""
 

@@ -518,6 +518,56 @@ def reference_sigmoid_bce(logits, targets, mask=None, scale=1.0):
     return (weight * losses).sum(), weight_sum, scale * weight * (expit(z) - t) / weight_sum
 
 
+def colour_affinity(logits, images, straight, diagonal, colour_scale):
+    """terms (1, 1, N*H*W) summed by channel_sum: the loss times N*H*W."""
+    xp = backend.get_array_module(logits)
+    N, K, H, W = logits.shape
+    terms = xp.empty((1, 1, N * H * W), dtype=logits.dtype)
+    scalar = logits.dtype.type
+    _launch("colour_affinity", "colour_affinity_forward", logits.dtype, N * H * W,
+            (logits, images, terms, scalar(straight), scalar(diagonal), scalar(colour_scale),
+             i32(N), i32(K), i32(images.shape[1]), i32(H), i32(W)))
+    return channel_sum(terms)
+
+
+def colour_affinity_backward(logits, images, straight, diagonal, colour_scale, scale):
+    xp = backend.get_array_module(logits)
+    N, K, H, W = logits.shape
+    dlogits = xp.empty_like(logits)
+    scalar = logits.dtype.type
+    _launch("colour_affinity", "colour_affinity_backward", logits.dtype, N * H * W,
+            (logits, images, dlogits, scalar(straight), scalar(diagonal), scalar(colour_scale), scalar(scale),
+             i32(N), i32(K), i32(images.shape[1]), i32(H), i32(W)))
+    return dlogits
+
+
+def reference_colour_affinity(logits, images, straight, diagonal, colour_scale, scale=1.0):
+    """(sum over pairs, dlogits) in float64, by a loop over every ordered pair of 8-connected pixels:
+    sum_(i,j) w_ij (1 - p_i . p_j) over each unordered pair once, and the gradient of
+    ``scale`` times it through the softmax."""
+    z = logits.astype(numpy.float64)
+    colours = images.astype(numpy.float64)
+    N, K, H, W = z.shape
+    p = numpy.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    total = 0.0
+    dp = numpy.zeros_like(p)
+    for n in range(N):
+        for y in range(H):
+            for x in range(W):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = y + dy, x + dx
+                        if (dy, dx) == (0, 0) or not (0 <= ny < H and 0 <= nx < W):
+                            continue
+                        difference = colours[n, :, y, x] - colours[n, :, ny, nx]
+                        w = (diagonal if dy and dx else straight) * numpy.exp(-colour_scale * difference @ difference)
+                        total += 0.5 * w * (1 - p[n, :, y, x] @ p[n, :, ny, nx])  # each pair is met twice
+                        dp[n, :, y, x] -= scale * w * p[n, :, ny, nx]
+    dz = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+    return total, dz
+
+
 # ---- batch normalisation --------------------------------------------------------------------------
 
 def batch_norm(x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5, track=True):

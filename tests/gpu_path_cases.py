@@ -17,7 +17,7 @@ from minirnng import backend
 from minirnng.layers import BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid, Tanh
 from minirnng.layers.recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN,
                                        SpatialRNN, constrain_recurrent_weight)
-from minirnng.losses import SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
+from minirnng.losses import ColourAffinity, SigmoidBinaryCrossEntropy, SoftDice, SoftmaxCrossEntropy
 
 
 # ---- the cases -----------------------------------------------------------------------------------
@@ -403,19 +403,27 @@ def check_gradients(device, build, make_inputs, prepare, max_entries=None, seed=
 
 
 def check_loss_gradients(device, seed=0, max_entries=None):
-    """Finite differences of both losses (mask, class weights, ignore index) on ``device``; the reports."""
-    from minirnng.gradcheck import check_loss
+    """Finite differences of the four losses on ``device`` (the cross-entropy with a mask, class
+    weights and an ignore index, the binary one with a mask, soft Dice with a mask and an ignore
+    index, the colour affinity); the reports."""
+    from minirnng.gradcheck import check, check_loss
 
     rng = numpy.random.default_rng(seed)
     settings = dict(class_weights=[0.5, 2.0, 1.0, 3.0], ignore_index=255)
     logits, target, mask = cross_entropy_arguments(rng, numpy.float64, settings, masked=True)
     edge, edge_target, edge_mask = binary_arguments(rng, numpy.float64, masked=True, logit_scale=3.0)
+    colours = 0.05 * rng.standard_normal((logits.shape[0], 3) + logits.shape[2:])  # within s_rgb of each other
     with backend.use(device):
         move = backend.to_device
+        affinity = ColourAffinity()
         return [check_loss(SoftmaxCrossEntropy(**settings), move(logits), move(target), move(mask), rng=rng,
                            max_entries=max_entries),
                 check_loss(SigmoidBinaryCrossEntropy(), move(edge), move(edge_target), move(edge_mask), rng=rng,
-                           max_entries=max_entries)]
+                           max_entries=max_entries),
+                check_loss(SoftDice(ignore_index=255), move(logits), move(target), move(mask), rng=rng,
+                           max_entries=max_entries),
+                check("ColourAffinity", lambda z: affinity.forward(z, move(colours)), affinity.backward,
+                      {"logits": move(logits)}, rng=rng, max_entries=max_entries)]
 
 
 def check_model_gradients(device, model_class, seed=1, max_entries=6):

@@ -375,6 +375,32 @@ def test_soft_dice_edge_cases():
     assert numpy.isnan(cases.soft_dice_backward(logits, wrong, totals, 1.0, 1.0)[0, :, 0, 0]).all()
 
 
+AFFINITY_SCALARS = (0.8, 0.3, 0.5)  # straight and diagonal weights, 1 / (2 s_rgb^2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_colour_affinity(dtype):
+    rng = numpy.random.default_rng(21)
+    logits = normal(rng, (2, 3, 5, 7), dtype, scale=3.0)
+    images = normal(rng, (2, 3, 5, 7), dtype)
+    images[0, :, 1:3, 2:5] = 0.25  # a patch of one colour: pairs of weight s_d exactly
+    total, dlogits = cases.reference_colour_affinity(logits, images, *AFFINITY_SCALARS, scale=0.7)
+    assert_close(cases.colour_affinity(logits, images, *AFFINITY_SCALARS), numpy.array([total]))
+    assert_close(cases.colour_affinity_backward(logits, images, *AFFINITY_SCALARS, 0.7), dlogits)
+
+
+def test_colour_affinity_gradient_matches_finite_differences():
+    rng = numpy.random.default_rng(22)
+    logits = normal(rng, (1, 4, 4, 6), numpy.float64, scale=2.0)
+    images = normal(rng, (1, 3, 4, 6), numpy.float64)
+
+    def loss(z):
+        return float(cases.colour_affinity(z, images, *AFFINITY_SCALARS)[0])
+
+    dlogits = cases.colour_affinity_backward(logits, images, *AFFINITY_SCALARS, 1.0)
+    assert_gradient_matches(loss, logits, dlogits, rng)
+
+
 # ---- the launcher's argument checks ---------------------------------------------------------------------
 
 def relu_args(n=10, dtype=numpy.float32):

@@ -2,7 +2,7 @@
 (tests/cuda_cases.py), compared with the emulator and with the NumPy references, plus finite
 differences in float64 on the GPU. Then every layer, loss and model on the GPU against the NumPy
 path (the cases of tests/test_gpu_path.py, from tests/gpu_path_cases.py), finite differences of
-each kind of layer, both losses and RNN-G in float64 on the GPU, and the errors for arrays on the
+each kind of layer, the four losses and RNN-G in float64 on the GPU, and the errors for arrays on the
 wrong device. Every test is marked ``gpu`` and skipped, with the reason, where CuPy is missing or
 sees no GPU; CuPy itself is imported only inside the tests.
 """
@@ -131,6 +131,9 @@ def kernel_cases(rng, dtype):
     yield "batch_norm_backward", cases.batch_norm_backward, (normal(rng, norm_x.shape, dtype), normalized["xhat"],
                                                              normalized["variance"], norm_weight), {}
     yield "soft_dice_backward", cases.soft_dice_backward, (logits, targets, dice_totals, 0.5, 0.7), dice_kwargs
+    colours = normal(rng, (2, 3, 7, 6), dtype)
+    yield "colour_affinity", cases.colour_affinity, (x, colours, 0.8, 0.3, 0.5), {}
+    yield "colour_affinity_backward", cases.colour_affinity_backward, (x, colours, 0.8, 0.3, 0.5, 0.7), {}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -429,7 +429,8 @@ _CELEBAMASK_IMAGES_PER_FOLDER = 2000
 
 
 class CelebAMaskHQ(Dataset):
-    """CelebAMask-HQ (Lee et al., CVPR 2020), its 19 parts mapped to the 11 HELEN classes.
+    """CelebAMask-HQ (Lee et al., CVPR 2020), its 18 parts (19 classes with
+    the background) mapped to the 11 HELEN classes.
 
     ``CelebAMaskHQ(root)`` reads every image of ``CelebA-HQ-img`` (sorted by number) from::
 

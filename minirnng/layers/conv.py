@@ -70,8 +70,8 @@ from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, 
 #: launch whose time grows with the work, since a thread reads each weight and input value itself
 #: where cuBLAS reuses them from fast memory. Measured on an H200 (docs/benchmarks.md), the direct
 #: kernel won for every RNN-G layer up to about 5e7 multiply-adds, and the two crossed between 6.7e7
-#: (transposed convolution) and beyond 1.3e9 (conv1); 2**26 (6.7e7) keeps batches 1 and 2 of
-#: RNN-G direct, so that they can be recorded in a CUDA graph. A layer's ``gpu_algorithm``
+#: (transposed convolution) and beyond 1.3e9 (conv1); 2**26 (6.7e7) keeps batches 1 to 3 of
+#: RNN-G at 128 x 128 direct, so that they can be recorded in a CUDA graph. A layer's ``gpu_algorithm``
 #: ("direct" or "im2col", default "auto") overrides the rule, for tests and benchmarks.
 DIRECT_MAX_MULTIPLY_ADDS = 2 ** 26
 
