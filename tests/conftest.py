@@ -1,5 +1,6 @@
 """Shared fixtures, the skipping rule for GPU tests, and the test session's default backend."""
 
+import contextlib
 import os
 
 import numpy
@@ -61,3 +62,59 @@ def outputs_won(layer, *inputs):
 
     scans = numpy.stack([layer.direction_layers[direction].forward(*inputs) for direction in DIRECTIONS])
     return [int(count) for count in numpy.bincount(scans.argmax(axis=0).ravel(), minlength=len(DIRECTIONS))]
+
+
+#: The smallest distance to a kink (a ReLU at 0, a tie in a max) that a finite-difference check
+#: allows: a hundred times its step of 1e-6, so that no step crosses one.
+KINK_MARGIN = 1e-4
+
+
+def merge_margin(layer, *inputs):
+    """The smallest gap, over a four-way layer's outputs, between the direction that wins the max
+    merge and the runner-up. A finite-difference step that crosses a gap flips the winner, and the
+    difference quotient then measures the merge's kink, not the backward; ``layer`` and ``inputs``
+    on the NumPy path."""
+    from minirnng.layers.recurrent import DIRECTIONS
+
+    scans = numpy.sort(numpy.stack([layer.direction_layers[direction].forward(*inputs)
+                                    for direction in DIRECTIONS]), axis=0)
+    return float((scans[-1] - scans[-2]).min())
+
+
+@contextlib.contextmanager
+def kink_margins():
+    """Record, while models run forward on the NumPy path, how close they come to a kink: the
+    smallest ``|x|`` a ReLU sees, the smallest gap between the largest and the second-largest value
+    of a max-pooling window, and :func:`merge_margin` of the four-way layers. Yields a dict
+    ``{"relu": ..., "pool": ..., "merge": ...}`` (inf for a kind the model does not have), filled
+    as the forward passes run."""
+    from minirnng.layers.activations import ReLU
+    from minirnng.layers.pool import MaxPool2d
+    from minirnng.layers.recurrent import FourWayMaxMerge
+
+    margins = {"relu": numpy.inf, "pool": numpy.inf, "merge": numpy.inf}
+    originals = ReLU.forward_cpu, MaxPool2d.forward_cpu, FourWayMaxMerge.forward_cpu
+
+    def note(kind, value):
+        margins[kind] = min(margins[kind], float(value))
+
+    def relu(self, x):
+        note("relu", numpy.abs(x).min())
+        return originals[0](self, x)
+
+    def pool(self, x):
+        _, _, out_height, out_width = self.output_shape(x.shape)
+        windows = numpy.sort(numpy.stack([x[:, :, rows, cols]
+                                          for _, rows, cols in self.window_offsets(out_height, out_width)]), axis=0)
+        note("pool", (windows[-1] - windows[-2]).min())
+        return originals[1](self, x)
+
+    def merge(self, *inputs):
+        note("merge", merge_margin(self, *inputs))
+        return originals[2](self, *inputs)
+
+    ReLU.forward_cpu, MaxPool2d.forward_cpu, FourWayMaxMerge.forward_cpu = relu, pool, merge
+    try:
+        yield margins
+    finally:
+        ReLU.forward_cpu, MaxPool2d.forward_cpu, FourWayMaxMerge.forward_cpu = originals

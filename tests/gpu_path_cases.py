@@ -398,6 +398,11 @@ def check_gradients(device, build, make_inputs, prepare, max_entries=None, seed=
         prepare(reference, rng)
     layer = build_on(device, build, numpy.float64, reference)
     inputs = make_inputs(rng)
+    if hasattr(reference, "direction_layers"):
+        from conftest import KINK_MARGIN, merge_margin
+        with backend.use("numpy"):
+            margin = merge_margin(reference, *inputs)
+        assert margin > KINK_MARGIN, f"a step of the finite differences could change a winner of the merge: {margin}"
     with backend.use(device):
         return check_layer(layer, *(backend.to_device(x) for x in inputs), rng=rng, max_entries=max_entries)
 
@@ -435,5 +440,9 @@ def check_model_gradients(device, model_class, seed=1, max_entries=6):
     reference.randomize_recurrence(rng)
     model = build_model_on(device, model_class, numpy.float64, reference, seed=seed)
     images = rng.standard_normal((2, 3, 12, 8))
+    from conftest import KINK_MARGIN, kink_margins
+    with backend.use("numpy"), kink_margins() as margins:
+        reference.forward(images)
+    assert min(margins.values()) > KINK_MARGIN, margins  # the same values as on the device, to rounding
     with backend.use(device):
         return check_model(model, backend.to_device(images), rng=rng, max_entries=max_entries)

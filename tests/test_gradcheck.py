@@ -33,6 +33,12 @@ def test_a_wrong_backward_is_caught(rng):
     assert "FAIL" in str(bad)
 
 
+def test_the_upstream_gradient_is_not_uniform(rng):
+    # y = x reversed, with a backward that forgets to reverse dy: right for a constant upstream only
+    report = check("reverse", lambda x: x[::-1].copy(), lambda dy: dy, {"x": rng.standard_normal(6)}, rng=rng)
+    assert not report.passed(), str(report)
+
+
 def test_a_factor_of_two_scores_a_third_and_a_sign_error_one(rng):
     """The scale of a wrong backward's relative error, as the module's docstring gives it."""
     x = rng.standard_normal((2, 3))

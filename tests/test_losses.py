@@ -98,7 +98,7 @@ def test_softmax_ce_bad_input():
         SoftmaxCrossEntropy().backward()
     loss = SoftmaxCrossEntropy()
     loss.forward(logits, numpy.zeros((1, 2, 2), dtype=int))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels outside \[0, 3\)"):
         loss.forward(logits, numpy.full((1, 2, 2), 9))
     with pytest.raises(RuntimeError, match="after a forward that failed"):
         loss.backward()  # not the gradient of the pass before the failed one

@@ -3,7 +3,7 @@ four-way merge and its ties, long scans, the stability rule, and bad input."""
 
 import numpy
 import pytest
-from conftest import outputs_won
+from conftest import KINK_MARGIN, merge_margin, outputs_won
 
 from minirnng.gradcheck import check_layer
 from minirnng.layers import naive
@@ -51,6 +51,7 @@ def test_four_way_finite_differences(channels, rng):
     shape = (2, channels, 5, 6)
     x, g = rng.standard_normal(shape), gates(rng, shape)
     assert min(outputs_won(layer, x, g)) > 0, outputs_won(layer, x, g)
+    assert merge_margin(layer, x, g) > KINK_MARGIN
     report = check_layer(layer, x, g, rng=rng)
     expected = {"x", "g"} | {f"{direction}.{name}" for direction in DIRECTIONS for name in "Wb"}
     assert {row.name for row in report.rows} == expected
@@ -71,9 +72,19 @@ def test_four_way_plain_finite_differences(rng):
     layer = randomize(FourWaySpatialRNN(3, dtype=numpy.float64), rng, bias_scale=0.1)
     x = rng.standard_normal((2, 3, 4, 5))
     assert min(outputs_won(layer, x)) > 0, outputs_won(layer, x)
+    assert merge_margin(layer, x) > KINK_MARGIN
     report = check_layer(layer, x, rng=rng)
     assert {row.name for row in report.rows} == {"x"} | {f"{d}.{name}" for d in DIRECTIONS for name in "Wb"}
     assert report.max_error < 1e-7, str(report)
+
+
+def test_a_four_way_identity_scan_with_zero_weights_is_the_identity(rng):
+    # h = x + W h_prev + b with W = 0 and b = 0 is x itself; a tanh in its place would bend it
+    layer = FourWaySpatialRNN(2, activation="identity", dtype=numpy.float64)
+    for value in layer.params.values():
+        value[...] = 0
+    x = 3 * rng.standard_normal((1, 2, 3, 4))
+    numpy.testing.assert_array_equal(layer.forward(x), x)
 
 
 # -- naive against fast ---------------------------------------------------------------------------
