@@ -860,13 +860,23 @@ def report_error(arguments, error):
               "--input-size or fewer --workers, or smaller images", file=sys.stderr)
         return 1
     if isinstance(error, (OSError, ValueError, BackendError, FloatingPointError)):
-        print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
+        # a worker process that was killed (by the kernel's out-of-memory killer, say) stopped the
+        # run, not the run's own input: where it can go on from is worth saying
+        hint = where_to_continue(arguments) if isinstance(error, ChildProcessError) else ""
+        print(f"minirnng {arguments.command}: error: {error}{hint}", file=sys.stderr)
         return 1
     return None
 
 
 def report_interrupted(arguments):
     """Exit status 130, after a line that says where the finished work is."""
+    print(f"\nminirnng {arguments.command}: interrupted{where_to_continue(arguments)}", file=sys.stderr)
+    return 130
+
+
+def where_to_continue(arguments):
+    """For a command stopped before its end: where its finished work is and how to go on from it
+    (training and ``reproduce``), as the end of a message; "" for the other commands."""
     from .train import last_checkpoint_path
 
     hint = ""
@@ -878,8 +888,7 @@ def report_interrupted(arguments):
     elif arguments.command == "reproduce":
         hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
                 "where it stopped (table 3's component networks start again)")
-    print(f"\nminirnng {arguments.command}: interrupted{hint}", file=sys.stderr)
-    return 130
+    return hint
 
 
 if __name__ == "__main__":

@@ -76,6 +76,36 @@ def deferred():
 
 
 @contextlib.contextmanager
+def signals_held():
+    """A block that the stop signals wait outside of, even where :func:`handling_signals` is not in
+    force (a library call from a notebook or a script, where Ctrl-C raises KeyboardInterrupt at
+    once): a stop that arrives inside is recorded, and delivered again, to the handler that was
+    there before, as the block ends. For the one call that creates a resource the operating system
+    keeps after the process (a shared-memory block) and the line that records it. (Blocking the
+    signal would not do: a process-wide signal goes to any thread that does not block it, and a
+    notebook's kernel has several.) Signal handlers belong to the main thread: elsewhere the block
+    changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+
+    def record(number, frame):
+        arrived.append(number)
+
+    # a signal that is ignored, or whose handler Python did not install, is left as it is
+    previous = {number: signal.signal(number, record) for number in STOP_SIGNALS
+                if signal.getsignal(number) not in (signal.SIG_IGN, None)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)
+
+
+@contextlib.contextmanager
 def ignored_by_children():
     """Start child processes inside this block: they ignore :data:`STOP_SIGNALS` from their first
     instruction (an ignored signal stays ignored across ``exec``), so that Ctrl-C and a ``kill`` of

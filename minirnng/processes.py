@@ -31,6 +31,7 @@ every OS), which takes about half a second each, once. :meth:`ProcessParallel.cl
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import traceback
 import weakref
@@ -74,7 +75,8 @@ class SharedArrays:
         # A new block with room to spare, so that a few larger batches do not each need one; the
         # old block is freed once its readers let go of it (unlinking only removes its name).
         self.close()
-        with interruption.deferred():  # a block created but not recorded would never be freed
+        # a block created but not recorded would never be freed, not even when the program ends
+        with interruption.deferred(), interruption.signals_held():
             self.block = shared_memory.SharedMemory(create=True, size=max(2 * size, 1 << 20))
 
     def close(self):
@@ -99,18 +101,24 @@ class SharedArraysReader:
         outlive the next message: the writer reuses the block)."""
         name, layout = message
         if name not in self.blocks:
-            with interruption.deferred():
+            with interruption.deferred(), interruption.signals_held():
                 self.blocks[name] = shared_memory.SharedMemory(name=name)
         buffer = self.blocks[name].buf
         return {key: numpy.ndarray(shape, dtype, buffer=buffer, offset=offset)
                 for key, shape, dtype, offset in layout}
 
-    def close(self):
+    def close(self, unlink=False):
+        """Let go of the blocks; ``unlink``: free them as well (their writer died before it could)."""
         for block in self.blocks.values():
             try:
                 block.close()
             except BufferError:  # a view is still alive somewhere; the OS frees it at exit
                 pass
+            if unlink:
+                try:
+                    block.unlink()
+                except FileNotFoundError:
+                    pass
         self.blocks = {}
 
 
@@ -210,6 +218,9 @@ class WorkerProcess:
     """One worker process with its replica, its pipe and the shared block that feeds it."""
 
     def __init__(self, model, index):
+        # True once a wait for a reply was cut short (Ctrl-C in a notebook): the reply, or the rest
+        # of it, is still on its way, and would be read as the answer to the next command
+        self.out_of_step = False
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
@@ -258,8 +269,11 @@ class WorkerProcess:
             status, payload = self.connection.recv()
         except (EOFError, OSError):
             self.process.join(timeout=1)
-            return RuntimeError(f"ProcessParallel: worker process {self.process.name} (pid {self.process.pid}) "
-                                f"stopped unexpectedly (exit code {self.process.exitcode})")
+            return ChildProcessError(f"ProcessParallel: worker process {self.process.name} (pid {self.process.pid}) "
+                                     f"stopped unexpectedly ({describe_exit(self.process.exitcode)})")
+        except BaseException:
+            self.out_of_step = True
+            raise
         if status == "error":
             return payload
         return unflatten_result(self.inbox.read(payload))
@@ -271,10 +285,13 @@ class WorkerProcess:
             pass
         self.process.join(timeout=5)
         if self.process.is_alive():
-            self.process.terminate()
+            # it ignores SIGTERM, as it ignores Ctrl-C (__init__): a shard that does not finish
+            # within the wait is stopped by SIGKILL, or Ctrl-C could never end the program
+            self.process.kill()
             self.process.join()
         self.connection.close()
-        self.inbox.close()
+        # a worker that was killed, or crashed, did not free the blocks it wrote the replies in
+        self.inbox.close(unlink=self.process.exitcode != 0)
         self.outbox.close()
 
 
@@ -299,11 +316,18 @@ class ProcessParallel(DataParallel):
             for worker in workers:
                 worker.close()
             raise
-        self._finalizer = weakref.finalize(self, close_workers, list(workers))
+        # the finalizer's own list, which _submit keeps up to date when it replaces a worker
+        self._workers = list(workers)
+        self._finalizer = weakref.finalize(self, close_workers, self._workers)
         return workers
 
     def _submit(self, index, method, inputs, options, params, errors):
         worker = self.replicas[index]
+        if worker.out_of_step:
+            # an interrupted pass left its reply in the pipe: a fresh worker instead of a wrong answer
+            worker.close()
+            worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
+            self.replicas[index] = self._workers[index - 1] = worker
         worker.submit(method, inputs, options, params, errors)
         return worker
 
@@ -317,6 +341,17 @@ class ProcessParallel(DataParallel):
         if finalizer is not None:
             finalizer()
         self.replicas = [self.model]
+
+
+def describe_exit(exitcode):
+    """A worker process's exit code in words: ``killed by signal 9 (SIGKILL)``, ``exit code 1``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-exitcode} ({name})"
+    return f"exit code {exitcode}"
 
 
 def close_workers(workers):

@@ -240,6 +240,21 @@ def test_bad_input_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys, monke
     assert err.startswith("minirnng train: error: LFWPL: folder") and "Traceback" not in err
 
 
+def test_a_worker_process_that_died_says_where_training_can_continue(tmp_path, capsys, monkeypatch):
+    import argparse
+    monkeypatch.delenv("MINIRNNG_TRACEBACK", raising=False)
+    arguments = argparse.Namespace(command="train", out=str(tmp_path))
+    died = ChildProcessError("ProcessParallel: worker process minirnng-shard-1 (pid 7) stopped unexpectedly "
+                             "(killed by signal 9 (SIGKILL))")
+    (tmp_path / "last.npz").write_bytes(b"a run's checkpoint")
+    assert cli.report_error(arguments, died) == 1
+    err = capsys.readouterr().err
+    assert "killed by signal 9 (SIGKILL)" in err and "continue with the same command and --resume" in err
+    # other errors of the input get no such hint
+    assert cli.report_error(arguments, ValueError("lr must be a finite number")) == 1
+    assert "--resume" not in capsys.readouterr().err
+
+
 def test_minirnng_traceback_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINIRNNG_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -137,6 +137,29 @@ def test_a_stop_while_shared_memory_is_created_leaves_it_recorded_and_freed(monk
         shared_memory.SharedMemory(name=name)  # unlinked: nothing left for the resource tracker
 
 
+def test_outside_the_command_line_a_stop_while_shared_memory_is_created_waits_until_it_is_recorded(monkeypatch):
+    # in a notebook or a script Ctrl-C raises KeyboardInterrupt at once: created and not yet
+    # recorded, a block would outlive the program
+    from multiprocessing import shared_memory
+
+    create = shared_memory.SharedMemory
+
+    def created_as_ctrl_c_arrives(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the default handler: KeyboardInterrupt, unless held
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(processes.shared_memory, "SharedMemory", created_as_ctrl_c_arrives)
+    block = processes.SharedArrays()
+    with pytest.raises(KeyboardInterrupt):
+        block.write({"x": [1.0, 2.0]})
+    assert block.block is not None
+    name = block.block.name
+    block.close()
+    monkeypatch.setattr(processes.shared_memory, "SharedMemory", create)
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+
+
 def test_workers_ignore_stop_signals_and_one_sent_while_they_start_is_not_lost(monkeypatch):
     model = RNNG(rng=numpy.random.default_rng(0))
     images = numpy.random.default_rng(1).uniform(-0.5, 0.5, (2, 3, 16, 16))

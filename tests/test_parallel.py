@@ -1,6 +1,8 @@
 """DataParallel and ProcessParallel: worker threads or processes that share each batch give the
 serial model's numbers."""
 
+import os
+import signal
 import threading
 
 import numpy
@@ -190,13 +192,66 @@ def test_processes_report_errors_and_stop_cleanly(rng):
     # after close, passes run unsplit on the model
     numpy.testing.assert_array_equal(network.forward(images)["logits"], model.forward(images)["logits"])
 
-    # a worker that dies is a clear error, not a hang
+    # a worker that dies is a clear error, not a hang, and the blocks it wrote are freed
     network = ProcessParallel(model, 2)
-    network.replicas[1].process.kill()
-    network.replicas[1].process.join()
-    with pytest.raises(RuntimeError, match="worker process minirnng-shard-1 .* stopped unexpectedly"):
+    network.forward(images)
+    worker = network.replicas[1]
+    written = list(worker.inbox.blocks)
+    worker.process.kill()
+    worker.process.join()
+    with pytest.raises(ChildProcessError, match=r"worker process minirnng-shard-1 .* stopped unexpectedly "
+                                                r"\(killed by signal 9 \(SIGKILL\)\)"):
         network.forward(images)
     network.close()
+    for name in written:
+        with pytest.raises(FileNotFoundError):
+            SharedArraysReader().read((name, []))
+
+
+def test_a_worker_that_does_not_stop_is_killed_by_close():
+    # it ignores SIGTERM as it ignores Ctrl-C; a stopped process is one that does not finish its shard
+    model, _ = twin_models()
+    network = ProcessParallel(model, 2)
+    worker = network.replicas[1]
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    closing = threading.Thread(target=network.close, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    assert not closing.is_alive() and not worker.process.is_alive()
+
+
+class InterruptedOnce:
+    """A worker's end of the pipe whose first wait for a reply is cut short by Ctrl-C, as in a
+    notebook: the reply stays in the pipe."""
+
+    def __init__(self, connection):
+        self.connection, self.interrupted = connection, False
+
+    def recv(self):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return self.connection.recv()
+
+    def __getattr__(self, name):
+        return getattr(self.connection, name)
+
+
+def test_a_pass_interrupted_while_it_waits_for_a_worker_leaves_no_reply_behind(rng):
+    model, _ = twin_models()
+    network = ProcessParallel(model, 2)
+    try:
+        first, second = (rng.uniform(-0.5, 0.5, (4, 3, 16, 16)) for _ in range(2))
+        worker = network.replicas[1]
+        worker.connection = InterruptedOnce(worker.connection)
+        with pytest.raises(KeyboardInterrupt):
+            network.predict(first)
+        # the first pass's reply is still in that pipe: answered by it, this pass would return
+        # the first batch's labels for the second half of the second batch
+        numpy.testing.assert_array_equal(network.predict(second), model.predict(second))
+        assert network.replicas[1] is not worker and not worker.process.is_alive()
+    finally:
+        network.close()
 
 
 def test_shared_arrays_grow_and_keep_dtypes_and_shapes(rng):
