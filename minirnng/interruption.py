@@ -88,19 +88,30 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    arrived = []
+    arrived, previous = [], {}
 
     def record(number, frame):
         arrived.append(number)
 
-    # a signal that is ignored, or whose handler Python did not install, is left as it is
-    previous = {number: signal.signal(number, record) for number in STOP_SIGNALS
-                if signal.getsignal(number) not in (signal.SIG_IGN, None)}
     try:
+        for number in STOP_SIGNALS:
+            # a signal that is ignored, or whose handler Python did not install, is left as it is
+            if signal.getsignal(number) not in (signal.SIG_IGN, None):
+                previous[number] = signal.signal(number, record)
         yield
     finally:
+        # Every handler goes back, even when a Ctrl-C reaches one already restored while the next
+        # is (signal.signal runs the handlers of pending signals first): a handler left recording
+        # would swallow every later stop of the program.
+        interrupt = None
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            while signal.getsignal(number) is not handler:
+                try:
+                    signal.signal(number, handler)
+                except KeyboardInterrupt as error:
+                    interrupt = error
+        if interrupt is not None:
+            raise interrupt
         for number in dict.fromkeys(arrived):
             signal.raise_signal(number)
 

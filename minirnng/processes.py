@@ -218,9 +218,9 @@ class WorkerProcess:
     """One worker process with its replica, its pipe and the shared block that feeds it."""
 
     def __init__(self, model, index):
-        # True once a wait for a reply was cut short (Ctrl-C in a notebook): the reply, or the rest
-        # of it, is still on its way, and would be read as the answer to the next command
-        self.out_of_step = False
+        # True from a command's sending until its reply is read: a pass cut short in between (Ctrl-C
+        # in a notebook) leaves the reply in the pipe, where it would answer the next command
+        self.reply_owed = False
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
@@ -257,7 +257,7 @@ class WorkerProcess:
             arrays["images"] = inputs["images"]
         try:
             self.connection.send((method, self.outbox.write(arrays), options, errors))
-            self.sent = True
+            self.sent = self.reply_owed = True
         except OSError:  # a broken pipe: the worker has gone; collect() says so
             self.sent = False
 
@@ -267,13 +267,11 @@ class WorkerProcess:
             if not self.sent:
                 raise EOFError
             status, payload = self.connection.recv()
+            self.reply_owed = False
         except (EOFError, OSError):
             self.process.join(timeout=1)
             return ChildProcessError(f"ProcessParallel: worker process {self.process.name} (pid {self.process.pid}) "
                                      f"stopped unexpectedly ({describe_exit(self.process.exitcode)})")
-        except BaseException:
-            self.out_of_step = True
-            raise
         if status == "error":
             return payload
         return unflatten_result(self.inbox.read(payload))
@@ -290,7 +288,8 @@ class WorkerProcess:
             self.process.kill()
             self.process.join()
         self.connection.close()
-        # a worker that was killed, or crashed, did not free the blocks it wrote the replies in
+        # a worker that was killed, or crashed, did not free the blocks it wrote its replies in: those
+        # read here are freed now (one it made for a reply never sent, the resource tracker frees at exit)
         self.inbox.close(unlink=self.process.exitcode != 0)
         self.outbox.close()
 
@@ -323,8 +322,9 @@ class ProcessParallel(DataParallel):
 
     def _submit(self, index, method, inputs, options, params, errors):
         worker = self.replicas[index]
-        if worker.out_of_step:
-            # an interrupted pass left its reply in the pipe: a fresh worker instead of a wrong answer
+        if worker.reply_owed:
+            # an interrupted pass left a reply in the pipe (or the worker died): a fresh worker
+            # instead of a wrong answer
             worker.close()
             worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
             self.replicas[index] = self._workers[index - 1] = worker

@@ -412,13 +412,8 @@ class Trainer:
         if self._network is None:
             if self.workers is None:
                 self.workers = default_workers()
-            self._network = PARALLEL[self.parallel](self.model, self.shards(self.workers))
+            self._network = PARALLEL[self.parallel](self.model, self.workers)
         return self._network
-
-    def shards(self, workers):
-        """How many of ``workers`` a training batch can keep busy: a batch is cut into at most one
-        shard per image, so workers beyond the batch size would be started and never used."""
-        return min(workers, self.config.batch_size)
 
     def close(self):
         """Stop the worker processes (or threads); the next use of :attr:`network` starts new ones."""
@@ -466,7 +461,7 @@ class Trainer:
         requested = self._network.workers if self._network is not None else self.workers
         if requested is None:
             self.workers = saved_workers
-        elif self.shards(requested) != self.shards(saved_workers):
+        elif requested != saved_workers:
             if self.config.batch_norm:
                 raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s): it was "
                                  f"trained with {saved_workers}, and with batch normalisation each worker's shard "
@@ -536,14 +531,14 @@ class Trainer:
                 self.log(f"the run in {self.out_dir} has finished its {self.epoch} epochs; nothing to do "
                          "(a larger --epochs continues it, with the learning-rate schedule stretched over the new "
                          "number of epochs: a cosine or step rate that had decayed jumps back up)")
-                self.write_history(missing_only=True)  # a stop after the last checkpoint may have cut them
+                self.write_history()  # a stop between the last checkpoint and the log may have cut them
                 return self.history
-            if self.workers is not None and self.workers > available_cores():
-                self.log(f"note: {self.workers} workers on {available_cores()} cores: they take turns, which "
-                         "costs time; --workers at most the number of cores is faster")
             if self.network.workers > 1 and not backend.uses_kernels(next(iter(self.model.params().values()))):
                 self.log(f"{self.network.workers} worker {self.parallel} share each batch "
                          f"({type(self.network).__module__}.{type(self.network).__name__})")
+                if self.network.workers > available_cores():
+                    self.log(f"note: {self.network.workers} workers on {available_cores()} cores take turns, "
+                             "which costs time: --workers at most the number of cores is faster")
             try:
                 self.train_epochs()
             finally:
@@ -579,12 +574,11 @@ class Trainer:
                      f"val accuracy {100 * row['val_accuracy']:.2f}%, {scores} "
                      f"({row['images_per_second']:.0f} img/s, {row['seconds']:.0f} s)")
 
-    def write_history(self, missing_only=False):
-        """``log.csv`` and ``curves.png`` of the epochs so far (``missing_only``: those not there)."""
-        for name, write in (("log.csv", write_log), ("curves.png", plot_curves)):
-            path = os.path.join(self.out_dir, name)
-            if self.history and not (missing_only and os.path.exists(path)):
-                write(self.history, path)
+    def write_history(self):
+        """``log.csv`` and ``curves.png`` of the epochs so far."""
+        if self.history:
+            write_log(self.history, os.path.join(self.out_dir, "log.csv"))
+            plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
 
 
 def write_log(history, path):

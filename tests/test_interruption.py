@@ -160,6 +160,28 @@ def test_outside_the_command_line_a_stop_while_shared_memory_is_created_waits_un
         shared_memory.SharedMemory(name=name)
 
 
+def test_a_ctrl_c_while_the_handlers_go_back_leaves_none_of_them_recording(monkeypatch):
+    swap = signal.signal
+    restoring = []
+
+    def interrupted_once_while_restoring(number, handler):
+        # signal.signal runs the handlers of pending signals before it swaps: a Ctrl-C that reached
+        # the restored SIGINT handler raises here, while SIGTERM's is still the block's
+        if number == signal.SIGTERM and getattr(handler, "__name__", None) != "record" and not restoring:
+            restoring.append(number)
+            raise KeyboardInterrupt
+        return swap(number, handler)
+
+    before = {number: signal.getsignal(number) for number in interruption.STOP_SIGNALS}
+    monkeypatch.setattr(signal, "signal", interrupted_once_while_restoring)
+    with pytest.raises(KeyboardInterrupt):
+        with interruption.signals_held():
+            pass
+    monkeypatch.setattr(signal, "signal", swap)
+    assert restoring == [signal.SIGTERM]
+    assert {number: signal.getsignal(number) for number in interruption.STOP_SIGNALS} == before
+
+
 def test_workers_ignore_stop_signals_and_one_sent_while_they_start_is_not_lost(monkeypatch):
     model = RNNG(rng=numpy.random.default_rng(0))
     images = numpy.random.default_rng(1).uniform(-0.5, 0.5, (2, 3, 16, 16))

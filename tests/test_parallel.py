@@ -239,17 +239,18 @@ class InterruptedOnce:
 
 def test_a_pass_interrupted_while_it_waits_for_a_worker_leaves_no_reply_behind(rng):
     model, _ = twin_models()
-    network = ProcessParallel(model, 2)
+    network = ProcessParallel(model, 3)
     try:
-        first, second = (rng.uniform(-0.5, 0.5, (4, 3, 16, 16)) for _ in range(2))
-        worker = network.replicas[1]
-        worker.connection = InterruptedOnce(worker.connection)
+        first, second = (rng.uniform(-0.5, 0.5, (6, 3, 16, 16)) for _ in range(2))
+        waited_for, never_collected = network.replicas[1:]
+        waited_for.connection = InterruptedOnce(waited_for.connection)
         with pytest.raises(KeyboardInterrupt):
             network.predict(first)
-        # the first pass's reply is still in that pipe: answered by it, this pass would return
-        # the first batch's labels for the second half of the second batch
-        numpy.testing.assert_array_equal(network.predict(second), model.predict(second))
-        assert network.replicas[1] is not worker and not worker.process.is_alive()
+        # both workers' replies to the first pass are still in their pipes: answered by them, this
+        # pass would return the first batch's labels (or fail on their layout) for the second one's
+        numpy.testing.assert_array_equal(network.forward(second)["logits"], model.forward(second)["logits"])
+        assert network.replicas[1] is not waited_for and network.replicas[2] is not never_collected
+        assert not waited_for.process.is_alive() and not never_collected.process.is_alive()
     finally:
         network.close()
 

@@ -337,24 +337,14 @@ def test_a_batch_norm_run_resumes_only_with_its_own_number_of_workers(tiny_data,
     assert len(resumed.run(resume=True)) == 2 and resumed.workers == 2
 
 
-def test_workers_beyond_the_batch_size_are_not_started_and_a_resume_counts_the_workers_used(tiny_data, tmp_path):
-    # a batch of 4 is cut into at most 4 shards: the 12 other workers would never run
-    config = TrainConfig(epochs=2, batch_size=4, batch_norm=True)
-
-    def stop_after_first_epoch(line):
-        if line.startswith("epoch 1/"):
-            raise Interrupt
-
-    trainer = Trainer(config, *tiny_data, tmp_path, progress=False, workers=16, parallel="threads",
-                      log=stop_after_first_epoch)
-    assert trainer.network.workers == 4
-    with pytest.raises(Interrupt):
-        trainer.run()
-    lines = []
-    resumed = Trainer(config, *tiny_data, tmp_path, progress=False, workers=6, parallel="threads", log=lines.append)
-    assert len(resumed.run(resume=True)) == 2  # 6 workers are the same 4 shards as 16: the same training
+def test_more_workers_than_cores_are_noted(tiny_data, tmp_path):
     from minirnng.parallel import available_cores
-    assert any("note: 6 workers on" in line for line in lines) == (6 > available_cores())
+
+    lines = []
+    workers = available_cores() + 1
+    Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, progress=False, workers=workers,
+            parallel="threads", log=lines.append).run()
+    assert any(f"note: {workers} workers on {available_cores()} cores take turns" in line for line in lines)
 
 
 def test_a_finished_run_is_never_overwritten(tiny_data, tmp_path):
@@ -557,9 +547,9 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_writes(tiny_
     lines = []
     Trainer(config, *tiny_data, tmp_path, progress=False, log=lines.append).run(resume=True)
     assert any("has finished its 1 epochs; nothing to do" in line for line in lines)
-    # a stop after the last checkpoint and before the log: the finished run writes what is missing
+    # a stop after the last checkpoint and before the log: the finished run writes it again
     log = (tmp_path / "log.csv").read_text()
-    (tmp_path / "log.csv").unlink()
+    (tmp_path / "log.csv").write_text(log.splitlines()[0] + "\n")  # as the epoch before left it
     (tmp_path / "curves.png").unlink()
     Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)
     assert (tmp_path / "log.csv").read_text() == log and (tmp_path / "curves.png").exists()

@@ -203,8 +203,8 @@ for d, direction in enumerate(DIRECTIONS):
 # notebook 07, $\delta_t = \xi_t + W^\top (g_{t+1} \odot \delta_{t+1})$, writes $\partial L/\partial x$ and
 # $\partial L/\partial g$ per direction, and, for the parameter gradients, $e_t = g_t \odot \delta_t$
 # (the $u_t$ of notebook 07 and of `gated_scan_backward`; not the paper's $\varepsilon$, which is
-# $\partial L/\partial g$) and $h_{t-1}$ in a channel-major layout $(D, C, N, H, W)$. Then each $\partial L/\partial W_d$ is
-# one matrix product, $e_d\, h_{\text{prev},d}^\top$ with both viewed as $C \times NHW$ matrices,
+# $\partial L/\partial g$) and $h_{t-1}$ in a channel-major layout $(D, C, N, H, W)$. Then each
+# $\partial L/\partial W_d$ is one matrix product, $e_d\, h_{\text{prev},d}^\top$ with both viewed as $C \times NHW$ matrices,
 # and $\partial L/\partial b_d$ a sum: no atomics, and the same bits on every run.
 #
 # ### Lab: the Python side of a GPU layer
