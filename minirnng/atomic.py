@@ -62,8 +62,13 @@ def _naming(path):
 
 
 def write_json(path, record):
-    """Write ``record`` as indented JSON to ``path`` atomically (results of eval and reproduce)."""
+    """Write ``record`` as indented JSON to ``path`` atomically (results of eval and reproduce).
+    A NaN or an infinity is an error, not the bare ``NaN`` token that other JSON readers refuse:
+    an undefined score is None (``null``)."""
     with replacing(path) as temporary:
         with open(temporary, "w") as stream:
-            json.dump(record, stream, indent=1)
+            try:
+                json.dump(record, stream, indent=1, allow_nan=False)
+            except ValueError as error:
+                raise ValueError(f"cannot write {os.fspath(path)!r}: {error} (a score is NaN or infinite)") from None
     return os.fspath(path)

@@ -255,6 +255,10 @@ def command_eval(arguments):
         check_figure_path(arguments.confusion, "--confusion")
     for path in (arguments.json, arguments.confusion):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
+    if arguments.json and arguments.confusion and \
+            os.path.abspath(arguments.json) == os.path.abspath(arguments.confusion):
+        raise ValueError(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
+                         "overwritten by the JSON; give two file names")
     model = load_model(arguments.checkpoint)
     if arguments.classes is not None and model.n_classes != arguments.classes:
         raise ValueError(f"checkpoint {arguments.checkpoint!r} parses {model.n_classes} classes, not the "

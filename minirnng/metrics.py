@@ -140,8 +140,9 @@ def summarize(confusion, classes):
     def by_name(values):
         return {name: (None if numpy.isnan(v) else float(v)) for name, v in zip(classes, values)}
 
+    accuracy = pixel_accuracy(confusion)
     return {
-        "accuracy": pixel_accuracy(confusion),
+        "accuracy": None if numpy.isnan(accuracy) else accuracy,  # a matrix that counts no pixel
         "precision": by_name(precision),
         "recall": by_name(recall),
         "f_measure": by_name(f_measure),

@@ -166,6 +166,8 @@ def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tm
     monkeypatch.setattr(catalog, "load_split", never)
     assert cli.main(command + ["--confusion", str(tmp_path / "confusion.txt"), "--json", str(tmp_path / "r.json")]) == 1
     assert "Matplotlib cannot write .txt files" in capsys.readouterr().err
+    assert cli.main(command + ["--confusion", str(tmp_path / "same.png"), "--json", str(tmp_path / "same.png")]) == 1
+    assert "--json and --confusion name the same file" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("not a folder")
     assert cli.main(command + ["--json", str(tmp_path / "a-file" / "r.json")]) == 1
     assert "is a file, not a folder" in capsys.readouterr().err
@@ -478,6 +480,18 @@ def test_long_output_names_fit_with_the_temporary_suffix(tmp_path):
     path = tmp_path / ("r" * 245 + ".json")  # 250 bytes: room for no temporary suffix of its own
     write_json(path, {"ok": True})
     assert path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_json_results_hold_no_nan_token(tmp_path):
+    from minirnng.atomic import write_json
+    from minirnng.metrics import summarize
+
+    summary = summarize(numpy.zeros((3, 3), int), ["background", "skin", "hair"])  # no pixel counted
+    assert summary["accuracy"] is None and set(summary["f_measure"].values()) == {None}
+    write_json(tmp_path / "empty.json", summary)
+    with pytest.raises(ValueError, match=r"cannot write '.*nan\.json': .*NaN or infinite"):
+        write_json(tmp_path / "nan.json", {"accuracy": float("nan")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json"]  # nothing half written
 
 
 def test_outputs_that_cannot_be_written_name_the_file_not_a_temporary_one(tmp_path, capsys, monkeypatch):
