@@ -31,6 +31,7 @@ class _Elementwise(Layer):
         return f"{type(self).__name__}()"
 
     def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         check_array(x, type(self).__name__, "input x")
         return self.run_forward(x)
 

@@ -311,12 +311,16 @@ class Conv2d(_ConvolutionBase):
                 conv_output_size(height, self.kernel_size, self.stride, self.padding),
                 conv_output_size(width, self.kernel_size, self.stride, self.padding))
 
-    def forward(self, x):
-        self.check_input(x)
+    def check_size(self, x):
         height, width = x.shape[2:]
         if min(height, width) + 2 * self.padding < self.kernel_size:
             raise ValueError(f"{self!r}: input of spatial size {height}x{width} is too small for a "
                              f"{self.kernel_size}x{self.kernel_size} kernel with padding {self.padding}")
+
+    def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
+        self.check_input(x)
+        self.check_size(x)
         return self.run_forward(x)
 
     def forward_cpu(self, x):
@@ -331,7 +335,9 @@ class Conv2d(_ConvolutionBase):
         ``correlate_cpu``'s ``view`` and ``relu``). On the kernel path the direct kernel applies
         the ReLU as it writes (one launch, not two); after im2col the ReLU is its own launch.
         """
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_input(x)
+        self.check_size(x)
         if not backend.uses_kernels(x):
             return correlate_cpu(x, self.params["weight"], self.stride, self.padding, self.params.get("bias"),
                                  view=not relu, relu=relu)
@@ -439,6 +445,7 @@ class ConvTranspose2d(_ConvolutionBase):
                 transposed_output_size(width, self.kernel_size, self.stride, self.padding))
 
     def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_input(x)
         output_shape = self.output_shape(x.shape)
         if min(output_shape[2:]) < 1:

@@ -74,6 +74,7 @@ class BatchNorm2d(Layer):
 
     def forward(self, x):
         """Training pass: x (N, C, H, W) -> y (N, C, H, W), normalised by the batch's statistics."""
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_input(x)
         return self.run_forward(x)
 
@@ -89,6 +90,7 @@ class BatchNorm2d(Layer):
 
     def infer(self, x):
         """Inference pass: x (N, C, H, W) -> y, normalised by the running statistics; nothing is kept."""
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_input(x)
         if backend.uses_kernels(x):
             y, _ = self._normalize_gpu(contiguous(x), self.params["running_mean"], self.params["running_var"],

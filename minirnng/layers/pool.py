@@ -55,11 +55,15 @@ class MaxPool2d(Layer):
         return (n, c, conv_output_size(height, self.kernel_size, self.stride, 0),
                 conv_output_size(width, self.kernel_size, self.stride, 0))
 
-    def forward(self, x):
+    def check_input(self, x):
         check_array(x, "MaxPool2d", "input x", ndim=4)
         if min(x.shape[2:]) < self.kernel_size:
             raise ValueError(f"{self!r}: input of spatial size {x.shape[2]}x{x.shape[3]} is smaller "
                              f"than the {self.kernel_size}x{self.kernel_size} window")
+
+    def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
+        self.check_input(x)
         return self.run_forward(x)
 
     def window_offsets(self, out_height, out_width):
@@ -110,9 +114,12 @@ class MaxPool2d(Layer):
         result (for 2x2 windows three ``numpy.maximum`` calls in all). Maxima are exact, so y is
         the same. On the kernel path it is the forward kernel (whose winners cost one byte a pixel).
         """
-        check_array(x, "MaxPool2d", "input x", ndim=4)
+        self.cache = None  # backward cannot follow an inference pass: no older pass's cache either
+        self.check_input(x)
         if backend.uses_kernels(x):
-            return self.forward(x)
+            y = self.forward(x)
+            self.cache = None  # as on the NumPy path: backward cannot follow
+            return y
         n, c, out_height, out_width = self.output_shape(x.shape)
         k, s = self.kernel_size, self.stride
         row_window = [x[:, :, i:i + s * (out_height - 1) + 1:s] for i in range(k)]  # (N, C, Ho, W) each

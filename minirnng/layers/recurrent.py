@@ -484,6 +484,7 @@ class GatedSpatialRNN(DirectionalRNN):
         super().__init__(channels, direction, dtype=dtype)
 
     def forward(self, x, g):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_inputs(x, g, gated=True)
         return self.run_forward(x, g)
 
@@ -695,6 +696,7 @@ class FourWayGatedRNN(FourWayMaxMerge):
     direction_class = GatedSpatialRNN
 
     def forward(self, x, g):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_inputs(x, g, gated=True)
         return self.run_forward(x, g)
 
@@ -728,6 +730,7 @@ class SpatialRNN(DirectionalRNN):
         return "tanh" if self.activation == "tanh" else "identity"
 
     def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_inputs(x)
         return self.run_forward(x)
 
@@ -770,5 +773,6 @@ class FourWaySpatialRNN(FourWayMaxMerge):
         super().__init__(channels, rng=rng, dtype=dtype, activation=activation)
 
     def forward(self, x):
+        self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_inputs(x)
         return self.run_forward(x)

@@ -1,0 +1,84 @@
+"""A backward pass answers for the last forward pass or for none: after a forward whose input was
+refused, or after an inference pass (``infer``, ``pooled``), it is an error, never the gradient of
+an older pass. And the inference passes refuse what the forward pass refuses."""
+
+import numpy
+import pytest
+
+from minirnng import backend
+from minirnng.layers import (BatchNorm2d, Conv2d, ConvTranspose2d, FourWayGatedRNN, FourWaySpatialRNN,
+                             GatedSpatialRNN, MaxPool2d, ReLU, Sigmoid, SpatialRNN, Tanh)
+from minirnng.models import RNNG
+
+PATHS = ["numpy", "cuda-emulator"]
+
+# (name, layer, the input shape of a good pass, one the forward refuses)
+LAYERS = [
+    ("Conv2d", lambda: Conv2d(3, 4, 3, padding=1, rng=0, dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("ConvTranspose2d", lambda: ConvTranspose2d(3, 4, 4, stride=2, padding=1, rng=0, dtype=numpy.float64),
+     (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("MaxPool2d", lambda: MaxPool2d(2), (2, 3, 6, 6), (2, 3, 1, 1)),
+    ("ReLU", ReLU, (2, 3, 6, 6), None),
+    ("Sigmoid", Sigmoid, (2, 3, 6, 6), None),
+    ("Tanh", Tanh, (2, 3, 6, 6), None),
+    ("BatchNorm2d", lambda: BatchNorm2d(3, dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("GatedSpatialRNN", lambda: GatedSpatialRNN(3, "top_to_bottom", dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("FourWayGatedRNN", lambda: FourWayGatedRNN(3, dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("SpatialRNN", lambda: SpatialRNN(3, "left_to_right", dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+    ("FourWaySpatialRNN", lambda: FourWaySpatialRNN(3, dtype=numpy.float64), (2, 3, 6, 6), (2, 5, 6, 6)),
+]
+
+
+def arguments(layer, shape, rng):
+    x = rng.standard_normal(shape)
+    gated = isinstance(layer, (GatedSpatialRNN, FourWayGatedRNN))
+    return (x, numpy.full(shape, 0.5)) if gated else (x,)
+
+
+REFUSING = [case for case in LAYERS if case[3] is not None]  # an activation takes any float array
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name, build, good, refused", REFUSING, ids=[case[0] for case in REFUSING])
+def test_a_refused_forward_leaves_no_cache_for_backward(name, build, good, refused, path, rng):
+    with backend.use(path):
+        layer = build()
+        inputs = [backend.to_device(x) for x in arguments(layer, good, rng)]
+        output = layer.forward(*inputs)
+        with pytest.raises((ValueError, TypeError)):
+            layer.forward(*[backend.to_device(x) for x in arguments(layer, refused, rng)])
+        with pytest.raises(RuntimeError, match="before forward"):
+            layer.backward(backend.to_device(rng.standard_normal(output.shape)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name, build, good, refused", [case for case in LAYERS
+                                                        if case[0] in ("Conv2d", "MaxPool2d", "BatchNorm2d")],
+                         ids=["Conv2d", "MaxPool2d", "BatchNorm2d"])
+def test_an_inference_pass_leaves_no_cache_for_backward(name, build, good, refused, path, rng):
+    with backend.use(path):
+        layer = build()
+        x = backend.to_device(rng.standard_normal(good))
+        output = layer.forward(x)
+        (layer.pooled if name == "MaxPool2d" else layer.infer)(x)
+        with pytest.raises(RuntimeError, match="before forward"):
+            layer.backward(backend.to_device(rng.standard_normal(output.shape)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_inference_passes_refuse_inputs_too_small_as_the_forward_does(path):
+    with backend.use(path):
+        tiny = backend.to_device(numpy.zeros((2, 3, 1, 1)))
+        with pytest.raises(ValueError, match=r"MaxPool2d.*smaller than the 2x2 window"):
+            MaxPool2d(2).pooled(tiny)
+        with pytest.raises(ValueError, match=r"Conv2d.*too small for a 3x3 kernel"):
+            Conv2d(3, 4, 3, rng=0, dtype=numpy.float64).infer(tiny)
+
+
+def test_a_model_backward_after_predict_is_refused(rng):
+    model = RNNG(rng=0, dtype=numpy.float64)
+    images = rng.standard_normal((1, 3, 8, 8))
+    outputs = model.forward(images)
+    model.predict(images)
+    with pytest.raises(RuntimeError):
+        model.backward({"logits": rng.standard_normal(outputs["logits"].shape)})
