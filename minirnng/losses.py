@@ -45,6 +45,9 @@ returns (the argument checks, shared by both paths, read back one more boolean: 
 label is valid); the backward is one launch, which reads the totals on the device.
 """
 
+import math
+import numbers
+
 import numpy
 
 from . import backend
@@ -72,7 +75,21 @@ def _check_mask(mask, owner, expected_shape):
         raise TypeError(f"{owner}: mask must be an array, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(expected_shape):
         raise ValueError(f"{owner}: mask must have shape {tuple(expected_shape)}, got {tuple(mask.shape)}")
+    # a mask chooses pixels; a weight of 0.5 read as "counted" would be a silent mistake
+    if mask.dtype != bool and mask.size and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{owner}: mask must be boolean or 0/1 (it chooses the pixels counted); got values other "
+                         "than 0 and 1 (for per-class weights use class_weights)")
     return mask.astype(bool, copy=False)
+
+
+def check_grad_output(grad_output, owner):
+    """The upstream gradient of a loss, a real number (the loss is a scalar) as a Python float."""
+    if isinstance(grad_output, (bool, numpy.bool_)) or not isinstance(grad_output, numbers.Real):
+        raise TypeError(f"{owner}.backward: grad_output is the gradient of a scalar loss, a real number; got "
+                        f"{type(grad_output).__name__}")
+    if not math.isfinite(grad_output):
+        raise ValueError(f"{owner}.backward: grad_output must be finite, got {grad_output}")
+    return float(grad_output)
 
 
 def _check_same_device(array, logits, owner, what):
@@ -169,6 +186,7 @@ class Loss:
     def backward(self, grad_output=1.0):
         if self.cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward (or after a forward that failed)")
+        grad_output = check_grad_output(grad_output, type(self).__name__)
         # The path of the forward, whatever the backend is now: the cache is that path's.
         return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
 
@@ -607,6 +625,7 @@ class ColourAffinity:
     def backward(self, grad_output=1.0):
         if self.cache is None:
             raise RuntimeError("ColourAffinity.backward called before forward (or after a forward that failed)")
+        grad_output = check_grad_output(grad_output, "ColourAffinity")
         return self.backward_gpu(grad_output) if self.cache_on_kernels else self.backward_cpu(grad_output)
 
     def forward_cpu(self, logits, images):

@@ -82,3 +82,11 @@ def test_a_model_backward_after_predict_is_refused(rng):
     model.predict(images)
     with pytest.raises(RuntimeError):
         model.backward({"logits": rng.standard_normal(outputs["logits"].shape)})
+
+
+def test_a_grad_output_of_another_dtype_is_named_with_its_remedy(rng):
+    relu = ReLU()
+    output = relu.forward(rng.standard_normal((2, 3)))
+    with pytest.raises(TypeError, match=r"ReLU: grad_output has dtype float32, but the forward pass's output was "
+                                        r"float64; cast grad_output to float64"):
+        relu.backward(numpy.ones_like(output, dtype=numpy.float32))

@@ -295,3 +295,33 @@ def test_colour_affinity_bad_input():
         ColourAffinity(s_xy=1e-20)
     with pytest.raises(RuntimeError, match="before forward"):
         ColourAffinity().backward()
+
+
+@pytest.mark.parametrize("path", ["numpy", "cuda-emulator"])
+def test_a_losss_upstream_gradient_is_one_real_number(path, rng):
+    from minirnng import backend
+    from minirnng.losses import ColourAffinity, SoftDice
+
+    with backend.use(path):
+        logits = backend.to_device(rng.standard_normal((1, 3, 4, 4)))
+        target = backend.to_device(rng.integers(0, 3, (1, 4, 4)))
+        for loss, arguments in ((SoftmaxCrossEntropy(), (logits, target)), (SoftDice(), (logits, target)),
+                                (ColourAffinity(), (logits, backend.to_device(rng.standard_normal((1, 3, 4, 4)))))):
+            loss.forward(*arguments)
+            for bad, error, message in ((None, TypeError, "a real number; got NoneType"),
+                                        (numpy.ones(2), TypeError, "a real number; got ndarray"),
+                                        (True, TypeError, "a real number; got bool"),
+                                        (float("nan"), ValueError, "must be finite")):
+                with pytest.raises(error, match=message):
+                    loss.backward(bad)
+            assert numpy.isfinite(backend.to_numpy(loss.backward(numpy.float32(0.5)))).all()
+
+
+def test_a_mask_chooses_pixels_and_is_not_a_weight(rng):
+    logits = rng.standard_normal((1, 3, 2, 2))
+    target = numpy.zeros((1, 2, 2), dtype=int)
+    loss = SoftmaxCrossEntropy()
+    as_bool = loss.forward(logits, target, numpy.array([[[True, False], [True, True]]]))
+    assert loss.forward(logits, target, numpy.array([[[1, 0], [1, 1]]])) == as_bool  # 0/1 integers
+    with pytest.raises(ValueError, match="mask must be boolean or 0/1"):
+        loss.forward(logits, target, numpy.full((1, 2, 2), 0.5))

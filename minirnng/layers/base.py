@@ -87,6 +87,9 @@ def check_array(array, owner, what="input", ndim=None, dtype=None, channels=None
                          "image of at least one pixel")
     if dtype is not None:
         if array.dtype != dtype:
+            if what == "grad_output":  # it must match the forward's output, whatever the layer's own dtype
+                raise TypeError(f"{owner}: grad_output has dtype {array.dtype}, but the forward pass's output was "
+                                f"{numpy.dtype(dtype)}; cast grad_output to {numpy.dtype(dtype)}")
             remedy = (f"cast the input or build the layer with dtype=numpy.{array.dtype}"
                       if array.dtype in SUPPORTED_DTYPES else f"cast the input to {numpy.dtype(dtype)}")
             raise TypeError(f"{owner}: {what} has dtype {array.dtype}, but the layer works in {numpy.dtype(dtype)}; "
