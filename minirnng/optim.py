@@ -38,11 +38,27 @@ resume exactly where it stopped.
 """
 
 import math
+import numbers
 
 import numpy
 
 from . import backend
 from .subnormals import flush_subnormals
+
+
+def checked_number(value, owner, what, low=None, high=None, low_open=False, high_open=False):
+    """``value`` as a float if it is a finite real number within [low, high] (an end excluded where
+    ``low_open`` / ``high_open``); a clear error naming ``what`` otherwise."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {what} must be a finite number, got {value!r}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
+                    f"{'inf' if high is None else high}{')' if high_open else ']'}")
+        raise ValueError(f"{owner}: {what} must be in {interval}, got {value}")
+    return value
 
 
 def decays(name):
@@ -54,11 +70,18 @@ def decays(name):
 class Optimizer:
     """Common bookkeeping: the parameter and gradient dicts, the learning rate, the step count."""
 
+    BUFFERS = ()  # the kinds of state kept per parameter, as the prefixes of state's keys ("m/conv1.weight")
+
     def __init__(self, params, grads, lr, weight_decay=0.0, lr_scales=None):
         if set(params) != set(grads):
             raise ValueError("optimizer: params and grads must have the same names")
-        if lr <= 0:
-            raise ValueError(f"optimizer: learning rate must be positive, got {lr}")
+        for name, value in params.items():
+            if tuple(value.shape) != tuple(grads[name].shape):
+                raise ValueError(f"optimizer: the gradient of {name!r} has shape {tuple(grads[name].shape)}, "
+                                 f"the parameter {tuple(value.shape)}")
+        owner = type(self).__name__
+        lr = checked_number(lr, owner, "the learning rate", low=0, low_open=True)
+        weight_decay = checked_number(weight_decay, owner, "weight_decay", low=0)
         self.lr_scales = {name: float(scale) for name, scale in (lr_scales or {}).items()}
         for name, scale in self.lr_scales.items():
             if name not in params:
@@ -97,9 +120,14 @@ class Optimizer:
 
     def load_state_arrays(self, arrays):
         arrays = dict(arrays)
+        if "steps" not in arrays:
+            raise ValueError("optimizer state without its step count ('steps'): not a state of this optimizer")
         self.steps = int(arrays.pop("steps"))
         for key, value in arrays.items():
             kind, _, name = key.partition("/")
+            if kind not in self.BUFFERS:
+                raise ValueError(f"optimizer state {key!r} is not one of {type(self).__name__}'s buffers "
+                                 f"({', '.join(self.BUFFERS)})")
             if name not in self.params or tuple(value.shape) != tuple(self.params[name].shape):
                 raise ValueError(f"optimizer state {key!r} does not fit the model's parameters")
             self.buffer(kind, name)[...] = backend.get_array_module(self.params[name]).asarray(value)
@@ -108,9 +136,11 @@ class Optimizer:
 class SGD(Optimizer):
     """Stochastic gradient descent with momentum (and optional Nesterov momentum)."""
 
+    BUFFERS = ("v",)  # the velocity
+
     def __init__(self, params, grads, lr, momentum=0.9, weight_decay=0.0, nesterov=False, lr_scales=None):
         super().__init__(params, grads, lr, weight_decay, lr_scales)
-        self.momentum = float(momentum)
+        self.momentum = checked_number(momentum, "SGD", "momentum", low=0, high=1, high_open=True)
         self.nesterov = bool(nesterov)
 
     def update(self, name, lr):
@@ -128,10 +158,17 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam with bias correction."""
 
+    BUFFERS = ("m", "v")  # the moving averages of the gradient and of its square
+
     def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_scales=None):
         super().__init__(params, grads, lr, weight_decay, lr_scales)
-        self.beta1, self.beta2 = (float(b) for b in betas)
-        self.eps = float(eps)
+        owner = type(self).__name__
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{owner}: betas must be two numbers, got {betas!r}")
+        self.beta1, self.beta2 = (checked_number(beta, owner, f"betas[{index}]", low=0, high=1, high_open=True)
+                                  for index, beta in enumerate(betas))
+        # eps keeps the step finite where a gradient has always been 0 (v = 0 there)
+        self.eps = checked_number(eps, owner, "eps", low=0, low_open=True)
 
     def update(self, name, lr):
         grad = self.decayed_gradient(name)

@@ -563,3 +563,23 @@ def test_an_output_folder_that_is_a_file_or_a_broken_link_is_named(tmp_path):
     for name, kind in (("a-file", "a file"), ("dangling", "a broken link")):
         with pytest.raises(NotADirectoryError, match=f"is {kind}, not a folder"):
             check_output_folder(str(tmp_path / name), resume=False)
+
+
+def test_optimizer_settings_are_checked_when_it_is_built():
+    params = {"w": numpy.ones(3)}
+    grads = {"w": numpy.zeros(3)}
+    for build, message in ((lambda: Adam(params, grads, lr=float("nan")), "the learning rate must be a finite number"),
+                           (lambda: Adam(params, grads, lr="0.1"), "the learning rate must be a finite number"),
+                           (lambda: Adam(params, grads, lr=0.1, eps=0), r"eps must be in \(0, inf\]"),
+                           (lambda: Adam(params, grads, lr=0.1, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
+                           (lambda: Adam(params, grads, lr=0.1, betas=(0.9,)), "betas must be two numbers"),
+                           (lambda: Adam(params, grads, lr=0.1, weight_decay=-1), r"weight_decay must be in \[0, inf\]"),
+                           (lambda: SGD(params, grads, lr=0.1, momentum=1.5), r"momentum must be in \[0, 1\)"),
+                           (lambda: SGD(params, {"w": numpy.zeros(4)}, lr=0.1), r"the gradient of 'w' has shape")):
+        with pytest.raises(ValueError, match=message):
+            build()
+    adam = Adam(params, grads, lr=0.1)
+    with pytest.raises(ValueError, match="without its step count"):
+        adam.load_state_arrays({"m/w": numpy.zeros(3)})
+    with pytest.raises(ValueError, match=r"'zz/w' is not one of Adam's buffers \(m, v\)"):
+        adam.load_state_arrays({"steps": numpy.array(1), "zz/w": numpy.zeros(3)})
