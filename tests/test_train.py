@@ -573,7 +573,8 @@ def test_optimizer_settings_are_checked_when_it_is_built():
                            (lambda: Adam(params, grads, lr=0.1, eps=0), r"eps must be in \(0, inf\]"),
                            (lambda: Adam(params, grads, lr=0.1, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
                            (lambda: Adam(params, grads, lr=0.1, betas=(0.9,)), "betas must be two numbers"),
-                           (lambda: Adam(params, grads, lr=0.1, weight_decay=-1), r"weight_decay must be in \[0, inf\]"),
+                           (lambda: Adam(params, grads, lr=0.1, weight_decay=-1),
+                            r"weight_decay must be in \[0, inf\]"),
                            (lambda: SGD(params, grads, lr=0.1, momentum=1.5), r"momentum must be in \[0, 1\)"),
                            (lambda: SGD(params, {"w": numpy.zeros(4)}, lr=0.1), r"the gradient of 'w' has shape")):
         with pytest.raises(ValueError, match=message):
