@@ -306,3 +306,13 @@ def test_warp_checks_its_arguments():
         warp(image[None], labels[None], numpy.eye(3), LFW_CLASSES)
     with pytest.raises(ValueError, match=r"labels must be integer \(1, 8, 8\)"):
         warp(image[None], labels, numpy.eye(3)[None], LFW_CLASSES)
+
+
+def test_a_preloaded_label_that_is_no_class_is_named():
+    from minirnng.data.pipeline import PreloadedDataset
+
+    labels = numpy.zeros((2, 4, 4), numpy.uint8)
+    labels[1, 2, 3] = 5
+    with pytest.raises(ValueError, match=r"the labels of 'b' hold class 5, but there are 3 classes \(background, "
+                                         r"skin, hair\)"):
+        PreloadedDataset(numpy.zeros((2, 4, 4, 3), numpy.uint8), labels, ("background", "skin", "hair"), ["a", "b"])

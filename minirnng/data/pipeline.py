@@ -287,10 +287,16 @@ class PreloadedDataset(Dataset):
                              f"got {labels.dtype} {labels.shape}")
         if len(names) != len(images):
             raise ValueError(f"PreloadedDataset: {len(names)} names for {len(images)} images")
+        classes = tuple(classes)
+        if labels.size and labels.max() >= len(classes):
+            # found now, not as an IndexError deep in the mirroring that reorders left and right classes
+            first = int(numpy.argmax(labels.reshape(len(labels), -1).max(axis=1) >= len(classes)))
+            raise ValueError(f"PreloadedDataset: the labels of {names[first]!r} hold class {int(labels[first].max())}, "
+                             f"but there are {len(classes)} classes ({', '.join(classes)})")
         images.flags.writeable = False
         labels.flags.writeable = False
         self.images, self.labels = images, labels
-        self.classes, self._names = tuple(classes), tuple(names)
+        self.classes, self._names = classes, tuple(names)
 
     def _load(self, index):
         return self.images[index], self.labels[index]
