@@ -77,7 +77,9 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
     size : the number of images: for ``synthetic`` how many are made (default
         ``SYNTHETIC_SIZES[split]``), for the others the first ``size`` of the split (default all).
     multi_face : synthetic 512 x 512 images with several faces (the paper's Multi-Face setting).
-    seed : for ``synthetic``, overrides the split's seed.
+    seed : for ``synthetic``, the seed of these images in place of the split's own
+        (``SYNTHETIC_SEEDS``). The images are a function of the seed alone, not of the split: give
+        each split its own seed, or training and validation hold the same images.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
