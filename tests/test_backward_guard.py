@@ -90,3 +90,15 @@ def test_a_grad_output_of_another_dtype_is_named_with_its_remedy(rng):
     with pytest.raises(TypeError, match=r"ReLU: grad_output has dtype float32, but the forward pass's output was "
                                         r"float64; cast grad_output to float64"):
         relu.backward(numpy.ones_like(output, dtype=numpy.float32))
+
+
+def test_a_models_gradients_are_a_dict_of_float_arrays(rng):
+    model = RNNG(rng=0, dtype=numpy.float64)
+    outputs = model.forward(rng.standard_normal((1, 3, 8, 8)))
+    shape = outputs["logits"].shape
+    for grads, message in (([numpy.zeros(shape)], "a dict from output name to array, got list"),
+                           ({"logits": numpy.zeros(shape).tolist()}, "gradient of 'logits' must be an array, got list"),
+                           ({"logits": numpy.zeros(shape, int)}, "must be float32 or float64, got int64"),
+                           ({"logits": numpy.zeros(shape, complex)}, "must be float32 or float64, got complex128")):
+        with pytest.raises(TypeError, match=message):
+            model.backward(grads)

@@ -154,6 +154,9 @@ class Model:
 
     def upstream(self, grads, name, shape):
         """``grads[name]`` checked against the ``shape`` of the output it belongs to, or None when absent."""
+        owner = f"{type(self).__name__}.backward"
+        if not isinstance(grads, dict):
+            raise TypeError(f"{owner}: the gradients are a dict from output name to array, got {type(grads).__name__}")
         unknown = sorted(set(grads) - set(self.output_names))
         if unknown:
             raise ValueError(f"{type(self).__name__}.backward: unknown output names {unknown}; "
@@ -161,6 +164,10 @@ class Model:
         grad = grads.get(name)
         if grad is None:
             return None
+        if not (isinstance(grad, numpy.ndarray) or backend.is_cupy_array(grad)):
+            raise TypeError(f"{owner}: the gradient of {name!r} must be an array, got {type(grad).__name__}")
+        if grad.dtype.kind != "f":  # an integer or complex gradient would be cast, the imaginary part lost
+            raise TypeError(f"{owner}: the gradient of {name!r} must be float32 or float64, got {grad.dtype}")
         if tuple(grad.shape) != tuple(shape):
             raise ValueError(f"{type(self).__name__}.backward: gradient of {name!r} must have shape "
                              f"{tuple(shape)}, got {tuple(grad.shape)}")
