@@ -1,6 +1,7 @@
 """The dataset loaders, on tiny fixtures written in each dataset's official on-disk layout."""
 
 import os
+import re
 
 import numpy
 import pytest
@@ -264,6 +265,16 @@ def test_helen_missing_label_map(helen_root):
         Helen(helen_root, "train")[0]
 
 
+def test_helen_labels_that_are_a_file_not_a_folder_are_named(helen_root):
+    import shutil
+    folder = os.path.dirname(helen_label_path(helen_root, 0, 0))
+    shutil.rmtree(folder)
+    with open(folder, "w") as stray:
+        stray.write("not the folder of label maps")
+    with pytest.raises(MissingDataError, match=rf"names {re.escape(folder)}, which is a file, not a folder"):
+        Helen(helen_root, "train")
+
+
 def test_helen_label_map_of_the_wrong_size(helen_root):
     save(numpy.zeros((16, 13), dtype=numpy.uint8), helen_label_path(helen_root, 1, 2))
     with pytest.raises(MalformedDataError, match=r"_lbl02\.png is 13x16 .* is 12x16"):
@@ -330,6 +341,10 @@ def test_celebamask_errors(celeba_root):
         CelebAMaskHQ(celeba_root)
     with pytest.raises(MissingDataError, match=r"CelebA-HQ-img/<k>\.jpg"):
         CelebAMaskHQ(celeba_root / "elsewhere")
+    os.remove(celeba_root / "CelebA-HQ-img" / "5.jpg")
+    save(smooth_image(32, 32), str(celeba_root / "CelebA-HQ-img" / "7.png"))  # left out silently before
+    with pytest.raises(MalformedDataError, match=r"7\.png is not named '<k>\.jpg'"):
+        CelebAMaskHQ(celeba_root)
 
 
 def test_celebamask_index_keeps_the_files_it_found_and_names_misplaced_masks(celeba_root):

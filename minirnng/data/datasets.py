@@ -177,7 +177,8 @@ def _report_missing(dataset, split_path, missing, layout):
     number, line, path = missing[0]
     others = len({entry[0] for entry in missing}) - 1  # a line may name two missing files: count lines
     more = f" (and {others} more line{'s' if others > 1 else ''} of it name missing files)" if others else ""
-    state = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+    state = ("is a folder, not a file" if os.path.isdir(path) else
+             "is a file, not a folder" if os.path.exists(path) else "does not exist")
     raise MissingDataError(f"{dataset}: {split_path} line {number} ({line!r}) names {path}, "
                            f"which {state}{more}; expected this layout:\n{layout}")
 
@@ -358,8 +359,10 @@ class Helen(Dataset):
                 raise MalformedDataError(f"Helen: {self.split_path} line {number} is {line!r}; "
                                          "expected an index, a comma and an image id, like '1 , 100032540_1'")
             stem = fields[1]
-            for path in (self._image_path(stem), os.path.join(self.label_folder, stem)):
-                if not os.path.exists(path):
+            # the image a file, its labels a folder of per-class maps: either the other kind is missing too
+            for path, present in ((self._image_path(stem), os.path.isfile),
+                                  (os.path.join(self.label_folder, stem), os.path.isdir)):
+                if not present(path):
                     missing.append((number, line, path))
             names.append(stem)
             numbers.append(number)
@@ -424,6 +427,8 @@ _CELEBAMASK_PART_NAMES = tuple(part for part, _ in CELEBAMASK_PARTS)
 # ASCII digits only (\d would take '²' and other Unicode digits); any case of the extension
 _CELEBAMASK_MASK_FILE = re.compile(r"^([0-9]{5})_([a-z_]+)\.png$", re.IGNORECASE)
 _CELEBAMASK_IMAGE_FILE = re.compile(r"^([0-9]+)\.jpe?g$", re.IGNORECASE)
+#: Extensions of pictures that CelebA-HQ-img should not hold under another name than '<k>.jpg'.
+_PICTURE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 _CELEBAMASK_MASK_SUFFIX = re.compile(r"\.png$", re.IGNORECASE)
 _CELEBAMASK_IMAGES_PER_FOLDER = 2000
 
@@ -457,6 +462,11 @@ class CelebAMaskHQ(Dataset):
         for file_name in sorted(os.listdir(self.image_folder)):
             match = _CELEBAMASK_IMAGE_FILE.match(file_name)
             if not match:
+                if os.path.splitext(file_name)[1].lower() in _PICTURE_EXTENSIONS:
+                    # an image under another name or format would be left out silently, with its masks
+                    raise MalformedDataError(f"CelebAMaskHQ: {os.path.join(self.image_folder, file_name)} is not "
+                                             f"named '<k>.jpg', as the release names its images; expected this "
+                                             f"layout:\n{CELEBAMASK_LAYOUT}")
                 continue
             k = int(match.group(1))
             if k in self._image_files:
