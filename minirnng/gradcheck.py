@@ -190,7 +190,8 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     """
     if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"gradcheck: eps must be a positive step, got {eps!r}")
-    if max_entries is not None and not (isinstance(max_entries, (int, numpy.integer)) and max_entries >= 1):
+    if max_entries is not None and (isinstance(max_entries, (bool, numpy.bool_)) or
+                                    not (isinstance(max_entries, (int, numpy.integer)) and max_entries >= 1)):
         raise ValueError(f"gradcheck: max_entries must be None (every entry) or at least 1, got {max_entries!r}")
     rng = numpy.random.default_rng(rng)
     grads = grads or {}

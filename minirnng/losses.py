@@ -82,6 +82,15 @@ def _check_mask(mask, owner, expected_shape):
     return mask.astype(bool, copy=False)
 
 
+def checked_ignore_index(ignore_index, owner):
+    """None, or the label value that counts nothing, as an int (1.5 would silently become 1)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, (bool, numpy.bool_)) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{owner}: ignore_index must be None or an integer label, got {ignore_index!r}")
+    return int(ignore_index)
+
+
 def check_grad_output(grad_output, owner):
     """The upstream gradient of a loss, a real number (the loss is a scalar) as a Python float."""
     if isinstance(grad_output, (bool, numpy.bool_)) or not isinstance(grad_output, numbers.Real):
@@ -216,7 +225,7 @@ class SoftmaxCrossEntropy(Loss):
                 raise ValueError("SoftmaxCrossEntropy: class_weights must be a 1-D array of finite, "
                                  f"non-negative numbers, got {class_weights!r}")
         self.class_weights = class_weights
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index, type(self).__name__)
         self._class_weights_on_device = {}  # (dtype, device) -> class_weights there, for the kernels
 
     def __repr__(self):
@@ -448,7 +457,7 @@ class SoftDice(Loss):
         if not (numpy.isfinite(smooth) and smooth > 0):
             raise ValueError(f"SoftDice: smooth must be a positive number, got {smooth!r}")
         self.smooth = smooth
-        self.ignore_index = None if ignore_index is None else int(ignore_index)
+        self.ignore_index = checked_ignore_index(ignore_index, type(self).__name__)
 
     def __repr__(self):
         return f"SoftDice(smooth={self.smooth}, ignore_index={self.ignore_index})"

@@ -102,3 +102,26 @@ def test_a_models_gradients_are_a_dict_of_float_arrays(rng):
                            ({"logits": numpy.zeros(shape, complex)}, "must be float32 or float64, got complex128")):
         with pytest.raises(TypeError, match=message):
             model.backward(grads)
+
+
+def test_settings_that_would_be_coerced_silently_are_refused():
+    from minirnng.gradcheck import check
+    from minirnng.losses import SoftDice, SoftmaxCrossEntropy
+    from minirnng.models import DenseCRF
+
+    with pytest.raises(TypeError, match="bias must be True or False, got 'no'"):
+        Conv2d(3, 4, 3, bias="no")
+    with pytest.raises(ValueError, match="eps must be positive and finite, got inf"):
+        BatchNorm2d(3, eps=float("inf"))
+    for loss in (SoftmaxCrossEntropy, SoftDice):
+        with pytest.raises(TypeError, match="ignore_index must be None or an integer label, got 1.5"):
+            loss(ignore_index=1.5)
+    with pytest.raises(ValueError, match="gate_bias must be a finite number, got nan"):
+        RNNG(gate_bias=float("nan"))
+    with pytest.raises(ValueError, match="max_entries must be None .* got True"):
+        check("x", lambda x: x, lambda dy: dy, {"x": numpy.ones(3)}, max_entries=True)
+    crf = DenseCRF()
+    with pytest.raises(ValueError, match="the batch is empty"):
+        crf.refine(numpy.zeros((0, 3, 4, 4)), numpy.zeros((0, 3, 4, 4)))
+    with pytest.raises(TypeError, match="images must be float32 or float64, got uint8"):
+        crf.refine(numpy.zeros((1, 3, 4, 4)), numpy.zeros((1, 3, 4, 4), numpy.uint8))

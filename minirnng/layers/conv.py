@@ -238,6 +238,8 @@ class _ConvolutionBase(Layer):
         self.gpu_algorithm = "auto"
         self.stride = check_positive_int(stride, owner, "stride")
         self.padding = check_positive_int(padding, owner, "padding", minimum=0)
+        if not isinstance(bias, (bool, numpy.bool_)):  # bias="no" would be true
+            raise TypeError(f"{owner}: bias must be True or False, got {bias!r}")
         self.has_bias = bool(bias)
         rng = numpy.random.default_rng(rng)
         shape = self.weight_shape()

@@ -53,8 +53,8 @@ class BatchNorm2d(Layer):
         super().__init__(dtype)
         self.channels = check_positive_int(channels, type(self).__name__, "channels")
         self.eps, self.momentum = float(eps), float(momentum)
-        if not self.eps > 0:
-            raise ValueError(f"BatchNorm2d: eps must be positive, got {eps!r}")
+        if not 0 < self.eps < numpy.inf:
+            raise ValueError(f"BatchNorm2d: eps must be positive and finite, got {eps!r}")
         if not 0 <= self.momentum <= 1:
             raise ValueError(f"BatchNorm2d: momentum must lie in [0, 1], got {momentum!r}")
         #: whether ``forward`` updates the running statistics (data parallelism's replicas do not:

@@ -62,6 +62,8 @@ class RNNG(Model):
         super().__init__(n_classes, dtype)
         self.hidden = check_positive_int(hidden, type(self).__name__, "hidden")
         self.gate_bias = float(gate_bias)
+        if not numpy.isfinite(self.gate_bias):
+            raise ValueError(f"{type(self).__name__}: gate_bias must be a finite number, got {gate_bias!r}")
         if not isinstance(batch_norm, (bool, numpy.bool_)):
             raise TypeError(f"{type(self).__name__}: batch_norm must be True or False, got {batch_norm!r}")
         self.batch_norm = bool(batch_norm)
