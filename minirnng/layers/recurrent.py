@@ -473,7 +473,10 @@ class GatedSpatialRNN(DirectionalRNN):
     :func:`identity_recurrent_weight`). ``rng`` is accepted so that every layer has the same
     constructor; this deterministic initialisation draws nothing from it.
 
-    ``forward(x, g) -> h``: ``x``, ``g`` and ``h`` are ``(N, C, H, W)``.
+    ``forward(x, g) -> h``: ``x``, ``g`` and ``h`` are ``(N, C, H, W)``. The gate is meant to lie
+    in [0, 1] (in RNN-G it is a sigmoid's output), which with the stability rule keeps ``h``
+    bounded; the layer does not check it (a pass over ``g`` every call), and a gate beyond 1
+    lets the state grow along the scan.
     ``backward(dh) -> (dx, dg)``, both ``(N, C, H, W)``; adds ``dL/dW`` and ``dL/db`` into ``grads``.
     """
 
