@@ -256,7 +256,7 @@ def command_eval(arguments):
     for path in (arguments.json, arguments.confusion):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
     if arguments.json and arguments.confusion and \
-            os.path.abspath(arguments.json) == os.path.abspath(arguments.confusion):
+            os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise ValueError(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
                          "overwritten by the JSON; give two file names")
     model = load_model(arguments.checkpoint)

@@ -93,6 +93,9 @@ def checked_ignore_index(ignore_index, owner):
 
 def check_grad_output(grad_output, owner):
     """The upstream gradient of a loss, a real number (the loss is a scalar) as a Python float."""
+    if getattr(grad_output, "ndim", None) == 0 and getattr(grad_output, "dtype", None) is not None \
+            and grad_output.dtype.kind == "f":
+        grad_output = float(grad_output)  # a 0-d array (a NumPy or CuPy scalar result) is a number too
     if isinstance(grad_output, (bool, numpy.bool_)) or not isinstance(grad_output, numbers.Real):
         raise TypeError(f"{owner}.backward: grad_output is the gradient of a scalar loss, a real number; got "
                         f"{type(grad_output).__name__}")

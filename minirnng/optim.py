@@ -49,14 +49,16 @@ from .subnormals import flush_subnormals
 def checked_number(value, owner, what, low=None, high=None, low_open=False, high_open=False):
     """``value`` as a float if it is a finite real number within [low, high] (an end excluded where
     ``low_open`` / ``high_open``); a clear error naming ``what`` otherwise."""
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}")
+    if not math.isfinite(value):
         raise ValueError(f"{owner}: {what} must be a finite number, got {value!r}")
     value = float(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low}, "
-                    f"{'inf' if high is None else high}{')' if high_open else ']'}")
+                    f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}")
         raise ValueError(f"{owner}: {what} must be in {interval}, got {value}")
     return value
 
@@ -125,7 +127,7 @@ class Optimizer:
         self.steps = int(arrays.pop("steps"))
         for key, value in arrays.items():
             kind, _, name = key.partition("/")
-            if kind not in self.BUFFERS:
+            if self.BUFFERS and kind not in self.BUFFERS:  # (an optimizer written elsewhere may declare none)
                 raise ValueError(f"optimizer state {key!r} is not one of {type(self).__name__}'s buffers "
                                  f"({', '.join(self.BUFFERS)})")
             if name not in self.params or tuple(value.shape) != tuple(self.params[name].shape):
@@ -163,10 +165,14 @@ class Adam(Optimizer):
     def __init__(self, params, grads, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, lr_scales=None):
         super().__init__(params, grads, lr, weight_decay, lr_scales)
         owner = type(self).__name__
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        try:
+            pair = tuple(betas)
+        except TypeError:
+            pair = ()
+        if len(pair) != 2:
             raise ValueError(f"{owner}: betas must be two numbers, got {betas!r}")
         self.beta1, self.beta2 = (checked_number(beta, owner, f"betas[{index}]", low=0, high=1, high_open=True)
-                                  for index, beta in enumerate(betas))
+                                  for index, beta in enumerate(pair))
         # eps keeps the step finite where a gradient has always been 0 (v = 0 there)
         self.eps = checked_number(eps, owner, "eps", low=0, low_open=True)
 

@@ -342,6 +342,8 @@ def test_celebamask_errors(celeba_root):
     with pytest.raises(MissingDataError, match=r"CelebA-HQ-img/<k>\.jpg"):
         CelebAMaskHQ(celeba_root / "elsewhere")
     os.remove(celeba_root / "CelebA-HQ-img" / "5.jpg")
+    (celeba_root / "CelebA-HQ-img" / "._0.jpg").write_bytes(b"a Mac's metadata")  # hidden: not a picture
+    assert CelebAMaskHQ(celeba_root).names == ("0", "2001")
     save(smooth_image(32, 32), str(celeba_root / "CelebA-HQ-img" / "7.png"))  # left out silently before
     with pytest.raises(MalformedDataError, match=r"7\.png is not named '<k>\.jpg'"):
         CelebAMaskHQ(celeba_root)

@@ -315,6 +315,7 @@ def test_a_losss_upstream_gradient_is_one_real_number(path, rng):
                 with pytest.raises(error, match=message):
                     loss.backward(bad)
             assert numpy.isfinite(backend.to_numpy(loss.backward(numpy.float32(0.5)))).all()
+            assert numpy.isfinite(backend.to_numpy(loss.backward(numpy.array(0.5)))).all()  # a 0-d array
 
 
 def test_a_mask_chooses_pixels_and_is_not_a_weight(rng):

@@ -568,17 +568,18 @@ def test_an_output_folder_that_is_a_file_or_a_broken_link_is_named(tmp_path):
 def test_optimizer_settings_are_checked_when_it_is_built():
     params = {"w": numpy.ones(3)}
     grads = {"w": numpy.zeros(3)}
-    for build, message in ((lambda: Adam(params, grads, lr=float("nan")), "the learning rate must be a finite number"),
-                           (lambda: Adam(params, grads, lr="0.1"), "the learning rate must be a finite number"),
-                           (lambda: Adam(params, grads, lr=0.1, eps=0), r"eps must be in \(0, inf\]"),
-                           (lambda: Adam(params, grads, lr=0.1, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\)"),
-                           (lambda: Adam(params, grads, lr=0.1, betas=(0.9,)), "betas must be two numbers"),
-                           (lambda: Adam(params, grads, lr=0.1, weight_decay=-1),
-                            r"weight_decay must be in \[0, inf\]"),
-                           (lambda: SGD(params, grads, lr=0.1, momentum=1.5), r"momentum must be in \[0, 1\)"),
-                           (lambda: SGD(params, {"w": numpy.zeros(4)}, lr=0.1), r"the gradient of 'w' has shape")):
-        with pytest.raises(ValueError, match=message):
+    for build, error, message in (
+            (lambda: Adam(params, grads, lr=float("nan")), ValueError, "the learning rate must be a finite number"),
+            (lambda: Adam(params, grads, lr="0.1"), TypeError, "the learning rate must be a number, got '0.1'"),
+            (lambda: Adam(params, grads, lr=0.1, eps=0), ValueError, r"eps must be in \(0, inf\), got 0.0"),
+            (lambda: Adam(params, grads, lr=0.1, betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be in \[0, 1\)"),
+            (lambda: Adam(params, grads, lr=0.1, betas=(0.9,)), ValueError, "betas must be two numbers"),
+            (lambda: Adam(params, grads, lr=0.1, weight_decay=-1), ValueError, r"weight_decay must be in \[0, inf\)"),
+            (lambda: SGD(params, grads, lr=0.1, momentum=1.5), ValueError, r"momentum must be in \[0, 1\)"),
+            (lambda: SGD(params, {"w": numpy.zeros(4)}, lr=0.1), ValueError, r"the gradient of 'w' has shape")):
+        with pytest.raises(error, match=message):
             build()
+    assert Adam(params, grads, lr=numpy.float32(0.1), betas=numpy.array([0.9, 0.99])).beta2 == 0.99
     adam = Adam(params, grads, lr=0.1)
     with pytest.raises(ValueError, match="without its step count"):
         adam.load_state_arrays({"m/w": numpy.zeros(3)})

@@ -462,7 +462,8 @@ class CelebAMaskHQ(Dataset):
         for file_name in sorted(os.listdir(self.image_folder)):
             match = _CELEBAMASK_IMAGE_FILE.match(file_name)
             if not match:
-                if os.path.splitext(file_name)[1].lower() in _PICTURE_EXTENSIONS:
+                # (a hidden file, such as the ._0.jpg that a Mac leaves beside 0.jpg, is not a picture)
+                if not file_name.startswith(".") and os.path.splitext(file_name)[1].lower() in _PICTURE_EXTENSIONS:
                     # an image under another name or format would be left out silently, with its masks
                     raise MalformedDataError(f"CelebAMaskHQ: {os.path.join(self.image_folder, file_name)} is not "
                                              f"named '<k>.jpg', as the release names its images; expected this "

@@ -166,7 +166,7 @@ class Model:
             return None
         if not (isinstance(grad, numpy.ndarray) or backend.is_cupy_array(grad)):
             raise TypeError(f"{owner}: the gradient of {name!r} must be an array, got {type(grad).__name__}")
-        if grad.dtype.kind != "f":  # an integer or complex gradient would be cast, the imaginary part lost
+        if grad.dtype not in (numpy.float32, numpy.float64):  # an integer or complex one would be cast
             raise TypeError(f"{owner}: the gradient of {name!r} must be float32 or float64, got {grad.dtype}")
         if tuple(grad.shape) != tuple(shape):
             raise ValueError(f"{type(self).__name__}.backward: gradient of {name!r} must have shape "

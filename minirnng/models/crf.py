@@ -199,7 +199,7 @@ class DenseCRF:
         if host_logits.shape[0] == 0:
             raise ValueError("DenseCRF: the batch is empty; give at least one image")
         for what, array in (("logits", host_logits), ("images", host_images)):
-            if array.dtype.kind != "f":  # uint8 images or complex scores would be cast without a word
+            if array.dtype not in (numpy.float32, numpy.float64):  # uint8 images would be cast without a word
                 raise TypeError(f"DenseCRF: {what} must be float32 or float64, got {array.dtype}")
         q = numpy.stack([self.refine_one(z, image) for z, image in zip(host_logits, host_images)])
         return backend.to_device(q) if backend.is_cupy_array(logits) else q
