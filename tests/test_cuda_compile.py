@@ -37,6 +37,33 @@ def test_source_compiles_without_warnings(source_name, architecture, dtype):
         nvrtc.destroyProgram(program)
 
 
+@pytest.mark.skipif(NVRTC_MISSING is not None, reason=str(NVRTC_MISSING))
+def test_sources_compile_from_a_checkout_whose_path_needs_escaping(tmp_path, monkeypatch):
+    """The pasted headers' #line directives hold the checkout's path in a C string literal: a
+    Windows path's backslashes (``\\Users`` reads as a universal character name) and a quote
+    must be escaped, or NVRTC rejects every source that includes a header."""
+    import shutil
+    awkward = tmp_path / 'C:\\Users\\me "quoted"' / "kernels"
+    shutil.copytree(sources.KERNEL_DIRECTORY, awkward)
+    monkeypatch.setattr(sources, "KERNEL_DIRECTORY", awkward)
+    sources.read_source.cache_clear()
+    try:
+        with_headers = [name for name in sources.source_names() if "#line" in sources.read_source(name)]
+        assert with_headers, "no source includes a header: this test checks nothing"
+        for source_name in with_headers:
+            program = nvrtc.createProgram(sources.read_source(source_name), f"{source_name}.cu", [], [])
+            try:
+                nvrtc.compileProgram(program, ["--gpu-architecture=compute_75", "-Dscalar_t=float"])
+                assert not nvrtc.getProgramLog(program).strip(), source_name
+            except nvrtc.NVRTCError as error:
+                pytest.fail(f"{source_name}.cu does not compile from {awkward}: {error}\n"
+                            f"{nvrtc.getProgramLog(program)}")
+            finally:
+                nvrtc.destroyProgram(program)
+    finally:
+        sources.read_source.cache_clear()
+
+
 @pytest.mark.parametrize("source_name", sources.source_names())
 def test_every_source_declares_readable_kernels(source_name):
     """The launcher and the emulator read each kernel's parameters from the source (see sources.py)."""

@@ -16,7 +16,8 @@
 // - The math functions (exp, log, tanh, fmax, log1p, ... in float and double, also expf, logf,
 //   tanhf, fmaxf, ...) come from the C++ standard library, which has float overloads as CUDA does;
 //   results may differ from the GPU's in the last bits, never more (no fast-math here or there);
-//   so may every a * b + c, which NVRTC fuses into one rounding (--fmad=true) and g++ here does not.
+//   so may every a * b + c, which NVRTC fuses into one rounding (--fmad=true) and g++ here does not
+//   (the emulator compiles with -ffp-contract=off).
 // - atomicAdd exists and is exact, trivially, since no two threads run at once.
 // - printf is the C library's printf, and the launch loop flushes stdout when the kernel ends, as
 //   CUDA flushes a kernel's printf buffer when the host synchronises. With one thread at a time, the

@@ -1,8 +1,9 @@
 """Inference replayed from a CUDA graph: ``model.predict`` without Python between the kernels.
 
-At batch 1 a forward pass of RNN-G is 16 small kernel launches, and the Python around each launch
-(the layer, the argument checks, CuPy's launch path) costs more than the kernel itself: on an H200
-an eager ``predict`` takes 0.54 ms, of which the GPU needs about 0.31 (docs/benchmarks.md). A CUDA
+At batch 1 RNN-G's ``predict`` is 14 small kernel launches (11 of minirnng's, the split's 2 copies and
+the arg-max), and the Python around each launch (the layer, the argument checks, CuPy's launch path)
+costs more than the kernel itself: on an H200 an eager ``predict`` took 0.40 ms, of which the GPU
+needs about 0.30, the graph replay's time (docs/benchmarks.md). A CUDA
 graph records the launches once and replays them with one call, so the time per image becomes the
 GPU's::
 

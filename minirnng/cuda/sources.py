@@ -101,8 +101,16 @@ def read_source(source_name):
         if _INCLUDE.search(header_text):
             raise ValueError(f"{header.name} includes another header; minirnng's headers must be self-contained")
         next_line = text.count("\n", 0, match.end()) + 2
-        return f'#line 1 "{header}"\n{header_text}\n#line {next_line} "{path}"'
+        return f"{line_directive(1, header)}\n{header_text}\n{line_directive(next_line, path)}"
     return _INCLUDE.sub(paste, text)
+
+
+def line_directive(line, path):
+    """``#line LINE "PATH"``, so that a compiler's messages name the .cu file: the path written with
+    forward slashes and ``\\`` and ``"`` escaped, since it is a C string literal (a Windows path's
+    ``\\U`` would start a universal character name)."""
+    literal = pathlib.PurePath(path).as_posix().replace("\\", "\\\\").replace('"', '\\"')
+    return f'#line {int(line)} "{literal}"'
 
 
 _DEVICE_FUNCTION = re.compile(r"__device__[^;{()]*?\b(\w+)\s*\([^)]*\)\s*\{")
