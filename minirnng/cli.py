@@ -370,6 +370,8 @@ def print_comparison(arguments, other, dataset, per_image, result, replicates):
 
 def make_output_folder(path):
     """``os.makedirs(path)``, with a clear error where a file or a broken link holds the name."""
+    if not os.fspath(path):
+        raise ValueError("the output folder is an empty name; give a folder, e.g. --out .")
     if os.path.lexists(path) and not os.path.isdir(path):
         kind = "a broken link" if os.path.islink(path) else "a file"
         raise NotADirectoryError(f"output folder {path!r} is {kind}, not a folder")
@@ -550,10 +552,20 @@ def command_parse(arguments):
         else:
             labels, faces = parser.parse(image), "parsed as one face"
         label_path, overlay_path, *figure_path = output_files(stem, arguments.out, arguments.figure)
-        write_png(label_path, labels)
-        write_png(overlay_path, overlay(image, labels, parser.classes))
-        if figure_path:
-            save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)), figure_path[0])
+        try:
+            write_png(label_path, labels)
+            write_png(overlay_path, overlay(image, labels, parser.classes))
+            if figure_path:
+                save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)),
+                            figure_path[0])
+        except OSError as error:
+            # an output this image cannot have (a name too long for the file system, say) does not
+            # stop the others
+            if tracebacks_wanted():
+                traceback.print_exc()
+            print(f"minirnng parse: error: {error}; {path} skipped", file=sys.stderr)
+            failed += 1
+            continue
         shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
         print(f"{path}: {image.shape[1]}x{image.shape[0]}, {faces}; {shares}")
         print(f"  labels:  {label_path} (pixel value = class index: {', '.join(parser.classes)})")
@@ -561,7 +573,8 @@ def command_parse(arguments):
         if figure_path:
             print(f"  figure:  {figure_path[0]}")
     if failed:
-        print(f"minirnng parse: {failed} of {len(arguments.images)} images could not be read", file=sys.stderr)
+        print(f"minirnng parse: {failed} of {len(arguments.images)} images could not be read or their outputs "
+              "written", file=sys.stderr)
         return 1
     return 0
 

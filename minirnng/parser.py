@@ -22,7 +22,7 @@ from PIL import Image
 from . import backend
 from .data.datasets import read_rgb
 from .data.pipeline import check_image, normalize, resize_image
-from .mirroring import mirrored_logits
+from .mirroring import mirrored_logits, model_classes
 from .models import DenseCRF, load_model
 from .models.checkpoint import CheckpointError
 
@@ -74,6 +74,15 @@ class FaceParser:
         self.input_size = tuple(int(s) for s in input_size)
         self.classes = tuple(model.classes) if model.classes else tuple(f"class {k}" for k in range(model.n_classes))
         self.mirror = bool(mirror)
+        if self.mirror:
+            # which outputs mirroring swaps (left eye and right eye) comes from the class names:
+            # a model without them is refused now, not at its first image
+            try:
+                model_classes(model)
+            except ValueError:
+                raise ValueError(f"FaceParser: mirror=True needs the model's class names, to know which "
+                                 f"classes a mirror image swaps; this {type(model).__name__} has none and "
+                                 f"{model.n_classes} outputs (set model.classes)") from None
         if getattr(model, "crf", None) is not None:
             crf = model.crf  # CNN-CRF: its CRF is part of the model, as in its predict
         elif crf is True:

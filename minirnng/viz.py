@@ -147,7 +147,7 @@ def save_sample_grid(dataset, path, n=8, start=0, per_row=4, title=None, overwri
               for name, colour in zip(dataset.classes, palette(dataset.classes))]
     figure.legend(handles=legend, loc="outside lower center", ncol=min(len(legend), 6), fontsize=7, frameon=False)
     if title:
-        figure.suptitle(title, fontsize=9)
+        figure.suptitle(title, fontsize=9, parse_math=False)  # titles hold file names: $5_and_$6.png is text
     _save_atomically(figure, path)
 
 
@@ -246,7 +246,7 @@ def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
         bar.ax.tick_params(labelsize=6)
     _legend(figure, classes)
     if title:
-        figure.suptitle(title, fontsize=9)
+        figure.suptitle(title, fontsize=9, parse_math=False)  # titles hold file names: $5_and_$6.png is text
     return figure
 
 
@@ -261,7 +261,7 @@ def parse_figure(image, labels, classes, title=None):
         axis.set_axis_off()
     _legend(figure, classes)
     if title:
-        figure.suptitle(title, fontsize=9)
+        figure.suptitle(title, fontsize=9, parse_math=False)  # titles hold file names: $5_and_$6.png is text
     return figure
 
 

@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_on_stderr_not_a_traceback(tmp_path, capsys, monke
     assert cli.main(["parse", str(tmp_path / "missing.jpg"), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [f"minirnng parse: error: image {str(tmp_path / 'missing.jpg')!r} does not exist; skipped",
-                                "minirnng parse: 1 of 1 images could not be read"]
+                                "minirnng parse: 1 of 1 images could not be read or their outputs written"]
     (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "garbage.npz"), "--data", "synthetic", "--size", "2"]) == 1
     assert "minirnng eval: error: checkpoint" in capsys.readouterr().err
@@ -528,3 +528,21 @@ def test_parse_names_the_figure_after_the_overlay(tmp_path, capsys, rng):
     assert [line.split(":")[0] for line in lines[first + 1:first + 4]] == ["  labels", "  overlay", "  figure"]
     assert lines[first + 3] == f"  figure:  {tmp_path / 'out' / 'face_figure.png'}"
     assert os.path.isfile(tmp_path / "out" / "face_figure.png")
+
+
+def test_parse_takes_any_file_name_and_goes_on_past_an_output_it_cannot_write(tmp_path, capsys, rng):
+    from PIL import Image
+
+    dollars, long_name, last = tmp_path / "cost_$5_and_$6.png", tmp_path / ("f" * 246 + ".png"), tmp_path / "last.png"
+    for path in (dollars, long_name, last):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=numpy.uint8)).save(path)
+    out = tmp_path / "out"
+    # the figure's title is the file name, not a mathtext formula; "<246 f>_labels.png" is longer
+    # than a file name may be, which skips that image and not the ones after it
+    assert cli.main(["parse", str(dollars), str(long_name), str(last), "--out", str(out), "--no-detect",
+                     "--figure"]) == 1
+    captured = capsys.readouterr()
+    assert f"{long_name} skipped" in captured.err and "1 of 3 images could not be read or their outputs" in captured.err
+    assert (out / "cost_$5_and_$6_figure.png").is_file() and (out / "last_figure.png").is_file()
+    assert cli.main(["parse", str(last), "--out", "", "--no-detect"]) == 1
+    assert "the output folder is an empty name" in capsys.readouterr().err

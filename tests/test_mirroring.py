@@ -109,3 +109,10 @@ def test_mirrored_predict_keeps_a_cnn_crfs_own_crf(rng):
     # another refinement in its place
     numpy.testing.assert_array_equal(mirrored_predict(model, refine=lambda scores, _: -scores)(images),
                                      (-logits).argmax(axis=1))
+
+
+def test_a_mirroring_parser_refuses_a_model_without_class_names_at_once():
+    # not at its first image, after the output folder was made
+    with pytest.raises(ValueError, match="mirror=True needs the model's class names.*5 outputs"):
+        FaceParser(RNNG(n_classes=5, rng=0), mirror=True)
+    assert FaceParser(RNNG(n_classes=5, rng=0)).mirror is False

@@ -106,6 +106,12 @@ def test_read_image_scales_16_bit_grey_and_refuses_float_pixels(tmp_path, rng):
     Image.fromarray(numpy.array([[0, 89000]], dtype=numpy.int32)).save(tmp_path / "int32.tiff")
     with pytest.raises(ValueError, match="int32.tiff holds 32-bit integer pixels from 0 to 89000, beyond 16 bits"):
         read_image(tmp_path / "int32.tiff")
+    # a 32-bit TIFF of 8-bit values is as undefined: read as 16 bits it was parsed as a black picture
+    Image.fromarray(numpy.array([[0, 255]], dtype=numpy.int32)).save(tmp_path / "int32-small.tiff")
+    with pytest.raises(ValueError, match=r"int32-small.tiff holds 32-bit integer pixels from 0 to 255, whose white"):
+        read_image(tmp_path / "int32-small.tiff")
+    Image.fromarray(numpy.array([[0, 60000]], dtype=numpy.uint16)).save(tmp_path / "grey16.tiff")
+    assert read_image(tmp_path / "grey16.tiff")[0, 1, 0] == 233  # a 16-bit TIFF is still read
 
 
 def test_read_image_turns_a_photograph_upright_by_its_exif_orientation(tmp_path, rng):

@@ -113,6 +113,15 @@ def _read_picture(path, what):
 _WIDE_GREY_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
+def _bits_per_sample(picture):
+    """The bits of each pixel a TIFF declares (its BitsPerSample tag), None for other formats:
+    Pillow reads 16-bit PNG and PGM, and 32-bit TIFF, into one mode, "I"."""
+    bits = getattr(picture, "tag_v2", {}).get(258)
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return bits
+
+
 def read_rgb(path, what, exif_orientation=False):
     """uint8 ``(H, W, 3)`` RGB of an image file: grey, palette, RGBA and CMYK pictures converted,
     16-bit grey scaled to 8 bits (Pillow's own conversion would clip it to white).
@@ -121,15 +130,20 @@ def read_rgb(path, what, exif_orientation=False):
         it (photographs from phones); off for the datasets, whose labels match the stored pixels.
     """
     picture = _read_picture(path, what)
+    bits = _bits_per_sample(picture)  # before any transposition, whose copy has no TIFF tags
     if exif_orientation:
         picture = ImageOps.exif_transpose(picture)
     if picture.mode in _WIDE_GREY_WHITE:
         # 16-bit grey (PNG, TIFF; Pillow's "I" holds them in 32 bits): 65535 is white
         grey = numpy.asarray(picture, dtype=numpy.float64)
-        if picture.mode == "I" and grey.size and (grey.min() < 0 or grey.max() > 65535):
-            raise MalformedDataError(f"{what} {path} holds 32-bit integer pixels from {grey.min():.0f} to "
-                                     f"{grey.max():.0f}, beyond 16 bits, whose white is not defined; save it with "
-                                     "8 or 16 bits a channel")
+        beyond_16_bits = grey.size and (grey.min() < 0 or grey.max() > 65535)
+        if picture.mode == "I" and (beyond_16_bits or bits not in (None, 16)):
+            # a 32-bit TIFF's white could be 255, 65535 or 2**32 - 1: guessing 65535 would parse a
+            # picture of 8-bit values as black
+            values = f" from {grey.min():.0f} to {grey.max():.0f}" if grey.size else ""
+            raise MalformedDataError(f"{what} {path} holds 32-bit integer pixels{values}"
+                                     f"{', beyond 16 bits' if beyond_16_bits else ''}, whose white is not "
+                                     "defined; save it with 8 or 16 bits a channel")
         grey = grey * (255 / _WIDE_GREY_WHITE[picture.mode])
         grey = numpy.clip(numpy.rint(grey), 0, 255).astype(numpy.uint8)
         return numpy.repeat(grey[:, :, None], 3, axis=2)
