@@ -1,6 +1,6 @@
 """Benchmark: what stage 2 adds to stage 1's inference time, on the CPU, at batch 16.
 
-    python benchmarks/stage2.py [--checkpoint runs/reproduce/table3-helen-paper/two_stage.npz] \\
+    python benchmarks/stage2.py [--checkpoint runs/reproduce/table3-synthetic-small/two_stage.npz] \\
         [--threads 1] [--repeats 25]
 
 Times, on 16 synthetic 128 x 128 faces (float32):

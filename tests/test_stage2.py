@@ -506,6 +506,29 @@ def test_checkpoint_errors(parser, tmp_path):
         numpy.savez(tmp_path / "edited.npz", **arrays)
         with pytest.raises(CheckpointError, match=message):
             load_stage2_model(tmp_path / "edited.npz")
+    # a hand-edited crop box or stage-1 size is refused when the file loads, not at the first
+    # predict (a NaN centre cropped from wrapped indices in silence); the file is named once
+    for key, value, message in (("geometry", {"nose": [float("nan"), 0, 0.5, 0.5]}, "'nose' box must have a finite"),
+                                ("geometry", {"mouth": [0, 0, 0, 0]}, "positive half sizes"),
+                                ("geometry", {"left eye": [0, 0, -0.4, 0.4]}, "positive half sizes"),
+                                ("stage1_size", [130, 130], r"multiples of 4, got \[130, 130\]")):
+        arrays = dict(numpy.load(path))
+        edited = json.loads(arrays["__header__"].tobytes())
+        if key == "geometry":
+            edited["config"]["geometry"].update(value)
+        else:
+            edited["config"][key] = value
+        arrays["__header__"] = numpy.frombuffer(json.dumps(edited).encode(), dtype=numpy.uint8)
+        numpy.savez(tmp_path / "edited.npz", **arrays)
+        with pytest.raises(CheckpointError, match=message) as refused:
+            load_stage2_model(tmp_path / "edited.npz")
+        assert str(refused.value).count("edited.npz") == 1, refused.value
+    arrays = dict(numpy.load(path))
+    arrays["eyes.conv1.weight"] = arrays["eyes.conv1.weight"][:1]
+    numpy.savez(tmp_path / "edited.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"conv1.weight has shape \(1, ") as refused:
+        load_stage2_model(tmp_path / "edited.npz")
+    assert str(refused.value).count("edited.npz") == 1, refused.value
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files behind
 
 

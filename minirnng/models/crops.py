@@ -173,6 +173,13 @@ class CropGeometry:
         missing = sorted(set(CROPS) - set(self.boxes))
         if missing:
             raise ValueError(f"CropGeometry: no box for {missing}")
+        for crop, box in self.boxes.items():
+            # a NaN centre would crop from wrapped indices, a half size of 0 gives a singular map
+            # and a negative one turns the crop upside down: none of them is a box
+            values = numpy.array([box.cx, box.cy, box.hx, box.hy], dtype=float)
+            if not (numpy.isfinite(values).all() and box.hx > 0 and box.hy > 0):
+                raise ValueError(f"CropGeometry: the {crop!r} box must have a finite centre and positive half "
+                                 f"sizes, got centre ({box.cx}, {box.cy}), half sizes ({box.hx}, {box.hy})")
 
     def matrices(self, keypoints):
         """float64 ``{crop: (N, 2, 3)}``: the crop-to-image maps for key points ``(N, 5, 2)``."""

@@ -245,6 +245,12 @@ class TwoStageParser:
                                 f"got {type(self.networks[name]).__name__}")
         self.geometry = geometry or CropGeometry()
         self.shape = shape or FaceShape()
+        if (not isinstance(stage1_size, (tuple, list)) or len(stage1_size) != 2
+                or any(isinstance(s, bool) or not isinstance(s, (int, numpy.integer)) or s < 4 or s % 4
+                       for s in stage1_size)):
+            # stage 1 halves the image twice: checked here, not at the first predict
+            raise ValueError(f"TwoStageParser: stage1_size must be (height, width), positive multiples of 4, "
+                             f"got {stage1_size!r}")
         self.stage1_size = tuple(int(s) for s in stage1_size)
         self.classes = list(HELEN_CLASSES)
         self.n_classes = len(HELEN_CLASSES)
@@ -471,8 +477,8 @@ def load_stage2_model(path, dtype=numpy.float32, expect=None):
             raise checkpoint.CheckpointError(f"{where}: unknown architecture {architecture!r}; known: {', '.join(known)}")
         model.load_params(params, source=where)
     except (TypeError, ValueError) as error:
-        if isinstance(error, checkpoint.CheckpointError):
-            raise
+        if isinstance(error, checkpoint.CheckpointError) or str(error).startswith(where):
+            raise checkpoint.CheckpointError(str(error)) from None  # it names the file already
         raise checkpoint.CheckpointError(f"{where}: {error}") from None
     model.checkpoint_header = header
     return model
