@@ -21,6 +21,11 @@ in the difference, and its interval is far narrower than either score's:
     difference_r = score_a(draw_r) - score_b(draw_r)
     a_ahead = share of replicates with difference_r > 0,  tied = share with difference_r == 0
 
+A replicate that draws no pixel of a class has no F-measure for it (0/0): the interval and the
+standard error are those of the replicates in which the score is defined, ``defined`` says what
+share of all replicates that is, and ``a_ahead`` and ``tied`` are shares of all replicates, so
+that with ``b_ahead`` and the undefined ones they add up to 1.
+
 Ties are reported on their own, not split between the two: a set compared with itself, or two
 models that label every drawn image alike, is tied in every replicate (a_ahead 0, tied 1), which
 "a ahead in 0%" alone would misreport as b being better.
@@ -98,11 +103,13 @@ def bootstrap_intervals(per_image, classes, replicates=DEFAULT_REPLICATES, level
     Returns a JSON-ready dict, fractions in [0, 1]::
 
         {"images": N, "replicates": R, "level": 0.95,
-         "accuracy": {"estimate", "standard_error", "low", "high"},
+         "accuracy": {"estimate", "standard_error", "low", "high", "defined"},
          "f_measure": {name: {...the same...}, ...}}
 
-    ``estimate`` is the score of the whole set (not the replicates' mean). A class with no
-    defined score in any replicate has None in every field.
+    ``estimate`` is the score of the whole set (not the replicates' mean). ``defined`` is the
+    share of replicates in which the score is defined (a class drawn in none of a replicate's
+    images has no F-measure there); the interval is that of those replicates. A class with no
+    defined score in any replicate has None in every field but ``defined``, 0.
     """
     per_image = check_per_image(per_image, classes)
     level = _check_level(level)
@@ -123,8 +130,9 @@ def paired_bootstrap(per_image_a, per_image_b, classes, replicates=DEFAULT_REPLI
     targets: each image's row sums must agree, or they are not the same images).
     Returns ``{"images", "replicates", "level", "accuracy": {...}, "f_measure": {name: {...}}}``
     where each ``{...}`` holds ``difference`` (on the whole set), ``standard_error``, ``low``,
-    ``high``, ``a_ahead``, the share of replicates in which a scores higher than b, and ``tied``,
-    the share in which they score exactly alike (b is ahead in the rest).
+    ``high``, ``a_ahead``, the share of replicates in which a scores higher than b, ``tied``, the
+    share in which they score exactly alike, and ``defined``, the share in which the difference
+    is defined (b is ahead in the rest of those); the interval is that of the defined replicates.
     """
     per_image_a = check_per_image(per_image_a, classes)
     per_image_b = check_per_image(per_image_b, classes)
@@ -193,13 +201,17 @@ def _interval(values, level):
 def _summary(estimate, values, level):
     spread, low, high = _interval(values, level)
     estimate = None if numpy.isnan(estimate) or spread is None else float(estimate)
-    return {"estimate": estimate, "standard_error": spread, "low": low, "high": high}
+    return {"estimate": estimate, "standard_error": spread, "low": low, "high": high,
+            "defined": float((~numpy.isnan(values)).mean())}
 
 
 def _difference(difference, values, level):
     spread, low, high = _interval(values, level)
     defined = values[~numpy.isnan(values)]
+    # shares of all replicates, not of the defined ones: a class that one image in ten holds is
+    # absent from a third of the replicates, in which neither set is ahead
     return {"difference": None if numpy.isnan(difference) or spread is None else float(difference),
             "standard_error": spread, "low": low, "high": high,
-            "a_ahead": float((defined > 0).mean()) if defined.size else None,
-            "tied": float((defined == 0).mean()) if defined.size else None}
+            "a_ahead": float((defined > 0).sum() / values.size) if defined.size else None,
+            "tied": float((defined == 0).sum() / values.size) if defined.size else None,
+            "defined": float(defined.size / values.size)}

@@ -338,8 +338,15 @@ def print_intervals(per_image, classes, replicates):
             print(f"  {label:<14} n/a")
             continue
         print(f"  {label:<14} {100 * scores['low']:.2f} .. {100 * scores['high']:.2f}  "
-              f"(standard error {100 * scores['standard_error']:.2f})")
+              f"(standard error {100 * scores['standard_error']:.2f}{undefined_share(scores)})")
     return intervals
+
+
+def undefined_share(scores):
+    """``"; undefined in 35% of resamplings"`` where a class was missing from some resamplings, else ``""``."""
+    if scores["defined"] == 1:
+        return ""
+    return f"; undefined in {100 * (1 - scores['defined']):.0f}% of resamplings, which drew none of its pixels"
 
 
 def print_comparison(arguments, other, dataset, per_image, result, replicates):
@@ -363,7 +370,7 @@ def print_comparison(arguments, other, dataset, per_image, result, replicates):
         print(f"  {label:<14} {100 * mine:.2f} vs {100 * theirs:.2f}: {100 * difference['difference']:+.2f}, "
               f"interval {100 * difference['low']:+.2f} .. {100 * difference['high']:+.2f}, "
               f"ahead in {100 * difference['a_ahead']:.0f}% and tied in {100 * difference['tied']:.0f}% "
-              "of resamplings")
+              f"of resamplings{undefined_share(difference)}")
     return {"checkpoint": arguments.compare, "architecture": other.architecture,
             "accuracy": other_result["accuracy"], "f_measure": other_result["f_measure"], "paired": paired}
 

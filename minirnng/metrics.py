@@ -10,8 +10,13 @@ scores are over pixels, not averages over images, as the paper's tables are):
 
 A *group* of classes (Table 3's "eyes" = left eye + right eye, "mouth" = both lips and the inner
 mouth, "overall" = every facial component) is scored as one merged class: a pixel counts as a hit
-when truth and prediction are both inside the group. A class that never occurs and is never
-predicted has no defined score and reports NaN (JSON ``null``).
+when truth and prediction are both inside the group (so "overall" counts a brow pixel labelled
+eye as a hit, as the convention of merging every component into one class does).
+
+A ratio whose denominator is 0 is undefined and reports NaN (JSON ``null``): the precision of a
+class that is never predicted, the recall of one that never occurs, and all three for a class
+that neither occurs nor is predicted. A class that occurs and is never predicted (or the other
+way round) has F 0, not NaN.
 """
 
 import numpy

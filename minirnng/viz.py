@@ -311,12 +311,14 @@ def training_curves_figure(history):
 
 
 def confusion_figure(confusion, classes, title=None):
-    """A confusion matrix (rows: truth, columns: prediction) normalised per row, with the counts' shares."""
+    """A confusion matrix (rows: truth, columns: prediction) normalised per row, with the counts' shares;
+    the row of a class with no true pixel (a small subset of HELEN, say) is blank, marked "–", not 0%."""
     confusion = numpy.asarray(confusion, dtype=numpy.float64)
     if confusion.shape != (len(classes), len(classes)):
         raise ValueError(f"confusion_figure: a matrix of {len(classes)} classes is {len(classes)}x{len(classes)}, "
                          f"got shape {confusion.shape}")
-    shares = confusion / numpy.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    totals = confusion.sum(axis=1, keepdims=True)
+    shares = numpy.divide(confusion, totals, out=numpy.full(confusion.shape, numpy.nan), where=totals > 0)
     size = 1.0 + 0.55 * len(classes)
     figure = Figure(figsize=(size + 1.5, size), layout="constrained")
     axis = figure.subplots()
@@ -326,8 +328,8 @@ def confusion_figure(confusion, classes, title=None):
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     for (row, column), share in numpy.ndenumerate(shares):
-        axis.text(column, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=6,
-                  color="white" if share > 0.5 else "black")
+        axis.text(column, row, "–" if numpy.isnan(share) else f"{100 * share:.0f}", ha="center", va="center",
+                  fontsize=6, color="white" if share > 0.5 else "black")
     # the cells are percentages, and so is the bar
     figure.colorbar(image, ax=axis, label="share of the true class (%)", format=PercentFormatter(1.0))
     if title:

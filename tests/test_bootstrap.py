@@ -111,7 +111,8 @@ def test_a_class_missing_from_every_image_has_no_interval():
     per_image[:, 0, 0] = 10
     per_image[:, 1, 0] = numpy.arange(5)
     result = bootstrap_intervals(per_image, CLASSES, replicates=50)
-    assert result["f_measure"]["hair"] == {"estimate": None, "standard_error": None, "low": None, "high": None}
+    assert result["f_measure"]["hair"] == {"estimate": None, "standard_error": None, "low": None, "high": None,
+                                           "defined": 0.0}
     assert result["f_measure"]["background"]["estimate"] is not None
 
 
@@ -120,7 +121,25 @@ def test_paired_difference_of_a_set_with_itself_is_zero():
     result = paired_bootstrap(per_image, per_image, CLASSES, replicates=200)
     # tied in every resampling, which "ahead in 0%" alone would misreport as the other set being better
     assert result["accuracy"] == {"difference": 0.0, "standard_error": 0.0, "low": 0.0, "high": 0.0,
-                                  "a_ahead": 0.0, "tied": 1.0}
+                                  "a_ahead": 0.0, "tied": 1.0, "defined": 1.0}
+
+
+def test_resamplings_without_a_class_count_in_the_shares_and_are_reported():
+    """A class in one image of ten is missing from about 0.9 ** 10 = 35% of the resamplings: a set
+    that gets its pixel right is ahead in the other 65%, not in all of them."""
+    a = numpy.zeros((10, 3, 3), dtype=numpy.int64)
+    a[:, 0, 0] = 50
+    a[0, 2, 2] = 1                                  # image 0 holds the only hair pixel, a labels it hair
+    b = a.copy()
+    b[0, 2, 2], b[0, 2, 0] = 0, 1                   # b calls it background
+    paired = paired_bootstrap(a, b, CLASSES, replicates=2000)["f_measure"]["hair"]
+    assert paired["defined"] == pytest.approx(1 - 0.9 ** 10, abs=0.03)
+    assert paired["a_ahead"] == pytest.approx(paired["defined"]) and paired["tied"] == 0.0
+    single = bootstrap_intervals(a, CLASSES, replicates=2000)["f_measure"]["hair"]
+    assert single["defined"] == paired["defined"] and single["standard_error"] == 0.0
+    from minirnng.cli import undefined_share
+    assert undefined_share({"defined": 0.65}) == "; undefined in 35% of resamplings, which drew none of its pixels"
+    assert undefined_share({"defined": 1.0}) == ""
 
 
 def test_paired_difference_is_narrower_than_either_interval_and_has_its_sign():

@@ -155,6 +155,14 @@ def test_confusion_colour_bar_is_in_percent():
     assert bar.yaxis.get_major_formatter()(0.5, 0) == "50%"
 
 
+def test_a_class_with_no_true_pixel_has_a_blank_row_not_zeros():
+    from minirnng.viz import confusion_figure
+
+    confusion = numpy.array([[8, 2, 0], [0, 0, 0], [1, 0, 3]])  # no pixel is truly skin
+    texts = [text.get_text() for text in confusion_figure(confusion, LFW_CLASSES).axes[0].texts]
+    assert texts == ["80", "20", "0", "–", "–", "–", "25", "0", "75"]
+
+
 def test_propagation_figure_goes_through_the_atomic_writer_into_a_new_folder(tmp_path):
     from minirnng.propagation import demonstrate_propagation
 
