@@ -140,6 +140,20 @@ def _call_forward(report, forward, inputs, *options, on="the check's input"):
     return result
 
 
+def _call_backward(report, backward, upstream, *rest, on="the check's input"):
+    """``backward(upstream, *rest)``, called on a copy of the upstream gradient. If the backward
+    changed it in place, ``report`` says so: in a network the same gradient may feed another
+    branch (the four scans of the gated layer share one), and a check of it would see it changed."""
+    given = upstream.copy()
+    result = _call(backward, given, *rest, on=on)
+    if not numpy.array_equal(backend.to_numpy(given), backend.to_numpy(upstream)):
+        report.result_once(f"the upstream gradient of {_name(backward)}",
+                           "your backward changed its upstream gradient in place; the layer above may "
+                           "still need it. Write the result into a new array (`dx = dy.copy()`, "
+                           "`numpy.zeros_like(dy)`) instead of changing `dy`.")
+    return result
+
+
 def _pair(result, name, what="(output, cache)"):
     """Unpack a forward's ``(output, cache)``, or say clearly that it returned something else."""
     if not isinstance(result, tuple) or len(result) != 2:
@@ -202,18 +216,22 @@ def _constant_factor(got, expected):
     return None
 
 
-def _known_mistake(got, mistakes):
-    """The hint of the first known mistake that ``got`` matches, or ''."""
+def _known_mistake(got, mistakes, expected=None):
+    """The hint of the first known mistake that ``got`` matches, or ''. A mistake that gives the
+    right answer on this input (sharing a tie where there is none) is no hint: it is skipped."""
     for candidate, message in mistakes:
         candidate = numpy.asarray(candidate, dtype=numpy.float64)
-        if candidate.shape == got.shape and relative_error(got, candidate) <= MISTAKE_MATCH:
-            return message
+        if candidate.shape != got.shape or relative_error(got, candidate) > MISTAKE_MATCH:
+            continue
+        if expected is not None and relative_error(candidate, expected) <= MISTAKE_MATCH:
+            continue
+        return message
     return ""
 
 
 def _diagnose(quantity, got, expected, mistakes):
     """The hint for a wrong answer: a known mistake it matches, else a generic pattern, else ''."""
-    known = _known_mistake(got, mistakes)
+    known = _known_mistake(got, mistakes, expected)
     if known:
         return known
     scale = float(numpy.abs(expected).max(initial=0.0))
@@ -257,7 +275,7 @@ def compare(quantity, got, expected, mistakes=(), patterns=(), tolerance=REFEREN
         return (f"{quantity.name} has shape {got.shape}, expected {expected.shape}."
                 + (f" Hint: {hint}" if hint else ""))
     if dtype != numpy.float64:  # a known slip (a boolean mask returned as dx) says more than the dtype
-        hint = _known_mistake(got, mistakes) or _dtype_hint(dtype)
+        hint = _known_mistake(got, mistakes, expected) or _dtype_hint(dtype)
         return f"{quantity.name} has dtype {dtype}, expected float64.\nHint: {hint}"
     bad = ~numpy.isfinite(got)
     if bad.any():
@@ -580,7 +598,7 @@ def check_conv2d_backward(conv2d_forward, conv2d_backward):
             report.result(f"forward for {_conv_case_text(case)}",
                           "your forward is wrong; make check_conv2d_forward pass first.")
             continue
-        grads = _parts(_call(conv2d_backward, dy.copy(), cache, on=_conv_case_text(case)),
+        grads = _parts(_call_backward(report, conv2d_backward, dy, cache, on=_conv_case_text(case)),
                        _name(conv2d_backward), 3, ("dx", "dweight", "dbias"))
         order = gradient_order_problem(_name(conv2d_backward), grads, (dx_reference, dw_reference, db_reference),
                                        ("dx", "dweight", "dbias"))
@@ -711,7 +729,7 @@ def check_maxpool2d_backward(maxpool2d_forward, maxpool2d_backward):
             report.result(f"forward for {_pool_case_text(case)}",
                           "your forward is wrong; make check_maxpool2d_forward pass first.")
             continue
-        dx = _call(maxpool2d_backward, dy.copy(), cache, on=_pool_case_text(case))
+        dx = _call_backward(report, maxpool2d_backward, dy, cache, on=_pool_case_text(case))
         mistakes = [
             (_pool_by_rule(x, dy, kernel_size, stride, "share"),
              "on a tie the whole gradient goes to the first maximum in row-major order (as numpy.argmax "
@@ -751,7 +769,7 @@ def check_relu(relu_forward, relu_backward):
     if not report.compare("y", Quantity("y", ("n", "c", "y", "x")), y, y_reference):
         report.skip("dx", f"{_name(relu_backward)} is not run on the cache of a wrong forward; fix y first.")
         return report.finish()
-    dx = _call(relu_backward, dy.copy(), cache)
+    dx = _call_backward(report, relu_backward, dy, cache)
     report.compare("dx", Quantity("dx", ("n", "c", "y", "x"), shape_hint=f"dx has the shape of x {x.shape}."),
                    dx, dx_reference, mistakes=[
                        (dy * (x >= 0), "at x = 0 exactly, ReLU has a kink; minirnng (like PyTorch) gives it slope 0: "
@@ -761,7 +779,7 @@ def check_relu(relu_forward, relu_backward):
                    ])
     smooth = _spaced(rng, RELU_SHAPE, spacing=0.05, away_from_zero=0.05)
     _, smooth_cache = _pair(_call_forward(report, relu_forward, {"x": smooth}), _name(relu_forward))
-    smooth_dx = _call(relu_backward, dy.copy(), smooth_cache)
+    smooth_dx = _call_backward(report, relu_backward, dy, smooth_cache)
     errors = finite_difference_errors(lambda: _call(relu_forward, smooth.copy())[0], {"x": smooth}, {"x": smooth_dx},
                                       dy, rng)
     report.finite_differences("away from the kink", errors, {"x": "dx"})
@@ -1009,7 +1027,8 @@ def check_spatial_rnn_backward(spatial_rnn_forward, spatial_rnn_backward):
     if compare(Quantity("h"), h, h_reference) is not None:
         report.result("forward", "your forward is wrong; make check_spatial_rnn_forward pass first.")
         return report.finish()
-    grads = _parts(_call(spatial_rnn_backward, dh.copy(), cache), _name(spatial_rnn_backward), 3, ("dx", "dW", "db"))
+    grads = _parts(_call_backward(report, spatial_rnn_backward, dh, cache), _name(spatial_rnn_backward), 3,
+                   ("dx", "dW", "db"))
     order = gradient_order_problem(_name(spatial_rnn_backward), grads, (dx_reference, dW_reference, db_reference),
                                    ("dx", "dW", "db"))
     if order:
@@ -1094,7 +1113,8 @@ def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
     if compare(Quantity("h"), h, h_reference) is not None:
         report.result("forward", "your forward is wrong; make check_gated_rnn_forward pass first.")
         return report.finish()
-    grads = _parts(_call(gated_rnn_backward, dh.copy(), cache), _name(gated_rnn_backward), 4, ("dx", "dg", "dW", "db"))
+    grads = _parts(_call_backward(report, gated_rnn_backward, dh, cache), _name(gated_rnn_backward), 4,
+                   ("dx", "dg", "dW", "db"))
     order = gradient_order_problem(_name(gated_rnn_backward), grads,
                                    (dx_reference, dg_reference, dW_reference, db_reference), ("dx", "dg", "dW", "db"))
     if order:
@@ -1172,6 +1192,12 @@ def check_direction_strides(direction_strides):
             if not isinstance(got, (tuple, list)) or len(got) != 5:
                 report.result(f"{direction}, {height}x{width}",
                               f"return five integers {fields}; got {_describe(got)}")
+                continue
+            # the kernel takes them as int: a float (even 2.0) or None is a slip to name, not to round
+            not_integers = [f"{name} is {value!r}, not an integer" for name, value in zip(fields, got)
+                            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer))]
+            if not_integers:
+                report.result(f"{direction}, {height}x{width}", "; ".join(not_integers) + ".")
                 continue
             wrong = [f"{name} is {int(value)}, expected {want}" for name, value, want in zip(fields, got, expected)
                      if int(value) != want]
@@ -1299,7 +1325,7 @@ def check_gated_scan_backward_gpu(forward, backward):
                 report.result(f"forward, {direction}",
                               "your forward is wrong; make check_gated_scan_forward_gpu pass first.")
                 continue
-            grads = _parts(_call(backward, dh.copy(), cache, on=repr(direction)), _name(backward), 4,
+            grads = _parts(_call_backward(report, backward, dh, cache, on=repr(direction)), _name(backward), 4,
                            ("dx", "dg", "dW", "db"))
         order = gradient_order_problem(_name(backward), grads,
                                        (dx_reference, dg_reference, dW_reference, db_reference),
@@ -1339,7 +1365,7 @@ def check_gated_scan_backward_gpu(forward, backward):
                 report.result(f"forward, {direction}, {MANY_LINES_SHAPE[0]} images",
                               "your forward is wrong; make check_gated_scan_forward_gpu pass first.")
                 continue
-            dx = _parts(_call(backward, dh.copy(), cache, on=repr(direction)), _name(backward), 4,
+            dx = _parts(_call_backward(report, backward, dh, cache, on=repr(direction)), _name(backward), 4,
                         ("dx", "dg", "dW", "db"))[0]
         report.compare(f"dx, {direction}, {MANY_LINES_SHAPE[0]} images", Quantity("dx", ("n", "c", "y", "x")),
                        dx, dx_reference,
@@ -1425,24 +1451,63 @@ def code_cells(path):
 CHECK_CALL = re.compile(r"\blabs\.check_\w+\s*\(")
 
 
+#: cell magics whose body is Python that runs in the notebook's namespace (timed, or its output captured)
+PYTHON_CELL_MAGICS = ("time", "timeit", "capture", "prun")
+
+
+def ipython_as_python(source):
+    """A cell's source as the Python Jupyter runs: its magics (``%time f(x)``, ``%%timeit``,
+    ``!ls``) written as ``get_ipython()`` calls, as IPython itself writes them; the source as it is
+    where IPython is not installed."""
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+    except ImportError:
+        return source
+    return TransformerManager().transform_cell(source)
+
+
 def without_check_calls(source, filename):
     """A code cell compiled without its statements that call a check (``labs.check_...(...)``):
     the grader calls every check itself, once, and the student's functions defined in the same
-    cell must still be defined. A cell that does not parse is compiled as it is, to fail as it is."""
+    cell must still be defined. IPython's magics are left out as well (the grader runs no shell and
+    times nothing), except that the body of a cell magic that runs Python (``%%time``) runs as plain
+    Python. A cell that does not parse is compiled as it is, to fail as it is."""
     try:
-        tree = ast.parse(source, filename)
+        statements = _graded_statements(source, filename)
     except SyntaxError:
         return compile(source, filename, "exec")
+    return compile(ast.Module(body=statements, type_ignores=[]), filename, "exec")
 
-    def calls_a_check(statement):
-        call = getattr(statement, "value", None) if isinstance(statement, ast.Expr) else None
+
+def _graded_statements(source, filename):
+    def method_call(statement, owner_is):
+        call = getattr(statement, "value", None) if isinstance(statement, (ast.Expr, ast.Assign)) else None
         function = getattr(call, "func", None)
-        return (isinstance(call, ast.Call) and isinstance(function, ast.Attribute)
-                and isinstance(function.value, ast.Name) and function.value.id == "labs"
-                and function.attr.startswith("check_"))
+        if isinstance(call, ast.Call) and isinstance(function, ast.Attribute) and owner_is(function.value):
+            return function.attr, call
+        return None, None
 
-    tree.body = [statement for statement in tree.body if not calls_a_check(statement)]
-    return compile(tree, filename, "exec")
+    def is_labs(node):
+        return isinstance(node, ast.Name) and node.id == "labs"
+
+    def is_ipython(node):  # get_ipython()
+        return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "get_ipython"
+
+    statements = []
+    for statement in ast.parse(ipython_as_python(source), filename).body:
+        check, _ = method_call(statement, is_labs)
+        if check and check.startswith("check_"):
+            continue
+        magic, call = method_call(statement, is_ipython)
+        if magic is None:
+            statements.append(statement)
+        elif not all(isinstance(argument, ast.Constant) for argument in call.args):
+            continue
+        elif magic == "run_cell_magic" and len(call.args) == 3 and call.args[0].value in PYTHON_CELL_MAGICS:
+            statements += _graded_statements(call.args[2].value, filename)
+        elif magic == "run_line_magic" and len(call.args) == 2 and call.args[0].value == "time":
+            statements += _graded_statements(call.args[1].value, filename)  # %time x = f(): x is kept
+    return statements
 
 
 def failure_summary(message):
@@ -1463,15 +1528,22 @@ def grade(path, out=None):
     """Run a filled-in lab notebook and every check of its lab; return ``(points, total, rows)``.
 
     The notebook's code cells run in order in a fresh namespace, without their statements that
-    call a check (the grader calls every check itself, once); a cell that raises is reported and
-    skipped.
+    call a check (the grader calls every check itself, once); a cell that raises, or calls
+    ``sys.exit``, is reported and skipped. This runs the student's code in this process:
+    ``python -m minirnng.labs grade`` runs each notebook in a process of its own instead
+    (:func:`grade_isolated`), so that one notebook cannot change another's grades or stop the batch.
     Each row of ``rows`` is ``(check, points earned, points possible, message)``; points earned is
     None for a check this machine cannot run (lab 08 without a C++ compiler), which ``total`` leaves out.
     """
+    lab, cell_errors, rows = run_checks(path)
+    return print_grades(path, lab, cell_errors, rows, out)
+
+
+def run_checks(path):
+    """``(lab, cell_errors, rows)`` of one notebook: run its cells, then every check of its lab."""
     import matplotlib
     matplotlib.use("Agg")
 
-    out = sys.stdout if out is None else out
     lab = lab_of(path)
     namespace = {"__name__": "__lab__"}
     cell_errors = []
@@ -1480,7 +1552,7 @@ def grade(path, out=None):
             with warnings.catch_warnings(), open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 warnings.simplefilter("ignore")
                 exec(without_check_calls(source, f"<{os.path.basename(path)} code cell {number}>"), namespace)
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # sys.exit in a cell ends that cell, not the grading
             cell_errors.append(f"code cell {number}: {type(error).__name__}: {error}")
     rows = []
     for check in LABS[lab]:
@@ -1496,8 +1568,14 @@ def grade(path, out=None):
             rows.append((check.check, None, check.points, f"not graded: {failure_summary(str(error))}"))
         except LabCheckError as error:
             rows.append((check.check, 0, check.points, failure_summary(str(error))))
-        except Exception as error:  # a bug that escaped the check's own handling
+        except (Exception, SystemExit) as error:  # a bug that escaped the check's own handling
             rows.append((check.check, 0, check.points, f"{type(error).__name__}: {error}"))
+    return lab, cell_errors, rows
+
+
+def print_grades(path, lab, cell_errors, rows, out=None):
+    """Print one notebook's grade sheet; return ``(points, total, rows)``."""
+    out = sys.stdout if out is None else out
     graded = [row for row in rows if row[1] is not None]
     points = sum(row[1] for row in graded)
     total = sum(row[2] for row in graded)
@@ -1512,6 +1590,58 @@ def grade(path, out=None):
     return points, total, rows
 
 
+#: how long one notebook may run, its checks included, under ``python -m minirnng.labs grade``
+DEFAULT_TIMEOUT = 600.0
+
+
+def grade_isolated(path, timeout=DEFAULT_TIMEOUT, out=None):
+    """:func:`grade` in a child process: the notebook's code cannot reach the grader or the other
+    notebooks (a monkeypatched NumPy, a replaced check, ``os.chdir``, ``os._exit``), and a notebook
+    that runs for more than ``timeout`` seconds (an endless loop) is stopped and not graded.
+    Returns ``(points, total, rows)``; raises :class:`LabNotGraded` where there is nothing to grade."""
+    import subprocess
+    import tempfile
+
+    given, path = path, os.path.abspath(path)
+    lab_of(path)  # a stray file is named at once, without starting a process
+    with tempfile.TemporaryDirectory(prefix="minirnng-grade-") as scratch:
+        result_path = os.path.join(scratch, "result.json")
+        command = [sys.executable, "-c", "import sys; from minirnng.labs import _grade_in_child; "
+                   "_grade_in_child(sys.argv[1], sys.argv[2])", path, result_path]
+        try:
+            # in the notebook's folder, as Jupyter runs it
+            child = subprocess.run(command, cwd=os.path.dirname(path), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise LabNotGraded(f"it ran for more than {timeout:g} s (an endless loop? --timeout sets the "
+                               "limit)") from None
+        if not os.path.exists(result_path):
+            last = child.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise LabNotGraded(f"its code ended the grader's process (exit status {child.returncode}: "
+                               f"{last[0]}) before the checks ran")
+        with open(result_path, encoding="utf-8") as stream:
+            result = json.load(stream)
+    if "error" in result:
+        raise LabNotGraded(result["error"])
+    rows = [tuple(row) for row in result["rows"]]
+    return print_grades(given, result["lab"], result["cell_errors"], rows, out)
+
+
+class LabNotGraded(Exception):
+    """A notebook the grader could not grade: not a lab, not a notebook, too slow, or its process ended."""
+
+
+def _grade_in_child(path, result_path):
+    """The child of :func:`grade_isolated`: run the checks, write ``{lab, cell_errors, rows}`` or ``{error}``."""
+    try:
+        lab, cell_errors, rows = run_checks(path)
+        result = {"lab": lab, "cell_errors": cell_errors, "rows": rows}
+    except Exception as error:  # not a lab or not a notebook: one line in the parent
+        result = {"error": f"{type(error).__name__}: {error}"}
+    with open(result_path, "w", encoding="utf-8") as stream:
+        json.dump(result, stream)
+
+
 #: the exit status of ``grade`` when some checks could not run here (lab 08 without a C++ compiler)
 EXIT_INCOMPLETE = 3
 
@@ -1524,6 +1654,9 @@ def main(argv=None):
     grading = commands.add_parser("grade", help="run each notebook and every check of its lab; print the scores")
     grading.add_argument("notebooks", nargs="+", help="lab notebooks (.ipynb or jupytext .py), named as the labs")
     grading.add_argument("--csv", help="also write one row per notebook and check to this CSV file")
+    grading.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                         help="seconds each notebook may run, its checks included, in its own process "
+                              "(default %(default)g)")
     commands.add_parser("list", help="list the labs, their checks and the functions each check takes")
     arguments = parser.parse_args(argv)
     if arguments.command == "list":
@@ -1532,13 +1665,16 @@ def main(argv=None):
             for check in checks:
                 print(f"  {check.check}({', '.join(check.functions)})  {check.points} point(s)")
         return 0
+    if not arguments.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {arguments.timeout:g}")
     rows_out, failed, incomplete = [], False, False
     for path in arguments.notebooks:
         try:
-            points, total, rows = grade(path)
-        except Exception as error:  # a file that is not a lab, or not a notebook: one line, a row
-            print(f"{path}: not graded: {type(error).__name__}: {error}")
-            rows_out.append((path, "", 0, "", f"not graded: {error}"))
+            points, total, rows = grade_isolated(path, arguments.timeout)
+        except (LabNotGraded, ValueError, OSError) as error:  # not a lab, not a notebook, too slow: one line, a row
+            described = str(error) if isinstance(error, LabNotGraded) else f"{type(error).__name__}: {error}"
+            print(f"{path}: not graded: {described}")
+            rows_out.append((path, "", 0, "", f"not graded: {described}"))
             failed = True
             continue
         failed |= points < total

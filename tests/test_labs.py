@@ -501,3 +501,80 @@ def test_small_messages_read_well(tmp_path, capsys):
     broken.write_text('{"nbformat": 4}', encoding="utf-8")
     assert labs.main(["grade", str(broken)]) == 1
     assert f"{broken} is not a notebook" in capsys.readouterr().out
+
+
+# -- the grader against what students' notebooks do ------------------------------------------------
+
+def test_each_notebook_is_graded_in_its_own_process(tmp_path, monkeypatch, capsys):
+    """One notebook's code cannot stop the batch (sys.exit, os._exit), loop for ever, or change the
+    grades of the others (a check replaced, NumPy patched, the working folder changed)."""
+    solution = (NOTEBOOKS / "04_pooling_and_relu.py").read_text(encoding="utf-8")
+    unfilled = NOTEBOOKS / "labs" / "04_pooling_and_relu.ipynb"
+    notebooks = {"exits": "import sys\nsys.exit(0)\n", "ends": "import os\nos._exit(3)\n",
+                 "patches": "import os, numpy\nfrom minirnng import labs as grader\nos.chdir('/')\n"
+                            "grader.check_relu = grader.check_maxpool2d_forward = lambda *a: None\n"
+                            "numpy.max = lambda *a, **k: 0.0\n",
+                 "loops": "while True:\n    pass\n"}
+    (tmp_path / "submissions").mkdir()
+    for name, code in notebooks.items():
+        (tmp_path / "submissions" / f"04_pooling_and_relu-{name}.py").write_text(f"{solution}\n# %%\n{code}",
+                                                                                  encoding="utf-8")
+    paths = [str(tmp_path / "submissions" / f"04_pooling_and_relu-{name}.py") for name in notebooks]
+    monkeypatch.chdir(tmp_path)
+    assert labs.main(["grade", *paths[:3], str(unfilled), "--csv", "grades.csv"]) == 1
+    out = capsys.readouterr().out
+    assert f"{paths[0]} (lab 04_pooling_and_relu)\n  note: code cell" in out and "SystemExit" in out
+    assert f"{paths[1]}: not graded: its code ended the grader's process (exit status 3" in out
+    scores = [line.strip() for line in out.splitlines() if line.strip().startswith("score:")]
+    assert scores == ["score: 4/4", "score: 4/4", "score: 0/4"], out  # exits, patches (solved), unfilled
+    assert (tmp_path / "grades.csv").is_file()  # where the grader was started, whatever a notebook did
+    assert labs.main(["grade", paths[3], "--timeout", "3"]) == 1
+    assert f"{paths[3]}: not graded: it ran for more than 3 s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        labs.main(["grade", paths[0], "--timeout", "0"])
+
+
+def test_magics_in_a_cell_do_not_hide_its_functions(tmp_path):
+    source = (NOTEBOOKS / "04_pooling_and_relu.py").read_text(encoding="utf-8")
+    source = source.replace("def relu_forward(x):", "%time warm_up = 1\n\n\ndef relu_forward(x):", 1)
+    source = source.replace("def maxpool2d_backward(dy, cache):",
+                            "!echo shell\n\n\ndef maxpool2d_backward(dy, cache):", 1)
+    (tmp_path / "04_pooling_and_relu.py").write_text(source + "\n# %%\n%%time\nassert warm_up == 1\n", encoding="utf-8")
+    points, total, rows = labs.grade(tmp_path / "04_pooling_and_relu.py")
+    assert points == total, rows
+
+
+def test_a_backward_that_changes_its_upstream_gradient_is_told_so():
+    def relu_forward(x):
+        return numpy.maximum(x, 0.0), x > 0
+
+    def relu_backward_in_place(dy, cache):
+        dy[~cache] = 0.0
+        return dy
+
+    message = failure(labs.check_relu, relu_forward, relu_backward_in_place)
+    assert "changed its upstream gradient in place" in message
+
+
+def test_a_right_answer_in_float32_gets_the_dtype_hint_not_a_mistakes():
+    namespace = {}
+    for cell in labs.code_cells(str(NOTEBOOKS / "04_pooling_and_relu.py")):
+        if cell.lstrip().startswith(("import", "def")):  # the imports and the solutions, not the plots
+            exec(labs.without_check_calls(cell, "04"), namespace)
+
+    def backward32(dy, cache):
+        return namespace["maxpool2d_backward"](dy, cache).astype(numpy.float32)
+
+    message = failure(labs.check_maxpool2d_backward, namespace["maxpool2d_forward"], backward32)
+    assert "dtype float32" in message and "tie" not in labs.failure_summary(message), labs.failure_summary(message)
+
+
+def test_direction_strides_must_be_integers():
+    def strides_with_none(direction, height, width):
+        return (height, width, width, 1, None)
+
+    def strides_as_floats(direction, height, width):
+        return tuple(float(value) + 0.5 for value in labs._strides(direction, height, width))
+
+    assert "first is None, not an integer" in failure(labs.check_direction_strides, strides_with_none)
+    assert "not an integer" in failure(labs.check_direction_strides, strides_as_floats)
