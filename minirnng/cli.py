@@ -382,7 +382,11 @@ def make_output_folder(path):
     if os.path.lexists(path) and not os.path.isdir(path):
         kind = "a broken link" if os.path.islink(path) else "a file"
         raise NotADirectoryError(f"output folder {path!r} is {kind}, not a folder")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):  # afile/sub: a folder above it is a file
+        raise NotADirectoryError(f"cannot make the output folder {path!r}: a part of its path is a file, "
+                                 "not a folder") from None
 
 
 def check_output_file(path, inputs=()):
@@ -430,6 +434,10 @@ def predict_with_options(model, classes, mirror=False, crf=False):
 
 # -- demo -----------------------------------------------------------------------------------------
 
+#: the files ``minirnng demo`` writes into --out, in the order it writes them
+DEMO_OUTPUTS = ("grace_hopper_parsed.png", "rnng_synthetic.npz", "synthetic_pipeline.png")
+
+
 def command_demo(arguments):
     import tempfile
 
@@ -441,8 +449,11 @@ def command_demo(arguments):
     from .train import TrainConfig, Trainer, evaluate
     from .viz import parse_figure, pipeline_figure, save_figure
 
+    # the settings are checked before any work: a bad --lr is named before step 1 writes a file
+    config = TrainConfig(epochs=arguments.epochs, lr=arguments.lr, seed=arguments.seed).check()
     make_output_folder(arguments.out)
     written = []
+    replaced = {path for path in (os.path.join(arguments.out, name) for name in DEMO_OUTPUTS) if os.path.exists(path)}
 
     print("1. A real portrait (grace_hopper.jpg, shipped with matplotlib) parsed by the pretrained RNN-G")
     image = read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
@@ -451,20 +462,24 @@ def command_demo(arguments):
     shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
     print(f"   {image.shape[1]}x{image.shape[0]} pixels: {shares}")
     written.append(save_figure(parse_figure(image, labels, parser.classes, title="pretrained RNN-G (LFW-PL)"),
-                               os.path.join(arguments.out, "grace_hopper_parsed.png")))
+                               os.path.join(arguments.out, DEMO_OUTPUTS[0])))
 
     print(f"\n2. Training a small RNN-G on {arguments.train_size} synthetic faces for {arguments.epochs} "
           f"epoch{'s' if arguments.epochs != 1 else ''} on the {backend.describe()}")
     train_set = load_split("synthetic", "train", n_classes=3, size=arguments.train_size)
     validation_set = load_split("synthetic", "validation", n_classes=3, size=100)
     test_set = load_split("synthetic", "test", n_classes=3, size=arguments.test_size)
-    config = TrainConfig(epochs=arguments.epochs, lr=arguments.lr, seed=arguments.seed)
     with tempfile.TemporaryDirectory(prefix="minirnng-demo-") as run_folder:
         trainer = Trainer(config, train_set, validation_set, run_folder, progress=not arguments.quiet,
                           log=lambda line: print("   " + line))
-        trainer.run()
+        try:
+            trainer.run()
+        except FloatingPointError:
+            # the trainer's message names its folder, a temporary one that is gone when this ends
+            raise FloatingPointError(f"the demo's training diverged at --lr {arguments.lr:g}; try a smaller "
+                                     "--lr") from None
     model = trainer.model
-    written.append(model.save(os.path.join(arguments.out, "rnng_synthetic.npz")))
+    written.append(model.save(os.path.join(arguments.out, DEMO_OUTPUTS[1])))
 
     shown = min(arguments.figure_images, len(test_set))
     print(f"\n3. The pipeline on {shown} test images: input, truth, coarse map, gate map, result")
@@ -476,7 +491,7 @@ def command_demo(arguments):
                              test_set.classes,
                              title=f"RNN-G trained for {arguments.epochs} epoch{'s' if arguments.epochs != 1 else ''} "
                                    f"on {arguments.train_size} synthetic faces")
-    written.append(save_figure(figure, os.path.join(arguments.out, "synthetic_pipeline.png")))
+    written.append(save_figure(figure, os.path.join(arguments.out, DEMO_OUTPUTS[2])))
 
     print(f"\n4. Results on {len(test_set)} synthetic test faces")
     result = evaluate(model, test_set)
@@ -487,7 +502,7 @@ def command_demo(arguments):
           f"in batches of {min(32, len(test_set))}")
     print("\nwritten:")
     for path in written:
-        print(f"   {path}")
+        print(f"   {path}" + ("   (replacing an earlier run's)" if path in replaced else ""))
     return 0
 
 
@@ -772,7 +787,7 @@ def build_parser():
     demo = commands.add_parser(
         "demo", help="the main job: parse a portrait, train a small RNN-G on synthetic faces, show and score it",
         description="Parse matplotlib's grace_hopper.jpg with the pretrained parser, train a small RNN-G on "
-                    "synthetic faces for a minute or two, write figures and print a results table.")
+                    "synthetic faces for about half a minute, write figures and print a results table.")
     demo.add_argument("--out", default="minirnng-demo",
                       help="folder for the figures and the checkpoint (default %(default)s)")
     demo.add_argument("--train-size", type=positive_int, default=800, help="synthetic training images (default 800)")
@@ -912,6 +927,10 @@ def where_to_continue(arguments):
     elif arguments.command == "reproduce":
         hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
                 "where it stopped (table 3's component networks start again)")
+    elif arguments.command == "demo":
+        done = [name for name in DEMO_OUTPUTS if os.path.exists(os.path.join(arguments.out, name))]
+        hint = (f"; in {arguments.out}: {', '.join(done)} (perhaps from an earlier run); the same command again "
+                "starts over" if done else "")
     return hint
 
 

@@ -288,7 +288,39 @@ def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("grace_hopper_parsed.png", "synthetic_pipeline.png", "rnng_synthetic.npz"):
         assert os.path.exists(out / name) and str(out / name) in printed
-    assert "pixel accuracy" in printed and "F-hair" in printed
+    assert "pixel accuracy" in printed and "F-hair" in printed and "replacing" not in printed
+    # again into the same folder: the files are replaced, and the list says so
+    assert cli.main(["demo", "--out", str(out), "--train-size", "16", "--test-size", "8", "--epochs", "1",
+                     "--quiet"]) == 0
+    assert f"{out / 'rnng_synthetic.npz'}   (replacing an earlier run's)" in capsys.readouterr().out
+
+
+def test_the_demo_checks_its_settings_first_and_names_no_vanished_folder(tmp_path, capsys, monkeypatch):
+    from minirnng import train
+
+    assert cli.main(["demo", "--out", str(tmp_path / "nan"), "--lr", "nan", "--quiet"]) == 1
+    assert "lr must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "nan").exists()  # refused before step 1 made the folder and wrote a figure
+
+    def diverge(self, resume=False):
+        raise FloatingPointError(f"training diverged in epoch 1: ...; try a smaller learning rate (the finished "
+                                 f"epochs are in {self.out_dir})")
+
+    monkeypatch.setattr(train.Trainer, "run", diverge)
+    assert cli.main(["demo", "--out", str(tmp_path / "big"), "--lr", "1e30", "--train-size", "16",
+                     "--test-size", "8", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at --lr 1e+30; try a smaller --lr" in err and "minirnng-demo-" not in err
+
+    def interrupt(self, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "run", interrupt)
+    assert cli.main(["demo", "--out", str(tmp_path / "stopped"), "--train-size", "16", "--quiet"]) == 130
+    assert f"interrupted; in {tmp_path / 'stopped'}: grace_hopper_parsed.png" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert cli.main(["demo", "--out", str(tmp_path / "a-file" / "sub")]) == 1
+    assert "a part of its path is a file, not a folder" in capsys.readouterr().err
 
 
 def test_parse_with_11_classes_uses_a_two_stage_checkpoint(tmp_path, capsys, rng):
