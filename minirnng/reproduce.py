@@ -135,7 +135,8 @@ def reproduce(table, data="synthetic", budget="small", json_path=None, out_dir="
     name), milliseconds per image and the table row, and for every model but RNN-G and Det+RNN-G
     single (which is scored on the pictures it detects in, not through per-image matrices)
     ``rnng_lead``: RNN-G's accuracy minus the model's on the same images, with its 95% interval over
-    resamplings of the images (:func:`minirnng.bootstrap.paired_bootstrap`); ``_meta`` records the setting.
+    resamplings of the images (:func:`minirnng.bootstrap.paired_bootstrap`); ``_meta`` records the setting,
+    and ``minutes`` what this call took (a call that reuses finished models counts only its own work).
     """
     if table not in BUDGETS:
         raise ValueError(f"unknown table {table!r}; expected table1 or table2 (table3: minirnng.train_stage2)")
@@ -222,7 +223,14 @@ def _train(name, architecture, train_set, validation_set, recipe, out_dir, progr
     config = TrainConfig(model=architecture, n_classes=3, **recipe)
     log(f"training {name} ({architecture}) for {config.epochs} epochs -> {folder}")
     trainer = Trainer(config, train_set, validation_set, folder, progress=progress, log=log)
-    trainer.run(resume=os.path.exists(trainer.last_path))
+    try:
+        trainer.run(resume=os.path.exists(trainer.last_path))
+    except ValueError as error:
+        if not os.path.exists(trainer.last_path):
+            raise
+        # train's advice (which of its options may change) means nothing to reproduce, which has none
+        raise ValueError(f"{folder} holds a run of {name} that this command cannot continue ({error}); "
+                         "delete that folder, or give reproduce another --out") from None
     return load_model(trainer.best_path)
 
 

@@ -123,3 +123,15 @@ def test_the_command_line_passes_the_seed_and_refuses_one_for_table3(tiny_budget
     assert json.loads((tmp_path / "t1.json").read_text())["_meta"]["recipe"]["seed"] == 2
     assert cli.main(["reproduce", "table3", "--seed", "2", "--out", str(tmp_path)]) == 1
     assert "--seed applies to table1 and table2" in capsys.readouterr().err
+
+
+def test_a_folder_of_another_recipe_is_refused_in_reproduces_own_words(tiny_budgets, tmp_path, monkeypatch):
+    """train's advice ("only --epochs may change") names options reproduce does not have."""
+    monkeypatch.setitem(reproduce.BUDGETS["table1"], "small", {"epochs": 1, "synthetic": (4, 2, 2)})
+    monkeypatch.setattr(reproduce, "TABLE1_MODELS", {"RNN-G": "rnng"})
+    reproduce.reproduce("table1", out_dir=str(tmp_path / "runs"), progress=False, log=lambda line: None)
+    monkeypatch.setitem(reproduce.RECIPES, "small", {"lr": 1e-3})  # what a later version might change
+    with pytest.raises(ValueError, match=r"holds a run of RNN-G that this command cannot continue .*lr.*; delete "
+                                         r"that folder, or give reproduce another --out") as refused:
+        reproduce.reproduce("table1", out_dir=str(tmp_path / "runs"), progress=False, log=lambda line: None)
+    assert "only --epochs may change" not in str(refused.value).split("(", 1)[0]
