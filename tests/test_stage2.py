@@ -129,6 +129,25 @@ def test_the_fitted_boxes_hold_the_parts_with_their_margin(faces):
         assert box.hx / box.hy == pytest.approx(spec.size[1] / spec.size[0])  # aspect kept
 
 
+def test_the_fitted_geometry_crops_a_mirrored_face_as_the_face_itself(faces):
+    """One network parses both eyes, so both get one box, fitted to the needs of both sides; fitted
+    on the mirror images of the faces, the eyes' box is the same and the nose's and mouth's are
+    mirrored (their frames are not)."""
+    from minirnng.data.classes import mirror_permutation
+
+    _, _, labels, keypoints = faces
+    geometry = CropGeometry.fit(labels, keypoints)
+    assert geometry.boxes["left eye"] == geometry.boxes["right eye"]
+    mirrored_labels = mirror_permutation(HELEN_CLASSES)[labels[:, :, ::-1]]
+    mirrored_points = keypoints[:, [1, 0, 2, 4, 3]] * [-1, 1] + [labels.shape[2] - 1, 0]
+    mirrored = CropGeometry.fit(mirrored_labels, mirrored_points)
+    for crop, box in geometry.boxes.items():
+        sign = 1 if CROPS[crop].network == "eyes" else -1
+        other = mirrored.boxes[crop]
+        numpy.testing.assert_allclose([sign * box.cx, box.cy, box.hx, box.hy], [other.cx, other.cy, other.hx, other.hy],
+                                      atol=1e-12, err_msg=crop)
+
+
 def test_the_geometry_round_trips_through_a_dict():
     geometry = CropGeometry({crop: Box(0.1 * k, -0.2, 0.5, 0.5) for k, crop in enumerate(CROPS)})
     assert CropGeometry.from_dict(json.loads(json.dumps(geometry.to_dict()))) == geometry

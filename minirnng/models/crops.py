@@ -154,7 +154,7 @@ class Box:
 #: synthetic lips); a parser uses them until a geometry is fitted to its data.
 DEFAULT_BOXES = {
     "left eye": Box(-0.04, -0.21, 0.47, 0.47),
-    "right eye": Box(-0.04, -0.20, 0.47, 0.47),
+    "right eye": Box(-0.04, -0.21, 0.47, 0.47),
     "nose": Box(0.0, -0.34, 0.61, 0.61),
     "mouth": Box(0.0, 0.04, 0.79, 0.40),
 }
@@ -194,18 +194,20 @@ class CropGeometry:
         are taken to the frame; their extent plus ``margin`` of it on each side is what the box
         must hold. The box spans the ``outlier_fraction`` and ``1 - outlier_fraction`` quantiles
         of those needs on each side, then grows along one axis to the network's aspect ratio.
-        Faces whose part is missing (occluded, cut by the border) are left out.
+        Faces whose part is missing (occluded, cut by the border) are left out. Crops that one
+        network parses (the two eyes) get one box, fitted to the needs of both: the right eye's
+        frame is the left's mirror image, so a face and its mirror image are cropped alike.
         """
         labels = numpy.asarray(labels)
         frames = component_frames(keypoints)
         if labels.ndim != 3 or len(labels) != len(frames["nose"][0]):
             raise ValueError(f"CropGeometry.fit: labels must be (N, H, W) with one map per key point set, "
                              f"got {labels.shape} for {len(frames['nose'][0])} faces")
-        boxes = {}
+        needs = {}
         for crop in CROPS:
             owned = numpy.flatnonzero(helen_to_crop(crop))
             origin, axes, unit = frames[crop]
-            needs = []
+            needs[crop] = []
             for n in range(len(labels)):
                 rows, columns = numpy.nonzero(numpy.isin(labels[n], owned))
                 if len(rows) < 4:
@@ -213,12 +215,16 @@ class CropGeometry:
                 inside = to_frame(numpy.stack([columns, rows], axis=1), origin[n], axes[n], unit[n])
                 low, high = inside.min(axis=0), inside.max(axis=0)
                 extra = margin * (high - low)
-                needs.append(numpy.concatenate([low - extra, high + extra]))
-            if not needs:
+                needs[crop].append(numpy.concatenate([low - extra, high + extra]))
+        boxes = {}
+        for crop, spec in CROPS.items():
+            shared = [other for other, its in CROPS.items() if its.network == spec.network]
+            pooled = [need for other in shared for need in needs[other]]
+            if not pooled:
                 raise ValueError(f"CropGeometry.fit: no face shows the classes of the {crop!r} crop")
-            needs = numpy.array(needs)
-            low = numpy.quantile(needs[:, :2], outlier_fraction, axis=0)
-            high = numpy.quantile(needs[:, 2:], 1 - outlier_fraction, axis=0)
+            pooled = numpy.array(pooled)
+            low = numpy.quantile(pooled[:, :2], outlier_fraction, axis=0)
+            high = numpy.quantile(pooled[:, 2:], 1 - outlier_fraction, axis=0)
             boxes[crop] = _aspect_box(low, high, crop_size(crop))
         return cls(boxes)
 
