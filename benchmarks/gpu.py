@@ -427,11 +427,12 @@ def torch_rows(timer_factory, quick):
             images = torch.from_numpy(random_images(numpy, batch)).cuda()
 
             def predict(images=images):
-                return module(images)["logits"].argmax(1)
+                return module.logits(images).argmax(1)  # no training heads, as our predict
+            # the same calls, blocks and repeats as ours (rnng_rows), so the two medians are alike
             if batch == 1:
-                milliseconds = timer.throughput(predict, calls=10, blocks=3 if quick else 7)
+                milliseconds = timer.throughput(predict, calls=50, blocks=5 if quick else 15, warmup=10)
             else:
-                milliseconds = timer.latency(predict, repeats=3 if quick else 7)
+                milliseconds = timer.latency(predict, repeats=5 if quick else 15)
             rows.append((batch, milliseconds))
     note = (f"PyTorch {torch.__version__} eager (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), "
             f"float32 without TF32, same weights; its logits differ from ours by {difference:.1e} "

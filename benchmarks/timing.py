@@ -3,7 +3,8 @@ argparse type of their counts.
 
 On a shared machine the load changes from one second to the next, so two functions timed one
 after the other can see different machines. :func:`interleaved_medians` times them in turns (A, B,
-A, B, ...), so that each sees the same mix of load, and returns the median of each.
+then B, A, ...: each repeat starts with the next one), so that each sees the same mix of load, and
+returns the median of each.
 """
 
 import argparse
@@ -55,7 +56,8 @@ def median_seconds(function, repeats=7, warmup=1):
 
 
 def interleaved_medians(functions, repeats=7, warmup=1, clock=time.perf_counter):
-    """Medians of the seconds of each function of ``functions``, called in turns ``repeats`` times.
+    """Medians of the seconds of each function of ``functions``, called in turns ``repeats`` times
+    (the order rotated from one repeat to the next).
 
     ``clock`` is ``time.perf_counter`` (wall clock) or ``time.process_time`` (the CPU time of this
     process, all its threads: less sensitive to other processes, meaningful for one thread only).
@@ -64,8 +66,12 @@ def interleaved_medians(functions, repeats=7, warmup=1, clock=time.perf_counter)
         for _ in range(warmup):
             function()
     times = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, recorded in zip(functions, times):
+    turns = list(zip(functions, times))
+    for repeat in range(repeats):
+        # each repeat starts with the next function: none always runs right after the same other one
+        # (whose threads may still be winding down) or always first
+        first = repeat % len(turns)
+        for function, recorded in turns[first:] + turns[:first]:
             start = clock()
             function()
             recorded.append(clock() - start)
