@@ -37,6 +37,10 @@ def detect_faces(image, min_size=24, max_side=2048):
     pixels of the reduced image are missed). ``min_size`` counts pixels of the image searched.
     """
     image = check_image(image, "detect_faces")
+    for name, value in (("min_size", min_size), ("max_side", max_side)):
+        # a bad setting would reach OpenCV as a failure blamed on the image, or a division by zero
+        if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+            raise ValueError(f"detect_faces: {name} must be a positive whole number of pixels, got {value!r}")
     try:
         import cv2
     except ImportError:

@@ -122,6 +122,14 @@ class FaceParser:
     def model_input(self, images):
         """A list of uint8 images -> the model's input batch (N, 3, h, w), resized, normalised, on
         the model's device."""
+        # one array of three or fewer dimensions is one picture, not a list: iterating over it would
+        # parse each of its rows as a greyscale picture of its own
+        if isinstance(images, numpy.ndarray) and images.ndim <= 3:
+            raise ValueError(f"FaceParser.run: pass a list of images (or an (N, H, W, 3) array), got one array of "
+                             f"shape {images.shape}; for one picture use [image]")
+        images = list(images)
+        if not images:
+            raise ValueError("FaceParser.run: the list of images is empty")
         batch = numpy.stack([resize_image(check_image(image), self.input_size) for image in images])
         return backend.to_device(normalize(batch))
 

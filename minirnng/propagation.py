@@ -69,12 +69,18 @@ def edge_gates(image, edge_scale=0.04, openness=0.99):
 
 
 def as_grey(image):
-    """``(H, W)`` float grey levels in [0, 1] from a grey, RGB or RGBA image (uint8 or float; the
-    alpha channel, which ``plt.imread`` gives a PNG, is ignored)."""
+    """``(H, W)`` float grey levels in [0, 1] from a grey, RGB or RGBA image (uint8 or uint16, whose
+    white is 255 or 65535, or float in [0, 1]; the alpha channel, which ``plt.imread`` gives a PNG,
+    is ignored)."""
     image = numpy.asarray(image)
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
         raise ValueError(f"as_grey: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {image.shape}")
-    scale = 255.0 if image.dtype == numpy.uint8 else 1.0
+    if image.dtype in (numpy.uint8, numpy.uint16):
+        scale = float(numpy.iinfo(image.dtype).max)
+    elif numpy.issubdtype(image.dtype, numpy.floating):
+        scale = 1.0
+    else:  # a signed or boolean picture has no agreed white: guessing one would make every gate 0
+        raise ValueError(f"as_grey: expected a uint8, uint16 or float image, got {image.dtype}")
     image = image.astype(numpy.float64) / scale
     if image.ndim == 3:
         image = image[:, :, :3] @ numpy.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
@@ -158,6 +164,10 @@ def demonstrate_propagation(image=None, seeds=None, regions=None, passes=4, edge
         check_figure_path(path, "demonstrate_propagation: path")  # a .txt fails now, not after the work
     if seeds is None:
         raise ValueError("demonstrate_propagation: give seeds with your image (an int (H, W) map, -1 = none)")
+    seeds = numpy.asarray(seeds)
+    if seeds.size and seeds.max() >= len(LABEL_COLOURS):
+        raise ValueError(f"demonstrate_propagation: draws at most {len(LABEL_COLOURS)} labels (0 .. "
+                         f"{len(LABEL_COLOURS) - 1}), one colour each; the seeds go up to {seeds.max()}")
     grey = as_grey(image)
     gate = edge_gates(grey, edge_scale=edge_scale, openness=openness)
     gated, _ = propagate_labels(seeds, gate, passes=passes)

@@ -116,3 +116,11 @@ def test_a_mirroring_parser_refuses_a_model_without_class_names_at_once():
     with pytest.raises(ValueError, match="mirror=True needs the model's class names.*5 outputs"):
         FaceParser(RNNG(n_classes=5, rng=0), mirror=True)
     assert FaceParser(RNNG(n_classes=5, rng=0)).mirror is False
+
+
+def test_class_names_pair_left_and_right_whatever_their_spelling():
+    names = ["background", "Left Eye", "right_eye", "left-brow", "Right Brow", "left ear", "right ear"]
+    numpy.testing.assert_array_equal(mirror_permutation(names), [0, 2, 1, 4, 3, 6, 5])
+    numpy.testing.assert_array_equal(mirror_permutation(HELEN_CLASSES), [0, 1, 3, 2, 5, 4, 6, 7, 8, 9, 10])
+    with pytest.raises(ValueError, match="class 'Left Eye' has no right partner"):
+        mirror_permutation(["background", "Left Eye", "skin"])

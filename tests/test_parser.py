@@ -364,3 +364,29 @@ def test_parse_classes_is_checked_against_the_checkpoint(tmp_path, capsys, rng):
     for classes, out in ((["--classes", "11"], "b"), ([], "c")):
         assert cli.main(arguments + classes + ["--out", str(tmp_path / out)]) == 0
         assert numpy.asarray(Image.open(tmp_path / out / "face_labels.png")).max() < 11
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK"])
+def test_a_pil_picture_in_palette_or_cmyk_mode_is_parsed_as_its_colours(parser, mode):
+    rgb = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB").resize((96, 120))
+    picture = rgb.convert(mode, palette=Image.ADAPTIVE) if mode == "P" else rgb.convert(mode)
+    # the picture's own colours, as RGB, are what it shows: its palette indices or CMYK channels are not
+    expected = parser.parse(numpy.asarray(picture.convert("RGB")))
+    numpy.testing.assert_array_equal(parser.parse(picture), expected)
+
+
+def test_run_refuses_one_image_for_a_list_and_an_empty_list(parser, rng):
+    image = rng.integers(0, 256, (40, 30, 3), dtype=numpy.uint8)
+    with pytest.raises(ValueError, match=r"pass a list of images .* got one array of shape \(40, 30, 3\)"):
+        parser.run(image)
+    with pytest.raises(ValueError, match="the list of images is empty"):
+        parser.run([])
+    assert parser.run([image])["logits"].shape == (1, 3, 128, 128)
+
+
+@pytest.mark.parametrize("setting, value", [("max_side", 0), ("max_side", None), ("max_side", -5),
+                                            ("min_size", 24.5), ("min_size", -3), ("min_size", True)])
+def test_detect_faces_names_a_bad_setting(setting, value):
+    from minirnng.detect import detect_faces
+    with pytest.raises(ValueError, match=f"^detect_faces: {setting} must be a positive whole number of pixels"):
+        detect_faces(numpy.zeros((40, 40, 3), numpy.uint8), **{setting: value})

@@ -427,3 +427,23 @@ def test_propagation_takes_rgba_images_and_names_mismatched_shapes():
         propagate_labels(seeds, edge_gates(image)[:, 1:])
     with pytest.raises(ValueError, match="seeds must be an integer"):
         propagate_labels(seeds.astype(float), edge_gates(image))
+
+
+def test_edge_gates_read_a_16_bit_picture_as_its_8_bit_twin_and_refuse_a_signed_one():
+    image, _ = synthetic_image()
+    eight = numpy.rint(image * 255).astype(numpy.uint8)
+    sixteen = eight.astype(numpy.uint16) * 257  # 255 -> 65535: the same grey levels
+    numpy.testing.assert_allclose(edge_gates(sixteen), edge_gates(eight), rtol=1e-12)
+    with pytest.raises(ValueError, match="expected a uint8, uint16 or float image, got int32"):
+        edge_gates(eight.astype(numpy.int32))
+
+
+def test_demonstrate_propagation_takes_seeds_as_a_list_and_names_too_many_labels():
+    image, regions = synthetic_image()
+    seeds = random_seeds(regions)
+    figure = demonstrate_propagation(image, seeds.tolist(), regions)
+    assert len(figure.axes) >= 5
+    many = seeds.copy()
+    many[many >= 0] = 8
+    with pytest.raises(ValueError, match="draws at most 8 labels .* the seeds go up to 8"):
+        demonstrate_propagation(image, many)

@@ -29,9 +29,6 @@ HELEN_TO_LFW = numpy.array(
 )
 
 # A mirrored image shows the left eye where the right one was; its label must follow.
-_MIRROR_PAIRS = (("left brow", "right brow"), ("left eye", "right eye"))
-
-
 def class_list(n_classes):
     """The class names for ``n_classes`` (11 -> ``HELEN_CLASSES``, 3 -> ``LFW_CLASSES``)."""
     if n_classes == len(HELEN_CLASSES):
@@ -46,15 +43,28 @@ def mirror_permutation(classes):
     """The label permutation that horizontal mirroring applies, uint8 ``(K,)``.
 
     After flipping an image left-right, a pixel labelled ``c`` must be relabelled
-    ``mirror_permutation(classes)[c]``: left and right brows and eyes swap, all else stays.
-    For ``LFW_CLASSES`` it is the identity.
+    ``mirror_permutation(classes)[c]``: every "left ..." class swaps with its "right ..." partner
+    (brows and eyes in ``HELEN_CLASSES``), all else stays. For ``LFW_CLASSES`` it is the identity.
+    Names match whatever their case, and with ``_`` or ``-`` between words ("Left Eye", "left_eye");
+    a left or right class without its partner is a ValueError, since keeping it would average a
+    left part with a right one.
     """
     classes = tuple(classes)
     permutation = numpy.arange(len(classes), dtype=numpy.uint8)
-    for left, right in _MIRROR_PAIRS:
-        if left in classes and right in classes:
-            permutation[classes.index(left)] = classes.index(right)
-            permutation[classes.index(right)] = classes.index(left)
+    sides = {}  # the part's name without its side -> {side: index}
+    for index, name in enumerate(classes):
+        words = str(name).lower().replace("_", " ").replace("-", " ").split()
+        side = [word for word in words if word in ("left", "right")]
+        if len(side) == 1:
+            part = " ".join(word for word in words if word not in ("left", "right"))
+            sides.setdefault(part, {})[side[0]] = index
+    for part, indices in sides.items():
+        if set(indices) != {"left", "right"}:
+            (side, index), = indices.items()
+            raise ValueError(f"mirror_permutation: class {classes[index]!r} has no "
+                             f"{'right' if side == 'left' else 'left'} partner among {list(classes)}; "
+                             "mirroring would swap it with nothing")
+        permutation[indices["left"]], permutation[indices["right"]] = indices["right"], indices["left"]
     return permutation
 
 

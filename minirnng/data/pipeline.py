@@ -47,7 +47,14 @@ def _check_image(image, owner):
 def check_image(image, owner="FaceParser"):
     """A picture to parse as uint8 (H, W, 3) RGB, more lenient than the pipeline's own check: greyscale
     (H, W) repeated into three channels, an alpha channel dropped, anything else (another dtype or
-    shape, no pixels) a clear error. What the parsers take from their users."""
+    shape, no pixels) a clear error. What the parsers take from their users.
+
+    A PIL picture of 8 bits a channel is converted to RGB first: a palette picture's array holds
+    palette indices, and a CMYK one's four channels would pass for RGBA. Pictures of wider pixels
+    (modes I, I;16, F) stay arrays of their own dtype, which the rule above refuses:
+    :func:`minirnng.parser.read_image` knows their white."""
+    if _is_pil_image(image) and image.mode not in ("L", "RGB", "RGBA") and not image.mode.startswith(("I", "F")):
+        image = image.convert("RGB")
     image = numpy.asarray(image)
     if image.dtype != numpy.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"{owner}: image must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
@@ -56,6 +63,12 @@ def check_image(image, owner="FaceParser"):
     if image.ndim == 2:
         image = numpy.repeat(image[:, :, None], 3, axis=2)  # greyscale: the same value in R, G and B
     return numpy.ascontiguousarray(image[:, :, :3])
+
+
+def _is_pil_image(image):
+    """Whether ``image`` is a PIL picture, without importing PIL where nobody passed one."""
+    module = type(image).__module__ or ""
+    return module.startswith("PIL.") and hasattr(image, "mode") and hasattr(image, "convert")
 
 
 def _check_labels(labels, owner, shape=None):
