@@ -190,9 +190,9 @@ plt.show()
 # corners, where two scans start, and the merge has a kink there). **What to expect:** relative
 # errors around $10^{-10}$ in float64; the tanh makes the function curved, so the centred difference
 # has a truncation error of order $\epsilon^2 = 10^{-12}$, still far below the tolerance of $10^{-7}$.
-# One trap: a direction that wins the merge at no output has zero gradients, and its rows would
-# read "0.00e+00 ok", zero against zero, a check of nothing. So we first count each direction's
-# wins and make sure every one of them is tested.
+# One trap: a direction that wins the merge at no output has zero gradients, zero against zero, a
+# check of nothing. `check_layer` reports such a row as `ZERO` and fails it rather than pass it;
+# counting each direction's wins first tells us why, and that every direction is really tested.
 
 # %%
 four = FourWaySpatialRNN(3, dtype=np.float64)

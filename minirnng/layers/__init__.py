@@ -10,8 +10,8 @@ from .conv import Conv2d, ConvTranspose2d
 from .normalization import BatchNorm2d
 from .pool import MaxPool2d
 from .recurrent import (DIRECTIONS, FourWayGatedRNN, FourWaySpatialRNN, GatedSpatialRNN, SpatialRNN,
-                        constrain_recurrent_weight)
+                        clip_recurrent_singular_values, constrain_recurrent_weight, project_recurrent_weight)
 
 __all__ = ["Layer", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "MaxPool2d", "ReLU", "Sigmoid", "Tanh",
            "DIRECTIONS", "GatedSpatialRNN", "FourWayGatedRNN", "SpatialRNN", "FourWaySpatialRNN",
-           "constrain_recurrent_weight"]
+           "constrain_recurrent_weight", "project_recurrent_weight", "clip_recurrent_singular_values"]
