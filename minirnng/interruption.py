@@ -123,7 +123,13 @@ def ignored_by_children():
     the whole group stop them only through this process, which closes them; and a stop that reaches
     this process meanwhile is held (blocked, on systems that can block a signal) and arrives as the
     block ends, instead of being ignored with them. Signal handlers belong to the main thread:
-    elsewhere the block changes nothing."""
+    elsewhere the block changes nothing.
+
+    The hold covers the main thread only: a stop that the system hands to another thread of this
+    process (tqdm's monitor, OpenBLAS's threads) while the block runs is ignored, and lost. Only a
+    disposition of "ignore" survives ``exec`` into the child, so no handler can record it instead;
+    keep the block to the start of the child and nothing more (:class:`minirnng.processes.WorkerProcess`
+    sends its model afterwards, so its block lasts about as long as fork and exec)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

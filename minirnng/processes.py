@@ -122,8 +122,9 @@ class SharedArraysReader:
         self.blocks = {}
 
 
-def serve(connection, model, backend_name):
-    """A worker process's loop: receive a command, run the shard on the replica, reply.
+def serve(connection, backend_name):
+    """A worker process's loop: receive the model, then a command at a time; run the shard on the
+    replica, reply.
 
     The replica is rebuilt from the received copy (``model.replica()``): unpickling copies the
     arrays that the four-way layers share as views apart, and a rebuilt model has them shared again.
@@ -133,6 +134,12 @@ def serve(connection, model, backend_name):
     """
     from .train import keep_freed_memory
 
+    try:
+        model = connection.recv()
+    except (EOFError, KeyboardInterrupt):
+        return  # the parent stopped before it had sent the model: nothing to serve
+    if model is None:
+        return  # the parent closed this worker instead (a stop while it was starting)
     backend.select(backend_name)
     keep_freed_memory()
     replica = model.replica()
@@ -225,7 +232,7 @@ class WorkerProcess:
         self.connection, child = context.Pipe()
         self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
         backend_name = backend.matching(next(iter(model.params().values())))
-        self.process = context.Process(target=serve, args=(child, model, backend_name),
+        self.process = context.Process(target=serve, args=(child, backend_name),
                                        name=f"minirnng-shard-{index}", daemon=True)
         saved = {name: os.environ.get(name) for name in ONE_BLAS_THREAD}
         os.environ.update(ONE_BLAS_THREAD)  # inherited by the worker as it starts, before NumPy loads
@@ -248,6 +255,19 @@ class WorkerProcess:
                 else:
                     os.environ[name] = value
         child.close()
+        # The model goes through the pipe once the worker runs, not as its argument: spawn writes its
+        # arguments to the child inside the block above, and a write larger than the pipe's buffer
+        # waits there for the child's interpreter to start (half a second), a time in which a stop
+        # that reaches another thread of this process would be ignored and lost. With small
+        # arguments the block lasts about as long as fork and exec.
+        try:
+            self.connection.send(model)
+        except OSError:
+            pass  # the worker has gone already: the first pass's collect() says so
+        except BaseException:
+            self.process.kill()  # a stop while sending: the worker may hold half a model
+            self.close()
+            raise
 
     def submit(self, method, inputs, options, params, errors=None):
         arrays = {f"param:{name}": value for name, value in (params or {}).items()}

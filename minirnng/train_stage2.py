@@ -162,18 +162,43 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     per core, at most 4).
     """
     config = (config or ComponentTrainConfig()).check()
+    # checked before the first epoch, not found wrong after it
+    _check_keypoints(keypoints, train_set, "keypoints", "train_set")
+    if validation_set is not None:
+        if validation_keypoints is None:
+            raise ValueError("train_components: a validation_set needs its validation_keypoints")
+        _check_keypoints(validation_keypoints, validation_set, "validation_keypoints", "validation_set")
     rng = numpy.random.default_rng(config.seed)
     networks = {name: cls(width=config.width, rng=rng) for name, cls in _NETWORK_CLASSES.items()}
     for network in networks.values():
         network.classes = list(network.component_classes)
     optimizers = {name: Adam(net.params(), net.grads(), lr=config.lr) for name, net in networks.items()}
     workers = default_workers() if workers is None else workers
-    shared = {name: DataParallel(net, workers) for name, net in networks.items()}
     weights = crop_class_weights(train_set, keypoints, geometry, config.class_balance)
     losses = {name: SoftmaxCrossEntropy(class_weights=weights[name]) for name in networks}
     log("component class weights: " + "; ".join(
         f"{name} " + ", ".join(f"{cls} {w:.2f}" for cls, w in zip(networks[name].component_classes, weights[name]))
         for name in networks))
+    shared = {name: DataParallel(net, workers) for name, net in networks.items()}
+    try:
+        history = _train_component_epochs(networks, shared, optimizers, losses, train_set, keypoints, geometry,
+                                          config, rng, validation_set, validation_keypoints, progress, log)
+    finally:
+        for parallel in shared.values():
+            parallel.close()  # its worker threads, which would otherwise wait for the garbage collector
+    return networks, history
+
+
+def _check_keypoints(points, dataset, name, set_name):
+    shape = numpy.shape(points)
+    if shape != (len(dataset), 5, 2):
+        raise ValueError(f"train_components: {name} must be ({len(dataset)}, 5, 2), one set of five key points "
+                         f"per face of {set_name}, got {shape}")
+
+
+def _train_component_epochs(networks, shared, optimizers, losses, train_set, keypoints, geometry, config, rng,
+                            validation_set, validation_keypoints, progress, log):
+    """The epochs of :func:`train_components`; returns the history."""
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     history = []
     for epoch in range(config.epochs):
@@ -212,7 +237,7 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
         scores_text = ", ".join(f"{key[6:]} {value:.1f}" for key, value in row.items() if key.startswith("val_F_"))
         log(f"components epoch {epoch + 1}/{config.epochs}: loss {losses_text}"
             + (f"; validation F (%) {scores_text}" if scores_text else "") + f" ({row['seconds']:.0f} s)")
-    return networks, history
+    return history
 
 
 def evaluate_components(networks, dataset, keypoints, geometry, batch_size=32):
@@ -242,14 +267,17 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     stage1_config : a :class:`TrainConfig` (default: RNN-G, 11 classes, class balance 0.5);
     component_config : a :class:`ComponentTrainConfig`; landmarks : optional ``(train, validation)``
     key point arrays (N, 5, 2) from the dataset; without them key points are read off the labels.
-    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there,
-    and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
+    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there
+    (the component networks keep no checkpoint: they train from their first epoch), and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
     again. Returns the :class:`TwoStageParser`.
     """
     if tuple(train_set.classes) != HELEN_CLASSES:
         raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes {train_set.classes}")
-    os.makedirs(out_dir, exist_ok=True)
     stage1_config = stage1_config or TrainConfig(model="rnng", n_classes=11, class_balance=0.5)
+    if stage1_config.n_classes != len(HELEN_CLASSES):
+        raise ValueError(f"train_two_stage: stage1_config.n_classes must be {len(HELEN_CLASSES)} (HELEN's classes), "
+                         f"got {stage1_config.n_classes}")
+    os.makedirs(out_dir, exist_ok=True)
     component_config = (component_config or ComponentTrainConfig()).check()
     input_size = tuple(train_set.images.shape[1:3])
     path = os.path.join(out_dir, "two_stage.npz")
@@ -367,7 +395,8 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
     ``"small"`` (minutes on a laptop CPU) or ``"paper"``; json_path : where to write the results
     (atomically); out_dir : checkpoints and logs go to ``out_dir/table3-<synthetic|helen>-<budget>/``
     (``stage1/``, ``components_log.csv``, ``two_stage.npz``); running the same command again
-    resumes an interrupted run there, or reuses a finished one.
+    resumes an interrupted run's stage 1 there (the component networks, which keep no checkpoint,
+    train again from their first epoch), or reuses a finished one.
     Returns ``{"1-stage": {column: F %}, "2-stage": {...}, "_meta": {...}}``; the columns are
     :data:`TABLE3_COLUMNS`.
     """

@@ -95,8 +95,9 @@ def overlay(image, labels, classes, opacity=0.5):
         raise ValueError(f"overlay: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if numpy.shape(labels) != image.shape[:2]:
         raise ValueError(f"overlay: labels {numpy.shape(labels)} do not match the image {image.shape[:2]}")
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"overlay: opacity must be in [0, 1], got {opacity}")
+    if isinstance(opacity, bool) or not isinstance(opacity, (int, float, numpy.integer, numpy.floating)) \
+            or not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"overlay: opacity must be a number in [0, 1], got {opacity!r}")
     colours = colorize(labels, classes).astype(numpy.float32)
     blended = image.astype(numpy.float32)
     foreground = numpy.asarray(labels) != 0
@@ -115,6 +116,10 @@ def save_sample_grid(dataset, path, n=8, start=0, per_row=4, title=None, overwri
     never leaves a half-written picture.
     """
     path = os.fspath(path)
+    for name, value, least in (("n", n, 1), ("start", start, 0), ("per_row", per_row, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < least:
+            raise ValueError(f"save_sample_grid: {name} must be a whole number of at least {least}, got {value!r}")
+    check_figure_path(path, "save_sample_grid: path")  # a .txt fails now, not after every sample is drawn
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"save_sample_grid: {path} exists; pass overwrite=True to replace it")
     folder = os.path.dirname(os.path.abspath(path))

@@ -399,3 +399,28 @@ def test_replicas_keep_what_config_leaves_out(rng):
     assert network.replicas[1].crf is model.crf and network.replicas[1].classes == model.classes
     images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
     numpy.testing.assert_array_equal(network.predict(images), model.predict(images))
+
+
+def test_a_worker_process_gets_its_model_through_its_pipe_not_as_its_start_argument(monkeypatch):
+    """spawn writes a process's arguments to it while the parent ignores the stop signals
+    (interruption.ignored_by_children): a model there would hold that window open for as long as the
+    child's interpreter takes to start, and a stop that reached another thread meanwhile would be lost."""
+    import multiprocessing.context
+
+    started_with = []
+    start = multiprocessing.context.SpawnProcess.start
+
+    def recording_start(process):
+        started_with.append(process._args)  # start() deletes them
+        start(process)
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", recording_start)
+    model = RNNG(rng=numpy.random.default_rng(0))
+    network = ProcessParallel(model, 2)
+    try:
+        (arguments,) = started_with
+        assert not any(isinstance(argument, type(model)) for argument in arguments)
+        images = numpy.random.default_rng(1).uniform(-0.5, 0.5, (2, 3, 16, 16))
+        numpy.testing.assert_allclose(network.forward(images)["logits"], model.forward(images)["logits"],
+                                      rtol=1e-5, atol=1e-6)
+    finally:
+        network.close()

@@ -575,6 +575,32 @@ def test_component_training_runs_and_lowers_the_loss(faces):
                 assert ours[f"train_loss_{name}"] == pytest.approx(theirs[f"train_loss_{name}"], rel=1e-4)
 
 
+def test_component_training_checks_its_key_points_first_and_stops_its_worker_threads(faces, tmp_path):
+    import threading
+
+    from minirnng.train_stage2 import ComponentTrainConfig, train_components, train_two_stage
+    from minirnng.train import TrainConfig
+
+    generator, _, _, keypoints = faces
+    dataset = preload(generator, size=(128, 128))
+    geometry = CropGeometry.fit(dataset.labels, keypoints)
+    config = ComponentTrainConfig(epochs=1, batch_size=8)
+    quiet = {"progress": False, "log": lambda *_: None}
+    with pytest.raises(ValueError, match="a validation_set needs its validation_keypoints"):
+        train_components(dataset, keypoints, geometry, config, validation_set=dataset, **quiet)
+    with pytest.raises(ValueError, match=r"validation_keypoints must be \(%d, 5, 2\).* got \(3, 5, 2\)" % len(dataset)):
+        train_components(dataset, keypoints, geometry, config, validation_set=dataset,
+                         validation_keypoints=keypoints[:3], **quiet)
+    with pytest.raises(ValueError, match=r"keypoints must be \(%d, 5, 2\)" % len(dataset)):
+        train_components(dataset, keypoints[:, :4], geometry, config, **quiet)
+    before = set(threading.enumerate())
+    train_components(dataset, keypoints, geometry, config, workers=2, **quiet)
+    assert not [thread for thread in set(threading.enumerate()) - before if thread.name.startswith("minirnng")]
+    with pytest.raises(ValueError, match="stage1_config.n_classes must be 11"):
+        train_two_stage(dataset, dataset, tmp_path / "run", stage1_config=TrainConfig(model="rnng"), **quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_table3_formatting_and_arguments():
     from minirnng.train_stage2 import PAPER_TABLE3, TABLE3_COLUMNS, format_table3, reproduce_table3
 

@@ -173,3 +173,19 @@ def test_propagation_figure_goes_through_the_atomic_writer_into_a_new_folder(tmp
     assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temporary file left behind
     with pytest.raises(ValueError, match=r"cannot write \.txt files"):
         demonstrate_propagation(path=tmp_path / "p.txt")
+
+
+@pytest.mark.parametrize("arguments, message", [({"per_row": 0}, "per_row must be a whole number of at least 1"),
+                                                ({"n": 2.5}, "n must be a whole number of at least 1"),
+                                                ({"start": -1}, "start must be a whole number of at least 0")])
+def test_save_sample_grid_names_a_bad_count(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=f"^save_sample_grid: {message}"):
+        save_sample_grid(SyntheticFaces(3, size=64), tmp_path / "grid.png", **arguments)
+
+
+def test_save_sample_grid_and_overlay_name_a_bad_path_or_opacity(tmp_path):
+    with pytest.raises(ValueError, match=r"save_sample_grid: path .*grid.txt'?: Matplotlib cannot write .txt files"):
+        save_sample_grid(SyntheticFaces(3, size=64), tmp_path / "grid.txt", n=2)
+    image = numpy.zeros((8, 8, 3), numpy.uint8)
+    with pytest.raises(ValueError, match=r"overlay: opacity must be a number in \[0, 1\], got '0.5'"):
+        overlay(image, numpy.zeros((8, 8), int), LFW_CLASSES, opacity="0.5")
