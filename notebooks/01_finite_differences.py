@@ -286,7 +286,8 @@ print(f"Sigmoid, float32, eps = 1e-3: relative error {relative_error(analytic32.
 # ## Exercises
 #
 # 1. Add the *complex-step* derivative $\operatorname{Im} f(u + i\epsilon)/\epsilon$ to the plot of
-#    section 2. Why does it keep improving down to $\epsilon = 10^{-12}$ and beyond?
+#    section 2. It reaches float64's rounding near $\epsilon = 10^{-8}$; why does it not get worse
+#    as $\epsilon$ shrinks further, down to $10^{-12}$ and far beyond, where the centred difference does?
 # 2. Richardson extrapolation: combine centred differences with steps $\epsilon$ and $2\epsilon$ to
 #    cancel the $\epsilon^2$ term. What is the new optimal step in float64, and the best error?
 # 3. For $L = \sum_{i=1}^{M} y_i$ over $M$ pixels of size about 1, the rounding error of $L$ grows

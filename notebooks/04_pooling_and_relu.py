@@ -269,7 +269,9 @@ print("fast vs naive max pooling backward, with ties and overlapping windows:",
 # 3. If a ReLU ran on `conv1`'s output before `pool2`, what fraction of `pool2`'s windows would be
 #    all-zero ties for a randomly initialised RNN-G on a synthetic face (`minirnng.models.RNNG`,
 #    `minirnng.data.synthetic.SyntheticFaces`)? Where would their gradient go? RNN-G pools first
-#    (`RNNG.trunk`): why does that order remove these ties, and does it change the network's output?
-# 4. The winner index is stored as the smallest unsigned integer type that holds $k^2$ values
-#    (`minirnng.layers.pool.smallest_index_dtype`). How much memory does that save for `pool2` on a
-#    batch of 16 images of 128×128, compared with int64 indices?
+#    (`RNNG.trunk`): does that order change the network's output or its gradients, and which ties
+#    does it leave (a positive maximum can tie too, on a face's flat patches)?
+# 4. On the NumPy path the winner index is stored as the smallest unsigned integer type that holds
+#    $k^2$ values (`minirnng.layers.pool.smallest_index_dtype`; the kernels store one byte, int8).
+#    How much memory does that save for `pool2` on a batch of 16 images of 128×128, compared with
+#    int64 indices?

@@ -323,7 +323,7 @@ print(f"their share of an unsampled edge loss: {fraction:.1%}; with 1:5 sampling
 # 4. Train an edge head alone, once on all pixels and once with the 1:5 mask, and compare what each
 #    predicts on the boundary pixels. A 1×1 head on the RGB images cannot work (one pixel's colour
 #    does not say where a boundary is), so give it what RNN-G's edge head sees: the gates $G$ (8
-#    channels at 64×64) of `FaceParser.pretrained().model` on the faces above (run its `trunk`
+#    channels at 64×64) of `FaceParser.pretrained().model` on the 16 faces of `full_size` (run its `trunk`
 #    layers, then its `gate` layer on the last 8 channels), a `minirnng.layers.Conv2d` 8→1, 1×1,
 #    float64, targets `boundary_target` of the labels at 64×64, a hundred steps of plain gradient
 #    descent (rate 1). Which one predicts less than 0.5 on more of the boundary pixels, and why?

@@ -328,6 +328,7 @@ else:
 #    (count the registers a thread needs in float64), and what happens when a thread needs more
 #    registers than the GPU gives it? Where is the line between the two paths worth drawing?
 # 3. Launch the forward kernel with a grid one block too small for a batch of 2000 images. Which
-#    pixels of `h` are wrong, and how would `labs.check_gated_scan_forward_gpu` describe it?
+#    pixels of `h` are wrong? The lab's check runs small problems, where one block too few is no
+#    block at all (which the launcher refuses): how would it describe a grid kept at one block?
 # 4. Pass `g=None` to `gated_scan_forward` (and `dg=None` to the backward): show that the result is
 #    `SpatialRNN(..., activation="identity")` of eq. 1.

@@ -458,7 +458,8 @@ print("largest difference of the logits:", np.abs(folded.infer(images64) - norma
 # 4. Set `gate_bias=3.0` (the gate starts almost open). How does it change the first epochs?
 # 5. Prove the equivariance of $z$ above in two lines, then break it: drop the $P$ for a model with
 #    the 11 HELEN classes (`minirnng.data.classes.HELEN_CLASSES`) and show which classes the check
-#    catches.
+#    catches. (The check above compares with `z[..., ::-1]` alone, which is right for LFW's three
+#    classes, where $P = I$; for eleven, write it with $P$ first.)
 # 6. The paper's CNN-CRF column prints F 91.25 (skin), 75.21 (hair), 99.58 (background) and an
 #    accuracy of 92.59. Use `accuracy_range` to show that these do not fit LFW-PL's shares, then
 #    find which single F-measure, changed by one digit, makes the column consistent. Is the answer
@@ -473,7 +474,10 @@ print("largest difference of the logits:", np.abs(folded.infer(images64) - norma
 #    validation split the CRF adds 0.6 points to the shipped RNN-G and 1.7 to CNN-S: which of the
 #    CRF's work does the recurrence already do, and which is left (look at where the two maps differ)?
 # 9. Train the small RNN-G of section 3 with `TrainConfig(batch_norm=True)` beside the same run
-#    without it. Compare the first ten epochs' validation accuracy, then load both `best.npz` files
+#    without it, each by `minirnng.train.Trainer(...).run()` into a folder of your own (the `train`
+#    helper above works in a temporary folder, gone when it returns, and leaves the worker count to the
+#    machine, which moves a normalised run's statistics). Compare the first ten epochs' validation
+#    accuracy, then load both `best.npz` files
 #    and check that each is the plain network. Why is the gradient of a convolution's bias
 #    before a normalisation zero (up to rounding)? Adam still moves that bias: why, and why does
 #    it make no difference to the folded network?

@@ -226,7 +226,8 @@ plt.show()
 #    stage 2 suffer?
 # 2. Replace the confidence rule of the composition by "the last crop pasted wins": copy
 #    `TwoStageParser.compose` into a function of your own, drop the comparison with `flat_best`, and
-#    compare its labels with the parser's. Which pixels change? (Do not reorder
+#    compare its labels with the parser's. Which pixels change, with the key points read off stage 1
+#    and with key points moved by noise? (Do not reorder
 #    `minirnng.models.crops.CROPS` instead: that only changes how exact ties break, and
 #    `run_crops` expects the crops of one network next to each other in it.)
 # 3. Set `ComponentTrainConfig(jitter=0)` and evaluate the networks on crops cut at slightly wrong

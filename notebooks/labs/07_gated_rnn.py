@@ -293,8 +293,9 @@ display(demonstrate_propagation())
 #    Derive its backward pass and check it with `minirnng.gradcheck.check` (write forward and
 #    backward as two functions). How do $\partial L/\partial x$ and $\partial L/\partial g$ change?
 # 2. In the stability experiment, replace the row-sum rule by dividing $W$ by its largest
-#    singular value (the spectral norm). Is the max norm of $h$ still bounded for every gate in
-#    $(0, 1)$? Find a counterexample or a proof.
+#    singular value (the spectral norm). Is the max norm of $h$ still bounded, whatever the
+#    sequence's length, for gates at most some $\gamma < 1$? Find a counterexample or a proof. What
+#    happens to either rule's bound when the gates may come arbitrarily close to 1?
 # 3. Call `demonstrate_propagation(passes=1)` and `passes=8`. Explain what one pass can and cannot
 #    reach (notebook 06, section 3), and why the result stops changing after a few passes.
 # 4. `demonstrate_propagation(edge_scale=...)`: how small can the gate's edge contrast be before
