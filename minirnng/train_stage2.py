@@ -93,14 +93,38 @@ class ComponentTrainConfig:
 
 def training_keypoints(dataset, landmarks=None, shape=None):
     """Key points float64 (N, 5, 2) for a preloaded dataset: its ``landmarks`` if given, else read
-    off its label maps, missing ones filled in from ``shape`` (a :class:`FaceShape`; default mean)."""
+    off its label maps, missing ones filled in from ``shape`` (a :class:`FaceShape`; default mean).
+    The labels must name the sides as :data:`~minirnng.data.classes.HELEN_CLASSES` does
+    (:func:`check_side_convention`)."""
+    check_side_convention(dataset.labels)
     if landmarks is not None:
         landmarks = numpy.asarray(landmarks, dtype=numpy.float64)
         if landmarks.shape != (len(dataset), 5, 2):
             raise ValueError(f"landmarks must be ({len(dataset)}, 5, 2), got {landmarks.shape}")
+        if not numpy.isfinite(landmarks).all():
+            raise ValueError("landmarks must be finite: a missing point would become the crops' NaN")
         return landmarks
     points, found = keypoints_from_labels(dataset.labels)
     return complete_keypoints(points, found, shape or FaceShape(), dataset.labels)
+
+
+def check_side_convention(labels):
+    """Refuse label maps whose "left" eye lies right of their "right" eye in most faces.
+
+    minirnng's left is the image's left (:mod:`minirnng.data.classes`); a data set that names the
+    person's left instead would put the other eye's labels into each eye crop, and the eye network
+    would learn its own class as "other" without any error. labels : (N, H, W) HELEN classes."""
+    left, right = HELEN_CLASSES.index("left eye"), HELEN_CLASSES.index("right eye")
+    flipped = counted = 0
+    for face in labels:
+        left_columns, right_columns = numpy.nonzero(face == left)[1], numpy.nonzero(face == right)[1]
+        if len(left_columns) and len(right_columns):
+            counted += 1
+            flipped += left_columns.mean() > right_columns.mean()
+    if counted and flipped > counted / 2:
+        raise ValueError(f"the labels name the eyes the other way round: in {flipped} of {counted} faces with both "
+                         "eyes the 'left eye' lies right of the 'right eye'. minirnng's left is the image's left (the "
+                         "person's right); swap classes 2 <-> 3 and 4 <-> 5 of these labels")
 
 
 def cut_crops(images, labels, matrices):

@@ -131,9 +131,15 @@ def test_bad_arguments():
         SyntheticFaces(4, n_classes=5)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         SyntheticFaces(0)
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0 \.\. 2\*\*32 - 1"):
         SyntheticFaces(4, seed=-1)
     with pytest.raises(IndexError, match="index -1 is out of range"):
         SyntheticFaces(4)[-1]
     with pytest.raises(IndexError, match="index 4 is out of range"):
         SyntheticFaces(4).keypoints(4)
+
+
+def test_a_seed_beyond_32_bits_is_refused_rather_than_repeating_another_seeds_faces():
+    with pytest.raises(ValueError, match=r"seed must be an integer in 0 \.\. 2\*\*32 - 1, got 4294967296"):
+        SyntheticFaces(2, size=64, seed=2 ** 32)
+    SyntheticFaces(2, size=64, seed=2 ** 32 - 1)

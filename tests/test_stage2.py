@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from conftest import KINK_MARGIN, kink_margins
 from minirnng.data.classes import HELEN_CLASSES
-from minirnng.data.pipeline import normalize, preload
+from minirnng.data.pipeline import PreloadedDataset, normalize, preload
 from minirnng.data.synthetic import SyntheticFaces
 from minirnng.gradcheck import check_model
 from minirnng.models import RNNG, CheckpointError
@@ -689,3 +689,50 @@ def test_two_stage_load_params_checks_every_network_before_changing_any(parser):
         parser.load_params(arrays)
     for name, value in parser.params().items():
         numpy.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_key_point_tools_refuse_points_that_are_not_finite_and_shapes_that_are_wrong(faces):
+    _, _, labels, keypoints = faces
+    broken = keypoints.copy()
+    broken[3, 2] = numpy.nan
+    with pytest.raises(ValueError, match=r"FaceShape.fit: the key points of 1 face\(s\) are not finite \(first: face 3\)"):
+        FaceShape.fit(broken)
+    with pytest.raises(ValueError, match=r"FaceShape.fit: points must be \(N, 5, 2\)"):
+        FaceShape.fit(keypoints[0])
+    with pytest.raises(ValueError, match="FaceShape.fit: labels must be integer"):
+        FaceShape.fit(keypoints, labels[:3])
+    found = numpy.ones(keypoints.shape[:2], bool)
+    with pytest.raises(ValueError, match="a key point marked found is not finite"):
+        complete_keypoints(broken, found, FaceShape())
+    with pytest.raises(ValueError, match=r"labels range over 0 \.\. 300"):
+        complete_keypoints(keypoints, found, FaceShape(), numpy.where(labels == 10, 300, labels.astype(numpy.int64)))
+    with pytest.raises(ValueError, match=r"jitter_keypoints: points must be \(N, 5, 2\)"):
+        jitter_keypoints(keypoints[0], 0.1, numpy.random.default_rng(0))
+    numpy.testing.assert_array_equal(jitter_keypoints(keypoints, 0.1, 7),
+                                     jitter_keypoints(keypoints, 0.1, numpy.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("change, message", [({"face_offset": [0.0, 0.4, 1.0]}, "face_offset must be two finite numbers"),
+                                             ({"face_size": 0}, "face_size must be a positive number"),
+                                             ({"face_size": float("nan")}, "face_size must be a positive number"),
+                                             ({"mean": [[float("nan"), 0.0]] * 5}, "mean must be finite")])
+def test_a_face_shape_read_back_checks_every_field(change, message):
+    values = {**FaceShape().to_dict(), **change}
+    with pytest.raises(ValueError, match=f"FaceShape: unreadable .*{message}"):
+        FaceShape.from_dict(values)
+    assert FaceShape.from_dict(FaceShape().to_dict()) == FaceShape()
+
+
+def test_stage2_training_refuses_labels_that_name_the_eyes_the_other_way_round(faces):
+    from minirnng.train_stage2 import check_side_convention, training_keypoints
+
+    generator, _, labels, keypoints = faces
+    check_side_convention(labels)  # the synthetic faces follow minirnng's convention
+    swap = numpy.arange(len(HELEN_CLASSES), dtype=numpy.uint8)
+    swap[[2, 3, 4, 5]] = [3, 2, 5, 4]
+    original = preload(generator, size=(128, 128))
+    dataset = PreloadedDataset(original.images, swap[original.labels], original.classes, original.names)
+    with pytest.raises(ValueError, match=r"the labels name the eyes the other way round: in (\d+) of \1 faces with both eyes"):
+        training_keypoints(dataset)
+    with pytest.raises(ValueError, match="the other way round"):
+        training_keypoints(dataset, landmarks=keypoints)

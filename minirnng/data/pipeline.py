@@ -446,6 +446,10 @@ def warp(images, labels, matrices, classes):
         raise ValueError(f"warp: matrices must be ({len(images)}, 3, 3), got {matrices.shape}")
     height, width = images.shape[1:3]
     permutation = mirror_permutation(classes)
+    # checked whether or not a face is mirrored: a label beyond the classes is wrong either way
+    if labels.size and (labels.min() < 0 or labels.max() >= len(permutation)):
+        raise ValueError(f"warp: labels range over {labels.min()} .. {labels.max()}, but there are "
+                         f"{len(permutation)} classes ({', '.join(map(str, classes))})")
     mirrored = is_mirroring(matrices)
     warped_images, warped_labels = numpy.empty_like(images), numpy.empty_like(labels)
     for k in range(len(images)):

@@ -113,8 +113,10 @@ class SyntheticFaces(Dataset):
             raise ValueError(f"SyntheticFaces: n must be a positive integer, got {n!r}")
         if isinstance(size, bool) or not isinstance(size, (int, numpy.integer)) or size < 32 or size % 4:
             raise ValueError(f"SyntheticFaces: size must be a multiple of 4 and at least 32, got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
-            raise ValueError(f"SyntheticFaces: seed must be a non-negative integer, got {seed!r}")
+        # below 2**32: the generator reads (seed, index) as 32-bit words, so seed 2**32 would give
+        # seed 0's faces shifted by one
+        if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or not 0 <= seed < 2 ** 32:
+            raise ValueError(f"SyntheticFaces: seed must be an integer in 0 .. 2**32 - 1, got {seed!r}")
         if not isinstance(multi_face, (bool, numpy.bool_)):
             raise TypeError(f"SyntheticFaces: multi_face must be True or False, got {multi_face!r}")
         self.classes = class_list(n_classes)

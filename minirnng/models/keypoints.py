@@ -398,8 +398,13 @@ def keypoints_from_labels(labels, shape=None):
 
 def jitter_keypoints(points, sigma, rng):
     """Training augmentation: each point moved by a normal draw of ``sigma`` times its face's eye
-    distance (per coordinate). points float ``(N, 5, 2)`` -> float64 ``(N, 5, 2)``."""
+    distance (per coordinate). points float ``(N, 5, 2)`` -> float64 ``(N, 5, 2)``; rng : a
+    ``numpy.random.Generator`` or a seed."""
     points = numpy.asarray(points, dtype=numpy.float64)
+    if points.ndim != 3 or points.shape[1:] != (5, 2):
+        raise ValueError(f"jitter_keypoints: points must be (N, 5, 2), got {points.shape} (for one face, add "
+                         "the batch axis: points[None])")
+    rng = numpy.random.default_rng(rng)  # a Generator is returned as it is
     scale = numpy.linalg.norm(points[:, 1] - points[:, 0], axis=1)
     return points + sigma * scale[:, None, None] * rng.standard_normal(points.shape)
 
@@ -430,6 +435,19 @@ class FaceShape:
         """The mean shape of key points float ``(N, 5, 2)`` (all found); with their label maps
         ``(N, H, W)`` also the face region's placement."""
         points = numpy.asarray(points, dtype=numpy.float64)
+        if points.ndim != 3 or points.shape[1:] != (5, 2):
+            raise ValueError(f"FaceShape.fit: points must be (N, 5, 2), got {points.shape} (for one face, add "
+                             "the batch axis: points[None])")
+        if not numpy.isfinite(points).all():
+            # a NaN would become the mean shape, saved with a checkpoint and placed on every face
+            faces = numpy.flatnonzero(~numpy.isfinite(points).all(axis=(1, 2)))
+            raise ValueError(f"FaceShape.fit: the key points of {len(faces)} face(s) are not finite (first: face "
+                             f"{faces[0]}); fit on found points only, or complete them first")
+        if labels is not None:
+            labels = numpy.asarray(labels)
+            if labels.ndim != 3 or len(labels) != len(points) or labels.dtype.kind not in "iu":
+                raise ValueError(f"FaceShape.fit: labels must be integer (N, H, W) with N = {len(points)}, "
+                                 f"got {labels.dtype} {labels.shape}")
         middle = (points[:, 0] + points[:, 1]) / 2
         across = points[:, 1] - points[:, 0]
         distance = numpy.linalg.norm(across, axis=1)
@@ -464,8 +482,15 @@ class FaceShape:
             mean = numpy.asarray(values["mean"], dtype=numpy.float64)
             if mean.shape != (5, 2):
                 raise ValueError(f"mean must be 5 x 2, got {mean.shape}")
-            return cls(mean=tuple(map(tuple, mean.tolist())), face_offset=tuple(float(v) for v in values["face_offset"]),
-                       face_size=float(values["face_size"]))
+            offset = numpy.asarray(values["face_offset"], dtype=numpy.float64)
+            size = float(values["face_size"])
+            if not numpy.isfinite(mean).all():
+                raise ValueError("mean must be finite")
+            if offset.shape != (2,) or not numpy.isfinite(offset).all():
+                raise ValueError(f"face_offset must be two finite numbers, got {values['face_offset']!r}")
+            if not (numpy.isfinite(size) and size > 0):
+                raise ValueError(f"face_size must be a positive number, got {size}")
+            return cls(mean=tuple(map(tuple, mean.tolist())), face_offset=tuple(offset.tolist()), face_size=size)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"FaceShape: unreadable {values!r} ({error})") from None
 
@@ -513,6 +538,11 @@ def complete_keypoints(points, found, shape, labels=None):
         if labels.ndim != 3 or len(labels) != len(points) or labels.dtype.kind not in "iu":
             raise ValueError(f"complete_keypoints: labels must be integer (N, H, W) with N = {len(points)}, "
                              f"got {labels.dtype} {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() >= len(_IS_FACE)):
+            raise ValueError(f"complete_keypoints: labels range over {labels.min()} .. {labels.max()}; expected the "
+                             f"{len(_IS_FACE)} HELEN classes 0 .. {len(_IS_FACE) - 1}")
+    if not numpy.isfinite(points[found]).all():
+        raise ValueError("complete_keypoints: a key point marked found is not finite; mark it not found")
     mean = numpy.asarray(shape.mean, dtype=numpy.float64)
     for n in numpy.flatnonzero(~found.all(axis=1)):
         known = found[n]
