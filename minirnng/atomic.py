@@ -72,3 +72,16 @@ def write_json(path, record):
             except ValueError as error:
                 raise ValueError(f"cannot write {os.fspath(path)!r}: {error} (a score is NaN or infinite)") from None
     return os.fspath(path)
+
+
+def check_can_create(path, what):
+    """A clear error now, before any work, where ``path`` could not be created later: a file part-way
+    along it (where a folder must be), or a nearest existing folder that cannot be written into.
+    Missing folders are fine: :func:`replacing` and ``os.makedirs`` create them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
+        folder = os.path.dirname(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{what} {os.fspath(path)!r} cannot be written: {folder!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {os.fspath(path)!r} cannot be written: the folder {folder!r} is not writable")

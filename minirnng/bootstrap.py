@@ -41,6 +41,10 @@ class t predicted as p (:func:`minirnng.metrics.per_image_confusion`,
 import numpy
 
 DEFAULT_REPLICATES = 2000
+#: The fewest resamplings for which a 95% percentile interval means anything: with 100, each end is
+#: set by the 2 or 3 most extreme replicates; with 1 or 2 the "interval" is a point, which can even
+#: miss the estimate.
+MIN_REPLICATES = 100
 
 
 def resample_indices(n_images, replicates, rng=None):

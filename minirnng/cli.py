@@ -5,7 +5,10 @@ Each subcommand is a small function that parses its arguments and calls the libr
 """
 
 import argparse
+import contextlib
+import io
 import os
+import re
 import sys
 import traceback
 
@@ -20,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy  # noqa: E402
 
 from . import __version__, backend, interruption
-from .bootstrap import DEFAULT_REPLICATES
+from .bootstrap import DEFAULT_REPLICATES, MIN_REPLICATES
 
 
 # -- gradcheck ------------------------------------------------------------------------------------
@@ -222,10 +225,16 @@ def command_train(arguments):
                          affinity_weight=arguments.affinity_weight, gate_bias=arguments.gate_bias,
                          batch_norm=arguments.batch_norm,
                          recurrent_lr_scale=arguments.recurrent_lr_scale, stability_rule=arguments.stability_rule,
-                         augment="none" if arguments.no_augment else arguments.augment, seed=arguments.seed,
+                         augment="none" if arguments.no_augment else (arguments.augment or TrainConfig().augment),
+                         seed=arguments.seed,
                          init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
-    config.check()
+    if arguments.no_augment and arguments.augment not in (None, "none"):
+        raise ValueError(f"--no-augment and --augment {arguments.augment} contradict each other; give one")
+    try:
+        config.check()
+    except ValueError as error:  # TrainConfig names its fields: say which option that is
+        raise ValueError(option_names(str(error))) from None
     check_output_folder(arguments.out, arguments.resume, config)
     if config.init and not arguments.resume:
         starting_checkpoint(config)  # its classes' names are checked again once the data is loaded
@@ -244,22 +253,42 @@ def command_train(arguments):
     return 0
 
 
+def option_names(message):
+    """``message`` of :meth:`TrainConfig.check` with its field names as ``train``'s options
+    (batch_size -> --batch-size, loss_weights[1] -> --loss-weights[1])."""
+    fields = ("batch_size", "weight_decay", "loss_weights", "boundary_ratio", "background_ratio", "class_balance",
+              "dice_weight", "affinity_weight", "gate_bias", "recurrent_lr_scale", "stability_rule", "lr", "epochs",
+              "momentum", "warmup", "hidden")
+    pattern = r"(?<![\w-])(" + "|".join(fields) + r")(?![\w-])"
+    return re.sub(pattern, lambda match: "--" + match.group(1).replace("_", "-"), message)
+
+
 def command_eval(arguments):
     from .data.catalog import load_split
     from .models import load_model
     from .train import evaluate
 
     # the outputs are checked first: a typo in a path must not cost the whole evaluation
-    if arguments.confusion:
+    if arguments.bootstrap is not None and arguments.bootstrap < MIN_REPLICATES:
+        raise ValueError(f"--bootstrap {arguments.bootstrap}: a 95% interval needs at least {MIN_REPLICATES} "
+                         f"resamplings (default {DEFAULT_REPLICATES})")
+    if arguments.confusion is not None:
         from .viz import check_figure_path
         check_figure_path(arguments.confusion, "--confusion")
     for path in (arguments.json, arguments.confusion):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
+    if arguments.json and os.path.isfile(arguments.json) and not arguments.json.lower().endswith(".json"):
+        # a completed or mistyped name (a run's last.npz, its log.csv) would be replaced by the scores
+        raise FileExistsError(f"--json {arguments.json!r} exists and is not a .json file: eval would replace it with "
+                              "its scores; give a .json name")
     if arguments.json and arguments.confusion and \
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise ValueError(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
                          "overwritten by the JSON; give two file names")
     model = load_model(arguments.checkpoint)
+    if arguments.data == "lfw-pl" and model.n_classes != 3:
+        raise ValueError(f"checkpoint {arguments.checkpoint!r} parses {model.n_classes} classes and LFW-PL's labels "
+                         "have 3 (background, skin, hair): it cannot be scored on LFW-PL")
     if arguments.classes is not None and model.n_classes != arguments.classes:
         raise ValueError(f"checkpoint {arguments.checkpoint!r} parses {model.n_classes} classes, not the "
                          f"{arguments.classes} that --classes asks for")
@@ -281,6 +310,29 @@ def command_eval(arguments):
     predict = predict_with_options(model, dataset.classes, arguments.mirror, arguments.crf)
     result = evaluate(model, dataset, predict=predict, per_image=replicates is not None)
     per_image = result.pop("per_image_confusion", None)
+    # With files to write, the report is held until they are written: a reader that closes the
+    # pipe early (`minirnng eval ... --json r.json | head -1`) must not cost the files.
+    report = io.StringIO() if arguments.json or arguments.confusion else None
+    with contextlib.redirect_stdout(report) if report is not None else contextlib.nullcontext():
+        record = report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size)
+    if arguments.confusion:
+        from .viz import confusion_figure, save_figure
+        title = f"{model.architecture} on {arguments.data} {arguments.split}"
+        written = [save_figure(confusion_figure(result["confusion"], dataset.classes, title), arguments.confusion)]
+    else:
+        written = []
+    if arguments.json:
+        from .atomic import write_json
+        written.append(write_json(arguments.json, record))
+    if report is not None:
+        print(report.getvalue(), end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size):
+    """Print eval's scores (and intervals and comparison); return the record its --json writes."""
     options = [name for name, wanted in (("test-time mirroring", arguments.mirror), ("the dense CRF", arguments.crf))
                if wanted]
     options = f", with {' and '.join(options)}" if options else ""
@@ -299,14 +351,7 @@ def command_eval(arguments):
         record["bootstrap"] = print_intervals(per_image, dataset.classes, replicates)
     if other is not None:
         record["compare"] = print_comparison(arguments, other, dataset, per_image, result, replicates)
-    if arguments.confusion:
-        from .viz import confusion_figure, save_figure
-        title = f"{model.architecture} on {arguments.data} {arguments.split}"
-        print(f"wrote {save_figure(confusion_figure(result['confusion'], dataset.classes, title), arguments.confusion)}")
-    if arguments.json:
-        from .atomic import write_json
-        print(f"wrote {write_json(arguments.json, record)}")
-    return 0
+    return record
 
 
 def load_comparison(path, model, model_path):
@@ -393,22 +438,21 @@ def check_output_file(path, inputs=()):
     """A clear error now, before any work, for an output file that could not be written later:
     a folder by that name, a file where a folder of its path should be (missing folders are
     created when the file is written), a folder that cannot be written into, or one of the
-    command's own ``inputs`` (which the output would replace)."""
-    if not path:
+    command's own ``inputs`` (which the output would replace). None means no such output; an empty
+    name is an error, not silence."""
+    from .atomic import check_can_create
+
+    if path is None:
         return
+    if not os.fspath(path):
+        raise ValueError("an output file name is empty; give a file name")
     if os.path.isdir(path):
         raise IsADirectoryError(f"output {path!r} is a folder; give a file name")
     for source in inputs:
         if source and os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
             raise ValueError(f"output {path!r} is the input {source!r}: writing it would destroy the input; "
                              "give another file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
-        folder = os.path.dirname(folder)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise NotADirectoryError(f"output {path!r} cannot be written: {folder!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"output {path!r} cannot be written: the folder {folder!r} is not writable")
+    check_can_create(path, "output")
 
 
 def predict_with_options(model, classes, mirror=False, crf=False):
@@ -676,7 +720,8 @@ def build_parser():
     commands.required = True
 
     gradcheck = commands.add_parser(
-        "gradcheck", help="check every layer's, loss's and network's backward against finite differences",
+        "gradcheck",
+        help="check every layer's and loss's backward, and the four stage-1 networks', against finite differences",
         description="Run centred finite differences in float64 over every layer and loss and the four stage-1 "
                     "networks (CNN-CRF is CNN-S's) on small random problems, print a table of relative errors, "
                     "exit 1 if any exceeds the tolerance.")
@@ -742,7 +787,7 @@ def build_parser():
                        help="how each recurrent W is kept stable after every step: rescale the whole W to "
                             "absolute row sums of at most 1 (default, the spec's rule), project each row onto "
                             "the L1 ball (the same bound), or clip its singular values at 1 (spectral norm)")
-    train.add_argument("--augment", choices=tuple(AUGMENTATIONS), default=defaults.augment,
+    train.add_argument("--augment", choices=tuple(AUGMENTATIONS), default=None,
                        help="augmentation of each training batch: the paper's random affine warp and mirroring "
                             "(default), mirroring alone, or none")
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
@@ -778,7 +823,8 @@ def build_parser():
                           help="refine the scores with dense-CRF mean-field inference (about 0.1 s an image)")
     evaluate.add_argument("--bootstrap", type=positive_int, nargs="?", const=DEFAULT_REPLICATES, default=None,
                           metavar="N", help=f"95%% intervals of every score over N resamplings of the images "
-                                            f"(default N: {DEFAULT_REPLICATES}; minirnng.bootstrap)")
+                                            f"(default N: {DEFAULT_REPLICATES}, at least {MIN_REPLICATES}; "
+                                            "minirnng.bootstrap)")
     evaluate.add_argument("--compare", metavar="CHECKPOINT",
                           help="also score this checkpoint on the same images, with the same options, and print "
                                "the paired differences with their 95%% intervals")

@@ -32,7 +32,7 @@ import time
 import numpy
 
 from . import backend, interruption
-from .atomic import replacing
+from .atomic import check_can_create, replacing
 from .data.pipeline import Augmentation, batches
 from .layers.recurrent import STABILITY_RULES
 from .metrics import ConfusionAccumulator
@@ -296,9 +296,13 @@ def last_checkpoint_path(out_dir):
 def check_output_folder(out_dir, resume, config=None):
     """Refuse a run that would overwrite another run's checkpoints, or a resume with nothing to resume;
     cheap, so that the command line can call it before loading the data."""
+    if not os.fspath(out_dir):
+        raise ValueError("the output folder is an empty name; give a folder, e.g. --out .")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         kind = "a broken link" if os.path.islink(out_dir) else "a file"
         raise NotADirectoryError(f"output folder {os.fspath(out_dir)!r} is {kind}, not a folder")
+    # a file part-way along the path, or a folder that cannot be written into: now, not after the data
+    check_can_create(os.path.join(out_dir, "last.npz"), "the output folder's checkpoint")
     last = last_checkpoint_path(out_dir)
     if resume and not os.path.exists(last):
         raise FileNotFoundError(f"{last} does not exist: there is no run in {out_dir} to --resume")
@@ -316,12 +320,13 @@ def check_output_folder(out_dir, resume, config=None):
 
 def earlier_run_output(out_dir, config=None):
     """A file of another run in ``out_dir`` that a new run would replace, or None. Each epoch
-    writes best.npz (when it is the best), then last.npz, then log.csv; so a best.npz alone is
-    also what a run stopped within its first epoch leaves, and the same run may start again over
-    it. Anything else, without a last.npz, was put there by someone."""
+    writes best.npz (when it is the best), then last.npz, then log.csv and curves.png; so a best.npz
+    alone is also what a run stopped within its first epoch leaves, and the same run may start again
+    over it. Anything else, without a last.npz, was put there by someone."""
     log, best = os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "best.npz")
-    if os.path.exists(log):
-        return log
+    for name in ("log.csv", "curves.png"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            return os.path.join(out_dir, name)
     if not os.path.exists(best):
         return None
     try:

@@ -140,7 +140,7 @@ def test_eval_refuses_to_resample_fewer_than_two_images_before_evaluating(tmp_pa
     # a split with fewer images than --size asks for is found out once it is open, still before evaluating
     load_split = catalog.load_split
     monkeypatch.setattr(catalog, "load_split", lambda *args, **kwargs: load_split(*args, **{**kwargs, "size": 1}))
-    assert cli.main(command + ["--size", "5", "--bootstrap", "10"]) == 1
+    assert cli.main(command + ["--size", "5", "--bootstrap", "100"]) == 1
     assert "needs at least 2; synthetic test has 1" in capsys.readouterr().err
 
 
@@ -314,7 +314,7 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(catalog, "load_split", never)
     assert cli.main(["train", "--data", "synthetic", "--epochs", "0", "--out", str(tmp_path / "a")]) == 1
-    assert "epochs and batch_size must be positive" in capsys.readouterr().err
+    assert "--epochs and --batch-size must be positive" in capsys.readouterr().err
     assert cli.main(["train", "--data", "synthetic", "--resume", "--out", str(tmp_path / "b")]) == 1
     assert "there is no run in" in capsys.readouterr().err
     (tmp_path / "c").mkdir()
@@ -339,8 +339,8 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
     for arguments, message in ((["--hidden", "0"], "hidden must be an integer of at least 1"),
                                (["--momentum", "-1"], "momentum must be at least 0 and below 1"),
                                (["--warmup", "2"], "warmup must be at least 0 and below 1"),
-                               (["--weight-decay", "-1"], "weight_decay must be >= 0"),
-                               (["--boundary-ratio", "-1"], "boundary_ratio must be >= 0"),
+                               (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+                               (["--boundary-ratio", "-1"], "--boundary-ratio must be >= 0"),
                                (["--loss-weights", "0", "0", "0"], "every term of the objective has weight 0")):
         assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "e")] + arguments) == 1
         assert message in capsys.readouterr().err, arguments
@@ -546,3 +546,80 @@ def test_parse_takes_any_file_name_and_goes_on_past_an_output_it_cannot_write(tm
     assert (out / "cost_$5_and_$6_figure.png").is_file() and (out / "last_figure.png").is_file()
     assert cli.main(["parse", str(last), "--out", "", "--no-detect"]) == 1
     assert "the output folder is an empty name" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_json_name_over_a_file_of_another_kind_too_few_resamplings_and_11_classes_on_lfw_pl(
+        tmp_path, capsys, monkeypatch):
+    from minirnng import train
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(32, 32))
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before the checks"))
+    command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic"]
+    (tmp_path / "last.npz").write_bytes(b"a run's resume state")
+    assert cli.main(command + ["--json", str(tmp_path / "last.npz")]) == 1
+    assert "exists and is not a .json file" in capsys.readouterr().err
+    assert (tmp_path / "last.npz").read_bytes() == b"a run's resume state"
+    assert cli.main(command + ["--json", ""]) == 1
+    assert "an output file name is empty" in capsys.readouterr().err
+    assert cli.main(command + ["--bootstrap", "2"]) == 1
+    assert "a 95% interval needs at least 100 resamplings" in capsys.readouterr().err
+    eleven = RNNG(n_classes=11, rng=0)
+    eleven.save(tmp_path / "eleven.npz", input_size=(32, 32))
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "eleven.npz"), "--data", "lfw-pl",
+                     "--root", str(tmp_path)]) == 1
+    assert "parses 11 classes and LFW-PL's labels have 3" in capsys.readouterr().err
+
+
+def test_eval_writes_its_files_even_when_the_reader_leaves_early(tmp_path, capsys, monkeypatch):
+    import json
+
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(32, 32))
+    import builtins
+    import io
+    import sys
+
+    printed, real_print = [], builtins.print
+
+    def closed_pipe(*args, **kwargs):
+        # the terminal's reader has gone: printing there fails; into a buffer it works
+        if kwargs.get("file") is None and not isinstance(sys.stdout, io.StringIO):
+            printed.append(args)
+            raise BrokenPipeError
+        real_print(*args, **kwargs)
+    arguments = cli.build_parser().parse_args(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data",
+                                               "synthetic", "--size", "2", "--json", str(tmp_path / "scores.json")])
+    monkeypatch.setattr("builtins.print", closed_pipe)
+    with pytest.raises(BrokenPipeError):  # main turns it into exit status 141
+        arguments.handler(arguments)
+    monkeypatch.undo()
+    assert printed
+    assert json.loads((tmp_path / "scores.json").read_text())["split"] == "test"
+
+
+def test_train_checks_its_output_path_and_options_before_the_data(tmp_path, capsys, monkeypatch):
+    import minirnng.data.catalog as catalog
+
+    monkeypatch.setattr(catalog, "load_split", lambda *args, **kwargs: pytest.fail("the data was loaded first"))
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((str(tmp_path / "afile" / "sub"), "is a file, not a folder"),
+                         ("", "the output folder is an empty name")):
+        assert cli.main(["train", "--data", "synthetic", "--out", out]) == 1
+        assert message in capsys.readouterr().err
+    assert cli.main(["train", "--data", "synthetic", "--augment", "mirror", "--no-augment",
+                     "--out", str(tmp_path / "a")]) == 1
+    assert "--no-augment and --augment mirror contradict each other" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "synthetic", "--loss-weights", "1", "nan", "1",
+                     "--out", str(tmp_path / "a")]) == 1
+    assert "--loss-weights[1] must be a finite number" in capsys.readouterr().err
+    (tmp_path / "figure").mkdir()
+    (tmp_path / "figure" / "curves.png").write_bytes(b"my own figure")
+    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "figure")]) == 1
+    assert "curves.png exists, from an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "figure" / "curves.png").read_bytes() == b"my own figure"
