@@ -230,7 +230,7 @@ def command_train(arguments):
                          init=arguments.init or "")
     # the checks that need no data first: loading it can take minutes
     if arguments.no_augment and arguments.augment not in (None, "none"):
-        raise ValueError(f"--no-augment and --augment {arguments.augment} contradict each other; give one")
+        raise OptionsConflict(f"--no-augment and --augment {arguments.augment} contradict each other; give one")
     try:
         config.check()
     except ValueError as error:  # TrainConfig names its fields: say which option that is
@@ -283,7 +283,7 @@ def command_eval(arguments):
                               "its scores; give a .json name")
     if arguments.json and arguments.confusion and \
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
-        raise ValueError(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
+        raise OptionsConflict(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
                          "overwritten by the JSON; give two file names")
     model = load_model(arguments.checkpoint)
     if arguments.data == "lfw-pl" and model.n_classes != 3:
@@ -888,6 +888,10 @@ def build_parser():
     return parser
 
 
+class OptionsConflict(ValueError):
+    """Options that do not go together: exit status 2, as argparse gives for its own refusals."""
+
+
 def tracebacks_wanted():
     return bool(os.environ.get("MINIRNNG_TRACEBACK"))
 
@@ -944,6 +948,9 @@ def report_error(arguments, error):
         print(f"minirnng {arguments.command}: error: out of memory; use smaller batches (--batch-size), a smaller "
               "--input-size or fewer --workers, or smaller images", file=sys.stderr)
         return 1
+    if isinstance(error, OptionsConflict):
+        print(f"minirnng {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
     if isinstance(error, (OSError, ValueError, BackendError, FloatingPointError)):
         # a worker process that was killed (by the kernel's out-of-memory killer, say) stopped the
         # run, not the run's own input: where it can go on from is worth saying

@@ -166,7 +166,7 @@ def test_eval_runs_at_the_checkpoints_input_size_and_checks_its_outputs_first(tm
     monkeypatch.setattr(catalog, "load_split", never)
     assert cli.main(command + ["--confusion", str(tmp_path / "confusion.txt"), "--json", str(tmp_path / "r.json")]) == 1
     assert "Matplotlib cannot write .txt files" in capsys.readouterr().err
-    assert cli.main(command + ["--confusion", str(tmp_path / "same.png"), "--json", str(tmp_path / "same.png")]) == 1
+    assert cli.main(command + ["--confusion", str(tmp_path / "same.png"), "--json", str(tmp_path / "same.png")]) == 2
     assert "--json and --confusion name the same file" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("not a folder")
     assert cli.main(command + ["--json", str(tmp_path / "a-file" / "r.json")]) == 1
@@ -613,7 +613,7 @@ def test_train_checks_its_output_path_and_options_before_the_data(tmp_path, caps
         assert cli.main(["train", "--data", "synthetic", "--out", out]) == 1
         assert message in capsys.readouterr().err
     assert cli.main(["train", "--data", "synthetic", "--augment", "mirror", "--no-augment",
-                     "--out", str(tmp_path / "a")]) == 1
+                     "--out", str(tmp_path / "a")]) == 2
     assert "--no-augment and --augment mirror contradict each other" in capsys.readouterr().err
     assert cli.main(["train", "--data", "synthetic", "--loss-weights", "1", "nan", "1",
                      "--out", str(tmp_path / "a")]) == 1
