@@ -979,7 +979,7 @@ def where_to_continue(arguments):
         hint = "; no epoch finished; run the same command again (without --resume)"
     elif arguments.command == "reproduce":
         hint = (f"; every finished epoch is saved under {arguments.out}: the same command again continues "
-                "where it stopped (table 3's component networks start again)")
+                "where it stopped")
     elif arguments.command == "demo":
         done = [name for name in DEMO_OUTPUTS if os.path.exists(os.path.join(arguments.out, name))]
         hint = (f"; in {arguments.out}: {', '.join(done)} (perhaps from an earlier run); the same command again "

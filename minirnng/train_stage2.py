@@ -21,6 +21,8 @@ differ only by stage 2.
 """
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -28,7 +30,7 @@ import time
 import numpy
 
 from . import backend, interruption
-from .atomic import write_json
+from .atomic import replacing, write_json
 from .data.catalog import load_split, open_dataset
 from .data.classes import HELEN_CLASSES
 from .data.datasets import MissingDataError
@@ -175,7 +177,7 @@ def crop_class_weights(dataset, keypoints, geometry, power, limit=400):
 # -- training -----------------------------------------------------------------------------------
 
 def train_components(train_set, keypoints, geometry, config=None, validation_set=None, validation_keypoints=None,
-                     progress=True, log=print, workers=None):
+                     progress=True, log=print, workers=None, state_path=None):
     """Train the three component networks; returns ``(networks {"eyes", "nose", "mouth"}, history)``.
 
     train_set : a preloaded HELEN-class dataset (uint8 images (N, H, W, 3), labels (N, H, W));
@@ -183,7 +185,10 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     :class:`ComponentTrainConfig`. With a validation set (and its key points), each epoch ends
     with the networks' F-measures on its crops (:func:`evaluate_components`). workers : threads
     that share each network's batch of crops (:class:`minirnng.parallel.DataParallel`; None: one
-    per core, at most 4).
+    per core, at most 4). state_path : an ``.npz`` written after every epoch (the three networks,
+    their optimizers, the generator, the epoch and the history); where it exists, training
+    continues from it, as if it had never stopped, when it was written with the same
+    configuration, data, key points and geometry, and is refused otherwise.
     """
     config = (config or ComponentTrainConfig()).check()
     # checked before the first epoch, not found wrong after it
@@ -203,10 +208,15 @@ def train_components(train_set, keypoints, geometry, config=None, validation_set
     log("component class weights: " + "; ".join(
         f"{name} " + ", ".join(f"{cls} {w:.2f}" for cls, w in zip(networks[name].component_classes, weights[name]))
         for name in networks))
+    state = _ComponentState(state_path, networks, optimizers, rng, {
+        "config": dataclasses.asdict(config), "geometry": geometry.to_dict(), "faces": len(train_set),
+        "fingerprint": _fingerprint(train_set.labels, keypoints, validation_keypoints)})
+    history = state.resume(log)
     shared = {name: DataParallel(net, workers) for name, net in networks.items()}
     try:
         history = _train_component_epochs(networks, shared, optimizers, losses, train_set, keypoints, geometry,
-                                          config, rng, validation_set, validation_keypoints, progress, log)
+                                          config, rng, validation_set, validation_keypoints, progress, log,
+                                          history, state)
     finally:
         for parallel in shared.values():
             parallel.close()  # its worker threads, which would otherwise wait for the garbage collector
@@ -220,12 +230,72 @@ def _check_keypoints(points, dataset, name, set_name):
                          f"per face of {set_name}, got {shape}")
 
 
+def _fingerprint(*arrays):
+    """A short digest of the arrays a component run trains on: a resumed run must see the same."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        if array is not None:
+            array = numpy.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _ComponentState:
+    """The component networks' training state in one ``.npz`` (written atomically after each epoch):
+    ``<network>.param.<name>`` and ``<network>.optimizer.<key>`` arrays, and a JSON ``header``
+    with the epoch, the history, the generator's state and what the run was trained on."""
+
+    def __init__(self, path, networks, optimizers, rng, recipe):
+        self.path, self.networks, self.optimizers, self.rng = path, networks, optimizers, rng
+        self.recipe = json.loads(json.dumps(recipe))  # as it reads back from the file
+
+    def resume(self, log):
+        """The history so far, with the networks, optimizers and generator restored; [] for a new run."""
+        if self.path is None or not os.path.exists(self.path):
+            return []
+        try:
+            with numpy.load(self.path, allow_pickle=False) as stored:
+                arrays = {key: stored[key] for key in stored.files}
+            header = json.loads(bytes(arrays.pop("header")).decode("utf-8"))
+        except (OSError, ValueError, KeyError, UnicodeDecodeError) as error:
+            raise ValueError(f"{self.path} is not a readable component training state ({error}); delete it to "
+                             "train the component networks from their first epoch") from None
+        changed = sorted(key for key in self.recipe if header.get("recipe", {}).get(key) != self.recipe[key])
+        if changed:
+            raise ValueError(f"{self.path} holds component training of another {', '.join(changed)}; delete it to "
+                             "train the component networks from their first epoch")
+        for name, network in self.networks.items():
+            network.load_params({key[len(f"{name}.param."):]: value for key, value in arrays.items()
+                                 if key.startswith(f"{name}.param.")}, source=self.path)
+            self.optimizers[name].load_state_arrays({key[len(f"{name}.optimizer."):]: value
+                                                     for key, value in arrays.items()
+                                                     if key.startswith(f"{name}.optimizer.")})
+        self.rng.bit_generator.state = header["rng_state"]
+        log(f"resumed the component networks from {self.path} after epoch {len(header['history'])}")
+        return list(header["history"])
+
+    def save(self, history):
+        if self.path is None:
+            return
+        arrays = {}
+        for name, network in self.networks.items():
+            arrays.update({f"{name}.param.{key}": backend.to_numpy(value) for key, value in network.params().items()})
+            arrays.update({f"{name}.optimizer.{key}": backend.to_numpy(value)
+                           for key, value in self.optimizers[name].state_arrays().items()})
+        header = {"recipe": self.recipe, "history": history, "rng_state": self.rng.bit_generator.state}
+        arrays["header"] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
+        with replacing(self.path) as temporary:
+            numpy.savez(temporary, **arrays)
+
+
 def _train_component_epochs(networks, shared, optimizers, losses, train_set, keypoints, geometry, config, rng,
-                            validation_set, validation_keypoints, progress, log):
-    """The epochs of :func:`train_components`; returns the history."""
+                            validation_set, validation_keypoints, progress, log, history, state):
+    """The epochs of :func:`train_components` after those of ``history``; returns the history,
+    saving ``state`` after each epoch."""
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    history = []
-    for epoch in range(config.epochs):
+    history = list(history)
+    for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
         totals = {name: 0.0 for name in networks}
         order = rng.permutation(len(train_set))
@@ -261,6 +331,8 @@ def _train_component_epochs(networks, shared, optimizers, losses, train_set, key
         scores_text = ", ".join(f"{key[6:]} {value:.1f}" for key, value in row.items() if key.startswith("val_F_"))
         log(f"components epoch {epoch + 1}/{config.epochs}: loss {losses_text}"
             + (f"; validation F (%) {scores_text}" if scores_text else "") + f" ({row['seconds']:.0f} s)")
+        with interruption.deferred():  # the epoch's state is written whole or not at all
+            state.save(history)
     return history
 
 
@@ -291,8 +363,8 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     stage1_config : a :class:`TrainConfig` (default: RNN-G, 11 classes, class balance 0.5);
     component_config : a :class:`ComponentTrainConfig`; landmarks : optional ``(train, validation)``
     key point arrays (N, 5, 2) from the dataset; without them key points are read off the labels.
-    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there
-    (the component networks keep no checkpoint: they train from their first epoch), and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
+    Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there,
+    the component networks from ``out_dir/components_last.npz`` (removed once the parser is saved), and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
     again. Returns the :class:`TwoStageParser`.
     """
     if tuple(train_set.classes) != HELEN_CLASSES:
@@ -328,7 +400,6 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     # the epochs' own times: right also when stage 1 was resumed, or had finished before this call
     stage1_seconds = sum(row["seconds"] for row in trainer.history)
 
-    started = time.perf_counter()
     train_landmarks, validation_landmarks = landmarks if landmarks is not None else (None, None)
     train_points = training_keypoints(train_set, train_landmarks)
     validation_points = training_keypoints(validation_set, validation_landmarks)
@@ -336,17 +407,20 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     geometry = CropGeometry.fit(train_set.labels, train_points)
     log("crop boxes (frame units: centre x, y, half width, half height): " + "; ".join(
         f"{crop} " + ", ".join(f"{v:.2f}" for v in values) for crop, values in geometry.to_dict().items()))
+    state_path = os.path.join(out_dir, "components_last.npz")
     networks, history = train_components(train_set, train_points, geometry, component_config, validation_set,
-                                         validation_points, progress=progress, log=log)
+                                         validation_points, progress=progress, log=log, state_path=state_path)
     write_log(history, os.path.join(out_dir, "components_log.csv"))
     parser = TwoStageParser(stage1, networks["eyes"], networks["nose"], networks["mouth"], geometry=geometry,
                             shape=shape, stage1_size=input_size)
     parser.save(path, training={"stage1": dataclasses.asdict(stage1_config),
                                 "components": dataclasses.asdict(component_config), "data": data,
                                 "stage1_seconds": stage1_seconds,
-                                "component_seconds": time.perf_counter() - started,
+                                # the epochs' own times, as stage 1's: right also after a resume
+                                "component_seconds": sum(row["seconds"] for row in history),
                                 "component_history": history})
     log(f"saved the two-stage parser to {path}")
+    os.remove(state_path)  # the parser holds the networks now; a later call reuses it
     return TwoStageParser.load(path)  # as a later call reuses it, with its header (the training record)
 
 
@@ -419,8 +493,7 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
     ``"small"`` (minutes on a laptop CPU) or ``"paper"``; json_path : where to write the results
     (atomically); out_dir : checkpoints and logs go to ``out_dir/table3-<synthetic|helen>-<budget>/``
     (``stage1/``, ``components_log.csv``, ``two_stage.npz``); running the same command again
-    resumes an interrupted run's stage 1 there (the component networks, which keep no checkpoint,
-    train again from their first epoch), or reuses a finished one.
+    resumes an interrupted run there, or reuses a finished one.
     Returns ``{"1-stage": {column: F %}, "2-stage": {...}, "_meta": {...}}``; the columns are
     :data:`TABLE3_COLUMNS`.
     """

@@ -736,3 +736,36 @@ def test_stage2_training_refuses_labels_that_name_the_eyes_the_other_way_round(f
         training_keypoints(dataset)
     with pytest.raises(ValueError, match="the other way round"):
         training_keypoints(dataset, landmarks=keypoints)
+
+
+def test_component_training_stopped_after_an_epoch_resumes_exactly(faces, tmp_path):
+    import dataclasses
+
+    from minirnng.train_stage2 import ComponentTrainConfig, train_components
+
+    generator, _, _, keypoints = faces
+    dataset = preload(generator, size=(128, 128))
+    geometry = CropGeometry.fit(dataset.labels, keypoints)
+    config = ComponentTrainConfig(epochs=2, batch_size=8, lr=5e-3)
+    common = {"validation_set": dataset, "validation_keypoints": keypoints, "progress": False, "workers": 1}
+    whole, whole_history = train_components(dataset, keypoints, geometry, config, log=lambda *_: None, **common)
+
+    def stop_in_the_second_epoch(line):
+        if line.startswith("components epoch 2/2"):  # logged before that epoch's state is written
+            raise KeyboardInterrupt
+
+    state = tmp_path / "components_last.npz"
+    with pytest.raises(KeyboardInterrupt):
+        train_components(dataset, keypoints, geometry, config, log=stop_in_the_second_epoch, state_path=state,
+                         **common)
+    lines = []
+    resumed, history = train_components(dataset, keypoints, geometry, config, log=lines.append, state_path=state,
+                                        **common)
+    assert any(line.endswith("after epoch 1") for line in lines), lines
+    for name in whole:
+        for key, value in whole[name].params().items():
+            numpy.testing.assert_array_equal(resumed[name].params()[key], value)
+    assert [row["train_loss_eyes"] for row in history] == [row["train_loss_eyes"] for row in whole_history]
+    with pytest.raises(ValueError, match="holds component training of another config"):
+        train_components(dataset, keypoints, geometry, dataclasses.replace(config, lr=1e-3), log=lambda *_: None,
+                         state_path=state, **common)
