@@ -236,6 +236,8 @@ def command_train(arguments):
     except ValueError as error:  # TrainConfig names its fields: say which option that is
         raise ValueError(option_names(str(error))) from None
     check_output_folder(arguments.out, arguments.resume, config)
+    for note in ignored_options(config):
+        print(f"note: {note}")
     if config.init and not arguments.resume:
         starting_checkpoint(config)  # its classes' names are checked again once the data is loaded
     print(f"loading {arguments.data} (train and validation) at {arguments.input_size}x{arguments.input_size} ...")
@@ -251,6 +253,24 @@ def command_train(arguments):
     print(f"checkpoints: {trainer.last_path} (last), {trainer.best_path} (best validation accuracy)")
     print(f"log: {arguments.out}/log.csv, curves: {arguments.out}/curves.png")
     return 0
+
+
+def ignored_options(config):
+    """Notes on options set away from their defaults that this run does not use (they are still
+    recorded in its checkpoint, so a --resume must repeat them)."""
+    from .models import ARCHITECTURES
+    from .train import TrainConfig
+
+    defaults, notes = TrainConfig(), []
+    if not ARCHITECTURES[config.model](n_classes=2, hidden=1, rng=0).recurrent_weight_names():
+        unused = [f"--{name.replace('_', '-')}" for name in ("recurrent_lr_scale", "stability_rule")
+                  if getattr(config, name) != getattr(defaults, name)]
+        if unused:
+            notes.append(f"{' and '.join(unused)} {'have' if len(unused) > 1 else 'has'} no effect on "
+                         f"{config.model}, which has no recurrent weights")
+    if config.optimizer != "sgd" and config.momentum != defaults.momentum:
+        notes.append(f"--momentum has no effect with --optimizer {config.optimizer}")
+    return notes
 
 
 def option_names(message):

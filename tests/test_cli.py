@@ -623,3 +623,13 @@ def test_train_checks_its_output_path_and_options_before_the_data(tmp_path, caps
     assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "figure")]) == 1
     assert "curves.png exists, from an earlier run" in capsys.readouterr().err
     assert (tmp_path / "figure" / "curves.png").read_bytes() == b"my own figure"
+
+
+def test_train_notes_options_that_its_model_or_optimizer_does_not_use():
+    from minirnng.train import TrainConfig
+
+    assert cli.ignored_options(TrainConfig(model="cnn-s", stability_rule="project", momentum=0.5)) == [
+        "--stability-rule has no effect on cnn-s, which has no recurrent weights",
+        "--momentum has no effect with --optimizer adam"]
+    assert cli.ignored_options(TrainConfig(model="rnng", stability_rule="project", recurrent_lr_scale=0.1)) == []
+    assert cli.ignored_options(TrainConfig(model="rnn", optimizer="sgd", momentum=0.5)) == []
