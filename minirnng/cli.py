@@ -297,7 +297,8 @@ def command_eval(arguments):
         check_figure_path(arguments.confusion, "--confusion")
     for path in (arguments.json, arguments.confusion):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
-    if arguments.json and os.path.isfile(arguments.json) and not arguments.json.lower().endswith(".json"):
+    if arguments.json and os.path.isfile(arguments.json) and not arguments.json.lower().endswith(".json") \
+            and not is_eval_record(arguments.json):
         # a completed or mistyped name (a run's last.npz, its log.csv) would be replaced by the scores
         raise FileExistsError(f"--json {arguments.json!r} exists and is not a .json file: eval would replace it with "
                               "its scores; give a .json name")
@@ -333,22 +334,36 @@ def command_eval(arguments):
     # With files to write, the report is held until they are written: a reader that closes the
     # pipe early (`minirnng eval ... --json r.json | head -1`) must not cost the files.
     report = io.StringIO() if arguments.json or arguments.confusion else None
-    with contextlib.redirect_stdout(report) if report is not None else contextlib.nullcontext():
-        record = report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size)
-    if arguments.confusion:
-        from .viz import confusion_figure, save_figure
-        title = f"{model.architecture} on {arguments.data} {arguments.split}"
-        written = [save_figure(confusion_figure(result["confusion"], dataset.classes, title), arguments.confusion)]
-    else:
-        written = []
-    if arguments.json:
-        from .atomic import write_json
-        written.append(write_json(arguments.json, record))
-    if report is not None:
-        print(report.getvalue(), end="")
+    written = []
+    try:
+        with contextlib.redirect_stdout(report) if report is not None else contextlib.nullcontext():
+            record = report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size)
+        if arguments.confusion:
+            from .viz import confusion_figure, save_figure
+            title = f"{model.architecture} on {arguments.data} {arguments.split}"
+            written.append(save_figure(confusion_figure(result["confusion"], dataset.classes, title),
+                                       arguments.confusion))
+        if arguments.json:
+            from .atomic import write_json
+            written.append(write_json(arguments.json, record))
+    finally:  # what was computed is shown even when a later step fails or is interrupted
+        if report is not None:
+            print(report.getvalue(), end="")
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def is_eval_record(path):
+    """Whether the file at ``path`` is a JSON record that ``eval --json`` wrote (which it may replace)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            record = json.load(stream)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"checkpoint", "accuracy", "confusion"} <= set(record)
 
 
 def report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size):

@@ -31,16 +31,18 @@ def detect_faces(image, min_size=24, max_side=2048):
     (greyscale (H, W) and RGBA are taken as :func:`~minirnng.data.pipeline.check_image` takes them;
     another dtype or shape is a one-line ValueError, not OpenCV's).
 
-    An image whose longer side exceeds ``max_side`` is searched at ``max_side`` (the boxes scaled
-    back): OpenCV's detector needs about 60 bytes a pixel, 3 GB for a 50-megapixel photograph,
+    An image whose longer side exceeds ``max_side`` (``math.inf``: none) is searched at
+    ``max_side`` (the boxes scaled back): OpenCV's detector needs about 60 bytes a pixel, 3 GB for a 50-megapixel photograph,
     and a face the parser can use is still found there (only faces narrower than ``min_size``
     pixels of the reduced image are missed). ``min_size`` counts pixels of the image searched.
     """
     image = check_image(image, "detect_faces")
     for name, value in (("min_size", min_size), ("max_side", max_side)):
         # a bad setting would reach OpenCV as a failure blamed on the image, or a division by zero
-        if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
-            raise ValueError(f"detect_faces: {name} must be a positive whole number of pixels, got {value!r}")
+        never_reduce = name == "max_side" and value == float("inf")
+        if not never_reduce and (isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1):
+            raise ValueError(f"detect_faces: {name} must be a positive whole number of pixels, got {value!r}"
+                             + (" (or math.inf: never reduce the image)" if name == "max_side" else ""))
     try:
         import cv2
     except ImportError:

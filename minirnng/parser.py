@@ -124,9 +124,11 @@ class FaceParser:
         the model's device."""
         # one array of three or fewer dimensions is one picture, not a list: iterating over it would
         # parse each of its rows as a greyscale picture of its own
-        if isinstance(images, numpy.ndarray) and images.ndim <= 3:
-            raise ValueError(f"FaceParser.run: pass a list of images (or an (N, H, W, 3) array), got one array of "
-                             f"shape {images.shape}; for one picture use [image]")
+        one_picture = images.ndim <= 2 or (images.ndim == 3 and images.shape[2] in (3, 4)) \
+            if isinstance(images, numpy.ndarray) else False
+        if one_picture:
+            raise ValueError(f"FaceParser.run: pass a list of images (or an (N, H, W, 3) or (N, H, W) array), got "
+                             f"one array of shape {images.shape}; for one picture use [image]")
         images = list(images)
         if not images:
             raise ValueError("FaceParser.run: the list of images is empty")

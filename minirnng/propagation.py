@@ -70,17 +70,17 @@ def edge_gates(image, edge_scale=0.04, openness=0.99):
 
 def as_grey(image):
     """``(H, W)`` float grey levels in [0, 1] from a grey, RGB or RGBA image (uint8 or uint16, whose
-    white is 255 or 65535, or float in [0, 1]; the alpha channel, which ``plt.imread`` gives a PNG,
+    white is 255 or 65535, float in [0, 1], or bool; the alpha channel, which ``plt.imread`` gives a PNG,
     is ignored)."""
     image = numpy.asarray(image)
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
         raise ValueError(f"as_grey: expected an (H, W), (H, W, 3) or (H, W, 4) image, got shape {image.shape}")
     if image.dtype in (numpy.uint8, numpy.uint16):
         scale = float(numpy.iinfo(image.dtype).max)
-    elif numpy.issubdtype(image.dtype, numpy.floating):
+    elif numpy.issubdtype(image.dtype, numpy.floating) or image.dtype == bool:  # a mask: True is white
         scale = 1.0
     else:  # a signed or boolean picture has no agreed white: guessing one would make every gate 0
-        raise ValueError(f"as_grey: expected a uint8, uint16 or float image, got {image.dtype}")
+        raise ValueError(f"as_grey: expected a uint8, uint16, float or bool image, got {image.dtype}")
     image = image.astype(numpy.float64) / scale
     if image.ndim == 3:
         image = image[:, :, :3] @ numpy.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma

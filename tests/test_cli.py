@@ -633,3 +633,25 @@ def test_train_notes_options_that_its_model_or_optimizer_does_not_use():
         "--momentum has no effect with --optimizer adam"]
     assert cli.ignored_options(TrainConfig(model="rnng", stability_rule="project", recurrent_lr_scale=0.1)) == []
     assert cli.ignored_options(TrainConfig(model="rnn", optimizer="sgd", momentum=0.5)) == []
+
+
+def test_eval_replaces_its_own_record_whatever_its_name_and_shows_its_scores_when_writing_fails(
+        tmp_path, capsys, monkeypatch):
+    from minirnng import atomic
+    from minirnng.models import RNNG
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(32, 32))
+    command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "2",
+               "--json", str(tmp_path / "scores.txt")]
+    assert cli.main(command) == 0
+    assert cli.main(command) == 0  # its own record, under a name of the user's choice
+    capsys.readouterr()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(atomic, "write_json", full_disk)
+    assert cli.main(command) == 1
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out and "No space left on device" in captured.err

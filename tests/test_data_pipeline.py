@@ -318,11 +318,14 @@ def test_a_preloaded_label_that_is_no_class_is_named():
         PreloadedDataset(numpy.zeros((2, 4, 4, 3), numpy.uint8), labels, ("background", "skin", "hair"), ["a", "b"])
 
 
-def test_warp_refuses_labels_beyond_the_classes_whether_or_not_it_mirrors():
+def test_warp_keeps_a_label_beyond_the_classes_whether_or_not_it_mirrors():
     image = numpy.zeros((1, 8, 8, 3), numpy.uint8)
-    labels = numpy.full((1, 8, 8), 11, numpy.uint8)
+    labels = numpy.full((1, 8, 8), 255, numpy.uint8)  # an ignore label
+    labels[0, :, :4] = HELEN_CLASSES.index("left eye")
     mirror = numpy.diag([-1.0, 1.0, 1.0])
     mirror[0, 2] = 7
-    for matrix in (numpy.eye(3), mirror):
-        with pytest.raises(ValueError, match=r"warp: labels range over 11 \.\. 11, but there are 11 classes"):
-            warp(image, labels, matrix[None], HELEN_CLASSES)
+    _, kept = warp(image, labels, numpy.eye(3)[None], HELEN_CLASSES)
+    numpy.testing.assert_array_equal(kept, labels)
+    _, mirrored = warp(image, labels, mirror[None], HELEN_CLASSES)
+    assert set(numpy.unique(mirrored[0, :, :4])) == {255}
+    assert set(numpy.unique(mirrored[0, :, 4:])) == {HELEN_CLASSES.index("right eye")}

@@ -382,6 +382,9 @@ def test_run_refuses_one_image_for_a_list_and_an_empty_list(parser, rng):
     with pytest.raises(ValueError, match="the list of images is empty"):
         parser.run([])
     assert parser.run([image])["logits"].shape == (1, 3, 128, 128)
+    # an (N, H, W) array is a batch of greyscale pictures, an (N, H, W, 3) one a batch of colour ones
+    assert parser.run(image[:, :, 0][None].repeat(2, axis=0))["logits"].shape == (2, 3, 128, 128)
+    assert parser.run(image[None])["logits"].shape == (1, 3, 128, 128)
 
 
 @pytest.mark.parametrize("setting, value", [("max_side", 0), ("max_side", None), ("max_side", -5),
@@ -390,3 +393,12 @@ def test_detect_faces_names_a_bad_setting(setting, value):
     from minirnng.detect import detect_faces
     with pytest.raises(ValueError, match=f"^detect_faces: {setting} must be a positive whole number of pixels"):
         detect_faces(numpy.zeros((40, 40, 3), numpy.uint8), **{setting: value})
+
+
+def test_detect_faces_takes_infinity_for_never_reducing_the_image():
+    import math
+
+    from minirnng.detect import detect_faces
+    if not detector_available():
+        pytest.skip("OpenCV is not installed")
+    assert detect_faces(numpy.zeros((40, 40, 3), numpy.uint8), max_side=math.inf).shape == (0, 4)

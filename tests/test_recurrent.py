@@ -434,7 +434,7 @@ def test_edge_gates_read_a_16_bit_picture_as_its_8_bit_twin_and_refuse_a_signed_
     eight = numpy.rint(image * 255).astype(numpy.uint8)
     sixteen = eight.astype(numpy.uint16) * 257  # 255 -> 65535: the same grey levels
     numpy.testing.assert_allclose(edge_gates(sixteen), edge_gates(eight), rtol=1e-12)
-    with pytest.raises(ValueError, match="expected a uint8, uint16 or float image, got int32"):
+    with pytest.raises(ValueError, match="expected a uint8, uint16, float or bool image, got int32"):
         edge_gates(eight.astype(numpy.int32))
 
 

@@ -434,7 +434,8 @@ def warp(images, labels, matrices, classes):
     ``classes``; ``matrices`` float ``(N, 3, 3)`` mapping input to output pixel coordinates.
     Pixels that come from outside the input are black and background. Labels of mirrored samples
     (negative determinant) go through ``mirror_permutation(classes)``, so that the left eye of the
-    new picture is labelled "left eye". Returns new arrays of the input shapes and dtypes.
+    new picture is labelled "left eye"; a value beyond the classes (an ignore label) stays as it is.
+    Returns new arrays of the input shapes and dtypes.
     """
     images, labels = numpy.asarray(images), numpy.asarray(labels)
     matrices = numpy.asarray(matrices, dtype=numpy.float64)
@@ -445,11 +446,10 @@ def warp(images, labels, matrices, classes):
     if matrices.shape != (len(images), 3, 3):
         raise ValueError(f"warp: matrices must be ({len(images)}, 3, 3), got {matrices.shape}")
     height, width = images.shape[1:3]
-    permutation = mirror_permutation(classes)
-    # checked whether or not a face is mirrored: a label beyond the classes is wrong either way
-    if labels.size and (labels.min() < 0 or labels.max() >= len(permutation)):
-        raise ValueError(f"warp: labels range over {labels.min()} .. {labels.max()}, but there are "
-                         f"{len(permutation)} classes ({', '.join(map(str, classes))})")
+    # every value 0..255 a label map can hold (its pictures are 8-bit): a value beyond the classes,
+    # such as an ignore label, stays as it is, mirrored or not
+    permutation = numpy.arange(256, dtype=numpy.uint8)
+    permutation[:len(classes)] = mirror_permutation(classes)
     mirrored = is_mirroring(matrices)
     warped_images, warped_labels = numpy.empty_like(images), numpy.empty_like(labels)
     for k in range(len(images)):
