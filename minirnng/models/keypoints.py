@@ -444,10 +444,7 @@ class FaceShape:
             raise ValueError(f"FaceShape.fit: the key points of {len(faces)} face(s) are not finite (first: face "
                              f"{faces[0]}); fit on found points only, or complete them first")
         if labels is not None:
-            labels = numpy.asarray(labels)
-            if labels.ndim != 3 or len(labels) != len(points) or labels.dtype.kind not in "iu":
-                raise ValueError(f"FaceShape.fit: labels must be integer (N, H, W) with N = {len(points)}, "
-                                 f"got {labels.dtype} {labels.shape}")
+            labels = _checked_label_maps(labels, len(points), "FaceShape.fit")
         middle = (points[:, 0] + points[:, 1]) / 2
         across = points[:, 1] - points[:, 0]
         distance = numpy.linalg.norm(across, axis=1)
@@ -518,6 +515,18 @@ def _similarity(source, target):
     return transform
 
 
+def _checked_label_maps(labels, faces, owner):
+    """``labels`` as integer (N, H, W) HELEN class maps, one per face, or a clear error."""
+    labels = numpy.asarray(labels)
+    if labels.ndim != 3 or len(labels) != faces or labels.dtype.kind not in "iu":
+        raise ValueError(f"{owner}: labels must be integer (N, H, W) with N = {faces}, got {labels.dtype} "
+                         f"{labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(_IS_FACE)):
+        raise ValueError(f"{owner}: labels range over {labels.min()} .. {labels.max()}; expected the "
+                         f"{len(_IS_FACE)} HELEN classes 0 .. {len(_IS_FACE) - 1}")
+    return labels
+
+
 def complete_keypoints(points, found, shape, labels=None):
     """Fill in the missing key points: float64 ``(N, 5, 2)`` with every point finite.
 
@@ -534,13 +543,7 @@ def complete_keypoints(points, found, shape, labels=None):
         raise ValueError(f"complete_keypoints: points must be (N, 5, 2) and found (N, 5), got {points.shape} and "
                          f"{found.shape} (for one face, add the batch axis: points[None], found[None])")
     if labels is not None:
-        labels = numpy.asarray(labels)
-        if labels.ndim != 3 or len(labels) != len(points) or labels.dtype.kind not in "iu":
-            raise ValueError(f"complete_keypoints: labels must be integer (N, H, W) with N = {len(points)}, "
-                             f"got {labels.dtype} {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(_IS_FACE)):
-            raise ValueError(f"complete_keypoints: labels range over {labels.min()} .. {labels.max()}; expected the "
-                             f"{len(_IS_FACE)} HELEN classes 0 .. {len(_IS_FACE) - 1}")
+        labels = _checked_label_maps(labels, len(points), "complete_keypoints")
     if not numpy.isfinite(points[found]).all():
         raise ValueError("complete_keypoints: a key point marked found is not finite; mark it not found")
     mean = numpy.asarray(shape.mean, dtype=numpy.float64)
