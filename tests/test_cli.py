@@ -322,15 +322,14 @@ def test_train_refuses_before_loading_any_data(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "c")]) == 1
     assert "last.npz exists: pass resume=True (--resume)" in capsys.readouterr().err
     assert (tmp_path / "c" / "last.npz").read_bytes() == b"a run's checkpoint"
-    # a folder holding another run's best weights and log, without its last.npz
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "best.npz").write_bytes(b"someone's best weights")
-    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "d")]) == 1
-    assert "best.npz exists, from an earlier run" in capsys.readouterr().err
-    (tmp_path / "d" / "log.csv").write_text("epoch\n")
-    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "d")]) == 1
-    assert "log.csv exists, from an earlier run" in capsys.readouterr().err
-    assert (tmp_path / "d" / "best.npz").read_bytes() == b"someone's best weights"
+    # a folder holding another run's best weights, log or curves (or a figure of the user's), without its last.npz
+    for name in ("best.npz", "log.csv", "curves.png"):
+        folder = tmp_path / f"other-{name}"
+        folder.mkdir()
+        (folder / name).write_bytes(b"someone's file")
+        assert cli.main(["train", "--data", "synthetic", "--out", str(folder)]) == 1
+        assert f"{name} exists, from an earlier run" in capsys.readouterr().err
+        assert (folder / name).read_bytes() == b"someone's file"
     for arguments, message in ((["--seed", "-1"], "--seed: must be at least 0"),
                                (["--input-size", "10"], "--input-size: must be a multiple of 4")):
         with pytest.raises(SystemExit) as stop:  # argparse's own refusal, exit status 2
@@ -618,11 +617,6 @@ def test_train_checks_its_output_path_and_options_before_the_data(tmp_path, caps
     assert cli.main(["train", "--data", "synthetic", "--loss-weights", "1", "nan", "1",
                      "--out", str(tmp_path / "a")]) == 1
     assert "--loss-weights[1] must be a finite number" in capsys.readouterr().err
-    (tmp_path / "figure").mkdir()
-    (tmp_path / "figure" / "curves.png").write_bytes(b"my own figure")
-    assert cli.main(["train", "--data", "synthetic", "--out", str(tmp_path / "figure")]) == 1
-    assert "curves.png exists, from an earlier run" in capsys.readouterr().err
-    assert (tmp_path / "figure" / "curves.png").read_bytes() == b"my own figure"
 
 
 def test_train_notes_options_that_its_model_or_optimizer_does_not_use():
