@@ -208,7 +208,8 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
 
     output = forward(*arrays)
     xp = backend.get_array_module(*arrays)
-    if numpy.isscalar(output) or getattr(output, "ndim", None) == 0:
+    if numpy.isscalar(output):
+        # a number (a loss); a 0-d array is an array output like any other, with an array upstream
         upstream = float(rng.uniform(0.5, 1.5)) * rng.choice([-1.0, 1.0])
 
         def objective():
@@ -225,7 +226,17 @@ def check(title, forward, backward, inputs, params=None, grads=None, rng=0, eps=
     forward(*arrays)  # refresh the cache for backward
     if zero_grad is not None:
         zero_grad()
-    input_grads = backward(upstream)
+    # backward gets its own copy: one that changed it in place would change the finite differences'
+    # upstream too, and agree with them; compared afterwards, so that such a backward fails
+    given = upstream if isinstance(upstream, float) else _restore_structure(
+        output, {name: value.copy() for name, value in upstream_by_name.items()})
+    input_grads = backward(given)
+    if not isinstance(upstream, float):
+        given_by_name = _as_outputs(given)
+        changed = [name for name, value in upstream_by_name.items() if not bool((given_by_name[name] == value).all())]
+        if changed:
+            raise ValueError(f"gradcheck: backward changed its upstream gradient in place ({', '.join(changed)}); "
+                             "it must leave grad_output as it was")
     if input_grads is None:
         raise ValueError(f"gradcheck: backward returned None; it must return the gradient of each input "
                          f"({', '.join(inputs)})")
@@ -277,9 +288,19 @@ def check_layer(layer, *inputs, rng=0, eps=1e-6, max_entries=None, title=None, e
     names = ["x"] if len(inputs) == 1 else [f"input{k}" for k in range(len(inputs))]
     if hasattr(layer, "input_names") and len(layer.input_names) == len(inputs):
         names = list(layer.input_names)
-    return check(title or repr(layer), layer.forward, layer.backward, dict(zip(names, inputs)),
-                 params=layer.params, grads=layer.grads, rng=rng, eps=eps,
-                 max_entries=max_entries, zero_grad=layer.zero_grad, expect_zero=expect_zero)
+    # the check runs forward twice per entry: a layer that measures as it goes (batch
+    # normalisation's running statistics) gets its own values back, and its cache is the
+    # unperturbed inputs' again, as after one forward
+    kept = {name: value.copy() for name, value in layer.params.items()}
+    try:
+        report = check(title or repr(layer), layer.forward, layer.backward, dict(zip(names, inputs)),
+                       params=layer.params, grads=layer.grads, rng=rng, eps=eps,
+                       max_entries=max_entries, zero_grad=layer.zero_grad, expect_zero=expect_zero)
+        layer.forward(*inputs)
+        return report
+    finally:
+        for name, value in kept.items():
+            layer.params[name][...] = value
 
 
 def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=None, title=None):

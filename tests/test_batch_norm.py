@@ -125,6 +125,12 @@ def test_folding_into_the_convolution_gives_the_same_inference(transposed, rng):
     weight, bias = fold_into_convolution(conv.params["weight"], conv.params["bias"], norm, transposed=transposed)
     conv.params["weight"][...], conv.params["bias"][...] = weight, bias
     numpy.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
+    # a convolution without a bias folds as one with a zero bias; another channel count is named
+    _, no_bias = fold_into_convolution(weight, None, norm, transposed=transposed)
+    numpy.testing.assert_array_equal(no_bias, fold_into_convolution(weight, numpy.zeros(4), norm, transposed)[1])
+    with pytest.raises(ValueError, match="has 5 output channels .* the BatchNorm2d normalises 4"):
+        fold_into_convolution(numpy.zeros((3, 5, 4, 4) if transposed else (5, 3, 3, 3)), numpy.zeros(5), norm,
+                              transposed=transposed)
 
 
 # -- RNN-G with batch normalisation -------------------------------------------------------------------

@@ -172,3 +172,42 @@ def test_a_report_without_rows_fails():
     report = GradcheckReport("nothing compared")
     assert not report.passed() and report.max_error == float("inf")
     assert "no gradient was compared" in str(report)
+
+
+def test_a_backward_that_changes_its_upstream_gradient_is_refused(rng):
+    # masking dy in place and returning it: the finite differences, reading the same upstream,
+    # would agree with it, so the check compares the upstream before and after instead
+    from minirnng.layers import ReLU
+
+    class ReLUInPlace(ReLU):
+        def backward(self, grad_output):
+            grad_output[~self.cache] = 0
+            return grad_output
+
+    with pytest.raises(ValueError, match="backward changed its upstream gradient in place"):
+        check_layer(ReLUInPlace(), rng.standard_normal((3, 4)) + 0.1, rng=rng)
+    assert check_layer(ReLU(), rng.standard_normal((3, 4)) + 0.1, rng=rng).passed()
+
+
+def test_a_zero_dimensional_array_is_checked_as_an_array():
+    from minirnng.layers import ReLU
+
+    assert check_layer(Tanh(), numpy.array(0.3)).max_error < 1e-8
+    chained = ReLU().forward(Tanh().forward(numpy.array(0.75, numpy.float32)))
+    assert isinstance(chained, numpy.ndarray) and chained.shape == ()
+
+
+def test_check_layer_leaves_a_batch_norm_as_it_found_it(rng):
+    from minirnng.layers import BatchNorm2d
+
+    layer = BatchNorm2d(3, dtype=numpy.float64)
+    before = {name: value.copy() for name, value in layer.params.items()}
+    x = rng.standard_normal((2, 3, 4, 4)) * 2 + 5
+    assert check_layer(layer, x, rng=rng).passed()
+    for name, value in before.items():  # the running statistics too, which about 200 forwards moved
+        numpy.testing.assert_array_equal(layer.params[name], value, err_msg=name)
+    # and its cache is that of the unperturbed input: backward gives what a fresh layer's does
+    fresh = BatchNorm2d(3, dtype=numpy.float64)
+    fresh.forward(x)
+    dy = rng.standard_normal(x.shape)
+    numpy.testing.assert_array_equal(layer.backward(dy), fresh.backward(dy))

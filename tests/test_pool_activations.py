@@ -55,6 +55,40 @@ def test_maxpool_ties_go_to_the_first_maximum():
     numpy.testing.assert_array_equal(pool.backward(numpy.full((1, 1, 1, 1), 3.0))[0, 0], [[3, 0], [0, 0]])
 
 
+@pytest.mark.parametrize("chunk_images", [None, 1])
+def test_maxpool_sends_the_gradient_of_a_nan_window_to_its_first_nan_on_every_path(chunk_images, monkeypatch):
+    # a diverging run: the NumPy path, the naive loops and the kernel (on the emulator) must agree
+    from minirnng import backend
+    from minirnng.layers import base
+
+    x = numpy.arange(2 * 1 * 4 * 6, dtype=numpy.float32).reshape(2, 1, 4, 6)
+    x[0, 0, 0, 1] = x[0, 0, 1, 0] = numpy.nan  # two NaN in the first window: offset 1 comes first
+    x[1, 0, 3, 5] = numpy.nan  # one in the last window of the second image, at its last offset
+    if chunk_images:
+        monkeypatch.setattr(base, "CHUNK_BYTES", chunk_images * x[0].nbytes)
+    dy = numpy.arange(1, 13, dtype=numpy.float32).reshape(2, 1, 2, 3)
+    results = []
+    for path in ("numpy", "naive", "cuda-emulator"):
+        pool = naive.MaxPool2d(2) if path == "naive" else MaxPool2d(2)
+        with backend.use("numpy" if path == "naive" else path):
+            results.append((backend.to_numpy(pool.forward(x)), backend.to_numpy(pool.backward(dy))))
+    for y, dx in results:
+        numpy.testing.assert_array_equal(y, results[-1][0])
+        numpy.testing.assert_array_equal(dx, results[-1][1])
+    dx = results[0][1]
+    assert dx[0, 0, 0, 1] == 1 and dx[0, 0, 1, 0] == 0 and dx[1, 0, 3, 5] == 12 and numpy.isnan(results[0][0]).sum() == 2
+
+
+@pytest.mark.parametrize("make_layer", [lambda: MaxPool2d(2), ReLU, Sigmoid, Tanh], ids=["pool", "relu", "sigmoid", "tanh"])
+def test_backward_leaves_the_upstream_gradient_as_it_was(make_layer, rng):
+    layer = make_layer()
+    y = layer.forward(tie_free(rng, (2, 3, 4, 6)))
+    dy = rng.standard_normal(y.shape)
+    kept = dy.copy()
+    layer.backward(dy)
+    numpy.testing.assert_array_equal(dy, kept)
+
+
 def test_maxpool_shape_and_errors():
     pool = MaxPool2d()
     assert pool.forward(numpy.zeros((2, 3, 7, 9), dtype=numpy.float32)).shape == (2, 3, 3, 4)

@@ -20,6 +20,12 @@ from ..cuda.launch import element_count, launch
 from .base import Layer, check_array
 
 
+def as_array(result):
+    """A 0-d array where NumPy's arithmetic on a 0-d input gave a scalar, which the next layer
+    (checking for arrays) would refuse."""
+    return numpy.asarray(result) if isinstance(result, numpy.generic) else result
+
+
 class _Elementwise(Layer):
     """What the three share: checks, and the kernel path, which differs only in the kernels' names."""
 
@@ -33,10 +39,10 @@ class _Elementwise(Layer):
     def forward(self, x):
         self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         check_array(x, type(self).__name__, "input x")
-        return self.run_forward(x)
+        return as_array(self.run_forward(x))
 
     def backward(self, grad_output):
-        return self.run_backward(grad_output)
+        return as_array(self.run_backward(grad_output))
 
     def forward_gpu(self, x):
         """x C-contiguous, any shape -> y of x's shape; the cache is y."""

@@ -80,7 +80,8 @@ class ConvTranspose2d(conv.ConvTranspose2d):
 # -- pooling and activations ---------------------------------------------------------------------
 
 class MaxPool2d(pool.MaxPool2d):
-    """Scan every window in row-major order; the first strictly larger value becomes the winner."""
+    """Scan every window in row-major order; the first strictly larger value (or the first NaN)
+    becomes the winner."""
 
     def forward_cpu(self, x):
         k, s = self.kernel_size, self.stride
@@ -92,7 +93,8 @@ class MaxPool2d(pool.MaxPool2d):
             for i in range(k):
                 for j in range(k):
                     value = x[image, c, oy * s + i, ox * s + j]
-                    if best is None or value > best:
+                    # NaN compares false with everything: the first NaN wins and stays, as in the kernel
+                    if best is None or value > best or (value != value and best == best):
                         best = value
                         winner[image, c, oy, ox] = (oy * s + i, ox * s + j)
             y[image, c, oy, ox] = best

@@ -193,8 +193,16 @@ def fold_into_convolution(weight, bias, batch_norm, transposed=False):
     eps)`` (the normalisation's weight and statistics): ``W'[o] = s_o W[o]`` and
     ``b'_o = (b_o - running_mean_o) s_o + bias_o``.
     weight : (O, C, k, k) for a convolution, (C, O, k, k) for a transposed one (``transposed``);
-    bias : (O,). Returns new arrays; the inputs are not changed.
+    bias : (O,), or None for a convolution without one (a zero bias). Returns new arrays; the
+    inputs are not changed.
     """
+    outputs = weight.shape[1 if transposed else 0] if getattr(weight, "ndim", 0) == 4 else None
+    if outputs != batch_norm.channels:
+        raise ValueError(f"fold_into_convolution: a weight of shape {tuple(getattr(weight, 'shape', ()))} has "
+                         f"{outputs} output channels on axis {1 if transposed else 0}; the BatchNorm2d normalises "
+                         f"{batch_norm.channels}")
+    if bias is None:
+        bias = backend.get_array_module(weight).zeros(outputs, dtype=weight.dtype)
     scale, _ = batch_norm.inference_scale_shift()
     per_output = (1, -1, 1, 1) if transposed else (-1, 1, 1, 1)
     return (weight * scale.reshape(per_output),

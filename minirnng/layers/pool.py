@@ -102,7 +102,21 @@ class MaxPool2d(Layer):
                 numpy.multiply(larger_here, index_dtype(index), out=claim_here)
                 numpy.maximum(won, claim_here, out=won)
                 numpy.maximum(pooled, candidate, out=pooled)
+            self.first_nan_wins(images, pooled, won, offsets)
         return y, (winner, x.shape)
+
+    @staticmethod
+    def first_nan_wins(images, pooled, won, offsets):
+        """Where a window holds NaN (``numpy.maximum`` has made its output NaN, but NaN is never
+        greater), make its first NaN the winner, as the kernel and PyTorch do, so that the gradient
+        goes to the pixel the output came from. One check of the output when there is no NaN."""
+        nan_windows = numpy.isnan(pooled)
+        if not nan_windows.any():
+            return
+        first_nan = won.copy()
+        for index, rows, cols in reversed(offsets):
+            first_nan[numpy.isnan(images[:, :, rows, cols])] = index
+        won[nan_windows] = first_nan[nan_windows]
 
     def pooled(self, x):
         """The forward pass's output alone, for inference: x (N, C, H, W) -> y (N, C, Ho, Wo).
