@@ -63,6 +63,9 @@ def edge_gates(image, edge_scale=0.04, openness=0.99):
     where two seeds share a region the nearer one wins.
     """
     grey = as_grey(image)
+    if min(grey.shape) < 2:
+        raise ValueError(f"edge_gates: the image must be at least 2 x 2 pixels (central differences), "
+                         f"got {grey.shape[0]} x {grey.shape[1]}")
     d_rows, d_columns = numpy.gradient(grey)
     magnitude = numpy.hypot(d_rows, d_columns)
     return openness * numpy.exp(-(magnitude / edge_scale) ** 2)
@@ -125,6 +128,15 @@ def propagate_labels(seeds, gate, passes=4, reach=1e-6):
     if numpy.shape(gate) != seeds.shape:
         raise ValueError(f"propagate_labels: the gate map has shape {numpy.shape(gate)}, the seed map "
                          f"{seeds.shape}; they must be the same")
+    if seeds.size == 0:
+        raise ValueError(f"propagate_labels: the seed map is empty (shape {seeds.shape})")
+    if int(seeds.min()) < UNLABELLED:
+        raise ValueError(f"propagate_labels: seeds are labels 0 .. K-1, or {UNLABELLED} for no seed; "
+                         f"got {int(seeds.min())}")
+    gate = numpy.asarray(gate)
+    if gate.dtype.kind not in "biuf" or not numpy.all((gate >= 0) & (gate <= 1)):  # NaN fails too
+        raise ValueError(f"propagate_labels: the gate must be real numbers in [0, 1], got {gate.dtype} "
+                         "values outside it (or NaN)")
     n_labels = int(seeds.max()) + 1
     if n_labels < 1:
         raise ValueError("propagate_labels: the seed map has no seed (all -1)")

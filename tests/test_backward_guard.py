@@ -110,6 +110,17 @@ def test_settings_that_would_be_coerced_silently_are_refused():
             loss(ignore_index=1.5)
     with pytest.raises(ValueError, match="gate_bias must be a finite number, got nan"):
         RNNG(gate_bias=float("nan"))
+    with pytest.raises(TypeError, match="RNNG: gate_bias must be a number, got 'x'"):
+        RNNG(gate_bias="x")
+    for build, owner in ((lambda rng: RNNG(rng=rng), "RNNG"), (lambda rng: Conv2d(3, 4, 3, rng=rng), "Conv2d")):
+        for rng in ("a", 1.5, -1):
+            with pytest.raises((TypeError, ValueError), match=f"{owner}: rng must be None, a non-negative integer seed"):
+                build(rng)
+    from minirnng.layers.recurrent import (clip_recurrent_singular_values, constrain_recurrent_weight,
+                                           project_recurrent_weight)
+    for rule in (constrain_recurrent_weight, project_recurrent_weight, clip_recurrent_singular_values):
+        with pytest.raises(ValueError, match=rf"{rule.__name__}: W must be a \(C, C\) matrix, got shape \(3,\)"):
+            rule(numpy.ones(3))
     with pytest.raises(ValueError, match="max_entries must be None .* got True"):
         check("x", lambda x: x, lambda dy: dy, {"x": numpy.ones(3)}, max_entries=True)
     crf = DenseCRF()
@@ -117,3 +128,5 @@ def test_settings_that_would_be_coerced_silently_are_refused():
         crf.refine(numpy.zeros((0, 3, 4, 4)), numpy.zeros((0, 3, 4, 4)))
     with pytest.raises(TypeError, match="images must be float32 or float64, got uint8"):
         crf.refine(numpy.zeros((1, 3, 4, 4)), numpy.zeros((1, 3, 4, 4), numpy.uint8))
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 0, 4, 4\) have no class"):
+        crf.refine(numpy.zeros((1, 0, 4, 4)), numpy.zeros((1, 3, 4, 4)))

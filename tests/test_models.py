@@ -138,6 +138,25 @@ def test_checkpoint_errors(tmp_path):
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_model(truncated)
+    # damaged bytes inside the archive: zipfile and zlib raise errors of their own (an unknown
+    # compression method, a deflate stream that does not decode), each still a CheckpointError
+    damaged = bytearray(path.read_bytes())
+    entry = damaged.index(b"PK\x01\x02")  # the central directory's first record
+    damaged[entry + 10:entry + 12] = (99).to_bytes(2, "little")  # its compression method
+    (tmp_path / "method.npz").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="method.npz' is corrupt or truncated"):
+        load_model(tmp_path / "method.npz")
+    with numpy.load(path) as archive:
+        numpy.savez_compressed(tmp_path / "compressed.npz", **{name: archive[name] for name in archive.files})
+    compressed = (tmp_path / "compressed.npz").read_bytes()
+    for position in range(40, len(compressed), max(1, len(compressed) // 300)):
+        flipped = bytearray(compressed)
+        flipped[position] ^= 0x55
+        (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+        try:
+            load_model(tmp_path / "flipped.npz")
+        except CheckpointError:
+            pass  # anything else escapes and fails the test
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="garbage.npz' is not a minirnng checkpoint: the file is not a .npz"):
@@ -344,6 +363,30 @@ def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_get_the_umask_s_permissions_without_the_umask_being_changed(tmp_path, monkeypatch):
+    # os.umask sets the mask of the whole process while it reads it: another thread's file made in
+    # that moment would get mode 0666; the atomic writer leaves the mask to the OS instead
+    from minirnng.atomic import replacing
+
+    previous = os.umask(0o027)
+    try:
+        def umask_called(mask):
+            raise AssertionError("os.umask called while writing")
+
+        monkeypatch.setattr(os, "umask", umask_called)
+        with replacing(tmp_path / "result.txt") as temporary:
+            with open(temporary, "w") as stream:
+                stream.write("ok")
+        RNNG(rng=0).save(tmp_path / "model.npz")
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    for name in ("result.txt", "model.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    assert sorted(os.listdir(tmp_path)) == ["model.npz", "result.txt"]
+
+
 def test_saving_refuses_what_loading_would_refuse_and_keeps_the_good_file(tmp_path):
     path = tmp_path / "model.npz"
     RNNG(rng=0).save(path)
@@ -516,6 +559,9 @@ def test_cnn_crf_predict_uses_the_crf(rng):
     images = rng.standard_normal((2, 3, 16, 16)).astype(numpy.float32)
     labels = model.predict(images)
     assert labels.shape == (2, 16, 16)
+    # a float16 batch, which every other model takes, is read by the CRF in the model's dtype
+    numpy.testing.assert_array_equal(model.predict(images.astype(numpy.float16)),
+                                     model.predict(images.astype(numpy.float16).astype(numpy.float32)))
 
 
 @pytest.mark.parametrize("model_class", [RNNG, CNNS, EyeBrowNet])

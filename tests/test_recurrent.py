@@ -427,6 +427,16 @@ def test_propagation_takes_rgba_images_and_names_mismatched_shapes():
         propagate_labels(seeds, edge_gates(image)[:, 1:])
     with pytest.raises(ValueError, match="seeds must be an integer"):
         propagate_labels(seeds.astype(float), edge_gates(image))
+    gate = edge_gates(image)
+    for bad_gate in (numpy.where(seeds >= 0, numpy.nan, gate), gate + 1.5, gate.astype(complex)):
+        with pytest.raises(ValueError, match=r"the gate must be real numbers in \[0, 1\]"):
+            propagate_labels(seeds, bad_gate)
+    with pytest.raises(ValueError, match="seeds are labels 0 .. K-1, or -1 for no seed; got -5"):
+        propagate_labels(numpy.where(seeds >= 0, seeds, -5), gate)
+    with pytest.raises(ValueError, match=r"the seed map is empty \(shape \(0, 0\)\)"):
+        propagate_labels(numpy.zeros((0, 0), int), numpy.zeros((0, 0)))
+    with pytest.raises(ValueError, match="edge_gates: the image must be at least 2 x 2 pixels"):
+        edge_gates(numpy.zeros((1, 5)))
 
 
 def test_edge_gates_read_a_16_bit_picture_as_its_8_bit_twin_and_refuse_a_signed_one():
@@ -447,3 +457,22 @@ def test_demonstrate_propagation_takes_seeds_as_a_list_and_names_too_many_labels
     many[many >= 0] = 8
     with pytest.raises(ValueError, match="draws at most 8 labels .* the seeds go up to 8"):
         demonstrate_propagation(image, many)
+
+
+def test_a_nan_goes_to_the_first_direction_whose_output_is_nan_on_both_paths(rng):
+    # a diverged pass: the NumPy merge and the kernel must send the gradient to the same directions
+    from minirnng import backend
+
+    x = rng.uniform(0.5, 1.5, (2, 2, 3, 4))
+    x[0, 0, 0, 2] = x[1, 1, 2, 0] = numpy.nan
+    g = rng.uniform(0.2, 0.8, x.shape)
+    dh = rng.standard_normal(x.shape)
+    results = []
+    for path in ("numpy", "cuda-emulator"):
+        layer = FourWayGatedRNN(2, dtype=numpy.float64)
+        with backend.use(path):
+            h = backend.to_numpy(layer.forward(x, g))
+            results.append((h, *(backend.to_numpy(d) for d in layer.backward(dh))))
+    for numpy_result, kernel_result in zip(*results):
+        numpy.testing.assert_allclose(numpy_result, kernel_result, rtol=1e-12, equal_nan=True)
+    assert numpy.isnan(results[0][0]).any()  # the case is one: some outputs are NaN

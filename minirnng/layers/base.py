@@ -7,7 +7,10 @@ A layer is an object with
 ``backward(grad_output) -> grad_input`` (a tuple when the layer has several inputs)
     Uses the cache of the last ``forward``; *adds* the parameter gradients into ``grads``
     (as PyTorch accumulates into ``.grad``; call :meth:`Layer.zero_grad` between steps).
-    It never modifies ``grad_output``.
+    It never modifies ``grad_output``. The cache may hold the forward's inputs and its output
+    themselves, not copies (as CS231n's layers do, and on either path): an array passed to or
+    returned by ``forward`` must not be changed before ``backward``, or the gradients change too.
+    The models copy their images before the first layer keeps them.
 ``params`` and ``grads``
     Dicts from parameter names to the live arrays: ``layer.params["weight"][...] = w``
     changes the layer, and an optimizer updates them in place.
@@ -59,6 +62,16 @@ def check_positive_int(value, owner, what, minimum=1):
     if value < minimum:
         raise ValueError(f"{owner}: {what} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def random_generator(rng, owner):
+    """``numpy.random.default_rng(rng)`` (None, a non-negative integer seed, a SeedSequence or a
+    Generator, which is returned as it is), with an error that names ``owner``'s ``rng``."""
+    try:
+        return numpy.random.default_rng(rng)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{owner}: rng must be None, a non-negative integer seed or a numpy Generator, "
+                          f"got {rng!r}") from None
 
 
 def uniform_fan_in(rng, shape, fan_in):

@@ -60,7 +60,7 @@ import numpy
 from .. import backend
 from ..cuda.launch import channel_sum, contiguous, launch
 from .activations import ReLU
-from .base import Layer, batch_chunks, check_array, check_positive_int, uniform_fan_in
+from .base import Layer, batch_chunks, check_array, check_positive_int, random_generator, uniform_fan_in
 from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, im2col_gpu, transposed_output_size
 
 
@@ -241,7 +241,7 @@ class _ConvolutionBase(Layer):
         if not isinstance(bias, (bool, numpy.bool_)):  # bias="no" would be true
             raise TypeError(f"{owner}: bias must be True or False, got {bias!r}")
         self.has_bias = bool(bias)
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         shape = self.weight_shape()
         # PyTorch computes the fan-in from the weight's second axis, for both layers.
         fan_in = shape[1] * self.kernel_size * self.kernel_size

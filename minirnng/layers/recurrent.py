@@ -42,7 +42,7 @@ import numpy
 from .. import backend
 from ..cuda.directions import scan_geometry
 from ..cuda.launch import channel_sum, element_count, launch, sum_first_axis
-from .base import Layer, check_array, check_positive_int, check_same_shape
+from .base import Layer, check_array, check_positive_int, check_same_shape, random_generator
 
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
 ACTIVATIONS = ("tanh", "identity")
@@ -309,6 +309,16 @@ def scan_backward_gpu(kind, dh, g, h, weight, bias, geometry):
 
 
 # -- the stability rule --------------------------------------------------------------------------
+# Each rule meets its bound up to the rounding of its own arithmetic: after it, a row sum or the
+# largest singular value may exceed 1 by a few units in the last place (float32: up to about 1e-6
+# for the projection), which no scan of a few hundred steps can turn into growth.
+def check_recurrent_weight(W, owner):
+    """Refuse a ``W`` that is not a matrix (the rules act on its rows), naming ``owner``."""
+    shape = tuple(getattr(W, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"{owner}: W must be a (C, C) matrix, got shape {shape}")
+
+
 def constrain_recurrent_weight(W):
     """Rescale ``W`` in place so that its largest absolute row sum is at most 1; return ``W``.
 
@@ -318,6 +328,7 @@ def constrain_recurrent_weight(W):
     whole matrix is divided by one factor, so its direction is kept; a ``W`` that already satisfies
     the rule is left untouched. Call it on every recurrent ``W`` after each optimizer step.
     """
+    check_recurrent_weight(W, "constrain_recurrent_weight")
     xp = backend.get_array_module(W)
     largest_row_sum = float(xp.abs(W).sum(axis=1).max())
     if largest_row_sum > 1:
@@ -340,6 +351,7 @@ def project_recurrent_weight(W):
     recurrence reaches only a few pixels (docs/training.md, runs AK and AL). It is not the spec's
     rule, which rescales; ``TrainConfig.stability_rule`` (``--stability-rule``) chooses.
     """
+    check_recurrent_weight(W, "project_recurrent_weight")
     xp = backend.get_array_module(W)
     magnitude = xp.abs(W)
     over = magnitude.sum(axis=1) > 1
@@ -371,6 +383,7 @@ def clip_recurrent_singular_values(W):
     ``sqrt(2)``). A ``W`` within the bound is left untouched. Not the spec's rule; training chooses
     it with ``--stability-rule spectral``.
     """
+    check_recurrent_weight(W, "clip_recurrent_singular_values")
     xp = backend.get_array_module(W)
     if not bool(xp.isfinite(W).all()):  # the SVD would fail with LAPACK's "did not converge"
         raise ValueError("clip_recurrent_singular_values: W has NaN or infinite entries "
@@ -546,7 +559,7 @@ class FourWayMaxMerge(RecurrentLayer):
 
     def __init__(self, channels, rng=None, dtype=numpy.float32, **direction_options):
         super().__init__(channels, dtype=dtype)
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         self.direction_layers = {
             direction: self.direction_class(self.channels, direction, rng=rng, dtype=dtype, **direction_options)
             for direction in DIRECTIONS}
@@ -572,10 +585,12 @@ class FourWayMaxMerge(RecurrentLayer):
 
         The cache is ``winner`` int8 (N, C, H, W): the index in ``DIRECTIONS`` of the direction whose
         output is merged there. A direction takes a pixel only where it is strictly larger than
-        every direction before it, so a tie stays with the first.
+        every direction before it, so a tie stays with the first; where an output is NaN, the first
+        direction whose output is NaN takes it, as in the kernel (NaN is never larger).
         """
         shape = inputs[0].shape
         merged = winner = None
+        scanned = []  # (forward-order output, horizontal) of each direction, in DIRECTIONS' order
         for axis, (horizontal, pair) in enumerate(AXES):
             layouts = [to_axis_layout(array, horizontal) for array in inputs]  # forward order
             outputs = []
@@ -587,6 +602,7 @@ class FourWayMaxMerge(RecurrentLayer):
                 h, layer.cache = layer.scan_cpu(in_scan_order(x, reverse), *others)
                 outputs.append(in_scan_order(h, reverse))  # forward order again
             forward, backward = outputs
+            scanned += [(forward, horizontal), (backward, horizontal)]
             backward_won = numpy.greater(backward, forward)
             axis_maximum = from_axis_layout(numpy.maximum(forward, backward), horizontal, shape)
             axis_winner = from_axis_layout(backward_won.view(numpy.int8), horizontal, shape)  # 0 or 1
@@ -599,6 +615,13 @@ class FourWayMaxMerge(RecurrentLayer):
             larger = numpy.greater(axis_maximum, merged)
             numpy.maximum(winner, numpy.multiply(larger, axis_winner, out=axis_winner), out=winner)
             numpy.maximum(merged, axis_maximum, out=merged)
+        nan = numpy.isnan(merged)  # one sweep of the output when there is no NaN (a diverged pass)
+        if nan.any():
+            first_nan = winner.copy()
+            for index in reversed(range(len(scanned))):
+                output, horizontal = scanned[index]
+                first_nan[from_axis_layout(numpy.isnan(output), horizontal, shape)] = index
+            winner[nan] = first_nan[nan]
         return merged, winner
 
     def backward_cpu(self, grad_output):

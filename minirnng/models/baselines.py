@@ -116,4 +116,6 @@ class CNNCRF(CNNS):
         return plain
 
     def predict(self, images):
+        # the CRF reads the colours in the network's dtype, as the network does (float16 is accepted)
+        images = self.check_images(images)
         return self.crf.refine(self.infer(images), images).argmax(axis=1)

@@ -198,6 +198,9 @@ class DenseCRF:
                              f"{host_logits.shape} and {host_images.shape}")
         if host_logits.shape[0] == 0:
             raise ValueError("DenseCRF: the batch is empty; give at least one image")
+        if 0 in host_logits.shape[1:]:
+            raise ValueError(f"DenseCRF: logits of shape {host_logits.shape} have no class or no pixel; "
+                             "give at least one of each")
         for what, array in (("logits", host_logits), ("images", host_images)):
             if array.dtype not in (numpy.float32, numpy.float64):  # uint8 images would be cast without a word
                 raise TypeError(f"DenseCRF: {what} must be float32 or float64, got {array.dtype}")

@@ -28,7 +28,7 @@ import numpy
 
 from .. import backend
 from ..layers import BatchNorm2d, Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sigmoid
-from ..layers.base import check_positive_int
+from ..layers.base import check_positive_int, random_generator
 from ..layers.normalization import fold_into_convolution
 from ..layers.recurrent import STABILITY_RULES, FourWayGatedRNN, constrain_recurrent_weight
 from .base import Model, infer_chain
@@ -61,13 +61,15 @@ class RNNG(Model):
     def __init__(self, n_classes=3, hidden=8, rng=None, dtype=numpy.float32, gate_bias=0.0, batch_norm=False):
         super().__init__(n_classes, dtype)
         self.hidden = check_positive_int(hidden, type(self).__name__, "hidden")
+        if isinstance(gate_bias, bool) or not isinstance(gate_bias, (int, float, numpy.integer, numpy.floating)):
+            raise TypeError(f"{type(self).__name__}: gate_bias must be a number, got {gate_bias!r}")
         self.gate_bias = float(gate_bias)
         if not numpy.isfinite(self.gate_bias):
             raise ValueError(f"{type(self).__name__}: gate_bias must be a finite number, got {gate_bias!r}")
         if not isinstance(batch_norm, (bool, numpy.bool_)):
             raise TypeError(f"{type(self).__name__}: batch_norm must be True or False, got {batch_norm!r}")
         self.batch_norm = bool(batch_norm)
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         k, h, dt = self.n_classes, self.hidden, self.dtype
         self.layers = {
             "conv1": Conv2d(3, 16, 5, padding=2, rng=rng, dtype=dt),
@@ -201,7 +203,7 @@ class RNNG(Model):
         For gradient checks: with the identical initial weights the four directions tie exactly
         at the image corners, where the maximum has a kink that finite differences straddle.
         """
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         recurrent = self.layers.get("rnn")
         for name, value in (recurrent.params.items() if recurrent is not None else ()):
             # Drawn on the host (the same values on every backend), then copied to where W lives.

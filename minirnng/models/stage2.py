@@ -64,7 +64,7 @@ from .. import backend
 from ..data.classes import HELEN_CLASSES
 from ..data.pipeline import check_image, normalize, resize_image, resize_labels
 from ..layers import Conv2d, ConvTranspose2d, MaxPool2d, ReLU
-from ..layers.base import check_positive_int
+from ..layers.base import check_positive_int, random_generator
 from . import checkpoint
 from .base import Model, infer_chain
 from .crops import (CROPS, CropGeometry, crop_bilinear, crop_nearest, crop_to_helen, footprints, frame_images,
@@ -101,7 +101,7 @@ class ComponentNet(Model):
         super().__init__(len(self.component_classes), dtype)
         self.width = check_positive_int(width, type(self).__name__, "width")
         self.classes = list(self.component_classes)
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         c, k, dt = self.width, self.n_classes, self.dtype
         self.layers = {
             "conv1": Conv2d(3, c, 3, padding=1, rng=rng, dtype=dt),
@@ -232,7 +232,7 @@ class TwoStageParser:
         if getattr(stage1, "n_classes", None) != len(HELEN_CLASSES):
             raise ValueError(f"TwoStageParser: stage 1 must be an 11-class (HELEN) model, got "
                              f"{type(stage1).__name__} with {getattr(stage1, 'n_classes', None)} classes")
-        rng = numpy.random.default_rng(rng)
+        rng = random_generator(rng, type(self).__name__)
         self.networks = {
             "stage1": stage1,
             "eyes": eyes if eyes is not None else EyeBrowNet(rng=rng, dtype=dtype),
