@@ -12,15 +12,27 @@ owns, not places it writes through.
 """
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import secrets
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(folder, prefix, suffix):
+    """Create a new, empty file in ``folder`` whose name is unused; return its path.
+
+    Made with the mode 0666, which the OS reduces by the umask (and a folder's default ACL), as it
+    does for any new file: the usual permissions without reading the umask, whose only reader,
+    ``os.umask``, sets it for the whole process for a moment (a race with other threads' files).
+    """
+    for _ in range(100):
+        temporary = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no unused temporary name in {folder!r} after 100 tries")
 
 
 @contextlib.contextmanager
@@ -36,13 +48,11 @@ def replacing(path, suffix=None):
     with _naming(path):
         os.makedirs(folder, exist_ok=True)
         # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
-        handle, temporary = tempfile.mkstemp(prefix=f".{base[:32]}.", suffix=f".tmp{suffix[:16]}", dir=folder)
-    os.close(handle)
+        temporary = _create_temporary(folder, f".{base[:32]}.", f".tmp{suffix[:16]}")
     try:
         yield temporary
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private (0600)
         with _naming(path):
             os.replace(temporary, path)
     except BaseException:

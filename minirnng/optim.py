@@ -120,11 +120,20 @@ class Optimizer:
         arrays["steps"] = numpy.array(self.steps, dtype=numpy.int64)
         return arrays
 
+    def kept_buffers(self):
+        """The kinds of :attr:`BUFFERS` that every step updates for every parameter."""
+        return self.BUFFERS
+
     def load_state_arrays(self, arrays):
+        """Restore a :meth:`state_arrays`. After a first step, every buffer of every parameter must be
+        there and finite: a state with some missing would go on from zeros, quietly unlike the run
+        that wrote it."""
         arrays = dict(arrays)
         if "steps" not in arrays:
             raise ValueError("optimizer state without its step count ('steps'): not a state of this optimizer")
-        self.steps = int(arrays.pop("steps"))
+        steps = arrays.pop("steps")
+        if steps.shape != () or steps.dtype.kind not in "iu" or int(steps) < 0:
+            raise ValueError(f"optimizer state's step count must be a non-negative integer, got {steps!r}")
         for key, value in arrays.items():
             kind, _, name = key.partition("/")
             if self.BUFFERS and kind not in self.BUFFERS:  # (an optimizer written elsewhere may declare none)
@@ -132,6 +141,16 @@ class Optimizer:
                                  f"({', '.join(self.BUFFERS)})")
             if name not in self.params or tuple(value.shape) != tuple(self.params[name].shape):
                 raise ValueError(f"optimizer state {key!r} does not fit the model's parameters")
+            if value.dtype.kind != "f" or not bool(backend.get_array_module(value).isfinite(value).all()):
+                raise ValueError(f"optimizer state {key!r} holds NaN, infinite or non-float values")
+        missing = [f"{kind}/{name}" for kind in self.kept_buffers() for name in self.params
+                   if f"{kind}/{name}" not in arrays]
+        if int(steps) > 0 and missing:
+            raise ValueError(f"optimizer state after {int(steps)} steps lacks {len(missing)} of its buffers "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        self.steps = int(steps)
+        for key, value in arrays.items():
+            kind, _, name = key.partition("/")
             self.buffer(kind, name)[...] = backend.get_array_module(self.params[name]).asarray(value)
 
 
@@ -139,6 +158,9 @@ class SGD(Optimizer):
     """Stochastic gradient descent with momentum (and optional Nesterov momentum)."""
 
     BUFFERS = ("v",)  # the velocity
+
+    def kept_buffers(self):
+        return self.BUFFERS if self.momentum else ()
 
     def __init__(self, params, grads, lr, momentum=0.9, weight_decay=0.0, nesterov=False, lr_scales=None):
         super().__init__(params, grads, lr, weight_decay, lr_scales)

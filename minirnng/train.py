@@ -258,7 +258,20 @@ def saved_training_state(path, header, config):
     training = header.get("training")
     if training is None:
         raise ValueError(f"{path} is not a training checkpoint (no training state)")
-    changed = config_differences(TrainConfig(**training["config"]), config, ignore=("epochs",))
+    expected = {"config": dict, "epoch": int, "rng_state": dict, "history": list, "best_accuracy": (int, float)}
+    if not isinstance(training, dict) or any(not isinstance(training.get(key), kind) or isinstance(training.get(key), bool)
+                                             for key, kind in expected.items()):
+        raise ValueError(f"cannot resume {path}: its training state is damaged (it needs {', '.join(expected)} "
+                         "of the right kinds)")
+    unknown = sorted(set(training["config"]) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"cannot resume {path}: it was trained with settings this minirnng does not know "
+                         f"({', '.join(unknown)}; written by minirnng {header.get('minirnng_version', '?')})")
+    try:
+        saved = TrainConfig(**training["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot resume {path}: its training settings are not valid ({error})") from None
+    changed = config_differences(saved, config, ignore=("epochs",))
     if changed:
         raise ValueError(f"cannot resume {path}: the configuration differs (saved, now): {changed}; "
                          "only --epochs may change (the learning-rate schedule then stretches over the new length)")
@@ -455,8 +468,11 @@ class Trainer:
                              f"{changed}; --data, --root, --input-size and the split sizes must stay as they "
                              "were (or start a new run in another --out)")
         self.model.load_params(params, source=self.last_path)
-        self.optimizer.load_state_arrays(extra)
-        self.rng.bit_generator.state = training["rng_state"]
+        try:
+            self.optimizer.load_state_arrays(extra)
+            self.rng.bit_generator.state = training["rng_state"]
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot resume {self.last_path}: {error}") from None
         self.epoch = int(training["epoch"])
         self.history = list(training["history"])
         self.best_accuracy = float(training["best_accuracy"])

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import json
 import os
 
 import numpy
@@ -64,6 +65,17 @@ def test_adam_matches_the_formula_and_its_state_round_trips(rng):
     numpy.testing.assert_array_equal(twin.state["m/layer.weight"], optimizer.state["m/layer.weight"])
     with pytest.raises(ValueError, match="does not fit"):
         twin.load_state_arrays({"steps": numpy.array(1), "m/other.weight": numpy.zeros(5)})
+    # a state that lacks a buffer, or holds NaN, would go on quietly unlike the run that wrote it
+    state = optimizer.state_arrays()
+    without_v = {key: value for key, value in state.items() if not key.startswith("v/")}
+    with pytest.raises(ValueError, match=r"after 3 steps lacks 2 of its buffers \(v/layer.weight, v/layer.bias\)"):
+        twin.load_state_arrays(without_v)
+    with pytest.raises(ValueError, match="'m/layer.weight' holds NaN"):
+        twin.load_state_arrays({**state, "m/layer.weight": numpy.full(5, numpy.nan)})
+    assert twin.steps == 3  # a refused state changes nothing
+    twin.load_state_arrays({"steps": numpy.array(0)})  # before the first step there is nothing to keep
+    plain = SGD(copy_params, {k: numpy.zeros_like(v) for k, v in params.items()}, lr=0.01, momentum=0)
+    plain.load_state_arrays({"steps": numpy.array(5)})  # plain SGD keeps no buffer
 
 
 @pytest.mark.parametrize("optimizer_class", [SGD, Adam, AdamW])
@@ -319,6 +331,42 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_data, tmp_path):
     with open(tmp_path / "resumed" / "log.csv") as stream:
         assert len(list(csv.DictReader(stream))) == 3
     assert os.path.exists(tmp_path / "resumed" / "curves.png") and os.path.exists(tmp_path / "resumed" / "best.npz")
+
+
+def test_a_damaged_training_state_is_a_clear_error_on_resume(tiny_data, tmp_path):
+    from minirnng.models.checkpoint import read_checkpoint, save_model
+
+    config = TrainConfig(epochs=2, batch_size=4)
+    Trainer(dataclasses.replace(config, epochs=1), *tiny_data, tmp_path / "run", progress=False,
+            log=lambda line: None).run()
+    last = tmp_path / "run" / "last.npz"
+    header, params, extra = read_checkpoint(last)
+    model = RNNG(rng=0)
+    model.load_params(params)
+
+    def edited(change, name):
+        training = json.loads(json.dumps(header["training"]))
+        change(training)
+        folder = tmp_path / name
+        folder.mkdir()
+        metadata = {key: value for key, value in header.items() if key not in
+                    ("format", "format_version", "architecture", "config", "classes", "input_size", "minirnng_version")}
+        save_model(model, folder / "last.npz", input_size=header["input_size"],
+                   extra_arrays=extra, **{**metadata, "training": training})
+        return folder
+
+    cases = (
+        (lambda t: t["config"].update(new_option=1), "new-option", r"settings this minirnng does not know \(new_option"),
+        (lambda t: t.pop("rng_state"), "no-rng", "its training state is damaged"),
+        (lambda t: t.update(epoch="1"), "text-epoch", "its training state is damaged"),
+        (lambda t: t["config"].update(batch_size="4"), "text-batch", "cannot resume .*last.npz"),
+        (lambda t: t["rng_state"].update(bit_generator="MT19937"), "other-rng", "cannot resume .*last.npz"),
+    )
+    for change, name, message in cases:
+        folder = edited(change, name)
+        resumed = Trainer(config, *tiny_data, folder, progress=False, log=lambda line: None)
+        with pytest.raises(ValueError, match=message):
+            resumed.run(resume=True)
 
 
 def test_a_batch_norm_run_resumes_only_with_its_own_number_of_workers(tiny_data, tmp_path):

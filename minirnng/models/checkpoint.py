@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import zipfile
+import zlib
 
 import numpy
 
@@ -144,7 +145,10 @@ def read_checkpoint(path):
     try:
         with numpy.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+    # zipfile and zlib fail in their own ways on damaged bytes (a compression method that does not
+    # exist, a deflate stream that does not decode): each is the file's fault, none a bug
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
+            NotImplementedError, RuntimeError) as error:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from None
     # numpy.load hands back the raw bytes of a member that is not a .npy file instead of failing
     for name, value in arrays.items():
