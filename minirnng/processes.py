@@ -101,6 +101,9 @@ class SharedArraysReader:
         outlive the next message: the writer reuses the block)."""
         name, layout = message
         if name not in self.blocks:
+            # the writer grew its block and unlinked the old one: let go of that too, or its memory
+            # stays mapped here until close (every earlier reply has been copied out by now)
+            self.close()
             with interruption.deferred(), interruption.signals_held():
                 self.blocks[name] = shared_memory.SharedMemory(name=name)
         buffer = self.blocks[name].buf
@@ -342,9 +345,9 @@ class ProcessParallel(DataParallel):
 
     def _submit(self, index, method, inputs, options, params, errors):
         worker = self.replicas[index]
-        if worker.reply_owed:
-            # an interrupted pass left a reply in the pipe (or the worker died): a fresh worker
-            # instead of a wrong answer
+        if worker.reply_owed or not worker.process.is_alive():
+            # an interrupted pass left a reply in the pipe, or the worker died (during a pass or
+            # between two): a fresh worker instead of a wrong answer or the same error every pass
             worker.close()
             worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
             self.replicas[index] = self._workers[index - 1] = worker

@@ -395,6 +395,9 @@ def test_a_size_takes_the_first_images_of_a_real_split_and_a_root_needs_a_datase
     assert open_dataset("celebamask", "train", celeba_root, size=1).names == ("0",)
     with pytest.raises(ValueError, match="the train split has 2 images; a size of 3 asks for more"):
         open_dataset("celebamask", "train", celeba_root, size=3)
+    for size in (0, -3, 1.5, True):  # none of them an empty split whose class shares are NaN
+        with pytest.raises(ValueError, match="the train split's size must be a whole number of images, at least 1"):
+            open_dataset("celebamask", "train", celeba_root, size=size)
     with pytest.raises(ValueError, match="given for the synthetic faces.*--data"):
         open_dataset("synthetic", "train", celeba_root)
 

@@ -50,6 +50,9 @@ def first_samples(dataset, size, split):
     """The first ``size`` samples of ``dataset`` (all of them for None); more than it has is an error."""
     if size is None:
         return dataset
+    if isinstance(size, bool) or not isinstance(size, (int, numpy.integer)) or size < 1:
+        raise ValueError(f"the {split} split's size must be a whole number of images, at least 1 (or None "
+                         f"for all of them), got {size!r}")
     if size > len(dataset):
         raise ValueError(f"the {split} split has {len(dataset)} images; a size of {size} asks for more")
     return Subset(dataset, range(size))
