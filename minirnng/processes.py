@@ -101,9 +101,9 @@ class SharedArraysReader:
         outlive the next message: the writer reuses the block)."""
         name, layout = message
         if name not in self.blocks:
-            # the writer grew its block and unlinked the old one: let go of that too, or its memory
-            # stays mapped here until close (every earlier reply has been copied out by now)
-            self.close()
+            # The writer grew its block. The old one stays mapped until close: a view into it that a
+            # caller still holds would crash the process if it were unmapped now, and blocks double
+            # in size, so the ones kept add up to less than the newest.
             with interruption.deferred(), interruption.signals_held():
                 self.blocks[name] = shared_memory.SharedMemory(name=name)
         buffer = self.blocks[name].buf
@@ -231,6 +231,8 @@ class WorkerProcess:
         # True from a command's sending until its reply is read: a pass cut short in between (Ctrl-C
         # in a notebook) leaves the reply in the pipe, where it would answer the next command
         self.reply_owed = False
+        # True once collect() has reported the worker gone: the next pass from images gets a fresh one
+        self.failed = False
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
         self.outbox, self.inbox = SharedArrays(), SharedArraysReader()
@@ -293,6 +295,7 @@ class WorkerProcess:
             self.reply_owed = False
         except (EOFError, OSError):
             self.process.join(timeout=1)
+            self.failed, self.reply_owed = True, False  # no reply can come any more
             return ChildProcessError(f"ProcessParallel: worker process {self.process.name} (pid {self.process.pid}) "
                                      f"stopped unexpectedly ({describe_exit(self.process.exitcode)})")
         if status == "error":
@@ -345,9 +348,11 @@ class ProcessParallel(DataParallel):
 
     def _submit(self, index, method, inputs, options, params, errors):
         worker = self.replicas[index]
-        if worker.reply_owed or not worker.process.is_alive():
-            # an interrupted pass left a reply in the pipe, or the worker died (during a pass or
-            # between two): a fresh worker instead of a wrong answer or the same error every pass
+        # An interrupted pass left a reply in the pipe: a fresh worker instead of a wrong answer.
+        # A worker that died is replaced only once a pass has said so (a death between two passes
+        # is found by sending to it), and not for a backward, whose forward it alone held: a fresh
+        # worker would answer "no forward pass" instead of the death that is the cause.
+        if worker.reply_owed or (worker.failed and method != "backward"):
             worker.close()
             worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
             self.replicas[index] = self._workers[index - 1] = worker

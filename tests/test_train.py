@@ -360,6 +360,7 @@ def test_a_damaged_training_state_is_a_clear_error_on_resume(tiny_data, tmp_path
         (lambda t: t.pop("rng_state"), "no-rng", "its training state is damaged"),
         (lambda t: t.update(epoch="1"), "text-epoch", "its training state is damaged"),
         (lambda t: t["config"].update(batch_size="4"), "text-batch", "cannot resume .*last.npz"),
+        (lambda t: t["config"].update(loss_weights=5), "number-weights", "its training settings are not valid"),
         (lambda t: t["rng_state"].update(bit_generator="MT19937"), "other-rng", "cannot resume .*last.npz"),
     )
     for change, name, message in cases:
