@@ -148,6 +148,15 @@ def _class_index_array(target, used, k):
     return (target if used is None else numpy.where(used, target, 0)).astype(index_dtype)
 
 
+def _zero_where_unused(values, unused):
+    """Set ``values`` (N, H, W) or (N, K, H, W) to 0, in place, at the pixels where ``unused``
+    (N, H, W) bool is True, and return them. A pixel that does not count then adds an exact 0, as
+    in the kernels, which skip it: multiplying by its weight of 0 would keep a NaN or infinite
+    score's NaN and spoil the whole sum."""
+    numpy.copyto(values, 0, where=unused if values.ndim == unused.ndim else unused[:, None])
+    return values
+
+
 def _softmax_cpu(logits):
     """The softmax over the classes of logits (N, K, H, W), one contiguous (N, H, W) slab at a time.
 
@@ -273,7 +282,11 @@ class SoftmaxCrossEntropy(Loss):
             loss = float(nll.sum()) / weight_sum
         else:
             weight_sum = float(weights.sum())
-            loss = float((weights * nll).sum()) / weight_sum if weight_sum > 0 else 0.0
+            # the backward's softmax - onehot is then 0 at the pixels of weight 0, NaN scores or not
+            unused = weights == 0
+            _zero_where_unused(probabilities, unused)
+            weighted = _zero_where_unused(numpy.multiply(weights, nll, out=nll), unused)
+            loss = float(weighted.sum()) / weight_sum if weight_sum > 0 else 0.0
         return loss, (probabilities, safe_target, weights, weight_sum)
 
     def backward_cpu(self, grad_output):
@@ -390,6 +403,8 @@ class SigmoidBinaryCrossEntropy(Loss):
         used = numpy.ones(logits.shape, dtype=logits.dtype) if mask is None else mask.astype(logits.dtype)
         count = float(used.sum())
         per_pixel = numpy.maximum(logits, 0) - logits * target + numpy.log1p(numpy.exp(-numpy.abs(logits)))
+        if mask is not None:
+            _zero_where_unused(per_pixel, ~mask)
         loss = float((per_pixel * used).sum()) / count if count > 0 else 0.0
         return loss, (logits, target, used, count)
 
@@ -401,6 +416,8 @@ class SigmoidBinaryCrossEntropy(Loss):
         decay = numpy.exp(-numpy.abs(logits))
         small = decay / (1 + decay)
         difference = numpy.where(logits >= 0, (1 - target) - small, small - target)
+        if count < used.size:  # a NaN score outside the mask gives 0, not NaN
+            _zero_where_unused(difference, used == 0)
         return (difference * used * (grad_output / count)).astype(logits.dtype, copy=False)
 
     def forward_gpu(self, logits, target, mask):
@@ -484,6 +501,9 @@ class SoftDice(Loss):
         used = _used_pixels(target, mask, self.ignore_index)
         safe_target = _class_index_array(target, used, k)
         probabilities, _, _ = _softmax_cpu(logits)
+        if used is not None:
+            # an unused pixel adds 0 to the totals and gets a gradient of 0, NaN scores or not
+            _zero_where_unused(probabilities, ~used)
         totals = numpy.zeros(2 * k)
         is_class = numpy.empty(target.shape, dtype=bool)
         for c in range(k):

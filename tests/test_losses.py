@@ -326,3 +326,45 @@ def test_a_mask_chooses_pixels_and_is_not_a_weight(rng):
     assert loss.forward(logits, target, numpy.array([[[1, 0], [1, 1]]])) == as_bool  # 0/1 integers
     with pytest.raises(ValueError, match="mask must be boolean or 0/1"):
         loss.forward(logits, target, numpy.full((1, 2, 2), 0.5))
+
+
+@pytest.mark.parametrize("path", ["numpy", "cuda-emulator"])
+def test_a_pixel_that_does_not_count_adds_nothing_even_with_nan_or_infinite_scores(path, rng):
+    # the kernels skip such a pixel; the NumPy path multiplied its NaN by a weight of 0. The batch
+    # spans several blocks of threads (3034 pixels), which the reductions must add up across.
+    from minirnng import backend
+
+    n, k, height, width = 2, 4, 37, 41
+    logits = rng.standard_normal((n, k, height, width))
+    target = rng.integers(0, k, (n, height, width))
+    mask = rng.random((n, height, width)) < 0.8
+    ignored = rng.random((n, height, width)) < 0.1
+    target[ignored] = 255
+
+    def spoiled(where, channels=k):  # the logits with NaN and infinite scores at the pixels ``where``
+        scores = logits[:, :channels].copy()
+        scores[:, 0][where] = numpy.nan
+        scores[:, -1][where] = numpy.inf
+        return scores
+
+    labels = numpy.where(ignored, 1, target)  # no ignore index: the second class weighs 0 instead
+    cases = (
+        (lambda: SoftmaxCrossEntropy(ignore_index=255), spoiled(~mask | ignored), (target, mask)),
+        (lambda: SoftDice(ignore_index=255), spoiled(~mask | ignored), (target, mask)),
+        (lambda: SoftmaxCrossEntropy(class_weights=[1.0, 0.0, 2.0, 0.5]), spoiled(~mask | (labels == 1)),
+         (labels, mask)),
+        (lambda: SigmoidBinaryCrossEntropy(), spoiled(~mask, channels=1),
+         ((target[:, None] == 0).astype(numpy.float64), mask[:, None])),
+    )
+    # NumPy warns of the invalid values it meets on the way (a kernel cannot); the results must not show them
+    with backend.use(path), numpy.errstate(invalid="ignore"):
+        for make_loss, bad_logits, rest in cases:
+            good_logits = logits[:, :bad_logits.shape[1]]
+            results = []
+            for scores in (good_logits, bad_logits):
+                loss = make_loss()
+                value = loss.forward(backend.to_device(scores), *map(backend.to_device, rest))
+                results.append((value, backend.to_numpy(loss.backward(0.7))))
+            (want, want_grad), (got, got_grad) = results
+            assert numpy.isfinite(got) and got == pytest.approx(want, rel=1e-12), make_loss()
+            numpy.testing.assert_allclose(got_grad, want_grad, rtol=1e-12, atol=1e-15, err_msg=repr(make_loss()))
