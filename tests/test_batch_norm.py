@@ -92,6 +92,18 @@ def test_running_statistics_follow_the_batches_and_inference_uses_them(rng):
         numpy.testing.assert_array_equal(layer.params[name], value, err_msg=f"{name} moved while not tracking")
 
 
+def test_inference_on_inputs_far_from_zero_keeps_float32_precision(rng):
+    # activations near 10^4 with a spread of 1: scale * x + shift would lose three digits to the
+    # cancellation of two numbers near 10^4; centring first, as the training pass does, keeps them
+    layer = normalization(3, rng, dtype=numpy.float32)
+    x = (1e4 + rng.standard_normal((2, 3, 5, 4))).astype(numpy.float32)
+    layer.params["running_mean"][...] = x.mean(axis=(0, 2, 3))
+    layer.params["running_var"][...] = x.var(axis=(0, 2, 3))
+    p = {name: value.astype(numpy.float64).reshape(1, -1, 1, 1) for name, value in layer.params.items()}
+    exact = (x - p["running_mean"]) / numpy.sqrt(p["running_var"] + 1e-5) * p["weight"] + p["bias"]
+    numpy.testing.assert_allclose(layer.infer(x), exact, rtol=0, atol=2e-6)
+
+
 def test_bad_input_and_settings_are_clear_errors(rng):
     layer = BatchNorm2d(3)
     with pytest.raises(ValueError, match="3 channels on axis 1"):

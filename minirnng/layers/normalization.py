@@ -96,8 +96,12 @@ class BatchNorm2d(Layer):
             y, _ = self._normalize_gpu(contiguous(x), self.params["running_mean"], self.params["running_var"],
                                        keep_xhat=False)
             return y
-        scale, shift = self.inference_scale_shift()
-        return (x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)).astype(x.dtype, copy=False)
+        # centred first, as the kernel and the training pass do: scale * x + shift would subtract
+        # two large numbers where the inputs are far from 0 and close to their mean
+        shape = (1, -1, 1, 1)
+        scale = self.inference_scale_shift()[0].reshape(shape)
+        centred = x - self.params["running_mean"].reshape(shape)
+        return (centred * scale + self.params["bias"].reshape(shape)).astype(x.dtype, copy=False)
 
     # -- NumPy path ---------------------------------------------------------------------------
     def forward_cpu(self, x):
