@@ -231,7 +231,8 @@ def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
     """The learning rate at ``progress`` in [0, 1] of the run.
 
     constant : ``base_lr``.
-    cosine   : from ``base_lr`` down to ``final_fraction * base_lr`` along half a cosine.
+    cosine   : from ``base_lr`` down along half a cosine towards ``final_fraction * base_lr``, which it
+               reaches at progress 1, just after a run's last step.
     step     : ``base_lr``, divided by 10 at 60% and again at 85% of the run.
     A linear warm-up over the first ``warmup`` fraction of the run applies to all three: the rate
     is multiplied by ``(progress + 1e-3) / (warmup + 1e-3)``, which rises in a straight line to

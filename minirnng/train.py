@@ -399,6 +399,10 @@ class Trainer:
             raise ValueError(f"Trainer: parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
         self.parallel = parallel
         self.config = config.check()
+        for split, dataset in (("training", train_set), ("validation", validation_set)):
+            if len(dataset) == 0:
+                raise ValueError(f"Trainer: the {split} split has no images; training needs at least one "
+                                 "in each split")
         self.train_set, self.validation_set = train_set, validation_set
         self.out_dir = os.fspath(out_dir)
         self.progress = progress
@@ -422,6 +426,9 @@ class Trainer:
         self.data = data_description(train_set, validation_set)
         self.workers = workers
         self._network = None
+        # set once training has changed the weights: a second run() would go on from wherever the
+        # first one stopped (in the middle of an epoch after a Ctrl-C), unlike any seeded run
+        self.trained = False
 
     @property
     def network(self):
@@ -504,6 +511,7 @@ class Trainer:
         config, model, network = self.config, self.model, self.network
         steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         totals = {"loss": 0.0, **{name: 0.0 for name in self.objective.term_names()}}
+        computed = {"loss"}  # a term of weight 0 is not computed: a blank in the log, not a loss of 0
         seen = 0
         start = time.perf_counter()
         bar = progress_bar(len(self.train_set), f"epoch {self.epoch + 1}/{config.epochs}", "img", self.progress)
@@ -524,20 +532,33 @@ class Trainer:
             totals["loss"] += total * batch
             for name, value in parts.items():
                 totals[name] += value * batch
+            computed.update(parts)
             # set quietly, then shown by update(), which keeps to the bar's interval
             bar.set_postfix(loss=f"{total:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
             bar.update(batch)
         bar.close()
+        advice = f"try a smaller learning rate (the finished epochs are in {self.out_dir})"
         if not all(numpy.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: losses {totals}; try a smaller "
-                                     f"learning rate (the finished epochs are in {self.out_dir})")
-        row = {f"train_{name}": value / max(seen, 1) for name, value in totals.items()}
+            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: losses {totals}; {advice}")
+        # a huge but finite loss in the last step can still overflow the step it makes
+        state = {**model.params(), **{f"optimizer {name}": value for name, value in self.optimizer.state.items()}}
+        overflowed = [name for name, value in state.items()
+                      if not bool(backend.get_array_module(value).isfinite(value).all())]
+        if overflowed:
+            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: {', '.join(overflowed[:4])}"
+                                     f"{' ...' if len(overflowed) > 4 else ''} are no longer finite; {advice}")
+        row = {f"train_{name}": value / max(seen, 1) for name, value in totals.items() if name in computed}
         row["images_per_second"] = seen / (time.perf_counter() - start)
         row["lr"] = self.optimizer.lr
         return row
 
     def run(self, resume=False):
-        """Train until ``config.epochs``; returns the history (one dict per epoch)."""
+        """Train until ``config.epochs``; returns the history (one dict per epoch). A trainer trains
+        once: after a stop, ``run(resume=True)`` goes on from the last checkpoint."""
+        if self.trained and not resume:
+            raise RuntimeError(f"Trainer.run: this trainer has trained already, and its weights and optimizer are "
+                               f"where that run stopped; run(resume=True) continues from {self.last_path}, or "
+                               "make a new Trainer to start afresh")
         check_output_folder(self.out_dir, resume, self.config)
         # read before the output folder exists, so that a checkpoint that does not fit leaves nothing behind
         source = starting_checkpoint(self.config, self.model.classes) if self.config.init and not resume else None
@@ -560,6 +581,7 @@ class Trainer:
                 if self.network.workers > available_cores():
                     self.log(f"note: {self.network.workers} workers on {available_cores()} cores take turns, "
                              "which costs time: --workers at most the number of cores is faster")
+            self.trained = True
             try:
                 self.train_epochs()
             finally:

@@ -634,3 +634,56 @@ def test_optimizer_settings_are_checked_when_it_is_built():
         adam.load_state_arrays({"m/w": numpy.zeros(3)})
     with pytest.raises(ValueError, match=r"'zz/w' is not one of Adam's buffers \(m, v\)"):
         adam.load_state_arrays({"steps": numpy.array(1), "zz/w": numpy.zeros(3)})
+
+
+def test_a_trainer_trains_once_and_goes_on_only_from_its_checkpoint(tiny_data, tmp_path):
+    # after a stop the weights and the optimizer are wherever the run was, in the middle of an
+    # epoch after a Ctrl-C: a plain second run() would go on from there, unlike any seeded run
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch 1/"):
+            raise Interrupt
+
+    trainer = Trainer(TrainConfig(epochs=2, batch_size=4), *tiny_data, tmp_path, progress=False,
+                      log=stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        trainer.run()
+    with pytest.raises(RuntimeError, match=r"has trained already.*run\(resume=True\) continues from .*last.npz"):
+        trainer.run()
+    trainer.log = lambda line: None
+    assert len(trainer.run(resume=True)) == 2
+
+
+def test_an_epoch_whose_last_step_overflows_is_a_divergence_and_saves_nothing(tiny_data, tmp_path):
+    # the losses of every step were finite; the last step's update overflowed the optimizer's state
+    trainer = Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, progress=False, log=lambda line: None)
+    step = trainer.optimizer.step
+    steps_per_epoch = -(-len(tiny_data[0]) // 4)
+
+    def overflowing_last_step():
+        step()
+        if trainer.optimizer.steps == steps_per_epoch:
+            name = next(iter(trainer.optimizer.state))
+            trainer.optimizer.state[name][...] = numpy.inf
+
+    trainer.optimizer.step = overflowing_last_step
+    with pytest.raises(FloatingPointError, match=r"diverged in epoch 1: optimizer \S+ are no longer finite"):
+        trainer.run()
+    assert not os.path.exists(trainer.last_path) and not os.path.exists(trainer.best_path)
+
+
+def test_an_empty_split_is_refused_before_training(tiny_data, tmp_path):
+    from minirnng.data.pipeline import PreloadedDataset
+
+    train, validation = tiny_data
+    empty = PreloadedDataset(validation.images[:0], validation.labels[:0], validation.classes, [])
+    for split, sets in (("training", (empty, validation)), ("validation", (train, empty))):
+        with pytest.raises(ValueError, match=f"the {split} split has no images"):
+            Trainer(TrainConfig(epochs=1, batch_size=4), *sets, tmp_path)
+
+
+def test_a_term_of_weight_zero_is_not_logged_as_a_loss_of_zero(tiny_data, tmp_path):
+    history = Trainer(TrainConfig(epochs=1, batch_size=4, loss_weights=(1.0, 0.0, 1.0)), *tiny_data, tmp_path,
+                      progress=False, log=lambda line: None).run()
+    assert "train_coarse" not in history[0] and history[0]["train_edge"] > 0
+    with open(tmp_path / "log.csv") as stream:
+        assert "train_coarse" not in next(csv.reader(stream))
