@@ -21,9 +21,10 @@ SHIPPED_KERNELS = sources.KERNEL_DIRECTORY
 DTYPES = [pytest.param(numpy.float32, id="float32"), pytest.param(numpy.float64, id="float64")]
 
 
-@pytest.fixture(autouse=True)
-def on_the_emulator():
-    with backend.use("cuda-emulator"):
+@pytest.fixture(autouse=True, params=emulator.ORDERS)
+def on_the_emulator(request):
+    # every kernel in both thread orders: a result that depended on the order would be a race on a GPU
+    with backend.use("cuda-emulator"), emulator.thread_order(request.param):
         yield
 
 
@@ -534,11 +535,17 @@ extern "C" __global__ void hello(const int* __restrict__ values, int* __restrict
     out[i] = 2 * values[i];
 }
 ''')
-    values, out = numpy.arange(5, dtype=numpy.int32), numpy.zeros(5, numpy.int32)
-    get_kernel(name, "hello", numpy.float32)((3,), (2,), (values, out, numpy.int32(5)))
-    printed = capfd.readouterr().out.splitlines()
-    assert printed == [f"block {i // 2} thread {i % 2} value {i}" for i in range(5)]
-    numpy.testing.assert_array_equal(out, 2 * values)
+    values = numpy.arange(5, dtype=numpy.int32)
+    in_order = [f"block {i // 2} thread {i % 2} value {i}" for i in range(5)]
+    for order, expected in (("forward", in_order), ("reverse", in_order[::-1])):
+        out = numpy.zeros(5, numpy.int32)
+        with emulator.thread_order(order):
+            get_kernel(name, "hello", numpy.float32)((3,), (2,), (values, out, numpy.int32(5)))
+        assert capfd.readouterr().out.splitlines() == expected, order
+        numpy.testing.assert_array_equal(out, 2 * values)
+    with pytest.raises(ValueError, match="one of forward, reverse, got 'sideways'"):
+        with emulator.thread_order("sideways"):
+            pass
 
 
 def test_a_compile_error_shows_the_compiler_log(scratch_kernels):
@@ -641,3 +648,13 @@ def test_an_emulator_error_is_a_backend_error_the_command_line_prints_in_one_lin
     from minirnng.cuda.emulator import EmulatorError
 
     assert issubclass(EmulatorError, BackendError)
+
+
+def test_the_thread_order_comes_from_the_environment_and_a_wrong_one_is_named(monkeypatch):
+    monkeypatch.setattr(emulator, "_order", None)
+    monkeypatch.setenv("MINIRNNG_EMULATOR_ORDER", "reverse")
+    assert emulator.current_thread_order() == "reverse"
+    monkeypatch.setattr(emulator, "_order", None)
+    monkeypatch.setenv("MINIRNNG_EMULATOR_ORDER", "sideways")
+    with pytest.raises(emulator.EmulatorError, match="MINIRNNG_EMULATOR_ORDER must be one of forward, reverse"):
+        emulator.current_thread_order()

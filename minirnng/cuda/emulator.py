@@ -66,11 +66,21 @@ Seeing a kernel run: printf on a laptop
    the process's own standard output).
 3. Remove the printf when done: it is compiled into the GPU kernel too.
 
+Thread order
+------------
+A GPU runs the threads of a launch in no order it promises, and the emulator one after another: by
+default the first block's first thread first, as above. A kernel whose result depends on that
+order (a thread that reads what another writes in the same launch) is wrong on a GPU, yet could
+pass here. ``MINIRNNG_EMULATOR_ORDER=reverse`` (or :func:`thread_order` in code) runs the blocks,
+and the threads in each, last first: every kernel must give the same bits either way, and the tests
+run the kernels both ways.
+
 If the kernel writes outside an array, the emulator may crash the Python process (a segmentation
 fault) where a GPU would report an illegal address. ``python -X faulthandler`` prints where; for a
 debugger, set ``MINIRNNG_EMULATOR_CXXFLAGS="-O0 -g"`` and run Python under ``gdb``.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -95,6 +105,41 @@ _BASE_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 class EmulatorError(BackendError):
     """The emulator cannot compile or load a kernel; the message says why and how to fix it (a
     BackendError: the command line reports it in one line, as it does a missing GPU)."""
+
+
+ORDERS = ("forward", "reverse")
+
+
+def _order_from_environment():
+    order = os.environ.get("MINIRNNG_EMULATOR_ORDER", "forward")
+    if order not in ORDERS:
+        raise EmulatorError(f"MINIRNNG_EMULATOR_ORDER must be one of {', '.join(ORDERS)}, got {order!r}")
+    return order
+
+
+_order = None  # the order of the threads of a launch; None: not read from the environment yet
+
+
+@contextlib.contextmanager
+def thread_order(order):
+    """Run the emulated launches inside the block in ``order``: ``"forward"`` (the default) or
+    ``"reverse"`` (see "Thread order" above)."""
+    global _order
+    if order not in ORDERS:
+        raise ValueError(f"thread_order: the order must be one of {', '.join(ORDERS)}, got {order!r}")
+    saved, _order = _order, order
+    try:
+        yield
+    finally:
+        _order = saved
+
+
+def current_thread_order():
+    """``"forward"`` or ``"reverse"``: :func:`thread_order`'s, else ``$MINIRNNG_EMULATOR_ORDER``'s."""
+    global _order
+    if _order is None:
+        _order = _order_from_environment()
+    return _order
 
 
 def cache_directory():
@@ -135,6 +180,7 @@ def launcher_source(source_name):
         names = ", ".join(parameter.name for parameter in kernel.parameters)
         pieces.append(f"""
 extern "C" void minirnng_launch_{kernel.name}(
+        int reverse,
         unsigned int grid_x, unsigned int grid_y, unsigned int grid_z,
         unsigned int block_x, unsigned int block_y, unsigned int block_z,
         {declarations}) {{
@@ -143,11 +189,11 @@ extern "C" void minirnng_launch_{kernel.name}(
     for (unsigned int bz = 0; bz < grid_z; ++bz)
     for (unsigned int by = 0; by < grid_y; ++by)
     for (unsigned int bx = 0; bx < grid_x; ++bx) {{
-        blockIdx = dim3(bx, by, bz);
+        blockIdx = reverse ? dim3(grid_x - 1 - bx, grid_y - 1 - by, grid_z - 1 - bz) : dim3(bx, by, bz);
         for (unsigned int tz = 0; tz < block_z; ++tz)
         for (unsigned int ty = 0; ty < block_y; ++ty)
         for (unsigned int tx = 0; tx < block_x; ++tx) {{
-            threadIdx = dim3(tx, ty, tz);
+            threadIdx = reverse ? dim3(block_x - 1 - tx, block_y - 1 - ty, block_z - 1 - tz) : dim3(tx, ty, tz);
             {kernel.name}({names});
         }}
     }}
@@ -213,7 +259,7 @@ class EmulatedKernel:
         # Per parameter: None for a pointer, else the C type of the scalar ("scalar_t" resolved).
         self._kinds = [None if p.pointer else (sources.SCALAR_T[self.dtype] if p.ctype == "scalar_t" else p.ctype)
                        for p in kernel.parameters]
-        self._function.argtypes = [ctypes.c_uint] * 6 + [
+        self._function.argtypes = [ctypes.c_int] + [ctypes.c_uint] * 6 + [
             ctypes.c_void_p if kind is None else _CTYPES[kind] for kind in self._kinds]
         self._function.restype = None
 
@@ -226,7 +272,7 @@ class EmulatedKernel:
                 converted.append(None if value is None else value.ctypes.data)
             else:
                 converted.append(_PYTHON[kind](value))
-        self._function(*grid, *block, *converted)
+        self._function(int(current_thread_order() == "reverse"), *grid, *block, *converted)
 
     def __repr__(self):
         return f"<EmulatedKernel {self.name} ({self.dtype.name})>"
