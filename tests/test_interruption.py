@@ -116,7 +116,7 @@ def test_training_stops_at_the_next_batch_after_a_dropped_interrupt(tiny_data, t
 
 
 @pytest.mark.parametrize("where", ["command line", "notebook"])
-def test_a_stop_while_shared_memory_is_created_leaves_it_recorded_and_freed(where, monkeypatch):
+def test_a_stop_while_shared_memory_is_created_leaves_it_recorded_and_freed(where, monkeypatch, request):
     # Under the command line the stop is recorded (handling_signals) and held by deferred(); in a
     # notebook or a script Ctrl-C raises KeyboardInterrupt at once, and signals_held keeps it out
     # until the block is recorded. Created and not recorded, a block would outlive the program.
@@ -132,6 +132,10 @@ def test_a_stop_while_shared_memory_is_created_leaves_it_recorded_and_freed(wher
         return create(*args, **kwargs)
 
     monkeypatch.setattr(processes.shared_memory, "SharedMemory", created_as_a_stop_arrives)
+    # Python's own handler, as in a notebook, even where this process was started with SIGINT
+    # ignored (a shell's background job: "pytest &")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     block = processes.SharedArrays()
     with interruption.handling_signals() if where == "command line" else contextlib.nullcontext():
         with pytest.raises(KeyboardInterrupt):
