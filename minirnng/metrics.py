@@ -121,8 +121,14 @@ def pixel_accuracy(confusion):
 
 def group_f_measure(confusion, group):
     """F-measure of the classes in ``group`` (indices) merged into one class."""
-    group = list(group)
     confusion = checked_confusion(confusion, "group_f_measure")
+    group = list(group)
+    # a repeated index would count its hits k^2 times and its pixels k times (an F above 1), and
+    # a negative one would score a class counted from the end
+    if (not group or any(isinstance(k, bool) or not isinstance(k, (int, numpy.integer)) for k in group)
+            or len(set(group)) != len(group) or min(group) < 0 or max(group) >= len(confusion)):
+        raise ValueError(f"group_f_measure: the group must be distinct class indices in 0 .. {len(confusion) - 1}, "
+                         f"got {group!r}")
     hits = confusion[numpy.ix_(group, group)].sum()
     predicted = confusion[:, group].sum()
     actual = confusion[group, :].sum()
@@ -151,14 +157,15 @@ def summarize(confusion, classes):
         "precision": by_name(precision),
         "recall": by_name(recall),
         "f_measure": by_name(f_measure),
-        "pixels": int(confusion.sum()),
+        "pixels": int(round(float(confusion.sum()))),  # a matrix of fractions sums to 1 up to rounding
     }
 
 
 def table3_scores(confusion):
     """The columns of the paper's Table 3 from an 11-class (HELEN) confusion matrix, F in percent."""
-    if numpy.shape(confusion) != (len(HELEN_CLASSES), len(HELEN_CLASSES)):
-        raise ValueError(f"table3_scores needs an 11 x 11 HELEN confusion matrix, got {numpy.shape(confusion)}")
+    confusion = checked_confusion(confusion, "table3_scores")
+    if confusion.shape != (len(HELEN_CLASSES), len(HELEN_CLASSES)):
+        raise ValueError(f"table3_scores needs an 11 x 11 HELEN confusion matrix, got {confusion.shape}")
     return {column: 100 * group_f_measure(confusion, group) for column, group in COMPONENT_GROUPS.items()}
 
 

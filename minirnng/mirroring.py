@@ -32,7 +32,7 @@ def mirrored_logits(model, images, classes=None):
     xp = backend.get_array_module(images)
     logits = model.infer(images)
     mirrored = model.infer(xp.ascontiguousarray(images[..., ::-1]))[..., ::-1]
-    if classes:
+    if classes is not None:
         permutation = mirror_permutation(classes)
         if len(permutation) != logits.shape[1]:
             raise ValueError(f"mirrored_logits: {len(permutation)} class names for a model with "
@@ -47,7 +47,7 @@ def mirrored_logits(model, images, classes=None):
 def model_classes(model):
     """The class names :func:`mirrored_logits` permutes by default: ``model.classes``, else the
     class list of ``model.n_classes`` outputs (3 or 11), else a ValueError."""
-    if getattr(model, "classes", None) is not None:
+    if getattr(model, "classes", None):  # an empty list names no class, as the parser reads it
         return model.classes
     n_classes = getattr(model, "n_classes", None)
     try:

@@ -18,6 +18,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from minirnng.atomic import replacing
 from minirnng.data.classes import HELEN_CLASSES, LFW_CLASSES
+from minirnng.metrics import checked_confusion
 
 #: One RGB colour per class of ``HELEN_CLASSES``, uint8 ``(11, 3)``: left parts dark, right parts light.
 HELEN_PALETTE = numpy.array([
@@ -88,7 +89,7 @@ def overlay(image, labels, classes, opacity=0.5):
     """The image with its colour-coded labels blended over it: uint8 ``(H, W, 3)``.
 
     ``image`` uint8 ``(H, W, 3)``; ``labels`` integer ``(H, W)``; ``opacity`` of the label colours
-    in [0, 1]. Background pixels are left as they are.
+    in [0, 1]. Background pixels (the class named "background", else class 0) are left as they are.
     """
     image = numpy.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != numpy.uint8:
@@ -100,7 +101,8 @@ def overlay(image, labels, classes, opacity=0.5):
         raise ValueError(f"overlay: opacity must be a number in [0, 1], got {opacity!r}")
     colours = colorize(labels, classes).astype(numpy.float32)
     blended = image.astype(numpy.float32)
-    foreground = numpy.asarray(labels) != 0
+    classes = list(classes)
+    foreground = numpy.asarray(labels) != (classes.index("background") if "background" in classes else 0)
     blended[foreground] = (1.0 - opacity) * blended[foreground] + opacity * colours[foreground]
     return numpy.rint(blended).astype(numpy.uint8)
 
@@ -212,6 +214,9 @@ def pipeline_figure(images, truth, coarse, gates, result, classes, title=None):
         if gates.size and (gates.min() < 0 or gates.max() > 1):
             raise ValueError(f"pipeline_figure: the gate map must hold values in [0, 1], got "
                              f"{gates.min():.3g} .. {gates.max():.3g}")
+        if gates.ndim == 4 and len(gates) != len(images):  # named before the channels are averaged away
+            raise ValueError(f"pipeline_figure: the gate map must be ({len(images)}, C, h, w) or ({len(images)}, h, w), "
+                             f"one map per image, got shape {gates.shape}")
         if gates.ndim == 4:
             gate_title = f"gate map\n(mean of {gates.shape[1]} channels)"
             gates = gates.mean(axis=1)
@@ -318,7 +323,7 @@ def training_curves_figure(history):
 def confusion_figure(confusion, classes, title=None):
     """A confusion matrix (rows: truth, columns: prediction) normalised per row, with the counts' shares;
     the row of a class with no true pixel (a small subset of HELEN, say) is blank, marked "–", not 0%."""
-    confusion = numpy.asarray(confusion, dtype=numpy.float64)
+    confusion = checked_confusion(confusion, "confusion_figure")  # a NaN row would read as "no true pixel"
     if confusion.shape != (len(classes), len(classes)):
         raise ValueError(f"confusion_figure: a matrix of {len(classes)} classes is {len(classes)}x{len(classes)}, "
                          f"got shape {confusion.shape}")

@@ -137,3 +137,20 @@ def test_a_matrix_of_fractions_scores_as_its_counts_do():
     assert numpy.isnan(precision_recall_f(fractions)[2][3])  # a class that is absent still has no score
     assert pixel_accuracy(fractions) == pytest.approx(pixel_accuracy(counts), rel=1e-12)
     assert group_f_measure(fractions, [0, 1]) == pytest.approx(group_f_measure(counts, [0, 1]), rel=1e-12)
+
+
+def test_a_group_is_distinct_class_indices_within_the_matrix():
+    confusion = numpy.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
+    assert group_f_measure(confusion, (1,)) == pytest.approx(0.6)
+    assert group_f_measure(confusion, numpy.array([1, 2])) == pytest.approx(2 * 8 / (9 + 10))
+    # a repeated class counted its hits k^2 times (F above 1); -1 scored the last class
+    for group in ((1, 1), (0, 0, 0), (-1,), (5,), ("skin",), (), (True,)):
+        with pytest.raises(ValueError, match=r"group_f_measure: the group must be distinct class indices in 0 .. 2"):
+            group_f_measure(confusion, group)
+
+
+def test_a_matrix_of_fractions_counts_its_pixels_and_a_ragged_one_is_named():
+    fractions = numpy.full((3, 3), 1 / 9) * (1 - 4e-7)
+    assert summarize(fractions, ["a", "b", "c"])["pixels"] == 1
+    with pytest.raises(TypeError, match="table3_scores: a confusion matrix must be a"):
+        table3_scores([[1, 2], [3]])

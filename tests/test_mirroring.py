@@ -1,6 +1,7 @@
 """Test-time mirroring: equivariance, the class permutation, and its use by eval and parse."""
 
 import json
+import re
 
 import numpy
 import pytest
@@ -124,3 +125,17 @@ def test_class_names_pair_left_and_right_whatever_their_spelling():
     numpy.testing.assert_array_equal(mirror_permutation(HELEN_CLASSES), [0, 1, 3, 2, 5, 4, 6, 7, 8, 9, 10])
     with pytest.raises(ValueError, match="class 'Left Eye' has no right partner"):
         mirror_permutation(["background", "Left Eye", "skin"])
+    # a side run into the word would be read as no side, and a left eye averaged with a right one
+    for name in ("leftEye", "eye(right)"):
+        with pytest.raises(ValueError, match=f"cannot tell the side of class '{re.escape(name)}'"):
+            mirror_permutation(["background", name, "skin"])
+
+
+def test_a_model_with_an_empty_list_of_class_names_is_mirrored_as_an_unnamed_one(rng):
+    model = RNNG(n_classes=len(HELEN_CLASSES), rng=5, dtype=numpy.float64)
+    model.randomize_recurrence(2)
+    images = rng.standard_normal((1, 3, 12, 12))
+    model.classes = []
+    numpy.testing.assert_array_equal(mirrored_logits(model, images), mirrored_logits(model, images, HELEN_CLASSES))
+    with pytest.raises(ValueError, match="0 class names for a model with 11 classes"):
+        mirrored_logits(model, images, classes=[])

@@ -64,6 +64,13 @@ def test_figures_name_input_they_would_draw_wrongly():
                         LFW_CLASSES)
     with pytest.raises(ValueError, match=r"a matrix of 3 classes is 3x3, got shape \(11, 11\)"):
         confusion_figure(numpy.ones((11, 11)), LFW_CLASSES)
+    # a NaN row would draw as the blank of a class with no true pixel; negative counts as percentages
+    for bad in (numpy.full((3, 3), numpy.nan), -numpy.eye(3)):
+        with pytest.raises(ValueError, match="confusion_figure: a confusion matrix holds counts"):
+            confusion_figure(bad, LFW_CLASSES)
+    # the shape the caller gave, not the one left once the channels are averaged
+    with pytest.raises(ValueError, match=r"gate map must be \(2, C, h, w\) .* got shape \(3, 5, 4, 4\)"):
+        pipeline_figure(images, None, None, numpy.full((3, 5, 4, 4), 0.5), maps, LFW_CLASSES)
     for history in ([], [{"epoch": 1, "eyes": 0.3}]):
         with pytest.raises(ValueError, match="needs a stage-1 Trainer's history"):
             training_curves_figure(history)
@@ -189,3 +196,12 @@ def test_save_sample_grid_and_overlay_name_a_bad_path_or_opacity(tmp_path):
     image = numpy.zeros((8, 8, 3), numpy.uint8)
     with pytest.raises(ValueError, match=r"overlay: opacity must be a number in \[0, 1\], got '0.5'"):
         overlay(image, numpy.zeros((8, 8), int), LFW_CLASSES, opacity="0.5")
+
+
+def test_overlay_leaves_the_class_named_background_alone_wherever_it_is():
+    image = numpy.full((1, 2, 3), 100, numpy.uint8)
+    labels = numpy.array([[0, 2]])
+    first = overlay(image, labels, LFW_CLASSES, opacity=1.0)  # background first
+    assert (first[0, 0] == 100).all() and not (first[0, 1] == 100).all()
+    last = overlay(image, labels, ("skin", "hair", "background"), opacity=1.0)
+    assert not (last[0, 0] == 100).all() and (last[0, 1] == 100).all()

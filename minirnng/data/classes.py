@@ -47,7 +47,8 @@ def mirror_permutation(classes):
     (brows and eyes in ``HELEN_CLASSES``), all else stays. For ``LFW_CLASSES`` it is the identity.
     Names match whatever their case, and with ``_`` or ``-`` between words ("Left Eye", "left_eye");
     a left or right class without its partner is a ValueError, since keeping it would average a
-    left part with a right one.
+    left part with a right one; so is a side not written as a word of its own ("leftEye"), which
+    would be read as no side.
     """
     classes = tuple(classes)
     permutation = numpy.arange(len(classes), dtype=numpy.uint8)
@@ -58,6 +59,9 @@ def mirror_permutation(classes):
         if len(side) == 1:
             part = " ".join(word for word in words if word not in ("left", "right"))
             sides.setdefault(part, {})[side[0]] = index
+        elif not side and any(word in str(name).lower() for word in ("left", "right")):
+            raise ValueError(f"mirror_permutation: cannot tell the side of class {name!r}; write it as a word "
+                             "of its own ('left eye', 'left_eye', 'Left-Eye')")
     for part, indices in sides.items():
         if set(indices) != {"left", "right"}:
             (side, index), = indices.items()
