@@ -118,3 +118,24 @@ def kink_margins():
         yield margins
     finally:
         ReLU.forward_cpu, MaxPool2d.forward_cpu, FourWayMaxMerge.forward_cpu = originals
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """``numpy.empty`` and ``numpy.empty_like`` filled with NaN (floating point), the largest value
+    (integers) or True, for the kernel-path tests on the emulator, whose ``xp`` is NumPy: an element
+    that a kernel, or the NumPy path, forgets to write then shows, instead of whatever the memory
+    held (often zeros, which can look right)."""
+    empty, empty_like = numpy.empty, numpy.empty_like
+
+    def poisoned(array):
+        if array.dtype.kind in "fc":
+            array.fill(numpy.nan)
+        elif array.dtype.kind in "iu":
+            array.fill(numpy.iinfo(array.dtype).max)
+        elif array.dtype.kind == "b":
+            array.fill(True)
+        return array
+
+    monkeypatch.setattr(numpy, "empty", lambda *args, **kwargs: poisoned(empty(*args, **kwargs)))
+    monkeypatch.setattr(numpy, "empty_like", lambda *args, **kwargs: poisoned(empty_like(*args, **kwargs)))

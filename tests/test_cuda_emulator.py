@@ -17,6 +17,8 @@ from cuda_cases import assert_close, directional_derivative, loss_inputs, normal
 from minirnng import backend
 from minirnng.cuda import DIRECTIONS, emulator, get_kernel, sources
 
+# every output allocated here starts as NaN: an element that a kernel does not write shows (conftest)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 SHIPPED_KERNELS = sources.KERNEL_DIRECTORY
 DTYPES = [pytest.param(numpy.float32, id="float32"), pytest.param(numpy.float64, id="float64")]
 
@@ -658,3 +660,15 @@ def test_the_thread_order_comes_from_the_environment_and_a_wrong_one_is_named(mo
     monkeypatch.setenv("MINIRNNG_EMULATOR_ORDER", "sideways")
     with pytest.raises(emulator.EmulatorError, match="MINIRNNG_EMULATOR_ORDER must be one of forward, reverse"):
         emulator.current_thread_order()
+
+
+def test_an_element_a_kernel_leaves_unwritten_shows_as_nan(scratch_kernels):
+    # what the poisoned allocations of these tests are for: a bounds check one element too strict
+    name = scratch_kernels('extern "C" __global__ void short_by_one(const scalar_t* x, scalar_t* y, int n) {\n'
+                           '    const int i = blockIdx.x * blockDim.x + threadIdx.x;\n'
+                           '    if (i >= n - 1) return;\n    y[i] = x[i];\n}\n')
+    x = numpy.arange(5, dtype=numpy.float32)
+    y = numpy.empty_like(x)
+    get_kernel(name, "short_by_one", numpy.float32)((1,), (8,), (x, y, numpy.int32(5)))
+    numpy.testing.assert_array_equal(y, [0, 1, 2, 3, numpy.nan])
+    assert (numpy.empty(3, numpy.int8) == 127).all() and numpy.empty(2, bool).all()
