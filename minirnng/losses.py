@@ -267,9 +267,10 @@ class SoftmaxCrossEntropy(Loss):
         # picked = z[t] (the other classes add exact zeros)
         picked = numpy.zeros_like(largest)
         is_class = numpy.empty(target.shape, dtype=bool)
-        for c in range(k):
-            numpy.equal(safe_target, c, out=is_class)
-            picked += logits[:, c] * is_class
+        with numpy.errstate(invalid="ignore"):  # 0 * -inf: _exact_terms takes over below
+            for c in range(k):
+                numpy.equal(safe_target, c, out=is_class)
+                picked += logits[:, c] * is_class
         picked -= largest
         nll = numpy.log(total, out=total)
         nll -= picked
@@ -277,17 +278,31 @@ class SoftmaxCrossEntropy(Loss):
         if self.class_weights is not None:
             class_weight = self.class_weights.astype(logits.dtype)[safe_target]
             weights = class_weight if weights is None else numpy.multiply(weights, class_weight, out=weights)
-        if weights is None:
-            weight_sum = float(nll.size)
-            loss = float(nll.sum()) / weight_sum
-        else:
-            weight_sum = float(weights.sum())
-            # the backward's softmax - onehot is then 0 at the pixels of weight 0, NaN scores or not
+        weight_sum = float(nll.size) if weights is None else float(weights.sum())
+        terms = nll if weights is None else numpy.multiply(weights, nll, out=nll)
+        terms_sum = float(terms.sum())
+        if not math.isfinite(terms_sum):
+            # rare, so done only now: a NaN or infinite score somewhere (see _exact_terms)
+            probabilities, terms = self._exact_terms(logits, safe_target, weights)
+            terms_sum = float(terms.sum())
+        loss = terms_sum / weight_sum if weight_sum > 0 else 0.0
+        return loss, (probabilities, safe_target, weights, weight_sum)
+
+    @staticmethod
+    def _exact_terms(logits, safe_target, weights):
+        """(probabilities, weighted terms) as the kernel has them where a score is NaN or infinite.
+        The fast forward picks z[t] by multiplying with 0/1 masks, so a -inf score of another class
+        gives 0 * -inf = NaN; and a pixel of weight 0 with a NaN score adds 0 * NaN = NaN where the
+        kernel skips it. Here z[t] is taken by index, and the pixels of weight 0 get exact zeros,
+        in their terms and in their probabilities (so that the backward's softmax - onehot is 0)."""
+        probabilities, largest, total = _softmax_cpu(logits)
+        picked = numpy.take_along_axis(logits, safe_target[:, None].astype(numpy.intp), axis=1)[:, 0]
+        terms = numpy.log(total) - (picked - largest)
+        if weights is not None:
             unused = weights == 0
             _zero_where_unused(probabilities, unused)
-            weighted = _zero_where_unused(numpy.multiply(weights, nll, out=nll), unused)
-            loss = float(weighted.sum()) / weight_sum if weight_sum > 0 else 0.0
-        return loss, (probabilities, safe_target, weights, weight_sum)
+            terms = _zero_where_unused(weights * terms, unused)
+        return probabilities, terms
 
     def backward_cpu(self, grad_output):
         probabilities, safe_target, weights, weight_sum = self.cache
@@ -403,20 +418,23 @@ class SigmoidBinaryCrossEntropy(Loss):
         used = numpy.ones(logits.shape, dtype=logits.dtype) if mask is None else mask.astype(logits.dtype)
         count = float(used.sum())
         per_pixel = numpy.maximum(logits, 0) - logits * target + numpy.log1p(numpy.exp(-numpy.abs(logits)))
-        if mask is not None:
-            _zero_where_unused(per_pixel, ~mask)
-        loss = float((per_pixel * used).sum()) / count if count > 0 else 0.0
-        return loss, (logits, target, used, count)
+        total = float((per_pixel * used).sum())
+        # a NaN or infinite score outside the mask adds 0 * NaN: zeroed only then, since it is rare
+        spoiled = mask is not None and not math.isfinite(total)
+        if spoiled:
+            total = float((_zero_where_unused(per_pixel, ~mask) * used).sum())
+        loss = total / count if count > 0 else 0.0
+        return loss, (logits, target, used, count, spoiled)
 
     def backward_cpu(self, grad_output):
-        logits, target, used, count = self.cache
+        logits, target, used, count, spoiled = self.cache
         if count == 0:
             return numpy.zeros_like(logits)
         # sigmoid(z) - t without cancellation (see the module doc): small = sigmoid(-|z|) = e / (1 + e)
         decay = numpy.exp(-numpy.abs(logits))
         small = decay / (1 + decay)
         difference = numpy.where(logits >= 0, (1 - target) - small, small - target)
-        if count < used.size:  # a NaN score outside the mask gives 0, not NaN
+        if spoiled:  # a NaN score outside the mask gives 0, not NaN
             _zero_where_unused(difference, used == 0)
         return (difference * used * (grad_output / count)).astype(logits.dtype, copy=False)
 
@@ -501,11 +519,20 @@ class SoftDice(Loss):
         used = _used_pixels(target, mask, self.ignore_index)
         safe_target = _class_index_array(target, used, k)
         probabilities, _, _ = _softmax_cpu(logits)
-        if used is not None:
-            # an unused pixel adds 0 to the totals and gets a gradient of 0, NaN scores or not
-            _zero_where_unused(probabilities, ~used)
+        totals = self._totals(probabilities, safe_target, used)
+        if used is not None and not numpy.isfinite(totals).all():
+            # a NaN or infinite score at a pixel not used adds 0 * NaN; zeroed only then (it is rare),
+            # and in the cached probabilities too, for a gradient of exactly 0 there
+            totals = self._totals(_zero_where_unused(probabilities, ~used), safe_target, used)
+        loss, _ = self.dice_from_totals(totals)
+        return loss, (probabilities, safe_target, used, totals)
+
+    @staticmethod
+    def _totals(probabilities, safe_target, used):
+        """totals (2K,) = [I_0 .. I_{K-1}, S_0 .. S_{K-1}] on the NumPy path."""
+        k = probabilities.shape[1]
         totals = numpy.zeros(2 * k)
-        is_class = numpy.empty(target.shape, dtype=bool)
+        is_class = numpy.empty(safe_target.shape, dtype=bool)
         for c in range(k):
             numpy.equal(safe_target, c, out=is_class)
             if used is not None:
@@ -513,8 +540,7 @@ class SoftDice(Loss):
             p = probabilities[:, c]
             totals[c] = float((p * is_class).sum())
             totals[k + c] = float((p if used is None else p * used).sum()) + float(is_class.sum())
-        loss, _ = self.dice_from_totals(totals)
-        return loss, (probabilities, safe_target, used, totals)
+        return totals
 
     def backward_cpu(self, grad_output):
         probabilities, safe_target, used, totals = self.cache

@@ -556,9 +556,10 @@ class Trainer:
         """Train until ``config.epochs``; returns the history (one dict per epoch). A trainer trains
         once: after a stop, ``run(resume=True)`` goes on from the last checkpoint."""
         if self.trained and not resume:
+            going_on = (f"run(resume=True) continues from {self.last_path}, or " if os.path.exists(self.last_path)
+                        else "it stopped before its first checkpoint, so ")
             raise RuntimeError(f"Trainer.run: this trainer has trained already, and its weights and optimizer are "
-                               f"where that run stopped; run(resume=True) continues from {self.last_path}, or "
-                               "make a new Trainer to start afresh")
+                               f"where that run stopped; {going_on}make a new Trainer to start afresh")
         check_output_folder(self.out_dir, resume, self.config)
         # read before the output folder exists, so that a checkpoint that does not fit leaves nothing behind
         source = starting_checkpoint(self.config, self.model.classes) if self.config.init and not resume else None

@@ -368,3 +368,23 @@ def test_a_pixel_that_does_not_count_adds_nothing_even_with_nan_or_infinite_scor
             (want, want_grad), (got, got_grad) = results
             assert numpy.isfinite(got) and got == pytest.approx(want, rel=1e-12), make_loss()
             numpy.testing.assert_allclose(got_grad, want_grad, rtol=1e-12, atol=1e-15, err_msg=repr(make_loss()))
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "class-weights"])
+def test_a_minus_infinite_score_of_another_class_is_a_finite_loss_as_on_the_kernels(weighted, rng):
+    # a class the network rules out entirely: picking z[t] by 0/1 masks gave 0 * -inf = NaN
+    from minirnng import backend
+
+    logits = rng.standard_normal((2, 3, 5, 6))
+    target = rng.integers(0, 3, (2, 5, 6))
+    logits[:, 2][target != 2] = -numpy.inf
+    settings = {"class_weights": [1.0, 2.0, 0.5]} if weighted else {}
+    results = []
+    for path in ("numpy", "cuda-emulator"):
+        with backend.use(path):
+            loss = SoftmaxCrossEntropy(**settings)
+            value = loss.forward(backend.to_device(logits), backend.to_device(target))
+            results.append((value, backend.to_numpy(loss.backward(0.7))))
+    (got, got_grad), (want, want_grad) = results
+    assert numpy.isfinite(got) and got == pytest.approx(want, rel=1e-12)
+    numpy.testing.assert_allclose(got_grad, want_grad, rtol=1e-12, atol=1e-15)

@@ -651,6 +651,18 @@ def test_a_trainer_trains_once_and_goes_on_only_from_its_checkpoint(tiny_data, t
         trainer.run()
     trainer.log = lambda line: None
     assert len(trainer.run(resume=True)) == 2
+    # stopped in its first epoch, before any checkpoint: there is nothing to resume from
+    first = Trainer(TrainConfig(epochs=2, batch_size=4), *tiny_data, tmp_path / "first", progress=False,
+                    log=lambda line: None)
+
+    def stop_in_the_first_epoch():
+        raise Interrupt
+
+    first.optimizer.step = stop_in_the_first_epoch
+    with pytest.raises(Interrupt):
+        first.run()
+    with pytest.raises(RuntimeError, match="stopped before its first checkpoint, so make a new Trainer"):
+        first.run()
 
 
 def test_an_epoch_whose_last_step_overflows_is_a_divergence_and_saves_nothing(tiny_data, tmp_path):
