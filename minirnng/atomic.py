@@ -2,7 +2,8 @@
 
 Everything minirnng writes (checkpoints, logs, figures, label maps, JSON results) goes through
 :func:`replacing`: the content is written to a temporary file in the target's folder, flushed to
-disk, given the usual permissions, and renamed over the target in one step. A crash or Ctrl-C
+disk, given the permissions of the file it replaces (the usual ones for a new file), and renamed
+over the target in one step. A crash or Ctrl-C
 at any moment leaves the previous file untouched.
 
 Because the target is replaced rather than written into, a target that is a symbolic link is
@@ -16,6 +17,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 
 
 def _create_temporary(folder, prefix, suffix):
@@ -54,11 +56,24 @@ def replacing(path, suffix=None):
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
         with _naming(path):
+            _keep_permissions(path, temporary)
             os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _keep_permissions(path, temporary):
+    """Give ``temporary`` the permission bits of the file ``path`` it is about to replace: a
+    checkpoint made private (0600) stays private when a later epoch rewrites it. A symbolic link
+    is replaced by a file, not written through, so its target's bits are not copied."""
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(existing.st_mode):
+        os.chmod(temporary, stat.S_IMODE(existing.st_mode))
 
 
 @contextlib.contextmanager
@@ -89,8 +104,11 @@ def check_can_create(path, what):
     along it (where a folder must be), or a nearest existing folder that cannot be written into.
     Missing folders are fine: :func:`replacing` and ``os.makedirs`` create them."""
     folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:  # a missing drive ends at its root
         folder = os.path.dirname(folder)
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise NotADirectoryError(f"{what} {os.fspath(path)!r} cannot be written: {folder!r} is a symbolic link "
+                                 "to nothing")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"{what} {os.fspath(path)!r} cannot be written: {folder!r} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -21,10 +21,13 @@ in the difference, and its interval is far narrower than either score's:
     difference_r = score_a(draw_r) - score_b(draw_r)
     a_ahead = share of replicates with difference_r > 0,  tied = share with difference_r == 0
 
-A replicate that draws no pixel of a class has no F-measure for it (0/0): the interval and the
-standard error are those of the replicates in which the score is defined, ``defined`` says what
+A replicate that draws no pixel of a class and predicts none has no F-measure for it (0/0): the
+interval and the standard error are those of the replicates in which the score is defined, ``defined`` says what
 share of all replicates that is, and ``a_ahead`` and ``tied`` are shares of all replicates, so
-that with ``b_ahead`` and the undefined ones they add up to 1.
+that with ``b_ahead`` and the undefined ones they add up to 1. One that draws no pixel of the
+class but predicts some scores 0 for it, as the whole set would (all its predictions are false):
+where a class lies in a few images, the replicates that miss them and keep a few false pixels
+elsewhere pull the interval down to 0, which is what the score would do on such a set of images.
 
 Ties are reported on their own, not split between the two: a set compared with itself, or two
 models that label every drawn image alike, is tied in every replicate (a_ahead 0, tied 1), which
@@ -90,6 +93,9 @@ def replicate_scores(confusions):
     occurs nor is predicted in a replicate.
     """
     confusions = numpy.asarray(confusions, dtype=numpy.float64)
+    if confusions.ndim != 3 or confusions.shape[1] != confusions.shape[2]:
+        raise ValueError(f"replicate_scores: confusion matrices must be stacked as (R, K, K), got shape "
+                         f"{confusions.shape} (one matrix: add a leading axis, matrix[None])")
     hits = numpy.diagonal(confusions, axis1=1, axis2=2)
     totals = confusions.sum(axis=(1, 2))
     marginals = confusions.sum(axis=1) + confusions.sum(axis=2)   # predicted + actual, per class
@@ -111,11 +117,11 @@ def bootstrap_intervals(per_image, classes, replicates=DEFAULT_REPLICATES, level
          "f_measure": {name: {...the same...}, ...}}
 
     ``estimate`` is the score of the whole set (not the replicates' mean). ``defined`` is the
-    share of replicates in which the score is defined (a class drawn in none of a replicate's
-    images has no F-measure there); the interval is that of those replicates. A class with no
+    share of replicates in which the score is defined (a class neither drawn nor predicted in any
+    of a replicate's images has no F-measure there); the interval is that of those replicates. A class with no
     defined score in any replicate has None in every field but ``defined``, 0.
     """
-    per_image = check_per_image(per_image, classes)
+    per_image = check_per_image(per_image, classes, needs_classes=True)
     level = _check_level(level)
     indices = resample_indices(len(per_image), replicates, rng)
     accuracy, f_measure = replicate_scores(replicate_confusions(per_image, indices))
@@ -138,8 +144,8 @@ def paired_bootstrap(per_image_a, per_image_b, classes, replicates=DEFAULT_REPLI
     share in which they score exactly alike, and ``defined``, the share in which the difference
     is defined (b is ahead in the rest of those); the interval is that of the defined replicates.
     """
-    per_image_a = check_per_image(per_image_a, classes)
-    per_image_b = check_per_image(per_image_b, classes)
+    per_image_a = check_per_image(per_image_a, classes, needs_classes=True)
+    per_image_b = check_per_image(per_image_b, classes, needs_classes=True)
     if per_image_a.shape != per_image_b.shape:
         raise ValueError(f"paired_bootstrap: the two sets differ in shape ({per_image_a.shape} and "
                          f"{per_image_b.shape}); pair the predictions of the same images")
@@ -161,8 +167,11 @@ def paired_bootstrap(per_image_a, per_image_b, classes, replicates=DEFAULT_REPLI
     }
 
 
-def check_per_image(per_image, classes=None):
-    """``per_image`` as an int64 (N, K, K) array of non-negative counts, N >= 2, or a clear error."""
+def check_per_image(per_image, classes=None, needs_classes=False):
+    """``per_image`` as an int64 (N, K, K) array of non-negative counts, N >= 2, or a clear error;
+    ``classes`` (required with ``needs_classes``) must name its K classes."""
+    if needs_classes and (classes is None or isinstance(classes, str)):
+        raise TypeError(f"the class names must be a list of K names, got {classes!r}")
     array = numpy.asarray(per_image)
     if array.ndim != 3 or array.shape[1] != array.shape[2]:
         raise ValueError(f"per-image confusion matrices must be (N, K, K), got shape {array.shape}")

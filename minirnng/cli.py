@@ -426,7 +426,8 @@ def undefined_share(scores):
     """``"; undefined in 35% of resamplings"`` where a class was missing from some resamplings, else ``""``."""
     if scores["defined"] == 1:
         return ""
-    return f"; undefined in {100 * (1 - scores['defined']):.0f}% of resamplings, which drew none of its pixels"
+    return (f"; undefined in {100 * (1 - scores['defined']):.0f}% of resamplings, which drew none of its pixels "
+            "and predicted none")
 
 
 def print_comparison(arguments, other, dataset, per_image, result, replicates):

@@ -27,10 +27,11 @@ from . import backend
 
 def flush_subnormals(array):
     """Set the subnormal entries of a float array (nonzero, smaller in magnitude than the dtype's
-    smallest normal number) to zero, in place (zeros stay zeros). No host synchronisation: on the
-    GPU it is one masked copy per array."""
+    smallest normal number) to a zero of their sign, in place (zeros stay as they are, -0.0 too:
+    multiplied by 0, not overwritten). No host synchronisation: on the GPU it is one masked
+    product per array."""
     xp = backend.get_array_module(array)
-    xp.copyto(array, array.dtype.type(0), where=xp.abs(array) < numpy.finfo(array.dtype).tiny)
+    xp.multiply(array, array.dtype.type(0), out=array, where=xp.abs(array) < numpy.finfo(array.dtype).tiny)
 
 
 def count_subnormals(array):

@@ -30,7 +30,7 @@ import time
 import numpy
 
 from . import backend, interruption
-from .atomic import replacing, write_json
+from .atomic import write_json
 from .data.catalog import load_split, open_dataset
 from .data.classes import HELEN_CLASSES
 from .data.datasets import MissingDataError
@@ -38,6 +38,7 @@ from .data.pipeline import normalize, preload
 from .losses import SoftmaxCrossEntropy
 from .metrics import confusion_matrix, precision_recall_f, table3_scores
 from .models import load_model
+from .models.checkpoint import write_npz_atomically
 from .models.crops import CROPS, CropGeometry, crop_bilinear, crop_nearest, helen_to_crop
 from .models.keypoints import FaceShape, complete_keypoints, jitter_keypoints, keypoints_from_labels
 from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStageParser
@@ -285,8 +286,7 @@ class _ComponentState:
                            for key, value in self.optimizers[name].state_arrays().items()})
         header = {"recipe": self.recipe, "history": history, "rng_state": self.rng.bit_generator.state}
         arrays["header"] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
-        with replacing(self.path) as temporary:
-            numpy.savez(temporary, **arrays)
+        write_npz_atomically(self.path, arrays)
 
 
 def _train_component_epochs(networks, shared, optimizers, losses, train_set, keypoints, geometry, config, rng,

@@ -138,7 +138,8 @@ def test_resamplings_without_a_class_count_in_the_shares_and_are_reported():
     single = bootstrap_intervals(a, CLASSES, replicates=2000)["f_measure"]["hair"]
     assert single["defined"] == paired["defined"] and single["standard_error"] == 0.0
     from minirnng.cli import undefined_share
-    assert undefined_share({"defined": 0.65}) == "; undefined in 35% of resamplings, which drew none of its pixels"
+    assert undefined_share({"defined": 0.65}) == ("; undefined in 35% of resamplings, which drew none of its pixels "
+                                                  "and predicted none")
     assert undefined_share({"defined": 1.0}) == ""
 
 
@@ -216,3 +217,20 @@ def test_replicate_scores_of_fractions_are_those_of_counts():
         numpy.testing.assert_allclose(mine, expected, rtol=1e-12)
     accuracy, f_measure = replicate_scores(numpy.zeros((1, 3, 3)))
     assert numpy.isnan(accuracy).all() and numpy.isnan(f_measure).all()
+
+
+def test_a_class_predicted_in_a_resampling_that_drew_none_of_it_scores_0_not_undefined():
+    # as on the whole set: all its predictions are false; undefined only when neither is there
+    drew_none = numpy.array([[[5, 0, 1], [0, 3, 0], [0, 0, 0]]])  # class 2: none true, 1 predicted
+    neither = numpy.array([[[5, 0, 0], [0, 3, 0], [0, 0, 0]]])
+    _, f_measure = replicate_scores(numpy.concatenate([drew_none, neither]))
+    assert f_measure[0, 2] == 0.0 and numpy.isnan(f_measure[1, 2])
+
+
+def test_replicate_scores_and_intervals_name_input_they_cannot_use():
+    with pytest.raises(ValueError, match=r"stacked as \(R, K, K\), got shape \(3, 3\)"):
+        replicate_scores(numpy.eye(3))
+    per_image = numpy.repeat(numpy.eye(3, dtype=numpy.int64)[None], 4, axis=0)
+    for run in (lambda: bootstrap_intervals(per_image, None), lambda: paired_bootstrap(per_image, per_image, None)):
+        with pytest.raises(TypeError, match="the class names must be a list of K names, got None"):
+            run()

@@ -387,6 +387,36 @@ def test_written_files_get_the_umask_s_permissions_without_the_umask_being_chang
     assert sorted(os.listdir(tmp_path)) == ["model.npz", "result.txt"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_rewritten_file_keeps_its_permissions_and_a_replaced_link_does_not_take_its_targets(tmp_path):
+    from minirnng.atomic import replacing
+
+    def write(path, text):
+        with replacing(path) as temporary:
+            with open(temporary, "w") as stream:
+                stream.write(text)
+
+    private = tmp_path / "private.txt"
+    write(private, "one")
+    private.chmod(0o600)  # made private by its owner: a later rewrite must not open it to everyone
+    write(private, "two")
+    assert private.read_text() == "two" and private.stat().st_mode & 0o777 == 0o600
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("target")
+    target.chmod(0o604)
+    link.symlink_to(target)
+    write(link, "file")
+    assert not link.is_symlink() and link.stat().st_mode & 0o777 != 0o604 and target.read_text() == "target"
+
+
+def test_a_path_through_a_link_to_nothing_is_named_before_any_work(tmp_path):
+    from minirnng.atomic import check_can_create
+
+    (tmp_path / "results").symlink_to(tmp_path / "gone")
+    with pytest.raises(NotADirectoryError, match=r"'.*results' is a symbolic link to nothing"):
+        check_can_create(tmp_path / "results" / "eval.json", "the results")
+
+
 def test_saving_refuses_what_loading_would_refuse_and_keeps_the_good_file(tmp_path):
     path = tmp_path / "model.npz"
     RNNG(rng=0).save(path)

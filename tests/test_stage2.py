@@ -754,7 +754,9 @@ def test_component_training_stopped_after_an_epoch_resumes_exactly(faces, tmp_pa
         if line.startswith("components epoch 2/2"):  # logged before that epoch's state is written
             raise KeyboardInterrupt
 
-    state = tmp_path / "components_last.npz"
+    # a name without ".npz": numpy.savez given the name would have written to "<name>.npz" and left
+    # an empty file here
+    state = tmp_path / "components.state"
     with pytest.raises(KeyboardInterrupt):
         train_components(dataset, keypoints, geometry, config, log=stop_in_the_second_epoch, state_path=state,
                          **common)

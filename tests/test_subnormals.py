@@ -21,6 +21,10 @@ def test_flush_subnormals_zeroes_only_subnormal_entries(dtype):
     flush_subnormals(a)
     numpy.testing.assert_array_equal(a, numpy.array([0, 0, tiny, -tiny, 0, -2, 3e-30], dtype))
     assert count_subnormals(a) == 0
+    # each becomes a zero of its own sign, and -0.0 stays -0.0: only the subnormals' bits change
+    signed = numpy.array([-0.0, -tiny / 4, tiny / 4, 0.0], dtype)
+    flush_subnormals(signed)
+    numpy.testing.assert_array_equal(numpy.signbit(signed), [True, True, False, False])
 
 
 def with_subnormal_weights(model):
