@@ -104,7 +104,7 @@ def _validated(name, source):
     return name
 
 
-_override_stack = []  # the blocks of use(), innermost last
+_override_stack = []  # the blocks of use() as (name, token), the latest opened last
 _selected = None  # select()'s choice; None: the default
 
 
@@ -112,7 +112,7 @@ def current():
     """Name of the backend in force: the innermost :func:`use`, else :func:`select`'s choice, else
     :func:`default_backend`."""
     if _override_stack:
-        return _override_stack[-1]
+        return _override_stack[-1][0]
     return _selected or default_backend()
 
 
@@ -128,12 +128,21 @@ def select(name):
 
 @contextlib.contextmanager
 def use(name):
-    """Run a block on another backend, e.g. ``with backend.use("cuda-emulator"): layer.forward(x)``."""
-    _override_stack.append(_validated(name, source=f"backend.use({name!r})"))
+    """Run a block on another backend, e.g. ``with backend.use("cuda-emulator"): layer.forward(x)``.
+
+    The choice holds for the whole process, not one thread: the worker threads of
+    :class:`minirnng.parallel.DataParallel` compute on the backend of the block that started them.
+    Blocks that end out of order (two threads' blocks that overlap, a generator suspended inside
+    one) each take away their own choice, not the latest one."""
+    entry = (_validated(name, source=f"backend.use({name!r})"), object())
+    _override_stack.append(entry)
     try:
         yield name
     finally:
-        _override_stack.pop()
+        for position in range(len(_override_stack) - 1, -1, -1):
+            if _override_stack[position] is entry:
+                del _override_stack[position]
+                break
 
 
 def describe():

@@ -120,3 +120,19 @@ def test_importing_minirnng_does_not_import_cupy():
                         "print('cupy' in sys.modules)", MINIRNNG_BACKEND="numpy")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_blocks_that_end_out_of_order_each_take_away_their_own_choice():
+    # a generator suspended inside a block: the caller's block, opened after it, ends first
+    def inside_the_emulator():
+        with backend.use("cuda-emulator"):
+            yield backend.current()
+
+    before = backend.current()
+    suspended = inside_the_emulator()
+    assert next(suspended) == "cuda-emulator"
+    with backend.use("numpy"):
+        assert backend.current() == "numpy"
+        suspended.close()  # ends the generator's block while the caller's is still open
+        assert backend.current() == "numpy"
+    assert backend.current() == before
