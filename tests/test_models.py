@@ -628,3 +628,60 @@ def test_load_params_is_all_or_nothing():
         model.load_params(arrays)
     for name, value in model.params().items():
         numpy.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_save_refuses_a_header_that_loading_would_refuse_and_keeps_the_good_file(tmp_path):
+    path = tmp_path / "best.npz"
+    RNNG(rng=0).save(path)
+    good = path.read_bytes()
+    numbered = RNNG(rng=1)
+    numbered.classes = [0, 1, 2]
+    attempts = (
+        (lambda: RNNG(rng=1).save(path, classes=["a", "b"]), r"metadata \['classes'\] would replace"),
+        (lambda: RNNG(rng=1).save(path, config={"n_classes": 5}), r"metadata \['config'\] would replace"),
+        (lambda: numbered.save(path), r"has classes \[0, 1, 2\] in its header, not a list of names"),
+        (lambda: RNNG(rng=1).save(path, input_size=(127.9, 128)), r"input_size must be \(height, width\) in whole"),
+        (lambda: RNNG(rng=1).save(path, input_size=(0, 0)), r"has input size \[0, 0\] in its header"),
+    )
+    for attempt, message in attempts:
+        with pytest.raises(ValueError, match=message):
+            attempt()
+        assert path.read_bytes() == good
+
+
+def test_damage_that_numpys_own_parsers_choke_on_is_a_checkpoint_error(tmp_path):
+    import io
+    import struct
+
+    source = RNNG(rng=0).save(tmp_path / "model.npz")
+    # a member whose .npy header claims 2^40 floats: the allocation fails before any byte is read
+    claim = io.BytesIO()
+    numpy.lib.format.write_array_header_1_0(claim, {"descr": "<f4", "fortran_order": False, "shape": (2 ** 40,)})
+    huge = edited_checkpoint(source, tmp_path / "huge.npz", raw={"conv1.weight": claim.getvalue() + b"\0" * 64})
+    # a member whose .npy header, of the length it declares, stops inside its shape's parenthesis
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': ("
+    text += b" " * (117 - len(text)) + b"\n"
+    cut = edited_checkpoint(source, tmp_path / "cut.npz",
+                            raw={"conv1.bias": b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text})
+    # a JSON header nested deeper than the parser's recursion allows
+    deep = tmp_path / "deep.npz"
+    with numpy.load(source) as archive:
+        members = {name: archive[name] for name in archive.files}
+    members["__header__"] = numpy.frombuffer(b"[" * 100000 + b"]" * 100000, dtype=numpy.uint8)
+    numpy.savez(deep, **members)
+    for path in (huge, cut, deep):
+        with pytest.raises(CheckpointError, match=f"checkpoint '.*{os.path.basename(path)}'"):
+            load_model(path)
+
+
+def test_load_arrays_gives_native_byte_order_and_load_model_names_a_bad_dtype_first(tmp_path):
+    source = RNNG(rng=0).save(tmp_path / "model.npz")
+    with numpy.load(source) as archive:
+        swapped = {name: archive[name].astype(archive[name].dtype.newbyteorder(">"))
+                   for name in archive.files if name != "__header__"}
+    big_endian = edited_checkpoint(source, tmp_path / "big.npz", **swapped)
+    arrays = load_arrays(big_endian)
+    assert all(value.dtype.isnative for value in arrays.values())
+    numpy.testing.assert_array_equal(arrays["conv1.weight"], load_arrays(source)["conv1.weight"])
+    with pytest.raises(TypeError, match="load_model: unsupported dtype float16"):
+        load_model(source, dtype=numpy.float16)

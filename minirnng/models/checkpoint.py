@@ -24,6 +24,7 @@ renamed over the target, so a crash never leaves a half-written checkpoint where
 import inspect
 import json
 import os
+import tokenize
 import zipfile
 import zlib
 
@@ -31,10 +32,13 @@ import numpy
 
 from .. import __version__, backend
 from ..atomic import replacing
+from ..layers.base import check_dtype
 
 FORMAT = "minirnng-checkpoint"
 FORMAT_VERSION = 1
 HEADER_KEY = "__header__"
+#: the header's own fields, which save_model's metadata may not replace
+HEADER_FIELDS = ("format", "format_version", "architecture", "config", "classes", "input_size", "minirnng_version")
 EXTRA_PREFIX = "extra/"
 #: the architectures of :mod:`.stage2`'s checkpoints (the two-stage parser and its component
 #: networks), which :func:`load_model` does not build but names: by name only, as stage2.py
@@ -60,9 +64,19 @@ def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata
     What :func:`read_checkpoint` would refuse is refused here, before anything is written, so that
     a file that loads is never replaced by one that does not: parameters that are not real
     floating point or hold NaN or infinity, an extra array of Python objects, class names that do
-    not match the model's outputs, metadata that JSON cannot store. NumPy scalars in the metadata
-    (a ``numpy.float32`` accuracy) are stored as the Python numbers they are.
+    not match the model's outputs or are not strings, an input size that is not two positive whole
+    numbers, metadata that JSON cannot store or that would replace the header's own fields
+    (``classes``, ``config``, ...). NumPy scalars in the metadata (a ``numpy.float32`` accuracy) are
+    stored as the Python numbers they are.
     """
+    where = f"{os.fspath(path)!r} was not written"
+    taken = sorted(set(metadata) & set(HEADER_FIELDS))
+    if taken:
+        raise ValueError(f"save_model: metadata {taken} would replace the checkpoint's own header field(s) "
+                         f"(set model.classes, or pass input_size); {where}")
+    if isinstance(input_size, (str, bytes)) or len(input_size) != 2 or not all(
+            isinstance(s, (int, numpy.integer)) and not isinstance(s, (bool, numpy.bool_)) for s in input_size):
+        raise ValueError(f"save_model: input_size must be (height, width) in whole pixels, got {input_size!r}; {where}")
     classes = list(model.classes) if model.classes is not None else None
     n_classes = getattr(model, "n_classes", None)
     if classes is not None and n_classes is not None and len(classes) != n_classes:
@@ -77,6 +91,9 @@ def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata
         "input_size": [int(s) for s in input_size],
         "minirnng_version": __version__,
     }
+    problem = header_problem(header)
+    if problem:
+        raise ValueError(f"save_model: the checkpoint {problem}; {where}")
     header.update(metadata)
     arrays = {name: backend.to_numpy(value) for name, value in model.params().items()}
     for name, value in arrays.items():
@@ -147,8 +164,10 @@ def read_checkpoint(path):
             arrays = {name: archive[name] for name in archive.files}
     # zipfile and zlib fail in their own ways on damaged bytes (a compression method that does not
     # exist, a deflate stream that does not decode): each is the file's fault, none a bug
+    # A damaged .npy header can fail NumPy's parser of it (TokenError, SyntaxError, RecursionError),
+    # and one that claims a size beyond memory fails the allocation (MemoryError): the file's fault too
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
-            NotImplementedError, RuntimeError) as error:
+            NotImplementedError, RuntimeError, MemoryError, SyntaxError, tokenize.TokenError) as error:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from None
     # numpy.load hands back the raw bytes of a member that is not a .npy file instead of failing
     for name, value in arrays.items():
@@ -162,33 +181,15 @@ def read_checkpoint(path):
                               "not the uint8 bytes of a JSON object)")
     try:
         header = json.loads(header.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {path!r} has an unreadable header ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"checkpoint {path!r} has an unreadable header ({type(error).__name__}: "
+                              f"{error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"checkpoint {path!r} has a header that is a JSON {type(header).__name__}, "
                               "not an object: not a minirnng checkpoint")
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path!r} is not a minirnng checkpoint (format {header.get('format')!r})")
-    version = header.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"checkpoint {path!r} has format version {version!r}, not an integer")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} has format version {version}, newer than "
-                              f"this minirnng ({__version__}) reads ({FORMAT_VERSION}); upgrade minirnng")
-    if not isinstance(header.get("architecture"), str):
-        raise CheckpointError(f"checkpoint {path!r} has architecture {header.get('architecture')!r} in its header, "
-                              "not a name such as 'rnng'")
-    if not isinstance(header.get("config", {}), dict):
-        raise CheckpointError(f"checkpoint {path!r} has a config that is a JSON {type(header['config']).__name__}, "
-                              "not an object of constructor arguments")
-    size = header.get("input_size", [128, 128])
-    if not (isinstance(size, list) and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-        raise CheckpointError(f"checkpoint {path!r} has input size {size!r} in its header, not [height, width] "
-                              "in pixels")
-    classes = header.get("classes")
-    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise CheckpointError(f"checkpoint {path!r} has classes {classes!r} in its header, not a list of names")
+    problem = header_problem(header)
+    if problem:
+        raise CheckpointError(f"checkpoint {path!r} {problem}")
     extra = {name[len(EXTRA_PREFIX):]: value for name, value in arrays.items() if name.startswith(EXTRA_PREFIX)}
     params = {name: value for name, value in arrays.items() if not name.startswith(EXTRA_PREFIX)}
     for name, value in params.items():
@@ -198,9 +199,38 @@ def read_checkpoint(path):
     return header, params, extra
 
 
+def header_problem(header):
+    """What is wrong with a checkpoint's header (a dict), as the end of a sentence about the file
+    ("has classes ... in its header, not a list of names"), or None: the fields that loaders use.
+    :func:`read_checkpoint` refuses such a file, and :func:`save_model` refuses to write one."""
+    if header.get("format") != FORMAT:
+        return f"is not a minirnng checkpoint (format {header.get('format')!r})"
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        return f"has format version {version!r}, not an integer"
+    if version > FORMAT_VERSION:
+        return (f"has format version {version}, newer than this minirnng ({__version__}) reads "
+                f"({FORMAT_VERSION}); upgrade minirnng")
+    if not isinstance(header.get("architecture"), str):
+        return f"has architecture {header.get('architecture')!r} in its header, not a name such as 'rnng'"
+    if not isinstance(header.get("config", {}), dict):
+        return f"has a config that is a JSON {type(header['config']).__name__}, not an object of constructor arguments"
+    size = header.get("input_size", [128, 128])
+    if not (isinstance(size, list) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        return f"has input size {size!r} in its header, not [height, width] in pixels"
+    classes = header.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return f"has classes {classes!r} in its header, not a list of names"
+    return None
+
+
 def load_arrays(path):
-    """Only the named parameter arrays of a checkpoint (e.g. for PyTorch's ``load_state_dict``)."""
-    return read_checkpoint(path)[1]
+    """Only the named parameter arrays of a checkpoint (e.g. for PyTorch's ``load_state_dict``), in
+    the machine's byte order (``torch.from_numpy`` refuses any other; a file written on a
+    big-endian machine holds big-endian arrays)."""
+    return {name: value.astype(value.dtype.newbyteorder("="), copy=False)
+            for name, value in read_checkpoint(path)[1].items()}
 
 
 def load_model(path, dtype=numpy.float32, expect=None):
@@ -211,6 +241,7 @@ def load_model(path, dtype=numpy.float32, expect=None):
     """
     from . import ARCHITECTURES
 
+    dtype = check_dtype(dtype, "load_model")  # the caller's argument, not the file's fault
     header, params, _ = read_checkpoint(path)
     architecture = header.get("architecture")
     if architecture in STAGE2_ARCHITECTURES:
