@@ -30,6 +30,7 @@ and prints a score.
 import ast
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -93,9 +94,18 @@ def _call(function, *args, on="the check's input"):
         warnings.simplefilter("always")
         try:
             result = function(*args)
-        except NotImplementedError:
+        except NotImplementedError as error:
+            # the function that raised it: a helper of the student's that is still a stub, called by
+            # the one checked (not a library function that raises it for its own reasons)
+            innermost = error.__traceback__
+            while innermost.tb_next is not None:
+                innermost = innermost.tb_next
+            stub = innermost.tb_frame.f_code.co_name
+            students = getattr(function, "__globals__", {})
+            called = f" (called by {name})" if stub != name and callable(students.get(stub)) else ""
+            stub = stub if called else name
             raise LabCheckError(
-                f"{name} is not implemented yet. Replace `raise NotImplementedError` in {name} with "
+                f"{stub} is not implemented yet{called}. Replace `raise NotImplementedError` in {stub} with "
                 f"your code, run that cell again, then run this check.") from None
         except LabCheckError:
             raise
@@ -240,7 +250,8 @@ def _diagnose(quantity, got, expected, mistakes):
                 "before filling it?")
     if relative_error(got, -expected) <= MISTAKE_MATCH:
         return "it has the wrong sign everywhere."
-    factor = _constant_factor(got, expected)
+    # any two numbers are a constant multiple of each other: for a loss the factor says nothing
+    factor = _constant_factor(got, expected) if got.ndim else None
     if factor is not None:
         return (f"it is {factor:.6g} times the right answer everywhere: a missing or extra constant "
                 "(a 1/N of a mean, or the upstream gradient)?")
@@ -285,9 +296,13 @@ def compare(quantity, got, expected, mistakes=(), patterns=(), tolerance=REFEREN
         else:
             first = _index_text(numpy.unravel_index(int(numpy.flatnonzero(bad)[0]), got.shape), quantity.axes)
             where = f"{quantity.name} has {int(bad.sum())} entries that are NaN or infinite (the first at {first})."
-        return (f"{where}{warned}"
-                " Hint: with large inputs, exp() overflows: rewrite the formula so that every exponent is <= 0 "
-                "(subtract the largest logit; use log(1 + e^-|z|)).")
+        if any("log" in text or "underflow" in text for text in _last_warnings):
+            hint = ("a probability that underflowed to 0 went into log(): take logs before exponentials, "
+                    "log softmax(z)_k = z_k - logsumexp(z), and log(1 + e^-|z|) for the sigmoid.")
+        else:
+            hint = ("with large inputs, exp() overflows: rewrite the formula so that every exponent is <= 0 "
+                    "(subtract the largest logit; use log(1 + e^-|z|)).")
+        return f"{where}{warned} Hint: {hint}"
     error = relative_error(got, expected)
     if error <= tolerance:
         return None
@@ -341,9 +356,11 @@ def gradient_order_problem(function_name, parts, references, names):
             return relative_error(numpy.asarray(backend.to_numpy(part), dtype=numpy.float64),
                                   reference) <= MISTAKE_MATCH
 
-        for i, part in enumerate(parts):
-            elsewhere = [j for j in range(len(parts)) if j != i and shapes[j] == shapes[i]]
-            if not close(part, references[i]) and any(close(part, references[j]) for j in elsewhere):
+        # only where some other order of the parts gives every reference: one wrong gradient that
+        # happens to equal another (dg = delta, which is dx when the gate is 1) is its own mistake
+        for order in itertools.permutations(range(len(parts))):
+            if (list(order) != list(range(len(parts))) and all(shapes[k] == wanted[i] for i, k in enumerate(order))
+                    and all(close(parts[k], references[i]) for i, k in enumerate(order))):
                 return (f"{function_name} returns the right gradients in another order: "
                         f"return ({', '.join(names)}) in that order.")
     return None
@@ -410,9 +427,9 @@ def finite_difference_errors(run_forward, arrays, analytic, upstream, rng, max_e
 
     errors = {}
     for name, array in arrays.items():
+        if getattr(analytic[name], "shape", None) != array.shape:
+            continue  # not an array of the right shape: the comparison with the reference has said so
         gradient = numpy.asarray(backend.to_numpy(analytic[name]), dtype=numpy.float64)
-        if gradient.shape != array.shape:
-            continue  # the comparison with the reference has already said so
         indices = sample_indices(array.size, max_entries, rng)
         numeric = numerical_gradient(objective, array, indices)
         errors[name] = (relative_error(gradient.reshape(-1)[indices], numeric), len(indices))
@@ -1155,7 +1172,7 @@ def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
                                                            "u_j = g_j * delta_j.")])
     report.compare("db", Quantity("db", ("c",), shape_hint="db has shape (C,): sum over images, rows and pixels."),
                    db, db_reference, mistakes=mistakes(3) + [
-                       (dx.sum(axis=(0, 2, 3)) if numpy.shape(dx) == x.shape else numpy.zeros(0),
+                       (dx.sum(axis=(0, 2, 3)) if getattr(dx, "shape", None) == x.shape else numpy.zeros(0),
                         "the bias is inside the gate: dL/db = sum_j g_j * delta_j, not sum_j delta_j.")])
     errors = finite_difference_errors(lambda: _call(gated_rnn_forward, *_copies(x_in, g_in, W_in, b_in))[0],
                                       {"x": x_in, "g": g_in, "W": W_in, "b": b_in},
@@ -1169,9 +1186,15 @@ def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
 
 
 SCAN_SHAPE = (2, 3, 4, 5)  # N, C, H, W
-#: a batch whose N * lines is above one block of 256 threads in every direction: an undersized grid
-#: leaves whole images unscanned here, where SCAN_SHAPE's 10 lines fit any grid
-MANY_LINES_SHAPE = (70, 2, 5, 4)
+#: batches whose N * lines is above one block of 256 threads in every direction: an undersized grid
+#: leaves whole images unscanned here, where SCAN_SHAPE's 10 lines fit any grid. The first has
+#: nearly square maps; the two long ones make a grid sized by the wrong side (N * H for the
+#: vertical scans, N * W for the horizontal ones, N * length) too small by 16 times.
+MANY_LINES_SHAPES = ((70, 2, 5, 4), (64, 2, 4, 64), (64, 2, 64, 4))
+
+
+def _many_lines(shape):
+    return f"{shape[0]} images of {shape[2]}x{shape[3]}"
 
 
 def _strides(direction, height, width):
@@ -1291,16 +1314,18 @@ def check_gated_scan_forward_gpu(forward):
                        h, outputs[direction], mistakes=mistakes,
                        patterns=[(unscanned_images, "the last image is wrong and the first right: does the grid "
                                                     "cover N * lines threads (blocks_for(N * lines))?")])
-    many = _scan_problem(rng, MANY_LINES_SHAPE)
-    for direction in DIRECTIONS:
-        with _on_kernels():
-            h, _ = _pair(_call(forward, *(array.copy() for array in many), direction,
-                               on=f"{direction!r}, {MANY_LINES_SHAPE[0]} images"), _name(forward))
-        report.compare(f"h, {direction}, {MANY_LINES_SHAPE[0]} images", Quantity("h", ("n", "c", "y", "x")),
-                       h, _reference_scan(*many, direction)[1],
-                       patterns=[(unscanned_images, "the last images are wrong in a batch of more than 256 lines, "
-                                                    "the first right: does the grid cover N * lines threads "
-                                                    "(blocks_for(N * lines)), not one block?")])
+    for shape in MANY_LINES_SHAPES:
+        many = _scan_problem(rng, shape)
+        for direction in DIRECTIONS:
+            with _on_kernels():
+                h, _ = _pair(_call(forward, *(array.copy() for array in many), direction,
+                                   on=f"{direction!r}, {_many_lines(shape)}"), _name(forward))
+            report.compare(f"h, {direction}, {_many_lines(shape)}", Quantity("h", ("n", "c", "y", "x")),
+                           h, _reference_scan(*many, direction)[1],
+                           patterns=[(unscanned_images, "the last images are wrong in a batch of more than 256 "
+                                                        "lines, the first right: does the grid cover N * lines "
+                                                        "threads (blocks_for(N * lines)), not one block, nor "
+                                                        "N * height or N * width?")])
     return report.finish()
 
 
@@ -1352,26 +1377,28 @@ def check_gated_scan_backward_gpu(forward, backward):
                                       {"x": "dx", "g": "dg", "W": "dW", "b": "db"})
     if report.failures:  # what is wrong in the small problem is wrong here too: say it once
         return report.finish()
-    many = _scan_problem(rng, MANY_LINES_SHAPE)
-    for direction in DIRECTIONS:
-        layer, h_reference = _reference_scan(*many, direction)
-        dh = rng.standard_normal(MANY_LINES_SHAPE)
-        layer.zero_grad()
-        dx_reference, _ = layer.backward(dh)
-        with _on_kernels():
-            h, cache = _pair(_call(forward, *(array.copy() for array in many), direction, on=repr(direction)),
-                             _name(forward))
-            if compare(Quantity("h"), h, h_reference) is not None:
-                report.result(f"forward, {direction}, {MANY_LINES_SHAPE[0]} images",
-                              "your forward is wrong; make check_gated_scan_forward_gpu pass first.")
-                continue
-            dx = _parts(_call_backward(report, backward, dh, cache, on=repr(direction)), _name(backward), 4,
-                        ("dx", "dg", "dW", "db"))[0]
-        report.compare(f"dx, {direction}, {MANY_LINES_SHAPE[0]} images", Quantity("dx", ("n", "c", "y", "x")),
-                       dx, dx_reference,
-                       patterns=[(unscanned_images, "the last images are wrong in a batch of more than 256 lines, "
-                                                    "the first right: does the backward's grid cover N * lines "
-                                                    "threads (blocks_for(N * lines)), not one block?")])
+    for shape in MANY_LINES_SHAPES:
+        many = _scan_problem(rng, shape)
+        for direction in DIRECTIONS:
+            layer, h_reference = _reference_scan(*many, direction)
+            dh = rng.standard_normal(shape)
+            layer.zero_grad()
+            dx_reference, _ = layer.backward(dh)
+            with _on_kernels():
+                h, cache = _pair(_call(forward, *(array.copy() for array in many), direction, on=repr(direction)),
+                                 _name(forward))
+                if compare(Quantity("h"), h, h_reference) is not None:
+                    report.result(f"forward, {direction}, {_many_lines(shape)}",
+                                  "your forward is wrong; make check_gated_scan_forward_gpu pass first.")
+                    continue
+                dx = _parts(_call_backward(report, backward, dh, cache, on=repr(direction)), _name(backward), 4,
+                            ("dx", "dg", "dW", "db"))[0]
+            report.compare(f"dx, {direction}, {_many_lines(shape)}", Quantity("dx", ("n", "c", "y", "x")),
+                           dx, dx_reference,
+                           patterns=[(unscanned_images, "the last images are wrong in a batch of more than 256 "
+                                                        "lines, the first right: does the backward's grid cover "
+                                                        "N * lines threads (blocks_for(N * lines)), not one block, "
+                                                        "nor N * height or N * width?")])
     return report.finish()
 
 

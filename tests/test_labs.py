@@ -396,6 +396,11 @@ def test_lab_08_grid_hint_only_for_a_grid_too_small(tmp_path):
     message = failure(labs.check_gated_scan_forward_gpu, one_block["gated_scan_forward_gpu"])
     blocks = [block for block in message.split("\n\n") if block.startswith("h, ") and "70 images" in block]
     assert len(blocks) == 4 and all("Hint: " in block for block in blocks), message
+    # a grid sized by the map's height, not its lines: enough for nearly square maps, not for long ones
+    by_height = lab_08_with(tmp_path, "kernel((blocks_for(n * row[0]), 1)", "kernel((blocks_for(n * height), 1)")
+    message = failure(labs.check_gated_scan_forward_gpu, by_height["gated_scan_forward_gpu"])
+    assert "FAIL  h, top_to_bottom, 64 images of 4x64" in message and "FAIL  h, left" not in message
+    assert "nor N * height or N * width" in message, message
 
 
 def test_a_wrong_forward_stops_before_its_backward_runs():
@@ -578,3 +583,52 @@ def test_direction_strides_must_be_integers():
 
     assert "first is None, not an integer" in failure(labs.check_direction_strides, strides_with_none)
     assert "not an integer" in failure(labs.check_direction_strides, strides_as_floats)
+
+
+def test_checks_name_the_real_mistake_not_a_near_miss(tmp_path):
+    pooling = lab_namespace(NOTEBOOKS / "04_pooling_and_relu.py")
+    losses = lab_namespace(NOTEBOOKS / "05_losses.py")
+    gated = lab_namespace(NOTEBOOKS / "07_gated_rnn.py")
+    softmax_forward, softmax_backward = losses["softmax_cross_entropy_forward"], losses["softmax_cross_entropy_backward"]
+
+    # dg = delta (the message factor forgotten) equals dx here: a wrong dg, not gradients in another order
+    def dg_without_the_message(dh, cache):
+        dx, _, dW, db = gated["gated_rnn_backward"](dh, cache)
+        return dx, dx.copy(), dW, db
+
+    message = failure(labs.check_gated_rnn_backward, gated["gated_rnn_forward"], dg_without_the_message)
+    assert "another order" not in message and "dg is wrong" in message, message
+
+    # any two losses are a multiple of each other: no "missing constant" for a wrong target
+    def target_off_by_one(logits, target):
+        return softmax_forward(logits, (target + 1) % logits.shape[1])
+
+    message = failure(labs.check_softmax_cross_entropy, target_off_by_one, softmax_backward)
+    assert "times the right answer" not in message, message
+
+    # the largest logit subtracted, then log(p) of a p that underflowed: not an overflow of exp()
+    def log_of_the_probability(logits, target):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        p = numpy.exp(shifted)
+        p /= p.sum(axis=1, keepdims=True)
+        return float(numpy.mean(-numpy.log(numpy.take_along_axis(p, target[:, None], axis=1)))), (p, target)
+
+    message = failure(labs.check_softmax_cross_entropy, log_of_the_probability, softmax_backward)
+    assert "underflowed to 0 went into log()" in message and "exp() overflows" not in message, message
+
+    # a backward that returns a pair, as the forward does: named, not a traceback from the check
+    def pooling_pair(dy, cache):
+        return pooling["maxpool2d_backward"](dy, cache), None
+
+    message = failure(labs.check_maxpool2d_backward, pooling["maxpool2d_forward"], pooling_pair)
+    assert "dx is a tuple" in message, message
+
+    # the launches written and a helper still a stub: the helper is what to fill in
+    scan = lab_namespace(NOTEBOOKS / "08_numpy_to_cuda.py")
+
+    def direction_strides(direction, height, width):
+        raise NotImplementedError
+
+    scan["direction_strides"] = direction_strides
+    message = failure(labs.check_gated_scan_forward_gpu, scan["gated_scan_forward_gpu"])
+    assert "direction_strides is not implemented yet (called by gated_scan_forward_gpu)" in message, message
