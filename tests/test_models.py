@@ -488,9 +488,11 @@ def naive_dense_crf(crf, logits, image):
     round(4 sigma); only the pixels that exist, none a pixel's own), normalised the same way."""
     k, height, width = logits.shape
     stride = int(numpy.ceil(numpy.sqrt(height * width / crf.max_grid_points)))
-    h, w = height // stride, width // stride
+    while -(-height // stride) * -(-width // stride) > crf.max_grid_points:
+        stride += 1
+    h, w = -(-height // stride), -(-width // stride)  # the blocks along the borders may be cut short
 
-    def grid_means(array):  # (C, H, W) -> (C, h * w), the stride x stride block means
+    def grid_means(array):  # (C, H, W) -> (C, h * w), the means of the stride x stride blocks' pixels
         return numpy.array([[array[c, r * stride:(r + 1) * stride, q * stride:(q + 1) * stride].mean()
                              for r in range(h) for q in range(w)] for c in range(len(array))])
 
@@ -521,7 +523,7 @@ def naive_dense_crf(crf, logits, image):
     q = numpy.exp(z - z.max(axis=0)) / numpy.exp(z - z.max(axis=0)).sum(axis=0)
     for _ in range(crf.iterations):
         on_grid = (grid_means(q) @ bilateral_kernel).reshape(k, h, w)
-        bilateral = on_grid[:, numpy.minimum(rows // stride, h - 1)][:, :, numpy.minimum(cols // stride, w - 1)]
+        bilateral = on_grid[:, rows // stride][:, :, cols // stride]
         spatial = (q.reshape(k, -1) @ spatial_kernel).reshape(k, height, width)
         message = crf.bilateral_weight * bilateral + crf.spatial_weight * spatial
         e = numpy.exp(z + message - (z + message).max(axis=0))
@@ -534,7 +536,7 @@ def test_dense_crf_on_one_pixel_is_the_softmax_and_refuses_a_grid_wider_than_the
     q = DenseCRF().refine(logits, numpy.zeros((1, 3, 1, 1), numpy.float32))
     expected = numpy.exp(logits) / numpy.exp(logits).sum()
     numpy.testing.assert_allclose(q, expected, rtol=1e-6)  # no neighbour, no message, not even its own
-    with pytest.raises(ValueError, match="1x10000 needs a bilateral grid of 2x2 blocks"):
+    with pytest.raises(ValueError, match="1x10000 needs a bilateral grid of 3x3 blocks"):
         DenseCRF().refine(numpy.zeros((1, 3, 1, 10000), numpy.float32), numpy.zeros((1, 3, 1, 10000), numpy.float32))
 
 
@@ -685,3 +687,24 @@ def test_load_arrays_gives_native_byte_order_and_load_model_names_a_bad_dtype_fi
     numpy.testing.assert_array_equal(arrays["conv1.weight"], load_arrays(source)["conv1.weight"])
     with pytest.raises(TypeError, match="load_model: unsupported dtype float16"):
         load_model(source, dtype=numpy.float16)
+
+
+def test_dense_crf_hears_the_last_rows_of_an_image_that_its_blocks_do_not_divide():
+    # 7 rows in blocks of 4: the last 3 rows, of another colour, used to be cropped from the grid
+    # and to take the message of the block above them; as the exact CRF does, they keep their label
+    height, width, bright_from = 7, 400, 4
+    image = numpy.full((1, 3, height, width), -0.4)
+    image[:, :, bright_from:] = 0.4
+    logits = numpy.zeros((1, 2, height, width))
+    logits[0, 0, :bright_from], logits[0, 1, bright_from:] = 2.0, 0.5
+    approximate = DenseCRF(max_grid_points=300).refine(logits, image)[0].argmax(axis=0)
+    exact = DenseCRF(max_grid_points=10 ** 6).refine(logits, image)[0].argmax(axis=0)
+    assert (exact[bright_from:] == 1).all() and (approximate[bright_from:] == 1).all()
+
+
+@pytest.mark.parametrize("what", ["logits", "images"])
+def test_dense_crf_refuses_nan_that_its_dense_kernel_would_spread_to_every_pixel(what, rng):
+    arrays = {"logits": rng.standard_normal((1, 3, 8, 8)), "images": rng.uniform(-0.5, 0.5, (1, 3, 8, 8))}
+    arrays[what][0, 0, 2, 3] = numpy.nan
+    with pytest.raises(ValueError, match=f"DenseCRF: the {what} hold NaN or infinite values"):
+        DenseCRF().refine(arrays["logits"], arrays["images"])

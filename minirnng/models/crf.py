@@ -23,8 +23,9 @@ is their total weight, and the centre tap is removed from the filtered beliefs.
 
 The bilateral kernel is computed exactly, as a dense matrix, on a grid subsampled so that it has at
 most ``max_grid_points`` points: the image is box-averaged over ``stride x stride`` blocks (128 x 128
-becomes 64 x 64 with stride 2), the messages are exact between the blocks, and each block's
-message is copied to its pixels. That is an approximation, in a form a student can read in ten
+becomes 64 x 64 with stride 2; where a side is not a multiple of the stride, the blocks along the
+bottom and right borders are cut short and average the pixels they have), the messages are exact
+between the blocks, and each block's message is copied to its pixels. That is an approximation, in a form a student can read in ten
 lines: a pixel hears its block's message whatever its own colour, and its block-mates are not
 heard at all. A permutohedral lattice instead reads the messages back at each pixel's own colour,
 so it keeps an edge that runs through a block; here a block that straddles a colour edge can take
@@ -50,18 +51,29 @@ def softmax(z, axis=1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def grid_shape(height, width, stride):
+    """(h, w) = (ceil(H / stride), ceil(W / stride)), the blocks of :func:`box_downsample`."""
+    return -(-height // stride), -(-width // stride)
+
+
 def box_downsample(array, stride):
-    """Average ``stride x stride`` blocks of a (C, H, W) array (H and W cropped to multiples of stride)."""
+    """Average ``stride x stride`` blocks of a (C, H, W) array -> (C, ceil(H/stride), ceil(W/stride)).
+    A block cut short by the bottom or right border averages the pixels it has: the last rows and
+    columns of an image whose sides are not multiples of the stride are heard like any other."""
     c, height, width = array.shape
-    h, w = height // stride, width // stride
-    return array[:, :h * stride, :w * stride].reshape(c, h, stride, w, stride).mean(axis=(2, 4))
+    h, w = grid_shape(height, width, stride)
+    if (height, width) == (h * stride, w * stride):
+        return array.reshape(c, h, stride, w, stride).mean(axis=(2, 4))
+    padded = numpy.zeros((c, h * stride, w * stride), dtype=array.dtype)
+    padded[:, :height, :width] = array
+    rows = numpy.minimum(stride, height - stride * numpy.arange(h))  # pixels in each block row
+    cols = numpy.minimum(stride, width - stride * numpy.arange(w))
+    return padded.reshape(c, h, stride, w, stride).sum(axis=(2, 4)) / numpy.outer(rows, cols).astype(array.dtype)
 
 
 def upsample_nearest(array, stride, height, width):
-    """Repeat each cell of a (C, h, w) array into a ``stride x stride`` block, padded to (C, H, W) by the edge."""
-    up = array.repeat(stride, axis=1).repeat(stride, axis=2)
-    pad_h, pad_w = height - up.shape[1], width - up.shape[2]
-    return numpy.pad(up, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
+    """Repeat each cell of a (C, h, w) grid of :func:`box_downsample` into its block of the (C, H, W) image."""
+    return array.repeat(stride, axis=1)[:, :height].repeat(stride, axis=2)[:, :, :width]
 
 
 def _integer(name, value, least):
@@ -167,6 +179,8 @@ class DenseCRF:
         k, height, width = logits.shape
         logits = logits.astype(numpy.float32)
         stride = max(1, math.ceil(math.sqrt(height * width / self.max_grid_points)))
+        while math.prod(grid_shape(height, width, stride)) > self.max_grid_points:  # blocks cut short count too
+            stride += 1
         if stride > min(height, width):
             raise ValueError(f"DenseCRF: an image of {height}x{width} needs a bilateral grid of {stride}x{stride} "
                              f"blocks (max_grid_points {self.max_grid_points}), larger than the image is on one "
@@ -181,7 +195,7 @@ class DenseCRF:
         q = softmax(logits, axis=0)
         for _ in range(self.iterations):
             q_grid = box_downsample(q, stride).reshape(k, -1)  # (K, P)
-            message = (((q_grid * scale) @ bilateral) * scale).reshape(k, height // stride, width // stride)
+            message = (((q_grid * scale) @ bilateral) * scale).reshape((k,) + grid_shape(height, width, stride))
             message = self.bilateral_weight * upsample_nearest(message, stride, height, width)
             # the spatial kernel without its centre tap, normalised as the bilateral one
             scaled = q * spatial_scale
@@ -204,5 +218,8 @@ class DenseCRF:
         for what, array in (("logits", host_logits), ("images", host_images)):
             if array.dtype not in (numpy.float32, numpy.float64):  # uint8 images would be cast without a word
                 raise TypeError(f"DenseCRF: {what} must be float32 or float64, got {array.dtype}")
+            # the dense bilateral kernel would spread one NaN to every pixel of the image
+            if not numpy.isfinite(array).all():
+                raise ValueError(f"DenseCRF: the {what} hold NaN or infinite values")
         q = numpy.stack([self.refine_one(z, image) for z, image in zip(host_logits, host_images)])
         return backend.to_device(q) if backend.is_cupy_array(logits) else q
