@@ -85,6 +85,10 @@ def as_grey(image):
     else:  # a signed or boolean picture has no agreed white: guessing one would make every gate 0
         raise ValueError(f"as_grey: expected a uint8, uint16, float or bool image, got {image.dtype}")
     image = image.astype(numpy.float64) / scale
+    if scale == 1.0 and image.size and not (image.min() >= 0 and image.max() <= 1):  # NaN fails too
+        # a float picture in 0 .. 255 would make every step an edge and every gate shut
+        raise ValueError(f"as_grey: a float image must hold values in [0, 1], got {image.min():.4g} .. "
+                         f"{image.max():.4g} (divide a 0-255 picture by 255, or give it as uint8)")
     if image.ndim == 3:
         image = image[:, :, :3] @ numpy.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
     return image
@@ -140,6 +144,9 @@ def propagate_labels(seeds, gate, passes=4, reach=1e-6):
     n_labels = int(seeds.max()) + 1
     if n_labels < 1:
         raise ValueError("propagate_labels: the seed map has no seed (all -1)")
+    if n_labels > seeds.size:  # one score map per label 0 .. max: a label of 10**9 would ask for terabytes
+        raise ValueError(f"propagate_labels: the largest seed label is {n_labels - 1}, more than the map has "
+                         f"pixels ({seeds.size}); number the labels 0 .. K-1")
     height, width = seeds.shape
     x = numpy.zeros((1, n_labels, height, width))
     rows, columns = numpy.nonzero(seeds >= 0)

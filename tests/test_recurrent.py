@@ -446,6 +446,13 @@ def test_edge_gates_read_a_16_bit_picture_as_its_8_bit_twin_and_refuse_a_signed_
     numpy.testing.assert_allclose(edge_gates(sixteen), edge_gates(eight), rtol=1e-12)
     with pytest.raises(ValueError, match="expected a uint8, uint16, float or bool image, got int32"):
         edge_gates(eight.astype(numpy.int32))
+    # a float picture in 0 .. 255 made every step an edge: gates near 0 and nothing propagated
+    with pytest.raises(ValueError, match=r"a float image must hold values in \[0, 1\], got 28 .. 224"):
+        edge_gates(eight.astype(numpy.float64))
+    seeds = numpy.full(image.shape, -1)
+    seeds[3, 4] = 10 ** 9  # one score map per label up to it: terabytes
+    with pytest.raises(ValueError, match="the largest seed label is 1000000000, more than the map has pixels"):
+        propagate_labels(seeds, edge_gates(image))
 
 
 def test_demonstrate_propagation_takes_seeds_as_a_list_and_names_too_many_labels():
