@@ -674,16 +674,18 @@ def _reference_pool(x, kernel_size, stride):
 
 
 def _pool_by_rule(x, dy, kernel_size, stride, rule):
-    """What a slipped max-pool backward gives: ``rule`` is "share" (split among tied maxima) or
-    "last" (the last maximum wins)."""
+    """What a slipped max-pool backward gives: ``rule`` is "share" (split among tied maxima),
+    "every" (each tied maximum gets all of it: the mask ``x == max``) or "last" (the last maximum
+    wins)."""
     dx = numpy.zeros_like(x)
     n, c, out_height, out_width = dy.shape
     for image, channel, oy, ox in numpy.ndindex(n, c, out_height, out_width):
         window = x[image, channel, oy * stride:oy * stride + kernel_size, ox * stride:ox * stride + kernel_size]
         winners = numpy.argwhere(window == window.max())
-        if rule == "share":
+        if rule in ("share", "every"):
             for i, j in winners:
-                dx[image, channel, oy * stride + i, ox * stride + j] += dy[image, channel, oy, ox] / len(winners)
+                dx[image, channel, oy * stride + i, ox * stride + j] += (
+                    dy[image, channel, oy, ox] / (len(winners) if rule == "share" else 1))
             continue
         i, j = winners[-1]
         dx[image, channel, oy * stride + i, ox * stride + j] += dy[image, channel, oy, ox]
@@ -751,6 +753,9 @@ def check_maxpool2d_backward(maxpool2d_forward, maxpool2d_backward):
             (_pool_by_rule(x, dy, kernel_size, stride, "share"),
              "on a tie the whole gradient goes to the first maximum in row-major order (as numpy.argmax "
              "and PyTorch choose); it is not shared among the tied entries."),
+            (_pool_by_rule(x, dy, kernel_size, stride, "every"),
+             "on a tie only the first maximum in row-major order takes the gradient: a mask x == max "
+             "gives it to every tied entry, so the window's gradient is counted several times."),
             (_pool_by_rule(x, dy, kernel_size, stride, "last"),
              "on a tie the gradient goes to the *first* maximum in row-major order, not the last: "
              "replace only when strictly larger (>), not when larger or equal (>=)."),
@@ -994,8 +999,12 @@ def _plain_problem(rng):
     return x, W, b
 
 
-def _reference_plain(x, W, b):
-    layer = SpatialRNN(x.shape[1], "left_to_right", activation="tanh", dtype=numpy.float64)
+BACKWARDS_SCAN_HINT = ("the scan runs left to right along the last axis: step 0 first, each step "
+                       "reading the one before it (t - 1), not the one after.")
+
+
+def _reference_plain(x, W, b, direction="left_to_right"):
+    layer = SpatialRNN(x.shape[1], direction, activation="tanh", dtype=numpy.float64)
     layer.params["W"][...] = W
     layer.params["b"][...] = b
     return layer, layer.forward(x)
@@ -1023,6 +1032,7 @@ def check_spatial_rnn_forward(spatial_rnn_forward):
                        (transposed, "is W transposed? (W h)[c] = sum_d W[c, d] h[d]."),
                        (no_bias_at_start, "at the first step h_{-1} = 0, but the bias is still there: "
                                           "h_0 = tanh(x_0 + b)."),
+                       (_reference_plain(x, W, b, "right_to_left")[1], BACKWARDS_SCAN_HINT),
                    ], patterns=[(only_at(0), "only the first step is wrong: there h_{-1} = 0, so "
                                               "h_0 = tanh(x_0 + b).")])
     return report.finish()
@@ -1062,7 +1072,9 @@ def check_spatial_rnn_backward(spatial_rnn_forward, spatial_rnn_backward):
     report.compare("dx", Quantity("dx", ("n", "c", "y", "t")), dx, dx_reference, mistakes=[
         (printed[0], transpose_hint), (outside[0], slope_hint),
         (before_tanh[0], "dx is dL/da_t, after the tanh derivative: multiply dL/dh_t by (1 - h_t^2)."),
-        (dh, "dx must include what flows back from the later steps, not only dh.")])
+        (dh, "dx must include what flows back from the later steps, not only dh."),
+        (dh * (1 - h_reference ** 2), "dx must include what flows back from the later steps: "
+                                      "delta_t = (1 - h_t^2) * (xi_t + W^T delta_{t+1}), not (1 - h_t^2) * xi_t.")])
     report.compare("dW", Quantity("dW", ("c", "d"), transposable=True), dW, dW_reference, mistakes=[
         (printed[1], transpose_hint), (outside[1], slope_hint), (dW_reference.T,
          "dW is transposed: dL/dW = sum_t delta_t h_{t-1}^T, row c (output channel) by column d (input channel)."),
@@ -1083,8 +1095,8 @@ def _gated_problem(rng):
     return x, g, W, b
 
 
-def _reference_gated(x, g, W, b):
-    layer = GatedSpatialRNN(x.shape[1], "left_to_right", dtype=numpy.float64)
+def _reference_gated(x, g, W, b, direction="left_to_right"):
+    layer = GatedSpatialRNN(x.shape[1], direction, dtype=numpy.float64)
     layer.params["W"][...] = W
     layer.params["b"][...] = b
     return layer, layer.forward(x, g)
@@ -1109,6 +1121,7 @@ def check_gated_rnn_forward(gated_rnn_forward):
                         "that is the convex variant (1 - g) x + g (W h + b) of the authors' Caffe layer; "
                         "minirnng implements eq. 3 as printed: h_j = x_j + g_j * (W h_{j-1} + b)."),
                        (_reference_gated(x, g, W.T, b)[1], "is W transposed? (W h)[c] = sum_d W[c, d] h[d]."),
+                       (_reference_gated(x, g, W, b, "right_to_left")[1], BACKWARDS_SCAN_HINT),
                    ], patterns=[(only_at(0), "only the first pixel of each row is wrong: h_0 = x_0 + g_0 * b.")])
     return report.finish()
 

@@ -164,6 +164,26 @@ def test_maxpool_tie_going_to_the_last_maximum():
     assert "not the last" in failure(labs.check_maxpool2d_backward, forward, backward)
 
 
+def test_maxpool_backward_by_the_mask_x_equals_max_is_named():
+    pooling = lab_namespace(NOTEBOOKS / "04_pooling_and_relu.py")
+
+    def forward(x, k, s):
+        y, _ = pooling["maxpool2d_forward"](x, k, s)
+        return y, (x, y, k, s)
+
+    def backward(dy, cache):  # every entry equal to its window's maximum takes the whole gradient
+        x, y, k, s = cache
+        dx = numpy.zeros_like(x)
+        for i in range(k):
+            for j in range(k):
+                rows = slice(i, i + s * (dy.shape[2] - 1) + 1, s)
+                columns = slice(j, j + s * (dy.shape[3] - 1) + 1, s)
+                dx[:, :, rows, columns] += numpy.where(x[:, :, rows, columns] == y, dy, 0)
+        return dx
+
+    assert "a mask x == max gives it to every tied entry" in failure(labs.check_maxpool2d_backward, forward, backward)
+
+
 def test_maxpool_in_ceil_mode_fails():
     """A window that does not fit is dropped (floor mode); a forward that pads it in is wrong."""
     def forward(x, k, s):
@@ -632,3 +652,26 @@ def test_checks_name_the_real_mistake_not_a_near_miss(tmp_path):
     scan["direction_strides"] = direction_strides
     message = failure(labs.check_gated_scan_forward_gpu, scan["gated_scan_forward_gpu"])
     assert "direction_strides is not implemented yet (called by gated_scan_forward_gpu)" in message, message
+
+
+def test_a_scan_run_backwards_and_a_delta_without_the_later_steps_are_named():
+    def flipped(forward):  # the scan run from the last step to the first
+        def run(x, *rest):
+            h, cache = forward(x[..., ::-1], *(a[..., ::-1] if a.shape == x.shape else a for a in rest))
+            return h[..., ::-1], cache
+        return run
+
+    plain = lab_namespace(NOTEBOOKS / "06_spatial_rnn.py")
+    gated = lab_namespace(NOTEBOOKS / "07_gated_rnn.py")
+    for check, forward in ((labs.check_spatial_rnn_forward, plain["spatial_rnn_forward"]),
+                           (labs.check_gated_rnn_forward, gated["gated_rnn_forward"])):
+        assert "the scan runs left to right along the last axis" in failure(check, flipped(forward))
+
+    def only_the_local_gradient(dh, cache):  # delta_t = (1 - h_t^2) * dh_t, nothing from step t + 1
+        h, W = cache
+        delta = (1 - h ** 2) * dh
+        previous = numpy.concatenate([numpy.zeros(h.shape[:-1] + (1,)), h[..., :-1]], axis=-1)
+        return delta, numpy.einsum("ncyt,ndyt->cd", delta, previous), delta.sum(axis=(0, 2, 3))
+
+    message = failure(labs.check_spatial_rnn_backward, plain["spatial_rnn_forward"], only_the_local_gradient)
+    assert "not (1 - h_t^2) * xi_t" in message, message
