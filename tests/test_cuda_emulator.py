@@ -672,3 +672,71 @@ def test_an_element_a_kernel_leaves_unwritten_shows_as_nan(scratch_kernels):
     get_kernel(name, "short_by_one", numpy.float32)((1,), (8,), (x, y, numpy.int32(5)))
     numpy.testing.assert_array_equal(y, [0, 1, 2, 3, numpy.nan])
     assert (numpy.empty(3, numpy.int8) == 127).all() and numpy.empty(2, bool).all()
+
+
+def test_a_kernel_kept_across_reload_kernels_checks_against_the_new_signature(scratch_kernels, tmp_path):
+    from minirnng.cuda import reload_kernels
+
+    body = 'extern "C" __global__ void fill({} out, int n) {{\n' \
+           '    const int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i < n) out[i] = 42;\n}}\n'
+    name = scratch_kernels(body.format("int*"))
+    kept = get_kernel(name, "fill", numpy.float32)  # as notebook 08 keeps it while its source is edited
+    (tmp_path / f"{name}.cu").write_text(body.format("long long*"))
+    reload_kernels()
+    room = numpy.zeros(8, numpy.int32)
+    with pytest.raises(TypeError, match="'out' .* must have dtype int64, got int32"):
+        kept((1,), (4,), (room[:4], numpy.int32(4)))  # the new kernel would write 8 int32s' worth
+    assert (room == 0).all()
+
+
+def test_signatures_are_read_as_written(scratch_kernels):
+    from minirnng.cuda import sources
+
+    name = scratch_kernels(r'''
+__device__ float scaled(const float* shift, int i) { return shift == nullptr ? 0.0f : shift[i]; }
+__device__ float plain(const float* bias, int i) { return bias[i]; }
+extern "C" __global__ void uses(const float* bias, const float* shift, scalar_t* const out, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    printf("} // a brace and a comment in a string\n");
+    out[i] = plain(bias, i) + scaled(shift, i);
+}
+extern "C" __global__ void nothing(void) {}
+''')
+    kernel = sources.kernels(name)["uses"]
+    by_name = {p.name: p for p in kernel.parameters}
+    # shift is tested in the helper it is passed to (whose parameter has another name); bias is not,
+    # though a helper's parameter of that name is; a const pointer to data the kernel writes is not const data
+    assert by_name["shift"].nullable and not by_name["bias"].nullable
+    assert not by_name["out"].const and by_name["bias"].const
+    assert sources.kernels(name)["nothing"].parameters == ()
+    read_only = numpy.zeros(4, numpy.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="'out' .* is written by the kernel but the array is read-only"):
+        get_kernel(name, "uses", numpy.float32)((1,), (4,), (numpy.ones(4, numpy.float32), None, read_only,
+                                                           numpy.int32(4)))
+    for declaration, message in (("const float** rows", "pointer to pointers"),):
+        bad = scratch_kernels(f'extern "C" __global__ void k({declaration}, int n) {{}}\n')
+        with pytest.raises(ValueError, match=message):
+            sources.kernels(bad)
+    hidden = scratch_kernels('extern "C" { __global__ void k(int n) {} }\n')
+    with pytest.raises(ValueError, match="declares 1 __global__ kernel.*of which 0"):
+        sources.kernels(hidden)
+
+
+def test_launch_arguments_that_would_fault_or_mislead_are_named():
+    raw = numpy.zeros(4 * 5 + 1, numpy.uint8)
+    misaligned = raw[1:].view(numpy.float32)
+    kernel = get_kernel("activation", "relu_forward", numpy.float32)
+    with pytest.raises(ValueError, match="'x' .* is not aligned to its element size"):
+        kernel((1,), (32,), (misaligned, numpy.zeros(5, numpy.float32), numpy.int32(5)))
+    with pytest.raises(TypeError, match="other byte order"):
+        kernel((1,), (32,), (numpy.zeros(5, ">f4"), numpy.zeros(5, numpy.float32), numpy.int32(5)))
+    with pytest.raises(TypeError, match="grid must be a tuple of 1 to 3 ints, got 2.0"):
+        kernel(2.0, (32,), (numpy.zeros(5, numpy.float32), numpy.zeros(5, numpy.float32), numpy.int32(5)))
+    with pytest.raises(TypeError, match="give the dtype .* not an array"):
+        get_kernel("activation", "relu_forward", numpy.zeros(3, numpy.float32))
+    from minirnng.cuda import scan_geometry
+    for bad in (-2, 2.5, True):
+        with pytest.raises(ValueError, match="scan_geometry: height must be a whole number of pixels"):
+            scan_geometry("left_to_right", bad, 3)

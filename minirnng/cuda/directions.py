@@ -35,4 +35,8 @@ def scan_geometry(directions, height, width):
     """
     if isinstance(directions, str):
         directions = [directions]
+    for name, size in (("height", height), ("width", width)):
+        # a negative size would give strides that walk outside the image; 2.5 would be truncated
+        if isinstance(size, bool) or not isinstance(size, (int, numpy.integer)) or size < 0:
+            raise ValueError(f"scan_geometry: {name} must be a whole number of pixels, at least 0; got {size!r}")
     return numpy.array([direction_strides(d, height, width) for d in directions], dtype=numpy.int32)

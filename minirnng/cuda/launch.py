@@ -83,13 +83,18 @@ def blocks_for(n, threads=THREADS_PER_BLOCK):
     return max(1, -(-int(n) // threads))
 
 
-@functools.lru_cache(maxsize=None)
+#: how many times reload_kernels has run: a Kernel kept from before reads its signature again
+_generation = 0
+
+
 def get_kernel(source_name, kernel_name, dtype):
     """The kernel ``kernel_name`` of ``kernels/<source_name>.cu`` in the ``dtype`` variant.
 
     ``dtype`` is ``numpy.float32`` or ``numpy.float64`` (what ``scalar_t`` becomes). Compilation
     happens at the first launch, for the device that launch runs on.
     """
+    if isinstance(dtype, numpy.ndarray) or backend.is_cupy_array(dtype):
+        raise TypeError("get_kernel: give the dtype (numpy.float32, numpy.float64, or x.dtype), not an array")
     try:
         dtype = numpy.dtype(dtype)
     except TypeError:
@@ -97,6 +102,11 @@ def get_kernel(source_name, kernel_name, dtype):
                         "use numpy.float32 or numpy.float64") from None
     if dtype not in sources.SCALAR_T:
         raise TypeError(f"get_kernel: unsupported dtype {dtype}; the kernels exist in float32 and float64")
+    return _kernel(source_name, kernel_name, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(source_name, kernel_name, dtype):
     found = sources.kernels(source_name)
     if kernel_name not in found:
         raise ValueError(f"{source_name}.cu has no kernel {kernel_name!r}; it has: {', '.join(found)}")
@@ -107,6 +117,7 @@ class Kernel:
     """A checked kernel, called like ``cupy.RawKernel``: ``kernel(grid, block, args)``."""
 
     def __init__(self, source_name, kernel, dtype):
+        self.generation = _generation
         self.source_name = source_name
         self.name = kernel.name
         self.parameters = kernel.parameters
@@ -128,6 +139,14 @@ class Kernel:
         return f"<Kernel {self.source_name}.cu:{self.name}({parameters}) [{self.dtype.name}]>"
 
     def __call__(self, grid, block, args):
+        if self.generation != _generation:
+            # reload_kernels ran since this kernel was looked up (an edited source): its checks must
+            # be those of the signature now compiled, or an edited parameter type is written past
+            found = sources.kernels(self.source_name)
+            if self.name not in found:
+                raise ValueError(f"{self.source_name}.cu has no kernel {self.name!r} any more (the source was "
+                                 f"reloaded); it has: {', '.join(found)}")
+            self.__init__(self.source_name, found[self.name], self.dtype)
         grid = self._dimensions(grid, "grid", limits=(2**31 - 1, 65535, 65535))
         block = self._dimensions(block, "block", limits=(1024, 1024, 64))
         if math.prod(block) > 1024:
@@ -166,6 +185,8 @@ class Kernel:
                 return value
         if isinstance(value, (int, numpy.integer)):
             value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise TypeError(f"{self._where()}: {what} must be a tuple of 1 to 3 ints, got {value!r}")
         value = tuple(value)
         if not 1 <= len(value) <= 3 or not all(isinstance(v, (int, numpy.integer)) for v in value):
             raise TypeError(f"{self._where()}: {what} must be a tuple of 1 to 3 ints, got {value!r}")
@@ -197,7 +218,8 @@ class Kernel:
             value = args[position]
             if value is None and parameter.nullable:
                 continue
-            if _on_gpu(value, parameter, self):
+            on_gpu = _on_gpu(value, parameter, self)
+            if on_gpu:
                 gpu_arrays += 1
             else:
                 host_arrays += 1
@@ -205,8 +227,9 @@ class Kernel:
                     self._reject(parameter, ValueError, "is written by the kernel but the array is read-only; "
                                                         "pass a writable copy")
             if value.dtype != expected and not (bool_allowed and value.dtype == numpy.bool_):
-                self._reject(parameter, TypeError, f"must have dtype {expected.name}, got {value.dtype.name}; "
-                                                   f"convert it with .astype(numpy.{expected.name})")
+                order = "" if value.dtype.isnative else f" in the other byte order ({value.dtype.str})"
+                self._reject(parameter, TypeError, f"must have dtype {expected.name}, got {value.dtype.name}"
+                                                   f"{order}; convert it with .astype(numpy.{expected.name})")
             if not value.flags.c_contiguous:
                 self._reject(parameter, ValueError, "is not C-contiguous (a transposed view or a strided slice?); "
                                                     "the kernel would misread it. Pass xp.ascontiguousarray(...) "
@@ -214,6 +237,10 @@ class Kernel:
             if value.size > MAX_ELEMENTS:
                 self._reject(parameter, ValueError, f"has {value.size} elements; the kernels index with int32, "
                                                     f"up to {MAX_ELEMENTS}")
+            # a view that starts inside an element (raw[1:].view(float32)): a GPU faults on it
+            if not (value.data.ptr % value.itemsize == 0 if on_gpu else value.flags.aligned):
+                self._reject(parameter, ValueError, "is not aligned to its element size (a view that starts "
+                                                    "inside an element?); pass a copy")
         if gpu_arrays and host_arrays:
             on_gpu = [p.name for i, p, _, _ in self._array_checks if backend.is_cupy_array(args[i])]
             on_host = [p.name for i, p, _, _ in self._array_checks
@@ -264,9 +291,11 @@ def reload_kernels():
     inside a running process, in Jupyter say; a new process reads the sources afresh anyway.
     Kernels are looked up once per process because a launch must stay cheap: checking the files
     at every launch would cost a system call each."""
+    global _generation
     for cached in (sources.read_source, sources.kernels, emulator._library, emulator.get_function,
-                   get_kernel, _gpu_module, _gpu_function):
+                   _kernel, _gpu_module, _gpu_function):
         cached.cache_clear()
+    _generation += 1
 
 
 # -- launch helpers the layers share ---------------------------------------------------------------
@@ -299,6 +328,7 @@ def channel_sum(x):
     """
     xp = backend.get_array_module(x)
     images, channels, pixels = x.shape
+    element_count(x.size)  # the launcher's clear error, before any int32 of the sizes overflows
     chunks = min(1024, images * pixels)
     partial = xp.empty((channels, chunks), dtype=x.dtype)
     out = xp.empty((channels,), dtype=x.dtype)

@@ -59,8 +59,22 @@ class Kernel(NamedTuple):
     parameters: tuple
 
 
-_KERNEL_DECLARATION = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{')
-_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+# (the "C" of extern "C" is blanked with the other string literals before this is matched)
+_KERNEL_DECLARATION = re.compile(r'extern\s+"\s*"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{')
+_GLOBAL = re.compile(r"\b__global__\b")
+# comments, and string and character literals, whose text may hold anything ("}", "//", "nullptr")
+_COMMENT_OR_LITERAL = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.DOTALL)
+
+
+def _blanked(code):
+    """``code`` with comments and the text of literals replaced by spaces (their quotes kept), so that
+    what is matched below is code; every position stays where it was."""
+    def blank(match):
+        text = match.group(0)
+        if text[0] in "\"'":
+            return text[0] + " " * (len(text) - 2) + text[-1]
+        return " " * len(text)
+    return _COMMENT_OR_LITERAL.sub(blank, code)
 
 
 def source_path(source_name):
@@ -113,7 +127,7 @@ def line_directive(line, path):
     return f'#line {int(line)} "{literal}"'
 
 
-_DEVICE_FUNCTION = re.compile(r"__device__[^;{()]*?\b(\w+)\s*\([^)]*\)\s*\{")
+_DEVICE_FUNCTION = re.compile(r"__device__[^;{()]*?\b(\w+)\s*\(([^)]*)\)\s*\{")
 
 
 def _body(code, opening):
@@ -126,50 +140,88 @@ def _body(code, opening):
     raise ValueError("a kernel source has an unmatched '{'")
 
 
-def _reachable_code(body, helpers):
-    """A kernel's body and the bodies of the ``__device__`` helpers it calls, directly or through others."""
-    seen, pending, texts = set(), [body], []
-    while pending:
-        text = pending.pop()
-        texts.append(text)
-        for name, helper_body in helpers.items():
-            if name not in seen and re.search(rf"\b{name}\s*\(", text):
-                seen.add(name)
-                pending.append(helper_body)
-    return "\n".join(texts)
+def _call_arguments(code, opening):
+    """The argument texts of a call whose ``(`` is at ``opening``, split at its top-level commas."""
+    depth, start, arguments = 0, opening + 1, []
+    for position in range(opening, len(code)):
+        character = code[position]
+        if character in "([{":
+            depth += 1
+        elif character in ")]}":
+            depth -= 1
+            if depth == 0:
+                arguments.append(code[start:position])
+                return arguments
+        elif character == "," and depth == 1:
+            arguments.append(code[start:position])
+            start = position + 1
+    return arguments
+
+
+def _null_tested(name, body, helpers, seen=()):
+    """Whether ``body`` tests ``name`` against nullptr, itself or in a ``__device__`` helper that it
+    passes ``name`` to (followed by position: the helper's parameter there may have another name,
+    and a helper's own parameter of the same name may be another array)."""
+    if re.search(rf"\b{name}\s*[!=]=\s*nullptr\b", body):
+        return True
+    for helper, (helper_parameters, helper_body) in helpers.items():
+        if helper in seen:
+            continue
+        for call in re.finditer(rf"\b{helper}\s*\(", body):
+            for position, argument in enumerate(_call_arguments(body, call.end() - 1)):
+                if (argument.strip() == name and position < len(helper_parameters)
+                        and _null_tested(helper_parameters[position], helper_body, helpers, seen + (helper,))):
+                    return True
+    return False
+
+
+def _parameter_names(parameter_list):
+    return [re.fullmatch(r"(.*?)(\w+)", " ".join(text.split())).group(2) if text.strip() else ""
+            for text in parameter_list.split(",")]
 
 
 @functools.lru_cache(maxsize=None)
 def kernels(source_name):
     """``{kernel name: Kernel}`` for every ``extern "C" __global__`` kernel of a source."""
-    code = _COMMENT.sub(lambda match: " " * len(match.group(0)), read_source(source_name))
-    helpers = {match.group(1): _body(code, match.end() - 1) for match in _DEVICE_FUNCTION.finditer(code)}
+    code = _blanked(read_source(source_name))
+    helpers = {match.group(1): (_parameter_names(match.group(2)), _body(code, match.end() - 1))
+               for match in _DEVICE_FUNCTION.finditer(code)}
     found = {}
     for match in _KERNEL_DECLARATION.finditer(code):
         name, parameter_list = match.groups()
         # Only this kernel's own code says whether it handles a null pointer: another kernel of
         # the same source may test a parameter of the same name that this one reads unconditionally.
-        reachable = _reachable_code(_body(code, match.end() - 1), helpers)
-        parameters = tuple(_parse_parameter(text, name, source_name, reachable)
-                           for text in parameter_list.split(","))
-        found[name] = Kernel(name, parameters)
+        body = _body(code, match.end() - 1)
+        texts = [] if parameter_list.strip() in ("", "void") else parameter_list.split(",")
+        found[name] = Kernel(name, tuple(_parse_parameter(text, name, source_name, body, helpers) for text in texts))
+    declared = len(_GLOBAL.findall(code))
+    if declared != len(found):
+        raise ValueError(f"{source_name}.cu declares {declared} __global__ kernel(s), of which {len(found)} "
+                         f"({', '.join(found) or 'none'}) are written as minirnng reads them: "
+                         'extern "C" __global__ void name(parameters) {, each on its own (no extern "C" { } block, '
+                         "no __launch_bounds__)")
     return found
 
 
-def _parse_parameter(text, kernel_name, source_name, code):
+def _parse_parameter(text, kernel_name, source_name, body, helpers):
     declaration = " ".join(text.split())
     match = re.fullmatch(r"(.*?)(\w+)", declaration)
     if not match or not match.group(1).strip():
         raise ValueError(f"{source_name}.cu, kernel {kernel_name}: cannot read the parameter {declaration!r}")
     type_text, name = match.group(1), match.group(2)
+    if type_text.count("*") > 1:
+        raise ValueError(f"{source_name}.cu, kernel {kernel_name}: parameter {name!r} ({declaration}) is a "
+                         "pointer to pointers, which no array argument can be; pass one flat array")
     pointer = "*" in type_text
     words = type_text.replace("*", " ").split()
-    const = "const" in words
+    # the data is read-only only where const comes before the * ("scalar_t* const out" is a
+    # constant pointer to data the kernel writes)
+    const = "const" in type_text.split("*")[0].split()
     ctype = " ".join(word for word in words if word not in ("const", "__restrict__"))
     allowed = ("scalar_t", *C_TYPES) if pointer else SCALAR_TYPES
     if ctype not in allowed:
         raise ValueError(f"{source_name}.cu, kernel {kernel_name}: parameter {name!r} has type "
                          f"{type_text.strip()!r}; use one of {', '.join(allowed)}"
                          f"{' (pointers)' if pointer else ' (scalars)'}")
-    nullable = pointer and re.search(rf"\b{name}\s*[!=]=\s*nullptr\b", code) is not None
+    nullable = pointer and _null_tested(name, body, helpers)
     return Parameter(name, ctype, pointer, const, nullable, declaration)
