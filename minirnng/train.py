@@ -547,6 +547,13 @@ class Trainer:
         if overflowed:
             raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: {', '.join(overflowed[:4])}"
                                      f"{' ...' if len(overflowed) > 4 else ''} are no longer finite; {advice}")
+        # finite weights so large that a forward pass overflows: validation would score the NaN
+        # logits as one class and keep the run as its best; one batch of it tells
+        images, _ = next(batches(self.validation_set, config.batch_size, shuffle=False))
+        logits = network.infer(backend.to_device(images))
+        if not bool(backend.get_array_module(logits).isfinite(logits).all()):
+            raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: the weights are finite but "
+                                     f"their logits are not (a forward pass overflows); {advice}")
         row = {f"train_{name}": value / max(seen, 1) for name, value in totals.items() if name in computed}
         row["images_per_second"] = seen / (time.perf_counter() - start)
         row["lr"] = self.optimizer.lr

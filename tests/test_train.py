@@ -699,3 +699,20 @@ def test_a_term_of_weight_zero_is_not_logged_as_a_loss_of_zero(tiny_data, tmp_pa
     assert "train_coarse" not in history[0] and history[0]["train_edge"] > 0
     with open(tmp_path / "log.csv") as stream:
         assert "train_coarse" not in next(csv.reader(stream))
+
+
+def test_weights_whose_forward_pass_overflows_are_a_divergence_not_a_best_checkpoint(tiny_data, tmp_path):
+    trainer = Trainer(TrainConfig(epochs=1, batch_size=4), *tiny_data, tmp_path, progress=False, log=lambda line: None)
+    step = trainer.optimizer.step
+    steps_per_epoch = -(-len(tiny_data[0]) // 4)
+
+    def last_step_blows_up():  # finite weights, every one 1e30: the first convolution overflows
+        step()
+        if trainer.optimizer.steps == steps_per_epoch:
+            for value in trainer.model.params().values():
+                value[...] = 1e30
+
+    trainer.optimizer.step = last_step_blows_up
+    with pytest.raises(FloatingPointError, match="diverged in epoch 1: the weights are finite but their logits are not"):
+        trainer.run()
+    assert not os.path.exists(trainer.best_path) and not os.path.exists(trainer.last_path)
