@@ -297,11 +297,10 @@ def command_eval(arguments):
         check_figure_path(arguments.confusion, "--confusion")
     for path in (arguments.json, arguments.confusion):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
-    if arguments.json and os.path.isfile(arguments.json) and not arguments.json.lower().endswith(".json") \
-            and not is_eval_record(arguments.json):
-        # a completed or mistyped name (a run's last.npz, its log.csv) would be replaced by the scores
-        raise FileExistsError(f"--json {arguments.json!r} exists and is not a .json file: eval would replace it with "
-                              "its scores; give a .json name")
+    # a completed or mistyped name (a run's last.npz, a saved result, a photo) is not replaced
+    check_replaceable(arguments.json, "--json", is_eval_record, "a record that eval --json wrote")
+    check_replaceable(arguments.confusion, "--confusion", lambda path: output_role(path) == CONFUSION_ROLE,
+                      "a confusion matrix that eval --confusion wrote as PNG")
     if arguments.json and arguments.confusion and \
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise OptionsConflict(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
@@ -342,7 +341,7 @@ def command_eval(arguments):
             from .viz import confusion_figure, save_figure
             title = f"{model.architecture} on {arguments.data} {arguments.split}"
             written.append(save_figure(confusion_figure(result["confusion"], dataset.classes, title),
-                                       arguments.confusion))
+                                       arguments.confusion, role=CONFUSION_ROLE))
         if arguments.json:
             from .atomic import write_json
             written.append(write_json(arguments.json, record))
@@ -352,6 +351,35 @@ def command_eval(arguments):
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+CONFUSION_ROLE = "eval --confusion"
+
+
+def output_role(path):
+    from .viz import output_role as role_of
+    return role_of(path)
+
+
+def check_replaceable(path, option, earlier_output, what):
+    """A FileExistsError now, before any work, where the output ``path`` exists and is not
+    ``earlier_output`` of this command (a predicate of the path; ``what`` describes it): a rerun
+    replaces its own result, never a file of the user's."""
+    if path and os.path.isfile(path) and not earlier_output(path):
+        raise FileExistsError(f"{option} {path!r} exists and is not {what}: it would be replaced; give another "
+                              "name, or move the file away first")
+
+
+def is_reproduce_record(path):
+    """Whether the file at ``path`` is a JSON record that ``reproduce --json`` wrote."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            record = json.load(stream)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("_meta"), dict) and "table" in record["_meta"]
 
 
 def is_eval_record(path):
@@ -637,7 +665,8 @@ def command_parse(arguments):
         print("note: OpenCV is not installed, so each image is parsed as one face "
               "(pip install 'minirnng[detect]' to detect several faces)")
     failed = 0
-    for path, stem in zip(arguments.images, output_stems(arguments.images)):
+    stems = output_stems(arguments.images, arguments.out, arguments.figure)
+    for path, stem in zip(arguments.images, stems):
         interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
         try:
             image = read_image(path)
@@ -654,12 +683,16 @@ def command_parse(arguments):
         else:
             labels, faces = parser.parse(image), "parsed as one face"
         label_path, overlay_path, *figure_path = output_files(stem, arguments.out, arguments.figure)
+        plain = output_files(output_stems([path])[0], arguments.out, arguments.figure)[0]
+        if label_path != plain and os.path.exists(plain):
+            print(f"note: {plain} exists and is not this image's earlier output: writing {label_path}")
+        role = parse_role(path)
         try:
-            write_png(label_path, labels)
-            write_png(overlay_path, overlay(image, labels, parser.classes))
+            write_png(label_path, labels, role)
+            write_png(overlay_path, overlay(image, labels, parser.classes), role)
             if figure_path:
                 save_figure(parse_figure(image, labels, parser.classes, title=os.path.basename(path)),
-                            figure_path[0])
+                            figure_path[0], role=role)
         except OSError as error:
             # an output this image cannot have (a name too long for the file system, say) does not
             # stop the others
@@ -681,19 +714,30 @@ def command_parse(arguments):
     return 0
 
 
-def output_stems(paths):
+def output_stems(paths, out=None, figure=False):
     """The file-name stem of each image's outputs: its own, and ``stem-2``, ``stem-3``, ... for later
-    images with the same name (``a/face.jpg b/face.png``), so that no image's outputs replace another's."""
+    images with the same name (``a/face.jpg b/face.png``), so that no image's outputs replace another's;
+    with ``out``, also where a file of that name is already there and is not this image's earlier
+    output (:func:`parse_role`): a file of the user's, or another image's parse."""
     stems, taken = [], set()
     for path in paths:
         base = os.path.splitext(os.path.basename(path))[0]
         stem, count = base, 1
-        while stem.casefold() in taken:  # casefold: Face.png and face.png are one file on some systems
+        # casefold: Face.png and face.png are one file on some systems
+        while stem.casefold() in taken or (out is not None and any(
+                os.path.lexists(output) and output_role(output) != parse_role(path)
+                for output in output_files(stem, out, figure))):
             count += 1
             stem = f"{base}-{count}"
         taken.add(stem.casefold())
         stems.append(stem)
     return stems
+
+
+def parse_role(path):
+    """What ``parse`` records in the PNGs it writes for the image at ``path``: the image's full path,
+    so that parsing it again replaces them and parsing another image does not."""
+    return f"parse {os.path.realpath(path)}"
 
 
 def output_files(stem, out, figure):
@@ -717,14 +761,20 @@ def output_replacing_an_input(images, out, figure):
     return None
 
 
-def write_png(path, array):
-    """Write a uint8 array as PNG through a temporary file (an interrupted run leaves no half file)."""
-    from PIL import Image
+def write_png(path, array, role=None):
+    """Write a uint8 array as PNG through a temporary file (an interrupted run leaves no half file);
+    ``role`` is recorded in it for :func:`minirnng.viz.output_role`."""
+    from PIL import Image, PngImagePlugin
 
     from .atomic import replacing
+    from .viz import ROLE_KEY
 
+    info = None
+    if role:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(ROLE_KEY, role)
     with replacing(path) as temporary:
-        Image.fromarray(array).save(temporary, format="PNG")
+        Image.fromarray(array).save(temporary, format="PNG", pnginfo=info)
     return path
 
 
@@ -732,6 +782,7 @@ def write_png(path, array):
 
 def command_reproduce(arguments):
     check_output_file(arguments.json)  # before hours of training, not after
+    check_replaceable(arguments.json, "--json", is_reproduce_record, "a record that reproduce --json wrote")
     if arguments.table == "table3":
         from .train_stage2 import reproduce_table3
         if arguments.seed != 0:
@@ -851,8 +902,11 @@ def build_parser():
     add_data_arguments(evaluate, default_split="test", size_from_checkpoint=True)
     evaluate.add_argument("--size", type=positive_int, default=None,
                           help="number of images (synthetic: how many are drawn; otherwise the first N of the split)")
-    evaluate.add_argument("--json", help="write the scores to this JSON file")
-    evaluate.add_argument("--confusion", help="write the confusion matrix as a PNG to this file")
+    evaluate.add_argument("--json", help="write the scores to this JSON file (an existing file is replaced only "
+                                         "if eval wrote it)")
+    evaluate.add_argument("--confusion", help="write the confusion matrix as a figure to this file, PNG or "
+                                              "another format by its extension (an existing file is replaced "
+                                              "only if eval wrote it as PNG)")
     evaluate.add_argument("--mirror", action="store_true",
                           help="test-time mirroring: average the logits of each image and of its mirror image")
     evaluate.add_argument("--crf", action="store_true",
@@ -895,7 +949,10 @@ def build_parser():
                        help="the number of classes expected: 3 (the pretrained stage-1 parser, the default "
                             "without --checkpoint) or 11 (the HELEN classes: a two-stage or 11-class "
                             "checkpoint, given with --checkpoint); a checkpoint with other classes is an error")
-    parse.add_argument("--out", default="minirnng-parsed", help="output folder (default minirnng-parsed)")
+    parse.add_argument("--out", default="minirnng-parsed",
+                       help="output folder (default minirnng-parsed); NAME_labels.png and NAME_overlay.png per "
+                            "image, NAME-2_... where a file of that name is already there and is not this "
+                            "image's earlier output")
     parse.add_argument("--no-detect", action="store_true", help="parse each whole image as one face")
     parse.add_argument("--figure", action="store_true", help="also write a figure: image, labels, overlay")
     parse.add_argument("--mirror", action="store_true",
@@ -916,7 +973,8 @@ def build_parser():
                            help="small: minutes; paper: table1 40 epochs, table2 15, table3 40 + 40 (the spec's "
                                 "training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
                                 "parser's, less its colour-affinity term and batch normalisation), hours on a CPU")
-    reproduce.add_argument("--json", help="write the results to this JSON file")
+    reproduce.add_argument("--json", help="write the results to this JSON file (an existing file is replaced only "
+                                           "if reproduce wrote it)")
     reproduce.add_argument("--seed", type=non_negative_int, default=0, help="table1 and table2: every model's seed (default 0)")
     reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -163,10 +163,15 @@ def _short(name, limit=24):
     return name if len(name) <= limit else "\N{HORIZONTAL ELLIPSIS}" + name[-(limit - 1):]
 
 
-def _save_atomically(figure, path):
+#: the PNG text key under which a figure records what wrote it (:func:`output_role`)
+ROLE_KEY = "minirnng"
+
+
+def _save_atomically(figure, path, role=None):
     extension = os.path.splitext(path)[1] or ".png"
+    metadata = {ROLE_KEY: role} if role and extension.lower() == ".png" else None
     with replacing(path, suffix=extension) as temporary:
-        figure.savefig(temporary, dpi=110, format=extension.lstrip("."))
+        figure.savefig(temporary, dpi=110, format=extension.lstrip("."), metadata=metadata)
 
 
 def check_figure_path(path, what="figure"):
@@ -179,10 +184,24 @@ def check_figure_path(path, what="figure"):
                          f"{', '.join('.' + name for name in sorted(formats))}")
 
 
-def save_figure(figure, path):
-    """Write a Matplotlib figure to ``path`` (format from the extension) through a temporary file."""
-    _save_atomically(figure, os.fspath(path))
+def save_figure(figure, path, role=None):
+    """Write a Matplotlib figure to ``path`` (format from the extension) through a temporary file.
+    ``role`` (a PNG only): what wrote it, kept in the file for :func:`output_role`, so that a
+    command can tell its own earlier output, which it may replace, from a file of the user's."""
+    _save_atomically(figure, os.fspath(path), role)
     return os.fspath(path)
+
+
+def output_role(path):
+    """The ``role`` a PNG that minirnng wrote records (:func:`save_figure`, ``parse``'s label maps),
+    or None for any other file (not a PNG, unreadable, or written by something else)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.text.get(ROLE_KEY) if image.format == "PNG" else None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def _legend(figure, classes):

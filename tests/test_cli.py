@@ -66,6 +66,10 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
     assert not record["mirror"] and not record["crf"]
+    # run again, it replaces its own record and figure
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
+                     "--json", str(tmp_path / "scores.json"), "--confusion", str(tmp_path / "confusion.png")]) == 0
+    capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
                      "--json", str(tmp_path / "refined.json"), "--mirror", "--crf"]) == 0
     assert "with test-time mirroring and the dense CRF" in capsys.readouterr().out
@@ -428,6 +432,41 @@ def test_parse_refuses_outputs_that_would_replace_one_of_its_input_images(tmp_pa
                                                                          str(tmp_path / "x_figure.png"))
 
 
+def test_parse_keeps_a_file_of_the_users_and_another_images_outputs_and_replaces_only_its_own(tmp_path, capsys, rng):
+    from PIL import Image
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=numpy.uint8)).save(tmp_path / folder / "face.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "me_labels.png").write_bytes(b"my hand-drawn labels")
+    Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=numpy.uint8)).save(tmp_path / "me.png")
+
+    def parse(image):
+        assert cli.main(["parse", str(image), "--out", str(out), "--no-detect"]) == 0
+        return capsys.readouterr().out
+
+    assert f"note: {out / 'me_labels.png'} exists and is not this image's earlier output" in parse(tmp_path / "me.png")
+    assert (out / "me_labels.png").read_bytes() == b"my hand-drawn labels" and (out / "me-2_labels.png").is_file()
+    parse(tmp_path / "a" / "face.png")
+    first = (out / "face_labels.png").read_bytes()
+    parse(tmp_path / "b" / "face.png")  # another image of the same name, in a later call
+    assert (out / "face_labels.png").read_bytes() == first and (out / "face-2_labels.png").is_file()
+    parse(tmp_path / "a" / "face.png")  # the same image again: its own outputs are replaced
+    assert sorted(p.name for p in out.iterdir()) == ["face-2_labels.png", "face-2_overlay.png", "face_labels.png",
+                                                    "face_overlay.png", "me-2_labels.png", "me-2_overlay.png",
+                                                    "me_labels.png"]
+
+
+def test_reproduce_refuses_a_json_name_over_a_file_it_did_not_write_before_any_training(tmp_path, capsys):
+    checkpoint = tmp_path / "victim.npz"
+    checkpoint.write_bytes(b"weights")
+    assert cli.main(["reproduce", "table1", "--json", str(checkpoint), "--out", str(tmp_path / "runs")]) == 1
+    assert "--json" in capsys.readouterr().err and checkpoint.read_bytes() == b"weights"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_output_stems():
     assert cli.output_stems(["a/x.jpg", "b/x.png", "x-2.jpg", "c/X.jpg", "y.jpg"]) == ["x", "x-2", "x-2-2", "X-3", "y"]
 
@@ -559,8 +598,18 @@ def test_eval_refuses_a_json_name_over_a_file_of_another_kind_too_few_resampling
     command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic"]
     (tmp_path / "last.npz").write_bytes(b"a run's resume state")
     assert cli.main(command + ["--json", str(tmp_path / "last.npz")]) == 1
-    assert "exists and is not a .json file" in capsys.readouterr().err
+    assert "exists and is not a record that eval --json wrote" in capsys.readouterr().err
     assert (tmp_path / "last.npz").read_bytes() == b"a run's resume state"
+    # nor a .json of the user's, nor a picture, as --confusion
+    from PIL import Image
+
+    (tmp_path / "mine.json").write_text('{"mine": 1}')
+    Image.fromarray(numpy.zeros((4, 4, 3), numpy.uint8)).save(tmp_path / "holiday.png")
+    for option, path in (("--json", "mine.json"), ("--confusion", "holiday.png")):
+        before = (tmp_path / path).read_bytes()
+        assert cli.main(command + [option, str(tmp_path / path)]) == 1
+        assert f"{option} '{tmp_path / path}' exists and is not" in capsys.readouterr().err
+        assert (tmp_path / path).read_bytes() == before
     assert cli.main(command + ["--json", ""]) == 1
     assert "an output file name is empty" in capsys.readouterr().err
     assert cli.main(command + ["--bootstrap", "2"]) == 1
