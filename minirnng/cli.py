@@ -799,6 +799,8 @@ def command_reproduce(arguments):
 # -- the parser -----------------------------------------------------------------------------------
 
 def build_parser():
+    from .data.catalog import SYNTHETIC_SIZES
+
     parser = argparse.ArgumentParser(
         prog="minirnng",
         description="Face parsing via recurrent propagation (Liu et al., BMVC 2017), from scratch.")
@@ -853,7 +855,7 @@ def build_parser():
                             "%(default)s)")
     train.add_argument("--background-ratio", type=float, default=defaults.background_ratio,
                        help="label losses on all face/hair pixels and this many times as many background "
-                            "pixels (paper, Multi-Face: 5); 0 = every pixel")
+                            "pixels (paper, Multi-Face: 5); 0 = every pixel (default %(default)s)")
     train.add_argument("--dice-weight", type=float, default=defaults.dice_weight,
                        help="weight of a soft Dice term on the logits (1 - mean over classes of a soft "
                             "F-measure) beside the three losses; 0 = none (default, the spec's objective)")
@@ -880,9 +882,11 @@ def build_parser():
     train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
     train.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="%(default)s by default")
     train.add_argument("--train-size", type=positive_int, default=None,
-                       help="number of training images (synthetic: how many are drawn; otherwise the first N of the split)")
+                       help="number of training images (synthetic: how many are drawn, default "
+                            f"{SYNTHETIC_SIZES['train']}; otherwise the first N of the split, default all)")
     train.add_argument("--validation-size", type=positive_int, default=None,
-                       help="number of validation images (synthetic: how many are drawn; otherwise the first N)")
+                       help="number of validation images (synthetic: how many are drawn, default "
+                            f"{SYNTHETIC_SIZES['validation']}; otherwise the first N, default all)")
     train.add_argument("--init", metavar="CHECKPOINT",
                        help="start from this checkpoint's weights (fine-tuning; same model, sizes and classes) "
                             "instead of a random initialisation")
@@ -901,7 +905,8 @@ def build_parser():
     evaluate.add_argument("--checkpoint", required=True, help="a .npz written by train or save")
     add_data_arguments(evaluate, default_split="test", size_from_checkpoint=True)
     evaluate.add_argument("--size", type=positive_int, default=None,
-                          help="number of images (synthetic: how many are drawn; otherwise the first N of the split)")
+                          help="number of images (synthetic: how many are drawn, default "
+                               f"{SYNTHETIC_SIZES['test']}; otherwise the first N of the split, default all)")
     evaluate.add_argument("--json", help="write the scores to this JSON file (an existing file is replaced only "
                                          "if eval wrote it)")
     evaluate.add_argument("--confusion", help="write the confusion matrix as a figure to this file, PNG or "
@@ -968,15 +973,17 @@ def build_parser():
                     "table3: 1-stage against 2-stage on HELEN (or synthetic).")
     reproduce.add_argument("table", choices=("table1", "table2", "table3"))
     reproduce.add_argument("--data", default="synthetic",
-                           help="'synthetic' or the folder of the dataset (LFW-PL for table1, HELEN for table3)")
+                           help="'synthetic' (default) or the folder of the dataset (LFW-PL for table1, HELEN "
+                                "for table3)")
     reproduce.add_argument("--budget", choices=("small", "paper", "full"), default="small",
-                           help="small: minutes; paper: table1 40 epochs, table2 15, table3 40 + 40 (the spec's "
-                                "training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
+                           help="small (default): minutes; paper: table1 40 epochs, table2 15, table3 40 + 40 "
+                                "(the spec's training); full (table1 only): 250 epochs with run BK's recipe (the shipped "
                                 "parser's, less its colour-affinity term and batch normalisation), hours on a CPU")
     reproduce.add_argument("--json", help="write the results to this JSON file (an existing file is replaced only "
                                            "if reproduce wrote it)")
     reproduce.add_argument("--seed", type=non_negative_int, default=0, help="table1 and table2: every model's seed (default 0)")
-    reproduce.add_argument("--out", default="runs/reproduce", help="folder for the trained models")
+    reproduce.add_argument("--out", default="runs/reproduce",
+                           help="folder for the trained models (default runs/reproduce)")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.set_defaults(handler=command_reproduce)
     return parser
