@@ -300,7 +300,7 @@ def command_eval(arguments):
     # a completed or mistyped name (a run's last.npz, a saved result, a photo) is not replaced
     check_replaceable(arguments.json, "--json", is_eval_record, "a record that eval --json wrote")
     check_replaceable(arguments.confusion, "--confusion", lambda path: output_role(path) == CONFUSION_ROLE,
-                      "a confusion matrix that eval --confusion wrote as PNG")
+                      "a confusion matrix that eval --confusion wrote (as PNG, PDF or SVG)")
     if arguments.json and arguments.confusion and \
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise OptionsConflict(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
@@ -364,8 +364,9 @@ def output_role(path):
 def check_replaceable(path, option, earlier_output, what):
     """A FileExistsError now, before any work, where the output ``path`` exists and is not
     ``earlier_output`` of this command (a predicate of the path; ``what`` describes it): a rerun
-    replaces its own result, never a file of the user's."""
-    if path and os.path.isfile(path) and not earlier_output(path):
+    replaces its own result, never a file of the user's (an empty file holds nothing to lose:
+    ``mktemp --suffix .json``)."""
+    if path and os.path.isfile(path) and os.path.getsize(path) > 0 and not earlier_output(path):
         raise FileExistsError(f"{option} {path!r} exists and is not {what}: it would be replaced; give another "
                               "name, or move the file away first")
 
@@ -735,9 +736,12 @@ def output_stems(paths, out=None, figure=False):
 
 
 def parse_role(path):
-    """What ``parse`` records in the PNGs it writes for the image at ``path``: the image's full path,
+    """What ``parse`` records in the PNGs it writes for the image at ``path``: a digest of the
+    image's full path (not the path, which would travel with the outputs; any name, UTF-8 or not),
     so that parsing it again replaces them and parsing another image does not."""
-    return f"parse {os.path.realpath(path)}"
+    import hashlib
+
+    return f"parse {hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]}"
 
 
 def output_files(stem, out, figure):
@@ -905,13 +909,14 @@ def build_parser():
     evaluate.add_argument("--checkpoint", required=True, help="a .npz written by train or save")
     add_data_arguments(evaluate, default_split="test", size_from_checkpoint=True)
     evaluate.add_argument("--size", type=positive_int, default=None,
-                          help="number of images (synthetic: how many are drawn, default "
-                               f"{SYNTHETIC_SIZES['test']}; otherwise the first N of the split, default all)")
+                          help="number of images (synthetic: how many are drawn, default the split's "
+                               f"{SYNTHETIC_SIZES['train']} train, {SYNTHETIC_SIZES['validation']} validation, "
+                               f"{SYNTHETIC_SIZES['test']} test; otherwise the first N of the split, default all)")
     evaluate.add_argument("--json", help="write the scores to this JSON file (an existing file is replaced only "
                                          "if eval wrote it)")
     evaluate.add_argument("--confusion", help="write the confusion matrix as a figure to this file, PNG or "
                                               "another format by its extension (an existing file is replaced "
-                                              "only if eval wrote it as PNG)")
+                                              "only if eval wrote it as PNG, PDF or SVG)")
     evaluate.add_argument("--mirror", action="store_true",
                           help="test-time mirroring: average the logits of each image and of its mirror image")
     evaluate.add_argument("--crf", action="store_true",

@@ -27,11 +27,11 @@ from . import backend
 
 def flush_subnormals(array):
     """Set the subnormal entries of a float array (nonzero, smaller in magnitude than the dtype's
-    smallest normal number) to a zero of their sign, in place (zeros stay as they are, -0.0 too:
-    multiplied by 0, not overwritten). No host synchronisation: on the GPU it is one masked
-    product per array."""
+    smallest normal number) to a zero of their sign, in place (zeros stay as they are, -0.0 too,
+    and NaN stays NaN: each entry is multiplied by 0 or 1, not overwritten; CuPy's ufuncs take no
+    ``where``). No host synchronisation: on the GPU it is one product per array."""
     xp = backend.get_array_module(array)
-    xp.multiply(array, array.dtype.type(0), out=array, where=xp.abs(array) < numpy.finfo(array.dtype).tiny)
+    xp.multiply(array, xp.abs(array) >= numpy.finfo(array.dtype).tiny, out=array)
 
 
 def count_subnormals(array):

@@ -167,9 +167,14 @@ def _short(name, limit=24):
 ROLE_KEY = "minirnng"
 
 
+#: where each format keeps a figure's role: a PNG text chunk, the PDF's Subject, the SVG's description
+_ROLE_FIELDS = {".png": ROLE_KEY, ".pdf": "Subject", ".svg": "Description"}
+
+
 def _save_atomically(figure, path, role=None):
     extension = os.path.splitext(path)[1] or ".png"
-    metadata = {ROLE_KEY: role} if role and extension.lower() == ".png" else None
+    field = _ROLE_FIELDS.get(extension.lower())
+    metadata = {field: f"{ROLE_KEY} {role}" if field != ROLE_KEY else role} if role and field else None
     with replacing(path, suffix=extension) as temporary:
         figure.savefig(temporary, dpi=110, format=extension.lstrip("."), metadata=metadata)
 
@@ -186,17 +191,31 @@ def check_figure_path(path, what="figure"):
 
 def save_figure(figure, path, role=None):
     """Write a Matplotlib figure to ``path`` (format from the extension) through a temporary file.
-    ``role`` (a PNG only): what wrote it, kept in the file for :func:`output_role`, so that a
+    ``role`` (PNG, PDF and SVG): what wrote it, kept in the file for :func:`output_role`, so that a
     command can tell its own earlier output, which it may replace, from a file of the user's."""
     _save_atomically(figure, os.fspath(path), role)
     return os.fspath(path)
 
 
 def output_role(path):
-    """The ``role`` a PNG that minirnng wrote records (:func:`save_figure`, ``parse``'s label maps),
-    or None for any other file (not a PNG, unreadable, or written by something else)."""
+    """The ``role`` that a PNG, PDF or SVG minirnng wrote records (:func:`save_figure`, ``parse``'s
+    label maps), or None for any other file (another format, unreadable, or written by something
+    else)."""
+    import re
+
     from PIL import Image
 
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension in (".pdf", ".svg"):
+        try:
+            with open(path, "rb") as stream:
+                text = stream.read(1 << 22).decode("latin-1")
+        except OSError:
+            return None
+        pattern = (r"/Subject \(" + ROLE_KEY + r" ([^)]*)\)" if extension == ".pdf"
+                   else r"<dc:description>" + ROLE_KEY + r" ([^<]*)</dc:description>")
+        found = re.search(pattern, text)
+        return found.group(1) if found else None
     try:
         with Image.open(path) as image:
             return image.text.get(ROLE_KEY) if image.format == "PNG" else None

@@ -66,9 +66,11 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
     assert not record["mirror"] and not record["crf"]
-    # run again, it replaces its own record and figure
-    assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
-                     "--json", str(tmp_path / "scores.json"), "--confusion", str(tmp_path / "confusion.png")]) == 0
+    # run again, it replaces its own record and figure, as PDF and SVG too; an empty file is no one's work
+    (tmp_path / "empty.json").write_bytes(b"")
+    for figure in ("confusion.png", "confusion.pdf", "confusion.svg", "confusion.pdf"):
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
+                         "--json", str(tmp_path / "empty.json"), "--confusion", str(tmp_path / figure)]) == 0
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "4",
                      "--json", str(tmp_path / "refined.json"), "--mirror", "--crf"]) == 0
@@ -454,6 +456,8 @@ def test_parse_keeps_a_file_of_the_users_and_another_images_outputs_and_replaces
     parse(tmp_path / "b" / "face.png")  # another image of the same name, in a later call
     assert (out / "face_labels.png").read_bytes() == first and (out / "face-2_labels.png").is_file()
     parse(tmp_path / "a" / "face.png")  # the same image again: its own outputs are replaced
+    from minirnng.viz import output_role
+    assert str(tmp_path) not in output_role(out / "face_labels.png")  # a digest, not the path
     assert sorted(p.name for p in out.iterdir()) == ["face-2_labels.png", "face-2_overlay.png", "face_labels.png",
                                                     "face_overlay.png", "me-2_labels.png", "me-2_overlay.png",
                                                     "me_labels.png"]
@@ -698,3 +702,14 @@ def test_eval_replaces_its_own_record_whatever_its_name_and_shows_its_scores_whe
     assert cli.main(command) == 1
     captured = capsys.readouterr()
     assert "accuracy" in captured.out and "No space left on device" in captured.err
+
+
+def test_parse_records_a_digest_of_any_image_name_in_its_outputs(tmp_path):
+    # a Latin-1 name (a surrogate escape in Python) cannot be written into a PNG's UTF-8 text: its
+    # digest can, and a digest does not carry the user's folders along with the outputs either
+    from minirnng.viz import output_role
+
+    name = str(tmp_path / os.fsdecode(b"caf\xe9.png"))
+    role = cli.parse_role(name)
+    cli.write_png(tmp_path / "labels.png", numpy.zeros((4, 4), numpy.uint8), role)
+    assert output_role(tmp_path / "labels.png") == role and "caf" not in role and str(tmp_path) not in role

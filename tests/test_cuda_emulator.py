@@ -719,6 +719,8 @@ extern "C" __global__ void nothing(void) {}
         bad = scratch_kernels(f'extern "C" __global__ void k({declaration}, int n) {{}}\n')
         with pytest.raises(ValueError, match=message):
             sources.kernels(bad)
+    prototype = scratch_kernels('extern "C" __global__ void k(int n);\nextern "C" __global__ void k(int n) {}\n')
+    assert list(sources.kernels(prototype)) == ["k"]  # a declaration before the definition is no second kernel
     hidden = scratch_kernels('extern "C" { __global__ void k(int n) {} }\n')
     with pytest.raises(ValueError, match="declares 1 __global__ kernel.*of which 0"):
         sources.kernels(hidden)

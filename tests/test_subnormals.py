@@ -22,9 +22,10 @@ def test_flush_subnormals_zeroes_only_subnormal_entries(dtype):
     numpy.testing.assert_array_equal(a, numpy.array([0, 0, tiny, -tiny, 0, -2, 3e-30], dtype))
     assert count_subnormals(a) == 0
     # each becomes a zero of its own sign, and -0.0 stays -0.0: only the subnormals' bits change
-    signed = numpy.array([-0.0, -tiny / 4, tiny / 4, 0.0], dtype)
+    signed = numpy.array([-0.0, -tiny / 4, tiny / 4, 0.0, numpy.nan, -numpy.inf], dtype)
     flush_subnormals(signed)
-    numpy.testing.assert_array_equal(numpy.signbit(signed), [True, True, False, False])
+    numpy.testing.assert_array_equal(numpy.signbit(signed), [True, True, False, False, False, True])
+    assert numpy.isnan(signed[4]) and signed[5] == -numpy.inf  # left as they are
 
 
 def with_subnormal_weights(model):

@@ -194,7 +194,9 @@ def kernels(source_name):
         body = _body(code, match.end() - 1)
         texts = [] if parameter_list.strip() in ("", "void") else parameter_list.split(",")
         found[name] = Kernel(name, tuple(_parse_parameter(text, name, source_name, body, helpers) for text in texts))
-    declared = len(_GLOBAL.findall(code))
+    # a __global__ that a ';' ends before any '{' is a declaration (a prototype), not a kernel body
+    declared = sum(1 for match in _GLOBAL.finditer(code)
+                   if re.match(r"[^;{]*\{", code[match.end():]) is not None)
     if declared != len(found):
         raise ValueError(f"{source_name}.cu declares {declared} __global__ kernel(s), of which {len(found)} "
                          f"({', '.join(found) or 'none'}) are written as minirnng reads them: "
