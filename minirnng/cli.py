@@ -371,28 +371,28 @@ def check_replaceable(path, option, earlier_output, what):
                               "name, or move the file away first")
 
 
-def is_reproduce_record(path):
-    """Whether the file at ``path`` is a JSON record that ``reproduce --json`` wrote."""
+def json_object(path):
+    """The JSON object in the file at ``path``, or None (unreadable, not JSON, not an object)."""
     import json
 
     try:
         with open(path, encoding="utf-8") as stream:
             record = json.load(stream)
     except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and isinstance(record.get("_meta"), dict) and "table" in record["_meta"]
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_reproduce_record(path):
+    """Whether the file at ``path`` is a JSON record that ``reproduce --json`` wrote."""
+    record = json_object(path)
+    return record is not None and isinstance(record.get("_meta"), dict) and "table" in record["_meta"]
 
 
 def is_eval_record(path):
     """Whether the file at ``path`` is a JSON record that ``eval --json`` wrote (which it may replace)."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as stream:
-            record = json.load(stream)
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and {"checkpoint", "accuracy", "confusion"} <= set(record)
+    record = json_object(path)
+    return record is not None and {"checkpoint", "accuracy", "confusion"} <= set(record)
 
 
 def report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size):

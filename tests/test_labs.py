@@ -138,6 +138,14 @@ def test_softmax_without_log_sum_exp_is_told_to_subtract_the_maximum():
     assert "NaN or infinite" in message and "subtract the largest logit" in message
 
 
+def window_offsets(dy, k, s):
+    """(i, j, rows, columns) for each offset of a k x k window with stride s: the slices of the
+    input that offset (i, j) of every window reads, for pooled outputs like ``dy``."""
+    for i in range(k):
+        for j in range(k):
+            yield i, j, slice(i, i + s * (dy.shape[2] - 1) + 1, s), slice(j, j + s * (dy.shape[3] - 1) + 1, s)
+
+
 def test_maxpool_tie_going_to_the_last_maximum():
     def forward(x, k, s):
         n, c, height, width = x.shape
@@ -154,11 +162,8 @@ def test_maxpool_tie_going_to_the_last_maximum():
     def backward(dy, cache):
         shape, winner, k, s = cache
         dx = numpy.zeros(shape)
-        for i in range(k):
-            for j in range(k):
-                rows = slice(i, i + s * (dy.shape[2] - 1) + 1, s)
-                columns = slice(j, j + s * (dy.shape[3] - 1) + 1, s)
-                dx[:, :, rows, columns] += numpy.where(winner == i * k + j, dy, 0)
+        for i, j, rows, columns in window_offsets(dy, k, s):
+            dx[:, :, rows, columns] += numpy.where(winner == i * k + j, dy, 0)
         return dx
 
     assert "not the last" in failure(labs.check_maxpool2d_backward, forward, backward)
@@ -174,11 +179,8 @@ def test_maxpool_backward_by_the_mask_x_equals_max_is_named():
     def backward(dy, cache):  # every entry equal to its window's maximum takes the whole gradient
         x, y, k, s = cache
         dx = numpy.zeros_like(x)
-        for i in range(k):
-            for j in range(k):
-                rows = slice(i, i + s * (dy.shape[2] - 1) + 1, s)
-                columns = slice(j, j + s * (dy.shape[3] - 1) + 1, s)
-                dx[:, :, rows, columns] += numpy.where(x[:, :, rows, columns] == y, dy, 0)
+        for _, _, rows, columns in window_offsets(dy, k, s):
+            dx[:, :, rows, columns] += numpy.where(x[:, :, rows, columns] == y, dy, 0)
         return dx
 
     assert "a mask x == max gives it to every tied entry" in failure(labs.check_maxpool2d_backward, forward, backward)
