@@ -378,7 +378,7 @@ def json_object(path):
     try:
         with open(path, encoding="utf-8") as stream:
             record = json.load(stream)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested beyond Python's limit
         return None
     return record if isinstance(record, dict) else None
 
@@ -545,6 +545,27 @@ def predict_with_options(model, classes, mirror=False, crf=False):
 
 #: the files ``minirnng demo`` writes into --out, in the order it writes them
 DEMO_OUTPUTS = ("grace_hopper_parsed.png", "rnng_synthetic.npz", "synthetic_pipeline.png")
+DEMO_ROLE = "demo"
+
+
+def is_demo_output(path):
+    """Whether the file at ``path`` may be an earlier demo's output, which the demo replaces: a
+    figure that records the demo's role, or a PNG Matplotlib made (what demos wrote before figures
+    recorded one); an RNN-G checkpoint. A photo or any other file of the user's is not."""
+    if path.endswith(".npz"):
+        from .models.checkpoint import CheckpointError, read_checkpoint
+        try:
+            return read_checkpoint(path)[0].get("architecture") == "rnng"
+        except (CheckpointError, OSError, ValueError):
+            return False
+    if output_role(path) == DEMO_ROLE:
+        return True
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software", "").startswith("Matplotlib")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def command_demo(arguments):
@@ -563,6 +584,8 @@ def command_demo(arguments):
     make_output_folder(arguments.out)
     written = []
     replaced = {path for path in (os.path.join(arguments.out, name) for name in DEMO_OUTPUTS) if os.path.exists(path)}
+    for path in sorted(replaced):  # before any work, as eval's outputs are checked
+        check_replaceable(path, "the demo's output", is_demo_output, "an earlier demo's output")
 
     print("1. A real portrait (grace_hopper.jpg, shipped with matplotlib) parsed by the pretrained RNN-G")
     image = read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
@@ -571,7 +594,7 @@ def command_demo(arguments):
     shares = ", ".join(f"{name} {100 * (labels == k).mean():.1f}%" for k, name in enumerate(parser.classes))
     print(f"   {image.shape[1]}x{image.shape[0]} pixels: {shares}")
     written.append(save_figure(parse_figure(image, labels, parser.classes, title="pretrained RNN-G (LFW-PL)"),
-                               os.path.join(arguments.out, DEMO_OUTPUTS[0])))
+                               os.path.join(arguments.out, DEMO_OUTPUTS[0]), role=DEMO_ROLE))
 
     print(f"\n2. Training a small RNN-G on {arguments.train_size} synthetic faces for {arguments.epochs} "
           f"epoch{'s' if arguments.epochs != 1 else ''} on the {backend.describe()}")
@@ -600,7 +623,7 @@ def command_demo(arguments):
                              test_set.classes,
                              title=f"RNN-G trained for {arguments.epochs} epoch{'s' if arguments.epochs != 1 else ''} "
                                    f"on {arguments.train_size} synthetic faces")
-    written.append(save_figure(figure, os.path.join(arguments.out, DEMO_OUTPUTS[2])))
+    written.append(save_figure(figure, os.path.join(arguments.out, DEMO_OUTPUTS[2]), role=DEMO_ROLE))
 
     print(f"\n4. Results on {len(test_set)} synthetic test faces")
     result = evaluate(model, test_set)
@@ -726,7 +749,7 @@ def output_stems(paths, out=None, figure=False):
         stem, count = base, 1
         # casefold: Face.png and face.png are one file on some systems
         while stem.casefold() in taken or (out is not None and any(
-                os.path.lexists(output) and output_role(output) != parse_role(path)
+                os.path.lexists(output) and output_role(output) not in parse_roles(path)
                 for output in output_files(stem, out, figure))):
             count += 1
             stem = f"{base}-{count}"
@@ -742,6 +765,12 @@ def parse_role(path):
     import hashlib
 
     return f"parse {hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]}"
+
+
+def parse_roles(path):
+    """The roles of this image's earlier outputs: :func:`parse_role`'s, and the path itself, which
+    outputs of an earlier version of the same day record."""
+    return parse_role(path), f"parse {os.path.realpath(path)}"
 
 
 def output_files(stem, out, figure):

@@ -207,14 +207,21 @@ def output_role(path):
 
     extension = os.path.splitext(os.fspath(path))[1].lower()
     if extension in (".pdf", ".svg"):
+        # only the file's own metadata counts, not a figure of minirnng's pasted into the user's
         try:
             with open(path, "rb") as stream:
+                if extension == ".pdf":  # the last trailer names the Info dictionary, near the end
+                    stream.seek(max(0, os.fstat(stream.fileno()).st_size - (1 << 16)))
                 text = stream.read(1 << 22).decode("latin-1")
         except OSError:
             return None
-        pattern = (r"/Subject \(" + ROLE_KEY + r" ([^)]*)\)" if extension == ".pdf"
-                   else r"<dc:description>" + ROLE_KEY + r" ([^<]*)</dc:description>")
-        found = re.search(pattern, text)
+        if extension == ".pdf":
+            trailers = re.findall(r"/Info (\d+) 0 R", text)
+            info = trailers and re.search(rf"(?<!\d){trailers[-1]} 0 obj\s*<<(.*?)>>\s*endobj", text, re.DOTALL)
+            found = info and re.search(r"/Subject \(" + ROLE_KEY + r" ([^)]*)\)", info.group(1))
+        else:  # the root element's metadata, before any nested <svg
+            root = re.match(r"(.*?<svg\b.*?)(<svg\b|$)", text, re.DOTALL)
+            found = root and re.search(r"<dc:description>" + ROLE_KEY + r" ([^<]*)</dc:description>", root.group(1))
         return found.group(1) if found else None
     try:
         with Image.open(path) as image:

@@ -713,3 +713,37 @@ def test_parse_records_a_digest_of_any_image_name_in_its_outputs(tmp_path):
     role = cli.parse_role(name)
     cli.write_png(tmp_path / "labels.png", numpy.zeros((4, 4), numpy.uint8), role)
     assert output_role(tmp_path / "labels.png") == role and "caf" not in role and str(tmp_path) not in role
+
+
+def test_demo_refuses_to_replace_a_file_of_the_users_before_any_work(tmp_path, capsys, monkeypatch):
+    from minirnng import parser
+
+    monkeypatch.setattr(parser.FaceParser, "pretrained", lambda: pytest.fail("the demo started its work"))
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "synthetic_pipeline.png").write_bytes(b"my own picture")
+    assert cli.main(["demo", "--out", str(out), "--epochs", "1", "--train-size", "8"]) == 1
+    assert "is not an earlier demo's output" in capsys.readouterr().err
+    assert (out / "synthetic_pipeline.png").read_bytes() == b"my own picture"
+
+
+def test_a_figure_of_minirnngs_inside_a_users_svg_or_pdf_does_not_make_it_minirnngs(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from minirnng.viz import output_role, save_figure
+
+    figure = Figure()
+    figure.subplots()
+    ours = save_figure(figure, tmp_path / "ours.svg", role=cli.CONFUSION_ROLE)
+    assert output_role(ours) == cli.CONFUSION_ROLE
+    poster = tmp_path / "poster.svg"
+    inner = (tmp_path / "ours.svg").read_text().split("?>", 1)[-1]
+    poster.write_text('<svg xmlns="http://www.w3.org/2000/svg"><metadata>my poster</metadata>' + inner + "</svg>")
+    assert output_role(poster) is None
+    thesis = tmp_path / "thesis.pdf"
+    figure.savefig(thesis, metadata={"Subject": "My thesis"})
+    with open(thesis, "ab") as stream:  # another dictionary in the file holds the marker, not its Info
+        stream.write(b"\n99 0 obj\n<< /Subject (minirnng eval --confusion) >>\nendobj\n")
+    assert output_role(thesis) is None
