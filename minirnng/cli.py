@@ -749,7 +749,7 @@ def output_stems(paths, out=None, figure=False):
         stem, count = base, 1
         # casefold: Face.png and face.png are one file on some systems
         while stem.casefold() in taken or (out is not None and any(
-                os.path.lexists(output) and output_role(output) not in parse_roles(path)
+                os.path.lexists(output) and output_role(output) != parse_role(path)
                 for output in output_files(stem, out, figure))):
             count += 1
             stem = f"{base}-{count}"
@@ -765,12 +765,6 @@ def parse_role(path):
     import hashlib
 
     return f"parse {hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:16]}"
-
-
-def parse_roles(path):
-    """The roles of this image's earlier outputs: :func:`parse_role`'s, and the path itself, which
-    outputs of an earlier version of the same day record."""
-    return parse_role(path), f"parse {os.path.realpath(path)}"
 
 
 def output_files(stem, out, figure):
