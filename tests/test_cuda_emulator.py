@@ -724,6 +724,16 @@ extern "C" __global__ void nothing(void) {}
     hidden = scratch_kernels('extern "C" { __global__ void k(int n) {} }\n')
     with pytest.raises(ValueError, match="declares 1 __global__ kernel.*of which 0"):
         sources.kernels(hidden)
+    # what the preprocessor drops is not read: an old version of a kernel turned off with #if 0
+    # (nested conditionals, #elif and #else included); a condition it cannot decide is read as taken
+    switched = scratch_kernels(
+        '#if 0\nextern "C" __global__ void k(float* old, int n) {}\n#if 1\n#endif\n'
+        '#elif 1\nextern "C" __global__ void k(double* out, int n) {}\n'
+        '#else\nextern "C" __global__ void k(int* other, int n) {}\n#endif\n'
+        '#if (1)\n#else\nextern "C" __global__ void gone(int n) {}\n#endif\n'
+        '#ifdef __CUDACC__\nextern "C" __global__ void kept(int n) {}\n#endif\n')
+    found = sources.kernels(switched)
+    assert sorted(found) == ["k", "kept"] and [p.name for p in found["k"].parameters] == ["out", "n"]
 
 
 def test_launch_arguments_that_would_fault_or_mislead_are_named():

@@ -77,6 +77,44 @@ def _blanked(code):
     return _COMMENT_OR_LITERAL.sub(blank, code)
 
 
+_CONDITIONAL = re.compile(r"[ \t]*#[ \t]*(if|ifdef|ifndef|elif|else|endif)\b(.*)")
+
+
+def _literal_condition(text):
+    """True or False for an ``#if``/``#elif`` condition that is the literal 1 or 0 (in parentheses
+    or not), None for any other condition, which only the preprocessor can decide."""
+    match = re.fullmatch(r"\s*\(?\s*([01])\s*\)?\s*", text)
+    return None if match is None else match.group(1) == "1"
+
+
+def _dead_branches_blanked(code):
+    """``code`` (comments already blanked) with the lines the preprocessor drops for certain
+    replaced by spaces: those under ``#if 0``, and after ``#else`` or ``#elif`` once a branch was
+    ``#if 1``, nested or not. A branch whose condition is anything else (``#ifdef``, a macro) is kept
+    as if taken. So a kernel an author turns off with ``#if 0`` is not read as a kernel."""
+    lines = code.split("\n")
+    stack = []  # per open #if: (the enclosing code is live, a branch was certainly taken, this one may be)
+    live = True
+    for number, line in enumerate(lines):
+        directive = _CONDITIONAL.fullmatch(line)
+        keyword, rest = directive.groups() if directive else (None, "")
+        if keyword in ("if", "ifdef", "ifndef"):
+            condition = _literal_condition(rest) if keyword == "if" else None
+            stack.append((live, condition is True, condition is not False))
+            live = live and condition is not False
+        elif keyword in ("elif", "else") and stack:
+            outer, taken, _ = stack[-1]
+            condition = _literal_condition(rest) if keyword == "elif" else True
+            this_one = not taken and condition is not False
+            stack[-1] = (outer, taken or (this_one and condition is True), this_one)
+            live = outer and this_one
+        elif keyword == "endif" and stack:
+            live = stack.pop()[0]
+        elif not live:
+            lines[number] = " " * len(line)
+    return "\n".join(lines)
+
+
 def source_path(source_name):
     """Path of ``minirnng/kernels/<source_name>.cu``; a clear error listing the sources if it is absent."""
     path = KERNEL_DIRECTORY / f"{source_name}.cu"
@@ -183,7 +221,7 @@ def _parameter_names(parameter_list):
 @functools.lru_cache(maxsize=None)
 def kernels(source_name):
     """``{kernel name: Kernel}`` for every ``extern "C" __global__`` kernel of a source."""
-    code = _blanked(read_source(source_name))
+    code = _dead_branches_blanked(_blanked(read_source(source_name)))
     helpers = {match.group(1): (_parameter_names(match.group(2)), _body(code, match.end() - 1))
                for match in _DEVICE_FUNCTION.finditer(code)}
     found = {}
