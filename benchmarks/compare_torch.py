@@ -11,7 +11,8 @@
    the two do not compute the same thing (a weight mapped wrongly, a layer changed): the script says DISAGREES, prints no
    ratio, and exits with status 1 once it has measured the rest.
 2. Times, at batch 16, 128 x 128, float32: inference (forward and arg-max) and a training step
-   (forward, the three-term loss, backward, an Adam step), medians of ``--repeats`` runs, and
+   (forward, the three-term loss with a fresh edge-loss sample mask, backward, an Adam step, the
+   stability rule on the recurrent W: the same work on both sides), medians of ``--repeats`` runs, and
    prints images per second and the ratios. Ours and PyTorch's run in turns (A, B, A, B, ...), so
    that both see the same load on a shared machine; with ``--threads 1`` the medians of the CPU
    time of each are printed too (the work itself, whatever the load). The PyTorch recurrence is
@@ -173,35 +174,49 @@ def torch_model(torch, hidden=8):
 
 
 class TorchStep:
-    """The same step in PyTorch eager, with the same batch and the same edge-loss sample mask."""
+    """The same step in PyTorch eager, with the same batch: as ours, each step draws a fresh
+    edge-loss sample mask (the NumPy code of minirnng's objective, as a PyTorch training loop would
+    prepare it with its data) and ends with the stability rule on the recurrent W."""
 
     def __init__(self, torch, numpy, ours):
         from minirnng.losses import boundary_sample_mask, boundary_target
 
-        self.torch = torch
+        self.torch, self.numpy = torch, numpy
         self.module = torch_model(torch)
         self.module.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.model.params().items()})
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=1e-4)
+        self.recurrent_weights = [p for name, p in self.module.named_parameters() if name.endswith(".W")]
         images, labels = batch(numpy)
         self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
-        sub = labels[:, ::2, ::2]
-        target = boundary_target(sub)
-        self.edge_target = torch.from_numpy(target)
-        self.edge_mask = torch.from_numpy(boundary_sample_mask(target, rng=0))
-        self.subsampled = torch.from_numpy(numpy.ascontiguousarray(sub))
+        self.subsampled_labels = numpy.ascontiguousarray(labels[:, ::2, ::2])
+        self.subsampled = torch.from_numpy(self.subsampled_labels)
+        self.rng = numpy.random.default_rng(0)
+        # the mask of the agreement check, which ours is given too (check_agreement)
+        self.edge_target, self.edge_mask = self.edge_terms(boundary_target, boundary_sample_mask, rng=0)
+        self.sample = (boundary_target, boundary_sample_mask)
 
-    def loss(self):
+    def edge_terms(self, boundary_target, boundary_sample_mask, rng):
+        target = boundary_target(self.subsampled_labels)
+        return self.torch.from_numpy(target), self.torch.from_numpy(boundary_sample_mask(target, rng=rng))
+
+    def loss(self, edge_target=None, edge_mask=None):
         functional = self.torch.nn.functional
+        edge_target = self.edge_target if edge_target is None else edge_target
+        edge_mask = self.edge_mask if edge_mask is None else edge_mask
         outputs = self.module(self.images)
-        edge = functional.binary_cross_entropy_with_logits(outputs["edge"][self.edge_mask],
-                                                           self.edge_target[self.edge_mask])
+        edge = functional.binary_cross_entropy_with_logits(outputs["edge"][edge_mask], edge_target[edge_mask])
         return (functional.cross_entropy(outputs["logits"], self.labels)
                 + functional.cross_entropy(outputs["coarse"], self.subsampled) + edge)
 
     def train_step(self):
         self.optimizer.zero_grad()
-        self.loss().backward()
+        self.loss(*self.edge_terms(*self.sample, rng=self.rng)).backward()
         self.optimizer.step()
+        with self.torch.no_grad():  # the spec's rule, as minirnng.layers.recurrent.constrain_recurrent_weight
+            for weight in self.recurrent_weights:
+                largest_row_sum = float(weight.abs().sum(dim=1).max())
+                if largest_row_sum > 1:
+                    weight.div_(largest_row_sum)
 
     def inference(self):
         with self.torch.inference_mode():
@@ -315,6 +330,10 @@ def main():
     print(f"RNN-G ({CLASSES} classes), batch {BATCH}, {SIZE}x{SIZE}, float32, CPU, {arguments.threads} thread(s): "
           f"minirnng {ours_threads}; medians of {arguments.repeats} runs; numpy {numpy.__version__}, "
           f"{blas_description()}; {malloc}; {os.cpu_count()} CPUs, {load} at the start")
+    if arguments.openblas_core and blas_description() and \
+            f"({arguments.openblas_core.lower()} kernels)" not in blas_description().lower():
+        print(f"note: OpenBLAS did not take --openblas-core {arguments.openblas_core} (it ignores a name it does not "
+              "know, or one this CPU cannot run): the kernels are the ones named above")
     if torch is None:
         print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
         our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)

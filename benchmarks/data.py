@@ -14,6 +14,8 @@ import time
 
 import numpy
 
+# the checkout this script is in, before any installed minirnng, then this folder (timing.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import blas_description, count  # noqa: E402
 

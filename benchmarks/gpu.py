@@ -73,6 +73,13 @@ def parse_arguments():
     arguments = parser.parse_args()
     if arguments.out and os.path.isdir(arguments.out):
         parser.error(f"--out {arguments.out!r} is a folder; give a file name")
+    if arguments.out:  # now, not after minutes of a lent GPU
+        from minirnng.atomic import check_can_create
+
+        try:
+            check_can_create(arguments.out, "--out")
+        except OSError as error:
+            parser.error(str(error))
     return arguments
 
 

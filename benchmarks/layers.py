@@ -14,7 +14,9 @@ import sys
 
 import numpy
 
-sys.path.insert(0, os.path.dirname(__file__))
+# the checkout this script is in, before any installed minirnng, then this folder (timing.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import blas_description, interleaved_medians, median_seconds, print_table  # noqa: E402
 
 from minirnng import layers  # noqa: E402
