@@ -305,6 +305,9 @@ def command_eval(arguments):
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise OptionsConflict(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
                          "overwritten by the JSON; give two file names")
+    if arguments.multi_face and arguments.data != "synthetic":
+        raise ValueError(f"--multi-face scores on synthetic multi-face pictures (--data synthetic), not on "
+                         f"{arguments.data}")
     model = load_model(arguments.checkpoint)
     if arguments.data == "lfw-pl" and model.n_classes != 3:
         raise ValueError(f"checkpoint {arguments.checkpoint!r} parses {model.n_classes} classes and LFW-PL's labels "
@@ -323,7 +326,7 @@ def command_eval(arguments):
     if replicates is not None and arguments.size is not None and arguments.size < 2:
         raise ValueError(f"{resampling} resamples the images and needs at least 2; --size is {arguments.size}")
     dataset = load_split(arguments.data, arguments.split, arguments.root, model.n_classes, input_size,
-                         size=arguments.size)
+                         size=arguments.size, multi_face=arguments.multi_face)
     if replicates is not None and len(dataset) < 2:  # a split smaller than --size, found only once it is open
         raise ValueError(f"{resampling} resamples the images and needs at least 2; {arguments.data} "
                          f"{arguments.split} has {len(dataset)}")
@@ -469,7 +472,8 @@ def print_comparison(arguments, other, dataset, per_image, result, replicates):
     other_result = evaluate(other, dataset, predict=predict, per_image=True)
     paired = paired_bootstrap(per_image, other_result.pop("per_image_confusion"), dataset.classes, replicates)
     print(f"compared with {arguments.compare} on the same images (this checkpoint minus that one, "
-          f"{100 * paired['level']:.0f}% interval over {replicates} paired resamplings):")
+          f"{100 * paired['level']:.0f}% interval over {replicates} paired resamplings; that one takes "
+          f"{other_result['ms_per_image']:.2f} ms per image):")
     rows = [("accuracy", result["accuracy"], other_result["accuracy"], paired["accuracy"])]
     rows += [(f"F-{name}", result["f_measure"][name], other_result["f_measure"][name], paired["f_measure"][name])
              for name in dataset.classes]
@@ -482,7 +486,8 @@ def print_comparison(arguments, other, dataset, per_image, result, replicates):
               f"ahead in {100 * difference['a_ahead']:.0f}% and tied in {100 * difference['tied']:.0f}% "
               f"of resamplings{undefined_share(difference)}")
     return {"checkpoint": arguments.compare, "architecture": other.architecture,
-            "accuracy": other_result["accuracy"], "f_measure": other_result["f_measure"], "paired": paired}
+            "accuracy": other_result["accuracy"], "f_measure": other_result["f_measure"],
+            "ms_per_image": other_result["ms_per_image"], "paired": paired}
 
 
 def make_output_folder(path):
@@ -808,7 +813,13 @@ def write_png(path, array, role=None):
 # -- reproduce ------------------------------------------------------------------------------------
 
 def command_reproduce(arguments):
-    check_output_file(arguments.json)  # before hours of training, not after
+    from .atomic import check_can_create
+
+    if not arguments.out:
+        raise ValueError("--out is an empty name; give the folder for the runs, e.g. --out runs/reproduce")
+    # before hours of training, not after
+    check_can_create(os.path.join(arguments.out, arguments.table), "the runs under --out")
+    check_output_file(arguments.json)
     check_replaceable(arguments.json, "--json", is_reproduce_record, "a record that reproduce --json wrote")
     if arguments.table == "table3":
         from .train_stage2 import reproduce_table3
@@ -940,6 +951,9 @@ def build_parser():
     evaluate.add_argument("--confusion", help="write the confusion matrix as a figure to this file, PNG or "
                                               "another format by its extension (an existing file is replaced "
                                               "only if eval wrote it as PNG, PDF or SVG)")
+    evaluate.add_argument("--multi-face", action="store_true",
+                          help="with --data synthetic: the multi-face pictures of Table 2 (512x512, letterboxed to "
+                               "the checkpoint's input size), on which reproduce table2 scores its models")
     evaluate.add_argument("--mirror", action="store_true",
                           help="test-time mirroring: average the logits of each image and of its mirror image")
     evaluate.add_argument("--crf", action="store_true",

@@ -501,6 +501,9 @@ def reproduce_table3(data="synthetic", budget="small", json_path=None, out_dir="
         raise ValueError(f"unknown budget {budget!r}; expected one of {', '.join(BUDGETS)}")
     if data != "synthetic" and not os.path.isdir(data):
         raise MissingDataError(f"reproduce_table3: data must be 'synthetic' or the HELEN folder; {data!r} is not a folder")
+    if not os.fspath(out_dir):
+        raise ValueError("reproduce_table3: out_dir is an empty name; give the folder for the runs, "
+                         "e.g. runs/reproduce")
     setting = BUDGETS[budget]
     # one folder per dataset and budget, as for tables 1 and 2: another budget never meets this one's runs
     out_dir = os.path.join(out_dir, f"table3-{'synthetic' if data == 'synthetic' else 'helen'}-{budget}")

@@ -79,6 +79,24 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert refined["mirror"] and refined["crf"] and refined["pixels"] == record["pixels"]
 
 
+def test_eval_scores_table2s_multi_face_pictures_as_reproduce_does(tmp_path, capsys):
+    import json
+
+    from minirnng.data.catalog import load_split
+    from minirnng.models import RNNG
+    from minirnng.train import evaluate
+
+    model = RNNG(n_classes=3, rng=0)
+    model.classes = ["background", "skin", "hair"]
+    model.save(tmp_path / "model.npz", input_size=(64, 64))
+    command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "2"]
+    assert cli.main(command + ["--multi-face", "--json", str(tmp_path / "m.json")]) == 0
+    pictures = load_split("synthetic", "test", None, 3, 64, size=2, multi_face=True)
+    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == evaluate(model, pictures)["accuracy"]
+    assert cli.main(command[:-4] + ["--data", "lfw-pl", "--root", str(tmp_path), "--multi-face"]) == 1
+    assert "--multi-face scores on synthetic multi-face pictures" in capsys.readouterr().err
+
+
 def test_eval_bootstrap_and_compare_write_intervals_and_paired_differences(tmp_path, capsys):
     import json
 
@@ -108,6 +126,7 @@ def test_eval_bootstrap_and_compare_write_intervals_and_paired_differences(tmp_p
     assert cli.main(command + ["--compare", str(tmp_path / "model1.npz"), "--json", str(tmp_path / "c.json")]) == 0
     assert "compared with" in capsys.readouterr().out
     compared = json.loads((tmp_path / "c.json").read_text())["compare"]
+    assert compared["ms_per_image"] > 0  # each model's time, as for the checkpoint scored first
     assert compared["paired"]["accuracy"]["difference"] == pytest.approx(
         record["accuracy"] - compared["accuracy"], abs=1e-12)
 

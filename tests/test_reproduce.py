@@ -89,6 +89,8 @@ def test_the_detector_rows_time_leaves_out_the_scoring(monkeypatch):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown table"):
         reproduce.reproduce("table9")
+    with pytest.raises(ValueError, match="out_dir is an empty name"):
+        reproduce.reproduce("table1", out_dir="")
     with pytest.raises(ValueError, match="unknown budget"):
         reproduce.reproduce("table1", budget="huge")
     with pytest.raises(ValueError, match="synthetic multi-face images only"):
@@ -135,3 +137,38 @@ def test_a_folder_of_another_recipe_is_refused_in_reproduces_own_words(tiny_budg
                                          r"that folder, or give reproduce another --out") as refused:
         reproduce.reproduce("table1", out_dir=str(tmp_path / "runs"), progress=False, log=lambda line: None)
     assert "only --epochs may change" not in str(refused.value).split("(", 1)[0]
+
+
+def test_the_test_split_falls_back_to_validation_only_where_its_list_is_absent(tmp_path, monkeypatch):
+    from minirnng.data.datasets import MissingDataError
+
+    loaded = []
+
+    def load(data, split, sizes, input_size, multi_face):
+        loaded.append(split)
+        if split == "test":  # a listed image that is not there
+            raise MissingDataError("LFWPL: parts_test.txt line 32 ('Nobody_Here 0001') names a file that does not exist")
+        return "the validation split"
+
+    monkeypatch.setattr(reproduce, "_load", load)
+    messages = []
+    assert reproduce._test_split(str(tmp_path), None, 128, False, messages.append) == ("validation",
+                                                                                      "the validation split")
+    assert loaded == ["validation"] and "parts_test.txt does not exist); scoring on validation" in messages[0]
+    # a broken test split is an error: scoring on the split that chose the models instead would pass unnoticed
+    (tmp_path / "parts_test.txt").write_text("Nobody_Here 1\n")
+    with pytest.raises(MissingDataError, match="Nobody_Here"):
+        reproduce._test_split(str(tmp_path), None, 128, False, messages.append)
+    assert len(messages) == 1
+
+
+def test_the_command_line_refuses_an_output_folder_it_could_not_use_before_any_work(tmp_path, capsys):
+    from minirnng import cli
+
+    assert cli.main(["reproduce", "table1", "--out", ""]) == 1
+    assert "--out is an empty name" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    for table in ("table1", "table3"):
+        assert cli.main(["reproduce", table, "--out", str(tmp_path / "afile")]) == 1
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -234,13 +234,18 @@ class LFWPL(Dataset):
 
     classes = LFW_CLASSES
 
+    @staticmethod
+    def split_list(root, split):
+        """The path of a split's list, ``<root>/parts_<split>.txt``."""
+        return os.path.join(os.fspath(root), f"parts_{split}.txt")
+
     def __init__(self, root, split):
         _check_split(split, "LFWPL")
         self.root, self.split = os.fspath(root), split
         _require_folder(self.root, "LFWPL", LFW_LAYOUT)
         self.image_folder = os.path.join(self.root, "lfw_funneled")
         self.label_folder = os.path.join(self.root, "parts_lfw_funneled_gt_images")
-        self.split_path = os.path.join(self.root, f"parts_{split}.txt")
+        self.split_path = self.split_list(self.root, split)
         _require_folder(self.image_folder, "LFWPL", LFW_LAYOUT)
         _require_folder(self.label_folder, "LFWPL", LFW_LAYOUT)
         _require_file(self.split_path, f"LFWPL split {split!r}", LFW_LAYOUT)
