@@ -143,7 +143,8 @@ def current_thread_order():
 
 
 def cache_directory():
-    """Where compiled kernels are kept: ``$MINIRNNG_CACHE_DIR/emulator``, else ``~/.cache/minirnng/emulator``."""
+    """Where compiled kernels are kept: ``$MINIRNNG_CACHE_DIR/emulator``, else
+    ``$XDG_CACHE_HOME/minirnng/emulator``, else ``~/.cache/minirnng/emulator``."""
     root = os.environ.get("MINIRNNG_CACHE_DIR")
     if not root:
         root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "minirnng"
