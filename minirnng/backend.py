@@ -198,6 +198,18 @@ def to_device(array, dtype=None):
     return numpy.asarray(to_numpy(array), dtype=dtype)
 
 
+def to_device_of(array, like):
+    """``array`` where ``like`` lives: on ``like``'s GPU for a CuPy ``like``, else as a NumPy array
+    (the host's, which the emulator's kernels use too). A model's inputs go where its parameters
+    are, which need not be the backend in force: a model built in a ``use("cupy")`` block and used
+    after it, say."""
+    if is_cupy_array(like):
+        import cupy
+        with like.device:
+            return cupy.asarray(array)
+    return to_numpy(array)
+
+
 def matching(array):
     """The backend whose new arrays live where ``array`` lives: ``cupy`` for a CuPy array; for a
     NumPy array the current backend, or ``numpy`` where that is ``cupy``. A copy of a model built

@@ -32,26 +32,32 @@ def gradcheck_problems(rng):
     """Small random float64 problems, one per layer and loss: ``(report title, run)`` pairs.
 
     Inputs are tie-free for max pooling and kept away from ReLU's kink, so that a step of
-    ``eps`` never changes which branch is taken.
+    ``eps`` never changes which branch is taken. They are drawn on the host and put on the current
+    backend's device, where the layers are built: the GPU's, where CuPy is the backend.
     """
-    from . import gradcheck, layers, losses, models
+    from . import backend, gradcheck, layers, losses, models
+
+    device = backend.to_device
 
     f64 = numpy.float64
 
     def spaced(shape, spacing=0.01):
         count = int(numpy.prod(shape))
         values = rng.permutation((numpy.arange(count) - count / 2 + 0.5) * spacing).reshape(shape)
-        return values + numpy.sign(values) * 0.05
+        return device(values + numpy.sign(values) * 0.05)
 
     def normal(*shape):
-        return rng.standard_normal(shape)
+        return device(rng.standard_normal(shape))
+
+    def uniform(low, high, shape):
+        return device(rng.uniform(low, high, shape))
 
     def randomized(layer):
         # distinct, non-symmetric recurrent weights (identical ones tie the four directions exactly)
         # and small biases (a large one can make one direction win every output of a merge)
         for name, value in layer.params.items():
-            value[...] = (layers.constrain_recurrent_weight(rng.standard_normal(value.shape)) if name.endswith("W")
-                          else 0.1 * rng.standard_normal(value.shape))
+            value[...] = device(layers.constrain_recurrent_weight(rng.standard_normal(value.shape))
+                                if name.endswith("W") else 0.1 * rng.standard_normal(value.shape))
         return layer
 
     def four_way(layer, *inputs):
@@ -59,7 +65,8 @@ def gradcheck_problems(rng):
         # none has zero gradients, and its rows would compare zero with zero, a check of nothing.
         for _ in range(20):
             randomized(layer)
-            scans = numpy.stack([layer.direction_layers[d].forward(*inputs) for d in layers.DIRECTIONS])
+            scans = numpy.stack([backend.to_numpy(layer.direction_layers[d].forward(*inputs))
+                                 for d in layers.DIRECTIONS])
             if len(numpy.unique(scans.argmax(axis=0))) == len(layers.DIRECTIONS):
                 return gradcheck.check_layer(layer, *inputs, rng=rng)
         raise RuntimeError(f"{layer!r}: no parameters in 20 draws under which every direction wins an output")
@@ -78,16 +85,16 @@ def gradcheck_problems(rng):
     for direction in layers.DIRECTIONS:
         yield f"GatedSpatialRNN(3, {direction!r})", lambda direction=direction: gradcheck.check_layer(
             randomized(layers.GatedSpatialRNN(3, direction, dtype=f64)), normal(2, 3, 4, 5),
-            rng.uniform(0.05, 0.95, (2, 3, 4, 5)), rng=rng)
+            uniform(0.05, 0.95, (2, 3, 4, 5)), rng=rng)
     yield "FourWayGatedRNN(3)", lambda: four_way(
-        layers.FourWayGatedRNN(3, dtype=f64), normal(2, 3, 5, 4), rng.uniform(0.05, 0.95, (2, 3, 5, 4)))
+        layers.FourWayGatedRNN(3, dtype=f64), normal(2, 3, 5, 4), uniform(0.05, 0.95, (2, 3, 5, 4)))
     yield "SpatialRNN(3, 'left_to_right', tanh)", lambda: gradcheck.check_layer(
         randomized(layers.SpatialRNN(3, "left_to_right", dtype=f64)), normal(2, 3, 4, 5), rng=rng)
     yield "FourWaySpatialRNN(3)", lambda: four_way(layers.FourWaySpatialRNN(3, dtype=f64), normal(2, 3, 4, 5))
 
     def batch_norm():
         layer = layers.BatchNorm2d(3, dtype=f64)  # weight and bias away from 1 and 0, of both signs
-        layer.params["weight"][...] = rng.choice([-1.0, 1.0], 3) * rng.uniform(0.5, 1.5, 3)
+        layer.params["weight"][...] = device(rng.choice([-1.0, 1.0], 3) * rng.uniform(0.5, 1.5, 3))
         layer.params["bias"][...] = normal(3)
         return gradcheck.check_layer(layer, 2 * normal(2, 3, 4, 5) + 1, rng=rng)
     yield "BatchNorm2d(3)", batch_norm
@@ -95,16 +102,17 @@ def gradcheck_problems(rng):
     target[0, 0, :3] = 255
     yield "SoftmaxCrossEntropy(class weights, ignore 255, mask)", lambda: gradcheck.check_loss(
         losses.SoftmaxCrossEntropy(class_weights=[0.5, 1.0, 2.0, 1.5], ignore_index=255),
-        normal(2, 4, 5, 6) * 3, target, rng.random((2, 5, 6)) < 0.8, rng=rng)
-    binary = (rng.random((2, 1, 5, 6)) < 0.5).astype(f64)
+        normal(2, 4, 5, 6) * 3, device(target), device(rng.random((2, 5, 6)) < 0.8), rng=rng)
+    binary = device((rng.random((2, 1, 5, 6)) < 0.5).astype(f64))
     yield "SigmoidBinaryCrossEntropy(mask)", lambda: gradcheck.check_loss(
-        losses.SigmoidBinaryCrossEntropy(), normal(2, 1, 5, 6) * 3, binary, rng.random((2, 1, 5, 6)) < 0.8, rng=rng)
+        losses.SigmoidBinaryCrossEntropy(), normal(2, 1, 5, 6) * 3, binary, device(rng.random((2, 1, 5, 6)) < 0.8),
+        rng=rng)
     dice_target = rng.integers(0, 3, size=(2, 5, 6))
     yield "SoftDice(mask)", lambda: gradcheck.check_loss(
-        losses.SoftDice(), normal(2, 3, 5, 6) * 2, dice_target, rng.random((2, 5, 6)) < 0.8, rng=rng)
+        losses.SoftDice(), normal(2, 3, 5, 6) * 2, device(dice_target), device(rng.random((2, 5, 6)) < 0.8), rng=rng)
     affinity = losses.ColourAffinity()
     # colour differences of the size of s_rgb, so that the pairs' weights spread over (0, 1)
-    affinity_images = rng.uniform(-0.1, 0.1, (2, 3, 5, 6))
+    affinity_images = uniform(-0.1, 0.1, (2, 3, 5, 6))
     yield "ColourAffinity()", lambda: gradcheck.check(
         repr(affinity), lambda z: affinity.forward(z, affinity_images), affinity.backward,
         {"logits": normal(2, 3, 5, 6) * 2}, rng=rng)
@@ -127,8 +135,10 @@ def gradcheck_problems(rng):
 
 def command_gradcheck(arguments):
     rng = numpy.random.default_rng(arguments.seed)
-    print(f"minirnng {__version__}: centred finite differences in float64, random upstream gradients "
-          f"(seed {arguments.seed}); pass if every relative error <= {arguments.tolerance:.0e}\n")
+    from . import backend
+
+    print(f"minirnng {__version__}: centred finite differences in float64 on the {backend.describe()}, random "
+          f"upstream gradients (seed {arguments.seed}); pass if every relative error <= {arguments.tolerance:.0e}\n")
     worst = 0.0
     failed = []
     for title, run in gradcheck_problems(rng):
@@ -621,7 +631,7 @@ def command_demo(arguments):
     shown = min(arguments.figure_images, len(test_set))
     print(f"\n3. The pipeline on {shown} test images: input, truth, coarse map, gate map, result")
     images, truth = test_set.images[:shown], test_set.labels[:shown]
-    outputs = model.forward(backend.to_device(normalize(images)))
+    outputs = model.forward(model.on_device(normalize(images)))
     coarse, predicted = (backend.to_numpy(outputs[name].argmax(axis=1)) for name in ("coarse", "logits"))
     # the whole gate map G: the figure draws its mean over the channels and says so
     figure = pipeline_figure(images, truth, coarse, backend.to_numpy(model.intermediates["gate"]), predicted,

@@ -30,6 +30,7 @@ and prints a score.
 import ast
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -554,6 +555,17 @@ def _conv_problem(case, rng):
     return x, weight, bias, stride, padding
 
 
+def references_on_the_host(check):
+    """Run a lab check with minirnng's layers, its references, on the NumPy path, whatever the
+    backend in force (a GPU machine's CuPy, say): the labs' problems are NumPy arrays, and the
+    student's functions are NumPy code. A check of kernels runs them on the emulator itself."""
+    @functools.wraps(check)
+    def on_the_host(*arguments, **keywords):
+        with backend.use("numpy"):
+            return check(*arguments, **keywords)
+    return on_the_host
+
+
 def _reference_conv(x, weight, bias, stride, padding):
     o, c, k, _ = weight.shape
     layer = Conv2d(c, o, k, stride=stride, padding=padding, dtype=numpy.float64)
@@ -567,6 +579,7 @@ def _conv_case_text(case):
     return f"x ({n}, {c}, {height}, {width}), weight ({o}, {c}, {k}, {k}), stride {stride}, padding {padding}"
 
 
+@references_on_the_host
 def check_conv2d_forward(conv2d_forward):
     """Check ``conv2d_forward(x, weight, bias, stride, padding) -> (y, cache)`` (a cross-correlation)."""
     rng = numpy.random.default_rng(20)
@@ -595,6 +608,7 @@ def check_conv2d_forward(conv2d_forward):
     return report.finish()
 
 
+@references_on_the_host
 def check_conv2d_backward(conv2d_forward, conv2d_backward):
     """Check ``conv2d_backward(dy, cache) -> (dx, dweight, dbias)`` against the reference and
     finite differences of ``conv2d_forward``."""
@@ -714,6 +728,7 @@ def _pool_case_text(case):
     return f"x {shape}, kernel {kernel_size}, stride {stride}" + (", with ties" if ties else "")
 
 
+@references_on_the_host
 def check_maxpool2d_forward(maxpool2d_forward):
     """Check ``maxpool2d_forward(x, kernel_size, stride) -> (y, cache)``."""
     rng = numpy.random.default_rng(40)
@@ -731,6 +746,7 @@ def check_maxpool2d_forward(maxpool2d_forward):
     return report.finish()
 
 
+@references_on_the_host
 def check_maxpool2d_backward(maxpool2d_forward, maxpool2d_backward):
     """Check ``maxpool2d_backward(dy, cache) -> dx``: routing, ties (the first maximum in row-major
     order takes the whole gradient), overlapping windows, and finite differences."""
@@ -777,6 +793,7 @@ def check_maxpool2d_backward(maxpool2d_forward, maxpool2d_backward):
 RELU_SHAPE = (2, 3, 4, 5)
 
 
+@references_on_the_host
 def check_relu(relu_forward, relu_backward):
     """Check ``relu_forward(x) -> (y, cache)`` and ``relu_backward(dy, cache) -> dx`` (slope 0 at 0)."""
     rng = numpy.random.default_rng(42)
@@ -818,6 +835,7 @@ def _softmax_problem(rng, scale=3.0):
     return logits, target
 
 
+@references_on_the_host
 def check_softmax_cross_entropy(forward, backward):
     """Check ``forward(logits, target) -> (loss, cache)`` (the mean over pixels of -log softmax at
     the target) and ``backward(dloss, cache) -> dlogits``, including logits of size 1e4."""
@@ -863,6 +881,7 @@ def check_softmax_cross_entropy(forward, backward):
     return report.finish()
 
 
+@references_on_the_host
 def check_sigmoid_cross_entropy(forward, backward):
     """Check ``forward(logits, target, mask) -> (loss, cache)`` (the mean over the masked pixels of
     the binary cross-entropy of sigmoid(logits)) and ``backward(dloss, cache) -> dlogits``."""
@@ -1010,6 +1029,7 @@ def _reference_plain(x, W, b, direction="left_to_right"):
     return layer, layer.forward(x)
 
 
+@references_on_the_host
 def check_spatial_rnn_forward(spatial_rnn_forward):
     """Check ``spatial_rnn_forward(x, W, b) -> (h, cache)``: eq. 1 with tanh, left to right along
     the last axis, ``h_{-1} = 0``; x (N, C, H, T), W (C, C), b (C,)."""
@@ -1038,6 +1058,7 @@ def check_spatial_rnn_forward(spatial_rnn_forward):
     return report.finish()
 
 
+@references_on_the_host
 def check_spatial_rnn_backward(spatial_rnn_forward, spatial_rnn_backward):
     """Check ``spatial_rnn_backward(dh, cache) -> (dx, dW, db)`` (eq. 2, corrected)."""
     rng = numpy.random.default_rng(61)
@@ -1102,6 +1123,7 @@ def _reference_gated(x, g, W, b, direction="left_to_right"):
     return layer, layer.forward(x, g)
 
 
+@references_on_the_host
 def check_gated_rnn_forward(gated_rnn_forward):
     """Check ``gated_rnn_forward(x, g, W, b) -> (h, cache)``: eq. 3, left to right along the last
     axis, ``h_j = x_j + g_j * (W h_{j-1} + b)``, ``h_{-1} = 0``."""
@@ -1126,6 +1148,7 @@ def check_gated_rnn_forward(gated_rnn_forward):
     return report.finish()
 
 
+@references_on_the_host
 def check_gated_rnn_backward(gated_rnn_forward, gated_rnn_backward):
     """Check ``gated_rnn_backward(dh, cache) -> (dx, dg, dW, db)`` against the reference, the
     slips of the printed eq. 4, and finite differences."""
@@ -1215,6 +1238,7 @@ def _strides(direction, height, width):
     return direction_strides(direction, height, width)
 
 
+@references_on_the_host
 def check_direction_strides(direction_strides):
     """Check ``direction_strides(direction, height, width) -> (lines, length, line_stride,
     step_stride, first)``, the five numbers that turn each direction into the same walk."""
@@ -1304,6 +1328,7 @@ def _reference_scan(x, g, W, b, direction):
     return layer, layer.forward(x, g)
 
 
+@references_on_the_host
 def check_gated_scan_forward_gpu(forward):
     """Check ``forward(x, g, W, b, direction) -> (h, cache)``, a launch of the ``gated_scan_forward``
     kernel, in all four directions, on the CUDA emulator."""
@@ -1342,6 +1367,7 @@ def check_gated_scan_forward_gpu(forward):
     return report.finish()
 
 
+@references_on_the_host
 def check_gated_scan_backward_gpu(forward, backward):
     """Check ``backward(dh, cache) -> (dx, dg, dW, db)``, a launch of ``gated_scan_backward`` plus
     the product and the sum that finish dW and db, against the reference and finite differences."""

@@ -104,6 +104,12 @@ def shard_pass(replica, method, inputs, options, params=None, errors=None):
         return getattr(replica, method)(inputs["images"]), None
 
 
+def shard_count(model, workers):
+    """How many shards each batch is split into with ``workers`` workers: ``workers`` for a model
+    on the host, 1 for a model on the GPU, which runs every batch whole."""
+    return 1 if backend.is_cupy_array(next(iter(model.params().values()))) else workers
+
+
 class DataParallel:
     """``model`` run on shards of each batch by ``workers`` threads (see the module docstring).
 
@@ -123,7 +129,7 @@ class DataParallel:
 
     ``forward(images)``, ``backward(grads, input_gradient=True)``, ``infer(images)`` and
     ``predict(images)`` take and return what the model's methods do, for the whole batch.
-    ``params()``, ``grads()``, ``zero_grad()`` and ``constrain()`` are the model's.
+    ``params()``, ``grads()``, ``zero_grad()``, ``constrain()`` and ``on_device()`` are the model's.
     :class:`minirnng.processes.ProcessParallel` is the same with worker processes.
     """
 
@@ -133,8 +139,7 @@ class DataParallel:
         self.replicas = [model]  # shard s runs on replicas[s]; replicas[0] is the model itself
         self._shards = None  # the slices of the last forward pass, None when it ran unsplit
         self._pool = None  # the worker threads, started by the first split pass
-        on_device = backend.is_cupy_array(next(iter(model.params().values())))
-        if not on_device and self.workers > 1:  # a model on the GPU always runs unsplit
+        if shard_count(model, self.workers) > 1:  # a model on the GPU always runs unsplit
             self.replicas += self._start_replicas(self.workers - 1)
 
     def _start_replicas(self, count):
@@ -142,6 +147,9 @@ class DataParallel:
         return [checked_replica(self.model, type(self).__name__) for _ in range(count)]
 
     # -- what is the model's ---------------------------------------------------------------
+    def on_device(self, array):
+        return self.model.on_device(array)
+
     def params(self):
         return self.model.params()
 

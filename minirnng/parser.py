@@ -133,7 +133,7 @@ class FaceParser:
         if not images:
             raise ValueError("FaceParser.run: the list of images is empty")
         batch = numpy.stack([resize_image(check_image(image), self.input_size) for image in images])
-        return backend.to_device(normalize(batch))
+        return self.model.on_device(normalize(batch))
 
     def scores(self, image):
         """Class probabilities (K, H, W) float32 at the image's own size."""

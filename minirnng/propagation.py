@@ -24,6 +24,7 @@ import numpy
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from . import backend
 from .layers.recurrent import FourWayGatedRNN
 from .viz import GATE_COLOURMAP, GATE_LABEL, check_figure_path, save_figure
 
@@ -152,11 +153,14 @@ def propagate_labels(seeds, gate, passes=4, reach=1e-6):
     rows, columns = numpy.nonzero(seeds >= 0)
     x[0, seeds[rows, columns], rows, columns] = 1.0
     g = numpy.broadcast_to(numpy.asarray(gate, dtype=numpy.float64), x.shape).copy()
-    layer = FourWayGatedRNN(n_labels, dtype=numpy.float64)
-    scores = x
-    for _ in range(passes):
-        scores = layer.forward(scores, g)
-        scores /= scores.max()  # one common scale for all labels: keeps the numbers readable
+    # the maps are NumPy arrays: the layer computes on the host, whatever the backend in force (a
+    # GPU's), or on the emulator's kernels where that is the backend
+    with backend.use(backend.matching(x)):
+        layer = FourWayGatedRNN(n_labels, dtype=numpy.float64)
+        scores = x
+        for _ in range(passes):
+            scores = layer.forward(scores, g)
+            scores /= scores.max()  # one common scale for all labels: keeps the numbers readable
     scores = scores[0]
     labels = numpy.where(scores.max(axis=0) > reach, scores.argmax(axis=0), UNLABELLED)
     return labels, scores

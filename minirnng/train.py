@@ -40,7 +40,7 @@ from .models import ARCHITECTURES
 from .models.checkpoint import load_model, read_checkpoint, save_model
 from .objective import StageOneObjective, class_balance_weights
 from .optim import OPTIMIZERS, SCHEDULES, learning_rate
-from .parallel import DataParallel, available_cores, default_workers
+from .parallel import DataParallel, available_cores, default_workers, shard_count
 from .processes import ProcessParallel
 
 
@@ -225,12 +225,14 @@ def evaluate(model, dataset, batch_size=32, predict=None, per_image=False):
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset holds no images; there is nothing to score")
     predict = predict or model.predict
+    # where the model's parameters are (a model, or a DataParallel of one); without a model, the backend's device
+    place = model.on_device if model is not None else backend.to_device
     accumulator = ConfusionAccumulator(dataset.classes, per_image=per_image)
     elapsed = 0.0
     for images, labels in batches(dataset, batch_size, shuffle=False):
         interruption.raise_if_requested()
         start = time.perf_counter()
-        predicted = backend.to_numpy(predict(backend.to_device(images)))
+        predicted = backend.to_numpy(predict(place(images)))
         elapsed += time.perf_counter() - start
         accumulator.add(predicted, labels)
     summary = accumulator.summary()
@@ -460,7 +462,9 @@ class Trainer:
                    extra_arrays=self.optimizer.state_arrays(),
                    training={"config": dataclasses.asdict(self.config), "epoch": self.epoch,
                              "rng_state": self.rng.bit_generator.state, "history": self.history,
-                             "best_accuracy": self.best_accuracy, "workers": self.network.workers,
+                             "best_accuracy": self.best_accuracy,
+                             # the shards it ran (1 on the GPU): what a batch normalisation's statistics depend on
+                             "workers": shard_count(self.model, self.network.workers),
                              "data": self.data})
 
     def resume(self):
@@ -487,16 +491,19 @@ class Trainer:
         saved_workers = training.get("workers")  # absent in checkpoints of runs before DataParallel: 1
         saved_workers = 1 if saved_workers is None else int(saved_workers)
         requested = self._network.workers if self._network is not None else self.workers
+        on_gpu = shard_count(self.model, 2) == 1
         if requested is None:
             self.workers = saved_workers
-        elif requested != saved_workers:
+        elif shard_count(self.model, requested) != saved_workers:
             if self.config.batch_norm:
-                raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s): it was "
+                raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s)"
+                                 f"{' on the GPU, which runs each batch whole' if on_gpu else ''}: it was "
                                  f"trained with {saved_workers}, and with batch normalisation each worker's shard "
                                  f"is normalised by its own statistics, so that number is part of the training; "
-                                 f"resume with --workers {saved_workers}")
-            self.log(f"note: the run used {saved_workers} worker(s) and continues with {requested}; "
-                     "the gradient sums are rounded differently from here on")
+                                 + (f"resume it on the CPU (MINIRNNG_BACKEND=numpy) with --workers {saved_workers}"
+                                    if on_gpu else f"resume with --workers {saved_workers}"))
+            self.log(f"note: the run used {saved_workers} worker(s) and continues with "
+                     f"{shard_count(self.model, requested)}; the gradient sums are rounded differently from here on")
 
     def initialize_from(self, source):
         """Start from the weights of ``source``, the model :func:`starting_checkpoint` read
@@ -520,7 +527,7 @@ class Trainer:
             interruption.raise_if_requested()  # a stop whose KeyboardInterrupt Python dropped
             progress = (self.epoch + step / steps_per_epoch) / config.epochs
             self.optimizer.lr = learning_rate(config.schedule, config.lr, progress, config.warmup)
-            images, labels = backend.to_device(images), backend.to_device(labels)
+            images, labels = model.on_device(images), model.on_device(labels)
             model.zero_grad()
             outputs = network.forward(images)
             total, parts, grads = self.objective(outputs, labels, self.rng, images)
@@ -550,7 +557,7 @@ class Trainer:
         # finite weights so large that a forward pass overflows: validation would score the NaN
         # logits as one class and keep the run as its best; one batch of it tells
         images, _ = next(batches(self.validation_set, config.batch_size, shuffle=False))
-        logits = network.infer(backend.to_device(images))
+        logits = network.infer(self.model.on_device(images))
         if not bool(backend.get_array_module(logits).isfinite(logits).all()):
             raise FloatingPointError(f"training diverged in epoch {self.epoch + 1}: the weights are finite but "
                                      f"their logits are not (a forward pass overflows); {advice}")

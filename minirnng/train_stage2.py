@@ -311,8 +311,9 @@ def _train_component_epochs(networks, shared, optimizers, losses, train_set, key
             for name, (images, labels) in _network_batches(crops, rng).items():
                 network, optimizer = shared[name], optimizers[name]
                 network.zero_grad()
-                logits = network.forward(backend.to_device(images))["logits"]
-                totals[name] += losses[name].forward(logits, backend.to_device(labels.astype(numpy.int64))) * len(chosen)
+                logits = network.forward(networks[name].on_device(images))["logits"]
+                totals[name] += losses[name].forward(logits, networks[name].on_device(labels.astype(numpy.int64))) \
+                    * len(chosen)
                 network.backward({"logits": losses[name].backward()}, input_gradient=False)
                 optimizer.lr = rate
                 optimizer.step()
@@ -345,7 +346,7 @@ def evaluate_components(networks, dataset, keypoints, geometry, batch_size=32):
         crops = cut_crops(normalize(dataset.images[chosen]), dataset.labels[chosen],
                           geometry.matrices(keypoints[chosen]))
         for name, (images, labels) in _network_batches(crops).items():
-            predicted = backend.to_numpy(networks[name].predict(backend.to_device(images)))
+            predicted = backend.to_numpy(networks[name].predict(networks[name].on_device(images)))
             confusions[name] = confusions[name] + confusion_matrix(predicted, labels, networks[name].n_classes)
     scores = {}
     for name, confusion in confusions.items():

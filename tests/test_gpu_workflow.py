@@ -66,7 +66,7 @@ def test_training_on_the_gpu_resumes_exactly_and_follows_the_host(tiny_data, tmp
             raise Interrupt  # killed right after the epoch's checkpoint was written
 
     with backend.use("cupy"):
-        straight = Trainer(config, *tiny_data, tmp_path / "straight", progress=False, log=quiet)
+        straight = Trainer(config, *tiny_data, tmp_path / "straight", progress=False, log=quiet, workers=2)
         straight.run()
         with pytest.raises(Interrupt):
             Trainer(config, *tiny_data, tmp_path / "resumed", progress=False, log=stop_after_first_epoch).run()
@@ -86,6 +86,9 @@ def test_training_on_the_gpu_resumes_exactly_and_follows_the_host(tiny_data, tmp
     numpy.testing.assert_allclose([row["train_loss"] for row in straight.history],
                                   [row["train_loss"] for row in host.history], rtol=1e-3)
     assert len(resumed.history) == 3 and (tmp_path / "resumed" / "curves.png").exists()
+    # the GPU runs every batch whole, whatever --workers says: that is the shard count it records
+    from minirnng.models.checkpoint import read_checkpoint
+    assert read_checkpoint(tmp_path / "straight" / "last.npz")[0]["training"]["workers"] == 1
 
 
 @pytest.mark.parametrize("model", STAGE1_MODELS)
@@ -101,6 +104,53 @@ def test_every_stage1_model_trains_and_evaluates_on_the_gpu(model, tmp_path):
     on_gpu, on_host = (json.loads((tmp_path / name).read_text()) for name in ("gpu.json", "host.json"))
     # The same weights on both: a pixel may flip only where two scores tie to float32 rounding.
     assert on_gpu["accuracy"] == pytest.approx(on_host["accuracy"], abs=2e-3)
+
+
+def test_gradcheck_checks_the_gpu_path_where_cupy_is_the_backend():
+    out = run_on_the_gpu("gradcheck")
+    assert "float64 on the GPU" in out and "all gradients agree with finite differences" in out
+
+
+def test_the_helpers_that_take_numpy_arrays_compute_on_the_host_where_cupy_is_the_backend():
+    from minirnng import labs
+    from minirnng.layers import naive
+    from minirnng.propagation import edge_gates, propagate_labels, random_seeds, synthetic_image
+
+    image, regions = synthetic_image()
+    with backend.use("numpy"):
+        expected = propagate_labels(random_seeds(regions), edge_gates(image))[0]
+    with backend.use("cupy"):
+        labels = propagate_labels(random_seeds(regions), edge_gates(image))[0]
+        # a lab's references (minirnng's layers) run on the host too: a correct answer passes
+        report = labs.check_gated_rnn_forward(
+            lambda x, g, W, b: (naive.gated_recurrence(x, g, W, b, "left_to_right"), None))
+    assert isinstance(labels, numpy.ndarray) and (labels == expected).all()
+    assert report is None  # finish() returns None when every check passed, and raises otherwise
+
+
+def test_a_model_on_the_gpu_takes_its_inputs_there_whatever_the_backend_in_force(tiny_data):
+    from minirnng.data.pipeline import normalize
+    from minirnng.models import RNNG
+    from minirnng.models.crf import DenseCRF
+    from minirnng.parser import FaceParser
+    from minirnng.train import evaluate
+
+    validation = tiny_data[1]
+    with backend.use("cupy"):
+        model = RNNG(3, rng=0)
+    model.classes = list(validation.classes)
+    host = RNNG(3, rng=0)
+    host.load_params({name: backend.to_numpy(value) for name, value in model.params().items()})
+    host.classes = model.classes
+    with backend.use("numpy"):  # the model stays on the GPU, and its inputs follow it there
+        assert evaluate(model, validation)["accuracy"] == pytest.approx(evaluate(host, validation)["accuracy"],
+                                                                         abs=2e-3)
+        parser = FaceParser(model, input_size=(32, 32))
+        assert parser.run(list(validation.images[:2]))["logits"].shape == (2, 3, 32, 32)
+        assert parser.parse(validation.images[0]).shape == validation.images[0].shape[:2]
+        images = model.on_device(normalize(validation.images[:2]))
+        assert backend.is_cupy_array(images)
+        assert backend.is_cupy_array(DenseCRF().refine(model.infer(images), images))  # on the logits' device
 
 
 def test_mirrored_eval_of_the_shipped_parser_on_the_gpu_gives_the_hosts_scores(tmp_path):

@@ -86,6 +86,11 @@ class Model:
         return {f"{layer_name}.{name}": value
                 for layer_name, layer in self.layers.items() for name, value in layer.params.items()}
 
+    def on_device(self, array):
+        """``array`` on the device of this model's parameters (:func:`~minirnng.backend.to_device_of`):
+        where its inputs and labels must be, whatever the backend in force."""
+        return backend.to_device_of(array, next(iter(self.params().values())))
+
     def grads(self):
         return {f"{layer_name}.{name}": value
                 for layer_name, layer in self.layers.items() for name, value in layer.grads.items()}
@@ -142,7 +147,7 @@ class Model:
         reference = next(iter(self.params().values()))
         if backend.is_cupy_array(images) != backend.is_cupy_array(reference):
             raise ValueError(f"{owner}: images are on the wrong device for this model's parameters; "
-                             "move them with minirnng.backend.to_device")
+                             "move them with model.on_device(images)")
         return images.astype(self.dtype, copy=True)
 
     def check_forward_cached(self):

@@ -222,4 +222,4 @@ class DenseCRF:
             if not numpy.isfinite(array).all():
                 raise ValueError(f"DenseCRF: the {what} hold NaN or infinite values")
         q = numpy.stack([self.refine_one(z, image) for z, image in zip(host_logits, host_images)])
-        return backend.to_device(q) if backend.is_cupy_array(logits) else q
+        return backend.to_device_of(q, logits)

@@ -305,7 +305,7 @@ class TwoStageParser:
         (N, 11, h1, w1) and their arg-max (N, h1, w1) int64."""
         # infer, not forward: a batch-normalised stage 1 then uses its running statistics, so that
         # an image's labels do not depend on the others in its batch
-        scores = backend.to_numpy(self.stage1.infer(backend.to_device(images)))
+        scores = backend.to_numpy(self.stage1.infer(self.stage1.on_device(images)))
         return scores, scores.argmax(axis=1)
 
     def main_regions(self, scores, labels):
@@ -342,7 +342,8 @@ class TwoStageParser:
                 # A network's crops are adjacent in CROPS, so its batch is a slice (both eyes at once).
                 mine = [k for k, crop in enumerate(names) if CROP_NETWORK[crop] == network_name]
                 batch = cut[mine[0] * n:(mine[-1] + 1) * n]
-                logits = backend.to_numpy(self.networks[network_name].infer(backend.to_device(batch)))
+                network = self.networks[network_name]
+                logits = backend.to_numpy(network.infer(network.on_device(batch)))
                 for k, index in enumerate(mine):
                     results[names[index]] = (matrices[names[index]], logits[k * n:(k + 1) * n])
         return results
