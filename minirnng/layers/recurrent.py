@@ -248,7 +248,9 @@ def _scan_geometry_cached(directions, height, width, device):
         geometry.flags.writeable = False  # shared by every call from now on
         return geometry
     import cupy
-    with cupy.cuda.Device(device):
+    # from CUDA itself, not from the allocator in force: that may be a CUDA graph's private pool
+    # (minirnng.cuda.graph), which older CuPy releases free with the graph, while this lives on
+    with cupy.cuda.Device(device), cupy.cuda.using_allocator(None):
         return cupy.asarray(geometry)
 
 
