@@ -332,8 +332,9 @@ def main():
           f"{blas_description()}; {malloc}; {os.cpu_count()} CPUs, {load} at the start")
     if arguments.openblas_core and blas_description() and \
             f"({arguments.openblas_core.lower()} kernels)" not in blas_description().lower():
-        print(f"note: OpenBLAS did not take --openblas-core {arguments.openblas_core} (it ignores a name it does not "
-              "know, or one this CPU cannot run): the kernels are the ones named above")
+        print(f"note: with --openblas-core {arguments.openblas_core}, OpenBLAS runs the kernels named above (it runs "
+              "another core's kernels for some names, e.g. Haswell's for Zen, and ignores a name it does not know "
+              "or one this CPU cannot run)")
     if torch is None:
         print("PyTorch is not installed (pip install torch==2.13.0 for a CPU build): minirnng only")
         our_train = median_seconds(ours.train_step, repeats=arguments.repeats, warmup=2)

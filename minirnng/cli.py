@@ -352,7 +352,7 @@ def command_eval(arguments):
             record = report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size)
         if arguments.confusion:
             from .viz import confusion_figure, save_figure
-            title = f"{model.architecture} on {arguments.data} {arguments.split}"
+            title = f"{model.architecture} on {data_description(arguments)} {arguments.split}"
             written.append(save_figure(confusion_figure(result["confusion"], dataset.classes, title),
                                        arguments.confusion, role=CONFUSION_ROLE))
         if arguments.json:
@@ -408,12 +408,18 @@ def is_eval_record(path):
     return record is not None and {"checkpoint", "accuracy", "confusion"} <= set(record)
 
 
+def data_description(arguments):
+    """``synthetic``, ``synthetic multi-face`` or ``lfw-pl``: what eval scored on, for its lines and titles."""
+    return f"{arguments.data} multi-face" if arguments.multi_face else arguments.data
+
+
 def report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size):
     """Print eval's scores (and intervals and comparison); return the record its --json writes."""
     options = [name for name, wanted in (("test-time mirroring", arguments.mirror), ("the dense CRF", arguments.crf))
                if wanted]
     options = f", with {' and '.join(options)}" if options else ""
-    print(f"{arguments.checkpoint} on {arguments.data} {arguments.split} ({len(dataset)} images{options}): "
+    scored = f"{data_description(arguments)} {arguments.split} ({len(dataset)} images{options})"
+    print(f"{arguments.checkpoint} on {scored}: "
           f"accuracy {100 * result['accuracy']:.2f}%, {result['ms_per_image']:.2f} ms per image "
           f"on the {backend.describe()}")
     for name in dataset.classes:
@@ -422,7 +428,7 @@ def report_eval(arguments, model, dataset, result, per_image, replicates, other,
     record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
               "input_size": input_size,
               "architecture": model.architecture, "mirror": arguments.mirror, "crf": arguments.crf,
-              "device": backend.describe(),
+              "multi_face": arguments.multi_face, "device": backend.describe(),
               **result}
     if replicates:
         record["bootstrap"] = print_intervals(per_image, dataset.classes, replicates)

@@ -225,8 +225,9 @@ def evaluate(model, dataset, batch_size=32, predict=None, per_image=False):
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset holds no images; there is nothing to score")
     predict = predict or model.predict
-    # where the model's parameters are (a model, or a DataParallel of one); without a model, the backend's device
-    place = model.on_device if model is not None else backend.to_device
+    # where the model's parameters are (a model, or a DataParallel of one); for anything else that
+    # predicts (a two-stage parser, a wrapper), or no model, the device of the backend in force
+    place = getattr(model, "on_device", None) or backend.to_device
     accumulator = ConfusionAccumulator(dataset.classes, per_image=per_image)
     elapsed = 0.0
     for images, labels in batches(dataset, batch_size, shuffle=False):
@@ -462,9 +463,10 @@ class Trainer:
                    extra_arrays=self.optimizer.state_arrays(),
                    training={"config": dataclasses.asdict(self.config), "epoch": self.epoch,
                              "rng_state": self.rng.bit_generator.state, "history": self.history,
-                             "best_accuracy": self.best_accuracy,
-                             # the shards it ran (1 on the GPU): what a batch normalisation's statistics depend on
-                             "workers": shard_count(self.model, self.network.workers),
+                             "best_accuracy": self.best_accuracy, "workers": self.network.workers,
+                             # the shards each batch ran in (1 on the GPU, whatever the workers): what a
+                             # batch normalisation's statistics depend on
+                             "shards": shard_count(self.model, self.network.workers),
                              "data": self.data})
 
     def resume(self):
@@ -491,19 +493,26 @@ class Trainer:
         saved_workers = training.get("workers")  # absent in checkpoints of runs before DataParallel: 1
         saved_workers = 1 if saved_workers is None else int(saved_workers)
         requested = self._network.workers if self._network is not None else self.workers
+        if requested is None:  # the run goes on with the workers it was started with
+            self.workers = requested = saved_workers
+        saved_shards = training.get("shards")
+        if saved_shards is None:  # a checkpoint of an earlier version, which recorded the workers alone
+            before, now = saved_workers, requested
+        else:
+            before, now = int(saved_shards), shard_count(self.model, requested)
+        if now == before:
+            return
         on_gpu = shard_count(self.model, 2) == 1
-        if requested is None:
-            self.workers = saved_workers
-        elif shard_count(self.model, requested) != saved_workers:
-            if self.config.batch_norm:
-                raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s)"
-                                 f"{' on the GPU, which runs each batch whole' if on_gpu else ''}: it was "
-                                 f"trained with {saved_workers}, and with batch normalisation each worker's shard "
-                                 f"is normalised by its own statistics, so that number is part of the training; "
-                                 + (f"resume it on the CPU (MINIRNNG_BACKEND=numpy) with --workers {saved_workers}"
-                                    if on_gpu else f"resume with --workers {saved_workers}"))
-            self.log(f"note: the run used {saved_workers} worker(s) and continues with "
-                     f"{shard_count(self.model, requested)}; the gradient sums are rounded differently from here on")
+        if self.config.batch_norm:
+            where = "on the GPU, which runs each batch whole" if on_gpu else f"with {requested} worker(s)"
+            advice = ("resume it with --workers 1, or on the GPU" if before == 1 else
+                      f"resume it on the CPU (MINIRNNG_BACKEND=numpy) with --workers {before}" if on_gpu else
+                      f"resume it with --workers {before}")
+            raise ValueError(f"cannot resume {self.last_path} {where}: it was trained with each batch in {before} "
+                             f"shard(s), and with batch normalisation each shard is normalised by its own "
+                             f"statistics, so that number is part of the training; {advice}")
+        self.log(f"note: the run cut each batch into {before} shard(s) and continues with {now}; the gradient sums "
+                 "are rounded differently from here on")
 
     def initialize_from(self, source):
         """Start from the weights of ``source``, the model :func:`starting_checkpoint` read

@@ -91,8 +91,10 @@ def test_eval_scores_table2s_multi_face_pictures_as_reproduce_does(tmp_path, cap
     model.save(tmp_path / "model.npz", input_size=(64, 64))
     command = ["eval", "--checkpoint", str(tmp_path / "model.npz"), "--data", "synthetic", "--size", "2"]
     assert cli.main(command + ["--multi-face", "--json", str(tmp_path / "m.json")]) == 0
+    assert "on synthetic multi-face test (2 images)" in capsys.readouterr().out
     pictures = load_split("synthetic", "test", None, 3, 64, size=2, multi_face=True)
-    assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == evaluate(model, pictures)["accuracy"]
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["multi_face"] and record["accuracy"] == evaluate(model, pictures)["accuracy"]
     assert cli.main(command[:-4] + ["--data", "lfw-pl", "--root", str(tmp_path), "--multi-face"]) == 1
     assert "--multi-face scores on synthetic multi-face pictures" in capsys.readouterr().err
 

@@ -331,7 +331,7 @@ def test_training_with_workers_follows_the_serial_run_and_resumes_with_its_worke
     again = Trainer(TrainConfig(epochs=3, batch_size=4, seed=3), *tiny_data, tmp_path / "shared", progress=False,
                     log=lines.append, workers=1)
     again.run(resume=True)
-    assert any("used 2 worker(s) and continues with 1" in line for line in lines)
+    assert any("cut each batch into 2 shard(s) and continues with 1" in line for line in lines)
 
 
 def test_a_new_run_uses_one_worker_per_core_by_default(tiny_data, tmp_path):

@@ -380,10 +380,41 @@ def test_a_batch_norm_run_resumes_only_with_its_own_number_of_workers(tiny_data,
     with pytest.raises(Interrupt):
         Trainer(config, *tiny_data, tmp_path, progress=False, workers=2, parallel="threads",
                 log=stop_after_first_epoch).run()
-    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with 2.*resume with --workers 2"):
+    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with each batch in 2 shard\(s\).*"
+                                         r"resume it with --workers 2$"):
         Trainer(config, *tiny_data, tmp_path, progress=False, workers=1, log=lambda line: None).run(resume=True)
+    last = tmp_path / "last.npz"
+    original = last.read_bytes()
+    # A GPU runs every batch whole, whatever the workers: a run it trained with 2 workers records 1
+    # shard, and the host, which would cut each batch in 2, refuses to go on with it.
+    rewrite_training(last, shards=1)
+    with pytest.raises(ValueError, match=r"with 2 worker\(s\): .* in 1 shard\(s\).*--workers 1, or on the GPU"):
+        Trainer(config, *tiny_data, tmp_path, progress=False, parallel="threads", log=print).run(resume=True)
+    # a checkpoint of an earlier version, with the workers alone, is judged by them, as it was then
+    rewrite_training(last, shards=None)
+    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with each batch in 2 shard\(s\)"):
+        Trainer(config, *tiny_data, tmp_path, progress=False, workers=1, log=lambda line: None).run(resume=True)
+    last.write_bytes(original)
     resumed = Trainer(config, *tiny_data, tmp_path, progress=False, parallel="threads", log=lambda line: None)
     assert len(resumed.run(resume=True)) == 2 and resumed.workers == 2
+
+
+def rewrite_training(path, **changes):
+    """Change fields of a checkpoint's training record in place (None removes one), as another
+    machine or an earlier version would have written them."""
+    from minirnng.models.checkpoint import HEADER_KEY
+
+    with numpy.load(path, allow_pickle=False) as stored:
+        arrays = dict(stored)
+    header = json.loads(arrays[HEADER_KEY].tobytes().decode("utf-8"))
+    for name, value in changes.items():
+        if value is None:
+            header["training"].pop(name, None)
+        else:
+            header["training"][name] = value
+    arrays[HEADER_KEY] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
+    with open(path, "wb") as stream:
+        numpy.savez(stream, **arrays)
 
 
 def test_more_workers_than_cores_are_noted(tiny_data, tmp_path):
@@ -430,6 +461,11 @@ def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_pa
     result = evaluate(trainer.model, tiny_data[1])
     assert 0 <= result["accuracy"] <= 1 and set(result["f_measure"]) == {"background", "skin", "hair"}
     assert result["ms_per_image"] > 0 and numpy.sum(result["confusion"]) == 6 * 32 * 32
+
+    class Predictor:  # anything that predicts may be scored (a two-stage parser, a wrapper), not only a model
+        predict = staticmethod(trainer.model.predict)
+
+    assert evaluate(Predictor(), tiny_data[1])["accuracy"] == result["accuracy"]
 
 
 def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fit(tiny_data, tmp_path):
