@@ -86,9 +86,10 @@ def test_training_on_the_gpu_resumes_exactly_and_follows_the_host(tiny_data, tmp
     numpy.testing.assert_allclose([row["train_loss"] for row in straight.history],
                                   [row["train_loss"] for row in host.history], rtol=1e-3)
     assert len(resumed.history) == 3 and (tmp_path / "resumed" / "curves.png").exists()
-    # the GPU runs every batch whole, whatever --workers says: that is the shard count it records
+    # the GPU runs every batch whole, whatever --workers says: the shard count it records is 1
     from minirnng.models.checkpoint import read_checkpoint
-    assert read_checkpoint(tmp_path / "straight" / "last.npz")[0]["training"]["workers"] == 1
+    training = read_checkpoint(tmp_path / "straight" / "last.npz")[0]["training"]
+    assert training["workers"] == 2 and training["shards"] == 1
 
 
 @pytest.mark.parametrize("model", STAGE1_MODELS)
