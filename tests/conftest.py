@@ -8,9 +8,16 @@ import pytest
 
 # Every test names the backend it tests (GPU tests say ``backend.use("cupy")``); everything else
 # runs on NumPy, so the suite means the same on a machine with a GPU, where the default backend
-# would otherwise be CuPy, as in CI. This overrides a MINIRNNG_BACKEND set by hand too. Set before
-# minirnng is imported: the default is read once.
+# would otherwise be CuPy, as in CI. This overrides a MINIRNNG_BACKEND set by hand too. The default
+# is read once, at its first use, and pytest_configure makes that first use now: a test that sets
+# the variable to see what a child process would start with must not change the default of the
+# tests after it.
 os.environ["MINIRNNG_BACKEND"] = "numpy"
+
+
+def pytest_configure(config):
+    from minirnng import backend
+    backend.default_backend()
 
 
 def gpu_usable():

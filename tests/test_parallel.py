@@ -374,8 +374,9 @@ def test_worker_processes_compute_on_the_parents_backend_not_their_default(monke
 def test_a_model_on_the_host_is_shared_among_workers_on_a_gpu_machine(kind, monkeypatch, rng):
     """Where CuPy is the default (and what a worker process starts with), a model built on the host
     still runs on the host in every worker, as notebook 09 does."""
+    with backend.use("numpy"):
+        model, reference = twin_models()
     monkeypatch.setenv(backend.ENVIRONMENT_VARIABLE, "cupy")
-    model, reference = twin_models()
     images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
     with backend.use("cupy"):
         network = kind(model, 2)

@@ -468,6 +468,24 @@ def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_pa
     assert evaluate(Predictor(), tiny_data[1])["accuracy"] == result["accuracy"]
 
 
+def test_evaluate_times_the_kernel_path_after_one_untimed_pass(tiny_data):
+    from minirnng import backend
+
+    model = RNNG(rng=0)
+    calls = []
+
+    def predict(images):
+        calls.append(len(images))
+        return model.predict(images)
+
+    evaluate(model, tiny_data[1], batch_size=4, predict=predict)
+    assert calls == [4, 2]  # the NumPy path compiles nothing: every pass is a timed one
+    calls.clear()
+    with backend.use("cuda-emulator"):  # the first launches compile the kernels: one pass first, untimed
+        evaluate(model, tiny_data[1], batch_size=4, predict=predict)
+    assert calls == [4, 4, 2]
+
+
 def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fit(tiny_data, tmp_path):
     from minirnng.models import RNNG, CheckpointError
 
