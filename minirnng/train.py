@@ -215,12 +215,13 @@ def keep_freed_memory():
 
 # -- evaluation -----------------------------------------------------------------------------------
 
-def evaluate(model, dataset, batch_size=32, predict=None, per_image=False):
+def evaluate(model, dataset, batch_size=32, predict=None, per_image=False, warm_up=True):
     """Score ``model`` on a preloaded dataset: the metrics summary plus ``ms_per_image``.
 
     ``predict`` (images -> labels) defaults to ``model.predict``. Labels are compared at the
     dataset's resolution. ``ms_per_image`` times every batch; on the kernel path the first batch is
-    first predicted once untimed, since the first launches compile the kernels. With ``per_image``, the summary also holds ``per_image_confusion``,
+    first predicted once untimed, since the first launches compile the kernels (``warm_up=False``
+    leaves that out where they have run already). With ``per_image``, the summary also holds ``per_image_confusion``,
     (N, K, K) int64 in the dataset's order, for :mod:`minirnng.bootstrap`.
     """
     if len(dataset) == 0:
@@ -234,7 +235,7 @@ def evaluate(model, dataset, batch_size=32, predict=None, per_image=False):
     first = True
     for images, labels in batches(dataset, batch_size, shuffle=False):
         interruption.raise_if_requested()
-        if first and backend.uses_kernels(place(images[:1])):
+        if first and warm_up and backend.uses_kernels(place(images[:1])):
             # the first launches compile and load the kernels (NVRTC's, and CuPy's own): a cost paid
             # once, not the model's speed, so the first batch is predicted once untimed
             backend.to_numpy(predict(place(images)))
@@ -439,6 +440,7 @@ class Trainer:
         # set once training has changed the weights: a second run() would go on from wherever the
         # first one stopped (in the middle of an epoch after a Ctrl-C), unlike any seeded run
         self.trained = False
+        self.validated = False  # whether this trainer has validated once (evaluate's warm_up)
 
     @property
     def network(self):
@@ -503,10 +505,12 @@ class Trainer:
         if requested is None:  # the run goes on with the workers it was started with
             self.workers = requested = saved_workers
         saved_shards = training.get("shards")
-        if saved_shards is None:  # a checkpoint of an earlier version, which recorded the workers alone
-            before, now = saved_workers, requested
-        else:
-            before, now = int(saved_shards), shard_count(self.model, requested)
+        if saved_shards is None:
+            # a checkpoint of an earlier version, which recorded the workers alone (on a GPU too, where
+            # a batch runs whole): it cannot tell its shards, so it is judged by the workers, as then
+            self.check_resumed_workers(saved_workers, requested)
+            return
+        before, now = int(saved_shards), shard_count(self.model, requested)
         if now == before:
             return
         on_gpu = shard_count(self.model, 2) == 1
@@ -519,6 +523,19 @@ class Trainer:
                              f"shard(s), and with batch normalisation each shard is normalised by its own "
                              f"statistics, so that number is part of the training; {advice}")
         self.log(f"note: the run cut each batch into {before} shard(s) and continues with {now}; the gradient sums "
+                 "are rounded differently from here on")
+
+    def check_resumed_workers(self, saved_workers, requested):
+        """:meth:`resume` for a checkpoint without its shard count: the workers must match with
+        batch normalisation, and a change is noted otherwise."""
+        if requested == saved_workers:
+            return
+        if self.config.batch_norm:
+            raise ValueError(f"cannot resume {self.last_path} with {requested} worker(s): it was trained with "
+                             f"{saved_workers}, and with batch normalisation each worker's shard is normalised by "
+                             f"its own statistics, so that number is part of the training; resume with --workers "
+                             f"{saved_workers}")
+        self.log(f"note: the run used {saved_workers} worker(s) and continues with {requested}; the gradient sums "
                  "are rounded differently from here on")
 
     def initialize_from(self, source):
@@ -628,7 +645,9 @@ class Trainer:
             # train_epoch reports it once, with the epoch, instead of a warning per operation
             with numpy.errstate(over="ignore", invalid="ignore"):
                 row.update(self.train_epoch())
-            validation = evaluate(self.network, self.validation_set)
+            # the kernels have run by the second validation of this process: no untimed first batch then
+            validation = evaluate(self.network, self.validation_set, warm_up=not self.validated)
+            self.validated = True
             row["val_accuracy"] = validation["accuracy"]
             for name, value in validation["f_measure"].items():
                 row[f"val_F_{name}"] = value

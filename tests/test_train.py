@@ -390,9 +390,9 @@ def test_a_batch_norm_run_resumes_only_with_its_own_number_of_workers(tiny_data,
     rewrite_training(last, shards=1)
     with pytest.raises(ValueError, match=r"with 2 worker\(s\): .* in 1 shard\(s\).*--workers 1, or on the GPU"):
         Trainer(config, *tiny_data, tmp_path, progress=False, parallel="threads", log=print).run(resume=True)
-    # a checkpoint of an earlier version, with the workers alone, is judged by them, as it was then
+    # a checkpoint of an earlier version, with the workers alone, is judged and worded by them, as it was then
     rewrite_training(last, shards=None)
-    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with each batch in 2 shard\(s\)"):
+    with pytest.raises(ValueError, match=r"with 1 worker\(s\): it was trained with 2, .*resume with --workers 2$"):
         Trainer(config, *tiny_data, tmp_path, progress=False, workers=1, log=lambda line: None).run(resume=True)
     last.write_bytes(original)
     resumed = Trainer(config, *tiny_data, tmp_path, progress=False, parallel="threads", log=lambda line: None)
@@ -484,6 +484,20 @@ def test_evaluate_times_the_kernel_path_after_one_untimed_pass(tiny_data):
     with backend.use("cuda-emulator"):  # the first launches compile the kernels: one pass first, untimed
         evaluate(model, tiny_data[1], batch_size=4, predict=predict)
     assert calls == [4, 4, 2]
+
+
+def test_a_training_run_warms_the_kernels_up_for_its_first_validation_only(tiny_data, tmp_path, monkeypatch):
+    import minirnng.train as train_module
+
+    warm_ups, score = [], train_module.evaluate
+
+    def recorded(*arguments, **options):
+        warm_ups.append(options.get("warm_up", True))
+        return score(*arguments, **options)
+
+    monkeypatch.setattr(train_module, "evaluate", recorded)
+    Trainer(TrainConfig(epochs=3, batch_size=4), *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    assert warm_ups == [True, False, False]
 
 
 def test_init_starts_from_a_checkpoints_weights_and_refuses_one_that_does_not_fit(tiny_data, tmp_path):
