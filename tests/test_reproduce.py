@@ -147,7 +147,7 @@ def test_the_test_split_falls_back_to_validation_only_where_its_list_is_absent(t
     def load(data, split, sizes, input_size, multi_face):
         loaded.append(split)
         if split == "test":  # a listed image that is not there
-            raise MissingDataError("LFWPL: parts_test.txt line 32 ('Nobody_Here 0001') names a file that does not exist")
+            raise MissingDataError("LFWPL: parts_test.txt line 32 ('Nobody_Here 0001') names a missing file")
         return "the validation split"
 
     monkeypatch.setattr(reproduce, "_load", load)
