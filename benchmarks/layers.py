@@ -2,6 +2,10 @@
 
 Run: ``python benchmarks/layers.py``. Prints medians and ratios measured in this one run.
 
+Then RNN-G's convolutions as one worker runs them in training (half a batch, 8 images at 128 x 128,
+forward and backward), with their products whole and in column blocks
+(:mod:`minirnng.layers.products`), in turns in this one process: what the blocks gain here.
+
 Target (issue: foundation): the fast Conv2d 16->32, 3x3, pad 1 on a (16, 16, 64, 64) float32 batch
 does forward+backward in at most 2x the time of plain matrix products of the same FLOP count. The
 products are timed on the whole batch and image by image (faster, since one image's operands stay
@@ -96,6 +100,42 @@ def conv_against_matmul(rng):
     print(f"ratio conv / the faster products = {ratio:.2f} (target <= 2): {'met' if ratio <= 2 else 'NOT met'}")
 
 
+def products_whole_and_in_blocks(rng):
+    """RNN-G's conv1, conv3, conv5 and deconv6 on half a batch, forward and backward (dx too, but
+    conv1's, which training skips), their products whole and in blocks, interleaved medians of 15."""
+    from minirnng.layers import products
+
+    cases = [("conv1 3->16 5x5", layers.Conv2d(3, 16, 5, padding=2, rng=0), (8, 3, 128, 128), False),
+             ("conv3 16->32 3x3", layers.Conv2d(16, 32, 3, padding=1, rng=0), (8, 16, 64, 64), True),
+             ("conv5 32->32 3x3", layers.Conv2d(32, 32, 3, padding=1, rng=0), (8, 32, 32, 32), True),
+             ("deconv6 32->16 4x4 s2", layers.ConvTranspose2d(32, 16, 4, stride=2, padding=1, rng=0),
+              (8, 32, 32, 32), True)]
+    chosen = products.BLOCKS_PAY
+    rows, totals = [], [0.0, 0.0]
+    try:
+        for name, layer, shape, input_gradient in cases:
+            x = rng.standard_normal(shape).astype(numpy.float32)
+            dy = rng.standard_normal(layer.output_shape(shape)).astype(numpy.float32)
+            layer.needs_input_grad = input_gradient
+
+            def step(blocks, layer=layer, x=x, dy=dy):
+                products.BLOCKS_PAY = blocks
+                layer.forward(x)
+                layer.backward(dy)
+
+            whole, blocks = interleaved_medians([lambda: step(False), lambda: step(True)], repeats=15, warmup=2)
+            totals[0] += whole
+            totals[1] += blocks
+            rows.append([name, f"{whole * 1e3:.2f}", f"{blocks * 1e3:.2f}", f"{whole / blocks:.2f}x"])
+    finally:
+        products.BLOCKS_PAY = chosen
+    rows.append(["the four", f"{totals[0] * 1e3:.2f}", f"{totals[1] * 1e3:.2f}", f"{totals[0] / totals[1]:.2f}x"])
+    print(f"\nRNN-G's convolutions on half a batch (8 images, 128 x 128), forward+backward in ms, float32, "
+          f"products whole and in column blocks, medians of 15 interleaved runs (OpenBLAS core "
+          f"{products.openblas_core() or 'unknown'}: minirnng {'cuts' if chosen else 'does not cut'} them here):")
+    print_table(["layer", "whole", "in blocks", "whole / blocks"], rows)
+
+
 if __name__ == "__main__":
     # no options; --help says what the script does instead of starting it
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
@@ -105,3 +145,4 @@ if __name__ == "__main__":
     generator = numpy.random.default_rng(0)
     compare_fast_and_naive(generator)
     conv_against_matmul(generator)
+    products_whole_and_in_blocks(generator)

@@ -8,9 +8,6 @@ returns the median of each.
 """
 
 import argparse
-import ctypes
-import glob
-import os
 import statistics
 import time
 
@@ -93,20 +90,12 @@ def blas_description():
 
     The kernels matter: OpenBLAS picks them from the CPU unless ``OPENBLAS_CORETYPE`` names them,
     and on the benchmark machine RNN-G's conv3 and conv5 run 1.4x faster with the AVX-512 (SkylakeX)
-    kernels than with the AVX2 (Haswell) ones (docs/benchmarks.md).
+    kernels than with the AVX2 (Haswell) ones (docs/benchmarks.md). Read through
+    :func:`minirnng.layers.products.openblas_call`, as the layers read it (the caller puts this
+    checkout on ``sys.path`` first).
     """
-    import numpy
-    for path in glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs", "*openblas*")):
-        try:
-            library = ctypes.CDLL(path)
-            for prefix in ("scipy_openblas", "openblas"):
-                for suffix in ("64_", ""):
-                    config = getattr(library, f"{prefix}_get_config{suffix}", None)
-                    core = getattr(library, f"{prefix}_get_corename{suffix}", None)
-                    if config is not None and core is not None:
-                        config.restype = core.restype = ctypes.c_char_p
-                        version = " ".join(config().decode().split()[:2])
-                        return f"{version} ({core().decode()} kernels)"
-        except OSError:
-            continue
-    return ""
+    from minirnng.layers.products import openblas_call, openblas_core
+    config, core = openblas_call("get_config"), openblas_core()
+    if config is None or core is None:
+        return ""
+    return f"{' '.join(config.split()[:2])} ({core} kernels)"

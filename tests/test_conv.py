@@ -1,5 +1,7 @@
 """Conv2d and ConvTranspose2d: finite differences, naive against fast, bad input."""
 
+import os
+
 import numpy
 import pytest
 
@@ -188,3 +190,94 @@ def test_empty_batches_and_impossible_dtype_hints_are_named():
         Conv2d(3, 4, 3, rng=0).forward(numpy.zeros((1, 3, 8, 8), numpy.int32))
     with pytest.raises(TypeError, match="build the layer with dtype=numpy.float64"):
         Conv2d(3, 4, 3, rng=0).forward(numpy.zeros((1, 3, 8, 8)))
+
+
+# -- the products in column blocks (minirnng.layers.products) ----------------------------------
+
+@pytest.mark.parametrize("dtype, tolerance", [(numpy.float32, 1e-5), (numpy.float64, 1e-12)])
+@pytest.mark.parametrize("layer_name", ["Conv2d", "ConvTranspose2d"])
+@pytest.mark.parametrize("config", CONFIGS + CHUNKED_CONFIGS[-1:])
+def test_fast_matches_naive_with_every_product_in_column_blocks(layer_name, config, dtype, tolerance, monkeypatch,
+                                                                rng):
+    """Forward, dx, dW and db with every product of the NumPy path cut into blocks of 3 columns and
+    a remainder, as OpenBLAS's AVX-512 cores have them cut on any machine (blocks of 64-512 there)."""
+    from minirnng.layers import products
+
+    widths = []
+    monkeypatch.setattr(products, "block_width",
+                        lambda rows, depth, columns, dtype: widths.append(columns) or (3 if columns > 3 else None))
+    c_in, c_out, k, s, p, height, width = config
+    fast = getattr(__import__("minirnng.layers", fromlist=[layer_name]), layer_name)(
+        c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    slow = getattr(naive, layer_name)(c_in, c_out, k, stride=s, padding=p, rng=1, dtype=dtype)
+    x = rng.standard_normal((3, c_in, height, width)).astype(dtype)
+    y_slow = slow.forward(x)
+    numpy.testing.assert_allclose(fast.forward(x), y_slow, atol=tolerance * numpy.abs(y_slow).max(), rtol=0)
+    dy = rng.standard_normal(y_slow.shape).astype(dtype)
+    for got, want in [(fast.backward(dy), slow.backward(dy)), (fast.grads["weight"], slow.grads["weight"]),
+                      (fast.grads["bias"], slow.grads["bias"])]:
+        numpy.testing.assert_allclose(got, want, atol=tolerance * numpy.abs(want).max(), rtol=0)
+    assert any(columns > 3 for columns in widths)  # some product ran in blocks
+
+
+def test_matmul_blocks_is_matmul_on_views_with_a_remainder(monkeypatch, rng):
+    from minirnng.layers import products
+
+    monkeypatch.setattr(products, "BLOCKS_PAY", True)
+    monkeypatch.setattr(products, "SMALL_PRODUCT_MULTIPLY_ADDS", 5 * 7 * 40)  # blocks of 32 columns
+    a = rng.standard_normal((7, 5)).astype(numpy.float32)
+    buffer = rng.standard_normal((3, 5, 120)).astype(numpy.float32)
+    b = buffer[:2, :, 10:110]  # a view, 100 columns: three blocks of 32 and a remainder of 4
+    assert products.block_width(7, 5, 100, numpy.float32) == 32
+    out_buffer = numpy.full((2, 7, 130), numpy.nan, dtype=numpy.float32)
+    out = out_buffer[:, :, 20:120]
+    want = numpy.matmul(a.astype(numpy.float64), b)
+    assert products.matmul_blocks(a, b, out=out) is out
+    numpy.testing.assert_allclose(out, want, rtol=0, atol=1e-5 * numpy.abs(want).max())
+    assert numpy.isnan(out_buffer[:, :, :20]).all() and numpy.isnan(out_buffer[:, :, 120:]).all()
+    numpy.testing.assert_allclose(products.matmul_blocks(a.T.copy().T, b), want, rtol=0,
+                                  atol=1e-5 * numpy.abs(want).max())  # a transposed view, no out
+
+
+def test_block_width_where_blocks_pay_and_where_not(monkeypatch):
+    from minirnng.layers import products
+
+    monkeypatch.setattr(products, "BLOCKS_PAY", True)
+    assert products.block_width(16, 76, 16384, numpy.float32) == 512  # conv1: 16 * 76 * 512 <= 10**6
+    assert products.block_width(32, 145, 4224, numpy.float32) == 128  # conv3
+    assert products.block_width(16, 76, 16384, numpy.float64) is None  # float64: no gain measured
+    assert products.block_width(16, 76, 400, numpy.float32) is None  # one block would be the whole product
+    assert products.block_width(1000, 1000, 10 ** 5, numpy.float32) is None  # too large for blocks of 32
+    monkeypatch.setattr(products, "BLOCKS_PAY", False)
+    assert products.block_width(16, 76, 16384, numpy.float32) is None
+
+
+def test_openblas_core_is_numpys_whatever_else_is_loaded():
+    """The kernels of NumPy's OpenBLAS, also where another wheel's OpenBLAS is loaded with other
+    kernels (here SciPy's, told ``OPENBLAS_CORETYPE=Haswell``; in the full test run OpenCV's, whose
+    OpenBLAS 0.3.15 said "Zen" where NumPy's says "SkylakeX")."""
+    import subprocess
+    import sys
+
+    from minirnng.layers import products
+
+    core = products.openblas_core()
+    assert core is None or (isinstance(core, str) and core)
+    script = "from minirnng.layers import products; print(products.openblas_core(), products.BLOCKS_PAY)"
+    environment = {**os.environ, "MINIRNNG_PRODUCT_BLOCKS": "auto"}
+    alone, after_scipy = (subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True,
+                                         check=True, env=environment).stdout
+                          for prelude in ("", "import numpy, os; os.environ['OPENBLAS_CORETYPE'] = 'Haswell'; "
+                                              "import scipy.linalg; "))
+    expected_blocks = (core or "").lower() in products.CORES_WITH_SMALL_KERNELS
+    assert alone == after_scipy == f"{core} {expected_blocks}\n"
+
+
+@pytest.mark.parametrize("setting, expected", [("on", True), ("OFF", False), (" on ", True)])
+def test_the_environment_can_turn_blocks_on_and_off(setting, expected):
+    from minirnng.layers import products
+
+    assert products.blocks_pay(setting) is expected
+    assert products.blocks_pay("auto") == products.blocks_pay("")
+    with pytest.raises(ValueError, match="MINIRNNG_PRODUCT_BLOCKS='yes': use on, off or auto"):
+        products.blocks_pay("yes")

@@ -32,7 +32,11 @@ columns are still in cache. That is 1.5-2.5x faster than im2col over the whole b
 ``im2col.py``) and keeps no columns between the passes: Conv2d's cache is its input ``x``, and its
 backward pass unfolds ``x`` again (a copy that costs a tenth of the products), instead of holding
 the columns of the whole batch (79 MB for RNN-G's conv1 at batch 16) from forward to backward.
-Conv2d's bias and its gradient ride along in the products (a row of ones in the columns).
+Conv2d's bias and its gradient ride along in the products (a row of ones in the columns). The
+products of the forward passes and of ConvTranspose2d's input gradient run in column blocks
+where OpenBLAS has unpacked kernels for them (:func:`~minirnng.layers.products.matmul_blocks`:
+conv1's forward 30% faster on an AVX-512 machine, the same numbers up to rounding); Conv2d's
+input gradient and the weight gradients, which measured no faster in blocks, run whole.
 
 **The kernel path** has two ways to run a forward pass. For small work (at most
 :data:`DIRECT_MAX_MULTIPLY_ADDS` over the batch, e.g. all of RNN-G at batch 1) the ``conv_direct.cu``
@@ -61,6 +65,7 @@ from .. import backend
 from ..cuda.launch import channel_sum, contiguous, launch
 from .activations import ReLU
 from .base import Layer, batch_chunks, check_array, check_positive_int, random_generator, uniform_fan_in
+from .products import matmul_blocks
 from .im2col import ImageColumns, col2im, col2im_gpu, conv_output_size, im2col, im2col_gpu, transposed_output_size
 
 
@@ -174,11 +179,11 @@ def correlate_cpu(x, weight, stride, padding, bias=None, view=False, relu=False)
     for chunk in chunks:
         m = chunk.stop - chunk.start
         if on_grid is None:
-            numpy.matmul(w2, unfold(x[chunk]), out=y[chunk].reshape(m, out_channels, -1))
+            matmul_blocks(w2, unfold(x[chunk]), out=y[chunk].reshape(m, out_channels, -1))
         elif view:
-            numpy.matmul(w2, unfold(x[chunk]), out=on_grid[chunk])
+            matmul_blocks(w2, unfold(x[chunk]), out=on_grid[chunk])
         else:
-            products = unfold.crop(numpy.matmul(w2, unfold(x[chunk]), out=on_grid[:m]))
+            products = unfold.crop(matmul_blocks(w2, unfold(x[chunk]), out=on_grid[:m]))
             if relu:
                 numpy.maximum(products, 0, out=y[chunk])
             else:
@@ -207,7 +212,7 @@ def correlate_transpose_cpu(y, weight, stride, padding, image_shape, bias=None):
     for chunk in chunks:
         m = chunk.stop - chunk.start
         cols = unfold.columns[:m] if not unfold.pointwise else None  # the columns' buffer, free here
-        unfold.fold(numpy.matmul(w2_t, unfold.extend(y[chunk]), out=cols), x[chunk], bias)
+        unfold.fold(matmul_blocks(w2_t, unfold.extend(y[chunk]), out=cols), x[chunk], bias)
     return x
 
 
@@ -400,6 +405,7 @@ class Conv2d(_ConvolutionBase):
             if not unfold.ones_row:
                 bias_grad += grad_output[chunk].sum(axis=(0, 2, 3))
             if dx is not None:
+                # whole: in column blocks this product measured no faster in place (docs/benchmarks.md)
                 unfold.fold(numpy.matmul(w2.T, dy, out=dcols[:m].reshape(m, w2.shape[1], -1)), dx[chunk])
         if unfold.ones_row:
             weight_grad_t, bias_grad = weight_grad_t[:-1], weight_grad_t[-1]
@@ -501,9 +507,9 @@ class ConvTranspose2d(_ConvolutionBase):
             m = chunk.stop - chunk.start
             cols = unfold(grad_output[chunk])  # (m, O*k*k, H * grid_width): on the grid of x's pixels
             if on_grid is None:
-                numpy.matmul(w2, cols, out=dx[chunk].reshape(m, self.in_channels, -1))
+                matmul_blocks(w2, cols, out=dx[chunk].reshape(m, self.in_channels, -1))
             else:
-                dx[chunk] = unfold.crop(numpy.matmul(w2, cols, out=on_grid[:m]))
+                dx[chunk] = unfold.crop(matmul_blocks(w2, cols, out=on_grid[:m]))
             inputs = unfold.extend(x[chunk])
             weight_grad += numpy.matmul(inputs, cols.transpose(0, 2, 1), out=products[:m]).sum(axis=0)
             bias_grad += grad_output[chunk].sum(axis=(0, 2, 3))
