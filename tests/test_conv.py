@@ -199,8 +199,9 @@ def test_empty_batches_and_impossible_dtype_hints_are_named():
 @pytest.mark.parametrize("config", CONFIGS + CHUNKED_CONFIGS[-1:])
 def test_fast_matches_naive_with_every_product_in_column_blocks(layer_name, config, dtype, tolerance, monkeypatch,
                                                                 rng):
-    """Forward, dx, dW and db with every product of the NumPy path cut into blocks of 3 columns and
-    a remainder, as OpenBLAS's AVX-512 cores have them cut on any machine (blocks of 64-512 there)."""
+    """Forward, dx, dW and db with the products that the layers run through ``matmul_blocks`` (the
+    forward passes', ConvTranspose2d's input gradient) cut into blocks of 3 columns and a remainder,
+    on any machine, as OpenBLAS's AVX-512 cores have them cut (blocks of 64-512 there)."""
     from minirnng.layers import products
 
     widths = []
@@ -273,11 +274,43 @@ def test_openblas_core_is_numpys_whatever_else_is_loaded():
     assert alone == after_scipy == f"{core} {expected_blocks}\n"
 
 
-@pytest.mark.parametrize("setting, expected", [("on", True), ("OFF", False), (" on ", True)])
-def test_the_environment_can_turn_blocks_on_and_off(setting, expected):
+def test_the_environment_turns_blocks_on_and_off_and_a_bad_value_is_named():
+    import subprocess
+    import sys
+
     from minirnng.layers import products
 
-    assert products.blocks_pay(setting) is expected
     assert products.blocks_pay("auto") == products.blocks_pay("")
-    with pytest.raises(ValueError, match="MINIRNNG_PRODUCT_BLOCKS='yes': use on, off or auto"):
-        products.blocks_pay("yes")
+    with pytest.raises(ValueError, match="MINIRNNG_PRODUCT_BLOCKS='Yes' is not on, off or auto"):
+        products.blocks_pay("Yes")
+    script = "from minirnng.layers import products; print(products.BLOCKS_PAY)"
+    for value, expected in [("on", "True"), (" OFF ", "False"), ("Yes", str(products.blocks_pay("auto")))]:
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "MINIRNNG_PRODUCT_BLOCKS": value})
+        assert run.stdout == expected + "\n"
+        # a value it cannot read is named in a warning and taken as auto, not a failure to load
+        assert ("MINIRNNG_PRODUCT_BLOCKS='Yes' is not on, off or auto" in run.stderr) == (value == "Yes")
+
+
+def test_only_numpys_openblas_is_read_among_the_loaded_libraries():
+    from minirnng.layers import products
+
+    lines = ["7f00-7f10 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0\n",
+             "7f10-7f20 r-xp 0 08:01 2 /venv/site-packages/opencv_python_headless.libs/libopenblasp-r0.so\n",
+             "7f20-7f30 r-xp 0 08:01 3 /venv/site-packages/scipy.libs/libscipy_openblas-6cdc.so\n",
+             "7f30-7f40 r-xp 0 08:01 4 /home/a user/conda/lib/libopenblas.so\n",
+             "7f40-7f50 rw-p 0 00:00 0 [heap]\n", "7f50-7f60 r-xp 0 08:01 5 /opt/openblas-notes/libm.so\n"]
+    assert products.loaded_openblas_paths(lines) == ["/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+                                                     "/home/a user/conda/lib/libopenblas.so"]
+
+
+def test_an_out_of_the_wrong_shape_gets_numpys_error_not_a_write_beside_it(monkeypatch, rng):
+    from minirnng.layers import products
+
+    monkeypatch.setattr(products, "block_width", lambda rows, depth, columns, dtype: 4)
+    a, b = rng.standard_normal((3, 2)).astype(numpy.float32), rng.standard_normal((1, 2, 20)).astype(numpy.float32)
+    buffer = numpy.zeros((1, 3, 24), dtype=numpy.float32)
+    for out in (buffer[:, :, :16], buffer):  # narrower and wider than the product
+        with pytest.raises(ValueError, match="mismatch"):
+            products.matmul_blocks(a, b, out=out)
+    assert not buffer.any()

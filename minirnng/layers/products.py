@@ -17,7 +17,8 @@ row stride of the whole. Nothing is copied, and the result is the same product u
 (each output element is still one dot product of length K, summed in another order by the
 other kernel). Which products pay was measured in place, on RNN-G's layers on half a batch (8
 images: one worker's share of a training step), whole and in blocks in turns in one process, on
-the 2-core AMD EPYC of docs/benchmarks.md (SkylakeX kernels, one thread, medians of 31, two runs):
+the 2-core AMD EPYC of docs/benchmarks.md (SkylakeX kernels, one BLAS thread, as each worker of
+training runs, medians of 31, two runs):
 
 ====================================================  ============  ===========
 RNN-G's layer, 8 images                               whole         in blocks
@@ -48,6 +49,7 @@ measuring both ways (``benchmarks/layers.py`` does, in one process).
 import ctypes
 import glob
 import os
+import warnings
 
 import numpy
 
@@ -66,37 +68,54 @@ MIN_BLOCK = 32
 
 def openblas_call(function):
     """The string that NumPy's OpenBLAS returns from ``openblas_<function>()`` (``"get_corename"``,
-    ``"get_config"``), or None where NumPy's BLAS is not an OpenBLAS that has it.
+    ``"get_config"``), or None where NumPy's BLAS is not an OpenBLAS that has it, or anything
+    goes wrong in finding out (nothing here may stop minirnng from loading).
 
     Looks beside NumPy first (the ``numpy.libs`` folder of its wheels), then in the libraries this
-    process has loaded (Linux's ``/proc/self/maps``: a NumPy built against the system's OpenBLAS),
-    under the names OpenBLAS's builds give the function (``openblas_``, ``scipy_openblas_``, with or
-    without the ``64_`` of the builds with 64-bit integers). The copies other wheels bring in their
-    own ``*.libs`` folders are not NumPy's and are skipped: SciPy's, and OpenCV's (the ``detect``
-    extra), whose OpenBLAS 0.3.15 runs "Zen" kernels on the benchmark machine where NumPy's runs
-    "SkylakeX".
+    process has loaded (Linux's ``/proc/self/maps``: a NumPy built against the system's OpenBLAS,
+    :func:`loaded_openblas_paths`), under the names OpenBLAS's builds give the function
+    (``openblas_``, ``scipy_openblas_``, with or without the ``64_`` of the builds with 64-bit
+    integers).
     """
-    candidates = sorted(glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs",
-                                               "*openblas*")))
     try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            loaded = [line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line]
-        candidates += [path for path in loaded
-                       if not any(folder.endswith(".libs") for folder in path.split(os.sep)[:-1])]
-    except OSError:
-        pass
-    for path in dict.fromkeys(candidates):
+        candidates = sorted(glob.glob(os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs",
+                                                   "*openblas*")))
         try:
-            library = ctypes.CDLL(path)
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+                candidates += loaded_openblas_paths(maps)
         except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                found = getattr(library, f"{prefix}_{function}{suffix}", None)
-                if found is not None:
-                    found.restype = ctypes.c_char_p
-                    return found().decode(errors="replace")
+            pass
+        for path in dict.fromkeys(candidates):
+            try:
+                library = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    found = getattr(library, f"{prefix}_{function}{suffix}", None)
+                    if found is not None:
+                        found.restype = ctypes.c_char_p
+                        value = found()
+                        return value.decode(errors="replace") if value else None
+    except Exception:  # noqa: BLE001 - an unknown BLAS: the products run whole, as with any other
+        return None
     return None
+
+
+def loaded_openblas_paths(maps_lines):
+    """The OpenBLAS libraries among the lines of ``/proc/self/maps`` (``address perms offset dev
+    inode path``; a path may hold spaces) that may be NumPy's: absolute paths, not in another
+    wheel's ``*.libs`` folder. SciPy's wheels bring an OpenBLAS of their own, and OpenCV's (the
+    ``detect`` extra) one whose version 0.3.15 runs "Zen" kernels on the benchmark machine where
+    NumPy's runs "SkylakeX"."""
+    paths = []
+    for line in maps_lines:
+        fields = line.rstrip("\n").split(maxsplit=5)
+        path = fields[5] if len(fields) == 6 else ""
+        if ("openblas" in os.path.basename(path).lower() and os.path.isabs(path)
+                and not any(folder.endswith(".libs") for folder in path.split("/")[:-1])):
+            paths.append(path)
+    return paths
 
 
 def openblas_core():
@@ -106,14 +125,22 @@ def openblas_core():
 
 
 def blocks_pay(setting=None):
-    """Whether single-precision products pay to be cut into blocks here: ``setting`` (by default
-    the environment's ``MINIRNNG_PRODUCT_BLOCKS``) ``"on"`` or ``"off"`` decides; unset or
-    ``"auto"``, OpenBLAS's core does (:data:`CORES_WITH_SMALL_KERNELS`)."""
-    setting = (os.environ.get(PRODUCT_BLOCKS_VARIABLE, "") if setting is None else setting).strip().lower()
-    if setting in ("on", "off"):
-        return setting == "on"
-    if setting not in ("", "auto"):
-        raise ValueError(f"{PRODUCT_BLOCKS_VARIABLE}={setting!r}: use on, off or auto")
+    """Whether single-precision products pay to be cut into blocks here: ``setting`` ``"on"`` or
+    ``"off"`` decides; ``""`` or ``"auto"``, OpenBLAS's core does (:data:`CORES_WITH_SMALL_KERNELS`).
+    Anything else is a ValueError naming it. ``setting=None`` reads the environment's
+    ``MINIRNNG_PRODUCT_BLOCKS``, where a value it cannot read is warned about and taken as auto."""
+    if setting is None:
+        raw = os.environ.get(PRODUCT_BLOCKS_VARIABLE, "")
+        try:
+            return blocks_pay(raw)
+        except ValueError as error:
+            warnings.warn(f"{error}; deciding by OpenBLAS's kernels instead", stacklevel=2)
+            return blocks_pay("auto")
+    choice = setting.strip().lower()
+    if choice in ("on", "off"):
+        return choice == "on"
+    if choice not in ("", "auto"):
+        raise ValueError(f"{PRODUCT_BLOCKS_VARIABLE}={setting!r} is not on, off or auto")
     return (openblas_core() or "").lower() in CORES_WITH_SMALL_KERNELS
 
 
@@ -121,7 +148,9 @@ def blocks_pay(setting=None):
 #: measuring both ways; worker processes inherit it.
 PRODUCT_BLOCKS_VARIABLE = "MINIRNNG_PRODUCT_BLOCKS"
 
-#: Whether :func:`matmul_blocks` cuts single-precision products into blocks in this process.
+#: Whether :func:`matmul_blocks` cuts single-precision products into blocks in this process. Set
+#: at import from :func:`blocks_pay`; a worker process makes its own choice the same way (setting
+#: this attribute in the parent does not reach it; the environment variable does).
 BLOCKS_PAY = blocks_pay()
 
 
@@ -141,6 +170,8 @@ def block_width(rows, depth, columns, dtype):
 
 def column_blocks(matrices, count, block, writeable=False):
     """(..., R, count * block) -> the view (..., count, R, block) of its column blocks (no copy)."""
+    if matrices.shape[-1] != count * block:
+        raise ValueError(f"column_blocks: {matrices.shape[-1]} columns are not {count} blocks of {block}")
     *leading, rows, _ = matrices.shape
     *leading_strides, row_stride, column_stride = matrices.strides
     blocks = numpy.lib.stride_tricks.as_strided(
@@ -159,8 +190,8 @@ def matmul_blocks(a, b, out=None):
     rows, depth = a.shape
     columns = b.shape[-1]
     block = block_width(rows, depth, columns, numpy.result_type(a, b))
-    if block is None:
-        return numpy.matmul(a, b, out=out)
+    if block is None or b.ndim < 2 or (out is not None and out.shape != b.shape[:-2] + (rows, columns)):
+        return numpy.matmul(a, b, out=out)  # whole; and NumPy's own error for shapes that do not fit
     if out is None:
         out = numpy.empty(b.shape[:-2] + (rows, columns), dtype=numpy.result_type(a, b))
     count = columns // block
