@@ -109,9 +109,7 @@ class OurStep:
     def train_step(self):
         model = self.model
         model.zero_grad()
-        outputs = self.network.forward(self.images)
-        _, _, grads = self.objective(outputs, self.labels, self.rng)
-        self.network.backward(grads, input_gradient=False)
+        self.network.objective_step(self.images, self.labels, self.objective, self.rng)  # as minirnng train does
         self.optimizer.step()
         model.constrain()
 

@@ -251,6 +251,25 @@ class SoftmaxCrossEntropy(Loss):
                              f"with {k} classes")
         return mask
 
+    def pixel_weights_per_image(self, target, mask=None):
+        """What each image adds to the denominator of the weighted mean, ``sum_{i in U} w_i`` over
+        its pixels: target (N, H, W) integers, mask (N, H, W) bool or None -> (N,) float64 on the
+        host. Shards of a batch use it to weigh their means (``StageOneObjective.shard_terms``).
+        A label outside the class weights counts the last one's weight here; ``forward`` refuses it.
+        """
+        target = numpy.asarray(backend.to_numpy(target))
+        used = _used_pixels(target, None if mask is None else numpy.asarray(backend.to_numpy(mask), dtype=bool),
+                            self.ignore_index)
+        n = len(target)
+        if self.class_weights is None:
+            pixels = target[0].size if n else 0
+            return (numpy.full(n, float(pixels)) if used is None
+                    else used.reshape(n, -1).sum(axis=1, dtype=numpy.float64))
+        weights = numpy.take(self.class_weights, numpy.clip(target, 0, len(self.class_weights) - 1))
+        if used is not None:
+            weights = weights * used
+        return weights.reshape(n, -1).sum(axis=1)
+
     def forward_cpu(self, logits, target, mask):
         """The NumPy path. K is small (3 for LFW-PL, 11 for HELEN) and the class axis is not the
         innermost one, so every step loops over the classes and works on contiguous (N, H, W)

@@ -17,6 +17,15 @@ pixel and that many times as many background pixels drawn at random (the paper's
 Multi-Face images, where background covers most of the picture). The edge term samples every boundary pixel and five times as many
 others at random (the paper's 1:5 balance); the draw comes from the caller's generator, so a
 seeded run is reproducible. The gradient of ``L`` for each output is ``w * dloss/doutput``.
+
+Calling the objective is :meth:`StageOneObjective.prepare` (what a batch needs besides the
+outputs: the checked labels, their half-resolution copy, the boundary target and every random
+draw) followed by :meth:`StageOneObjective.shard_terms` (the terms and their gradients). Training
+on several workers calls the two apart (:meth:`minirnng.parallel.DataParallel.objective_step`):
+``prepare`` once for the batch, ``shard_terms`` in each worker on its shard, where each term is the
+shard's share of the batch's mean, ``mean over the shard's pixels * n_shard / n_batch`` with ``n``
+the counts of :meth:`prepare` (``counts=True``), so that the shards' terms and gradients add up to
+the whole batch's.
 """
 
 import numpy
@@ -60,45 +69,117 @@ class StageOneObjective:
         """The names of the terms ``parts`` can hold: logits, coarse, edge, and dice and affinity if used."""
         return tuple(self.weights)
 
+    def config(self):
+        """The constructor's arguments: ``StageOneObjective(**objective.config())`` is the same objective."""
+        return {"weights": (self.weights["logits"], self.weights["coarse"], self.weights["edge"]),
+                "boundary_ratio": self.boundary_ratio, "class_weights": self.fine.class_weights,
+                "ignore_index": self.fine.ignore_index, "background_ratio": self.background_ratio,
+                "dice_weight": self.weights.get("dice", 0.0), "affinity_weight": self.weights.get("affinity", 0.0)}
+
+    def replica(self):
+        """The same objective with losses of its own (their caches), for another shard of a batch."""
+        return type(self)(**self.config())
+
+    @property
+    def shardable(self):
+        """Whether shards of a batch can compute their own terms (:meth:`shard_terms`): every term
+        is a sum over pixels, or pairs of pixels inside one image, divided by a count over the
+        batch; the soft Dice term is not (a ratio of sums over the whole batch)."""
+        return "dice" not in self.weights
+
     def __call__(self, outputs, labels, rng, images=None):
+        batch = self.prepare(labels, rng, images, output_names=tuple(outputs))
+        parts, grads = self.shard_terms(outputs, batch)
+        total = float(sum(self.weights[name] * value for name, value in parts.items()))
+        return total, parts, grads
+
+    def prepare(self, labels, rng, images=None, output_names=("logits", "coarse", "edge"), counts=False):
+        """What the terms need of a whole batch besides the model's outputs: the labels checked and
+        subsampled, every random draw (in the order :meth:`__call__` has always made them, so that
+        a seeded run draws the same pixels), and with ``counts`` how many pixels each image
+        counts in each term. Returns a dict of arrays with the batch on axis 0 (a shard of the
+        batch is ``{name: array[part]}``): ``labels``, ``coarse_labels``, ``edge_target``, the
+        masks ``label_mask``, ``coarse_mask`` and ``edge_mask`` where there are any, ``images``
+        for the affinity term, and ``count:<term>`` (N,) float64 with ``counts``.
+        ``output_names`` are the model's outputs: a term whose output is missing is left out.
+        """
         # the half-resolution labels are sliced before any loss sees them: check them first
         if not hasattr(labels, "ndim") or labels.ndim != 3 or labels.dtype.kind not in "iu":
             described = (f"{labels.dtype} array of shape {tuple(labels.shape)}" if hasattr(labels, "ndim")
                          else type(labels).__name__)
             raise ValueError(f"StageOneObjective: labels must be an integer array (N, H, W), one label map "
                              f"per image, got a {described}")
-        subsampled = labels[:, ::2, ::2]
-        parts, grads = {}, {}
         weights = self.weights
-        dice_weight = weights.get("dice", 0.0)
-        if weights["logits"] or dice_weight:
-            mask = self.label_mask(labels, rng)
-        if weights["logits"]:
-            parts["logits"] = self.fine.forward(outputs["logits"], labels, mask)
-            grads["logits"] = self.fine.backward(weights["logits"])
-        if dice_weight:
-            parts["dice"] = self.dice.forward(outputs["logits"], labels, mask)
-            dice_grad = self.dice.backward(dice_weight)
-            grads["logits"] = dice_grad if "logits" not in grads else grads["logits"] + dice_grad
-        if weights["coarse"] and "coarse" in outputs:
-            parts["coarse"] = self.coarse.forward(outputs["coarse"], subsampled, self.label_mask(subsampled, rng))
-            grads["coarse"] = self.coarse.backward(weights["coarse"])
-        if weights["edge"] and "edge" in outputs:
-            target = boundary_target(subsampled)
-            mask = boundary_sample_mask(target, ratio=self.boundary_ratio, rng=rng)
-            edge = outputs["edge"]
-            target = backend.get_array_module(edge).asarray(target, dtype=edge.dtype)
-            parts["edge"] = self.edge.forward(edge, target, mask)
-            grads["edge"] = self.edge.backward(weights["edge"])
-        affinity_weight = weights.get("affinity", 0.0)
-        if affinity_weight:
+        batch = {"labels": labels}
+        if weights["logits"] or weights.get("dice", 0.0):
+            batch["label_mask"] = self.label_mask(labels, rng)
+        subsampled = labels[:, ::2, ::2]
+        if weights["coarse"] and "coarse" in output_names:
+            batch["coarse_labels"] = subsampled
+            batch["coarse_mask"] = self.label_mask(subsampled, rng)
+        if weights["edge"] and "edge" in output_names:
+            batch["edge_target"] = target = boundary_target(subsampled)
+            batch["edge_mask"] = boundary_sample_mask(target, ratio=self.boundary_ratio, rng=rng)
+        if weights.get("affinity", 0.0):
             if images is None:
                 raise ValueError("StageOneObjective: the affinity term needs the input images (images=...)")
-            parts["affinity"] = self.affinity.forward(outputs["logits"], images)
-            affinity_grad = self.affinity.backward(affinity_weight)
-            grads["logits"] = affinity_grad if "logits" not in grads else grads["logits"] + affinity_grad
-        total = float(sum(weights[name] * value for name, value in parts.items()))
-        return total, parts, grads
+            batch["images"] = images
+        batch = {name: value for name, value in batch.items() if value is not None}
+        if counts:
+            pixels = float(labels.shape[1] * labels.shape[2])
+            if weights["logits"]:
+                batch["count:logits"] = self.fine.pixel_weights_per_image(labels, batch.get("label_mask"))
+            if "coarse_labels" in batch:
+                batch["count:coarse"] = self.coarse.pixel_weights_per_image(subsampled, batch.get("coarse_mask"))
+            if "edge_mask" in batch:
+                batch["count:edge"] = batch["edge_mask"].reshape(len(labels), -1).sum(axis=1, dtype=numpy.float64)
+            if "images" in batch:
+                batch["count:affinity"] = numpy.full(len(labels), pixels)
+        return batch
+
+    def shard_terms(self, outputs, batch, totals=None):
+        """The terms and their gradients for the images of ``batch`` (all of :meth:`prepare`'s, or a
+        shard of them) and the model's ``outputs`` for those images: ``(parts, grads)``.
+
+        ``totals`` : for a shard, ``{term: the whole batch's count}`` (the sums of ``count:<term>``);
+        each term is then its shard's share of the batch's mean, ``mean over the shard's pixels *
+        shard's count / batch's count``, and its gradient that of this share, so that the shards'
+        parts and gradients add up to the whole batch's. None: ``batch`` is the whole batch.
+        """
+        weights = self.weights
+        parts, grads = {}, {}
+
+        def share(term):
+            if totals is None:
+                return 1.0
+            here, whole = float(batch[f"count:{term}"].sum()), float(totals[term])
+            return 1.0 if here == whole else here / whole
+
+        def add(term, output, value, loss, weight):
+            part = share(term)
+            parts[term] = value * part
+            grad = loss.backward(weight * part)
+            grads[output] = grad if output not in grads else grads[output] + grad
+
+        labels, mask = batch["labels"], batch.get("label_mask")
+        if weights["logits"]:
+            add("logits", "logits", self.fine.forward(outputs["logits"], labels, mask), self.fine, weights["logits"])
+        if weights.get("dice", 0.0):
+            if totals is not None:
+                raise ValueError("StageOneObjective: the soft Dice term is a ratio of sums over the whole batch; "
+                                 "shards cannot compute it apart (see shardable)")
+            add("dice", "logits", self.dice.forward(outputs["logits"], labels, mask), self.dice, weights["dice"])
+        if "coarse_labels" in batch:
+            value = self.coarse.forward(outputs["coarse"], batch["coarse_labels"], batch.get("coarse_mask"))
+            add("coarse", "coarse", value, self.coarse, weights["coarse"])
+        if "edge_target" in batch:
+            edge = outputs["edge"]
+            target = backend.get_array_module(edge).asarray(batch["edge_target"], dtype=edge.dtype)
+            add("edge", "edge", self.edge.forward(edge, target, batch["edge_mask"]), self.edge, weights["edge"])
+        if "images" in batch:
+            value = self.affinity.forward(outputs["logits"], batch["images"])
+            add("affinity", "logits", value, self.affinity, weights["affinity"])
+        return parts, grads
 
     def label_mask(self, labels, rng):
         """The pixels the label losses use: all of them, or with ``background_ratio`` (the paper's

@@ -13,11 +13,14 @@ What crosses between the processes, and how:
 
 - **Arrays go through shared memory** (:class:`SharedArrays`): the parameters and the shard's
   images (or its output gradients) one way, the outputs (or the shard's parameter gradients and
-  image gradient) the other. Each direction has a block of shared memory owned by its writer,
+  image gradient) the other; for a training step (``objective_step``) the shard's images and its
+  part of the batch's targets one way, its parameter gradients and the values of its terms the
+  other. Each direction has a block of shared memory owned by its writer,
   which grows when a larger batch needs it; a pass copies each array once on each side (a few MB
   at batch 16: a fraction of a millisecond).
-- **Commands go through a pipe**: a method name and where each array lies in the block, and back
-  ``"ok"`` or the exception that the shard raised, which is raised in the caller.
+- **Commands go through a pipe**: a method name and where each array lies in the block (for a
+  training step also the objective, without its caches, and the batch's counts), and back ``"ok"``
+  or the exception that the shard raised, which is raised in the caller.
 - **A worker keeps what the backward pass needs** (the forward's caches) in its own replica, as a
   worker thread does.
 
@@ -162,6 +165,9 @@ def serve(connection, backend_name):
                 else:
                     # the forward keeps its input for the backward: a copy, since the block is reused
                     inputs = {"images": arrays["images"].copy()}
+                    if method == "objective_step":  # read during this command only: views will do
+                        inputs["batch"] = {name[len("batch:"):]: value for name, value in arrays.items()
+                                           if name.startswith("batch:")}
                 result, grads = shard_pass(replica, method, inputs, options, params or None, errors)
                 del arrays, inputs
                 connection.send(("ok", outbox.write(flatten_result(result, grads))))
@@ -280,6 +286,7 @@ class WorkerProcess:
             arrays.update((f"grad:{name}", value) for name, value in inputs["grads"].items())
         else:
             arrays["images"] = inputs["images"]
+            arrays.update((f"batch:{name}", value) for name, value in inputs.get("batch", {}).items())
         try:
             self.connection.send((method, self.outbox.write(arrays), options, errors))
             self.sent = self.reply_owed = True

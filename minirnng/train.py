@@ -2,8 +2,9 @@
 
 One epoch: shuffle the preloaded training set, augment each batch (random affine and mirroring,
 mirroring alone, or nothing),
-run forward, the three-term objective (:mod:`minirnng.objective`), backward, an optimizer step,
-and the stability rule (``model.constrain()``); then evaluate on the validation set.
+run forward, the three-term objective (:mod:`minirnng.objective`), backward (each worker on its
+shard of the batch, all three at once: :meth:`minirnng.parallel.DataParallel.objective_step`), an
+optimizer step, and the stability rule (``model.constrain()``); then evaluate on the validation set.
 
 What lands in the output folder after every epoch (each file written atomically, so a run
 killed at any moment loses at most the epoch in progress):
@@ -562,9 +563,8 @@ class Trainer:
             self.optimizer.lr = learning_rate(config.schedule, config.lr, progress, config.warmup)
             images, labels = model.on_device(images), model.on_device(labels)
             model.zero_grad()
-            outputs = network.forward(images)
-            total, parts, grads = self.objective(outputs, labels, self.rng, images)
-            network.backward(grads, input_gradient=False)
+            # forward, the objective and backward, each shard of the batch computing its own terms
+            total, parts = network.objective_step(images, labels, self.objective, self.rng)
             self.optimizer.step()
             model.constrain(config.stability_rule)
             batch = len(labels)

@@ -432,3 +432,55 @@ def test_a_worker_process_gets_its_model_through_its_pipe_not_as_its_start_argum
                                       rtol=1e-5, atol=1e-6)
     finally:
         network.close()
+
+
+@pytest.mark.parametrize("kind, workers", [(DataParallel, 2), (DataParallel, 3), (ProcessParallel, 2)])
+@pytest.mark.parametrize("objective_options", [{}, {"affinity_weight": 0.5, "class_weights": [1.0, 2.0, 0.5]},
+                                               {"dice_weight": 1.0}])
+def test_objective_step_equals_forward_objective_backward(kind, workers, objective_options, rng):
+    """Each shard computing its own terms gives the serial step's total, parts and gradients (to
+    rounding), adds into gradients that are already there, and leaves the generator where the
+    serial objective leaves it; the soft Dice term, which shards cannot share, runs unsplit."""
+    from minirnng.objective import StageOneObjective
+
+    model, reference = twin_models()
+    objective = StageOneObjective(**objective_options)
+    images = rng.uniform(-0.5, 0.5, (5, 3, 16, 16))
+    labels = numpy.zeros((5, 16, 16), dtype=numpy.int64)
+    labels[:, 3:13, 4:12], labels[:4, 2:6, 3:14] = 1, 2
+    for grads in (model.grads(), reference.grads()):
+        for name, grad in grads.items():
+            grad[...] = numpy.arange(grad.size).reshape(grad.shape) * 1e-3
+    serial_generator, generator = numpy.random.default_rng(4), numpy.random.default_rng(4)
+    expected_total, expected_parts, upstream = objective(reference.forward(images), labels, serial_generator, images)
+    reference.backward(upstream, input_gradient=False)
+    with kind(model, workers) as network:
+        total, parts = network.objective_step(images, labels, objective, generator)
+    assert generator.bit_generator.state == serial_generator.bit_generator.state
+    assert total == pytest.approx(expected_total, rel=1e-12) and parts.keys() == expected_parts.keys()
+    for name, value in expected_parts.items():
+        assert parts[name] == pytest.approx(value, rel=1e-12), name
+    for name, grad in reference.grads().items():
+        numpy.testing.assert_allclose(model.grads()[name], grad, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_processes_give_the_threads_bits_in_objective_step(rng):
+    from minirnng.objective import StageOneObjective
+
+    model, reference = twin_models()
+    images = rng.uniform(-0.5, 0.5, (5, 3, 16, 16))
+    labels = numpy.zeros((5, 16, 16), dtype=numpy.int64)
+    labels[:, 3:13, 4:12] = 1
+    objective = StageOneObjective(affinity_weight=0.5)
+    with ProcessParallel(model, 3) as processes:
+        threads = DataParallel(reference, 3)
+        for step in range(2):  # the second step sees the parameters changed in between
+            model.zero_grad()
+            reference.zero_grad()
+            result = processes.objective_step(images, labels, objective, numpy.random.default_rng(step))
+            assert result == threads.objective_step(images, labels, objective, numpy.random.default_rng(step))
+            for name, grad in reference.grads().items():
+                numpy.testing.assert_array_equal(model.grads()[name], grad, err_msg=name)
+            for net in (model, reference):
+                for name, value in net.params().items():
+                    value -= 0.01 * net.grads()[name]
