@@ -20,11 +20,11 @@ batch's pixels (or pairs of neighbouring pixels) divided by a count over the bat
 can compute its own share of it, ``L_s = mean over the shard's pixels * (shard's count / batch's
 count)``, and its gradient, right after its forward pass, and go on with its backward pass: no
 gather of the outputs, no scatter of their gradients, and the loss computed by all the workers at
-once instead of by the calling thread while the others wait (a step 8-10% faster on two worker
-processes, docs/benchmarks.md). The random draws of the loss (the edge term's 1:5 sample) are
-made once for the whole batch first, so a seeded run draws the same pixels with any number of
-workers. The soft Dice term, a ratio of sums over the whole batch, cannot be shared out this way:
-with it, the step gathers the outputs as above.
+once instead of by the calling thread while the others wait (a step 5-10% faster on two worker
+processes, docs/benchmarks.md). The random draws of the loss (the edge term's 1:5 sample, the
+label masks of a background ratio) are made once for the whole batch first, so a seeded run draws
+the same pixels with any number of workers. The soft Dice term, a ratio of sums over the whole
+batch, cannot be shared out this way: with it, the step gathers the outputs as above.
 
 Why threads help although Python has one interpreter lock: the work of a pass is in NumPy's
 matrix products (OpenBLAS) and elementwise loops, which release the lock while they run, so two
@@ -140,7 +140,7 @@ def shard_count(model, workers):
 class DataParallel:
     """``model`` run on shards of each batch by ``workers`` threads (see the module docstring).
 
-    Training uses it as it would use the model::
+    It runs as the model would::
 
         network = DataParallel(model, workers=2)
         model.zero_grad()
@@ -149,6 +149,11 @@ class DataParallel:
         network.backward(grads, input_gradient=False)      # fills model.grads()
         optimizer.step()                                   # on model.params()
         model.constrain()
+
+    and training replaces the three middle lines by one, which lets each shard compute its own
+    share of the objective (:meth:`objective_step`)::
+
+        total, parts = network.objective_step(images, labels, objective, rng)
 
     model : a stage-1 model (``forward``/``backward``/``infer``/``predict``, ``replica()``);
         its parameters are the ones trained and its gradients the ones filled.
@@ -230,9 +235,10 @@ class DataParallel:
         Each shard runs its forward pass, its share of the terms and its backward pass (no image
         gradient) in one go (:func:`objective_shard`): the loss no longer runs in the calling
         thread while the workers wait, and neither the outputs nor their gradients cross between
-        the workers. The batch's random draws (the edge term's sample of pixels) are made first,
-        here, for the whole batch (``objective.prepare``), as the unsplit objective draws them, so
-        that a seeded run draws the same pixels whatever the number of workers. Where the pass
+        the workers. The batch's random draws (the edge term's sample of pixels, the label masks of a
+        background ratio) are made first, here, for the whole batch (``objective.prepare``), as the
+        unsplit objective draws them, so that a seeded run draws the same pixels whatever the
+        number of workers. Where the pass
         runs unsplit, or the objective cannot be shared out (``objective.shardable`` is False: the
         soft Dice term), this is ``forward``, ``objective`` and ``backward`` one after the other.
         No ``backward`` may follow it.
@@ -243,6 +249,11 @@ class DataParallel:
             total, parts, grads = objective(outputs, labels, rng, images)
             self.backward(grads, input_gradient=False)
             return total, parts
+        # the batch's counts are summed over every label map: more maps than images would skew them
+        if getattr(labels, "ndim", 0) == 3 and tuple(labels.shape) != (images.shape[0],) + tuple(images.shape[2:]):
+            raise ValueError(f"{type(self).__name__}.objective_step: labels must have shape "
+                             f"{(images.shape[0],) + tuple(images.shape[2:])}, one label map per image, "
+                             f"got {tuple(labels.shape)}")
         self._shards = None  # each shard has run its own backward
         batch = objective.prepare(labels, rng, images, output_names=self.model.output_names, counts=True)
         totals = {name[len("count:"):]: float(value.sum()) for name, value in batch.items()
@@ -256,7 +267,7 @@ class DataParallel:
                 totals_of_grads[name] += grad
         parts = {}
         for shard_parts, _ in results:
-            for name, value in shard_parts.items():
+            for name, value in (shard_parts or {}).items():  # a worker process returns no parts as None
                 parts[name] = parts.get(name, 0.0) + float(value)
         total = float(sum(objective.weights[name] * value for name, value in parts.items()))
         return total, parts

@@ -472,8 +472,7 @@ def test_processes_give_the_threads_bits_in_objective_step(rng):
     labels = numpy.zeros((5, 16, 16), dtype=numpy.int64)
     labels[:, 3:13, 4:12] = 1
     objective = StageOneObjective(affinity_weight=0.5)
-    with ProcessParallel(model, 3) as processes:
-        threads = DataParallel(reference, 3)
+    with ProcessParallel(model, 3) as processes, DataParallel(reference, 3) as threads:
         for step in range(2):  # the second step sees the parameters changed in between
             model.zero_grad()
             reference.zero_grad()
@@ -484,3 +483,21 @@ def test_processes_give_the_threads_bits_in_objective_step(rng):
             for net in (model, reference):
                 for name, value in net.params().items():
                     value -= 0.01 * net.grads()[name]
+
+
+@pytest.mark.parametrize("kind", [DataParallel, ProcessParallel])
+def test_objective_step_refuses_labels_that_are_not_one_map_per_image_and_has_no_parts_to_lose(kind, rng):
+    """More label maps than images would skew the batch's counts, which the shards divide by: a
+    clear error, before any work; and a step with no term to compute gives (0.0, {}) on any kind of
+    worker (a worker process sends back no parts at all)."""
+    from minirnng.objective import StageOneObjective
+
+    model, _ = twin_models()
+    images = rng.uniform(-0.5, 0.5, (4, 3, 16, 16))
+    labels = numpy.zeros((6, 16, 16), dtype=numpy.int64)
+    with kind(model, 2) as network:
+        with pytest.raises(ValueError, match=r"objective_step: labels must have shape \(4, 16, 16\), one label map "
+                                             r"per image, got \(6, 16, 16\)"):
+            network.objective_step(images, labels, StageOneObjective(), numpy.random.default_rng(0))
+        nothing = StageOneObjective(weights=(0.0, 0.0, 0.0))
+        assert network.objective_step(images, labels[:4], nothing, numpy.random.default_rng(0)) == (0.0, {})
