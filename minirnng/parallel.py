@@ -238,10 +238,9 @@ class DataParallel:
         the workers. The batch's random draws (the edge term's sample of pixels, the label masks of a
         background ratio) are made first, here, for the whole batch (``objective.prepare``), as the
         unsplit objective draws them, so that a seeded run draws the same pixels whatever the
-        number of workers. Where the pass
-        runs unsplit, or the objective cannot be shared out (``objective.shardable`` is False: the
-        soft Dice term), this is ``forward``, ``objective`` and ``backward`` one after the other.
-        No ``backward`` may follow it.
+        number of workers. Where the pass runs unsplit, or the objective cannot be shared out
+        (``objective.shardable`` is False: the soft Dice term), this is ``forward``, ``objective``
+        and ``backward`` one after the other. No ``backward`` may follow it.
         """
         shards = self._plan(images)
         if shards is None or not objective.shardable:
@@ -250,6 +249,7 @@ class DataParallel:
             self.backward(grads, input_gradient=False)
             return total, parts
         # the batch's counts are summed over every label map: more maps than images would skew them
+        self.model.check_images(images[:1])  # malformed images are named as such first (one image copied)
         if getattr(labels, "ndim", 0) == 3 and tuple(labels.shape) != (images.shape[0],) + tuple(images.shape[2:]):
             raise ValueError(f"{type(self).__name__}.objective_step: labels must have shape "
                              f"{(images.shape[0],) + tuple(images.shape[2:])}, one label map per image, "

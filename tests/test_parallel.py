@@ -499,5 +499,8 @@ def test_objective_step_refuses_labels_that_are_not_one_map_per_image_and_has_no
         with pytest.raises(ValueError, match=r"objective_step: labels must have shape \(4, 16, 16\), one label map "
                                              r"per image, got \(6, 16, 16\)"):
             network.objective_step(images, labels, StageOneObjective(), numpy.random.default_rng(0))
+        with pytest.raises(ValueError, match=r"images must have shape \(N, 3, H, W\)"):  # the model's words
+            network.objective_step(images.transpose(0, 2, 3, 1), labels[:4], StageOneObjective(),
+                                   numpy.random.default_rng(0))
         nothing = StageOneObjective(weights=(0.0, 0.0, 0.0))
         assert network.objective_step(images, labels[:4], nothing, numpy.random.default_rng(0)) == (0.0, {})
