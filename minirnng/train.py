@@ -46,7 +46,7 @@ from .processes import ProcessParallel
 
 
 #: What ``TrainConfig.augment`` (``--augment``) names: the paper's random affine warp and mirroring,
-#: mirroring alone (an exact flip: the warp's identity part resamples nothing), or nothing.
+#: mirroring alone (an exact flip, which ``warp`` makes by copying pixels: no resampling), or nothing.
 AUGMENTATIONS = {
     "paper": Augmentation(),
     "mirror": Augmentation(max_rotation=0.0, scale_range=(1.0, 1.0), max_shift=0.0),

@@ -329,3 +329,31 @@ def test_warp_keeps_a_label_beyond_the_classes_whether_or_not_it_mirrors():
     _, mirrored = warp(image, labels, mirror[None], HELEN_CLASSES)
     assert set(numpy.unique(mirrored[0, :, :4])) == {255}
     assert set(numpy.unique(mirrored[0, :, 4:])) == {HELEN_CLASSES.index("right eye")}
+
+
+@pytest.mark.parametrize("label_dtype", [numpy.uint8, numpy.int64])
+def test_whole_pixel_moves_copy_exactly_what_pillow_resamples(label_dtype, monkeypatch, rng):
+    """The identity and the mirror skip Pillow (a copy or a flip): the same images and labels to the
+    bit as its resampling gives, ``--augment mirror`` draws nothing else, and a label beyond 0..255
+    is refused in the same words either way."""
+    from minirnng.data import pipeline
+
+    images = rng.integers(0, 256, (6, 12, 20, 3), dtype=numpy.uint8)
+    labels = rng.integers(0, len(HELEN_CLASSES), (6, 12, 20)).astype(label_dtype)
+    labels[0, 0, :3] = 255  # an ignore label
+    matrices = Augmentation(max_rotation=0.0, scale_range=(1.0, 1.0), max_shift=0.0).sample(6, 12, 20, rng=3)
+    assert all(pipeline.moves_whole_pixels(matrix, 20) for matrix in matrices)
+    assert 0 < pipeline.is_mirroring(matrices).sum() < 6
+    assert not pipeline.moves_whole_pixels(affine_matrix(0.01, 1.0, (0.0, 0.0), numpy.array([9.5, 5.5])), 20)
+    copied = warp(images, labels, matrices, HELEN_CLASSES)
+    wrong = labels.astype(numpy.int64)
+    wrong[2, 3, 4] = 300
+    with pytest.raises(ValueError, match=r"warp: labels range over 0 \.\. 300"):
+        warp(images, wrong, matrices, HELEN_CLASSES)
+    monkeypatch.setattr(pipeline, "moves_whole_pixels", lambda matrix, width: False)
+    resampled = warp(images, labels, matrices, HELEN_CLASSES)
+    for got, want in zip(copied, resampled):
+        assert got.dtype == want.dtype
+        numpy.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"warp: labels range over 0 \.\. 300"):
+        warp(images, wrong, matrices, HELEN_CLASSES)

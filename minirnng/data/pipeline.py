@@ -421,6 +421,14 @@ def affine_matrix(angle, scale, shift, centre, mirrored=False, width=None):
     return about_centre
 
 
+def moves_whole_pixels(matrix, width):
+    """Whether the affine ``matrix`` (3, 3) is exactly the identity or the left-right mirror of an
+    image ``width`` pixels wide (``x -> width - 1 - x``): a copy or a flip then gives :func:`warp`'s
+    result, pixel for pixel, without resampling."""
+    mirror = numpy.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return bool(numpy.array_equal(matrix, numpy.eye(3)) or numpy.array_equal(matrix, mirror))
+
+
 def is_mirroring(matrices):
     """bool ``(N,)``: which affine matrices ``(N, 3, 3)`` reverse orientation (mirror the image)."""
     matrices = numpy.asarray(matrices)
@@ -453,6 +461,14 @@ def warp(images, labels, matrices, classes):
     mirrored = is_mirroring(matrices)
     warped_images, warped_labels = numpy.empty_like(images), numpy.empty_like(labels)
     for k in range(len(images)):
+        if moves_whole_pixels(matrices[k], width):
+            # the identity or the mirror (``--augment mirror`` draws only these): the values that
+            # Pillow's resampling gives them, by a copy, in a tenth of its time
+            columns = slice(None, None, -1) if mirrored[k] else slice(None)
+            warped_images[k] = images[k, :, columns]
+            label_map = _check_labels(labels[k], "warp")[:, columns]
+            warped_labels[k] = permutation[label_map] if mirrored[k] else label_map
+            continue
         coefficients = _pillow_inverse(matrices[k])
         # Channel by channel in floating point, then rounded: on uint8 pictures Pillow's bilinear
         # rounds down, which would leave every warped image half a grey level darker on average.
