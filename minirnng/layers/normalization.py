@@ -40,6 +40,17 @@ from .base import Layer, check_array, check_positive_int
 STATISTICS = ("running_mean", "running_var")
 
 
+def channel_totals(rows, other=None):
+    """float64 (C,): ``sum over n, p of rows[n, c, p]`` (times ``other[n, c, p]`` if given), for
+    rows (N, C, P): each (n, c) row summed in its own dtype first (pairwise along the row, or a dot
+    product), then the N of each channel in float64."""
+    if other is None:
+        per_row = rows.sum(axis=2)
+    else:
+        per_row = numpy.einsum("ncp,ncp->nc", rows, other)
+    return per_row.sum(axis=0, dtype=numpy.float64)
+
+
 class BatchNorm2d(Layer):
     """Batch normalisation over (N, H, W) for each of ``channels`` channels (module docstring).
 
@@ -105,15 +116,20 @@ class BatchNorm2d(Layer):
 
     # -- NumPy path ---------------------------------------------------------------------------
     def forward_cpu(self, x):
-        shape = (1, -1, 1, 1)
-        # the statistics are summed in float64: a float32 sum over a million pixels drifts
-        mean = x.mean(axis=(0, 2, 3), dtype=numpy.float64)
+        """The statistics by channel sums in two stages: each image's row of H W pixels summed in
+        its own dtype (NumPy's pairwise summation along a contiguous row: no drift over 16,384
+        pixels), then the N row sums in float64; the normalisation in place. The cache is
+        (xhat, 1 / sqrt(var + eps))."""
+        n, c = x.shape[:2]
+        shape, count = (1, -1, 1, 1), x.size // c
+        mean = channel_totals(x.reshape(n, c, -1)) / count
         centred = x - mean.reshape(shape).astype(x.dtype)
-        variance = (centred ** 2).mean(axis=(0, 2, 3), dtype=numpy.float64)
+        variance = channel_totals(centred.reshape(n, c, -1), centred.reshape(n, c, -1)) / count
         self.update_statistics(mean, variance)
         inverse_std = (1.0 / numpy.sqrt(variance + self.eps)).astype(x.dtype)
-        xhat = centred * inverse_std.reshape(shape)
-        y = xhat * self.params["weight"].reshape(shape) + self.params["bias"].reshape(shape)
+        xhat = numpy.multiply(centred, inverse_std.reshape(shape), out=centred)
+        y = numpy.multiply(xhat, self.params["weight"].reshape(shape))
+        y += self.params["bias"].reshape(shape)
         return y, (xhat, inverse_std)
 
     def update_statistics(self, mean, variance):
@@ -125,14 +141,22 @@ class BatchNorm2d(Layer):
             running += self.momentum * (batch.astype(self.dtype) - running)
 
     def backward_cpu(self, grad_output):
+        """``dx = weight * inverse_std * (dy - mean(dy) - xhat * mean(dy * xhat))`` with the two
+        means from the same channel sums as the weight's and the bias's gradients; one array made."""
         xhat, inverse_std = self.cache
-        shape = (1, -1, 1, 1)
-        self.accumulate_grad("weight", (grad_output * xhat).sum(axis=(0, 2, 3)))
-        self.accumulate_grad("bias", grad_output.sum(axis=(0, 2, 3)))
-        dxhat = grad_output * self.params["weight"].reshape(shape)
-        mean_dxhat = dxhat.mean(axis=(0, 2, 3), keepdims=True)
-        mean_dxhat_xhat = (dxhat * xhat).mean(axis=(0, 2, 3), keepdims=True)
-        return (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * inverse_std.reshape(shape)
+        n, c = xhat.shape[:2]
+        shape, count = (1, -1, 1, 1), xhat.size // c
+        rows = grad_output.reshape(n, c, -1)
+        sum_dy = channel_totals(rows)
+        sum_dy_xhat = channel_totals(rows, xhat.reshape(n, c, -1))
+        dtype = xhat.dtype
+        self.accumulate_grad("weight", sum_dy_xhat.astype(dtype))
+        self.accumulate_grad("bias", sum_dy.astype(dtype))
+        dx = numpy.multiply(xhat, (-sum_dy_xhat / count).astype(dtype).reshape(shape))
+        dx += grad_output
+        dx -= (sum_dy / count).astype(dtype).reshape(shape)
+        dx *= (self.params["weight"] * inverse_std).reshape(shape)
+        return dx
 
     # -- kernel path --------------------------------------------------------------------------
     def forward_gpu(self, x):
