@@ -25,7 +25,8 @@ on several workers calls the two apart (:meth:`minirnng.parallel.DataParallel.ob
 ``prepare`` once for the batch, ``shard_terms`` in each worker on its shard, where each term is the
 shard's share of the batch's mean, ``mean over the shard's pixels * n_shard / n_batch`` with ``n``
 the counts of :meth:`prepare` (``counts=True``), so that the shards' terms and gradients add up to
-the whole batch's.
+the whole batch's. The soft Dice term, a ratio of sums over the whole batch, is not shared out:
+:attr:`StageOneObjective.batch_terms` names it, and the caller computes it on the gathered logits.
 """
 
 import numpy
@@ -82,10 +83,20 @@ class StageOneObjective:
 
     @property
     def shardable(self):
-        """Whether shards of a batch can compute their own terms (:meth:`shard_terms`): every term
+        """Whether shards of a batch can compute all the terms (:meth:`shard_terms`): every term
         is a sum over pixels, or pairs of pixels inside one image, divided by a count over the
         batch; the soft Dice term is not (a ratio of sums over the whole batch)."""
-        return "dice" not in self.weights
+        return not self.batch_terms
+
+    @property
+    def batch_terms(self):
+        """The terms only the whole batch can compute: ``("dice",)`` with the soft Dice term, else ``()``."""
+        return tuple(name for name in ("dice",) if name in self.weights)
+
+    @property
+    def shard_term_names(self):
+        """The terms that shards can compute, each its share (:meth:`shard_terms`)."""
+        return tuple(name for name in self.weights if name not in self.batch_terms)
 
     def __call__(self, outputs, labels, rng, images=None):
         batch = self.prepare(labels, rng, images, output_names=tuple(outputs))
@@ -137,7 +148,7 @@ class StageOneObjective:
                 batch["count:affinity"] = numpy.full(len(labels), pixels)
         return batch
 
-    def shard_terms(self, outputs, batch, totals=None):
+    def shard_terms(self, outputs, batch, totals=None, terms=None):
         """The terms and their gradients for the images of ``batch`` (all of :meth:`prepare`'s, or a
         shard of them) and the model's ``outputs`` for those images: ``(parts, grads)``.
 
@@ -145,8 +156,11 @@ class StageOneObjective:
         each term is then its shard's share of the batch's mean, ``mean over the shard's pixels *
         shard's count / batch's count``, and its gradient that of this share, so that the shards'
         parts and gradients add up to the whole batch's. None: ``batch`` is the whole batch.
+        ``terms`` : the names of the terms to compute (by default all): a shard computes
+        :attr:`shard_term_names`, and the whole batch then :attr:`batch_terms`.
         """
-        weights = self.weights
+        weights = self.weights if terms is None else {name: self.weights.get(name, 0.0) if name in terms else 0.0
+                                                      for name in ("logits", "coarse", "edge", "dice", "affinity")}
         parts, grads = {}, {}
 
         def share(term):
@@ -169,14 +183,14 @@ class StageOneObjective:
                 raise ValueError("StageOneObjective: the soft Dice term is a ratio of sums over the whole batch; "
                                  "shards cannot compute it apart (see shardable)")
             add("dice", "logits", self.dice.forward(outputs["logits"], labels, mask), self.dice, weights["dice"])
-        if "coarse_labels" in batch:
+        if "coarse_labels" in batch and weights["coarse"]:
             value = self.coarse.forward(outputs["coarse"], batch["coarse_labels"], batch.get("coarse_mask"))
             add("coarse", "coarse", value, self.coarse, weights["coarse"])
-        if "edge_target" in batch:
+        if "edge_target" in batch and weights["edge"]:
             edge = outputs["edge"]
             target = backend.get_array_module(edge).asarray(batch["edge_target"], dtype=edge.dtype)
             add("edge", "edge", self.edge.forward(edge, target, batch["edge_mask"]), self.edge, weights["edge"])
-        if "images" in batch:
+        if "images" in batch and weights.get("affinity", 0.0):
             value = self.affinity.forward(outputs["logits"], batch["images"])
             add("affinity", "logits", value, self.affinity, weights["affinity"])
         return parts, grads

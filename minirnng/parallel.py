@@ -24,7 +24,9 @@ once instead of by the calling thread while the others wait (a step 5-10% faster
 processes, docs/benchmarks.md). The random draws of the loss (the edge term's 1:5 sample, the
 label masks of a background ratio) are made once for the whole batch first, so a seeded run draws
 the same pixels with any number of workers. The soft Dice term, a ratio of sums over the whole
-batch, cannot be shared out this way: with it, the step gathers the outputs as above.
+batch, cannot be shared out this way: with it, each shard computes the other terms and sends its
+logits, the calling thread computes the Dice term on the whole batch's, and each shard finishes
+its backward pass with its part of that gradient (two round trips, as forward and backward).
 
 Why threads help although Python has one interpreter lock: the work of a pass is in NumPy's
 matrix products (OpenBLAS) and elementwise loops, which release the lock while they run, so two
@@ -51,6 +53,7 @@ shared memory, and serve where that matters (stage 2's four small networks, note
 
 import concurrent.futures
 import os
+import weakref
 
 import numpy
 
@@ -103,32 +106,63 @@ def shard_pass(replica, method, inputs, options, params=None, errors=None):
         thread, so a worker would otherwise warn where the caller asked for quiet (a diverging
         run's overflow, which the trainer reports once), or the reverse.
     method ``"objective_step"``: ``inputs = {"images": ..., "batch": {...}}``, ``options =
-        {"objective": ..., "totals": {...}}``: :func:`objective_shard`.
-    Returns ``(result, grads)``: what the model's method returns, and for backward and
-    objective_step the replica's parameter gradients of this shard alone (its gradients are zeroed
-    first), else None.
+        {"objective": ..., "totals": {...}, "gather": bool}``: :func:`objective_shard`; then, after
+        one with ``gather``, ``"objective_finish"`` with ``inputs = {"grads": {"logits": ...}}``:
+        :func:`objective_finish`.
+    Returns ``(result, grads)``: what the model's method returns, and for backward and the
+    objective's passes that end with a backward pass the replica's parameter gradients of this
+    shard alone (its gradients are zeroed first), else None.
     """
     with numpy.errstate(**(errors or {})):
         if params is not None:
             for name, value in replica.params().items():
                 value[...] = params[name]
-        if method in ("backward", "objective_step"):
+        if method == "objective_step" and options.get("gather"):
+            return objective_shard(replica, inputs, **options), None
+        if method in ("backward", "objective_step", "objective_finish"):
             replica.zero_grad()
             if method == "objective_step":
                 return objective_shard(replica, inputs, **options), replica.grads()
+            if method == "objective_finish":
+                return objective_finish(replica, inputs), replica.grads()
             return replica.backward(inputs["grads"], **options), replica.grads()
         return getattr(replica, method)(inputs["images"]), None
 
 
-def objective_shard(model, inputs, objective, totals):
+#: model -> the gradients of its outputs that a gathering objective_shard left for objective_finish
+_UNFINISHED = weakref.WeakKeyDictionary()
+
+
+def objective_shard(model, inputs, objective, totals, gather=False):
     """One shard's training pass: forward of ``inputs["images"]``, its share of the objective's
-    terms (``objective.shard_terms`` with the shard's part of the batch, ``inputs["batch"]``, and
-    the whole batch's ``totals``), backward without the image gradient (adding into
-    ``model.grads()``). Returns the shard's parts ``{term: float}``."""
+    terms (``objective.shard_terms`` with the shard's part of the batch, ``inputs["batch"]``, the
+    whole batch's ``totals`` and the terms shards can compute), then backward without the image
+    gradient (adding into ``model.grads()``). Returns ``{"part:<term>": float}``.
+
+    With ``gather`` (an objective with terms only the whole batch can compute: the soft Dice term)
+    the backward waits: the gradients are kept for :func:`objective_finish`, and the result has the
+    shard's ``"logits"`` too, for the caller to compute those terms on the whole batch's.
+    """
     outputs = model.forward(inputs["images"])
-    parts, grads = objective.shard_terms(outputs, inputs["batch"], totals)
+    parts, grads = objective.shard_terms(outputs, inputs["batch"], totals, terms=objective.shard_term_names)
+    result = {f"part:{name}": value for name, value in parts.items()}
+    if gather:
+        _UNFINISHED[model] = grads
+        result["logits"] = outputs["logits"]
+    else:
+        model.backward(grads, input_gradient=False)
+    return result
+
+
+def objective_finish(model, inputs):
+    """The rest of a gathering :func:`objective_shard`: the logits' gradient of the whole-batch terms
+    (``inputs["grads"]["logits"]``, this shard's part) added to the kept ones, then backward."""
+    grads = _UNFINISHED.pop(model, None)
+    if grads is None:
+        raise RuntimeError("objective_finish: this shard has no objective_step(gather=True) to finish")
+    extra = inputs["grads"]["logits"]
+    grads["logits"] = extra if "logits" not in grads else grads["logits"] + extra
     model.backward(grads, input_gradient=False)
-    return parts
 
 
 def shard_count(model, workers):
@@ -238,12 +272,14 @@ class DataParallel:
         the workers. The batch's random draws (the edge term's sample of pixels, the label masks of a
         background ratio) are made first, here, for the whole batch (``objective.prepare``), as the
         unsplit objective draws them, so that a seeded run draws the same pixels whatever the
-        number of workers. Where the pass runs unsplit, or the objective cannot be shared out
-        (``objective.shardable`` is False: the soft Dice term), this is ``forward``, ``objective``
-        and ``backward`` one after the other. No ``backward`` may follow it.
+        number of workers. Terms only the whole batch can compute (``objective.batch_terms``: the
+        soft Dice term) are computed here on the gathered logits, and each shard then finishes its
+        backward pass with its part of their gradient (:func:`objective_finish`). Where the pass
+        runs unsplit, this is ``forward``, ``objective`` and ``backward`` one after the other. No
+        ``backward`` may follow it.
         """
         shards = self._plan(images)
-        if shards is None or not objective.shardable:
+        if shards is None:
             outputs = self.forward(images)
             total, parts, grads = objective(outputs, labels, rng, images)
             self.backward(grads, input_gradient=False)
@@ -260,15 +296,24 @@ class DataParallel:
                   if name.startswith("count:")}
         inputs = [{"images": images[part], "batch": {name: value[part] for name, value in batch.items()}}
                   for part in shards]
-        results = self._run(shards, "objective_step", inputs, objective=objective, totals=totals)
+        gather = not objective.shardable
+        results = self._run(shards, "objective_step", inputs, objective=objective, totals=totals, gather=gather)
+        parts = {}
+        for result, _ in results:
+            for name, value in (result or {}).items():  # a worker process returns an empty result as None
+                if name.startswith("part:"):
+                    parts[name[len("part:"):]] = parts.get(name[len("part:"):], 0.0) + float(value)
+        if gather:  # the whole batch's terms on the gathered logits, then each shard's backward
+            logits = numpy.concatenate([result["logits"] for result, _ in results])
+            batch_parts, batch_grads = objective.shard_terms({"logits": logits}, batch, terms=objective.batch_terms)
+            parts.update(batch_parts)
+            results = self._run(shards, "objective_finish",
+                                [{"grads": {"logits": batch_grads["logits"][part]}} for part in shards])
         totals_of_grads = self.model.grads()  # shard 0 ran on the model and added into these already
         for _, shard_grads in results[1:]:
             for name, grad in shard_grads.items():
                 totals_of_grads[name] += grad
-        parts = {}
-        for shard_parts, _ in results:
-            for name, value in (shard_parts or {}).items():  # a worker process returns no parts as None
-                parts[name] = parts.get(name, 0.0) + float(value)
+        parts = {name: parts[name] for name in objective.term_names() if name in parts}  # the unsplit order
         total = float(sum(objective.weights[name] * value for name, value in parts.items()))
         return total, parts
 
@@ -319,7 +364,7 @@ class DataParallel:
         gradients are the model's). Passes that start from images first copy the model's
         parameters into the replicas. An exception in any shard is raised here, after all have
         finished (no worker is left running on a replica)."""
-        params = None if method == "backward" else self.model.params()
+        params = None if method in ("backward", "objective_finish") else self.model.params()
         errors = numpy.geterr()
         pending = [self._submit(index, method, inputs[index], self._worker_options(method, options), params, errors)
                    for index in range(1, len(shards))]
@@ -328,6 +373,8 @@ class DataParallel:
                 first = (self.model.backward(inputs[0]["grads"], **options), None)
             elif method == "objective_step":
                 first = (objective_shard(self.model, inputs[0], **options), None)
+            elif method == "objective_finish":
+                first = (objective_finish(self.model, inputs[0]), None)
             else:
                 first = (getattr(self.model, method)(inputs[0]["images"]), None)
         finally:

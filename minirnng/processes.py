@@ -159,7 +159,7 @@ def serve(connection, backend_name):
             try:
                 arrays = inbox.read(message)
                 params = {name[len("param:"):]: value for name, value in arrays.items() if name.startswith("param:")}
-                if method == "backward":
+                if method in ("backward", "objective_finish"):
                     inputs = {"grads": {name[len("grad:"):]: value for name, value in arrays.items()
                                         if name.startswith("grad:")}}
                 else:
@@ -282,7 +282,7 @@ class WorkerProcess:
 
     def submit(self, method, inputs, options, params, errors=None):
         arrays = {f"param:{name}": value for name, value in (params or {}).items()}
-        if method == "backward":
+        if method in ("backward", "objective_finish"):
             arrays.update((f"grad:{name}", value) for name, value in inputs["grads"].items())
         else:
             arrays["images"] = inputs["images"]
@@ -359,7 +359,7 @@ class ProcessParallel(DataParallel):
         # A worker that died is replaced only once a pass has said so (a death between two passes
         # is found by sending to it), and not for a backward, whose forward it alone held: a fresh
         # worker would answer "no forward pass" instead of the death that is the cause.
-        if worker.reply_owed or (worker.failed and method != "backward"):
+        if worker.reply_owed or (worker.failed and method not in ("backward", "objective_finish")):
             worker.close()
             worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
             self.replicas[index] = self._workers[index - 1] = worker

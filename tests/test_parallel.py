@@ -464,14 +464,17 @@ def test_objective_step_equals_forward_objective_backward(kind, workers, objecti
         numpy.testing.assert_allclose(model.grads()[name], grad, rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-def test_processes_give_the_threads_bits_in_objective_step(rng):
+@pytest.mark.parametrize("objective_options", [{"affinity_weight": 0.5}, {"affinity_weight": 0.5, "dice_weight": 1.0}])
+def test_processes_give_the_threads_bits_in_objective_step(objective_options, rng):
+    """Also with the soft Dice term, which the calling thread computes on the gathered logits
+    between the shards' two passes."""
     from minirnng.objective import StageOneObjective
 
     model, reference = twin_models()
     images = rng.uniform(-0.5, 0.5, (5, 3, 16, 16))
     labels = numpy.zeros((5, 16, 16), dtype=numpy.int64)
     labels[:, 3:13, 4:12] = 1
-    objective = StageOneObjective(affinity_weight=0.5)
+    objective = StageOneObjective(**objective_options)
     with ProcessParallel(model, 3) as processes, DataParallel(reference, 3) as threads:
         for step in range(2):  # the second step sees the parameters changed in between
             model.zero_grad()
@@ -504,3 +507,24 @@ def test_objective_step_refuses_labels_that_are_not_one_map_per_image_and_has_no
                                    numpy.random.default_rng(0))
         nothing = StageOneObjective(weights=(0.0, 0.0, 0.0))
         assert network.objective_step(images, labels[:4], nothing, numpy.random.default_rng(0)) == (0.0, {})
+
+
+def test_a_gathering_step_is_finished_only_once(rng):
+    """objective_finish continues the backward pass that a gathering objective_step left, once."""
+    from minirnng.objective import StageOneObjective
+    from minirnng.parallel import objective_finish, objective_shard
+
+    model, _ = twin_models()
+    objective = StageOneObjective(dice_weight=1.0)
+    images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16))
+    labels = numpy.zeros((2, 16, 16), dtype=numpy.int64)
+    labels[:, 4:12, 4:12] = 1
+    batch = objective.prepare(labels, numpy.random.default_rng(0), counts=True)
+    totals = {name[len("count:"):]: value.sum() for name, value in batch.items() if name.startswith("count:")}
+    result = objective_shard(model, {"images": images, "batch": batch}, objective, totals, gather=True)
+    assert set(result) == {"part:logits", "part:coarse", "part:edge", "logits"}  # no Dice: the caller's
+    assert not any(numpy.abs(grad).any() for grad in model.grads().values())  # backward waits for it
+    objective_finish(model, {"grads": {"logits": numpy.ones_like(result["logits"]) * 1e-3}})
+    assert any(numpy.abs(grad).any() for grad in model.grads().values())
+    with pytest.raises(RuntimeError, match="no objective_step\\(gather=True\\) to finish"):
+        objective_finish(model, {"grads": {"logits": numpy.zeros_like(result["logits"])}})
