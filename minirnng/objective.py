@@ -66,6 +66,14 @@ class StageOneObjective:
         self.dice = SoftDice(ignore_index=ignore_index)
         self.affinity = ColourAffinity()
 
+    #: The order in which :meth:`shard_terms` computes the terms, and ``parts`` holds them.
+    TERM_ORDER = ("logits", "dice", "coarse", "edge", "affinity")
+
+    @property
+    def needs_images(self):
+        """Whether a term reads the input images (the colour-affinity term)."""
+        return "affinity" in self.weights
+
     def term_names(self):
         """The names of the terms ``parts`` can hold: logits, coarse, edge, and dice and affinity if used."""
         return tuple(self.weights)

@@ -130,6 +130,8 @@ def shard_pass(replica, method, inputs, options, params=None, errors=None):
 
 
 #: model -> the gradients of its outputs that a gathering objective_shard left for objective_finish
+#: (after a step that failed between the two, they stay until the model's next gathering step
+#: replaces them; objective_finish is only ever called right after a round that succeeded)
 _UNFINISHED = weakref.WeakKeyDictionary()
 
 
@@ -144,7 +146,8 @@ def objective_shard(model, inputs, objective, totals, gather=False):
     shard's ``"logits"`` too, for the caller to compute those terms on the whole batch's.
     """
     outputs = model.forward(inputs["images"])
-    parts, grads = objective.shard_terms(outputs, inputs["batch"], totals, terms=objective.shard_term_names)
+    batch = {**inputs["batch"], "images": inputs["images"]} if objective.needs_images else inputs["batch"]
+    parts, grads = objective.shard_terms(outputs, batch, totals, terms=objective.shard_term_names)
     result = {f"part:{name}": value for name, value in parts.items()}
     if gather:
         _UNFINISHED[model] = grads
@@ -269,8 +272,9 @@ class DataParallel:
         Each shard runs its forward pass, its share of the terms and its backward pass (no image
         gradient) in one go (:func:`objective_shard`): the loss no longer runs in the calling
         thread while the workers wait, and neither the outputs nor their gradients cross between
-        the workers. The batch's random draws (the edge term's sample of pixels, the label masks of a
-        background ratio) are made first, here, for the whole batch (``objective.prepare``), as the
+        the workers (but the logits and their gradient for the soft Dice term, below). The
+        batch's random draws (the edge term's sample of pixels, the label masks of a background
+        ratio) are made first, here, for the whole batch (``objective.prepare``), as the
         unsplit objective draws them, so that a seeded run draws the same pixels whatever the
         number of workers. Terms only the whole batch can compute (``objective.batch_terms``: the
         soft Dice term) are computed here on the gathered logits, and each shard then finishes its
@@ -294,7 +298,9 @@ class DataParallel:
         batch = objective.prepare(labels, rng, images, output_names=self.model.output_names, counts=True)
         totals = {name[len("count:"):]: float(value.sum()) for name, value in batch.items()
                   if name.startswith("count:")}
-        inputs = [{"images": images[part], "batch": {name: value[part] for name, value in batch.items()}}
+        # the affinity term's images are the shard's own input: not sent twice (objective_shard)
+        inputs = [{"images": images[part],
+                   "batch": {name: value[part] for name, value in batch.items() if name != "images"}}
                   for part in shards]
         gather = not objective.shardable
         results = self._run(shards, "objective_step", inputs, objective=objective, totals=totals, gather=gather)
@@ -313,7 +319,7 @@ class DataParallel:
         for _, shard_grads in results[1:]:
             for name, grad in shard_grads.items():
                 totals_of_grads[name] += grad
-        parts = {name: parts[name] for name in objective.term_names() if name in parts}  # the unsplit order
+        parts = {name: parts[name] for name in objective.TERM_ORDER if name in parts}  # the unsplit order
         total = float(sum(objective.weights[name] * value for name, value in parts.items()))
         return total, parts
 

@@ -15,7 +15,8 @@ What crosses between the processes, and how:
   images (or its output gradients) one way, the outputs (or the shard's parameter gradients and
   image gradient) the other; for a training step (``objective_step``) the shard's images and its
   part of the batch's targets one way, its parameter gradients and the values of its terms the
-  other. Each direction has a block of shared memory owned by its writer,
+  other (with the soft Dice term: its logits back after the first round, their gradient out in
+  the second, ``objective_finish``). Each direction has a block of shared memory owned by its writer,
   which grows when a larger batch needs it; a pass copies each array once on each side (a few MB
   at batch 16: a fraction of a millisecond).
 - **Commands go through a pipe**: a method name and where each array lies in the block (for a
@@ -357,8 +358,8 @@ class ProcessParallel(DataParallel):
         worker = self.replicas[index]
         # An interrupted pass left a reply in the pipe: a fresh worker instead of a wrong answer.
         # A worker that died is replaced only once a pass has said so (a death between two passes
-        # is found by sending to it), and not for a backward, whose forward it alone held: a fresh
-        # worker would answer "no forward pass" instead of the death that is the cause.
+        # is found by sending to it), and not for a backward (or an objective_finish), whose forward it
+        # alone held: a fresh worker would answer "no forward pass" instead of the death that is the cause.
         if worker.reply_owed or (worker.failed and method not in ("backward", "objective_finish")):
             worker.close()
             worker = WorkerProcess(checked_replica(self.model, type(self).__name__), index)
