@@ -34,7 +34,7 @@ conv5 backward (dx: 288 x 32 by 32 x 1088, 64)        6.8 ms        7.5 ms
 
 So the layers (:mod:`minirnng.layers.conv`) run their forward products and ConvTranspose2d's
 input gradient in blocks, and Conv2d's input gradient whole; the weight gradients, whose long
-inner dimension blocks would cut into partial sums, measured slower in every split tried. A
+inner dimension blocks would cut into partial sums, measured no faster in any split tried. A
 whole training step of RNN-G on two worker processes: 3.7% and 4.7% faster (medians of 40
 steps in turns).
 
@@ -43,7 +43,8 @@ take 5-10% longer than the whole product, and in float64 up to a third longer on
 and with any other BLAS, :func:`matmul_blocks` runs the product whole. The choice is made once,
 when this module is imported, and kept in :data:`BLOCKS_PAY` (tests set it to run both ways on
 any machine); the environment variable ``MINIRNNG_PRODUCT_BLOCKS=on|off`` overrides it, for
-measuring both ways (``benchmarks/layers.py`` does, in one process).
+measuring both ways (``benchmarks/layers.py`` measures both ways in one process by setting
+:data:`BLOCKS_PAY`).
 """
 
 import ctypes
