@@ -311,7 +311,14 @@ def check_loss(loss, logits, target, mask=None, rng=0, eps=1e-6, max_entries=Non
 
 def check_model(model, images, rng=0, eps=1e-6, max_entries=12, title=None, expect_zero=()):
     """Finite-difference check of a whole model (the model interface: a dict of outputs) in sparse
-    mode: the images and every named parameter, ``max_entries`` entries each."""
-    return check(title or type(model).__name__, model.forward, model.backward, {"images": images},
-                 params=model.params(), grads=model.grads(), rng=rng, eps=eps, max_entries=max_entries,
-                 zero_grad=model.zero_grad, expect_zero=expect_zero)
+    mode: the images and every named parameter, ``max_entries`` entries each. As in
+    :func:`check_layer`, what the forward passes measure (batch normalisation's running
+    statistics) is put back afterwards: checking a model leaves it as it was."""
+    kept = {name: value.copy() for name, value in model.params().items()}
+    try:
+        return check(title or type(model).__name__, model.forward, model.backward, {"images": images},
+                     params=model.params(), grads=model.grads(), rng=rng, eps=eps, max_entries=max_entries,
+                     zero_grad=model.zero_grad, expect_zero=expect_zero)
+    finally:
+        for name, value in model.params().items():
+            value[...] = kept[name]

@@ -52,7 +52,7 @@ import numpy
 
 from . import backend
 from .cuda.launch import channel_sum, contiguous, element_count, launch
-from .layers.base import check_array
+from .layers.base import check_array, check_number
 
 #: The ignore index the kernel is given when nothing is ignored (no label is negative, so none matches).
 NO_IGNORE_INDEX = -100
@@ -434,10 +434,10 @@ class SigmoidBinaryCrossEntropy(Loss):
 
     def forward_cpu(self, logits, target, mask):
         target = target.astype(logits.dtype)
-        used = numpy.ones(logits.shape, dtype=logits.dtype) if mask is None else mask.astype(logits.dtype)
-        count = float(used.sum())
+        used = None if mask is None else mask.astype(logits.dtype)  # None: every pixel counts
+        count = float(logits.size if used is None else used.sum())
         per_pixel = numpy.maximum(logits, 0) - logits * target + numpy.log1p(numpy.exp(-numpy.abs(logits)))
-        total = float((per_pixel * used).sum())
+        total = float((per_pixel if used is None else per_pixel * used).sum())
         # a NaN or infinite score outside the mask adds 0 * NaN: zeroed only then, since it is rare
         spoiled = mask is not None and not math.isfinite(total)
         if spoiled:
@@ -455,7 +455,9 @@ class SigmoidBinaryCrossEntropy(Loss):
         difference = numpy.where(logits >= 0, (1 - target) - small, small - target)
         if spoiled:  # a NaN score outside the mask gives 0, not NaN
             _zero_where_unused(difference, used == 0)
-        return (difference * used * (grad_output / count)).astype(logits.dtype, copy=False)
+        if used is not None:
+            difference *= used
+        return (difference * (grad_output / count)).astype(logits.dtype, copy=False)
 
     def forward_gpu(self, logits, target, mask):
         """logits and target (N, 1, H, W), mask (N, 1, H, W) bool or None: one thread per pixel
@@ -510,7 +512,7 @@ class SoftDice(Loss):
 
     def __init__(self, smooth=1.0, ignore_index=None):
         super().__init__()
-        smooth = float(smooth)
+        smooth = check_number(smooth, type(self).__name__, "smooth")
         if not (numpy.isfinite(smooth) and smooth > 0):
             raise ValueError(f"SoftDice: smooth must be a positive number, got {smooth!r}")
         self.smooth = smooth
@@ -671,7 +673,7 @@ class ColourAffinity:
     def __init__(self, s_xy=1.5, s_rgb=0.06):
         for name, value in (("s_xy", s_xy), ("s_rgb", s_rgb)):
             # below 1e-6, 1 / (2 s^2) leaves float32's range on the kernels: inf * 0 = NaN weights
-            if not (numpy.isfinite(float(value)) and float(value) >= 1e-6):
+            if not (numpy.isfinite(check_number(value, "ColourAffinity", name)) and float(value) >= 1e-6):
                 raise ValueError(f"ColourAffinity: {name} must be a number of at least 1e-6, got {value!r}")
         self.s_xy, self.s_rgb = float(s_xy), float(s_rgb)
         self.cache = None
@@ -800,8 +802,8 @@ def balanced_sample_mask(keep, ratio=5, rng=None):
     Generator. The paper balances two losses this way: the gate's boundary loss (keep the boundary
     pixels, ratio 5) and, on Multi-Face images, the label losses (keep face and hair, ratio 5).
     """
-    if ratio < 0:
-        raise ValueError(f"balanced_sample_mask: ratio must be >= 0, got {ratio}")
+    if not check_number(ratio, "balanced_sample_mask", "ratio") >= 0:  # NaN too
+        raise ValueError(f"balanced_sample_mask: ratio must be a number >= 0, got {ratio}")
     rng = numpy.random.default_rng(rng)
     host = numpy.asarray(backend.to_numpy(keep), dtype=bool)
     flat = host.reshape(host.shape[0], -1)

@@ -118,10 +118,35 @@ def test_bad_input_and_settings_are_clear_errors(rng):
         BatchNorm2d(3, eps=0)
     with pytest.raises(ValueError, match="momentum must lie in"):
         BatchNorm2d(3, momentum=1.5)
+    with pytest.raises(TypeError, match="BatchNorm2d: momentum must be a number, got 'x'"):
+        BatchNorm2d(3, momentum="x")
+    with pytest.raises(TypeError, match="BatchNorm2d: eps must be a number, got None"):
+        BatchNorm2d(3, eps=None)
     with pytest.raises(ValueError, match="channels"):
         BatchNorm2d(0)
     with pytest.raises(TypeError, match="batch_norm must be True or False"):
         RNNG(3, batch_norm="yes")
+
+
+def test_one_value_per_channel_is_refused_in_training_and_normalised_in_inference(rng):
+    # its own mean: the output would be the bias whatever the input, and every gradient before it 0
+    layer = BatchNorm2d(2, dtype=numpy.float64)
+    x = rng.standard_normal((1, 2, 1, 1))
+    with pytest.raises(ValueError, match=r"BatchNorm2d: .*more than one value per channel.*\(1, 2, 1, 1\)"):
+        layer.forward(x)
+    assert layer.infer(x).shape == x.shape
+    layer.forward(rng.standard_normal((2, 2, 1, 1)))  # two images of one pixel: two values a channel
+    model = RNNG(3, rng=0, batch_norm=True)  # at 4 x 4, bn5 sees one pixel of each image
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        model.forward(rng.uniform(-0.5, 0.5, (1, 3, 4, 4)).astype(numpy.float32))
+
+
+def test_checking_a_model_leaves_its_running_statistics_as_they_were(rng):
+    model = RNNG(3, rng=0, dtype=numpy.float64, batch_norm=True)
+    kept = {name: value.copy() for name, value in model.params().items()}
+    check_model(model, rng.uniform(-0.5, 0.5, (2, 3, 8, 8)), rng=rng, max_entries=2)
+    for name, value in model.params().items():
+        numpy.testing.assert_array_equal(value, kept[name], err_msg=name)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["Conv2d", "ConvTranspose2d"])

@@ -187,6 +187,8 @@ def test_soft_dice_bad_input():
         SoftDice(smooth=0)
     with pytest.raises(ValueError, match="smooth must be a positive number"):
         SoftDice(smooth=float("nan"))
+    with pytest.raises(TypeError, match="SoftDice: smooth must be a number, got 'a'"):
+        SoftDice(smooth="a")
     loss = SoftDice()
     logits = numpy.zeros((1, 3, 2, 2), dtype=numpy.float32)
     with pytest.raises(ValueError, match=r"SoftDice: target holds labels outside \[0, 3\).*\[3\]"):
@@ -226,6 +228,9 @@ def test_boundary_sample_mask_keeps_all_boundaries_and_five_times_as_many_others
     small = numpy.zeros((1, 6, 6), dtype=int)
     small[0, :, 3:] = 1  # 12 boundary pixels, 24 others: all of them are taken
     assert boundary_sample_mask(boundary_target(small), rng=0).all()
+    for ratio in (-1, float("nan")):
+        with pytest.raises(ValueError, match="balanced_sample_mask: ratio must be a number >= 0"):
+            boundary_sample_mask(target, ratio=ratio, rng=0)
 
 
 def test_an_empty_batch_is_named_not_divided_by_zero():
@@ -293,6 +298,8 @@ def test_colour_affinity_bad_input():
         ColourAffinity(s_rgb=0)
     with pytest.raises(ValueError, match="s_xy must be a number of at least 1e-6"):
         ColourAffinity(s_xy=1e-20)
+    with pytest.raises(TypeError, match="ColourAffinity: s_xy must be a number, got 'a'"):
+        ColourAffinity(s_xy="a")
     with pytest.raises(RuntimeError, match="before forward"):
         ColourAffinity().backward()
 

@@ -596,6 +596,18 @@ def test_cnn_crf_predict_uses_the_crf(rng):
                                      model.predict(images.astype(numpy.float16).astype(numpy.float32)))
 
 
+@pytest.mark.parametrize("model_class", [RNNG, CNNS, CNNDeep, PlainRNN, CNNCRF, EyeBrowNet])
+def test_infer_keeps_no_layer_cache(model_class, rng):
+    """No backward may follow an inference pass, so nothing of its activations is kept (a forward's caches go too)."""
+    model = model_class(rng=0)
+    images = rng.uniform(-0.5, 0.5, (2, 3, 16, 16)).astype(numpy.float32)
+    model.forward(images)
+    model.infer(images)
+    layers = list(model.layers.values())
+    layers += [sub for layer in layers for sub in getattr(layer, "direction_layers", {}).values()]
+    assert [layer for layer in layers if layer.cache is not None] == []
+
+
 @pytest.mark.parametrize("model_class", [RNNG, CNNS, EyeBrowNet])
 def test_backward_refuses_caches_that_infer_overwrote(model_class, rng):
     """predict between forward and backward would give gradients of the wrong pass, silently."""

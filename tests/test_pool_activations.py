@@ -79,6 +79,36 @@ def test_maxpool_sends_the_gradient_of_a_nan_window_to_its_first_nan_on_every_pa
     assert dx[0, 0, 0, 1] == 1 and dx[0, 0, 1, 0] == 0 and dx[1, 0, 3, 5] == 12 and numpy.isnan(results[0][0]).sum() == 2
 
 
+@pytest.mark.parametrize("path", ["numpy", "cuda-emulator"])
+@pytest.mark.parametrize("kernel, stride", [(2, 2), (3, 1)], ids=["windows apart", "windows overlapping"])
+def test_a_non_finite_upstream_gradient_reaches_only_the_inputs_that_won(kernel, stride, path, rng):
+    # a diverging run: inf * 0 must not turn the inputs that lost their window into NaN
+    from minirnng import backend
+
+    x = tie_free(rng, (2, 2, 6, 7))
+    fast, slow = MaxPool2d(kernel, stride), naive.MaxPool2d(kernel, stride)
+    with backend.use(path):
+        fast.forward(x)
+    slow.forward(x)
+    dy = rng.standard_normal(slow.output_shape_seen)
+    dy[0, 0, 0, 0], dy[0, 1, 1, 2], dy[1, 0, 2, 1] = numpy.inf, -numpy.inf, numpy.nan
+    with backend.use(path):
+        routed = backend.to_numpy(fast.backward(dy))
+    expected = slow.backward(dy)
+    numpy.testing.assert_allclose(routed, expected, rtol=1e-12)  # NaN where NaN; overlapping sums round
+    assert 1 <= numpy.count_nonzero(~numpy.isfinite(expected)) <= 3  # only the three windows' winners
+
+
+def test_relu_passes_a_non_finite_upstream_gradient_only_where_its_input_was_positive():
+    x = numpy.array([[-1.0, 2.0, -3.0, 4.0]])
+    dy = numpy.array([[numpy.inf, 1.0, numpy.nan, -numpy.inf]])
+    fast, slow = ReLU(), naive.ReLU()
+    fast.forward(x)
+    slow.forward(x)
+    numpy.testing.assert_array_equal(fast.backward(dy), [[0.0, 1.0, 0.0, -numpy.inf]])
+    numpy.testing.assert_array_equal(fast.backward(dy), slow.backward(dy))
+
+
 @pytest.mark.parametrize("make_layer", [lambda: MaxPool2d(2), ReLU, Sigmoid, Tanh], ids=["pool", "relu", "sigmoid", "tanh"])
 def test_backward_leaves_the_upstream_gradient_as_it_was(make_layer, rng):
     layer = make_layer()

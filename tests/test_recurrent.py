@@ -380,6 +380,10 @@ BAD_CALLS = [
      ValueError, r"SpatialRNN: unknown activation 'relu'; expected one of tanh, identity"),
     (lambda: SpatialRNN(3, "top_to_bottom").forward(zeros(1, 3, 2, 2, dtype=numpy.int64)),
      TypeError, r"SpatialRNN: x has dtype int64"),
+    (lambda: GatedSpatialRNN(3, "left_to_right", rng="a"),
+     TypeError, r"GatedSpatialRNN: rng must be None, a non-negative integer seed or a numpy Generator"),
+    (lambda: SpatialRNN(3, "left_to_right", rng=-1),
+     ValueError, r"SpatialRNN: rng must be None, a non-negative integer seed or a numpy Generator"),
 ]
 
 
@@ -483,3 +487,29 @@ def test_a_nan_goes_to_the_first_direction_whose_output_is_nan_on_both_paths(rng
     for numpy_result, kernel_result in zip(*results):
         numpy.testing.assert_allclose(numpy_result, kernel_result, rtol=1e-12, equal_nan=True)
     assert numpy.isnan(results[0][0]).any()  # the case is one: some outputs are NaN
+
+
+def test_the_naive_merge_gives_a_nan_to_the_first_direction_whose_output_is_nan(rng):
+    # the oracle follows the same rule as the fast merge, whichever direction's output is NaN first
+    x = rng.uniform(0.5, 1.5, (1, 1, 3, 4))
+    x[0, 0, 1, 3] = numpy.nan  # reached first by the right-to-left scan (direction 1), not direction 0
+    fast = FourWaySpatialRNN(1, activation="identity", dtype=numpy.float64)
+    slow = naive.FourWaySpatialRNN(1, activation="identity", dtype=numpy.float64)
+    h = fast.forward(x)
+    numpy.testing.assert_array_equal(slow.forward(x), h)
+    assert numpy.isnan(h).sum() > 1
+
+
+def test_an_infinite_upstream_gradient_reaches_only_the_directions_that_won(rng):
+    # routing by a 0/1 mask would give inf * 0 = NaN to the directions that lost the pixel
+    # (one channel: with more, the scans' own products would meet inf * 0 in W's zeros on both paths)
+    x = rng.uniform(-1, 1, (2, 1, 3, 4))
+    dh = rng.standard_normal(x.shape)
+    dh[0, 0, 0, 0], dh[1, 0, 2, 3] = numpy.inf, -numpy.inf
+    fast = FourWaySpatialRNN(1, activation="identity", dtype=numpy.float64)
+    slow = naive.FourWaySpatialRNN(1, activation="identity", dtype=numpy.float64)
+    fast.forward(x)
+    slow.forward(x)
+    routed, expected = fast.backward(dh), slow.backward(dh)
+    assert not numpy.isnan(expected).any()
+    numpy.testing.assert_allclose(routed, expected, rtol=1e-12)

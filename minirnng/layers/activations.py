@@ -17,7 +17,7 @@ import numpy
 
 from .. import backend
 from ..cuda.launch import element_count, launch
-from .base import Layer, check_array
+from .base import Layer, check_array, routed_gradient
 
 
 def as_array(result):
@@ -68,7 +68,7 @@ class ReLU(_Elementwise):
         return numpy.maximum(x, 0), positive
 
     def backward_cpu(self, grad_output):
-        return grad_output * self.cache
+        return routed_gradient(grad_output, self.cache)
 
 
 class Sigmoid(_Elementwise):

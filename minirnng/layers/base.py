@@ -7,10 +7,15 @@ A layer is an object with
 ``backward(grad_output) -> grad_input`` (a tuple when the layer has several inputs)
     Uses the cache of the last ``forward``; *adds* the parameter gradients into ``grads``
     (as PyTorch accumulates into ``.grad``; call :meth:`Layer.zero_grad` between steps).
+    The cache stays until the next ``forward``, so ``backward`` may run again on the same pass:
+    it returns the same input gradient and adds the parameter gradients once more (as a second
+    ``backward(retain_graph=True)`` in PyTorch).
     It never modifies ``grad_output``. The cache may hold the forward's inputs and its output
     themselves, not copies (as CS231n's layers do, and on either path): an array passed to or
     returned by ``forward`` must not be changed before ``backward``, or the gradients change too.
     The models copy their images before the first layer keeps them.
+``clear_cache()``
+    Drops the cache; the models call it after an inference pass, which no backward may follow.
 ``params`` and ``grads``
     Dicts from parameter names to the live arrays: ``layer.params["weight"][...] = w``
     changes the layer, and an optimizer updates them in place.
@@ -62,6 +67,14 @@ def check_positive_int(value, owner, what, minimum=1):
     if value < minimum:
         raise ValueError(f"{owner}: {what} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_number(value, owner, what):
+    """``value`` as a float if it is a real number (not a bool, a string or None), else a
+    ``TypeError`` naming ``owner`` and ``what``; whether its value fits is the caller's check."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}")
+    return float(value)
 
 
 def random_generator(rng, owner):
@@ -139,6 +152,25 @@ def check_same_shape(array, reference, owner, what, reference_name):
                          f"got {tuple(array.shape)}")
 
 
+def routed_gradient(upstream, mask, out=None):
+    """``upstream`` where ``mask`` holds and 0 elsewhere: the gradient of a ReLU or a maximum,
+    which passes each upstream value to the input that produced the output and nothing to the rest.
+
+    upstream : float array; mask : bool array of the same shape; out : optional float array of
+    that shape (it may be ``upstream`` itself) -> the routed gradient (``out`` when given).
+
+    Computed as ``upstream * mask``, one pass, which is exact for finite values but gives NaN for
+    ``inf * 0`` and ``NaN * 0``: where the product holds a NaN (found by one reduction, since only
+    a non-finite upstream value makes one), the entries outside the mask are set to 0 afterwards,
+    so that the result is the selection that the naive layers and the kernels make.
+    """
+    with numpy.errstate(invalid="ignore"):  # inf * 0, set right below
+        routed = numpy.multiply(upstream, mask, out=out)
+    if routed.size and numpy.isnan(routed.max()):
+        routed[~mask] = 0
+    return routed
+
+
 class Layer:
     """Base class: parameter bookkeeping, the backward guard, and the CPU/GPU dispatch."""
 
@@ -166,6 +198,11 @@ class Layer:
 
     def accumulate_grad(self, name, value):
         self.grads[name] += value
+
+    def clear_cache(self):
+        """Drop what the last forward kept for backward: after an inference pass, which no backward
+        may follow, so that its activations are not held until the next pass."""
+        self.cache = None
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *inputs):

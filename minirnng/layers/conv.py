@@ -457,8 +457,9 @@ class ConvTranspose2d(_ConvolutionBase):
         self.check_input(x)
         output_shape = self.output_shape(x.shape)
         if min(output_shape[2:]) < 1:
-            raise ValueError(f"{self!r}: input of spatial size {x.shape[2]}x{x.shape[3]} gives an empty output "
-                             f"{output_shape[2]}x{output_shape[3]}")
+            raise ValueError(f"{self!r}: input of spatial size {x.shape[2]}x{x.shape[3]} gives no output: "
+                             f"(H - 1) * stride - 2 * padding + kernel_size = {output_shape[2]} rows and "
+                             f"{output_shape[3]} columns, and both must be at least 1")
         return self.run_forward(x)
 
     def forward_cpu(self, x):

@@ -461,13 +461,17 @@ class GatedSpatialRNN(recurrent.GatedSpatialRNN):
 
 
 def max_merge(outputs):
-    """Pixel by pixel, the largest of the four directions' outputs (the first on a tie) and its index."""
+    """Pixel by pixel, the largest of the four directions' outputs (the first on a tie, and the
+    first NaN where there is one) and its index."""
     merged = numpy.zeros_like(outputs[0])
     winner = numpy.zeros(merged.shape, dtype=numpy.int64)
     for index in numpy.ndindex(*merged.shape):
         best = 0
         for k in range(1, len(outputs)):
-            if outputs[k][index] > outputs[best][index]:  # strictly larger: a tie stays with the first
+            value, best_value = outputs[k][index], outputs[best][index]
+            # strictly larger: a tie stays with the first; NaN compares false with everything, so
+            # the first NaN takes the pixel and keeps it, as in the fast merge and the kernel
+            if value > best_value or (value != value and best_value == best_value):
                 best = k
         winner[index] = best
         merged[index] = outputs[best][index]

@@ -34,7 +34,7 @@ import numpy
 
 from .. import backend
 from ..cuda.launch import channel_sum, contiguous, element_count, launch
-from .base import Layer, check_array, check_positive_int
+from .base import Layer, check_array, check_number, check_positive_int
 
 #: the statistics that ``forward`` measures and ``infer`` uses, by the names in ``params``
 STATISTICS = ("running_mean", "running_var")
@@ -81,7 +81,8 @@ class BatchNorm2d(Layer):
     def __init__(self, channels, eps=1e-5, momentum=0.05, dtype=numpy.float32):
         super().__init__(dtype)
         self.channels = check_positive_int(channels, type(self).__name__, "channels")
-        self.eps, self.momentum = float(eps), float(momentum)
+        self.eps, self.momentum = (check_number(value, type(self).__name__, name)
+                                   for name, value in (("eps", eps), ("momentum", momentum)))
         if not 0 < self.eps < numpy.inf:
             raise ValueError(f"BatchNorm2d: eps must be positive and finite, got {eps!r}")
         if not 0 <= self.momentum <= 1:
@@ -105,6 +106,11 @@ class BatchNorm2d(Layer):
         """Training pass: x (N, C, H, W) -> y (N, C, H, W), normalised by the batch's statistics."""
         self.cache = None  # neither a failed check nor an inference pass may leave backward an older pass's cache
         self.check_input(x)
+        if x.size <= self.channels:
+            # one value per channel is its own mean: xhat = 0, y = bias whatever x, and dx = 0
+            raise ValueError(f"BatchNorm2d: the training pass needs more than one value per channel to "
+                             f"normalise by, got an input of shape {tuple(x.shape)} (N * H * W = "
+                             f"{x.size // self.channels}); use a larger batch or image, or infer")
         return self.run_forward(x)
 
     def backward(self, grad_output):

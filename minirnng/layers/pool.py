@@ -179,7 +179,22 @@ class MaxPool2d(Layer):
         return dx
 
     def backward_cpu(self, grad_output):
-        """dy (N, C, Ho, Wo) -> dx (N, C, H, W), a sweep per window offset on chunks of the batch."""
+        """dy (N, C, Ho, Wo) -> dx (N, C, H, W), a sweep per window offset on chunks of the batch.
+
+        Each sweep multiplies dy by the 0/1 mask of the windows that its offset won, which is exact
+        for finite dy; an inf or NaN in dy would give NaN (inf * 0) to the inputs that lost its
+        window, so when dx holds a NaN (one reduction finds it) the sweeps run again, adding dy
+        only where the offset won, as the naive layer and the kernel route it.
+        """
+        with numpy.errstate(invalid="ignore"):  # inf * 0, routed again right below
+            dx = self._route(grad_output, select=False)
+        if dx.size and numpy.isnan(dx.max()):
+            dx = self._route(grad_output, select=True)
+        return dx
+
+    def _route(self, grad_output, select):
+        """:meth:`backward_cpu`'s sweeps: dy times each offset's mask, or with ``select`` dy added
+        where the mask holds (slower, for a non-finite dy)."""
         winner, x_shape = self.cache
         out_height, out_width = winner.shape[2:]
         dx = numpy.zeros(x_shape, dtype=grad_output.dtype)
@@ -191,8 +206,11 @@ class MaxPool2d(Layer):
             upstream, won_here = grad_output[chunk], won[:chunk.stop - chunk.start]
             for index, rows, cols in offsets:
                 numpy.equal(winner[chunk], index, out=won_here)
-                if overlapping:  # an input may win several windows: add up what it receives
-                    dx[chunk, :, rows, cols] += upstream * won_here
+                inputs = dx[chunk, :, rows, cols]
+                if select:
+                    numpy.add(inputs, upstream, out=inputs, where=won_here)
+                elif overlapping:  # an input may win several windows: add up what it receives
+                    inputs += upstream * won_here
                 else:  # each input belongs to one window at most: write in place, no temporary
-                    numpy.multiply(upstream, won_here, out=dx[chunk, :, rows, cols])
+                    numpy.multiply(upstream, won_here, out=inputs)
         return dx

@@ -42,7 +42,7 @@ import numpy
 from .. import backend
 from ..cuda.directions import scan_geometry
 from ..cuda.launch import channel_sum, element_count, launch, sum_first_axis
-from .base import Layer, check_array, check_positive_int, check_same_shape, random_generator
+from .base import Layer, check_array, check_positive_int, check_same_shape, random_generator, routed_gradient
 
 DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top")
 ACTIVATIONS = ("tanh", "identity")
@@ -499,6 +499,7 @@ class GatedSpatialRNN(DirectionalRNN):
     scan_kind = "gated"
 
     def __init__(self, channels, direction, rng=None, dtype=numpy.float32):
+        random_generator(rng, type(self).__name__)  # checked like every layer's rng, though nothing is drawn
         super().__init__(channels, direction, dtype=dtype)
 
     def forward(self, x, g):
@@ -579,6 +580,12 @@ class FourWayMaxMerge(RecurrentLayer):
                 self.params[f"{direction}.{name}"] = layer.params[name]
                 self.grads[f"{direction}.{name}"] = layer.grads[name]
 
+    def clear_cache(self):
+        """Drop the merge's cache and the four directions' (each keeps its own scan's)."""
+        super().clear_cache()
+        for layer in self.direction_layers.values():
+            layer.clear_cache()
+
     def forward_cpu(self, *inputs):
         """The four scans, an axis at a time, in the scan layout: the axis's inputs are laid out
         once (x copied for the first direction, whose scan overwrites it; g shared), its two
@@ -640,7 +647,7 @@ class FourWayMaxMerge(RecurrentLayer):
                 reverse = SCAN[direction][1]
                 won = numpy.equal(won_by, 2 * axis + offset)
                 # the second direction routes in place: nothing reads upstream after it
-                routed = numpy.multiply(upstream, won, out=upstream if offset else None)
+                routed = routed_gradient(upstream, won, out=upstream if offset else None)
                 layer = self.direction_layers[direction]
                 grads = [in_scan_order(grad, reverse) for grad in layer.scan_backward_cpu(in_scan_order(routed, reverse))]
                 if sums is None:
@@ -745,6 +752,7 @@ class SpatialRNN(DirectionalRNN):
     """
 
     def __init__(self, channels, direction, activation="tanh", rng=None, dtype=numpy.float32):
+        random_generator(rng, type(self).__name__)  # checked like every layer's rng, though nothing is drawn
         if activation not in ACTIVATIONS:
             raise ValueError(f"{type(self).__name__}: unknown activation {activation!r}; "
                              f"expected one of {', '.join(ACTIVATIONS)}")

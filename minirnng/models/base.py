@@ -57,10 +57,15 @@ def infer_chain(layers, order, a):
         elif isinstance(layer, ReLU):
             if not relu_done:
                 # on the NumPy path, in place: a is the fresh output of the layer before
-                a = layer.forward(a) if on_kernels else numpy.maximum(a, 0, out=a)
+                if on_kernels:
+                    a = layer.forward(a)
+                    layer.clear_cache()
+                else:
+                    numpy.maximum(a, 0, out=a)
             relu_done = False
         else:
             a = layer.forward(a)
+            layer.clear_cache()
     return a
 
 
@@ -182,8 +187,15 @@ class Model:
     def infer(self, images):
         """The logits (N, K, H, W) for inference only; no ``backward`` may follow."""
         logits = self.forward(images)["logits"]
-        self.forward_cached = False
+        self.clear_caches()
         return logits
+
+    def clear_caches(self):
+        """After an inference pass: drop every layer's cache (no ``backward`` may follow, and the
+        activations they hold would otherwise stay in memory until the next pass)."""
+        self.forward_cached = False
+        for layer in self.layers.values():
+            layer.clear_cache()
 
     def predict(self, images):
         """Integer labels (N, H, W) (int64): the arg-max over classes of the logits."""

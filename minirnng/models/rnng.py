@@ -247,7 +247,9 @@ class RNNG(Model):
         xp = backend.get_array_module(a)
         x = xp.ascontiguousarray(a[:, :self.hidden])
         g = L["gate"].forward(xp.ascontiguousarray(a[:, self.hidden:]))
-        return L["deconv9"].forward(L["conv8"].forward(self.propagate(x, g)))
+        logits = L["deconv9"].forward(L["conv8"].forward(self.propagate(x, g)))
+        self.clear_caches()
+        return logits
 
     def backward(self, grads, input_gradient=True):
         """grads: dict with any of "logits", "coarse", "edge" -> dimages (N, 3, H, W).

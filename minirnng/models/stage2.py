@@ -164,7 +164,9 @@ class ComponentNet(Model):
         (the two-stage parser runs its networks this way).
         """
         self.forward_cached = False
-        return infer_chain(self.layers, self.order, self.check_images(images))
+        logits = infer_chain(self.layers, self.order, self.check_images(images))
+        self.clear_caches()
+        return logits
 
     def backward(self, grads, input_gradient=True):
         """grads {"logits": (N, K, h, w)} -> dcrops (N, 3, h, w) (None if not ``input_gradient``)."""
