@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM that stop a command every time, and never half-way through a cleanup.
+"""Ctrl-C, SIGTERM and SIGHUP that stop a command every time, and never half-way through a cleanup.
 
 Python turns Ctrl-C into a ``KeyboardInterrupt`` raised wherever the main thread happens to be,
 and the command line makes SIGTERM (``kill``, ``timeout``) do the same. Two moments lose it:
@@ -26,8 +26,11 @@ import signal
 import sys
 import threading
 
-#: The signals that stop a command: Ctrl-C, and ``kill``'s default.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: The signals that stop a command: Ctrl-C, ``kill``'s default, and where there is one the hang-up
+#: of a closed terminal or a dropped ssh session (sent to the whole process group: without a handler
+#: it would kill the workers and the resource tracker with this process, and leave their shared
+#: memory in /dev/shm until the machine restarts). Under ``nohup`` SIGHUP is ignored and stays so.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 class _State:
@@ -117,6 +120,25 @@ def signals_held():
 
 
 @contextlib.contextmanager
+def _hangup_ignored():
+    """A block whose child processes ignore SIGHUP (held for this process meanwhile). For
+    multiprocessing's resource tracker, which ignores SIGINT and SIGTERM itself but not a hang-up:
+    a closed terminal's SIGHUP to the group would kill it, and a new one, started when this process
+    frees its shared memory, would not know the blocks and print a traceback for each."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None:
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, (hangup,))
+    previous = signal.signal(hangup, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(hangup, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (hangup,))
+
+
+@contextlib.contextmanager
 def ignored_by_children():
     """Start child processes inside this block: they ignore :data:`STOP_SIGNALS` from their first
     instruction (an ignored signal stays ignored across ``exec``), so that Ctrl-C and a ``kill`` of
@@ -139,7 +161,8 @@ def ignored_by_children():
         # blocks and then unblocks the stop signals itself: inside this block, where they are
         # ignored, that would discard a stop held until now. Started here first, it does not.
         from multiprocessing import resource_tracker
-        resource_tracker.ensure_running()
+        with _hangup_ignored():
+            resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
     try:
