@@ -309,8 +309,10 @@ def command_eval(arguments):
         check_output_file(path, inputs=(arguments.checkpoint, arguments.compare))
     # a completed or mistyped name (a run's last.npz, a saved result, a photo) is not replaced
     check_replaceable(arguments.json, "--json", is_eval_record, "a record that eval --json wrote")
+    recorded = arguments.confusion and arguments.confusion.lower().endswith((".png", ".pdf", ".svg"))
     check_replaceable(arguments.confusion, "--confusion", lambda path: output_role(path) == CONFUSION_ROLE,
-                      "a confusion matrix that eval --confusion wrote (as PNG, PDF or SVG)")
+                      "a confusion matrix that eval --confusion wrote" if recorded else
+                      "known to be a confusion matrix of eval's (only a PNG, PDF or SVG records what wrote it)")
     if arguments.json and arguments.confusion and \
             os.path.realpath(arguments.json) == os.path.realpath(arguments.confusion):
         raise OptionsConflict(f"--json and --confusion name the same file {arguments.json!r}: the figure would be "
@@ -330,6 +332,10 @@ def command_eval(arguments):
     if arguments.input_size is None and height != width:
         raise ValueError(f"checkpoint {arguments.checkpoint!r} was trained at {height}x{width}; evaluation runs on "
                          "square inputs: give --input-size")
+    if arguments.input_size is None and not (isinstance(height, int) and height > 0 and height % 4 == 0):
+        # checked before the data are loaded; the networks take positive multiples of 4
+        raise ValueError(f"checkpoint {arguments.checkpoint!r} records an input size of {height}x{width}, and the "
+                         "networks take positive multiples of 4: give --input-size")
     other = load_comparison(arguments.compare, model, arguments.checkpoint) if arguments.compare else None
     replicates = arguments.bootstrap or (DEFAULT_REPLICATES if other is not None else None)
     resampling = "--compare" if other is not None else "--bootstrap"
@@ -570,23 +576,19 @@ DEMO_ROLE = "demo"
 
 
 def is_demo_output(path):
-    """Whether the file at ``path`` may be an earlier demo's output, which the demo replaces: a
-    figure that records the demo's role, or a PNG Matplotlib made (what demos wrote before figures
-    recorded one); an RNN-G checkpoint. A photo or any other file of the user's is not."""
+    """Whether the file at ``path`` is an earlier demo's output, which the demo replaces: a figure
+    or a checkpoint that records the demo's role, or an RNN-G checkpoint with nothing in its header
+    but the model (what demos wrote before their checkpoints recorded it; a trained run's records
+    its training). A photo, a figure or a checkpoint of the user's is not."""
     if path.endswith(".npz"):
-        from .models.checkpoint import CheckpointError, read_checkpoint
+        from .models.checkpoint import HEADER_FIELDS, CheckpointError, read_checkpoint
         try:
-            return read_checkpoint(path)[0].get("architecture") == "rnng"
+            header = read_checkpoint(path)[0]
         except (CheckpointError, OSError, ValueError):
             return False
-    if output_role(path) == DEMO_ROLE:
-        return True
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Software", "").startswith("Matplotlib")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
+        return header.get("role") == DEMO_ROLE or (header.get("architecture") == "rnng"
+                                                  and set(header) <= set(HEADER_FIELDS))
+    return output_role(path) == DEMO_ROLE
 
 
 def command_demo(arguments):
@@ -601,7 +603,10 @@ def command_demo(arguments):
     from .viz import parse_figure, pipeline_figure, save_figure
 
     # the settings are checked before any work: a bad --lr is named before step 1 writes a file
-    config = TrainConfig(epochs=arguments.epochs, lr=arguments.lr, seed=arguments.seed).check()
+    try:
+        config = TrainConfig(epochs=arguments.epochs, lr=arguments.lr, seed=arguments.seed).check()
+    except ValueError as error:
+        raise ValueError(option_names(str(error))) from None  # --lr, not the field's name
     make_output_folder(arguments.out)
     written = []
     replaced = {path for path in (os.path.join(arguments.out, name) for name in DEMO_OUTPUTS) if os.path.exists(path)}
@@ -632,7 +637,7 @@ def command_demo(arguments):
             raise FloatingPointError(f"the demo's training diverged at --lr {arguments.lr:g}; try a smaller "
                                      "--lr") from None
     model = trainer.model
-    written.append(model.save(os.path.join(arguments.out, DEMO_OUTPUTS[1])))
+    written.append(model.save(os.path.join(arguments.out, DEMO_OUTPUTS[1]), role=DEMO_ROLE))
 
     shown = min(arguments.figure_images, len(test_set))
     print(f"\n3. The pipeline on {shown} test images: input, truth, coarse map, gate map, result")
@@ -684,6 +689,7 @@ def command_parse(arguments):
     from .parser import parse_detected_faces, read_image
     from .viz import overlay, parse_figure, save_figure
 
+    arguments.images = distinct_images(arguments.images)
     clash = output_replacing_an_input(arguments.images, arguments.out, arguments.figure)
     if clash:
         print(f"minirnng parse: the output {clash[0]} would replace the input image {clash[1]}; "
@@ -708,7 +714,7 @@ def command_parse(arguments):
     detect = not arguments.no_detect and detector_available()
     if not arguments.no_detect and not detector_available():
         print("note: OpenCV is not installed, so each image is parsed as one face "
-              "(pip install 'minirnng[detect]' to detect several faces)")
+              "(pip install '.[detect]' in minirnng's folder to detect several faces)")
     failed = 0
     stems = output_stems(arguments.images, arguments.out, arguments.figure)
     for path, stem in zip(arguments.images, stems):
@@ -794,6 +800,20 @@ def output_files(stem, out, figure):
     return [os.path.join(out, f"{stem}_{suffix}.png") for suffix in suffixes]
 
 
+def distinct_images(paths):
+    """``paths`` with each image once (the first time it is named: ``parse *.jpg face*`` may name
+    one twice), a note for each repeat: parsing it again would only write a second copy."""
+    seen, kept = set(), []
+    for path in paths:
+        key = os.path.normcase(os.path.realpath(path))
+        if key in seen:
+            print(f"note: {path} is named more than once; parsed once")
+            continue
+        seen.add(key)
+        kept.append(path)
+    return kept
+
+
 def output_replacing_an_input(images, out, figure):
     """(output, input) for the first output of ``parse`` that is one of its own input images
     (``parse a.jpg a_labels.png --out .``), or None: an input is never overwritten, even by
@@ -802,7 +822,7 @@ def output_replacing_an_input(images, out, figure):
         return os.path.normcase(os.path.realpath(path))
 
     inputs = {key(path): path for path in images}
-    for stem in output_stems(images):
+    for stem in output_stems(images, out, figure):  # the names the run will write, renamings included
         for path in output_files(stem, out, figure):
             if key(path) in inputs:
                 return path, inputs[key(path)]

@@ -1,6 +1,6 @@
 """Optional face detection, for parsing photographs with several faces one face at a time.
 
-With the extra ``detect`` (``pip install 'minirnng[detect]'``, OpenCV), faces are found with
+With the extra ``detect`` (``pip install '.[detect]'`` in minirnng's folder, OpenCV), faces are found with
 OpenCV's Viola-Jones (Haar cascade) detector, the frontal-face cascade that ships inside the
 ``opencv-python-headless`` package. Each detection is widened to LFW's framing (LFW images are
 centred on a Viola-Jones detection about 2.2 times smaller than the picture), so that the crop
@@ -46,7 +46,7 @@ def detect_faces(image, min_size=24, max_side=2048):
     try:
         import cv2
     except ImportError:
-        raise RuntimeError("face detection needs OpenCV: pip install 'minirnng[detect]' "
+        raise RuntimeError("face detection needs OpenCV: pip install '.[detect]' in minirnng's folder "
                            "(opencv-python-headless)") from None
     if not hasattr(cv2, "CascadeClassifier"):
         raise RuntimeError(f"this OpenCV ({cv2.__version__}) has no CascadeClassifier; "

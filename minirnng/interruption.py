@@ -126,7 +126,7 @@ def _hangup_ignored():
     a closed terminal's SIGHUP to the group would kill it, and a new one, started when this process
     frees its shared memory, would not know the blocks and print a traceback for each."""
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None:
+    if hangup is None or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, (hangup,))

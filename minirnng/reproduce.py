@@ -249,7 +249,7 @@ def _detector_and_single_face_parser(test_set, originals, log):
     from .parser import FaceParser
 
     if not detector_available():
-        log("Det+RNN-G single: skipped, OpenCV is not installed (pip install 'minirnng[detect]')")
+        log("Det+RNN-G single: skipped, OpenCV is not installed (pip install '.[detect]' in minirnng's folder)")
         return {"accuracy": None, "f_measure": {}, "ms_per_image": None, "skipped": "OpenCV not installed",
                 "row": {}}
     parser = FaceParser.pretrained()

@@ -619,7 +619,8 @@ class Trainer:
                 self.initialize_from(source)
             if self.epoch >= self.config.epochs:
                 self.log(f"the run in {self.out_dir} has finished its {self.epoch} epochs; nothing to do "
-                         "(a larger --epochs continues it, with the learning-rate schedule stretched over the new "
+                         "(more epochs, `minirnng train ... --epochs N --resume`, continue it, with the "
+                         "learning-rate schedule stretched over the new "
                          "number of epochs: a cosine or step rate that had decayed jumps back up)")
                 self.write_history()  # a stop between the last checkpoint and the log may have cut them
                 return self.history

@@ -442,17 +442,39 @@ def test_parse_refuses_outputs_that_would_replace_one_of_its_input_images(tmp_pa
     from PIL import Image
 
     Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=numpy.uint8)).save(tmp_path / "a.jpg")
-    Image.fromarray(rng.integers(0, 3, (20, 20), dtype=numpy.uint8)).save(tmp_path / "a_labels.png")
-    saved = (tmp_path / "a_labels.png").read_bytes()
+    assert cli.main(["parse", str(tmp_path / "a.jpg"), "--out", str(tmp_path), "--no-detect"]) == 0
+    (tmp_path / "a_overlay.png").unlink()
+    saved = (tmp_path / "a_labels.png").read_bytes()  # a's labels, which a second parse of a would replace
     images = [str(tmp_path / "a.jpg"), str(tmp_path / "a_labels.png")]
     assert cli.main(["parse", *images, "--out", str(tmp_path), "--no-detect"]) == 2
     assert "would replace the input image" in capsys.readouterr().err
     assert (tmp_path / "a_labels.png").read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == [
         "a.jpg", "a_labels.png"]
+    # a picture of the user's that only has the name of an output is not replaced either: a's
+    # outputs take another name, as they would with it not among the inputs, and nothing is refused
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=numpy.uint8)).save(tmp_path / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=numpy.uint8)).save(tmp_path / "b_labels.png")
+    mine = (tmp_path / "b_labels.png").read_bytes()
+    assert cli.main(["parse", str(tmp_path / "b_labels.png"), str(tmp_path / "b.jpg"), "--out", str(tmp_path),
+                     "--no-detect"]) == 0
+    assert (tmp_path / "b_labels.png").read_bytes() == mine and (tmp_path / "b-2_labels.png").exists()
+    assert "b_labels.png exists and is not this image's earlier output" in capsys.readouterr().out
     assert cli.output_replacing_an_input(images, str(tmp_path / "elsewhere"), figure=True) is None
     assert cli.output_replacing_an_input([str(tmp_path / "x_figure.png"), str(tmp_path / "x.png")],
                                          str(tmp_path), figure=True) == (str(tmp_path / "x_figure.png"),
                                                                          str(tmp_path / "x_figure.png"))
+
+
+def test_parse_parses_an_image_named_twice_once(tmp_path, capsys, rng):
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=numpy.uint8)).save(tmp_path / "a.jpg")
+    image = str(tmp_path / "a.jpg")
+    out = tmp_path / "out"
+    assert cli.main(["parse", image, str(tmp_path / "." / "a.jpg"), image, "--out", str(out), "--no-detect"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("is named more than once; parsed once") == 2 and "not this image's" not in printed
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.png", "a_overlay.png"]
 
 
 def test_parse_keeps_a_file_of_the_users_and_another_images_outputs_and_replaces_only_its_own(tmp_path, capsys, rng):
@@ -748,6 +770,25 @@ def test_demo_refuses_to_replace_a_file_of_the_users_before_any_work(tmp_path, c
     assert (out / "synthetic_pipeline.png").read_bytes() == b"my own picture"
 
 
+def test_demo_tells_its_own_checkpoints_and_figures_from_a_users_of_the_same_kind(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from minirnng.models import RNNG
+    from minirnng.viz import save_figure
+
+    ours = RNNG(rng=0).save(str(tmp_path / "ours.npz"), role=cli.DEMO_ROLE)
+    earlier = RNNG(rng=0).save(str(tmp_path / "earlier.npz"))  # what demos wrote before recording their role
+    trained = RNNG(rng=0).save(str(tmp_path / "trained.npz"), epoch=3, train_config={"data": "synthetic"})
+    figure = Figure()
+    figure.subplots()
+    our_figure = save_figure(figure, str(tmp_path / "ours.png"), role=cli.DEMO_ROLE)
+    users_figure = save_figure(figure, str(tmp_path / "mine.png"))  # Matplotlib's, not the demo's
+    assert [cli.is_demo_output(path) for path in (ours, earlier, our_figure)] == [True] * 3
+    assert [cli.is_demo_output(path) for path in (trained, users_figure)] == [False] * 2
+
+
 def test_a_figure_of_minirnngs_inside_a_users_svg_or_pdf_does_not_make_it_minirnngs(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -768,3 +809,11 @@ def test_a_figure_of_minirnngs_inside_a_users_svg_or_pdf_does_not_make_it_minirn
     with open(thesis, "ab") as stream:  # another dictionary in the file holds the marker, not its Info
         stream.write(b"\n99 0 obj\n<< /Subject (minirnng eval --confusion) >>\nendobj\n")
     assert output_role(thesis) is None
+
+
+def test_eval_names_a_checkpoint_whose_input_size_no_network_takes_before_loading_data(tmp_path, capsys):
+    from minirnng.models import RNNG
+
+    checkpoint = RNNG(rng=0).save(str(tmp_path / "odd.npz"), input_size=(130, 130))
+    assert cli.main(["eval", "--checkpoint", checkpoint, "--data", "lfw-pl", "--root", str(tmp_path / "none")]) == 1
+    assert "odd.npz' records an input size of 130x130" in capsys.readouterr().err

@@ -299,7 +299,7 @@ def test_the_demo_checks_its_settings_first_and_names_no_vanished_folder(tmp_pat
     from minirnng import train
 
     assert cli.main(["demo", "--out", str(tmp_path / "nan"), "--lr", "nan", "--quiet"]) == 1
-    assert "lr must be a finite number" in capsys.readouterr().err
+    assert "--lr must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "nan").exists()  # refused before step 1 made the folder and wrote a figure
 
     def diverge(self, resume=False):

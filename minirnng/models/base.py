@@ -233,7 +233,8 @@ class Model:
         missing = sorted(set(own) - set(arrays))
         unexpected = sorted(set(arrays) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{source} do not fit {type(self).__name__}: missing {missing or 'nothing'}, "
+            held = "the parameters" if source == "parameters" else f"the parameters of {source}"
+            raise ValueError(f"{held} do not fit {type(self).__name__}: missing {missing or 'nothing'}, "
                              f"unexpected {unexpected or 'nothing'}")
         xp = backend.get_array_module(next(iter(own.values())))
         converted = {}
