@@ -358,7 +358,9 @@ def command_eval(arguments):
             record = report_eval(arguments, model, dataset, result, per_image, replicates, other, input_size)
         if arguments.confusion:
             from .viz import confusion_figure, save_figure
-            title = f"{model.architecture} on {data_description(arguments)} {arguments.split}"
+            extras = [name for name, wanted in (("mirrored", arguments.mirror), ("CRF", arguments.crf)) if wanted]
+            title = (f"{model.architecture} on {data_description(arguments)} {arguments.split}"
+                     + (f" ({', '.join(extras)})" if extras else ""))
             written.append(save_figure(confusion_figure(result["confusion"], dataset.classes, title),
                                        arguments.confusion, role=CONFUSION_ROLE))
         if arguments.json:
@@ -432,7 +434,8 @@ def report_eval(arguments, model, dataset, result, per_image, replicates, other,
         f = result["f_measure"][name]
         print(f"  F-{name:<12} {'n/a' if f is None else f'{100 * f:.2f}'}")
     record = {"checkpoint": arguments.checkpoint, "data": arguments.data, "split": arguments.split,
-              "input_size": input_size,
+              "root": None if arguments.root is None else os.path.abspath(arguments.root),
+              "images": len(dataset), "size": arguments.size, "input_size": input_size,
               "architecture": model.architecture, "mirror": arguments.mirror, "crf": arguments.crf,
               "multi_face": arguments.multi_face, "device": backend.describe(),
               **result}

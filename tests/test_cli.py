@@ -66,6 +66,7 @@ def test_eval_writes_json_and_the_confusion_matrix(tmp_path, capsys):
     assert (tmp_path / "confusion.png").stat().st_size > 1000
     assert "accuracy" in capsys.readouterr().out
     assert not record["mirror"] and not record["crf"]
+    assert (record["images"], record["size"], record["root"]) == (4, 4, None)  # which images were scored
     # run again, it replaces its own record and figure, as PDF and SVG too; an empty file is no one's work
     (tmp_path / "empty.json").write_bytes(b"")
     for figure in ("confusion.png", "confusion.pdf", "confusion.svg", "confusion.pdf"):
