@@ -52,10 +52,10 @@ def replacing(path, suffix=None):
         # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
         temporary = _create_temporary(folder, f".{base[:32]}.", f".tmp{suffix[:16]}")
     try:
-        yield temporary
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        with _naming(path):
+        with _naming(path):  # a full disk, say, while the file is written: which file it was
+            yield temporary
+            with open(temporary, "rb+") as stream:
+                os.fsync(stream.fileno())
             _keep_permissions(path, temporary)
             os.replace(temporary, path)
     except BaseException:
@@ -83,6 +83,10 @@ def _naming(path):
     try:
         yield
     except OSError as error:
+        if str(error).startswith("cannot write "):
+            raise  # named already, by a write nested in this one
+        if error.errno is None:  # an error of the writer's own, with no code of the system's
+            raise type(error)(f"cannot write {path!r}: {error}") from None
         raise type(error)(error.errno, f"cannot write {path!r}: {error.strerror}") from None
 
 

@@ -580,17 +580,15 @@ DEMO_ROLE = "demo"
 
 def is_demo_output(path):
     """Whether the file at ``path`` is an earlier demo's output, which the demo replaces: a figure
-    or a checkpoint that records the demo's role, or an RNN-G checkpoint with nothing in its header
-    but the model (what demos wrote before their checkpoints recorded it; a trained run's records
-    its training). A photo, a figure or a checkpoint of the user's is not."""
+    or a checkpoint that records the demo's role. A photo, a figure or a checkpoint of the user's is
+    not (nor are the outputs of demos from before 2026-12-03, which recorded none: the demo refuses
+    to replace them, and says so, before any work)."""
     if path.endswith(".npz"):
-        from .models.checkpoint import HEADER_FIELDS, CheckpointError, read_checkpoint
+        from .models.checkpoint import CheckpointError, read_checkpoint
         try:
-            header = read_checkpoint(path)[0]
+            return read_checkpoint(path)[0].get("role") == DEMO_ROLE
         except (CheckpointError, OSError, ValueError):
             return False
-        return header.get("role") == DEMO_ROLE or (header.get("architecture") == "rnng"
-                                                  and set(header) <= set(HEADER_FIELDS))
     return output_role(path) == DEMO_ROLE
 
 
@@ -1143,8 +1141,12 @@ def report_error(arguments, error):
 
 
 def report_interrupted(arguments):
-    """Exit status 130, after a line that says where the finished work is."""
-    print(f"\nminirnng {arguments.command}: interrupted{where_to_continue(arguments)}", file=sys.stderr)
+    """Exit status 130, after a line that says where the finished work is (where there is still a
+    terminal to say it on: a hang-up is a closed one)."""
+    try:
+        print(f"\nminirnng {arguments.command}: interrupted{where_to_continue(arguments)}", file=sys.stderr)
+    except OSError:
+        pass
     return 130
 
 

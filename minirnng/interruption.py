@@ -126,15 +126,18 @@ def _hangup_ignored():
     a closed terminal's SIGHUP to the group would kill it, and a new one, started when this process
     frees its shared memory, would not know the blocks and print a traceback for each."""
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None or not hasattr(signal, "pthread_sigmask"):
+    # a handler installed outside Python (getsignal gives None) could not be put back: left alone
+    if hangup is None or not hasattr(signal, "pthread_sigmask") or signal.getsignal(hangup) is None:
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, (hangup,))
-    previous = signal.signal(hangup, signal.SIG_IGN)
+    previous = None
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, (hangup,))
+        previous = signal.signal(hangup, signal.SIG_IGN)
         yield
     finally:
-        signal.signal(hangup, previous)
+        if previous is not None:
+            signal.signal(hangup, previous)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (hangup,))
 
 

@@ -108,8 +108,14 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "n_classes"):  # hidden and seed: below
+            value = getattr(self, name)
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, numpy.integer)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be positive, got {self.epochs} and {self.batch_size}")
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
         if self.stability_rule not in STABILITY_RULES:
             raise ValueError(f"unknown stability rule {self.stability_rule!r}; expected one of "
                              f"{', '.join(STABILITY_RULES)}")
@@ -120,6 +126,8 @@ class TrainConfig:
             "class_balance", "dice_weight", "affinity_weight", "recurrent_lr_scale")}
         numbers.update({f"loss_weights[{k}]": weight for k, weight in enumerate(self.loss_weights)})
         for name, value in numbers.items():
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.number)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):  # a NaN would only show as a diverged run, epochs later
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if not self.lr > 0:
@@ -290,6 +298,28 @@ def saved_training_state(path, header, config):
     return training
 
 
+def check_datasets(train_set, validation_set, n_classes):
+    """A clear error, before any training, where the two splits cannot be trained and scored
+    together: not preloaded (arrays of images and labels), other classes than each other's or than
+    the model's ``n_classes``, or images of another size (validation would score one class's
+    predictions as another's, or fail after a whole epoch)."""
+    for split, dataset in (("training", train_set), ("validation", validation_set)):
+        if not all(hasattr(dataset, name) for name in ("images", "labels", "classes")):
+            raise TypeError(f"Trainer: the {split} set must be preloaded, arrays of images and labels "
+                            f"(minirnng.data.preload, or minirnng.data.catalog.load_split), got a "
+                            f"{type(dataset).__name__}")
+        if len(dataset.classes) != n_classes:
+            raise ValueError(f"Trainer: the {split} set has {len(dataset.classes)} classes "
+                             f"({', '.join(dataset.classes)}) and the model n_classes={n_classes}")
+    if list(validation_set.classes) != list(train_set.classes):
+        raise ValueError(f"Trainer: the validation set's classes ({', '.join(validation_set.classes)}) are not "
+                         f"the training set's ({', '.join(train_set.classes)})")
+    sizes = [tuple(dataset.images.shape[1:3]) for dataset in (train_set, validation_set)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"Trainer: the training images are {sizes[0][0]}x{sizes[0][1]} and the validation "
+                         f"images {sizes[1][0]}x{sizes[1][1]}: preload both at one input size")
+
+
 def data_description(train_set, validation_set):
     """What a resumed run must find again: the input size, the classes, and the number and names
     of the training and validation images (a digest of the names), so that a run is never
@@ -415,6 +445,7 @@ class Trainer:
             if len(dataset) == 0:
                 raise ValueError(f"Trainer: the {split} split has no images; training needs at least one "
                                  "in each split")
+        check_datasets(train_set, validation_set, config.n_classes)
         self.train_set, self.validation_set = train_set, validation_set
         self.out_dir = os.fspath(out_dir)
         self.progress = progress

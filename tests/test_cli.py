@@ -780,14 +780,14 @@ def test_demo_tells_its_own_checkpoints_and_figures_from_a_users_of_the_same_kin
     from minirnng.viz import save_figure
 
     ours = RNNG(rng=0).save(str(tmp_path / "ours.npz"), role=cli.DEMO_ROLE)
-    earlier = RNNG(rng=0).save(str(tmp_path / "earlier.npz"))  # what demos wrote before recording their role
+    earlier = RNNG(rng=0).save(str(tmp_path / "earlier.npz"))  # a plain save, as demos wrote before recording a role
     trained = RNNG(rng=0).save(str(tmp_path / "trained.npz"), epoch=3, train_config={"data": "synthetic"})
     figure = Figure()
     figure.subplots()
     our_figure = save_figure(figure, str(tmp_path / "ours.png"), role=cli.DEMO_ROLE)
     users_figure = save_figure(figure, str(tmp_path / "mine.png"))  # Matplotlib's, not the demo's
-    assert [cli.is_demo_output(path) for path in (ours, earlier, our_figure)] == [True] * 3
-    assert [cli.is_demo_output(path) for path in (trained, users_figure)] == [False] * 2
+    assert [cli.is_demo_output(path) for path in (ours, our_figure)] == [True] * 2
+    assert [cli.is_demo_output(path) for path in (earlier, trained, users_figure)] == [False] * 3
 
 
 def test_a_figure_of_minirnngs_inside_a_users_svg_or_pdf_does_not_make_it_minirnngs(tmp_path):

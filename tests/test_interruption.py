@@ -248,19 +248,44 @@ def test_a_closed_terminal_stops_training_as_ctrl_c_does_and_frees_the_workers_s
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
-    # other tests' workers may hold blocks of their own meanwhile: only this run's may not stay
     time.sleep(1)
-    left = set(os.listdir("/dev/shm")) - before
-    assert not [name for name in left if name.startswith("psm_") and not _in_use(name)], left
+    assert _session_members(process.pid) == []  # no worker outlived the run
+    # other tests' workers may create and free blocks of their own meanwhile: a block of this run's
+    # is one that is new, still there a second later, and mapped by no process
+    leaked = None
+    for _ in range(2):
+        left = {name for name in set(os.listdir("/dev/shm")) - before
+                if name.startswith("psm_") and not _mapped(name) and os.path.exists(f"/dev/shm/{name}")}
+        leaked = left if leaked is None else leaked & left
+        time.sleep(1)
+    assert not leaked, leaked
 
 
-def _in_use(name):
-    """Whether a process of this machine still maps the shared-memory block ``name``."""
-    for maps in os.listdir("/proc"):
+def _proc_entries():
+    return [entry for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _mapped(name):
+    """Whether a process of this machine maps the shared-memory block ``name``."""
+    for pid in _proc_entries():
         try:
-            with open(f"/proc/{maps}/maps", encoding="utf-8", errors="replace") as lines:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as lines:
                 if any(f"/dev/shm/{name}" in line for line in lines):
                     return True
         except OSError:
             continue
     return False
+
+
+def _session_members(session):
+    """The processes of the session ``session`` that are still running (zombies aside)."""
+    members = []
+    for pid in _proc_entries():
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            members.append(int(pid))
+    return members

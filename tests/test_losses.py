@@ -189,6 +189,10 @@ def test_soft_dice_bad_input():
         SoftDice(smooth=float("nan"))
     with pytest.raises(TypeError, match="SoftDice: smooth must be a number, got 'a'"):
         SoftDice(smooth="a")
+    from decimal import Decimal
+    from fractions import Fraction
+    for number in (numpy.array(0.5), Fraction(1, 2), Decimal("0.5"), numpy.float32(0.5)):
+        assert SoftDice(smooth=number).smooth == 0.5  # any real number, as float() reads it
     loss = SoftDice()
     logits = numpy.zeros((1, 3, 2, 2), dtype=numpy.float32)
     with pytest.raises(ValueError, match=r"SoftDice: target holds labels outside \[0, 3\).*\[3\]"):

@@ -363,6 +363,23 @@ def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
 
 
+def test_a_full_disk_while_a_checkpoint_is_written_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "best.npz"
+    RNNG(rng=0).save(path)
+    good = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(numpy, "savez", full)
+    with pytest.raises(OSError, match=r"cannot write '.*best.npz': No space left on device") as raised:
+        RNNG(rng=1).save(path)
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["best.npz"]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_written_files_get_the_umask_s_permissions_without_the_umask_being_changed(tmp_path, monkeypatch):
     # os.umask sets the mask of the whole process while it reads it: another thread's file made in

@@ -175,3 +175,9 @@ def test_activation_errors():
         relu.backward(numpy.zeros(5))
     with pytest.raises(TypeError, match=r"ReLU.*grad_output.*float32"):
         relu.backward(numpy.zeros(4, dtype=numpy.float32))
+
+
+def test_relu_routes_a_non_finite_upstream_gradient_of_a_0d_array():
+    relu = ReLU()
+    relu.forward(numpy.array(-1.0))
+    assert relu.backward(numpy.array(numpy.inf)) == 0

@@ -445,12 +445,44 @@ def test_a_run_is_never_resumed_on_other_data(tiny_data, tmp_path):
     config = TrainConfig(epochs=2, batch_size=4)
     Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
     train, validation = tiny_data
-    larger = load_split("synthetic", "train", n_classes=3, input_size=48, size=len(train))
+    larger = [load_split("synthetic", split, n_classes=3, input_size=48, size=len(dataset))
+              for split, dataset in (("train", train), ("validation", validation))]
     with pytest.raises(ValueError, match=r"other data.*'input_size': \(\[32, 32\], \[48, 48\]\)"):
-        Trainer(config, larger, validation, tmp_path, progress=False, log=lambda line: None).run(resume=True)
+        Trainer(config, *larger, tmp_path, progress=False, log=lambda line: None).run(resume=True)
     fewer = load_split("synthetic", "train", n_classes=3, input_size=32, size=len(train) - 2)
     with pytest.raises(ValueError, match="other data.*'train_images': \\(12, 10\\)"):
         Trainer(config, fewer, validation, tmp_path, progress=False, log=lambda line: None).run(resume=True)
+
+
+def test_splits_that_cannot_be_trained_and_scored_together_are_refused_before_any_work(tiny_data, tmp_path):
+    from minirnng.data.catalog import load_split, open_dataset
+
+    train, validation = tiny_data
+    config = TrainConfig(epochs=1, batch_size=4)
+    eleven = load_split("synthetic", "validation", n_classes=11, input_size=32, size=len(validation))
+    with pytest.raises(ValueError, match=r"the validation set has 11 classes .* n_classes=3"):
+        Trainer(config, train, eleven, tmp_path / "a")
+    other_names = load_split("synthetic", "validation", n_classes=3, input_size=32, size=len(validation))
+    other_names.classes = ["background", "face", "hair"]
+    with pytest.raises(ValueError, match=r"validation set's classes \(background, face, hair\) are not"):
+        Trainer(config, train, other_names, tmp_path / "b")
+    larger = load_split("synthetic", "validation", n_classes=3, input_size=48, size=len(validation))
+    with pytest.raises(ValueError, match=r"training images are 32x32 and the validation images 48x48"):
+        Trainer(config, train, larger, tmp_path / "c")
+    with pytest.raises(TypeError, match=r"the validation set must be preloaded"):
+        Trainer(config, train, open_dataset("synthetic", "validation", n_classes=3), tmp_path / "d")
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(epochs=2.5), TypeError, "epochs must be an integer, got 2.5"),
+    (dict(batch_size="4"), TypeError, "batch_size must be an integer, got '4'"),
+    (dict(lr="1e-3"), TypeError, "lr must be a number, got '1e-3'"),
+    (dict(n_classes=1), ValueError, "n_classes must be at least 2"),
+])
+def test_train_config_names_a_setting_of_the_wrong_type(settings, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**settings).check()
 
 
 def test_training_reduces_the_loss_and_evaluate_reports_scores(tiny_data, tmp_path):

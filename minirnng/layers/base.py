@@ -70,11 +70,16 @@ def check_positive_int(value, owner, what, minimum=1):
 
 
 def check_number(value, owner, what):
-    """``value`` as a float if it is a real number (not a bool, a string or None), else a
-    ``TypeError`` naming ``owner`` and ``what``; whether its value fits is the caller's check."""
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
+    """``value`` as a float if it is a real number (a Python or NumPy number, a 0-d array, a
+    ``Fraction`` or a ``Decimal``; not text, a bool or None), else a ``TypeError`` naming
+    ``owner`` and ``what``; whether its value fits is the caller's check."""
+    if value is None or isinstance(value, (str, bytes, bool, numpy.bool_, complex, numpy.complexfloating)) or (
+            isinstance(value, numpy.ndarray) and (value.ndim or value.dtype.kind not in "iuf")):
         raise TypeError(f"{owner}: {what} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: {what} must be a number, got {value!r}") from None
 
 
 def random_generator(rng, owner):
@@ -167,7 +172,8 @@ def routed_gradient(upstream, mask, out=None):
     with numpy.errstate(invalid="ignore"):  # inf * 0, set right below
         routed = numpy.multiply(upstream, mask, out=out)
     if routed.size and numpy.isnan(routed.max()):
-        routed[~mask] = 0
+        routed = numpy.asarray(routed)  # the product of 0-d arrays is a scalar; out stays itself
+        numpy.copyto(routed, 0, where=~numpy.asarray(mask))
     return routed
 
 

@@ -458,7 +458,7 @@ class ConvTranspose2d(_ConvolutionBase):
         output_shape = self.output_shape(x.shape)
         if min(output_shape[2:]) < 1:
             raise ValueError(f"{self!r}: input of spatial size {x.shape[2]}x{x.shape[3]} gives no output: "
-                             f"(H - 1) * stride - 2 * padding + kernel_size = {output_shape[2]} rows and "
+                             f"(size - 1) * stride - 2 * padding + kernel_size gives {output_shape[2]} rows and "
                              f"{output_shape[3]} columns, and both must be at least 1")
         return self.run_forward(x)
 

@@ -110,7 +110,8 @@ class BatchNorm2d(Layer):
             # one value per channel is its own mean: xhat = 0, y = bias whatever x, and dx = 0
             raise ValueError(f"BatchNorm2d: the training pass needs more than one value per channel to "
                              f"normalise by, got an input of shape {tuple(x.shape)} (N * H * W = "
-                             f"{x.size // self.channels}); use a larger batch or image, or infer")
+                             f"{x.size // self.channels}: one image at this size, a batch of one or a worker's "
+                             f"share of one); use larger batches or images, fewer workers, or infer")
         return self.run_forward(x)
 
     def backward(self, grad_output):

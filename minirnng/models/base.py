@@ -196,6 +196,8 @@ class Model:
         self.forward_cached = False
         for layer in self.layers.values():
             layer.clear_cache()
+        if getattr(self, "intermediates", None):
+            self.intermediates = {}  # the maps of the last forward, for figures: those of another pass now
 
     def predict(self, images):
         """Integer labels (N, H, W) (int64): the arg-max over classes of the logits."""
