@@ -241,6 +241,8 @@ def learning_rate(schedule, base_lr, progress, warmup=0.0, final_fraction=0.01):
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     progress = float(progress)  # a NumPy scalar's comparisons are numpy.bool_, whose + is "or", not a count
+    if not progress >= 0:  # NaN too; past 1 the cosine stays at its end
+        raise ValueError(f"learning_rate: progress must be a fraction of the run, at least 0, got {progress}")
     if schedule == "constant":
         rate = base_lr
     elif schedule == "cosine":

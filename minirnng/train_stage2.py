@@ -84,6 +84,18 @@ class ComponentTrainConfig:
     def check(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "width", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, numpy.integer)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "warmup", "class_balance", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.number)) \
+                    or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
+        if not self.lr > 0 or not 0 <= self.warmup < 1 or self.seed < 0:
+            raise ValueError(f"lr must be positive, warmup at least 0 and below 1 and seed at least 0, got "
+                             f"{self.lr}, {self.warmup} and {self.seed}")
         if self.epochs < 1 or self.batch_size < 1 or self.width < 1:
             raise ValueError(f"epochs, batch_size and width must be positive, got {self.epochs}, "
                              f"{self.batch_size} and {self.width}")

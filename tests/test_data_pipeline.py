@@ -357,3 +357,12 @@ def test_whole_pixel_moves_copy_exactly_what_pillow_resamples(label_dtype, monke
         numpy.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"warp: labels range over 0 \.\. 300"):
         warp(images, wrong, matrices, HELEN_CLASSES)
+
+
+def test_the_catalog_is_part_of_the_data_package_and_load_split_takes_one_size():
+    from minirnng import data
+    from minirnng.data import catalog
+
+    assert data.load_split is catalog.load_split and data.open_dataset is catalog.open_dataset
+    with pytest.raises(TypeError, match=r"load_split: input_size must be one integer.*\(64, 32\)"):
+        data.load_split("synthetic", "train", n_classes=3, input_size=(64, 32), size=2)

@@ -680,6 +680,25 @@ def test_save_refuses_a_header_that_loading_would_refuse_and_keeps_the_good_file
         assert path.read_bytes() == good
 
 
+def test_an_undefined_score_in_the_metadata_is_stored_as_null_and_a_pickled_array_is_named(tmp_path):
+    from minirnng.models.checkpoint import CheckpointError, read_checkpoint
+
+    path = RNNG(rng=0).save(tmp_path / "best.npz", validation={"f_measure": {"hair": float("nan")},
+                                                               "scores": [numpy.float32("inf"), 0.5]})
+    assert b"NaN" not in path_bytes(path) and b"Infinity" not in path_bytes(path)
+    assert read_checkpoint(path)[0]["validation"] == {"f_measure": {"hair": None}, "scores": [None, 0.5]}
+    pickled = tmp_path / "pickled.npz"
+    numpy.savez(pickled, weights=numpy.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match=r"pickled.npz' holds Python objects \(a pickled array\)"):
+        read_checkpoint(pickled)
+
+
+def path_bytes(path):
+    """The header of the checkpoint at ``path`` as the bytes it is stored in."""
+    with numpy.load(path, allow_pickle=False) as archive:
+        return archive["__header__"].tobytes()
+
+
 def test_damage_that_numpys_own_parsers_choke_on_is_a_checkpoint_error(tmp_path):
     import io
     import struct

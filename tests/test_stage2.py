@@ -771,3 +771,16 @@ def test_component_training_stopped_after_an_epoch_resumes_exactly(faces, tmp_pa
     with pytest.raises(ValueError, match="holds component training of another config"):
         train_components(dataset, keypoints, geometry, dataclasses.replace(config, lr=1e-3), log=lambda *_: None,
                          state_path=state, **common)
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    (dict(batch_size=2.5), TypeError, "batch_size must be an integer, got 2.5"),
+    (dict(warmup=5.0), ValueError, "warmup at least 0 and below 1"),
+    (dict(seed=-1), ValueError, "seed at least 0"),
+    (dict(lr="1e-3"), TypeError, "lr must be a finite number, got '1e-3'"),
+])
+def test_component_settings_are_checked_with_their_names(settings, error, message):
+    from minirnng.train_stage2 import ComponentTrainConfig
+
+    with pytest.raises(error, match=message):
+        ComponentTrainConfig(**settings).check()

@@ -190,6 +190,9 @@ def test_learning_rate_schedules():
             assert max(rates) <= learning_rate(schedule, 0.1, 0.0) + 1e-15 and rates[0] > 0
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         learning_rate("exponential", 0.1, 0.5)
+    for progress in (-0.5, float("nan")):  # a negative rate would climb the loss
+        with pytest.raises(ValueError, match="progress must be a fraction of the run, at least 0"):
+            learning_rate("cosine", 0.1, progress, warmup=0.1)
 
 
 def test_the_step_schedule_counts_its_steps_for_a_numpy_progress():

@@ -24,6 +24,7 @@ renamed over the target, so a crash never leaves a half-written checkpoint where
 import inspect
 import json
 import os
+import math
 import tokenize
 import zipfile
 import zlib
@@ -107,12 +108,25 @@ def save_model(model, path, input_size=(128, 128), extra_arrays=None, **metadata
                             f"(read without pickle) cannot store; {os.fspath(path)!r} was not written")
         arrays[EXTRA_PREFIX + name] = value
     try:
-        text = json.dumps(header, default=_json_number)
+        # NaN and infinities are no JSON (other readers refuse Python's bare NaN): an undefined score is null
+        text = json.dumps(_undefined_as_none(header), default=_json_number, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise TypeError(f"save_model: the checkpoint's header cannot be stored as JSON ({error}); "
                         f"{os.fspath(path)!r} was not written") from None
     arrays[HEADER_KEY] = numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8)
     return write_npz_atomically(path, arrays)
+
+
+def _undefined_as_none(value):
+    """``value`` with every float that is NaN or infinite (a score of a class that never occurs)
+    replaced by None, through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {key: _undefined_as_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_undefined_as_none(item) for item in value]
+    if isinstance(value, (float, numpy.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_number(value):
@@ -168,6 +182,10 @@ def read_checkpoint(path):
     # and one that claims a size beyond memory fails the allocation (MemoryError): the file's fault too
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
             NotImplementedError, RuntimeError, MemoryError, SyntaxError, tokenize.TokenError) as error:
+        if "allow_pickle=False" in str(error):
+            raise CheckpointError(f"checkpoint {path!r} holds Python objects (a pickled array), which minirnng "
+                                  "never writes and does not load (allow_pickle=False): not a minirnng "
+                                  "checkpoint, or one altered") from None
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated ({type(error).__name__}: {error})") from None
     # numpy.load hands back the raw bytes of a member that is not a .npy file instead of failing
     for name, value in arrays.items():
