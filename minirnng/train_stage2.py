@@ -45,7 +45,7 @@ from .models.stage2 import CROP_NETWORK, EyeBrowNet, MouthNet, NoseNet, TwoStage
 from .objective import class_balance_weights
 from .optim import SCHEDULES, Adam, learning_rate
 from .parallel import DataParallel, default_workers
-from .train import (TrainConfig, Trainer, config_differences, data_description, evaluate, progress_bar,
+from .train import (TrainConfig, Trainer, check_datasets, config_differences, data_description, evaluate, progress_bar,
                     write_log)
 
 #: The paper's Table 3, rows "Ours 1-stage" and "Ours 2-stage" (F-measure, %).
@@ -88,11 +88,13 @@ class ComponentTrainConfig:
             value = getattr(self, name)
             if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, numpy.integer)):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # a NumPy integer as Python's: the checkpoint's JSON record takes it
         for name in ("lr", "warmup", "class_balance", "jitter"):
             value = getattr(self, name)
             if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.number)) \
                     or not math.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
         if not self.lr > 0 or not 0 <= self.warmup < 1 or self.seed < 0:
             raise ValueError(f"lr must be positive, warmup at least 0 and below 1 and seed at least 0, got "
                              f"{self.lr}, {self.warmup} and {self.seed}")
@@ -377,9 +379,11 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     component_config : a :class:`ComponentTrainConfig`; landmarks : optional ``(train, validation)``
     key point arrays (N, 5, 2) from the dataset; without them key points are read off the labels.
     Stage 1 resumes from ``out_dir/stage1/last.npz`` if a run with the same configuration is there,
-    the component networks from ``out_dir/components_last.npz`` (removed once the parser is saved), and a ``two_stage.npz`` trained with the same configurations is returned as it is, not trained
-    again. Returns the :class:`TwoStageParser`.
+    the component networks from ``out_dir/components_last.npz`` (removed once the parser is saved),
+    and a ``two_stage.npz`` trained with the same configurations, data and ``landmarks`` is returned
+    as it is, not trained again. Returns the :class:`TwoStageParser`.
     """
+    check_datasets(train_set, validation_set, len(HELEN_CLASSES))  # before the output folder is made
     if tuple(train_set.classes) != HELEN_CLASSES:
         raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes {train_set.classes}")
     stage1_config = stage1_config or TrainConfig(model="rnng", n_classes=11, class_balance=0.5)
@@ -391,11 +395,16 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     input_size = tuple(train_set.images.shape[1:3])
     path = os.path.join(out_dir, "two_stage.npz")
     data = data_description(train_set, validation_set)
+    # the key points decide the crops the component networks learn on: a parser trained on others is not this one
+    data["landmarks"] = None if landmarks is None else hashlib.sha256(b"".join(
+        numpy.ascontiguousarray(points, dtype=numpy.float64).tobytes() for points in landmarks)).hexdigest()[:16]
     if os.path.exists(path):
         finished = TwoStageParser.load(path)
         training = finished.checkpoint_header.get("training") or {}
-        changed = {**config_differences(TrainConfig(**training.get("stage1", {})), stage1_config),
-                   **config_differences(ComponentTrainConfig(**training.get("components", {})), component_config)}
+        changed = {f"{stage} {name}": values for stage, saved, config in (
+            ("stage1", TrainConfig(**training.get("stage1", {})), stage1_config),
+            ("components", ComponentTrainConfig(**training.get("components", {})), component_config))
+            for name, values in config_differences(saved, config).items()}
         # parsers saved before the data was recorded: their input size at least
         saved_data = training.get("data") or {"input_size": list(finished.stage1_size)}
         changed.update({k: (v, data[k]) for k, v in saved_data.items() if data.get(k) != v})

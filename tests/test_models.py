@@ -575,6 +575,7 @@ def test_dense_crf_matches_the_formulas_written_out(max_grid_points, rng):
     (dict(bilateral_xy=float("inf")), ValueError, r"bilateral_xy must be finite and > 0, got inf"),
     (dict(bilateral_weight=-1), ValueError, r"bilateral_weight must be finite and >= 0, got -1.0"),
     (dict(spatial_weight=float("nan")), ValueError, r"spatial_weight must be finite and >= 0, got nan"),
+    (dict(bilateral_weight=1e39), ValueError, r"bilateral_weight must be .*got 1e\+39; the largest it takes is 1e\+30"),
     (dict(iterations=-3), ValueError, r"iterations must be >= 0, got -3"),
     (dict(iterations=2.5), TypeError, r"iterations must be an integer, got 2.5"),
     (dict(max_grid_points=0), ValueError, r"max_grid_points must be >= 1, got 0"),

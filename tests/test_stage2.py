@@ -1,5 +1,6 @@
 """Stage 2: crops and their inverse, key points, the component networks, the two-stage parser, checkpoints."""
 
+import dataclasses
 import json
 
 import numpy
@@ -598,7 +599,17 @@ def test_component_training_checks_its_key_points_first_and_stops_its_worker_thr
     assert not [thread for thread in set(threading.enumerate()) - before if thread.name.startswith("minirnng")]
     with pytest.raises(ValueError, match="stage1_config.n_classes must be 11"):
         train_two_stage(dataset, dataset, tmp_path / "run", stage1_config=TrainConfig(model="rnng"), **quiet)
+    with pytest.raises(TypeError, match="the validation set must be preloaded"):
+        train_two_stage(dataset, None, tmp_path / "run", **quiet)
     assert not (tmp_path / "run").exists()
+    # a finished parser is reused only for the same key points: others give other crops
+    tiny = {"stage1_config": TrainConfig(model="rnng", n_classes=11, epochs=1, batch_size=8), "component_config": config}
+    train_two_stage(dataset, dataset, tmp_path / "done", **tiny, **quiet)
+    with pytest.raises(ValueError, match=r"trained otherwise \(saved, now\): \{'landmarks': \(None, '[0-9a-f]{16}'\)"):
+        train_two_stage(dataset, dataset, tmp_path / "done", landmarks=(keypoints, keypoints), **tiny, **quiet)
+    with pytest.raises(ValueError, match=r"\{'components epochs': \(1, 2\)\}"):
+        train_two_stage(dataset, dataset, tmp_path / "done", stage1_config=tiny["stage1_config"],
+                        component_config=ComponentTrainConfig(epochs=2, batch_size=8), **quiet)
 
 
 def test_table3_formatting_and_arguments():
@@ -784,3 +795,20 @@ def test_component_settings_are_checked_with_their_names(settings, error, messag
 
     with pytest.raises(error, match=message):
         ComponentTrainConfig(**settings).check()
+
+
+def test_key_points_of_no_maps_are_none_and_a_map_of_no_pixels_is_named():
+    from minirnng.models.keypoints import keypoints_from_labels
+
+    points, found = keypoints_from_labels(numpy.zeros((0, 16, 16), dtype=numpy.int64))
+    assert points.shape == (0, 5, 2) and found.shape == (0, 5)
+    with pytest.raises(ValueError, match="keypoints_from_labels: a label map of 0x0 pixels holds no face"):
+        keypoints_from_labels(numpy.zeros((2, 0, 0), dtype=numpy.int64))
+
+
+def test_component_settings_given_as_numpy_numbers_are_stored_as_python_ones():
+    from minirnng.train_stage2 import ComponentTrainConfig
+
+    config = ComponentTrainConfig(epochs=numpy.int64(2), lr=numpy.float32(0.5), seed=numpy.int64(3)).check()
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["epochs"] == 2
+    assert type(config.epochs) is int and type(config.lr) is float

@@ -85,13 +85,20 @@ def _integer(name, value, least):
     return int(value)
 
 
+#: The largest setting :class:`DenseCRF` takes: a weight times the (normalised) messages, summed
+#: over a few classes, must stay finite in float32, whose largest number is about 3.4e38.
+MAX_SETTING = 1e30
+
+
 def _real(name, value, positive):
-    """``value`` as a float, finite and > 0 (``positive``) or >= 0, or an error naming it."""
+    """``value`` as a float, at most :data:`MAX_SETTING` and > 0 (``positive``) or >= 0, or an
+    error naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"DenseCRF: {name} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"DenseCRF: {name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0) or value > MAX_SETTING:
+        raise ValueError(f"DenseCRF: {name} must be finite and {'> 0' if positive else '>= 0'}, got {value}; the "
+                         f"largest it takes is {MAX_SETTING:g} (the messages are float32)")
     return value
 
 
@@ -103,7 +110,7 @@ class DenseCRF:
         as given, e.g. the default 0.06 for images scaled to [-0.5, 0.5], about 15 grey levels).
     spatial_weight, spatial_xy : w_s, s_sp (pixels).
     max_grid_points : size cap of the dense bilateral matrix (its memory is 4 * points^2 bytes).
-    Widths must be finite and positive, weights finite and not negative, iterations an integer
+    Widths must be positive, weights not negative, both at most 1e30 (``MAX_SETTING``), iterations an integer
     >= 0 and max_grid_points one >= 1: anything else is refused here (a ValueError, a TypeError
     for what is not a number), not NaN marginals or a division by zero at the first image.
     """
