@@ -20,6 +20,7 @@ import numpy
 from PIL import Image
 
 from . import backend
+from .data.classes import mirror_permutation
 from .data.datasets import read_rgb
 from .data.pipeline import check_image, normalize, resize_image
 from .mirroring import mirrored_logits, model_classes
@@ -73,16 +74,24 @@ class FaceParser:
                              f"got {input_size!r}")
         self.input_size = tuple(int(s) for s in input_size)
         self.classes = tuple(model.classes) if model.classes else tuple(f"class {k}" for k in range(model.n_classes))
+        if len(self.classes) != model.n_classes:
+            raise ValueError(f"FaceParser: the model has {model.n_classes} outputs and {len(self.classes)} class "
+                             f"names ({', '.join(map(str, self.classes))}): one name for each output")
         self.mirror = bool(mirror)
         if self.mirror:
             # which outputs mirroring swaps (left eye and right eye) comes from the class names:
-            # a model without them is refused now, not at its first image
+            # a model without them, or with names a mirror image cannot pair, is refused now, not
+            # at its first image
             try:
-                model_classes(model)
+                names = model_classes(model)
             except ValueError:
                 raise ValueError(f"FaceParser: mirror=True needs the model's class names, to know which "
                                  f"classes a mirror image swaps; this {type(model).__name__} has none and "
                                  f"{model.n_classes} outputs (set model.classes)") from None
+            try:
+                mirror_permutation(names)
+            except ValueError as error:
+                raise ValueError(f"FaceParser: mirror=True: {error}") from None
         if getattr(model, "crf", None) is not None:
             crf = model.crf  # CNN-CRF: its CRF is part of the model, as in its predict
         elif crf is True:

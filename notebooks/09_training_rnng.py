@@ -94,8 +94,8 @@ print(f"total   {total:.4f}   (an untrained 3-class model: each CE near log 3 = 
 # `model.params()` in place, and the stability rule of notebook 07 (`model.constrain()`, which
 # rescales every recurrent $W$ to largest absolute row sum at most 1). Before trusting it, the
 # whole model's backward pass is checked like every layer: in float64, on a tiny input, a sample of
-# entries per parameter (`minirnng.gradcheck.check_model`). **What to expect:** around $10^{-9}$ or
-# below; the deepest paths go through ReLUs and max pools, whose kinks a random input avoids.
+# entries per parameter (`minirnng.gradcheck.check_model`). **What to expect:** a few times $10^{-9}$
+# at most; the deepest paths go through ReLUs and max pools, whose kinks a random input avoids.
 
 # %%
 tiny = RNNG(n_classes=3, rng=1, dtype=np.float64)

@@ -136,8 +136,8 @@ plt.show()
 # `conv3` $c$→$2c$, `pool4`, `conv5` and `conv6` $2c$→$2c$ at $h/4 \times w/4$, `deconv7` $2c$→$c$
 # back to $h/2 \times w/2$, `conv8` 1×1, `deconv9` $c$→$K$ to logits $(N, K, h, w)$. Every layer is
 # one of notebooks 02–04, so the network's backward pass is the chain of theirs, and it is
-# checked like everything else. **What to expect:** relative errors around $10^{-9}$ or below in
-# float64.
+# checked like everything else. **What to expect:** relative errors of a few times $10^{-9}$ at most
+# in float64.
 
 # %%
 mouth = MouthNet(rng=0, dtype=np.float64)

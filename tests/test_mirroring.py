@@ -117,6 +117,10 @@ def test_a_mirroring_parser_refuses_a_model_without_class_names_at_once():
     with pytest.raises(ValueError, match="mirror=True needs the model's class names.*5 outputs"):
         FaceParser(RNNG(n_classes=5, rng=0), mirror=True)
     assert FaceParser(RNNG(n_classes=5, rng=0)).mirror is False
+    named = RNNG(n_classes=3, rng=0)
+    named.classes = ["background", "skin"]  # one name short
+    with pytest.raises(ValueError, match="FaceParser: the model has 3 outputs and 2 class names"):
+        FaceParser(named)
 
 
 def test_class_names_pair_left_and_right_whatever_their_spelling():
