@@ -52,7 +52,9 @@ def replacing(path, suffix=None):
         # a short prefix: a name near the file system's limit (255 bytes) must still fit with the suffixes
         temporary = _create_temporary(folder, f".{base[:32]}.", f".tmp{suffix[:16]}")
     try:
-        with _naming(path):  # a full disk, say, while the file is written: which file it was
+        # a full disk, say, while the file is written: which file it was (an error about another
+        # file, a font Matplotlib cannot find, keeps its own name)
+        with _naming(path, about=(None, temporary)):
             yield temporary
             with open(temporary, "rb+") as stream:
                 os.fsync(stream.fileno())
@@ -77,17 +79,22 @@ def _keep_permissions(path, temporary):
 
 
 @contextlib.contextmanager
-def _naming(path):
+def _naming(path, about=None):
     """An OSError of the file system re-raised naming ``path``, the file the user asked for,
-    instead of the hidden temporary file (the same class: ``PermissionError`` stays one)."""
+    instead of the hidden temporary file (the same class: ``PermissionError`` stays one). With
+    ``about``, only an error whose ``filename`` is one of those (None: it names no file)."""
     try:
         yield
     except OSError as error:
-        if str(error).startswith("cannot write "):
-            raise  # named already, by a write nested in this one
-        if error.errno is None:  # an error of the writer's own, with no code of the system's
-            raise type(error)(f"cannot write {path!r}: {error}") from None
-        raise type(error)(error.errno, f"cannot write {path!r}: {error.strerror}") from None
+        reason = error.strerror or str(error)
+        if (about is not None and error.filename not in about) or reason.startswith("cannot write "):
+            raise  # about another file, or named already by a write nested in this one
+        try:
+            renamed = (type(error)(f"cannot write {path!r}: {error}") if error.errno is None
+                       else type(error)(error.errno, f"cannot write {path!r}: {error.strerror}"))
+        except TypeError:  # a subclass built otherwise: as it is
+            raise error from None
+        raise renamed from None
 
 
 def write_json(path, record):

@@ -383,21 +383,24 @@ def train_two_stage(train_set, validation_set, out_dir, stage1_config=None, comp
     and a ``two_stage.npz`` trained with the same configurations, data and ``landmarks`` is returned
     as it is, not trained again. Returns the :class:`TwoStageParser`.
     """
+    if tuple(getattr(train_set, "classes", ())) != HELEN_CLASSES:
+        raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes "
+                         f"{getattr(train_set, 'classes', None)}")
     check_datasets(train_set, validation_set, len(HELEN_CLASSES))  # before the output folder is made
-    if tuple(train_set.classes) != HELEN_CLASSES:
-        raise ValueError(f"train_two_stage needs 11-class (HELEN) labels, got classes {train_set.classes}")
     stage1_config = stage1_config or TrainConfig(model="rnng", n_classes=11, class_balance=0.5)
     if stage1_config.n_classes != len(HELEN_CLASSES):
         raise ValueError(f"train_two_stage: stage1_config.n_classes must be {len(HELEN_CLASSES)} (HELEN's classes), "
                          f"got {stage1_config.n_classes}")
-    os.makedirs(out_dir, exist_ok=True)
     component_config = (component_config or ComponentTrainConfig()).check()
+    os.makedirs(out_dir, exist_ok=True)
     input_size = tuple(train_set.images.shape[1:3])
     path = os.path.join(out_dir, "two_stage.npz")
     data = data_description(train_set, validation_set)
     # the key points decide the crops the component networks learn on: a parser trained on others is not this one
+    # (to a thousandth of a pixel: points computed by cos and sin may differ in their last bits between machines)
     data["landmarks"] = None if landmarks is None else hashlib.sha256(b"".join(
-        numpy.ascontiguousarray(points, dtype=numpy.float64).tobytes() for points in landmarks)).hexdigest()[:16]
+        numpy.round(numpy.asarray(points, dtype=numpy.float64), 3).tobytes()
+        for points in landmarks)).hexdigest()[:16]
     if os.path.exists(path):
         finished = TwoStageParser.load(path)
         training = finished.checkpoint_header.get("training") or {}

@@ -366,3 +366,4 @@ def test_the_catalog_is_part_of_the_data_package_and_load_split_takes_one_size()
     assert data.load_split is catalog.load_split and data.open_dataset is catalog.open_dataset
     with pytest.raises(TypeError, match=r"load_split: input_size must be one integer.*\(64, 32\)"):
         data.load_split("synthetic", "train", n_classes=3, input_size=(64, 32), size=2)
+    assert data.load_split("synthetic", "train", n_classes=3, input_size=(32, 32), size=2).images.shape[1:3] == (32, 32)

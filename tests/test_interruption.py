@@ -244,6 +244,7 @@ def test_a_closed_terminal_stops_training_as_ctrl_c_does_and_frees_the_workers_s
     waited = time.monotonic()
     while not (out / "last.npz").exists() and process.poll() is None and time.monotonic() - waited < 120:
         time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1]  # still training: the hang-up is what stops it
     os.killpg(process.pid, signal.SIGHUP)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 130, stderr

@@ -363,6 +363,16 @@ def test_saving_over_an_existing_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["model.npz"]
 
 
+def test_an_error_about_another_file_while_writing_keeps_its_own_name(tmp_path):
+    from minirnng.atomic import replacing
+
+    with pytest.raises(FileNotFoundError) as raised:
+        with replacing(tmp_path / "figure.png"):
+            open(tmp_path / "missing-font.ttf")
+    assert raised.value.filename == str(tmp_path / "missing-font.ttf") and "cannot write" not in str(raised.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
     import errno
 
@@ -575,6 +585,8 @@ def test_dense_crf_matches_the_formulas_written_out(max_grid_points, rng):
     (dict(bilateral_xy=float("inf")), ValueError, r"bilateral_xy must be finite and > 0, got inf"),
     (dict(bilateral_weight=-1), ValueError, r"bilateral_weight must be finite and >= 0, got -1.0"),
     (dict(spatial_weight=float("nan")), ValueError, r"spatial_weight must be finite and >= 0, got nan"),
+    (dict(bilateral_xy=1e-18), ValueError, r"bilateral_xy must lie in \[0.001, 10000\], got 1e-18"),
+    (dict(spatial_xy=1e12), ValueError, r"spatial_xy must lie in \[0.001, 10000\], got 1e\+12"),
     (dict(bilateral_weight=1e39), ValueError, r"bilateral_weight must be .*got 1e\+39; the largest it takes is 1e\+30"),
     (dict(iterations=-3), ValueError, r"iterations must be >= 0, got -3"),
     (dict(iterations=2.5), TypeError, r"iterations must be an integer, got 2.5"),

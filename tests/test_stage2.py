@@ -800,8 +800,9 @@ def test_component_settings_are_checked_with_their_names(settings, error, messag
 def test_key_points_of_no_maps_are_none_and_a_map_of_no_pixels_is_named():
     from minirnng.models.keypoints import keypoints_from_labels
 
-    points, found = keypoints_from_labels(numpy.zeros((0, 16, 16), dtype=numpy.int64))
-    assert points.shape == (0, 5, 2) and found.shape == (0, 5)
+    for shape in ((0, 16, 16), (0, 0, 0)):
+        points, found = keypoints_from_labels(numpy.zeros(shape, dtype=numpy.int64))
+        assert points.shape == (0, 5, 2) and found.shape == (0, 5)
     with pytest.raises(ValueError, match="keypoints_from_labels: a label map of 0x0 pixels holds no face"):
         keypoints_from_labels(numpy.zeros((2, 0, 0), dtype=numpy.int64))
 

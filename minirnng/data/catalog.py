@@ -111,9 +111,12 @@ def open_dataset(name, split, root=None, n_classes=None, size=None, multi_face=F
 
 def load_split(name, split, root=None, n_classes=None, input_size=128, size=None, multi_face=False, seed=None):
     """:func:`open_dataset`, preloaded at ``input_size`` (resized, or letterboxed for multi-face):
-    one number, the height and the width (the networks take square inputs of multiples of 4)."""
+    one number, the height and the width, or a square pair (the networks here take square inputs)."""
+    if isinstance(input_size, (tuple, list)) and len(input_size) == 2 and input_size[0] == input_size[1]:
+        input_size = input_size[0]
     if isinstance(input_size, (bool, numpy.bool_)) or not isinstance(input_size, (int, numpy.integer)):
-        raise TypeError(f"load_split: input_size must be one integer, the height and the width, got {input_size!r}")
+        raise TypeError(f"load_split: input_size must be one integer (or a square pair), the height and the width, "
+                        f"got {input_size!r}")
     dataset = open_dataset(name, split, root, n_classes, size, multi_face, seed)
     if multi_face:
         return preload(dataset, size=input_size, fit="letterbox")

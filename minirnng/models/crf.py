@@ -85,6 +85,11 @@ def _integer(name, value, least):
     return int(value)
 
 
+#: The range of each width :class:`DenseCRF` takes: narrower, the float32 features and messages
+#: overflow or divide by zero (NaN marginals); wider, a spatial Gaussian's taps outgrow any image
+#: (1e4 pixels already takes 20 s on 128 x 128) and memory; a bilateral one is flat long before.
+WIDTHS = {"bilateral_xy": (1e-3, 1e4), "bilateral_rgb": (1e-6, 1e6), "spatial_xy": (1e-3, 1e4)}
+
 #: The largest setting :class:`DenseCRF` takes: a weight times the (normalised) messages, summed
 #: over a few classes, must stay finite in float32, whose largest number is about 3.4e38.
 MAX_SETTING = 1e30
@@ -110,7 +115,7 @@ class DenseCRF:
         as given, e.g. the default 0.06 for images scaled to [-0.5, 0.5], about 15 grey levels).
     spatial_weight, spatial_xy : w_s, s_sp (pixels).
     max_grid_points : size cap of the dense bilateral matrix (its memory is 4 * points^2 bytes).
-    Widths must be positive, weights not negative, both at most 1e30 (``MAX_SETTING``), iterations an integer
+    Widths must lie in ``WIDTHS``' ranges, weights be >= 0 and at most 1e30 (``MAX_SETTING``), iterations an integer
     >= 0 and max_grid_points one >= 1: anything else is refused here (a ValueError, a TypeError
     for what is not a number), not NaN marginals or a division by zero at the first image.
     """
@@ -127,6 +132,9 @@ class DenseCRF:
                                       ("bilateral_xy", bilateral_xy, True), ("bilateral_rgb", bilateral_rgb, True),
                                       ("spatial_weight", spatial_weight, False), ("spatial_xy", spatial_xy, True)):
             setattr(self, name, _real(name, value, positive))
+        for name, (low, high) in WIDTHS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"DenseCRF: {name} must lie in [{low:g}, {high:g}], got {getattr(self, name):g}")
 
     def config(self):
         """The settings as a plain dict of numbers, ``DenseCRF(**crf.config())`` being the same CRF

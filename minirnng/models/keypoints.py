@@ -386,12 +386,12 @@ def keypoints_from_labels(labels, shape=None):
     if labels.ndim != 3 or labels.dtype.kind not in "iu":
         raise ValueError(f"keypoints_from_labels: labels must be integer (N, H, W) or (H, W), "
                          f"got {labels.dtype} {labels.shape}")
-    if 0 in labels.shape[1:]:
-        raise ValueError(f"keypoints_from_labels: a label map of {labels.shape[1]}x{labels.shape[2]} pixels holds no "
-                         "face to read key points off")
     if len(labels) == 0:  # no maps: no points
         points, found = numpy.zeros((0, 5, 2)), numpy.zeros((0, 5), dtype=bool)
         return points, found
+    if 0 in labels.shape[1:]:
+        raise ValueError(f"keypoints_from_labels: a label map of {labels.shape[1]}x{labels.shape[2]} pixels holds no "
+                         "face to read key points off")
     if labels.size and (labels.min() < 0 or labels.max() >= len(HELEN_CLASSES)):
         raise ValueError(f"keypoints_from_labels: labels must be HELEN classes 0..{len(HELEN_CLASSES) - 1}, "
                          f"got values from {labels.min()} to {labels.max()}")
