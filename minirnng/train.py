@@ -126,10 +126,18 @@ class TrainConfig:
             "class_balance", "dice_weight", "affinity_weight", "recurrent_lr_scale")}
         numbers.update({f"loss_weights[{k}]": weight for k, weight in enumerate(self.loss_weights)})
         for name, value in numbers.items():
-            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.number)):
+            if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, (int, float, numpy.integer,
+                                                                                 numpy.floating)):
                 raise TypeError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):  # a NaN would only show as a diverged run, epochs later
                 raise ValueError(f"{name} must be a finite number, got {value}")
+        # NumPy numbers as Python's, which the checkpoints' JSON records take
+        for name in numbers:
+            if "[" not in name:
+                setattr(self, name, float(getattr(self, name)))
+        self.loss_weights = tuple(float(weight) for weight in self.loss_weights)
+        for name in ("epochs", "batch_size", "n_classes"):
+            setattr(self, name, int(getattr(self, name)))
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if len(self.loss_weights) != 3 or min(self.loss_weights) < 0:
@@ -152,6 +160,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < (name == "hidden"):
                 raise ValueError(f"{name} must be an integer of at least {int(name == 'hidden')}, got {value!r}")
+            setattr(self, name, int(value))
         if not isinstance(self.batch_norm, bool):
             raise TypeError(f"batch_norm must be True or False, got {self.batch_norm!r}")
         return self

@@ -819,3 +819,12 @@ def test_weights_whose_forward_pass_overflows_are_a_divergence_not_a_best_checkp
     with pytest.raises(FloatingPointError, match="diverged in epoch 1: the weights are finite but their logits are not"):
         trainer.run()
     assert not os.path.exists(trainer.best_path) and not os.path.exists(trainer.last_path)
+
+
+def test_train_config_takes_numpy_numbers_and_records_python_ones(tiny_data, tmp_path):
+    config = TrainConfig(epochs=numpy.int64(1), batch_size=numpy.int64(4), lr=numpy.float32(5e-3),
+                         seed=numpy.int64(0), loss_weights=(numpy.float32(1), 1, 1)).check()
+    assert [type(value) for value in (config.epochs, config.lr, config.seed, config.loss_weights[0])] == [
+        int, float, int, float]
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)  # its record read back
