@@ -827,4 +827,5 @@ def test_train_config_takes_numpy_numbers_and_records_python_ones(tiny_data, tmp
     assert [type(value) for value in (config.epochs, config.lr, config.seed, config.loss_weights[0])] == [
         int, float, int, float]
     Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run()
-    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)  # its record read back
+    # its record read back: the resumed run finds the same configuration
+    Trainer(config, *tiny_data, tmp_path, progress=False, log=lambda line: None).run(resume=True)
